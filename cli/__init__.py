@@ -1,0 +1,1 @@
+"""The grass-index command line (installed as grass_index.cli)."""

@@ -1,0 +1,54 @@
+"""`grass-index selective-mask fit TASK --out mask.pt --k 128*128`: learn a Selective Mask.
+
+The main CLI wires it with ``selective_cmd.register(app)``; the mask file is then used by
+``selective_mask-…`` specs (see grass_index.eval.selective for the method).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+selective_app = typer.Typer(help="Learn which gradient coordinates to keep (Selective Mask).",
+                            no_args_is_help=True)
+
+
+@selective_app.command("fit")
+def fit_command(
+    task: Optional[str] = typer.Argument(None, help="Task file/module (default: bundled digits)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the mask file (.pt)."),
+    k: str = typer.Option(..., "--k", help="Mask size: k (flat) or k_in*k_out (factored for "
+                          "linear layers), e.g. 128*128; clamped to each layer's size."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated parameter globs "
+                                         "(default: every linear layer)."),
+    n_samples: int = typer.Option(128, "--samples", help="Training examples the fit looks at."),
+    steps: int = typer.Option(200, "--steps", help="Optimisation steps per layer."),
+    l1: float = typer.Option(0.05, "--l1", help="Sparsity penalty weight."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the example sample and init."),
+) -> None:
+    """Fit a sigmoid mask so masked gradient inner products match the full ones; keep top-k."""
+    from ..compress import save_selective_mask
+    from ..eval.selective import fit_selective_mask
+    from ..task import TaskError, load_task
+
+    try:
+        t = load_task(task)
+        lay = [p.strip() for p in layers.split(",")] if layers else None
+        masks = fit_selective_mask(t.model(), t.train_data(), t.loss, k, layers=lay,
+                                   n_samples=n_samples, steps=steps, l1=l1, seed=seed,
+                                   collate=t.collate)
+    except (TaskError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_selective_mask(out, masks)
+    for name, d in masks.items():
+        sizes = "*".join(str(len(d[key])) for key in ("in", "out") if key in d) or str(len(d["flat"]))
+        typer.echo(f"layer {name}: keeps {sizes}")
+    typer.echo(f"wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `selective-mask` command group to the grass-index typer app."""
+    app.add_typer(selective_app, name="selective-mask")

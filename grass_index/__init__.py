@@ -1,0 +1,43 @@
+"""grass-index: training-data attribution with GraSS/FactGraSS gradient sketches.
+
+    import grass_index as gi
+    idx = gi.build_index(model, train_data, loss_fn, out="runs/x")
+    idx.query(model, examples, loss_fn, k=10)
+
+Heavy stages (LMDB, FAISS) load lazily, so `import grass_index.ops` stays light.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402,F401  (defines the custom ops, loads native kernels)
+from ._native import native_status  # noqa: E402
+
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "parse_spec": "grass_index.compress",
+    "Spec": "grass_index.compress",
+    "layer_seed": "grass_index.compress",
+    "load_selective_mask": "grass_index.compress",
+    "make_compressor": "grass_index.compress",
+    "FactGraSS": "grass_index.compress",
+    "LoGra": "grass_index.compress",
+    "GraSS": "grass_index.compress",
+    "build_index": "grass_index.attribute",
+    "open_index": "grass_index.attribute",
+    "AttributionIndex": "grass_index.attribute",
+    "load_task": "grass_index.task",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'grass_index' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "native_status", "ops", *_LAZY]

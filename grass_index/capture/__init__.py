@@ -1,0 +1,9 @@
+"""Per-sample gradient capture: which parameters (select_layers), compressed per-sample
+gradients with one backward pass (GradientSketcher), and exact references
+(per_sample_gradients)."""
+from .errors import CaptureError
+from .exact import per_sample_gradients
+from .layers import LayerInfo, select_layers
+from .sketcher import GradientSketcher
+
+__all__ = ["CaptureError", "GradientSketcher", "LayerInfo", "per_sample_gradients", "select_layers"]

@@ -1,0 +1,113 @@
+"""`run_eval`: LDS of an index directory against (cached) retrained-model ground truth.
+
+This is what ``grass-index eval DIR`` calls. The index records its task; the task must
+define ``train(train_data_subset, seed)`` (see groundtruth.py) so subsets can be retrained.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .groundtruth import train_ground_truth
+from .lds import lds
+from .subsets import make_subsets
+
+
+class EvalError(ValueError):
+    """LDS evaluation cannot run; the message names the problem and the fix."""
+
+
+@dataclass
+class EvalResult:
+    """LDS of one index. ``per_query`` is NaN where the correlation is undefined."""
+
+    lds: float
+    per_query: np.ndarray
+    n_query: int
+    n_subsets: int
+    alpha: float
+    seeds: list[int]
+    ground_truth_dir: str
+    index_dir: str | None = None
+    seconds: dict = field(default_factory=dict)   # ground_truth / score wall time
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        pq = self.per_query
+        d["per_query"] = [None if not np.isfinite(v) else float(v) for v in pq]
+        d["per_query_std"] = float(np.nanstd(pq))
+        return d
+
+
+def task_train_fn(task) -> Callable:
+    """The task's optional ``train(subset, seed)``, or an error saying how to add it."""
+    fn = getattr(task, "train", None)
+    if not callable(fn):
+        ref = getattr(task, "ref", task)
+        raise EvalError(f"task {ref} defines no train(train_data_subset, seed) -> nn.Module, which "
+                        "LDS needs to retrain the model on subsets; add one to the task file that "
+                        "trains a fresh model with the same recipe as model() (see "
+                        "examples/digits.py)")
+    return fn
+
+
+def default_ground_truth_dir(task_ref: str, m: int, alpha: float, subset_seed: int) -> Path:
+    """Per-task cache under $GRASS_INDEX_CACHE (shared by every index of the same task)."""
+    root = Path(os.environ.get("GRASS_INDEX_CACHE", Path.home() / ".cache" / "grass-index"))
+    key = hashlib.sha1(task_ref.encode()).hexdigest()[:10]
+    stem = Path(task_ref.split(":")[0]).stem or "task"
+    return root / "lds" / f"{stem}-{key}-m{m}-a{alpha:g}-s{subset_seed}"
+
+
+def run_eval(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
+             seeds: Sequence[int] = (0, 1, 2), subset_seed: int = 0,
+             ground_truth: str | os.PathLike | None = None, max_queries: int | None = None,
+             progress: bool = True) -> EvalResult:
+    """Train (or reuse) ground truth for the index's task, score its query data, return LDS.
+
+    index: a directory or an opened AttributionIndex. task: a task reference or loaded task
+    (default: the one recorded in the index). max_queries: score only the first N query
+    examples (the ground truth covers all of them, since retraining dominates the cost).
+    """
+    from ..attribute import AttributionIndex, open_index
+    from ..task import load_task
+
+    idx = index if isinstance(index, AttributionIndex) else open_index(index)
+    if task is None:
+        if not idx.task:
+            raise EvalError(f"index {idx.path} records no task; pass the task file (--task FILE)")
+        task = idx.task
+    if isinstance(task, (str, os.PathLike)):
+        task = load_task(task)
+    train_fn = task_train_fn(task)
+    train, query = task.train_data(), task.query_data()
+    if len(train) != idx.n_train:
+        raise EvalError(f"task {task.ref} has {len(train)} training examples but index {idx.path} "
+                        f"has {idx.n_train}; evaluate with the task the index was built from")
+    if max_queries is not None and max_queries < 1:
+        raise EvalError(f"max_queries={max_queries}; pass a positive number or leave it out")
+
+    subsets = make_subsets(len(train), num_subsets, alpha, subset_seed)
+    gt_dir = Path(ground_truth) if ground_truth else default_ground_truth_dir(
+        task.ref, num_subsets, alpha, subset_seed)
+    t0 = time.perf_counter()
+    gt = train_ground_truth(train_fn, train, query, task.loss, subsets, list(seeds), gt_dir,
+                            progress, collate=task.collate, tag=task.ref)
+    t1 = time.perf_counter()
+    n_q = len(query) if max_queries is None else min(max_queries, len(query))
+    from torch.utils.data import Subset
+
+    q_items = query if n_q == len(query) else Subset(query, list(range(n_q)))
+    scores = idx.score(task.model(), q_items, task.loss, collate=task.collate)
+    t2 = time.perf_counter()
+    mean, per_query = lds(scores, gt.subsets, gt.losses[:, :n_q])
+    return EvalResult(lds=mean, per_query=per_query, n_query=n_q, n_subsets=num_subsets,
+                      alpha=alpha, seeds=list(gt.seeds), ground_truth_dir=str(gt_dir),
+                      index_dir=str(idx.path),
+                      seconds={"ground_truth": t1 - t0, "score": t2 - t1})

@@ -1,0 +1,232 @@
+"""VectorIndex: FAISS maximum-inner-product search over preconditioned sketches.
+
+Score = <query, row>, positive = proponent (DESIGN.md sign convention). Ids are training ids.
+``flat`` is exact (IndexIDMap2 over IndexFlatIP, so rows can be reconstructed by id); ``ivf``
+(IVF{nlist},Flat, inner product, hashtable direct map for reconstruct) trades recall for speed
+on large corpora — measure it with :func:`recall_at_k` against ``flat``.
+"""
+from __future__ import annotations
+
+import math
+
+import faiss
+import numpy as np
+
+from . import _file
+from ._file import FaissIndexError
+from .threads import configure_threads
+
+KINDS = ("flat", "ivf")
+ADD_CHUNK = 65536
+SEARCH_CHUNK = 4096
+_threads_set = False
+
+
+def _init_threads() -> None:
+    global _threads_set
+    if not _threads_set:
+        configure_threads()
+        _threads_set = True
+
+
+def default_nlist(n_train: int) -> int:
+    """~4·sqrt(n) lists, but at least 39 training points per list (FAISS's k-means minimum)."""
+    return max(1, min(int(4 * math.sqrt(n_train)), n_train // 39))
+
+
+def default_nprobe(nlist: int) -> int:
+    # measured on clustered data (tests/test_index.py): nlist=205 -> nprobe 26 gives
+    # recall@10 0.994 (8 probes: 0.94); raise it for harder data (search(..., nprobe=)).
+    return max(1, min(nlist, math.ceil(nlist / 8)))
+
+
+class VectorIndex:
+    def __init__(self, index, *, kind: str, dim: int, nlist=None, nprobe=None, readonly=False):
+        self._index = index
+        self.kind = kind
+        self.dim = dim
+        self.nlist = nlist
+        self.nprobe = nprobe
+        self.metric = "ip"
+        self.readonly = readonly
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, dim: int, kind: str = "flat", *, nlist: int | None = None,
+               nprobe: int | None = None, metric: str = "ip") -> "VectorIndex":
+        _init_threads()
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
+            raise FaissIndexError(f"dim must be a positive integer, got {dim!r}")
+        if metric != "ip":
+            raise FaissIndexError(f"metric {metric!r} is not supported: attribution scores are "
+                                  "inner products, use metric='ip'")
+        if kind not in KINDS:
+            raise FaissIndexError(f"unknown index kind {kind!r}; choose one of {KINDS}")
+        for name, v in (("nlist", nlist), ("nprobe", nprobe)):
+            if v is not None and (not isinstance(v, (int, np.integer)) or v <= 0):
+                raise FaissIndexError(f"{name} must be a positive integer, got {v!r}")
+        dim = int(dim)
+        if kind == "flat":
+            if nlist is not None or nprobe is not None:
+                raise FaissIndexError("nlist/nprobe only apply to kind='ivf'")
+            return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), kind="flat", dim=dim)
+        self = cls(None, kind="ivf", dim=dim, nlist=nlist, nprobe=nprobe)
+        if nlist is not None:
+            self._build_ivf(int(nlist))
+        return self
+
+    def _build_ivf(self, nlist: int) -> None:
+        index = faiss.index_factory(self.dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct by arbitrary id
+        self.nlist = nlist
+        self.nprobe = min(self.nprobe or default_nprobe(nlist), nlist)
+        index.nprobe = self.nprobe
+        self._index = index
+
+    @property
+    def needs_training(self) -> bool:
+        return self.kind == "ivf" and (self._index is None or not self._index.is_trained)
+
+    def train(self, sample) -> None:
+        """Train the IVF coarse quantizer on a representative sample (≥ 39·nlist rows ideal)."""
+        if self.kind != "ivf":
+            return
+        x = self._vectors(sample, "training sample")
+        if self._index is None:
+            self._build_ivf(default_nlist(len(x)))
+        if self._index.ntotal:
+            raise FaissIndexError("the IVF index already holds vectors; train before adding")
+        if len(x) < self.nlist:
+            raise FaissIndexError(f"IVF with nlist={self.nlist} needs at least {self.nlist} "
+                                  f"training vectors (ideally {39 * self.nlist}), got {len(x)}; "
+                                  "pass a larger sample or a smaller nlist")
+        self._index.train(x)
+
+    # -- data -----------------------------------------------------------------------------------
+    @property
+    def ntotal(self) -> int:
+        return 0 if self._index is None else int(self._index.ntotal)
+
+    def _vectors(self, v, what: str) -> np.ndarray:
+        v = np.asarray(v)
+        if v.ndim != 2 or v.shape[1] != self.dim:
+            raise FaissIndexError(f"{what} must have shape (n, {self.dim}), got {v.shape}")
+        if v.dtype.kind != "f":
+            raise FaissIndexError(f"{what} must be floating point, got {v.dtype}")
+        v = np.ascontiguousarray(v, dtype=np.float32)
+        if not np.isfinite(v).all():
+            raise FaissIndexError(f"{what} contains NaN or inf (rows "
+                                  f"{np.flatnonzero(~np.isfinite(v).all(1))[:10].tolist()})")
+        return v
+
+    def add(self, vectors, ids) -> None:
+        """Add rows under their training ids (int64, non-negative, unique within the call)."""
+        if self.readonly:
+            raise FaissIndexError("this index was loaded with mmap=True and is read-only; load "
+                                  "it with mmap=False to add vectors")
+        if self.needs_training:
+            raise FaissIndexError("the IVF index must be trained first: call train(sample)")
+        x = self._vectors(vectors, "vectors")
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or len(ids) != len(x) or (ids.size and ids.dtype.kind not in "iu"):
+            raise FaissIndexError(f"ids must be {len(x)} integers (one per vector), got shape "
+                                  f"{ids.shape} dtype {ids.dtype}")
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or len(np.unique(ids)) != len(ids)):
+            raise FaissIndexError("ids must be non-negative and unique (training ids)")
+        for lo in range(0, len(x), ADD_CHUNK):
+            self._index.add_with_ids(x[lo: lo + ADD_CHUNK], ids[lo: lo + ADD_CHUNK])
+
+    def search(self, queries, k: int, *, opponents: bool = False, nprobe: int | None = None):
+        """Top-k by inner product: (scores float32 (m, k'), ids int64 (m, k')).
+
+        Proponents: largest scores first. ``opponents=True``: most negative scores first (the
+        true signed scores are returned). k is clamped to ntotal (k' = min(k, ntotal)). IVF may
+        find fewer than k' rows in the probed lists; those slots hold id -1 and score -inf
+        (proponents) / +inf (opponents).
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise FaissIndexError(f"k must be a positive integer, got {k!r}")
+        q = self._vectors(queries, "queries")
+        kk = min(int(k), self.ntotal)
+        if kk == 0:
+            return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+        if opponents:
+            q = -q
+        params = None
+        if self.kind == "ivf" and nprobe is not None:
+            params = faiss.SearchParametersIVF(nprobe=int(min(nprobe, self.nlist)))
+        scores = np.empty((len(q), kk), np.float32)
+        ids = np.empty((len(q), kk), np.int64)
+        for lo in range(0, len(q), SEARCH_CHUNK):
+            s, i = self._index.search(q[lo: lo + SEARCH_CHUNK], kk, params=params)
+            scores[lo: lo + len(s)], ids[lo: lo + len(s)] = s, i
+        if opponents:
+            np.negative(scores, out=scores)
+        scores[ids < 0] = np.inf if opponents else -np.inf
+        return scores, ids
+
+    def reconstruct(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        out = np.empty((len(ids), self.dim), np.float32)
+        for j, i in enumerate(ids):
+            try:
+                out[j] = self._index.reconstruct(int(i))
+            except RuntimeError:
+                raise KeyError(f"id {int(i)} is not in the index") from None
+        return out
+
+    def ids(self) -> np.ndarray:
+        """All stored ids (for consistency checks against the sketch store)."""
+        if self._index is None:
+            return np.empty(0, np.int64)
+        if self.kind == "flat":
+            return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        inv = self._index.invlists
+        parts = [faiss.rev_swig_ptr(inv.get_ids(lst), inv.list_size(lst)).copy()
+                 for lst in range(inv.nlist) if inv.list_size(lst)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "dim": self.dim, "metric": self.metric, "ntotal": self.ntotal,
+                "nlist": self.nlist, "nprobe": self.nprobe, "trained": not self.needs_training,
+                "faiss_version": faiss.__version__}
+
+    def __repr__(self) -> str:
+        return f"VectorIndex(kind={self.kind!r}, dim={self.dim}, ntotal={self.ntotal})"
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write atomically (temp file + fsync + rename): readers see the old or new file."""
+        if self._index is None:
+            raise FaissIndexError("nothing to save: the IVF index was never trained")
+        _file.write(path, self._index, self.describe())
+
+    @classmethod
+    def load(cls, path, mmap: bool = False, *, verify: bool = True) -> "VectorIndex":
+        """Load a saved index; ``mmap=True`` maps the vectors instead of reading them (read-only).
+
+        ``verify`` checks the file's CRC first (one sequential read) so corruption is reported.
+        """
+        _init_threads()
+        meta = _file.read_meta(path, verify=verify)
+        kind = meta.get("kind")
+        if kind not in KINDS:
+            raise FaissIndexError(f"{path} records unknown index kind {kind!r}")
+        flags = 0
+        if mmap:
+            flags = (faiss.IO_FLAG_MMAP if kind == "ivf" else faiss.IO_FLAG_MMAP_IFC) \
+                | faiss.IO_FLAG_READ_ONLY
+        try:
+            index = faiss.read_index(str(path), flags)
+        except RuntimeError as e:
+            raise FaissIndexError(f"FAISS could not read {path}: {e}. Rebuild the index from the "
+                                  "sketch store.") from e
+        if index.d != meta["dim"] or index.ntotal != meta["ntotal"]:
+            raise FaissIndexError(f"{path}: the FAISS data ({index.d}-d, {index.ntotal} rows) "
+                                  f"disagrees with its metadata; rebuild the index.")
+        self = cls(index, kind=kind, dim=meta["dim"], nlist=meta.get("nlist"),
+                   nprobe=meta.get("nprobe"), readonly=mmap)
+        if kind == "ivf":
+            index.nprobe = self.nprobe
+        return self

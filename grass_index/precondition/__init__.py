@@ -1,0 +1,8 @@
+"""Preconditioning in sketch space: per-layer empirical Fisher (FisherAccumulator) and its
+damped inverse (Preconditioner, eFIM or identity)."""
+from .damping import DEFAULT_DAMPING, format_damping, parse_damping
+from .fisher import FisherAccumulator
+from .preconditioner import HESSIANS, Preconditioner
+
+__all__ = ["DEFAULT_DAMPING", "FisherAccumulator", "HESSIANS", "Preconditioner", "format_damping",
+           "parse_damping"]

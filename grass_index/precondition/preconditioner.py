@@ -1,0 +1,118 @@
+"""Per-layer preconditioner in sketch space: eFIM (F_l + λ_l I)^{-1} or identity.
+
+Index vectors are the concatenation of (F_l + λ_l I)^{-1} ĝ_l; queries stay raw, so the inner
+product is score(z, z_i) = ĝ(z)ᵀ (F + λI)^{-1} ĝ(z_i) (positive = proponent).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .damping import format_damping, parse_damping
+from .fisher import as_float64, layer_slices
+
+HESSIANS = ("eFIM", "identity")
+
+
+def _check_hessian(hessian: str) -> str:
+    for h in HESSIANS:
+        if isinstance(hessian, str) and hessian.lower() == h.lower():
+            return h
+    raise ValueError(f"unknown hessian {hessian!r}; choose one of {', '.join(HESSIANS)}")
+
+
+def _damped_inverse(name: str, F: np.ndarray, mode: str, value: float) -> tuple[np.ndarray, float]:
+    """(F + λI)^{-1} via Cholesky (LAPACK potrf/potri). The mean eigenvalue is trace(F)/k, so no
+    eigendecomposition is needed: measured 5.5 s vs 31.6 s for eigh at k=4096 on 2 cores."""
+    k = F.shape[0]
+    lam = value * float(np.trace(F)) / k if mode == "relative" else value
+    A = torch.from_numpy((F + F.T) / 2)
+    A.diagonal().add_(lam)
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        raise ValueError(
+            f"layer {name!r}: F + λI is singular or not positive definite (λ = {lam:g}); use a positive "
+            "damping, e.g. an absolute one 'abs:1e-6' when the layer's gradients are all zero")
+    return torch.cholesky_inverse(L).numpy(), float(lam)
+
+
+class Preconditioner:
+    """Holds one symmetric inverse per layer (float64) and applies it to [B, K] sketches."""
+
+    def __init__(self, layout: dict[str, int], hessian: str, inverses: dict[str, np.ndarray] | None,
+                 damping_used: dict[str, float], damping: tuple[str, float] | None):
+        self.layout = {str(k): int(v) for k, v in layout.items()}
+        self._slices = layer_slices(self.layout)
+        self.dim = sum(self.layout.values())
+        self.hessian, self.inverses = hessian, inverses
+        self.damping_used, self.damping = damping_used, damping
+
+    @classmethod
+    def fit(cls, fisher: dict[str, np.ndarray], layout: dict[str, int], *, hessian: str = "eFIM",
+            damping=None) -> "Preconditioner":
+        """eFIM: one Cholesky per layer, λ_l = factor × mean eigenvalue (relative) or λ (absolute).
+        identity: no preconditioning and no damping."""
+        hessian = _check_hessian(hessian)
+        if hessian == "identity":
+            return cls(layout, hessian, None, {name: 0.0 for name in layout}, None)
+        mode, value = parse_damping(damping)
+        missing = [name for name in layout if name not in fisher]
+        if missing:
+            raise ValueError(f"no Fisher matrix for layer(s) {missing}; accumulate every layer "
+                             "of the layout")
+        inverses, used = {}, {}
+        for name, k in layout.items():
+            F = np.asarray(fisher[name], dtype=np.float64)
+            if F.shape != (k, k):
+                raise ValueError(f"Fisher of layer {name!r} has shape {F.shape}, expected {(k, k)}")
+            if not np.isfinite(F).all():
+                raise ValueError(f"Fisher of layer {name!r} has NaN/inf entries")
+            inverses[name], lam = _damped_inverse(name, F, mode, value)
+            used[name] = float(lam)
+        return cls(layout, hessian, inverses, used, (mode, value))
+
+    def apply(self, g) -> np.ndarray:
+        """[B, K] -> float32 [B, K], each layer's block multiplied by its inverse."""
+        a = as_float64(g, self.dim)
+        if self.inverses is None:
+            return a.astype(np.float32)
+        out = np.empty_like(a)
+        for name, sl in self._slices.items():
+            out[:, sl] = a[:, sl] @ self.inverses[name]  # inverse is symmetric
+        return out.astype(np.float32)
+
+    def describe(self) -> dict:
+        return {"hessian": self.hessian,
+                "damping": None if self.damping is None else format_damping(*self.damping),
+                "damping_used": dict(self.damping_used), "layout": dict(self.layout)}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        d = {"hessian": np.array(self.hessian)}
+        if self.damping is not None:
+            d["damping_mode"] = np.array(self.damping[0])
+            d["damping_value"] = np.array(self.damping[1], dtype=np.float64)
+        for name in self.layout:
+            d[f"damping_used/{name}"] = np.array(self.damping_used[name], dtype=np.float64)
+            if self.inverses is not None:
+                d[f"inverse/{name}"] = self.inverses[name].copy()
+        return d
+
+    @classmethod
+    def from_state_dict(cls, d: dict, layout: dict[str, int]) -> "Preconditioner":
+        try:
+            hessian = _check_hessian(str(np.asarray(d["hessian"])))
+            used = {name: float(np.asarray(d[f"damping_used/{name}"])) for name in layout}
+            damping = None
+            inverses = None
+            if hessian == "eFIM":
+                damping = (str(np.asarray(d["damping_mode"])), float(np.asarray(d["damping_value"])))
+                inverses = {name: np.asarray(d[f"inverse/{name}"], dtype=np.float64)
+                            for name in layout}
+        except KeyError as e:
+            raise ValueError(f"preconditioner state lacks {e.args[0]!r}: it is truncated or was "
+                             f"saved for another layout than {list(layout)}") from None
+        for name, k in layout.items():
+            if inverses is not None and inverses[name].shape != (int(k), int(k)):
+                raise ValueError(f"preconditioner state for {name!r} has shape "
+                                 f"{inverses[name].shape}, but the layout says k={k}")
+        return cls(layout, hessian, inverses, used, damping)

@@ -1,0 +1,5 @@
+"""LMDB sketch store: crash-safe, resumable storage of sketch rows, arrays and build state."""
+from .errors import StoreError, WriterLockedError
+from .sketch_store import SketchStore
+
+__all__ = ["SketchStore", "StoreError", "WriterLockedError"]

@@ -1,0 +1,196 @@
+"""The grass-index command line: round trip and bad-input handling (one line, exit != 0)."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from grass_index.cli.main import app
+
+runner = CliRunner()
+
+TASK = textwrap.dedent("""
+    import torch, torch.nn.functional as F
+    from torch import nn
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+    def _data(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 6, generator=g)
+        {poison}
+        return torch.utils.data.TensorDataset(x, torch.randint(0, 3, (n,), generator=g))
+
+    def train_data():
+        return _data(40, 1)
+
+    def query_data():
+        return _data(6, 2)
+
+    def loss(model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x), y, reduction={reduction!r})
+
+    def image(item):
+        return item[0].reshape(2, 3).numpy()
+""")
+SMALL = ["--sparsification", "random_mask-4*3", "--projection", "sjlt-8", "--batch-size", "8"]
+
+
+def write_task(tmp_path, name="task.py", poison="", reduction="none", drop=None):
+    src = TASK.format(poison=poison, reduction=reduction)
+    if drop:
+        src = src.replace(f"def {drop}(", f"def _{drop}(")
+    p = tmp_path / name
+    p.write_text(src)
+    return p
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_clean_failure(res, *needles):
+    assert res.exit_code != 0, res.output
+    assert "Traceback" not in res.output and res.exception is None or isinstance(
+        res.exception, SystemExit), res.output
+    err = " ".join(res.stderr.split())
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    task = write_task(d)
+    out = d / "idx"
+    res = invoke("build", task, "--out", out, *SMALL)
+    assert res.exit_code == 0, res.output
+    return task, out
+
+
+def test_round_trip_build_info_query_score_verify(built, tmp_path):
+    task, out = built
+    info = invoke("info", out, "--json")
+    assert info.exit_code == 0, info.output
+    cfg = json.loads(info.stdout)["config"]
+    assert cfg["task"] == str(task.resolve()) and cfg["n_train"] == 40
+    assert cfg["layout"] == {"0": 8, "2": 8}
+    assert {d["name"] for d in cfg["layer_dims"]} == {"0", "2"}
+
+    q = invoke("query", out, "--example", 1, "--example", 4, "--top-k", 5, "--opponents", "--json")
+    assert q.exit_code == 0, q.output
+    doc = json.loads(q.stdout)
+    assert [r["example"] for r in doc["results"]] == [1, 4]
+    s = invoke("score", out, "--out", tmp_path / "s.npy")
+    assert s.exit_code == 0, s.output
+    scores = np.load(tmp_path / "s.npy")
+    assert scores.shape == (6, 40)
+    for r in doc["results"]:
+        row = scores[r["example"]]
+        assert [p["train_id"] for p in r["proponents"]] == list(np.argsort(-row)[:5])
+        assert [p["train_id"] for p in r["opponents"]] == list(np.argsort(row)[:5])
+        np.testing.assert_allclose([p["score"] for p in r["proponents"]], np.sort(row)[::-1][:5],
+                                   rtol=1e-5, atol=1e-7)
+
+    v = invoke("verify", out, "--json")
+    assert v.exit_code == 0, v.output
+    assert json.loads(v.stdout)["ok"]
+    human = invoke("info", out)
+    assert human.exit_code == 0 and "sjlt-8" in human.stderr
+
+
+def test_query_png(built, tmp_path):
+    _, out = built
+    res = invoke("query", out, "--example", 0, "--opponents", "-k", 3, "--png", tmp_path / "q.png")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_task_missing_function(tmp_path):
+    res = invoke("build", write_task(tmp_path, drop="loss"), "--out", tmp_path / "o", *SMALL)
+    assert_clean_failure(res, "missing loss()")
+    assert not (tmp_path / "o").exists()
+
+
+def test_task_file_not_found(tmp_path):
+    assert_clean_failure(invoke("build", tmp_path / "nope.py", "--out", tmp_path / "o"),
+                         "not found")
+
+
+def test_scalar_loss(tmp_path):
+    res = invoke("build", write_task(tmp_path, reduction="mean"), "--out", tmp_path / "o", *SMALL)
+    assert_clean_failure(res, "one loss per example", "reduction='none'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_layers_pattern(tmp_path):
+    res = invoke("build", write_task(tmp_path), "--out", tmp_path / "o", "--layers", "0.*,fc9.*",
+                 *SMALL)
+    assert_clean_failure(res, "'fc9.*' matches no parameter")
+
+
+def test_nan_gradients_name_example_and_layer(tmp_path):
+    task = write_task(tmp_path, poison="x[11, 0] = float('nan') if n == 40 else 0.0")
+    res = invoke("build", task, "--out", tmp_path / "o", *SMALL)
+    assert_clean_failure(res, "training example 11", "layer")
+
+
+def test_out_dir_with_different_build(built):
+    task, out = built
+    res = invoke("build", task, "--out", out, *SMALL[:4], "--batch-size", "4")
+    assert_clean_failure(res, "holds a different build", "batch_size")
+
+
+def test_out_dir_not_ours(tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "thesis.tex").write_text("x")
+    res = invoke("build", write_task(tmp_path), "--out", tmp_path / "o", *SMALL)
+    assert_clean_failure(res, "not empty")
+
+
+def test_wrong_shaped_query_input(built, tmp_path):
+    _, out = built
+    np.savez(tmp_path / "q.npz", x=np.zeros((2, 5), np.float32), y=np.zeros(2, np.int64))
+    res = invoke("query", out, "--input", tmp_path / "q.npz")
+    assert_clean_failure(res, "expected shape [6], got [5]")
+    np.savez(tmp_path / "ok.npz", x=np.zeros((2, 6)), y=np.zeros(2, np.int64))
+    assert invoke("query", out, "--input", tmp_path / "ok.npz", "--json").exit_code == 0
+
+
+def test_example_out_of_range(built):
+    _, out = built
+    assert_clean_failure(invoke("query", out, "--example", 99), "out of range")
+
+
+def test_not_an_index(tmp_path):
+    assert_clean_failure(invoke("query", tmp_path), "not a grass-index index")
+    assert_clean_failure(invoke("info", tmp_path / "missing"), "not found")
+
+
+def test_corrupted_and_truncated_index_dir(tmp_path):
+    task = write_task(tmp_path)
+    out = tmp_path / "idx"
+    assert invoke("build", task, "--out", out, *SMALL).exit_code == 0
+    faiss_file = next(out.glob("index-*.faiss"))
+    faiss_file.write_bytes(faiss_file.read_bytes()[:100])  # truncated
+    assert_clean_failure(invoke("query", out), "verify", "--repair")
+    assert_clean_failure(invoke("verify", out), "faiss vs lmdb")
+    fixed = invoke("verify", out, "--repair")
+    assert fixed.exit_code == 0, fixed.output
+    assert invoke("query", out, "--json").exit_code == 0
+
+    cfg = out / "config.json"
+    cfg.write_text(cfg.read_text().replace('"seed": 0', '"seed": 1'))  # tampered
+    assert_clean_failure(invoke("query", out), "config hash mismatch")
+    cfg.write_text(cfg.read_text()[:50])  # truncated JSON
+    assert_clean_failure(invoke("info", out), "corrupted")
+    cfg.unlink()  # an unfinished build
+    assert_clean_failure(invoke("query", out), "not finished", "re-run")
+    info = invoke("info", out, "--json")
+    assert info.exit_code == 0 and json.loads(info.stdout)["complete"] is False

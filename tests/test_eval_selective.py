@@ -1,0 +1,87 @@
+"""Selective Mask fitting keeps the coordinates that carry the gradient inner products."""
+import pytest
+import torch
+from torch import nn
+
+from grass_index.eval.selective import fit_selective_mask
+
+
+def _setup():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g) * 0.01
+    x[:, [1, 4, 6]] *= 1000.0          # three input features carry almost all the signal
+    y = torch.randint(0, 3, (64,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 3))
+    data = list(zip(x, y))
+
+    def loss(m, batch):
+        xb, yb = batch
+        return nn.functional.cross_entropy(m(xb), yb, reduction="none")
+
+    return model, data, loss
+
+
+@pytest.fixture(scope="module")
+def factored():
+    model, data, loss = _setup()
+    return fit_selective_mask(model, data, loss, "3*2", n_samples=64, steps=100)
+
+
+def test_factored_mask_finds_the_informative_inputs(factored):
+    masks = factored
+    assert set(masks) == {"0"}
+    assert masks["0"]["in"].tolist() == [1, 4, 6]
+    assert len(masks["0"]["out"]) == 2 and masks["0"]["out"].dtype == torch.long
+
+
+def test_flat_mask_and_clamping():
+    model, data, loss = _setup()
+    masks = fit_selective_mask(model, data, loss, 1000, n_samples=8, steps=2)
+    assert masks["0"]["flat"].tolist() == list(range(27))  # 3 x (8 + bias): clamped to all
+    masks = fit_selective_mask(model, data, loss, 9, n_samples=64, steps=100)
+    kept_inputs = {int(i) % 9 for i in masks["0"]["flat"]}   # row-major [d_out, d_in + bias]
+    assert kept_inputs == {1, 4, 6}
+
+
+def test_mask_round_trips_through_the_mask_file(tmp_path, factored):
+    from grass_index.compress import load_selective_mask, save_selective_mask
+
+    masks = factored
+    save_selective_mask(tmp_path / "m.pt", masks)
+    back = load_selective_mask(tmp_path / "m.pt")
+    assert torch.equal(back["0"]["in"], masks["0"]["in"])
+
+
+@pytest.mark.parametrize("k", ["0", "a*b", "1*2*3", -4])
+def test_bad_k(k):
+    model, data, loss = _setup()
+    with pytest.raises(ValueError, match="selective mask size"):
+        fit_selective_mask(model, data, loss, k)
+
+
+def test_cli_fit_writes_a_mask_file(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from grass_index.cli.selective_cmd import register
+    from grass_index.compress import load_selective_mask
+
+    (tmp_path / "t.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "X = torch.randn(16, 5, generator=torch.Generator().manual_seed(0))\n"
+        "Y = torch.arange(16) % 2\n"
+        "def model():\n    torch.manual_seed(0)\n    return nn.Linear(5, 2)\n"
+        "def train_data():\n    return list(zip(X, Y))\n"
+        "def loss(m, b):\n    return nn.functional.cross_entropy(m(b[0]), b[1], reduction='none')\n")
+    app = typer.Typer()
+    register(app)
+    r = CliRunner().invoke(app, ["selective-mask", "fit", str(tmp_path / "t.py"), "--out",
+                                 str(tmp_path / "m.pt"), "--k", "2*2", "--steps", "5"])
+    assert r.exit_code == 0, r.output
+    assert "keeps 2*2" in r.output
+    (entry,) = load_selective_mask(tmp_path / "m.pt").values()
+    assert len(entry["in"]) == 2 and len(entry["out"]) == 2
+    r = CliRunner().invoke(app, ["selective-mask", "fit", str(tmp_path / "t.py"), "--out",
+                                 str(tmp_path / "m.pt"), "--k", "x"])
+    assert r.exit_code == 2 and "selective mask size" in r.output

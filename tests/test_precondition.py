@@ -1,0 +1,176 @@
+"""Preconditioner: exact linear algebra, damping semantics, and exact influence on tiny models."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grass_index.precondition import (DEFAULT_DAMPING, FisherAccumulator, Preconditioner,
+                                      parse_damping)
+
+LAYOUT = {"a": 3, "b": 5}
+
+
+def _sketches(n=40, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 8)).astype(np.float32)
+
+
+def test_fisher_is_mean_outer_product_per_layer_and_merges():
+    G = _sketches()
+    acc = FisherAccumulator(LAYOUT)
+    for chunk in np.array_split(G, 3):
+        acc.update(torch.from_numpy(chunk))
+    G64 = G.astype(np.float64)
+    np.testing.assert_allclose(acc.fisher("a"), G64[:, :3].T @ G64[:, :3] / 40, rtol=1e-12)
+    np.testing.assert_allclose(acc.fisher("b"), G64[:, 3:].T @ G64[:, 3:] / 40, rtol=1e-12)
+    assert acc.n == 40 and acc.fisher("a").dtype == np.float64
+    # sharded: two halves merged == one pass; state_dict round-trips
+    left, right = FisherAccumulator(LAYOUT), FisherAccumulator(LAYOUT)
+    left.update(G[:25]), right.update(G[25:])
+    left.merge(right)
+    np.testing.assert_allclose(left.fisher("b"), acc.fisher("b"), rtol=1e-12)
+    again = FisherAccumulator(LAYOUT)
+    again.load_state_dict(acc.state_dict())
+    assert again.n == 40 and np.array_equal(again.fisher("a"), acc.fisher("a"))
+
+
+def test_fisher_bad_input():
+    acc = FisherAccumulator(LAYOUT)
+    with pytest.raises(ValueError, match="no sketches accumulated"):
+        acc.fisher("a")
+    with pytest.raises(ValueError, match=r"shape \[B, 8\]"):
+        acc.update(np.zeros((2, 7)))
+    bad = _sketches(4)
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match="row 2"):
+        acc.update(bad)
+    with pytest.raises(ValueError, match="different layouts"):
+        acc.merge(FisherAccumulator({"a": 3, "b": 4}))
+    with pytest.raises(ValueError, match="another layout"):
+        FisherAccumulator({"c": 2}).load_state_dict(acc.state_dict())
+
+
+@pytest.mark.parametrize("damping,mode,value", [
+    (None, "relative", DEFAULT_DAMPING), (0.5, "relative", 0.5), ("0.01", "relative", 0.01),
+    ("abs:1e-3", "absolute", 1e-3), ("rel:2", "relative", 2.0), (0, "relative", 0.0)])
+def test_parse_damping(damping, mode, value):
+    assert parse_damping(damping) == (mode, value)
+
+
+@pytest.mark.parametrize("bad", ["abs:", "fast", -0.1, "abs:-1", float("nan"), True, [0.1]])
+def test_parse_damping_rejects_with_syntax(bad):
+    with pytest.raises(ValueError, match=r"abs:1e-3"):
+        parse_damping(bad)
+
+
+@pytest.mark.parametrize("damping", [None, 0.3, "abs:0.05"])
+def test_efim_equals_solve_with_damping(damping):
+    G = _sketches()
+    acc = FisherAccumulator(LAYOUT)
+    acc.update(G)
+    P = Preconditioner.fit(acc.fishers(), LAYOUT, hessian="eFIM", damping=damping)
+    q = _sketches(6, seed=1)
+    got = P.apply(torch.from_numpy(q))
+    assert got.dtype == np.float32 and got.shape == (6, 8)
+    mode, value = parse_damping(damping)
+    for name, sl in (("a", slice(0, 3)), ("b", slice(3, 8))):
+        Fl = acc.fisher(name)
+        lam = value * np.trace(Fl) / Fl.shape[0] if mode == "relative" else value
+        assert P.damping_used[name] == pytest.approx(lam, rel=1e-10)
+        want = np.linalg.solve(Fl + lam * np.eye(Fl.shape[0]), q[:, sl].astype(np.float64).T).T
+        np.testing.assert_allclose(got[:, sl], want, rtol=1e-5, atol=1e-6)
+
+
+def test_identity_and_state_round_trip(tmp_path):
+    acc = FisherAccumulator(LAYOUT)
+    acc.update(_sketches())
+    q = _sketches(5, seed=2)
+    ident = Preconditioner.fit(acc.fishers(), LAYOUT, hessian="identity")
+    assert np.array_equal(ident.apply(q), q) and ident.damping_used == {"a": 0.0, "b": 0.0}
+    for P in (ident, Preconditioner.fit(acc.fishers(), LAYOUT, hessian="efim", damping=0.2)):
+        np.savez(tmp_path / "p.npz", **P.state_dict())  # plain arrays: no pickle needed
+        back = Preconditioner.from_state_dict(dict(np.load(tmp_path / "p.npz")), LAYOUT)
+        assert np.array_equal(back.apply(q), P.apply(q))
+        assert back.describe() == P.describe()
+
+
+def test_bad_hessian_and_singular():
+    zero = {"a": np.zeros((3, 3)), "b": np.eye(5)}
+    with pytest.raises(ValueError, match="unknown hessian 'kfac'.*eFIM, identity"):
+        Preconditioner.fit(zero, LAYOUT, hessian="kfac")
+    with pytest.raises(ValueError, match=r"layer 'a'.*singular.*abs:"):
+        Preconditioner.fit(zero, LAYOUT, damping=0.1)
+    P = Preconditioner.fit(zero, LAYOUT, damping="abs:2")
+    np.testing.assert_allclose(P.apply(np.ones((1, 8)))[0, :3], 0.5)
+    with pytest.raises(ValueError, match="no Fisher matrix"):
+        Preconditioner.fit({"a": np.eye(3)}, LAYOUT)
+
+
+# ---------------------------------------------------------------- exact influence, tiny models
+def _logistic_data(n=30, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, 2, (n,), generator=g).float()
+
+
+def _logistic_loss(model, batch):
+    x, y = batch
+    return F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y, reduction="none")
+
+
+def _scores(model, train, test, loss_fn, hessian, damping):
+    from grass_index.capture import GradientSketcher, select_layers
+
+    sk = GradientSketcher(model, select_layers(model), sparsification="identity",
+                          projection="identity")
+    acc = FisherAccumulator(sk.layout)
+    tr = torch.cat([sk.sketch((train[0][i:i + 7], train[1][i:i + 7]), loss_fn)
+                    for i in range(0, len(train[0]), 7)])
+    acc.update(tr)
+    P = Preconditioner.fit(acc.fishers(), sk.layout, hessian=hessian, damping=damping)
+    return sk.sketch(test, loss_fn).double().numpy() @ P.apply(tr).astype(np.float64).T
+
+
+@pytest.mark.parametrize("damping", [0.1, "abs:0.01"])
+def test_logistic_regression_influence_is_analytic(damping):
+    pytest.importorskip("grass_index.compress")
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1).eval()
+    train, test = _logistic_data(30), _logistic_data(5, seed=1)
+    got = _scores(model, train, test, _logistic_loss, "eFIM", damping)
+
+    def grads(x, y):  # ∇_[w, b] BCE = (σ(w·x + b) − y) [x, 1]
+        with torch.no_grad():
+            r = torch.sigmoid(model(x).squeeze(-1)) - y
+        return (r[:, None] * torch.cat([x, torch.ones(len(x), 1)], 1)).double().numpy()
+
+    Gtr, Gte = grads(*train), grads(*test)
+    Fm = Gtr.T @ Gtr / len(Gtr)
+    mode, value = parse_damping(damping)
+    lam = value * np.trace(Fm) / 5 if mode == "relative" else value
+    want = Gte @ np.linalg.solve(Fm + lam * np.eye(5), Gtr.T)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_linear_regression_sign_convention():
+    """Positive score = proponent: a small gradient step on the top-scored training example
+    lowers the test loss, one on the bottom-scored raises it (identity Hessian: score = g·g_i)."""
+    pytest.importorskip("grass_index.compress")
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).eval()
+    g = torch.Generator().manual_seed(3)
+    xtr, ytr = torch.randn(20, 3, generator=g), torch.randn(20, generator=g)
+    xte, yte = torch.randn(1, 3, generator=g), torch.randn(1, generator=g)
+    loss = lambda m, b: 0.5 * (m(b[0]).squeeze(-1) - b[1]) ** 2  # noqa: E731
+    s = _scores(model, (xtr, ytr), (xte, yte), loss, "identity", None)[0]
+    with torch.no_grad():
+        base = float(loss(model, (xte, yte)))
+    for i, direction in ((int(s.argmax()), -1), (int(s.argmin()), +1)):
+        m = nn.Linear(3, 1)
+        m.load_state_dict(model.state_dict())
+        loss(m, (xtr[i:i + 1], ytr[i:i + 1])).sum().backward()
+        with torch.no_grad():
+            for p in m.parameters():
+                p -= 1e-3 * p.grad
+        with torch.no_grad():
+            assert np.sign(float(loss(m, (xte, yte))) - base) == direction
+    assert s.max() > 0 > s.min()
