@@ -250,7 +250,8 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
     build = dict(format=FORMAT_VERSION, sparsification=sparsification, projection=projection,
                  seed=seed, layers=layers, layer_dims=_layer_dims(infos),
                  layout=sketcher.layout, dim=sketcher.dim, batch_size=batch_size, n_train=n,
-                 model_hash=model_hash(model, infos), data_hash=data_hash(train_data))
+                 model_hash=model_hash(model, infos), data_hash=data_hash(train_data),
+                 sketch_fingerprint=sketcher.fingerprint())
     if masks is not None:  # only recorded when used, so other builds' hashes are unchanged
         build["selective_mask"] = _hash(masks)
     _claim_out_dir(out, build)
@@ -297,6 +298,8 @@ def _claim_out_dir(out: Path, build: dict) -> None:
         if _jsonable(old) != _jsonable(build):
             diff = sorted(k for k in set(old) | set(build)
                           if _jsonable(old.get(k)) != _jsonable(build.get(k)))
+            if len(diff) > 1 and "sketch_fingerprint" in diff:  # derived: name the cause only
+                diff.remove("sketch_fingerprint")
             hint = ""
             if "model_hash" in diff:
                 hint = " (the model's weights differ)"
@@ -325,16 +328,20 @@ def _finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damp
     if store.committed_blocks < n_blocks:
         raise AttributionError(f"only {store.committed_blocks} of {n_blocks} batches are "
                                "sketched; re-run the build to finish pass 1")
-    fisher = _fisher(store, layout, n_blocks, progress) if hessian == "eFIM" else None
-    if fisher is None:  # identity: F is never used; pass zeros of the right shape
-        fisher = {}
-    pre = Preconditioner.fit(fisher, layout, hessian=hessian, damping=damping)
     key = _hash(dict(hessian=hessian, damping=_damping_key(damping), index=index, nlist=nlist,
                      nprobe=nprobe, sketch=_hash(build)))[:12]
-    store.put_array(f"precond/{key}", _state_to_array(pre.state_dict()))
+    pre = _stored_preconditioner(store, key, layout)  # a resumed pass 2 reuses the inverses
+    if pre is None:
+        fisher = _fisher(store, layout, n_blocks, progress) if hessian == "eFIM" else {}
+        pre = Preconditioner.fit(fisher, layout, hessian=hessian, damping=damping)
+        store.put_array(f"precond/{key}", _state_to_array(pre.state_dict()))
 
     vindex = _build_faiss(store, pre, build, index, nlist, nprobe, progress, n_blocks)
     index_file = f"index-{key}.faiss"
+    # Temp files of a writer killed mid-save (an index can be GBs). We hold the store's writer
+    # lock, so no live process is writing any of them.
+    for p in [*out.glob("index-*.faiss.tmp-*"), *out.glob(f".{CONFIG_FILE}.tmp*")]:
+        p.unlink(missing_ok=True)
     vindex.save(out / index_file)
 
     cfg = dict(build)
@@ -360,6 +367,24 @@ def _finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damp
             store.delete_array(name)
     progress("done", 1, 1)
     return cfg
+
+
+def _stored_preconditioner(store, key: str, layout: dict):
+    """The preconditioner pass 2 already stored under ``key``, or None when there is none or it
+    is damaged (non-finite, unreadable): then it is fitted again from the cached Fisher."""
+    name = f"precond/{key}"
+    if not store.has_array(name):
+        return None
+    try:
+        state = _state_from_array(store.get_array(name))
+        pre = Preconditioner.from_state_dict(state, layout)
+    except (StoreError, ValueError) as e:
+        log.warning("stored preconditioner %s is unreadable (%s); refitting it", name, e)
+        return None
+    if not all(np.isfinite(v).all() for v in state.values() if v.dtype.kind == "f"):
+        log.warning("stored preconditioner %s has NaN/inf entries; refitting it", name)
+        return None
+    return pre
 
 
 def config_hash(cfg: dict) -> str:
@@ -465,10 +490,13 @@ def _read_config(path: Path) -> dict:
                                "--repair` or rebuild") from e
     if not isinstance(cfg, dict) or cfg.get("library") != "grass-index":
         raise AttributionError(f"{cfile} is not a grass-index config; rebuild the index")
-    if cfg.get("format", 0) > FORMAT_VERSION:
+    fmt = cfg.get("format")
+    if fmt != FORMAT_VERSION:  # older formats (or none) are as unreadable as newer ones
+        newer = isinstance(fmt, int) and fmt > FORMAT_VERSION
         raise AttributionError(f"{path} was written by grass-index {cfg.get('version')} (format "
-                               f"{cfg.get('format')}); this is {__version__} (format "
-                               f"{FORMAT_VERSION}): upgrade grass-index")
+                               f"{fmt}); this is {__version__} (format {FORMAT_VERSION}): "
+                               + ("upgrade grass-index" if newer else
+                                  "rebuild the index with this version"))
     if cfg.get("config_hash") != config_hash(cfg):
         raise AttributionError(f"{cfile} was modified after the build (config hash mismatch); "
                                f"run `grass-index verify {path} --repair` or rebuild")
@@ -610,6 +638,14 @@ class AttributionIndex:
                                    f"config {self.config['sparsification']}/"
                                    f"{self.config['projection']}, but the index has {self.layout}; "
                                    "rebuild the index with this version")
+        built_with = self.config.get("sketch_fingerprint")
+        if built_with is not None and sk.fingerprint() != built_with:
+            raise AttributionError(
+                f"the projections drawn now for {self.config['sparsification']}/"
+                f"{self.config['projection']} (seed {self.config['seed']}) differ from the ones "
+                f"the index was built with (fingerprint {sk.fingerprint()} vs {built_with}): "
+                "queries would be sketched differently from the training examples. Rebuild the "
+                "index with this grass-index version, or query with the version that built it")
         return sk
 
     def query_sketches(self, model, examples: Sequence, loss_fn, *, collate=None,

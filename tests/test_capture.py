@@ -52,8 +52,8 @@ def _fake_make(sparsification, projection, *, d=None, d_in=None, d_out=None, see
 def compress_impl(request, monkeypatch):
     """Run each test with the test double and, once it lands, the real compress stage."""
     if request.param == "fake":
-        monkeypatch.setattr(sketcher_mod, "_make_compressor", _fake_make)
-        monkeypatch.setattr(sketcher_mod, "_layer_seed", lambda s, n: (s * 1000003 + len(n)) % 2**31)
+        monkeypatch.setattr(sketcher_mod, "make_compressor", _fake_make)
+        monkeypatch.setattr(sketcher_mod, "layer_seed", lambda s, n: (s * 1000003 + len(n)) % 2**31)
     return request.param
 
 

@@ -287,3 +287,35 @@ def test_selective_mask_build_is_exact_and_travels_with_the_index(setup, tmp_pat
         gi.build_index(model, train, loss_fn, out, sparsification="selective_mask-3*2",
                        projection="identity", batch_size=8, progress=False,
                        selective_mask=tmp_path / "other.pt")
+
+
+def test_query_refuses_projections_drawn_differently(built, setup, monkeypatch):
+    """Same sizes, different projections (e.g. a library that seeds layers differently): the
+    recorded fingerprint catches it instead of returning silently wrong scores."""
+    idx, _ = built
+    model, _, query = setup
+    idx.query(model, query, loss_fn, k=3)  # the building version is accepted
+    import grass_index.capture.sketcher as sketcher_mod
+    monkeypatch.setattr(sketcher_mod, "layer_seed", lambda seed, name: 12345)
+    with pytest.raises(ValueError, match="projections drawn now .* differ"):
+        idx.query(model, query, loss_fn, k=3)
+
+
+def test_rerun_reuses_the_stored_preconditioner(setup, tmp_path, monkeypatch):
+    """Pass 2 re-run with the same settings (e.g. resumed after a kill) loads the stored
+    inverses instead of refitting them (a Cholesky per layer: seconds at k=4096)."""
+    from grass_index.precondition import Preconditioner
+
+    model, train, query = setup
+    out = tmp_path / "reuse"
+    first = gi.build_index(model, train, loss_fn, out, sparsification=SPARS, projection=PROJ,
+                           batch_size=8, progress=False)
+    want = first.score(model, query, loss_fn)
+
+    def no_fit(*a, **k):
+        raise AssertionError("preconditioner refitted although it is stored")
+
+    monkeypatch.setattr(Preconditioner, "fit", no_fit)
+    again = gi.build_index(model, train, loss_fn, out, sparsification=SPARS, projection=PROJ,
+                           batch_size=8, progress=False)
+    torch.testing.assert_close(again.score(model, query, loss_fn), want)

@@ -13,11 +13,14 @@ forward+backward, paid only when such parameters are selected.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import logging
 
 import torch
 from torch import nn
 
+from ..compress import layer_seed, make_compressor, parse_spec
 from ._batch import batch_size, check_losses, per_example_grads
 from .errors import CaptureError
 from .exact import flatten_layer
@@ -26,30 +29,13 @@ from .layers import LayerInfo
 log = logging.getLogger(__name__)
 
 
-def _make_compressor(*args, **kwargs):
-    """Indirection so capture imports the compress stage only when building compressors."""
-    from grass_index.compress import make_compressor
-
-    return make_compressor(*args, **kwargs)
-
-
 def _flat_spec(spec: str) -> str:
     """A factored spec (A*B) is meant for linear layers; for a flat parameter use the same kind
     with A*B coordinates, so one --sparsification works for every selected parameter."""
-    import dataclasses
-
-    from grass_index.compress import parse_spec
-
     parsed = parse_spec(spec)
     if not parsed.factored:
         return spec
     return str(dataclasses.replace(parsed, dims=(parsed.dims[0] * parsed.dims[1],)))
-
-
-def _layer_seed(seed: int, name: str) -> int:
-    from grass_index.compress import layer_seed
-
-    return layer_seed(seed, name)
 
 
 @contextlib.contextmanager
@@ -93,7 +79,7 @@ class GradientSketcher:
         self._params = [params[p] for layer in layers for p in layer.param_names]
         self.compressors: dict[str, nn.Module] = {}
         for layer in layers:
-            kw = dict(seed=_layer_seed(seed, layer.name), clamp=clamp)
+            kw = dict(seed=layer_seed(seed, layer.name), clamp=clamp)
             if layer.name in masks:
                 kw["mask_indices"] = masks[layer.name]
             if layer.kind == "linear":
@@ -102,7 +88,7 @@ class GradientSketcher:
                 kw.update(d=layer.numel)
             try:
                 sp = sparsification if layer.kind == "linear" else _flat_spec(sparsification)
-                comp = _make_compressor(sp, projection, **kw)
+                comp = make_compressor(sp, projection, **kw)
             except (ValueError, TypeError) as e:
                 raise CaptureError(f"layer {layer.name} ({layer.kind}, {self._dims(layer)}): {e}") from e
             self.compressors[layer.name] = comp.to(self.device)
@@ -130,13 +116,25 @@ class GradientSketcher:
     def dim(self) -> int:
         return sum(self.layout.values())
 
+    def fingerprint(self) -> str:
+        """Hash of every compressor's buffers (index maps, signs, matrices). Equal fingerprints
+        mean equal projections, so an index can refuse queries sketched by a library version
+        that draws them differently even when every dimension matches."""
+        h = hashlib.sha256()
+        for name, comp in self.compressors.items():
+            h.update(name.encode())
+            for key, t in comp.state_dict().items():
+                h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def describe(self) -> dict[str, dict]:
         """Per layer: kind, shapes, effective compression (after any clamping), k."""
         out = {}
         for layer in self.layers:
             d = dict(kind=layer.kind, module=layer.module_name, params=list(layer.param_names),
                      d_in=layer.d_in, d_out=layer.d_out, has_bias=layer.has_bias,
-                     numel=layer.numel, seed=_layer_seed(self.seed, layer.name),
+                     numel=layer.numel, seed=layer_seed(self.seed, layer.name),
                      requested={"sparsification": self.sparsification,
                                 "projection": self.projection})
             d.update(self.compressors[layer.name].describe())

@@ -367,10 +367,16 @@ class SketchStore:
         """Check every block and array (checksums, id contiguity, counters); [] means healthy."""
         h = self._handle()
         problems: list[str] = []
-        committed, nrows = self._progress()
+
+        def snapshot(txn):  # counter and table sizes from one transaction: a writer may be
+            c, n = _read_progress(txn, h)  # committing more blocks while we check these
+            return c, n, txn.stat(h.dbs["blocks"])["entries"], txn.stat(h.dbs["starts"])["entries"]
+        committed, nrows, nb, ns = h.read(snapshot)
         expect = 0
         try:
             for b, (s, rows) in enumerate(self.iter_blocks()):
+                if b >= committed:  # committed after the snapshot
+                    break
                 if s != expect:
                     problems.append(f"block {b} starts at id {s}, expected {expect}")
                 expect = s + len(rows)
@@ -380,9 +386,6 @@ class SketchStore:
         if expect != nrows:
             problems.append(f"blocks hold {expect} rows but the counter says {nrows}")
 
-        def counts(txn):
-            return (txn.stat(h.dbs["blocks"])["entries"], txn.stat(h.dbs["starts"])["entries"])
-        nb, ns = h.read(counts)
         if nb != committed or ns != committed:
             problems.append(f"{nb} blocks / {ns} index entries stored but {committed} committed")
         for name in self.array_names():
