@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch.utils.benchmark import Timer
 
+from _table import markdown_table  # benchmarks/ is on sys.path when run as a script
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grass_index.compress import FactGraSS, LoGra  # noqa: E402
 from grass_index.compress.seeding import generator  # noqa: E402
@@ -121,14 +123,8 @@ def main():
                 print(rows[-1], flush=True)
 
     header = ("layer", "method", "mode", "examples/s", "FactGraSS/LoGra", "notes")
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     print()
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print(line(r))
-
+    print(markdown_table(header, rows))
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _table import markdown_table  # benchmarks/ is on sys.path when run as a script
+
 ROWS: list[dict] = []
 
 
@@ -183,13 +185,7 @@ def _print(final=False):
         return
     head = ("workload", "build", "query (top-10)", "notes", "peak RAM MB")
     rows = [(r["workload"], r["build"], r["query"], r["extra"], f"{r['ram']:.0f}") for r in ROWS]
-    w = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(x) for c, x in zip(cells, w)) + " |"  # noqa: E731
-    print(line(head))
-    print("|" + "|".join("-" * (x + 2) for x in w) + "|")
-    for r in rows:
-        print(line(r))
-
+    print(markdown_table(head, rows))
 
 if __name__ == "__main__":
     main()

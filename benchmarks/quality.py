@@ -6,7 +6,9 @@
 Ground truth (retrained models) is cached under --out and reused by later runs; the first
 full run trains M x seeds small MLPs (about a second each on one core). Every method is an
 index built with grass_index.build_index and scored with AttributionIndex.score; damping
-sweeps reuse the stored sketches via AttributionIndex.reprecondition.
+sweeps reuse the stored sketches via AttributionIndex.reprecondition. Selective-mask rows fit a
+mask on training examples only (grass_index.eval.selective), write the mask file and build
+with build_index(selective_mask=FILE), like `grass-index build --selective-mask FILE`.
 
 The digits MLP has two linear layers, 64(+1 bias)->64 and 64(+1)->10, i.e. 4160 + 650
 gradient coordinates, so the sketch dimensions are per layer and the second layer is clamped
@@ -49,13 +51,16 @@ def methods(k: int) -> list[tuple[str, str, str]]:
     ]
 
 
-def sketch_seconds(model, train, loss, collate, sparsification, projection, batch_size=128) -> float:
+def sketch_seconds(model, train, loss, collate, sparsification, projection, mask=None,
+                   batch_size=128) -> float:
     """Wall time to sketch every training gradient (forward + backward + compression)."""
     from grass_index.capture.layers import select_layers
     from grass_index.capture.sketcher import GradientSketcher
+    from grass_index.compress import load_selective_mask
 
     sk = GradientSketcher(model, select_layers(model, None), sparsification=sparsification,
-                          projection=projection, seed=0, clamp=True)
+                          projection=projection, seed=0, clamp=True,
+                          selective_masks=load_selective_mask(mask) if mask else None)
     batches = [collate([train[i] for i in range(s, min(s + batch_size, len(train)))])
                for s in range(0, len(train), batch_size)]
     sk.sketch(batches[0], loss)  # warm-up
@@ -65,35 +70,6 @@ def sketch_seconds(model, train, loss, collate, sparsification, projection, batc
     return time.perf_counter() - t0
 
 
-def selective_scores(model, train, query, loss, collate, sp, pr, masks, damping=None,
-                     batch_size=128):
-    """Scores of an in-memory eFIM index over selective-mask sketches.
-
-    build_index does not take a mask file yet, so this mirrors its stages with the public
-    pieces: GradientSketcher(selective_masks=...) -> FisherAccumulator -> Preconditioner.
-    """
-    from grass_index.capture.layers import select_layers
-    from grass_index.capture.sketcher import GradientSketcher
-    from grass_index.precondition import FisherAccumulator, Preconditioner
-
-    sk = GradientSketcher(model, select_layers(model, None), sparsification=sp, projection=pr,
-                          seed=0, clamp=True, selective_masks=masks)
-
-    def sketch_all(data):
-        return torch.cat([sk.sketch(collate([data[i] for i in range(s, min(s + batch_size, len(data)))]),
-                                    loss) for s in range(0, len(data), batch_size)])
-
-    t = time.perf_counter()
-    tr = sketch_all(train)
-    secs = time.perf_counter() - t
-    acc = FisherAccumulator(sk.layout)
-    acc.update(tr.numpy())
-    pre = Preconditioner.fit({k: acc.fisher(k) for k in sk.layout}, sk.layout, hessian="eFIM",
-                             damping=damping)
-    vec = torch.from_numpy(np.asarray(pre.apply(tr.numpy()), dtype=np.float32))
-    return sketch_all(query) @ vec.T, sk.dim, secs
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="M=20, 1 seed, k=256 only")
@@ -101,7 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2", help="training seeds per subset (default 0,1,2)")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--k", default="256,1024", help="per-layer sketch widths (squares)")
-    ap.add_argument("--dampings", default="1e-3,1e-2,0.1,0.3,1", help="relative dampings to sweep")
+    ap.add_argument("--dampings", default="1e-3,1e-2,0.1,1,3", help="relative dampings to sweep (besides the default 0.3)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "quality"), help="cache/work directory")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--no-selective", action="store_true", help="skip the selective-mask rows "
@@ -139,14 +115,15 @@ def main(argv=None) -> int:
 
     rows = []
 
-    def evaluate(name, sp, pr, hessian="eFIM", damping=None, group="", k=None, sweep=()):
-        d = out / "indexes" / f"{sp}__{pr}__{hessian}".replace("*", "x")
+    def evaluate(name, sp, pr, hessian="eFIM", damping=None, group="", k=None, sweep=(),
+                 mask=None, fit_s=None, seed=0):
+        d = out / "indexes" / f"{sp}__{pr}__{hessian}__s{seed}".replace("*", "x")
         t = time.perf_counter()
         idx = gi.build_index(model, train, task.loss, d, sparsification=sp, projection=pr,
-                             hessian=hessian, damping=damping, batch_size=128, seed=0,
-                             progress=False, collate=task.collate)
+                             hessian=hessian, damping=damping, batch_size=128, seed=seed,
+                             progress=False, collate=task.collate, selective_mask=mask)
         build_s = time.perf_counter() - t
-        secs = sketch_seconds(model, train, task.loss, task.collate, sp, pr)
+        secs = sketch_seconds(model, train, task.loss, task.collate, sp, pr, mask)
         for dmp in (damping, *sweep):
             if dmp is not damping:
                 idx.reprecondition(damping=dmp, hessian=hessian)
@@ -155,24 +132,29 @@ def main(argv=None) -> int:
             row = dict(group=group, method=name, sparsification=sp, projection=pr, hessian=hessian,
                        damping="default" if dmp is None else dmp, k=k, K=idx.dim, lds=mean,
                        lds_se=float(np.nanstd(per_q) / np.sqrt(np.isfinite(per_q).sum())),
-                       sketch_s=secs, build_s=build_s,
+                       sketch_s=secs, build_s=build_s, fit_s=fit_s,
                        damping_used=idx.config.get("damping_used", idx.config.get("damping")))
             rows.append(row)
             print(f"  {group:10s} {name:12s} {sp:22s} {pr:10s} {hessian:8s} "
                   f"damp={row['damping']!s:8s} K={idx.dim:5d} LDS={mean:.4f} ±{row['lds_se']:.4f} "
-                  f"sketch={secs:.2f}s build={build_s:.1f}s", flush=True)
+                  f"sketch={secs:.2f}s build={build_s:.1f}s"
+                  + (f" fit={fit_s:.1f}s" if fit_s is not None else ""), flush=True)
         idx.close()
 
     evaluate("exact (identity)", "identity", "identity", group="ceiling", sweep=dampings)
     evaluate("exact (identity)", "identity", "identity", hessian="identity", group="hessian")
     for k in ks:
         for name, sp, pr in methods(k):
-            sweep = dampings if (name == "FactGraSS" and k == max(ks)) else ()
+            sweep = dampings if (name in ("SJLT", "FactGraSS") and k == max(ks)) else ()
             evaluate(name, sp, pr, group=f"k={k}", k=k, sweep=sweep)
+            if name == "random mask":  # a random mask's LDS varies with its seed: show the spread
+                for seed in (1, 2):
+                    evaluate(f"random mask (seed {seed})", sp, pr, group=f"k={k}", k=k, seed=seed)
     name, sp, pr = methods(max(ks))[-1]
     evaluate(name, sp, pr, hessian="identity", group="hessian", k=max(ks))
 
-    if not args.no_selective:  # learned masks vs the random masks above (same k)
+    if not args.no_selective:  # learned masks, through the real pipeline (mask file -> build_index)
+        from grass_index.compress import save_selective_mask
         from grass_index.eval.selective import fit_selective_mask
 
         for k in ks:
@@ -181,19 +163,14 @@ def main(argv=None) -> int:
                                          ("FactGraSS (selective)", f"{2 * a}*{2 * a}",
                                           f"selective_mask-{2 * a}*{2 * a}", f"sjlt-{k}")]:
                 t = time.perf_counter()
-                masks = fit_selective_mask(model, train, task.loss, spec_k, collate=task.collate)
+                # fit on training examples only (a sample of 768; the query set is never seen)
+                masks = fit_selective_mask(model, train, task.loss, spec_k, collate=task.collate,
+                                           seed=0)
                 fit_s = time.perf_counter() - t
-                scores, K, secs = selective_scores(model, train, query, task.loss, task.collate,
-                                                   sp, pr, masks)
-                mean, per_q = lds(scores, gt.subsets, losses)
-                row = dict(group=f"k={k}", method=name, sparsification=sp, projection=pr,
-                           hessian="eFIM", damping="default", k=k, K=K, lds=mean,
-                           lds_se=float(np.nanstd(per_q) / np.sqrt(np.isfinite(per_q).sum())),
-                           sketch_s=secs, build_s=fit_s)
-                rows.append(row)
-                print(f"  {row['group']:10s} {name:12s} {sp:22s} {pr:10s} eFIM     damp=default  "
-                      f"K={K:5d} LDS={mean:.4f} ±{row['lds_se']:.4f} sketch={secs:.2f}s "
-                      f"fit={fit_s:.1f}s", flush=True)
+                mask_file = out / "masks" / f"{sp}.pt".replace("*", "x")
+                mask_file.parent.mkdir(parents=True, exist_ok=True)
+                save_selective_mask(mask_file, masks)
+                evaluate(name, sp, pr, group=f"k={k}", k=k, mask=mask_file, fit_s=fit_s)
 
     print()
     print(markdown(rows, args, gt, ceil))
@@ -215,12 +192,13 @@ def markdown(rows, args, gt, ceil) -> str:
     lines = [f"LDS on digits (MLP 64-64-10, {gt.losses.shape[1]} test queries, M={args.subsets} "
              f"subsets of alpha={args.alpha}, {len(gt.seeds)} seeds each). Sketch time = "
              "forward+backward+compression of all 1437 training gradients, 1 CPU thread.", "",
-             "| group | method | sparsification | projection | Hessian | damping | K | LDS | ± s.e. | sketch s |",
-             "|---|---|---|---|---|---|---:|---:|---:|---:|"]
+             "| group | method | sparsification | projection | Hessian | damping | K | LDS | ± s.e. | sketch s | mask fit s |",
+             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['group']} | {r['method']} | `{r['sparsification']}` | `{r['projection']}` "
                      f"| {r['hessian']} | {r['damping']} | {r['K']} | {r['lds']:.4f} | "
-                     f"{r['lds_se']:.4f} | {r['sketch_s']:.3f} |")
+                     f"{r['lds_se']:.4f} | {r['sketch_s']:.3f} | "
+                     + (f"{r['fit_s']:.0f} |" if r.get("fit_s") is not None else "|"))
     return "\n".join(lines)
 
 

@@ -22,12 +22,17 @@ def fit_command(
                           "linear layers), e.g. 128*128; clamped to each layer's size."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated parameter globs "
                                          "(default: every linear layer)."),
-    n_samples: int = typer.Option(128, "--samples", help="Training examples the fit looks at."),
-    steps: int = typer.Option(200, "--steps", help="Optimisation steps per layer."),
-    l1: float = typer.Option(0.05, "--l1", help="Sparsity penalty weight."),
+    n_samples: int = typer.Option(768, "--samples", help="Training examples the fit looks at "
+                                  "(a third play queries, the rest estimate F)."),
+    steps: int = typer.Option(300, "--steps", help="Optimisation steps per layer."),
+    l1: float = typer.Option(0.1, "--l1", help="Sparsity penalty weight."),
+    hessian: str = typer.Option("eFIM", "--hessian", help="The Hessian the index will use: eFIM "
+                                "(match preconditioned scores) or identity (raw inner products)."),
+    damping: Optional[float] = typer.Option(None, "--damping", help="Relative damping the index "
+                                            "will use (default: grass-index's default, 0.3)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the example sample and init."),
 ) -> None:
-    """Fit a sigmoid mask so masked gradient inner products match the full ones; keep top-k."""
+    """Fit a sigmoid mask so masked-gradient attribution scores match the full ones; keep top-k."""
     from ..compress import save_selective_mask
     from ..eval.selective import fit_selective_mask
     from ..task import TaskError, load_task
@@ -37,6 +42,7 @@ def fit_command(
         lay = [p.strip() for p in layers.split(",")] if layers else None
         masks = fit_selective_mask(t.model(), t.train_data(), t.loss, k, layers=lay,
                                    n_samples=n_samples, steps=steps, l1=l1, seed=seed,
+                                   hessian=hessian, damping=damping,
                                    collate=t.collate)
     except (TaskError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)

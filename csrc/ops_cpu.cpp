@@ -12,8 +12,9 @@
 //      tiles of T whose codes stay in L1, so each code tile is read once per row block
 //      instead of once per row.
 //   3. Rows go in groups of 4 that share each decoded code (bucket + a +-1 built from the
-//      sign bit with bit ops; multiplying by +-1 is exact). Blocks of 32 columns that are
-//      zero in all 4 rows are skipped; otherwise the scatter is branchless.
+//      sign bit with bit ops; multiplying by +-1 is exact). The scatter is branchless; when a
+//      sample of x shows structured zeros (>25% all-zero 32-column blocks), blocks that are
+//      zero in all 4 rows are skipped with one predictable branch.
 //   Half types accumulate in a float32 buffer; float32/float64 accumulate in place.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -118,19 +119,21 @@ constexpr int64_t kZeroBlock = 32;
 
 // Scatter ROWS rows (xr[i] -> o[i]) over columns [c0, c1). Each code is decoded once and
 // used for all ROWS rows: measured ~1.4x faster per element than one row at a time.
-template <int ROWS, bool kOneRow, typename scalar_t, typename acc_t>
+template <int ROWS, bool kOneRow, bool kSkipZeroBlocks, typename scalar_t, typename acc_t>
 inline void scatter_tile(const scalar_t* const* xr, acc_t* const* o, const uint32_t* codes, int64_t s,
                          int64_t c0, int64_t c1) {
   if (kOneRow) s = 1;  // idx is [d] (the common case): let the compiler drop the r loop
   for (int64_t b0 = c0; b0 < c1; b0 += kZeroBlock) {
     const int64_t b1 = std::min(c1, b0 + kZeroBlock);
-    bool nz = false;
-    if (b1 - b0 == kZeroBlock) {  // constant length: the check vectorises
-      for (int i = 0; i < ROWS; ++i) nz |= any_nonzero(xr[i] + b0, kZeroBlock);
-    } else {
-      for (int i = 0; i < ROWS; ++i) nz |= any_nonzero(xr[i] + b0, b1 - b0);
+    if (kSkipZeroBlocks) {
+      bool nz = false;
+      if (b1 - b0 == kZeroBlock) {  // constant length: the check vectorises
+        for (int i = 0; i < ROWS; ++i) nz |= any_nonzero(xr[i] + b0, kZeroBlock);
+      } else {
+        for (int i = 0; i < ROWS; ++i) nz |= any_nonzero(xr[i] + b0, b1 - b0);
+      }
+      if (!nz) continue;
     }
-    if (!nz) continue;
     for (int64_t j = b0; j < b1; ++j) {
       acc_t v[ROWS];
       for (int i = 0; i < ROWS; ++i) v[i] = static_cast<acc_t>(xr[i][j]);
@@ -146,12 +149,37 @@ inline void scatter_tile(const scalar_t* const* xr, acc_t* const* o, const uint3
   }
 }
 
+// Fraction of (4-row group, kZeroBlock-column block) tiles that are zero in every row of the
+// group, from an evenly spread sample of <= 4096 tiles: exactly what the blocked scatter can
+// skip. Skipping pays off only for structured zeros (dead units, padding, masked spans);
+// otherwise the check costs ~15-25% and rarely fires. Measured on one thread, B=32, d=2^20:
+// random 90% zeros 49 ms with the check vs 36 ms without; 256-column zero spans in 90% of a
+// row 25 ms with it.
+template <typename scalar_t>
+double sampled_skippable_fraction(const scalar_t* x, int64_t n_rows, int64_t d, int group) {
+  const int64_t groups = n_rows / group, blocks = d / kZeroBlock;
+  const int64_t tiles = groups * blocks;
+  const int64_t samples = std::min<int64_t>(tiles, 4096);
+  if (samples == 0) return 0.0;
+  int64_t zero = 0;
+  for (int64_t i = 0; i < samples; ++i) {
+    const int64_t t = i * (tiles / samples), g = t / blocks, c = (t % blocks) * kZeroBlock;
+    bool nz = false;
+    for (int r = 0; r < group; ++r) nz |= any_nonzero(x + (g * group + r) * d + c, kZeroBlock);
+    zero += !nz;
+  }
+  return static_cast<double>(zero) / static_cast<double>(samples);
+}
+
+// Above this sampled fraction of skippable tiles, the blocked scatter (with skips) is used.
+constexpr double kSkipThreshold = 0.2;
+constexpr int kGroup = 4;  // rows sharing one decoded code
+
 // Scatter rows [r0, r1) of x into out. acc_t is the accumulation type (float for halves).
 template <typename scalar_t, typename acc_t>
 void sjlt_rows(const scalar_t* x, scalar_t* out, const uint32_t* codes, int64_t s, int64_t d, int64_t k,
-               int64_t r0, int64_t r1) {
+               int64_t r0, int64_t r1, bool skip_zero_blocks) {
   constexpr bool kInPlace = std::is_same<scalar_t, acc_t>::value;
-  constexpr int kGroup = 4;  // rows sharing one decoded code
   // Row block: its accumulators (R * k) stay in L2. Column tile: its codes (T * s) stay in L1.
   const int64_t R = std::max<int64_t>(kGroup, std::min<int64_t>(64, (512 * 1024) / (k * (int64_t)sizeof(acc_t))));
   const int64_t T = std::max<int64_t>(256, 2048 / s) / kZeroBlock * kZeroBlock;
@@ -170,16 +198,19 @@ void sjlt_rows(const scalar_t* x, scalar_t* out, const uint32_t* codes, int64_t 
           xr[i] = x + (n + i) * d;
           o[i] = acc + (n + i - rb) * k;
         }
-        if (s == 1) {
-          scatter_tile<kGroup, true>(xr, o, codes, s, c0, c1);
+        if (skip_zero_blocks) {
+          if (s == 1) scatter_tile<kGroup, true, true>(xr, o, codes, s, c0, c1);
+          else scatter_tile<kGroup, false, true>(xr, o, codes, s, c0, c1);
         } else {
-          scatter_tile<kGroup, false>(xr, o, codes, s, c0, c1);
+          if (s == 1) scatter_tile<kGroup, true, false>(xr, o, codes, s, c0, c1);
+          else scatter_tile<kGroup, false, false>(xr, o, codes, s, c0, c1);
         }
       }
       for (; n < re; ++n) {
         const scalar_t* xr[1] = {x + n * d};
         acc_t* o[1] = {acc + (n - rb) * k};
-        scatter_tile<1, false>(xr, o, codes, s, c0, c1);
+        if (skip_zero_blocks) scatter_tile<1, false, true>(xr, o, codes, s, c0, c1);
+        else scatter_tile<1, false, false>(xr, o, codes, s, c0, c1);
       }
     }
     if (!kInPlace) {
@@ -214,8 +245,11 @@ at::Tensor sjlt_cpu(const at::Tensor& x, const at::Tensor& idx, const at::Tensor
     using acc_t = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
+    const bool skip =
+        sampled_skippable_fraction(xp, n_rows, d, static_cast<int>(std::min<int64_t>(kGroup, n_rows))) >
+        kSkipThreshold;
     at::parallel_for(0, n_rows, grain, [&](int64_t r0, int64_t r1) {
-      sjlt_rows<scalar_t, acc_t>(xp, op, codes.data(), s, d, k, r0, r1);
+      sjlt_rows<scalar_t, acc_t>(xp, op, codes.data(), s, d, k, r0, r1, skip);
     });
   });
   return out;

@@ -1,4 +1,4 @@
-"""Selective Mask fitting keeps the coordinates that carry the gradient inner products."""
+"""Selective Mask fitting keeps the coordinates that carry the attribution scores."""
 import pytest
 import torch
 from torch import nn
@@ -25,11 +25,12 @@ def _setup():
 @pytest.fixture(scope="module")
 def factored():
     model, data, loss = _setup()
-    return fit_selective_mask(model, data, loss, "3*2", n_samples=64, steps=100)
+    return fit_selective_mask(model, data, loss, "3*2", n_samples=64, steps=100,
+                              hessian="identity")
 
 
 def test_factored_mask_finds_the_informative_inputs(factored):
-    masks = factored
+    masks = factored     # raw inner products (identity Hessian): the big inputs carry them
     assert set(masks) == {"0"}
     assert masks["0"]["in"].tolist() == [1, 4, 6]
     assert len(masks["0"]["out"]) == 2 and masks["0"]["out"].dtype == torch.long
@@ -39,9 +40,40 @@ def test_flat_mask_and_clamping():
     model, data, loss = _setup()
     masks = fit_selective_mask(model, data, loss, 1000, n_samples=8, steps=2)
     assert masks["0"]["flat"].tolist() == list(range(27))  # 3 x (8 + bias): clamped to all
-    masks = fit_selective_mask(model, data, loss, 9, n_samples=64, steps=100)
+    masks = fit_selective_mask(model, data, loss, 9, n_samples=64, steps=100, hessian="identity")
     kept_inputs = {int(i) % 9 for i in masks["0"]["flat"]}   # row-major [d_out, d_in + bias]
     assert kept_inputs == {1, 4, 6}
+
+
+def test_efim_mask_skips_redundant_coordinates():
+    """Inputs 0-2 are copies of one strong signal, input 3 an independent weaker one. Raw
+    magnitude would keep two copies; for preconditioned (eFIM) scores a second copy adds
+    nothing after whitening, so the fit keeps one copy and the independent input."""
+    g = torch.Generator().manual_seed(0)
+    n = 96
+    x = torch.randn(n, 8, generator=g) * 0.01
+    s = torch.randn(n, generator=g)
+    x[:, 0], x[:, 2] = 3 * s, 3 * s
+    x[:, 1] = 3 * s + 0.01 * torch.randn(n, generator=g)
+    x[:, 3] = torch.randn(n, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 3, bias=False))
+
+    def loss(m, batch):
+        return nn.functional.cross_entropy(m(batch[0]), batch[1], reduction="none")
+
+    masks = fit_selective_mask(model, list(zip(x, y)), loss, "2*3", n_samples=n, steps=100)
+    kept = set(masks["0"]["in"].tolist())
+    assert 3 in kept and len(kept & {0, 1, 2}) == 1
+
+
+def test_bad_hessian_and_damping():
+    model, data, loss = _setup()
+    with pytest.raises(ValueError, match="hessian"):
+        fit_selective_mask(model, data, loss, 4, hessian="kfac")
+    with pytest.raises(ValueError, match="relative damping"):
+        fit_selective_mask(model, data, loss, 4, damping="abs:1e-3")
 
 
 def test_mask_round_trips_through_the_mask_file(tmp_path, factored):

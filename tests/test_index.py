@@ -158,3 +158,19 @@ def test_save_is_atomic_and_never_torn(tmp_path, monkeypatch):
     assert VectorIndex.load(path).ntotal == 4
     b.save(path)
     assert VectorIndex.load(path).ntotal == 3
+
+
+def test_index_use_leaves_torch_thread_count_alone():
+    """FAISS and torch share OpenMP: creating/searching an index must not reset the thread
+    count a user chose with torch.set_num_threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        vi = VectorIndex.create(8, "flat")
+        vi.add(np.ones((4, 8), np.float32), np.arange(4))
+        vi.search(np.ones((1, 8), np.float32), 2)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

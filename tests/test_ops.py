@@ -269,3 +269,22 @@ def test_cuda_matches_cpu_and_is_deterministic(dtype):
     m = torch.randint(0, 3000, (100,))
     assert torch.equal(gi.ops.mask(x.cuda(), m.cuda()).cpu(), x[:, m])
     assert gi.native_status()["kernels"]["sjlt"]["CUDA"] in ("native", "fallback")
+
+
+@pytest.mark.parametrize("layout", ["spans_every_row", "spans_per_row", "random"])
+def test_sjlt_zero_block_paths_match_reference(layout):
+    """The CPU kernel picks a block-skipping scatter for structured zeros and a plain one
+    otherwise; both must equal the dense reference on the data that selects them."""
+    g = torch.Generator().manual_seed(3)
+    B, d, k = 9, 4096, 64
+    x = torch.randn(B, d, generator=g, dtype=torch.float64)
+    if layout == "spans_every_row":
+        x = x * (torch.rand(d // 256, generator=g) > 0.6).repeat_interleave(256)
+    elif layout == "spans_per_row":
+        x = x * (torch.rand(B, d // 64, generator=g) > 0.9).repeat_interleave(64, 1)
+    else:
+        x = x * (torch.rand(B, d, generator=g) > 0.9)
+    idx = torch.randint(0, k, (2, d), generator=g)
+    sign = (torch.randint(0, 2, (2, d), generator=g) * 2 - 1).to(torch.int8)
+    from grass_index.ops.reference import sjlt_reference
+    torch.testing.assert_close(gi.ops.sjlt(x, idx, sign, k), sjlt_reference(x, idx, sign, k))

@@ -1,5 +1,6 @@
-"""Thread counts: FAISS (OpenMP) and torch each default to every core they see; running one
-after the other is fine, but both at full width in one process oversubscribes small machines.
+"""Thread counts. FAISS and torch share one OpenMP runtime here: faiss.omp_set_num_threads also
+changes torch.get_num_threads(). Nothing in grass-index calls this implicitly, so a process's
+own torch.set_num_threads / OMP_NUM_THREADS choice stands; call it explicitly to change both.
 """
 from __future__ import annotations
 

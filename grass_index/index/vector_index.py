@@ -14,19 +14,10 @@ import numpy as np
 
 from . import _file
 from ._file import FaissIndexError
-from .threads import configure_threads
 
 KINDS = ("flat", "ivf")
 ADD_CHUNK = 65536
 SEARCH_CHUNK = 4096
-_threads_set = False
-
-
-def _init_threads() -> None:
-    global _threads_set
-    if not _threads_set:
-        configure_threads()
-        _threads_set = True
 
 
 def default_nlist(n_train: int) -> int:
@@ -54,7 +45,6 @@ class VectorIndex:
     @classmethod
     def create(cls, dim: int, kind: str = "flat", *, nlist: int | None = None,
                nprobe: int | None = None, metric: str = "ip") -> "VectorIndex":
-        _init_threads()
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
             raise FaissIndexError(f"dim must be a positive integer, got {dim!r}")
         if metric != "ip":
@@ -208,7 +198,6 @@ class VectorIndex:
 
         ``verify`` checks the file's CRC first (one sequential read) so corruption is reported.
         """
-        _init_threads()
         meta = _file.read_meta(path, verify=verify)
         kind = meta.get("kind")
         if kind not in KINDS:
