@@ -209,14 +209,19 @@ def _load_file(p: Path):
 # -- structure of an example (for clear wrong-shape errors at query time) -----------------
 
 def item_signature(item) -> Any:
-    """JSON-able structure of one example: nesting, tensor shapes and dtypes."""
+    """JSON-able structure of one example: nesting, tensor shapes and dtypes. Integer tensors
+    (token ids, indices) have variable length by nature, so their sizes are left open (None);
+    their number of dims and dtype still have to match."""
     if isinstance(item, torch.Tensor):
-        return {"tensor": list(item.shape), "dtype": str(item.dtype).replace("torch.", "")}
+        shape = [None] * item.dim() if not (item.is_floating_point() or item.is_complex()) \
+            else list(item.shape)
+        return {"tensor": shape, "dtype": str(item.dtype).replace("torch.", "")}
     try:
         import numpy as np
 
         if isinstance(item, np.ndarray):
-            return {"tensor": list(item.shape), "dtype": str(item.dtype)}
+            shape = list(item.shape) if item.dtype.kind in "fc" else [None] * item.ndim
+            return {"tensor": shape, "dtype": str(item.dtype)}
     except ImportError:  # pragma: no cover
         pass
     if isinstance(item, dict):

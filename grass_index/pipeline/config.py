@@ -1,0 +1,128 @@
+"""Arguments and records of a build: checking build arguments, claiming the output directory
+(build.json), and reading/validating a finished index's config.json."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from .. import __version__
+from ..precondition import parse_damping
+from ..store import SketchStore
+from .errors import AttributionError
+from .files import (_OUR_FILES, BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, STORE_DIR, _jsonable,
+                    _write_json)
+from .fingerprints import config_hash
+
+HESSIANS = {"efim": "eFIM", "identity": "identity"}
+INDEX_KINDS = ("flat", "ivf")
+
+
+def _norm_hessian(hessian: str) -> str:
+    h = HESSIANS.get(str(hessian).lower())
+    if h is None:
+        raise AttributionError(f"unknown hessian {hessian!r}; use 'eFIM' or 'identity'")
+    return h
+
+
+def _damping_key(damping) -> Any:
+    return None if damping is None else str(damping)
+
+
+def _check_damping(damping) -> None:
+    try:
+        parse_damping(damping)
+    except ValueError as e:
+        raise AttributionError(f"bad damping {damping!r}: {e}") from e
+
+
+def _check_build_args(train_data: Sequence, *, hessian: str, index: str, batch_size,
+                      damping) -> str:
+    """Everything about build_index's arguments checkable without a model; the hessian's
+    canonical name."""
+    hessian = _norm_hessian(hessian)
+    if index not in INDEX_KINDS:
+        raise AttributionError(f"unknown index kind {index!r}; use 'flat' (exact) or 'ivf'")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise AttributionError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_damping(damping)
+    if not (hasattr(train_data, "__len__") and hasattr(train_data, "__getitem__")):
+        raise AttributionError("train_data must be an indexable sequence (len() and [i])")
+    if len(train_data) == 0:
+        raise AttributionError("train_data is empty; nothing to index")
+    return hessian
+
+
+def _claim_out_dir(out: Path, build: dict) -> None:
+    """Refuse a directory holding something else; record what this build's sketches mean."""
+    bfile = out / BUILD_FILE
+    if out.exists() and not out.is_dir():
+        raise AttributionError(f"--out {out} is a file; pass a directory")
+    if bfile.is_file():
+        try:
+            old = json.loads(bfile.read_text())
+        except ValueError as e:
+            raise AttributionError(f"{bfile} is corrupted ({e}); delete {out} and rebuild") from e
+        if _jsonable(old) != _jsonable(build):
+            diff = sorted(k for k in set(old) | set(build)
+                          if _jsonable(old.get(k)) != _jsonable(build.get(k)))
+            if len(diff) > 1 and "sketch_fingerprint" in diff:  # derived: name the cause only
+                diff.remove("sketch_fingerprint")
+            hint = ""
+            if "model_hash" in diff:
+                hint = " (the model's weights differ)"
+            elif "data_hash" in diff or "n_train" in diff:
+                hint = " (the training data differs)"
+            raise AttributionError(
+                f"output directory {out} holds a different build (differs in: {', '.join(diff)})"
+                f"{hint}; choose another --out or delete {out} to rebuild")
+        return
+    if out.is_dir() and any(p.name not in _OUR_FILES and not p.name.startswith(".")
+                            for p in out.iterdir()):
+        raise AttributionError(f"output directory {out} is not empty and is not a grass-index "
+                               "build; choose a new or empty directory")
+    if (out / STORE_DIR).exists():
+        raise AttributionError(f"{out} has sketches but no {BUILD_FILE}; it is corrupted: delete "
+                               "it and rebuild")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(bfile, build)
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise AttributionError(f"index directory {path} not found; build one with "
+                               "`grass-index build TASK --out DIR`")
+    cfile = path / CONFIG_FILE
+    if not cfile.is_file():
+        progress = ""
+        try:
+            b = json.loads((path / BUILD_FILE).read_text())
+            with SketchStore.open(path / STORE_DIR, readonly=True) as st:
+                done = st.committed_blocks
+            progress = f" ({done} of {math.ceil(b['n_train'] / b['batch_size'])} batches sketched)"
+        except Exception:
+            pass
+        if (path / BUILD_FILE).is_file():
+            raise AttributionError(f"the build in {path} is not finished{progress}; re-run the same "
+                                   "build command to resume it")
+        raise AttributionError(f"{path} is not a grass-index index (no {CONFIG_FILE}); pass the "
+                               "--out directory of `grass-index build`")
+    try:
+        cfg = json.loads(cfile.read_text())
+    except ValueError as e:
+        raise AttributionError(f"{cfile} is corrupted ({e}); run `grass-index verify {path} "
+                               "--repair` or rebuild") from e
+    if not isinstance(cfg, dict) or cfg.get("library") != "grass-index":
+        raise AttributionError(f"{cfile} is not a grass-index config; rebuild the index")
+    fmt = cfg.get("format")
+    if fmt != FORMAT_VERSION:  # older formats (or none) are as unreadable as newer ones
+        newer = isinstance(fmt, int) and fmt > FORMAT_VERSION
+        raise AttributionError(f"{path} was written by grass-index {cfg.get('version')} (format "
+                               f"{fmt}); this is {__version__} (format {FORMAT_VERSION}): "
+                               + ("upgrade grass-index" if newer else
+                                  "rebuild the index with this version"))
+    if cfg.get("config_hash") != config_hash(cfg):
+        raise AttributionError(f"{cfile} was modified after the build (config hash mismatch); "
+                               f"run `grass-index verify {path} --repair` or rebuild")
+    return cfg

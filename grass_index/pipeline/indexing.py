@@ -1,0 +1,148 @@
+"""Pass 2: Fisher from the stored sketches -> preconditioner -> FAISS -> config.json.
+
+Pass 2 reads pass 1's blocks back, so changing the damping or the Hessian never recomputes a
+gradient (``_refit``).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..index import VectorIndex
+from ..precondition import FisherAccumulator, Preconditioner
+from ..store import SketchStore, StoreError
+from .config import _damping_key
+from .errors import AttributionError
+from .files import BUILD_FILE, CONFIG_FILE, STORE_DIR, _jsonable, _write_json
+from .fingerprints import _data_signature, _hash, config_hash
+from .progress import _Progress
+from .stored import _chunks, _preconditioned_blocks, _state_from_array, _state_to_array
+
+log = logging.getLogger("grass_index")
+
+
+def _finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damping,
+            index: str, nlist, nprobe, task, progress, data=None, old_config=None) -> dict:
+    """Pass 2: Fisher from stored sketches -> preconditioner -> FAISS -> config.json."""
+    n, layout = build["n_train"], build["layout"]
+    n_blocks = math.ceil(n / build["batch_size"])
+    if store.committed_blocks < n_blocks:
+        raise AttributionError(f"only {store.committed_blocks} of {n_blocks} batches are "
+                               "sketched; re-run the build to finish pass 1")
+    key = _hash(dict(hessian=hessian, damping=_damping_key(damping), index=index, nlist=nlist,
+                     nprobe=nprobe, sketch=_hash(build)))[:12]
+    pre = _stored_preconditioner(store, key, layout)  # a resumed pass 2 reuses the inverses
+    if pre is None:
+        fisher = _fisher(store, layout, n_blocks, progress) if hessian == "eFIM" else {}
+        pre = Preconditioner.fit(fisher, layout, hessian=hessian, damping=damping)
+        store.put_array(f"precond/{key}", _state_to_array(pre.state_dict()))
+
+    vindex = _build_faiss(store, pre, build, index, nlist, nprobe, progress, n_blocks)
+    index_file = f"index-{key}.faiss"
+    # Temp files of a writer killed mid-save (an index can be GBs). We hold the store's writer
+    # lock, so no live process is writing any of them.
+    for p in [*out.glob("index-*.faiss.tmp-*"), *out.glob(f".{CONFIG_FILE}.tmp*")]:
+        p.unlink(missing_ok=True)
+    vindex.save(out / index_file)
+
+    cfg = dict(build)
+    cfg.update(
+        library="grass-index", version=__version__, torch=torch.__version__,
+        task=task if task is not None else (old_config or {}).get("task"),
+        hessian=hessian, damping=_damping_key(damping), damping_used=pre.damping_used,
+        preconditioner=_jsonable(pre.describe()), preconditioner_key=key,
+        layers_described=describe, index=_jsonable(vindex.describe()), index_kind=index,
+        index_file=index_file, n_blocks=n_blocks, sketch_hash=_hash(build),
+        item_signature=(_data_signature(data) if data is not None
+                        else (old_config or {}).get("item_signature")),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    cfg = _jsonable(cfg)
+    cfg["config_hash"] = config_hash(cfg)
+    store.put_meta("config", cfg)
+    _write_json(out / CONFIG_FILE, cfg)  # the commit point of the whole build
+    for p in out.glob("index-*.faiss"):  # older preconditioning variants
+        if p.name != index_file:
+            p.unlink(missing_ok=True)
+    for name in store.array_names():  # their preconditioners (k×k float64 per layer)
+        if name.startswith("precond/") and name != f"precond/{key}":
+            store.delete_array(name)
+    progress("done", 1, 1)
+    return cfg
+
+
+def _refit(path: Path, config: dict, *, hessian: str, damping, index: str,
+           progress=False) -> dict:
+    """Pass 2 again over a finished index's stored sketches (another damping, Hessian or
+    index kind); the new config. ``hessian`` is canonical and ``damping`` already checked."""
+    build = json.loads((path / BUILD_FILE).read_text())
+    prog = _Progress(progress)
+    try:
+        with SketchStore.open(path / STORE_DIR, readonly=False) as store:
+            return _finish(path, store, build, config.get("layers_described", {}),
+                           hessian=hessian, damping=damping, index=index, nlist=None,
+                           nprobe=None, task=None, progress=prog, old_config=config)
+    finally:
+        prog.close()
+
+
+def _stored_preconditioner(store, key: str, layout: dict):
+    """The preconditioner pass 2 already stored under ``key``, or None when there is none or it
+    is damaged (non-finite, unreadable): then it is fitted again from the cached Fisher."""
+    name = f"precond/{key}"
+    if not store.has_array(name):
+        return None
+    try:
+        state = _state_from_array(store.get_array(name))
+        pre = Preconditioner.from_state_dict(state, layout)
+    except (StoreError, ValueError) as e:
+        log.warning("stored preconditioner %s is unreadable (%s); refitting it", name, e)
+        return None
+    if not all(np.isfinite(v).all() for v in state.values() if v.dtype.kind == "f"):
+        log.warning("stored preconditioner %s has NaN/inf entries; refitting it", name)
+        return None
+    return pre
+
+
+def _fisher(store, layout, n_blocks, progress) -> dict:
+    """F_l from the stored sketches, cached in the store (float64, deterministic order)."""
+    if store.get_meta("fisher_done", False) and all(store.has_array(f"fisher/{k}") for k in layout):
+        return {k: np.asarray(store.get_array(f"fisher/{k}"), dtype=np.float64) for k in layout}
+    acc = FisherAccumulator(layout)
+    done = 0
+    for _, rows in _chunks(store):
+        acc.update(np.asarray(rows, dtype=np.float32))
+        done += len(rows)
+        progress("fisher", done, store.num_rows)
+    fisher = {k: acc.fisher(k) for k in layout}
+    for k, f in fisher.items():
+        store.put_array(f"fisher/{k}", np.asarray(f, dtype=np.float64))
+    store.put_meta("fisher_n", int(acc.n))
+    store.put_meta("fisher_done", True)
+    return fisher
+
+
+def _build_faiss(store, pre, build, kind, nlist, nprobe, progress, n_blocks):
+    vindex = VectorIndex.create(build["dim"], kind, nlist=nlist, nprobe=nprobe)
+    if kind == "ivf":  # train on (a deterministic sample of) the preconditioned vectors
+        cap, sample, got = 100_000, [], 0
+        for _, vec in _preconditioned_blocks(store, pre):
+            sample.append(vec)
+            got += len(vec)
+            if got >= cap:
+                break
+        vindex.train(np.concatenate(sample)[:cap])
+    for start, vec in _preconditioned_blocks(store, pre):
+        vindex.add(vec, np.arange(start, start + len(vec), dtype=np.int64))
+        progress("index", start + len(vec), build["n_train"])
+    if vindex.ntotal != build["n_train"]:
+        raise AttributionError(f"index holds {vindex.ntotal} vectors for {build['n_train']} "
+                               "training examples; the sketch store is inconsistent — run "
+                               "grass-index verify")
+    return vindex

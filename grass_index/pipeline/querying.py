@@ -1,0 +1,106 @@
+"""The query side of pass 1: check that a model fits an index, and sketch query examples
+exactly as the training examples were sketched."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..capture import CaptureError, GradientSketcher, select_layers
+from ..compress import load_selective_mask
+from ..task import default_collate, item_signature, signature_mismatch
+from .errors import AttributionError
+from .files import MASK_FILE
+from .fingerprints import _layer_dims, model_hash
+from .sketching import _batches, _len
+
+log = logging.getLogger("grass_index")
+
+
+def _check_model(path: Path, config: dict, model: torch.nn.Module):
+    """The model must have the layers (names and shapes) the index was built on."""
+    try:
+        infos = select_layers(model, config.get("layers"))
+    except CaptureError as e:
+        raise AttributionError(f"the model does not fit index {path}: {e}") from e
+    got = {d["name"]: d for d in _layer_dims(infos)}
+    want = {d["name"]: d for d in config["layer_dims"]}
+    for name, w in want.items():
+        g = got.get(name)
+        if g is None:
+            raise AttributionError(f"the model has no layer {name!r}, which index {path} "
+                                   "was built on; query with the model the index was built "
+                                   "from")
+        if g != w:
+            dims = lambda d: (f"{d['kind']} d_in={d['d_in']} d_out={d['d_out']} "  # noqa: E731
+                              f"bias={d['has_bias']} numel={d['numel']}")
+            raise AttributionError(f"layer {name!r} of the model is {dims(g)} but index "
+                                   f"{path} was built with {dims(w)}; query with the model "
+                                   "the index was built from")
+    extra = sorted(set(got) - set(want))
+    if extra:
+        raise AttributionError(f"the model has layers {extra} that index {path} does not "
+                               "have; query with the model the index was built from")
+    if model_hash(model, infos) != config.get("model_hash"):
+        log.warning("the model's weights differ from the ones index %s was built with; "
+                    "scores mix two models", path)
+    return infos
+
+
+def _query_sketcher(path: Path, config: dict, model, device=None) -> GradientSketcher:
+    """A sketcher for ``model`` that draws the projections the index was built with."""
+    infos = _check_model(path, config, model)
+    masks = load_selective_mask(path / MASK_FILE) if config.get("selective_mask") else None
+    sk = GradientSketcher(model, infos, sparsification=config["sparsification"],
+                          projection=config["projection"], seed=config["seed"],
+                          clamp=True, device=device, selective_masks=masks)
+    layout = dict(config["layout"])
+    if {k: int(v) for k, v in sk.layout.items()} != layout:
+        raise AttributionError(f"this grass-index builds sketches of layout {sk.layout} for "
+                               f"config {config['sparsification']}/"
+                               f"{config['projection']}, but the index has {layout}; "
+                               "rebuild the index with this version")
+    built_with = config.get("sketch_fingerprint")
+    if built_with is not None and sk.fingerprint() != built_with:
+        raise AttributionError(
+            f"the projections drawn now for {config['sparsification']}/"
+            f"{config['projection']} (seed {config['seed']}) differ from the ones "
+            f"the index was built with (fingerprint {sk.fingerprint()} vs {built_with}): "
+            "queries would be sketched differently from the training examples. Rebuild the "
+            "index with this grass-index version, or query with the version that built it")
+    return sk
+
+
+def _sketch_queries(path: Path, config: dict, model, examples: Sequence, loss_fn, *,
+                    collate=None, batch_size: int | None = None, device=None) -> torch.Tensor:
+    """Raw sketches g(z) [n, K] of the query examples (not preconditioned)."""
+    if not (hasattr(examples, "__len__") and hasattr(examples, "__getitem__")):
+        raise AttributionError("examples must be an indexable sequence of items like "
+                               "train_data[i]")
+    if len(examples) == 0:
+        return torch.zeros(0, int(config["dim"]))
+    want = config.get("item_signature")
+    if want is not None:
+        for i in range(len(examples)):
+            msg = signature_mismatch(want, item_signature(examples[i]), f"query example {i}")
+            if msg:
+                raise AttributionError(f"{msg}; query examples must look like the training "
+                                       "examples")
+    model.eval()
+    sk = _query_sketcher(path, config, model, device)
+    collate = collate or default_collate
+    out = []
+    for b, lo, batch in _batches(examples, batch_size or config["batch_size"], collate):
+        try:
+            out.append(sk.sketch(batch, loss_fn))
+        except CaptureError as e:
+            if e.example is not None:
+                raise AttributionError(f"query example {lo + e.example}: {e}") from e
+            raise AttributionError(f"query examples: {e}") from e
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            raise AttributionError(f"the loss failed on query examples {lo}..."
+                                   f"{lo + _len(batch) - 1} ({type(e).__name__}: {e}); are "
+                                   "they shaped and typed like the training examples?") from e
+    return torch.cat(out)

@@ -1,0 +1,151 @@
+"""verify_index: check an index directory against its stored sketches; repair what pass 2
+can rebuild from them (the preconditioner, the FAISS index, the store's config)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..index import VectorIndex
+from ..precondition import Preconditioner
+from ..store import SketchStore
+from .config import _check_damping, _norm_hessian, _read_config
+from .errors import AttributionError
+from .files import BUILD_FILE, FORMAT_VERSION, STORE_DIR, _jsonable
+from .fingerprints import _hash
+from .indexing import _refit
+from .stored import _state_from_array
+
+
+def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0) -> dict:
+    """Check an index directory; with repair=True rebuild FAISS from the stored sketches.
+
+    Returns {"ok": bool, "checks": [{"name", "ok", "detail"}], "repaired": [...]}.
+    """
+    path = Path(path)
+    checks: list[dict] = []
+    repaired: list[str] = []
+
+    def check(name, ok, detail=""):
+        checks.append(dict(name=name, ok=bool(ok), detail=str(detail)))
+        return ok
+
+    def report():
+        return dict(path=str(path), ok=all(c["ok"] for c in checks), checks=checks,
+                    repaired=repaired)
+
+    try:
+        cfg = _read_config(path)
+        check("config", True, f"config.json readable, hash {cfg['config_hash']} matches")
+    except AttributionError as e:
+        check("config", False, e)
+        return report()
+    check("version", cfg.get("format") == FORMAT_VERSION,
+          f"built by grass-index {cfg.get('version')} (format {cfg.get('format')}); "
+          f"this is {__version__} (format {FORMAT_VERSION})")
+    try:
+        build = json.loads((path / BUILD_FILE).read_text())
+        check("build record", _hash(build) == cfg.get("sketch_hash"),
+              "build.json matches config" if _hash(build) == cfg.get("sketch_hash")
+              else "build.json does not match config.json")
+    except (OSError, ValueError) as e:
+        check("build record", False, f"{BUILD_FILE}: {e}")
+        return report()
+
+    n, bs = int(cfg["n_train"]), int(cfg["batch_size"])
+    try:
+        store = SketchStore.open(path / STORE_DIR, readonly=True)
+    except Exception as e:
+        check("sketch store", False, f"cannot open: {e}; the sketches are lost: rebuild")
+        return report()
+    pre = None
+    try:
+        meta_ok = _jsonable(store.get_meta("config", None)) == cfg
+        check("store config", meta_ok, "LMDB config equals config.json" if meta_ok
+              else "LMDB config differs from config.json")
+        seen = np.zeros(n, dtype=np.int32)
+        bad_rows, bad_shape, count = 0, 0, 0
+        try:
+            for start, rows in store.iter_blocks():
+                rows = np.asarray(rows)
+                if rows.ndim != 2 or rows.shape[1] != cfg["dim"] or start + len(rows) > n:
+                    bad_shape += 1
+                    continue
+                seen[start:start + len(rows)] += 1
+                bad_rows += int((~np.isfinite(rows).all(axis=1)).sum())
+                count += len(rows)
+            read_ok = True
+        except Exception as e:
+            read_ok = check("sketch blocks", False, f"reading failed: {e}")
+        if read_ok:
+            missing, dup = int((seen == 0).sum()), int((seen > 1).sum())
+            check("counts", store.num_rows == n and store.committed_blocks == math.ceil(n / bs),
+                  f"{store.num_rows} rows in {store.committed_blocks} blocks; expected {n} rows in "
+                  f"{math.ceil(n / bs)} blocks")
+            check("every id has a sketch", missing == 0 and dup == 0 and bad_shape == 0,
+                  f"{missing} missing, {dup} duplicated, {bad_shape} malformed blocks")
+            check("sketches finite", bad_rows == 0, f"{bad_rows} rows with NaN/inf")
+        name = f"precond/{cfg['preconditioner_key']}"
+        try:
+            pre = Preconditioner.from_state_dict(_state_from_array(store.get_array(name)),
+                                                 cfg["layout"])
+            finite = all(bool(np.isfinite(v).all()) for v in pre.state_dict().values()
+                         if np.asarray(v).dtype.kind == "f")
+            check("preconditioner", finite, "finite" if finite else "contains NaN/inf")
+            if not finite:
+                pre = None
+        except Exception as e:
+            check("preconditioner", False, f"missing or unreadable ({e})")
+
+        ifile = path / cfg["index_file"]
+        faiss_ok, detail = False, ""
+        try:
+            vindex = VectorIndex.load(ifile)
+            if vindex.ntotal != n:
+                detail = f"FAISS holds {vindex.ntotal} vectors, expected {n}"
+            elif pre is not None:
+                rng = np.random.default_rng(seed)
+                ids = np.unique(np.concatenate([[0, n - 1], rng.integers(0, n, min(sample, n))]))
+                want = np.asarray(pre.apply(np.asarray(store.get_rows(ids), dtype=np.float32)))
+                got = np.asarray(vindex.reconstruct(ids.astype(np.int64)))
+                err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-30))
+                faiss_ok = err < 1e-4
+                detail = (f"{len(ids)} sampled ids agree with LMDB (max rel err {err:.1e})"
+                          if faiss_ok else f"FAISS vectors differ from LMDB (rel err {err:.1e})")
+            else:
+                faiss_ok, detail = True, f"{n} vectors (not compared: no preconditioner)"
+        except Exception as e:
+            detail = f"{ifile.name} missing or unreadable ({type(e).__name__}: {e})"
+        check("faiss vs lmdb", faiss_ok, detail)
+    finally:
+        store.close()
+
+    if repair and not all(c["ok"] for c in checks):
+        fixable = {"faiss vs lmdb", "preconditioner", "store config"}
+        broken = {c["name"] for c in checks if not c["ok"]}
+        if broken <= fixable:
+            hessian = _norm_hessian(cfg["hessian"])  # what AttributionIndex.reprecondition does
+            damping = _parse_saved_damping(cfg.get("damping"))
+            _check_damping(damping)
+            _refit(path, cfg, hessian=hessian, damping=damping,
+                   index=cfg.get("index_kind", "flat"))
+            repaired.append("rebuilt the preconditioner and the FAISS index from the stored "
+                            "sketches")
+            again = verify_index(path, repair=False, sample=sample, seed=seed)
+            again["repaired"] = repaired
+            return again
+        repaired.append(f"cannot repair {sorted(broken - fixable)} from the stored sketches; "
+                        "re-run the build (it resumes from the last committed batch)")
+    return report()
+
+
+def _parse_saved_damping(d):
+    if d is None:
+        return None
+    try:
+        return float(d)
+    except ValueError:
+        return d
