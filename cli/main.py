@@ -86,8 +86,8 @@ def _progress(json_mode: bool):
                    TimeRemainingColumn(), console=err, transient=True,
                    disable=json_mode or not err.is_terminal)
     tasks = {}
-    labels = {"sketch": "pass 1: sketching gradients", "fisher": "pass 2: Fisher",
-              "index": "pass 2: preconditioning + FAISS"}
+    labels = {"sketch": "pass 1: sketching gradients", "merge": "merging shards",
+              "fisher": "pass 2: Fisher", "index": "pass 2: preconditioning + FAISS"}
 
     def cb(stage, done, total):
         if stage == "done":
@@ -135,9 +135,15 @@ def build(
     selective_mask: Optional[Path] = typer.Option(
         None, "--selective-mask", help="Mask file from `grass-index selective-mask fit`; "
         "needed by selective_mask-... specs."),
+    worker: Optional[str] = typer.Option(
+        None, "--worker", help="I/N: sketch only worker I's share of the batches (I = 0..N-1, "
+        "e.g. one SLURM array task each) into DIR/shards/; then `grass-index merge DIR`."),
     json_mode: bool = typer.Option(False, "--json", help="Print the config as JSON on stdout."),
 ):
-    """Sketch every training example's gradient, precondition, and index (resumable)."""
+    """Sketch every training example's gradient, precondition, and index (resumable).
+
+    Under torchrun (e.g. torchrun --nproc_per_node=4 -m grass_index.cli.main build TASK --out
+    DIR) every rank sketches its share and rank 0 finishes the index."""
     import grass_index as gi
     from grass_index.task import load_task
 
@@ -154,8 +160,18 @@ def build(
                              projection=projection, hessian=hessian, damping=damping,
                              batch_size=batch_size, seed=seed, layers=_split_layers(layers),
                              collate=t.collate, index=index, task=t.ref, progress=cb,
-                             device=device, selective_mask=selective_mask)
+                             device=device, selective_mask=selective_mask, worker=worker)
     secs = time.perf_counter() - t0
+    if worker is not None:  # a shard, not an index
+        if json_mode:
+            _emit_json(dict(idx, seconds=round(secs, 3)))
+            return
+        err.print(f"sketched shard {idx['shard']} of [bold]{out}[/]: {idx['batches']} of "
+                  f"{idx['n_batches']} batches ({idx['rows']} examples), {secs:.1f} s")
+        err.print(f"next, once every worker is done: grass-index merge {out}")
+        return
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
+        return
     cfg = idx.config
     if json_mode:
         _emit_json(dict(cfg, seconds=round(secs, 3)))
@@ -164,6 +180,40 @@ def build(
               f"{cfg['dim']}, {len(cfg['layout'])} layers, {secs:.1f} s")
     _layer_table(cfg)
     err.print(f"next: grass-index query {out} --example 0")
+
+
+@app.command()
+@_errors
+def merge(
+    directory: Path = typer.Argument(..., help="The --out DIR of `build --worker I/N`."),
+    shards: Optional[int] = typer.Option(None, "--shards", min=1, help="Merge the I-of-N shards "
+                                         "with this N (default: the only split present)."),
+    hessian: Optional[str] = typer.Option(None, help="eFIM or identity (default: as the "
+                                          "workers were given)."),
+    damping: Optional[str] = typer.Option(None, help="Damping (default: as the workers were "
+                                          "given)."),
+    index: Optional[str] = typer.Option(None, help="flat or ivf (default: as the workers were "
+                                        "given)."),
+    remove_shards: bool = typer.Option(False, "--remove-shards", help="Delete DIR/shards once "
+                                       "the index is written."),
+    json_mode: bool = typer.Option(False, "--json", help="Print the config as JSON on stdout."),
+):
+    """Finish a `build --worker I/N` build once all N shards exist: precondition and index."""
+    import grass_index as gi
+
+    bar, cb = _progress(json_mode)
+    t0 = time.perf_counter()
+    with bar:
+        idx = gi.merge_shards(directory, shards=shards, hessian=hessian, damping=damping,
+                              index=index, progress=cb, remove_shards=remove_shards)
+    secs = time.perf_counter() - t0
+    cfg = idx.config
+    if json_mode:
+        _emit_json(dict(cfg, seconds=round(secs, 3)))
+        return
+    err.print(f"merged [bold]{directory}[/]: {cfg['n_train']} training examples, sketch dim "
+              f"{cfg['dim']}, {len(cfg['layout'])} layers, {secs:.1f} s")
+    err.print(f"next: grass-index query {directory} --example 0")
 
 
 def _clamp_note(d: dict) -> str:

@@ -27,6 +27,7 @@ _LAZY = {
     "GraSS": "grass_index.compress",
     "build_index": "grass_index.attribute",
     "open_index": "grass_index.attribute",
+    "merge_shards": "grass_index.attribute",
     "AttributionIndex": "grass_index.attribute",
     "load_task": "grass_index.task",
 }

@@ -27,10 +27,12 @@ from .store import SketchStore, StoreError
 from .task import check_loss, default_collate
 from .pipeline.errors import AttributionError
 from .pipeline.files import FORMAT_VERSION, MASK_FILE, STORE_DIR, _atomic_write, _jsonable
-from .pipeline.fingerprints import _hash, _layer_dims, data_hash, model_hash
-from .pipeline.config import (_check_build_args, _check_damping, _claim_out_dir, _norm_hessian,
-                              _read_config)
+from .pipeline.fingerprints import _data_signature, _hash, _layer_dims, data_hash, model_hash
+from .pipeline import distributed as _distributed
+from .pipeline.config import (INDEX_KINDS, _check_build_args, _check_damping, _claim_out_dir,
+                              _damping_key, _norm_hessian, _read_config)
 from .pipeline.progress import _Progress
+from .pipeline.sharding import _merge, _sketch_shard, parse_worker
 from .pipeline.sketching import _sketch_training_set
 from .pipeline.stored import _preconditioned_blocks, _state_from_array
 from .pipeline.indexing import _finish, _refit
@@ -55,8 +57,15 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
                 layers: list[str] | str | None = None, collate: Callable | None = None,
                 index: str = "flat", task: str | None = None, progress=True, device=None,
                 nlist: int | None = None, nprobe: int | None = None,
-                selective_mask=None) -> "AttributionIndex":
+                selective_mask=None, worker=None, distributed: bool | None = None):
     """Sketch every training example (pass 1, resumable), precondition (pass 2), index.
+
+    ``worker=(i, n)`` (or ``"i/n"``) sketches only worker i's batches (b % n == i) into
+    ``out/shards/i-of-n/`` and returns a dict describing that shard, without pass 2; once all
+    n shards exist, :func:`merge_shards` finishes the index. ``distributed`` (default: when
+    torchrun's environment or an initialised process group has more than one rank) makes every
+    rank sketch its shard, then rank 0 merges; every rank returns the finished index. Either way
+    the index equals a single-process build's.
 
     ``selective_mask`` is a file from `grass-index selective-mask fit`, needed by
     ``selective_mask-…`` specs; it is copied into ``out`` so queries need only the directory.
@@ -67,6 +76,29 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
     out = Path(out)
     hessian = _check_build_args(train_data, hessian=hessian, index=index,
                                 batch_size=batch_size, damping=damping)
+    worker = parse_worker(worker)
+    group = None
+    if worker is None and _distributed.wanted(distributed):
+        group = _distributed.Group()
+        if group.world == 1:
+            group.close()
+            group = None
+        else:
+            device = group.device(device)
+    try:
+        return _build(model, train_data, loss_fn, out, sparsification=sparsification,
+                      projection=projection, hessian=hessian, damping=damping,
+                      batch_size=batch_size, seed=seed, layers=layers, collate=collate,
+                      index=index, task=task, progress=progress, device=device, nlist=nlist,
+                      nprobe=nprobe, selective_mask=selective_mask, worker=worker, group=group)
+    finally:
+        if group is not None:
+            group.close()
+
+
+def _build(model, train_data, loss_fn, out: Path, *, sparsification, projection, hessian,
+           damping, batch_size, seed, layers, collate, index, task, progress, device, nlist,
+           nprobe, selective_mask, worker, group):
     n = len(train_data)
     if isinstance(layers, str):
         layers = [p.strip() for p in layers.split(",") if p.strip()]
@@ -93,10 +125,36 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
                  sketch_fingerprint=sketcher.fingerprint())
     if masks is not None:  # only recorded when used, so other builds' hashes are unchanged
         build["selective_mask"] = _hash(masks)
-    _claim_out_dir(out, build)
-    if masks is not None:
-        _atomic_write(out / MASK_FILE, Path(selective_mask).read_bytes())
 
+    def claim():
+        _claim_out_dir(out, build)
+        if masks is not None:
+            _atomic_write(out / MASK_FILE, Path(selective_mask).read_bytes())
+
+    if worker is not None or group is not None:
+        records = dict(describe=describe, task=task, item_signature=_data_signature(train_data),
+                       finish=dict(hessian=hessian, damping=_damping_key(damping), index=index,
+                                   nlist=nlist, nprobe=nprobe))
+        prog = _Progress(progress)
+
+        def shard(i, n):
+            claim()
+            return _sketch_shard(out, (i, n), sketcher, build, train_data=train_data,
+                                 loss_fn=loss_fn, batch_size=batch_size, collate=collate,
+                                 progress=prog, records=records)
+        try:
+            if worker is not None:
+                return shard(*worker)
+            # rank 0 claims the directory first, so the others only compare with its build.json
+            group.step(lambda: claim() if group.rank == 0 else None)
+            group.step(lambda: shard(group.rank, group.world))
+            cfg = group.step(lambda: _merge(out, n=group.world, progress=prog)
+                             if group.rank == 0 else None)[0]
+        finally:
+            prog.close()
+        return AttributionIndex(out, cfg)
+
+    claim()
     prog = _Progress(progress)
     try:
         store = SketchStore.create(out / STORE_DIR, dim=sketcher.dim, meta=_jsonable(build))
@@ -106,6 +164,32 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
             cfg = _finish(out, store, build, describe, hessian=hessian, damping=damping,
                           index=index, nlist=nlist, nprobe=nprobe, task=task, progress=prog,
                           data=train_data)
+    finally:
+        prog.close()
+    return AttributionIndex(out, cfg)
+
+
+def merge_shards(out, *, shards: int | None = None, hessian: str | None = None, damping=None,
+                 index: str | None = None, progress=True,
+                 remove_shards: bool = False) -> "AttributionIndex":
+    """Finish a build made by ``build_index(..., worker=(i, n))`` for i = 0..n-1.
+
+    Checks that every shard exists, is complete and is the same build (clear errors for
+    missing, incomplete, duplicate and mismatched shards), copies them into the main store in
+    batch order and runs pass 2. ``hessian``/``damping``/``index`` default to what the workers
+    were given. Resumable; ``remove_shards`` deletes ``out/shards`` once the index is written.
+    """
+    if hessian is not None:
+        hessian = _norm_hessian(hessian)
+    if index is not None and index not in INDEX_KINDS:
+        raise AttributionError(f"unknown index kind {index!r}; use 'flat' (exact) or 'ivf'")
+    if damping is not None:
+        _check_damping(damping)
+    out = Path(out)
+    prog = _Progress(progress)
+    try:
+        cfg = _merge(out, n=shards, hessian=hessian, damping=_damping_key(damping),
+                     index=index, progress=prog, remove_shards=remove_shards)
     finally:
         prog.close()
     return AttributionIndex(out, cfg)

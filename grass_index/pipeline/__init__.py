@@ -9,6 +9,8 @@ An index directory holds
     index-KEY.faiss inner-product index over the preconditioned sketches (ids = train ids)
     config.json     the self-describing config; written last and atomically, so an index
                     is complete exactly when config.json exists
+    shards/I-of-N/  only for split builds (`build --worker I/N`, torchrun): worker I's raw
+                    sketches (batches b with b % N == I); `merge` copies them into sketches/
 
 Modules, in data-flow order (each imports only from the ones above it):
 
@@ -20,6 +22,8 @@ Modules, in data-flow order (each imports only from the ones above it):
     sketching.py    pass 1: fixed batches -> raw sketches (training set into the store; queries)
     stored.py       reading the store back: row chunks, preconditioned vectors, state arrays
     indexing.py     pass 2: Fisher -> preconditioner -> FAISS -> config.json; refit
+    sharding.py     split builds: one worker's shard (pass 1 on its batches); merge + pass 2
+    distributed.py  torch.distributed (torchrun) builds: every rank a worker, rank 0 merges
     querying.py     checking a query model against the index, sketching query examples
     verify.py       verify_index (and repair)
     describe.py     describe_index (finished config or build progress)

@@ -13,8 +13,9 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 BUILD_FILE = "build.json"
 STORE_DIR = "sketches"
+SHARDS_DIR = "shards"  # `build --worker i/n`: one sketch store per worker, shards/i-of-n/
 MASK_FILE = "selective_mask.pt"  # copy of the selective-mask file, so queries need only the dir
-_OUR_FILES = {CONFIG_FILE, BUILD_FILE, STORE_DIR}
+_OUR_FILES = {CONFIG_FILE, BUILD_FILE, STORE_DIR, SHARDS_DIR}
 
 
 def _jsonable(x):

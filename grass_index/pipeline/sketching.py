@@ -33,14 +33,25 @@ def _len(batch) -> int:
 
 
 def _sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch_size: int,
-                         collate, progress) -> None:
-    """Sketch every batch not yet committed to ``store``; one block per batch."""
-    n_blocks = math.ceil(len(train_data) / batch_size)
+                         collate, progress, blocks: Sequence[int] | None = None) -> None:
+    """Sketch every batch not yet committed to ``store``; one block per batch.
+
+    ``blocks`` are the global batch numbers this store holds, in order (default: all of them).
+    A worker's shard holds ``range(i, n_batches, n)``: its local block j is global batch
+    ``blocks[j]`` (same fixed boundaries, so the same rows), stored at local id ``j * batch_size``
+    (every batch but the globally last one is full, and that one comes last).
+    """
+    n = len(train_data)
+    if blocks is None:
+        blocks = range(math.ceil(n / batch_size))
     start = store.committed_blocks
     if start:
-        log.info("resuming: %d of %d batches already sketched", start, n_blocks)
-    progress("sketch", start, n_blocks)
-    for b, lo, batch in _batches(train_data, batch_size, collate, start):
+        log.info("resuming: %d of %d batches already sketched", start, len(blocks))
+    progress("sketch", start, len(blocks))
+    for j in range(start, len(blocks)):
+        b = blocks[j]
+        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
+        batch = collate([train_data[i] for i in range(lo, hi)])
         try:
             rows = sketcher.sketch(batch, loss_fn)
         except CaptureError as e:
@@ -48,5 +59,5 @@ def _sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batc
                 raise AttributionError(
                     f"training example {lo + e.example} (train id; batch {b}): {e}") from e
             raise
-        store.put_block(b, lo, rows.numpy())
-        progress("sketch", b + 1, n_blocks)
+        store.put_block(j, j * batch_size, rows.numpy())
+        progress("sketch", j + 1, len(blocks))

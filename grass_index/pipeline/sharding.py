@@ -1,0 +1,214 @@
+"""Builds split over workers: `build --worker i/n` sketches one shard, `merge` finishes.
+
+The unit of work is the fixed batch [b*B, (b+1)*B) of a single-process build: worker i of n
+owns batches b with b % n == i, so every batch's sketch is the single-process one. A worker
+writes its batches into its own store ``shards/i-of-n/`` (local blocks 0, 1, ...: local block j
+is global batch i + j*n), resumable like pass 1. Its store's creation meta is build.json plus
+``shard: [i, n]``; its key-value meta records what pass 2 needs without the model or the data
+(layer descriptions, task reference, item signature, pass-2 arguments).
+
+``_merge`` checks that shards 0..n-1 all exist, are complete and are the same build, copies
+their blocks into the main store in global batch order (resumable, so the main store is
+exactly a single-process build's), then runs the normal pass 2 (``_finish``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+from pathlib import Path
+
+from ..store import SketchStore, StoreError
+from .errors import AttributionError
+from .files import BUILD_FILE, SHARDS_DIR, STORE_DIR, _jsonable
+from .indexing import _finish
+from .sketching import _sketch_training_set
+
+log = logging.getLogger("grass_index")
+_SHARD_NAME = re.compile(r"^(\d+)-of-(\d+)$")
+
+
+def parse_worker(worker) -> tuple[int, int] | None:
+    """None, (i, n) or "i/n" -> (i, n) with 0 <= i < n; a clear error otherwise."""
+    if worker is None:
+        return None
+    if isinstance(worker, str):
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", worker)
+        if not m:
+            raise AttributionError(f"--worker {worker!r} is not of the form I/N (worker I of N, "
+                                   "counted from 0), e.g. --worker 0/4")
+        worker = (int(m.group(1)), int(m.group(2)))
+    try:
+        i, n = (int(v) for v in worker)
+    except (TypeError, ValueError):
+        raise AttributionError(f"worker must be (i, n) or 'i/n', got {worker!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise AttributionError(f"worker {i}/{n}: need 0 <= i < n (workers are numbered from 0)")
+    return i, n
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"{i}-of-{n}"
+
+
+def _n_batches(build: dict) -> int:
+    return math.ceil(build["n_train"] / build["batch_size"])
+
+
+def _owned(build: dict, i: int, n: int) -> range:
+    return range(i, _n_batches(build), n)
+
+
+def _sketch_shard(out: Path, worker: tuple[int, int], sketcher, build: dict, *, train_data,
+                  loss_fn, batch_size: int, collate, progress, records: dict) -> dict:
+    """Pass 1 over worker i's batches into shards/i-of-n (resumable); what it holds."""
+    i, n = worker
+    path = out / SHARDS_DIR / shard_name(i, n)
+    blocks = _owned(build, i, n)
+    meta = _jsonable(dict(build, shard=[i, n]))
+    with SketchStore.create(path, dim=sketcher.dim, meta=meta) as store:
+        for key, value in records.items():
+            if store.get_meta(key, None) != _jsonable(value):
+                store.put_meta(key, _jsonable(value))
+        _sketch_training_set(store, sketcher, train_data, loss_fn, batch_size=batch_size,
+                             collate=collate, progress=progress, blocks=blocks)
+        return dict(shard=f"{i}/{n}", path=str(path), batches=len(blocks),
+                    rows=store.num_rows, n_batches=_n_batches(build))
+
+
+def _shard_dirs(out: Path, n: int | None) -> tuple[int, dict[int, Path]]:
+    """The shards of one split (n), by worker number; errors for duplicates and mixtures."""
+    sdir = out / SHARDS_DIR
+    entries = sorted(p for p in sdir.iterdir() if not p.name.startswith(".")) \
+        if sdir.is_dir() else []
+    if not entries:
+        raise AttributionError(f"{out} has no shards ({sdir} is missing or empty); run "
+                               "`grass-index build TASK --out DIR --worker I/N` for I = 0..N-1 "
+                               "first")
+    found: dict[tuple[int, int], list[Path]] = {}
+    for p in entries:
+        m = _SHARD_NAME.match(p.name)
+        if not m or not p.is_dir():
+            raise AttributionError(f"{p} is not a shard (expected directories named I-of-N made "
+                                   "by `build --worker I/N`); remove it")
+        i, k = int(m.group(1)), int(m.group(2))
+        if not 0 <= i < k:
+            raise AttributionError(f"{p}: worker {i} of {k} is out of range; remove it")
+        found.setdefault((i, k), []).append(p)
+    dups = {f"{i}-of-{k}": [q.name for q in ps] for (i, k), ps in found.items() if len(ps) > 1}
+    if dups:
+        raise AttributionError("duplicate shards: " + "; ".join(
+            f"{', '.join(v)} are all worker {k}" for k, v in sorted(dups.items()))
+            + "; keep one of each and remove the others")
+    splits = sorted({k for _, k in found})
+    if n is None:
+        if len(splits) > 1:
+            raise AttributionError(
+                f"{sdir} holds shards of {len(splits)} different splits (N = "
+                f"{', '.join(map(str, splits))}), which cover the same batches twice; remove the "
+                "stale split's I-of-N directories, or pass --shards N to merge one split")
+        n = splits[0]
+    shards = {i: ps[0] for (i, k), ps in found.items() if k == n}
+    missing = [i for i in range(n) if i not in shards]
+    if missing:
+        have = ", ".join(shard_name(i, n) for i in sorted(shards)) or "none"
+        raise AttributionError(
+            f"missing shards {', '.join(shard_name(i, n) for i in missing)} (have: {have}); run "
+            + " and ".join(f"`grass-index build TASK --out {out} --worker {i}/{n}`"
+                           for i in missing[:3]) + (" ..." if len(missing) > 3 else "")
+            + ", then merge again")
+    return n, shards
+
+
+def _check_shards(out: Path, build: dict, n: int, shards: dict[int, Path]) -> list[dict]:
+    """Every shard is the same build as build.json and complete; its key-value records."""
+    problems, records = [], []
+    for i in range(n):
+        path, name = shards[i], shard_name(i, n)
+        try:
+            with SketchStore.open(path, readonly=True) as st:
+                meta, done, kv = st.meta, st.committed_blocks, st.all_meta()
+        except StoreError as e:
+            problems.append(f"shard {name} is unreadable ({e}); delete {path} and re-run "
+                            f"`build --worker {i}/{n}`")
+            continue
+        shard = meta.pop("shard", None)
+        want = _jsonable(build)
+        if shard != [i, n] or meta != want:
+            diff = sorted(k for k in set(meta) | set(want) if meta.get(k) != want.get(k))
+            if shard != [i, n]:
+                diff.insert(0, f"shard (it says {shard})")
+            problems.append(f"shard {name} is a different build than {out / BUILD_FILE} "
+                            f"(differs in: {', '.join(diff)}); delete {path} and re-run "
+                            f"`build --worker {i}/{n}` with the same task and options")
+            continue
+        need = len(_owned(build, i, n))
+        if done != need:
+            problems.append(f"shard {name} is incomplete ({done} of {need} batches sketched); "
+                            f"re-run `build --worker {i}/{n}` to finish it (it resumes)")
+            continue
+        records.append(kv)
+    if problems:
+        raise AttributionError(f"cannot merge {out}: " + "; ".join(problems))
+    return records
+
+
+def _merge(out: Path, *, n: int | None = None, hessian=None, damping=None, index=None,
+           nlist=None, nprobe=None, progress, remove_shards: bool = False) -> dict:
+    """Shards -> main store (global batch order) -> pass 2. Returns the finished config."""
+    out = Path(out)
+    bfile = out / BUILD_FILE
+    if not bfile.is_file():
+        raise AttributionError(f"{out} has no {BUILD_FILE}; it is not a grass-index build "
+                               "directory (run `grass-index build TASK --out DIR --worker I/N`)")
+    try:
+        build = json.loads(bfile.read_text())
+    except ValueError as e:
+        raise AttributionError(f"{bfile} is corrupted ({e}); delete {out} and rebuild") from e
+    n, shards = _shard_dirs(out, n)
+    records = _check_shards(out, build, n, shards)
+    rec = records[0]
+    finish = dict(rec.get("finish") or {})
+    if any((r.get("finish") or {}) != finish for r in records[1:]):
+        log.warning("the workers were given different pass-2 options (hessian/damping/index); "
+                    "using worker 0's: %s", finish)
+    for key, value in dict(hessian=hessian, damping=damping, index=index, nlist=nlist,
+                           nprobe=nprobe).items():
+        if value is not None:
+            finish[key] = value
+    from .config import _check_damping, _norm_hessian
+
+    hessian = _norm_hessian(finish.get("hessian") or "eFIM")
+    _check_damping(finish.get("damping"))
+
+    n_blocks, B, n_train = _n_batches(build), build["batch_size"], build["n_train"]
+    with SketchStore.create(out / STORE_DIR, dim=build["dim"], meta=_jsonable(build)) as store:
+        start = store.committed_blocks
+        if start < n_blocks:
+            readers = [SketchStore.open(shards[i], readonly=True) for i in range(n)]
+            try:
+                # shard i's first block still to copy: how many of its batches precede `start`
+                its = [readers[i].iter_blocks(len(range(i, start, n))) for i in range(n)]
+                progress("merge", start, n_blocks)
+                for b in range(start, n_blocks):
+                    _, rows = next(its[b % n])
+                    want = min(n_train, (b + 1) * B) - b * B
+                    if len(rows) != want:
+                        raise AttributionError(
+                            f"shard {shard_name(b % n, n)} holds {len(rows)} rows for batch {b}, "
+                            f"expected {want}; delete {shards[b % n]} and re-run its worker")
+                    store.put_block(b, b * B, rows)
+                    progress("merge", b + 1, n_blocks)
+            finally:
+                for r in readers:
+                    r.close()
+        cfg = _finish(out, store, build, rec.get("describe") or {}, hessian=hessian,
+                      damping=finish.get("damping"), index=finish.get("index") or "flat",
+                      nlist=finish.get("nlist"), nprobe=finish.get("nprobe"),
+                      task=rec.get("task"), progress=progress,
+                      old_config=dict(item_signature=rec.get("item_signature")))
+    if remove_shards:
+        shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
+    return cfg

@@ -1,0 +1,227 @@
+"""Builds split over workers (`build --worker i/n` + `merge`) and over torchrun ranks equal a
+single-process build: the same raw sketches, bit for bit, and the same scores."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import grass_index as gi
+from grass_index.attribute import AttributionError, verify_index
+from grass_index.cli.main import app
+from grass_index.store import SketchStore
+
+REPO = Path(__file__).resolve().parents[1]
+TASK = textwrap.dedent("""
+    import torch, torch.nn.functional as F
+    from torch import nn
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+    def _data(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 6, generator=g)
+        return torch.utils.data.TensorDataset(x, torch.randint(0, 3, (n,), generator=g))
+
+    def train_data():
+        return _data(45, 1)   # 6 batches of 8, the last one short
+
+    def query_data():
+        return _data(6, 2)
+
+    def loss(model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x), y, reduction="none")
+""")
+OPTS = dict(sparsification="random_mask-4*3", projection="sjlt-8", batch_size=8, seed=0,
+            progress=False)
+CLI_OPTS = ["--sparsification", "random_mask-4*3", "--projection", "sjlt-8", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    p = tmp_path_factory.mktemp("task") / "task.py"
+    p.write_text(TASK)
+    return gi.load_task(str(p))
+
+
+def build(task, out, **kw):
+    return gi.build_index(task.model(), task.train_data(), task.loss, out, task=task.ref,
+                          **{**OPTS, **kw})
+
+
+@pytest.fixture(scope="module")
+def single(task, tmp_path_factory):
+    return build(task, tmp_path_factory.mktemp("single") / "idx")
+
+
+def raw_blocks(path):
+    with SketchStore.open(Path(path) / "sketches") as st:
+        return [(s, r) for s, r in st.iter_blocks()]
+
+
+def scores(idx, task):
+    return idx.score(task.model(), task.query_data(), task.loss).numpy()
+
+
+def assert_same_index(a, b, task, *, exact=True):
+    ra, rb = raw_blocks(a.path), raw_blocks(b.path)
+    assert [s for s, _ in ra] == [s for s, _ in rb]
+    for (_, x), (_, y) in zip(ra, rb):
+        if exact:
+            assert x.tobytes() == y.tobytes()
+        else:
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores(a, task), scores(b, task), rtol=1e-5, atol=1e-6)
+    ca, cb = a.config, b.config
+    for k in ("n_train", "dim", "layout", "damping_used", "sketch_hash", "task",
+              "item_signature", "layers_described", "hessian", "index_kind", "n_blocks"):
+        assert ca[k] == cb[k], k
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_workers_then_merge_equal_single_process(task, single, tmp_path, n):
+    out = tmp_path / "idx"
+    order = list(range(n))[::-1]  # any order
+    for i in order:
+        info = build(task, out, worker=(i, n))
+        assert info["shard"] == f"{i}/{n}" and info["batches"] == len(range(i, 6, n))
+    assert not (out / "config.json").exists()
+    with pytest.raises(AttributionError, match="not finished"):
+        gi.open_index(out)
+    idx = gi.merge_shards(out, progress=False)
+    assert_same_index(idx, single, task)
+    assert verify_index(out)["ok"]
+    # merging again is a no-op that gives the same index
+    again = gi.merge_shards(out, progress=False, remove_shards=True)
+    assert_same_index(again, single, task)
+    assert not (out / "shards").exists()
+
+
+def test_worker_resumes_and_merge_resumes(task, single, tmp_path):
+    out = tmp_path / "idx"
+    calls = []
+
+    def stop_after_one(stage, done, total):
+        calls.append((stage, done))
+        if stage == "sketch" and done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build(task, out, worker="0/2", progress=stop_after_one)
+    with pytest.raises(AttributionError, match=r"shard 0-of-2 is incomplete \(1 of 3 batches"):
+        build(task, out, worker="1/2")
+        gi.merge_shards(out, progress=False)
+    build(task, out, worker="0/2")  # resumes at its second batch
+
+    def stop_merge(stage, done, total):
+        if stage == "merge" and done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        gi.merge_shards(out, progress=stop_merge)
+    assert_same_index(gi.merge_shards(out, progress=False), single, task)
+
+
+def test_merge_reports_missing_duplicate_mismatched_shards(task, tmp_path):
+    out = tmp_path / "idx"
+    with pytest.raises(AttributionError, match="no build.json"):
+        gi.merge_shards(out, progress=False)
+    build(task, out, worker=(0, 3))
+    build(task, out, worker=(2, 3))
+    with pytest.raises(AttributionError, match=r"missing shards 1-of-3 .*--worker 1/3"):
+        gi.merge_shards(out, progress=False)
+
+    shutil.copytree(out / "shards" / "0-of-3", out / "shards" / "00-of-3")
+    with pytest.raises(AttributionError, match="duplicate shards: 0-of-3, 00-of-3"):
+        gi.merge_shards(out, progress=False)
+    shutil.rmtree(out / "shards" / "00-of-3")
+
+    build(task, out, worker=(0, 2))  # a stale split beside the 3-way one
+    with pytest.raises(AttributionError, match="different splits"):
+        gi.merge_shards(out, progress=False)
+    with pytest.raises(AttributionError, match="missing shards 1-of-2"):
+        gi.merge_shards(out, shards=2, progress=False)
+    shutil.rmtree(out / "shards" / "0-of-2")
+
+    # worker 1 of another build (other seed): the worker itself refuses the directory ...
+    with pytest.raises(AttributionError, match="holds a different build .*seed"):
+        build(task, out, worker=(1, 3), seed=1)
+    # ... and a shard of another build copied in is refused by merge
+    other = tmp_path / "other"
+    build(task, other, worker=(1, 3), seed=1)
+    shutil.copytree(other / "shards" / "1-of-3", out / "shards" / "1-of-3")
+    with pytest.raises(AttributionError, match=r"shard 1-of-3 is a different build .*seed"):
+        gi.merge_shards(out, progress=False)
+
+
+def test_worker_argument_errors(task, tmp_path):
+    for bad in ("2/2", "1/0", "a/b", "1-2", (3, 2)):
+        with pytest.raises(AttributionError, match="worker"):
+            build(task, tmp_path / "x", worker=bad)
+    assert not (tmp_path / "x").exists()
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_worker_and_merge(task, single, tmp_path):
+    out = tmp_path / "idx"
+    task_file = task.ref.split(":")[0]
+    r = _cli("build", task_file, "--out", out, *CLI_OPTS, "--worker", "1/2")
+    assert r.exit_code == 0, r.output
+    assert "sketched shard 1/2" in r.stderr and "grass-index merge" in r.stderr
+    r = _cli("merge", out)
+    assert r.exit_code != 0 and "missing shards 0-of-2" in " ".join(r.stderr.split())
+    r = _cli("build", task_file, "--out", out, *CLI_OPTS, "--worker", "0/2", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["rows"] == 24, r.output
+    r = _cli("merge", out, "--json")
+    assert r.exit_code == 0, r.output
+    assert_same_index(gi.open_index(out), single, task)
+    r = _cli("build", task_file, "--out", out, *CLI_OPTS, "--worker", "3/2")
+    assert r.exit_code != 0 and "0 <= i < n" in r.stderr
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(task, out, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           "-m", "grass_index.cli.main", "build", task.ref.split(":")[0], "--out", str(out),
+           *CLI_OPTS, *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_torchrun_gloo_two_ranks_equal_single_process(task, single, tmp_path):
+    out = tmp_path / "idx"
+    res = torchrun(task, out)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["0-of-2", "1-of-2"]
+    # same kernels on the same device: the sketches are bit-identical here too
+    assert_same_index(gi.open_index(out), single, task)
+
+
+def test_torchrun_error_on_one_rank_stops_every_rank(task, single, tmp_path):
+    res = torchrun(task, single.path, "--seed", "3")  # rank 0 refuses the directory
+    assert res.returncode != 0
+    err = " ".join(res.stderr.split())
+    assert "rank 0 of 2 failed: output directory" in err  # rank 1, told why, not left waiting
+    assert err.count("holds a different build (differs in: seed)") == 2
