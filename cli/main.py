@@ -172,14 +172,20 @@ def build(
         return
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
         return
-    cfg = idx.config
+    _report_index("built", out, idx.config, secs, json_mode, layers=True)
+
+
+def _report_index(verb: str, directory, cfg: dict, secs: float, json_mode: bool,
+                  layers: bool = False) -> None:
+    """What `build` and `merge` print for a finished index: the config as JSON, or a summary."""
     if json_mode:
         _emit_json(dict(cfg, seconds=round(secs, 3)))
         return
-    err.print(f"built [bold]{out}[/]: {cfg['n_train']} training examples, sketch dim "
+    err.print(f"{verb} [bold]{directory}[/]: {cfg['n_train']} training examples, sketch dim "
               f"{cfg['dim']}, {len(cfg['layout'])} layers, {secs:.1f} s")
-    _layer_table(cfg)
-    err.print(f"next: grass-index query {out} --example 0")
+    if layers:
+        _layer_table(cfg)
+    err.print(f"next: grass-index query {directory} --example 0")
 
 
 @app.command()
@@ -206,22 +212,12 @@ def merge(
     with bar:
         idx = gi.merge_shards(directory, shards=shards, hessian=hessian, damping=damping,
                               index=index, progress=cb, remove_shards=remove_shards)
-    secs = time.perf_counter() - t0
-    cfg = idx.config
-    if json_mode:
-        _emit_json(dict(cfg, seconds=round(secs, 3)))
-        return
-    err.print(f"merged [bold]{directory}[/]: {cfg['n_train']} training examples, sketch dim "
-              f"{cfg['dim']}, {len(cfg['layout'])} layers, {secs:.1f} s")
-    err.print(f"next: grass-index query {directory} --example 0")
+    _report_index("merged", directory, idx.config, time.perf_counter() - t0, json_mode)
 
 
 def _clamp_note(d: dict) -> str:
-    for key in ("clamp_note", "clamped", "notes", "note"):
-        v = d.get(key)
-        if v:
-            return v if isinstance(v, str) else "; ".join(map(str, v)) if isinstance(v, list) else str(v)
-    return ""
+    """A layer's clamping notes (compressor describe()["clamped"], a list) as one line."""
+    return "; ".join(map(str, d.get("clamped") or []))
 
 
 def _layer_table(cfg: dict) -> None:

@@ -114,7 +114,7 @@ def _build(model, train_data, loss_fn, out: Path, *, sparsification, projection,
                                 selective_masks=masks)
     describe = _jsonable(sketcher.describe())
     for name, d in describe.items():
-        note = d.get("clamp_note") or d.get("clamped") or d.get("notes")
+        note = "; ".join(map(str, d.get("clamped") or []))
         if note:
             log.info("layer %s: %s", name, note)
 
