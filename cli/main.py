@@ -130,7 +130,8 @@ def build(
     layers: Optional[List[str]] = typer.Option(None, "--layers", help="Parameter-name globs "
                                                "(repeatable or comma-separated)."),
     seed: int = typer.Option(0),
-    index: str = typer.Option("flat", help="flat (exact) or ivf (approximate, large corpora)."),
+    index: str = typer.Option("flat", help="flat (exact) or ivf (approximate, large corpora); "
+                                "add :fp16 (flat:fp16, ivf:fp16) to halve memory and disk."),
     device: Optional[str] = typer.Option(None, help="torch device for gradients, e.g. cuda."),
     selective_mask: Optional[Path] = typer.Option(
         None, "--selective-mask", help="Mask file from `grass-index selective-mask fit`; "
@@ -185,7 +186,20 @@ def _report_index(verb: str, directory, cfg: dict, secs: float, json_mode: bool,
               f"{cfg['dim']}, {len(cfg['layout'])} layers, {secs:.1f} s")
     if layers:
         _layer_table(cfg)
+    err.print(f"index: {_escape(_index_summary(cfg))}")
     err.print(f"next: grass-index query {directory} --example 0")
+
+
+def _index_summary(cfg: dict) -> str:
+    """e.g. 'ivf:fp16, 200000 vectors, nlist 1788 nprobe 224, recall@10 0.981 (100 queries)'."""
+    ix = cfg.get("index") or {}
+    parts = [str(cfg.get("index_kind", ix.get("kind"))), f"{ix.get('ntotal')} vectors"]
+    if ix.get("nlist"):
+        parts.append(f"nlist {ix['nlist']} nprobe {ix.get('nprobe')}")
+    rec = ix.get("recall")
+    if rec:
+        parts.append(f"recall@{rec['k']} {rec['recall']:.3f} vs exact ({rec['queries']} queries)")
+    return ", ".join(parts)
 
 
 @app.command()
@@ -198,7 +212,7 @@ def merge(
                                           "workers were given)."),
     damping: Optional[str] = typer.Option(None, help="Damping (default: as the workers were "
                                           "given)."),
-    index: Optional[str] = typer.Option(None, help="flat or ivf (default: as the workers were "
+    index: Optional[str] = typer.Option(None, help="flat, ivf, flat:fp16 or ivf:fp16 (default: as the workers were "
                                         "given)."),
     remove_shards: bool = typer.Option(False, "--remove-shards", help="Delete DIR/shards once "
                                        "the index is written."),
@@ -467,7 +481,7 @@ def info(directory: Path = typer.Argument(..., metavar="DIR"),
             ("sparsification", cfg["sparsification"]), ("projection", cfg["projection"]),
             ("seed", cfg["seed"]), ("hessian", cfg["hessian"]),
             ("damping", f"{cfg.get('damping') or 'default'} -> used {json.dumps(damp)}"),
-            ("index", json.dumps(cfg.get("index"))), ("batch size", cfg["batch_size"]),
+            ("index", _index_summary(cfg)), ("batch size", cfg["batch_size"]),
             ("config hash", cfg["config_hash"]), ("created", cfg.get("created"))]
     for k, v in rows:
         err.print(f"[bold]{k:>15}[/]: {_escape(str(v))}")

@@ -29,6 +29,7 @@ _LAZY = {
     "open_index": "grass_index.attribute",
     "merge_shards": "grass_index.attribute",
     "AttributionIndex": "grass_index.attribute",
+    "AttributionError": "grass_index.attribute",
     "load_task": "grass_index.task",
 }
 

@@ -29,10 +29,10 @@ from .pipeline.errors import AttributionError
 from .pipeline.files import FORMAT_VERSION, MASK_FILE, STORE_DIR, _atomic_write, _jsonable
 from .pipeline.fingerprints import _data_signature, _hash, _layer_dims, data_hash, model_hash
 from .pipeline import distributed as _distributed
-from .pipeline.config import (INDEX_KINDS, _check_build_args, _check_damping, _claim_out_dir,
+from .pipeline.config import (_check_index, _check_build_args, _check_damping, _claim_out_dir,
                               _damping_key, _norm_hessian, _read_config)
 from .pipeline.progress import _Progress
-from .pipeline.sharding import _merge, _sketch_shard, parse_worker
+from .pipeline.sharding import _merge, _sketch_shard, parse_worker, read_shard_fisher
 from .pipeline.sketching import _sketch_training_set
 from .pipeline.stored import _preconditioned_blocks, _state_from_array
 from .pipeline.indexing import _finish, _refit
@@ -148,7 +148,13 @@ def _build(model, train_data, loss_fn, out: Path, *, sparsification, projection,
             # rank 0 claims the directory first, so the others only compare with its build.json
             group.step(lambda: claim() if group.rank == 0 else None)
             group.step(lambda: shard(group.rank, group.world))
-            cfg = group.step(lambda: _merge(out, n=group.world, progress=prog)
+            fisher = None
+            if hessian == "eFIM":  # each rank's sums, read inside a step so errors reach all
+                mine = {}
+                group.step(lambda: mine.setdefault("acc", read_shard_fisher(
+                    out, (group.rank, group.world), sketcher.layout)) and None)
+                fisher = group.all_reduce_fisher(mine["acc"])
+            cfg = group.step(lambda: _merge(out, n=group.world, progress=prog, fisher=fisher)
                              if group.rank == 0 else None)[0]
         finally:
             prog.close()
@@ -181,8 +187,8 @@ def merge_shards(out, *, shards: int | None = None, hessian: str | None = None, 
     """
     if hessian is not None:
         hessian = _norm_hessian(hessian)
-    if index is not None and index not in INDEX_KINDS:
-        raise AttributionError(f"unknown index kind {index!r}; use 'flat' (exact) or 'ivf'")
+    if index is not None:
+        _check_index(index)
     if damping is not None:
         _check_damping(damping)
     out = Path(out)
@@ -350,6 +356,7 @@ class AttributionIndex:
         """Refit the preconditioner (and FAISS) from the stored sketches; no gradients."""
         hessian = _norm_hessian(hessian or self.config["hessian"])
         index = index or self.config.get("index_kind", "flat")
+        _check_index(index)
         _check_damping(damping)
         self.close()
         self.config = _refit(self.path, self.config, hessian=hessian, damping=damping,

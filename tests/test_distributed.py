@@ -1,5 +1,6 @@
 """Builds split over workers (`build --worker i/n` + `merge`) and over torchrun ranks equal a
-single-process build: the same raw sketches, bit for bit, and the same scores."""
+single-process build: the same raw sketches, bit for bit; the Fisher (summed per shard, then
+added or all-reduced) and so the scores to float64 rounding."""
 from __future__ import annotations
 
 import json
@@ -84,9 +85,22 @@ def assert_same_index(a, b, task, *, exact=True):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(scores(a, task), scores(b, task), rtol=1e-5, atol=1e-6)
     ca, cb = a.config, b.config
-    for k in ("n_train", "dim", "layout", "damping_used", "sketch_hash", "task",
+    for k in ("n_train", "dim", "layout", "sketch_hash", "task",
               "item_signature", "layers_described", "hessian", "index_kind", "n_blocks"):
         assert ca[k] == cb[k], k
+    for layer, lam in ca["damping_used"].items():
+        assert lam == pytest.approx(cb["damping_used"][layer], rel=1e-12)
+    fa, fb = fisher_cache(a.path), fisher_cache(b.path)
+    assert fa.keys() == fb.keys() == set(ca["layout"])
+    for layer in fa:
+        np.testing.assert_allclose(fa[layer], fb[layer], rtol=1e-12, atol=1e-15)
+
+
+def fisher_cache(path):
+    with SketchStore.open(Path(path) / "sketches") as st:
+        assert st.get_meta("fisher_done") and st.get_meta("fisher_n") == 45
+        return {n[len("fisher/"):]: st.get_array(n) for n in st.array_names()
+                if n.startswith("fisher/")}
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -106,6 +120,36 @@ def test_workers_then_merge_equal_single_process(task, single, tmp_path, n):
     again = gi.merge_shards(out, progress=False, remove_shards=True)
     assert_same_index(again, single, task)
     assert not (out / "shards").exists()
+
+
+def test_workers_sum_their_own_fisher_and_merge_adds_them(task, single, tmp_path, monkeypatch):
+    """Each eFIM worker caches its rows' ĝĝᵀ sums; merge adds those instead of re-reading all
+    sketches. A worker told hessian=identity skips them; merge computes them when eFIM is asked
+    for at merge time."""
+    from grass_index.pipeline import indexing, sharding
+
+    out = tmp_path / "idx"
+    for i in range(3):
+        build(task, out, worker=(i, 3))
+        with SketchStore.open(out / "shards" / f"{i}-of-3") as st:
+            assert st.get_meta("fisher_partial_n") == st.num_rows
+    seen, real = [], indexing._accumulate
+
+    def counting(store, *args, **kw):  # every full read of a store's sketches for the Fisher
+        seen.append(store.path)
+        return real(store, *args, **kw)
+    monkeypatch.setattr(sharding, "_accumulate", counting)
+    monkeypatch.setattr(indexing, "_accumulate", counting)
+    assert_same_index(gi.merge_shards(out, progress=False), single, task)
+    assert seen == []  # only the cached k×k sums were read
+
+    out2 = tmp_path / "idx2"
+    for i in range(2):
+        build(task, out2, worker=(i, 2), hessian="identity")
+        with SketchStore.open(out2 / "shards" / f"{i}-of-2") as st:
+            assert st.get_meta("fisher_partial_n") is None
+    assert_same_index(gi.merge_shards(out2, hessian="eFIM", progress=False), single, task)
+    assert len(seen) == 2 and all("shards" in p for p in seen)  # each shard read once
 
 
 def test_worker_resumes_and_merge_resumes(task, single, tmp_path):

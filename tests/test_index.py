@@ -1,4 +1,5 @@
 """VectorIndex: exact top-k vs argsort, opponents, ids, persistence, IVF recall, bad files."""
+import math
 import os
 
 import numpy as np
@@ -56,7 +57,7 @@ def test_bad_inputs():
         idx.add(np.zeros((2, 8), np.float32), [3, 3])
     with pytest.raises(FaissIndexError, match="NaN"):
         idx.add(np.full((1, 8), np.nan, np.float32), [0])
-    with pytest.raises(FaissIndexError, match="unknown index kind"):
+    with pytest.raises(FaissIndexError, match="unknown index kind|unknown index"):
         VectorIndex.create(8, "hnsw")
     with pytest.raises(FaissIndexError, match="k must be a positive"):
         idx.search(np.zeros((1, 8), np.float32), 0)
@@ -174,3 +175,100 @@ def test_index_use_leaves_torch_thread_count_alone():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# -- float16 storage ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("magnitude", [1e-7, 1.0, 1e6])
+def test_fp16_flat_scores_match_exact_at_any_magnitude(magnitude):
+    """SQfp16 codes with a power-of-two scale: top-k and scores within float16 precision, for
+    vectors far below float16's normal range (1e-7) and far above its maximum (1e6)."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2000, 48)) * magnitude).astype(np.float32)
+    q = rng.standard_normal((30, 48)).astype(np.float32)
+    ids = np.arange(2000, dtype=np.int64) + 7
+    idx = VectorIndex.create(48, "flat", dtype="float16")
+    idx.add(x[:1000], ids[:1000])
+    idx.add(x[1000:], ids[1000:])
+    assert math.log2(idx.scale).is_integer()  # a power of two: scaling is exact
+    exact = q.astype(np.float64) @ x.T.astype(np.float64)
+    for opp in (False, True):
+        s, i = idx.search(q, 10, opponents=opp)
+        got = np.take_along_axis(exact, i - 7, 1)
+        ref = np.sort(exact, 1)[:, :10] if opp else -np.sort(-exact, 1)[:, :10]
+        tol = 2e-3 * np.abs(exact).max()  # float16 keeps ~11 significant bits
+        np.testing.assert_allclose(s, got, atol=tol)
+        np.testing.assert_allclose(got, ref, atol=2 * tol)  # any swap is a near tie
+    np.testing.assert_allclose(idx.reconstruct(ids[:5]), x[:5], rtol=1e-3,
+                               atol=1e-3 * magnitude)
+    assert recall_at_k(idx.search(q, 10)[1], VectorIndex_exact(x, ids, q, 10), 10) >= 0.95
+
+
+def VectorIndex_exact(x, ids, q, k):
+    flat = VectorIndex.create(x.shape[1])
+    flat.add(x, ids)
+    return flat.search(q, k)[1]
+
+
+def test_fp16_out_of_range_vectors_are_refused_not_stored_as_inf():
+    idx = VectorIndex.create(4, dtype="float16")
+    idx.add(np.ones((3, 4), np.float32), np.arange(3))  # scale fixed: 1 -> 2**7
+    idx.add(np.full((1, 4), 500.0, np.float32), [3])  # 500x the first: 64000, still in range
+    with pytest.raises(FaissIndexError, match="beyond float16's range.*float32 index"):
+        idx.add(np.full((1, 4), 600.0, np.float32), [4])
+    assert idx.ntotal == 4
+    assert np.isfinite(idx.search(np.ones((1, 4), np.float32), 4)[0]).all()
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_fp16_indexes_roundtrip_and_halve_the_file(tmp_path, mmap):
+    x, _ = clustered(4000, 64, 4)
+    x *= 1e-5  # a scale that matters
+    q, _ = clustered(40, 64, 5)
+    ids = np.arange(4000, dtype=np.int64)
+    sizes = {}
+    for kind, dtype, kw in (("flat", "float32", {}), ("flat", "float16", {}),
+                            ("ivf", "float16", {"nlist": 32, "nprobe": 32})):
+        idx = VectorIndex.create(64, kind, dtype=dtype, **kw)
+        idx.train(x)
+        idx.add(x, ids)
+        path = tmp_path / f"{kind}-{dtype}.faiss"
+        idx.save(str(path))
+        sizes[kind, dtype] = path.stat().st_size
+        back = VectorIndex.load(str(path), mmap=mmap)
+        assert back.describe() == idx.describe() and back.dtype == dtype
+        for opp in (False, True):
+            s0, i0 = idx.search(q, 10, opponents=opp)
+            s1, i1 = back.search(q, 10, opponents=opp)
+            np.testing.assert_array_equal(i0, i1)
+            np.testing.assert_array_equal(s0, s1)
+        # nprobe = nlist: IVF is exhaustive, so only float16 rounding separates it from exact
+        assert recall_at_k(back.search(q, 10)[1], VectorIndex_exact(x, ids, q, 10), 10) >= 0.95
+    assert sizes["flat", "float16"] < 0.55 * sizes["flat", "float32"]
+
+
+def test_index_specs():
+    from grass_index.index import parse_spec
+    assert parse_spec("flat") == ("flat", "float32")
+    assert parse_spec("ivf:fp16") == ("ivf", "float16")
+    for bad in ("hnsw", "flat:fp8", "IVF", ""):
+        with pytest.raises(FaissIndexError, match="flat:fp16"):
+            parse_spec(bad)
+
+
+def test_recall_excluding_the_query_itself_and_streaming_ground_truth():
+    from grass_index.index import ExactTopK
+    # the query's own id (first) is dropped from both lists before comparing the top 2
+    assert recall_at_k([[9, 1, 2]], [[9, 1, 3]], 2, exclude=[9]) == 0.5
+    assert recall_at_k([[1, 9, 2]], [[9, 1, 2]], 2, exclude=[9]) == 1.0
+    with pytest.raises(ValueError, match="excluded"):
+        recall_at_k([[1, 2]], [[1, 2]], 2, exclude=[1])
+    rng = np.random.default_rng(1)
+    x, q = rng.standard_normal((1000, 16)), rng.standard_normal((7, 16))
+    top = ExactTopK(q, 12)
+    for lo in range(0, 1000, 64):  # chunks, as the builder streams them
+        top.add(x[lo:lo + 64], np.arange(lo, min(lo + 64, 1000)) + 100)
+    scores, ids = top.result()
+    exact = q.astype(np.float32) @ x.astype(np.float32).T
+    np.testing.assert_array_equal(ids, np.argsort(-exact, 1, kind="stable")[:, :12] + 100)
+    np.testing.assert_allclose(scores, -np.sort(-exact, 1)[:, :12], rtol=1e-6)

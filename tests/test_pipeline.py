@@ -251,6 +251,32 @@ def test_ivf_index_finds_exact_top1_on_small_set(setup, tmp_path):
     assert [t[0][0] for t in top] == list(s.argmax(1))  # nprobe = nlist: exhaustive
 
 
+def test_index_records_recall_and_fp16_variants_track_exact_scores(setup, built, tmp_path):
+    """Every index records recall@k against exact search in its config (flat: 1.0); an fp16
+    index, made here by repreconditioning a copy, answers like the exact one within float16
+    rounding and survives a reopen (the scale travels with the file)."""
+    import shutil
+
+    model, train, query = setup
+    idx, out = built
+    rec = idx.config["index"]["recall"]
+    assert rec["recall"] == 1.0 and rec["k"] == 10 and rec["queries"] == N_TRAIN
+    s = idx.score(model, query, loss_fn).numpy()
+    shutil.copytree(out, tmp_path / "c")
+    for spec in ("flat:fp16", "ivf:fp16"):
+        half = gi.open_index(tmp_path / "c").reprecondition(index=spec)
+        assert half.config["index_kind"] == spec and half.config["index"]["dtype"] == "float16"
+        assert half.config["index"]["recall"]["recall"] >= 0.9
+        top = gi.open_index(tmp_path / "c").query(model, query, loss_fn, k=5)
+        for r in range(N_QUERY):
+            ids = [i for i, _ in top[r]]
+            np.testing.assert_allclose([v for _, v in top[r]], s[r, ids], rtol=2e-3,
+                                       atol=2e-3 * np.abs(s).max())
+            assert s[r, ids[0]] >= s[r].max() - 4e-3 * np.abs(s).max()
+    with pytest.raises(gi.AttributionError, match="flat:fp16"):
+        gi.open_index(tmp_path / "c").reprecondition(index="flat:fp8")
+
+
 def test_selective_mask_build_is_exact_and_travels_with_the_index(setup, tmp_path):
     """selective_mask specs use the mask file given at build time; queries reuse the copy kept in
     the index directory, and a build with another mask into the same directory is refused."""

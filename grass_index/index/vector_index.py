@@ -4,6 +4,12 @@ Score = <query, row>, positive = proponent (DESIGN.md sign convention). Ids are 
 ``flat`` is exact (IndexIDMap2 over IndexFlatIP, so rows can be reconstructed by id); ``ivf``
 (IVF{nlist},Flat, inner product, hashtable direct map for reconstruct) trades recall for speed
 on large corpora — measure it with :func:`recall_at_k` against ``flat``.
+
+``dtype="float16"`` stores the vectors as FAISS SQfp16 codes (half the memory and disk; queries
+stay float32). float16 overflows at 65504 and loses precision below 6e-5, while preconditioned
+sketches can sit anywhere in float32's range, so the vectors are multiplied by a power of two
+(exact) that puts the first vectors' largest entry in [2**7, 2**8) — at least 256x headroom for
+later ones, and an error, never an inf, for anything beyond. Scores are divided by the same power of two.
 """
 from __future__ import annotations
 
@@ -16,8 +22,26 @@ from . import _file
 from ._file import FaissIndexError
 
 KINDS = ("flat", "ivf")
+DTYPES = ("float32", "float16")
+SPECS = ("flat", "ivf", "flat:fp16", "ivf:fp16")
+FP16_MAX = 65504.0
+FP16_TARGET_EXP = 8  # the first vectors' largest |entry| is scaled into [2**7, 2**8)
 ADD_CHUNK = 65536
 SEARCH_CHUNK = 4096
+
+
+def parse_spec(spec) -> tuple[str, str]:
+    """Index spec -> (kind, dtype): ``flat`` | ``ivf`` (float32), ``flat:fp16`` | ``ivf:fp16``."""
+    kind, _, storage = str(spec).partition(":")
+    dtype = {"": "float32", "fp32": "float32", "fp16": "float16"}.get(storage)
+    if kind not in KINDS or dtype is None:
+        raise FaissIndexError(f"unknown index {spec!r}; use one of {', '.join(SPECS)} (flat is "
+                              "exact; ivf is approximate; :fp16 halves memory and disk)")
+    return kind, dtype
+
+
+def spec_of(kind: str, dtype: str) -> str:
+    return kind + (":fp16" if dtype == "float16" else "")
 
 
 def default_nlist(n_train: int) -> int:
@@ -32,10 +56,15 @@ def default_nprobe(nlist: int) -> int:
 
 
 class VectorIndex:
-    def __init__(self, index, *, kind: str, dim: int, nlist=None, nprobe=None, readonly=False):
+    def __init__(self, index, *, kind: str, dim: int, nlist=None, nprobe=None, readonly=False,
+                 dtype: str = "float32", scale: float | None = None, recall: dict | None = None):
         self._index = index
         self.kind = kind
         self.dim = dim
+        self.dtype = dtype
+        # stored = scale * vector (float16 only; None until the first vectors fix it)
+        self.scale = 1.0 if dtype == "float32" else scale
+        self.recall = recall  # recall@k against exact search, measured by the builder
         self.nlist = nlist
         self.nprobe = nprobe
         self.metric = "ip"
@@ -44,7 +73,8 @@ class VectorIndex:
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def create(cls, dim: int, kind: str = "flat", *, nlist: int | None = None,
-               nprobe: int | None = None, metric: str = "ip") -> "VectorIndex":
+               nprobe: int | None = None, metric: str = "ip",
+               dtype: str = "float32") -> "VectorIndex":
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
             raise FaissIndexError(f"dim must be a positive integer, got {dim!r}")
         if metric != "ip":
@@ -52,6 +82,8 @@ class VectorIndex:
                                   "inner products, use metric='ip'")
         if kind not in KINDS:
             raise FaissIndexError(f"unknown index kind {kind!r}; choose one of {KINDS}")
+        if dtype not in DTYPES:
+            raise FaissIndexError(f"unknown index dtype {dtype!r}; choose one of {DTYPES}")
         for name, v in (("nlist", nlist), ("nprobe", nprobe)):
             if v is not None and (not isinstance(v, (int, np.integer)) or v <= 0):
                 raise FaissIndexError(f"{name} must be a positive integer, got {v!r}")
@@ -59,14 +91,17 @@ class VectorIndex:
         if kind == "flat":
             if nlist is not None or nprobe is not None:
                 raise FaissIndexError("nlist/nprobe only apply to kind='ivf'")
-            return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), kind="flat", dim=dim)
-        self = cls(None, kind="ivf", dim=dim, nlist=nlist, nprobe=nprobe)
+            base = faiss.IndexFlatIP(dim) if dtype == "float32" else faiss.IndexScalarQuantizer(
+                dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+            return cls(faiss.IndexIDMap2(base), kind="flat", dim=dim, dtype=dtype)
+        self = cls(None, kind="ivf", dim=dim, nlist=nlist, nprobe=nprobe, dtype=dtype)
         if nlist is not None:
             self._build_ivf(int(nlist))
         return self
 
     def _build_ivf(self, nlist: int) -> None:
-        index = faiss.index_factory(self.dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        codes = "Flat" if self.dtype == "float32" else "SQfp16"
+        index = faiss.index_factory(self.dim, f"IVF{nlist},{codes}", faiss.METRIC_INNER_PRODUCT)
         index.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct by arbitrary id
         self.nlist = nlist
         self.nprobe = min(self.nprobe or default_nprobe(nlist), nlist)
@@ -90,7 +125,7 @@ class VectorIndex:
             raise FaissIndexError(f"IVF with nlist={self.nlist} needs at least {self.nlist} "
                                   f"training vectors (ideally {39 * self.nlist}), got {len(x)}; "
                                   "pass a larger sample or a smaller nlist")
-        self._index.train(x)
+        self._index.train(self._stored(x, "training sample"))
 
     # -- data -----------------------------------------------------------------------------------
     @property
@@ -124,8 +159,25 @@ class VectorIndex:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or len(np.unique(ids)) != len(ids)):
             raise FaissIndexError("ids must be non-negative and unique (training ids)")
+        x = self._stored(x, "vectors")
         for lo in range(0, len(x), ADD_CHUNK):
             self._index.add_with_ids(x[lo: lo + ADD_CHUNK], ids[lo: lo + ADD_CHUNK])
+
+    def _stored(self, x: np.ndarray, what: str) -> np.ndarray:
+        """x as stored: scaled by a power of two for float16, after a range check."""
+        if self.dtype == "float32" or not len(x):
+            return x
+        top = float(np.abs(x).max())
+        if self.scale is None:  # the first vectors fix the scale (exactly a power of two)
+            exp = FP16_TARGET_EXP - (math.frexp(top)[1] if top > 0 else 0)
+            self.scale = math.ldexp(1.0, exp)
+        if top * self.scale >= FP16_MAX:
+            raise FaissIndexError(
+                f"{what} has entries up to {top:.3g}, beyond float16's range at this index's "
+                f"scale ({self.scale:g}, fixed by the first vectors, whose largest entry was at "
+                f"most {math.ldexp(1.0, FP16_TARGET_EXP) / self.scale:.3g}); build a float32 "
+                "index instead (--index flat or ivf, without :fp16)")
+        return x * np.float32(self.scale) if self.scale != 1.0 else x
 
     def search(self, queries, k: int, *, opponents: bool = False, nprobe: int | None = None):
         """Top-k by inner product: (scores float32 (m, k'), ids int64 (m, k')).
@@ -153,6 +205,8 @@ class VectorIndex:
             scores[lo: lo + len(s)], ids[lo: lo + len(s)] = s, i
         if opponents:
             np.negative(scores, out=scores)
+        if self.scale not in (None, 1.0):
+            scores /= np.float32(self.scale)
         scores[ids < 0] = np.inf if opponents else -np.inf
         return scores, ids
 
@@ -164,7 +218,7 @@ class VectorIndex:
                 out[j] = self._index.reconstruct(int(i))
             except RuntimeError:
                 raise KeyError(f"id {int(i)} is not in the index") from None
-        return out
+        return out / np.float32(self.scale) if self.scale not in (None, 1.0) else out
 
     def ids(self) -> np.ndarray:
         """All stored ids (for consistency checks against the sketch store)."""
@@ -180,10 +234,12 @@ class VectorIndex:
     def describe(self) -> dict:
         return {"kind": self.kind, "dim": self.dim, "metric": self.metric, "ntotal": self.ntotal,
                 "nlist": self.nlist, "nprobe": self.nprobe, "trained": not self.needs_training,
+                "dtype": self.dtype, "scale": self.scale, "recall": self.recall,
                 "faiss_version": faiss.__version__}
 
     def __repr__(self) -> str:
-        return f"VectorIndex(kind={self.kind!r}, dim={self.dim}, ntotal={self.ntotal})"
+        return (f"VectorIndex(kind={self.kind!r}, dtype={self.dtype!r}, dim={self.dim}, "
+                f"ntotal={self.ntotal})")
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, path) -> None:
@@ -215,7 +271,8 @@ class VectorIndex:
             raise FaissIndexError(f"{path}: the FAISS data ({index.d}-d, {index.ntotal} rows) "
                                   f"disagrees with its metadata; rebuild the index.")
         self = cls(index, kind=kind, dim=meta["dim"], nlist=meta.get("nlist"),
-                   nprobe=meta.get("nprobe"), readonly=mmap)
+                   nprobe=meta.get("nprobe"), readonly=mmap, dtype=meta.get("dtype", "float32"),
+                   scale=meta.get("scale"), recall=meta.get("recall"))
         if kind == "ivf":
             index.nprobe = self.nprobe
         return self

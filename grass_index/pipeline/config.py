@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 from .. import __version__
 from ..precondition import parse_damping
+from ..index import SPECS, FaissIndexError, parse_spec
 from ..store import SketchStore
 from .errors import AttributionError
 from .files import (_OUR_FILES, BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, STORE_DIR, _jsonable,
@@ -16,7 +17,7 @@ from .files import (_OUR_FILES, BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, STORE_D
 from .fingerprints import config_hash
 
 HESSIANS = {"efim": "eFIM", "identity": "identity"}
-INDEX_KINDS = ("flat", "ivf")
+INDEX_KINDS = SPECS  # flat, ivf, flat:fp16, ivf:fp16
 
 
 def _norm_hessian(hessian: str) -> str:
@@ -37,13 +38,19 @@ def _check_damping(damping) -> None:
         raise AttributionError(f"bad damping {damping!r}: {e}") from e
 
 
+def _check_index(index) -> None:
+    try:
+        parse_spec(index)
+    except FaissIndexError as e:
+        raise AttributionError(str(e)) from None
+
+
 def _check_build_args(train_data: Sequence, *, hessian: str, index: str, batch_size,
                       damping) -> str:
     """Everything about build_index's arguments checkable without a model; the hessian's
     canonical name."""
     hessian = _norm_hessian(hessian)
-    if index not in INDEX_KINDS:
-        raise AttributionError(f"unknown index kind {index!r}; use 'flat' (exact) or 'ivf'")
+    _check_index(index)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise AttributionError(f"batch_size must be a positive integer, got {batch_size!r}")
     _check_damping(damping)

@@ -2,14 +2,17 @@
 
     torchrun --nproc_per_node=N -m grass_index.cli.main build TASK --out DIR
 
-Each rank sketches its shard (``sharding._sketch_shard``); after all are done rank 0 runs
-``sharding._merge`` (copy into the main store in batch order + the normal pass 2), so the
-index is the single-process one. The other ranks wait and return the same config.
+Each rank sketches its shard and sums its rows' ĝĝᵀ (``sharding._sketch_shard``); the Fisher
+sums are all-reduced, then rank 0 runs ``sharding._merge`` (copy into the main store in batch
+order + the normal pass 2 with the all-reduced Fisher), so the index is the single-process one
+(sketches bit for bit, scores to float64 rounding). The other ranks wait and return the same
+config.
 
-Only small Python objects are exchanged (each step's success or error), so when we create the
-process group we use gloo on every device: it needs no CUDA device binding, and with nccl a
-rank that runs only CPU code would have nothing to bind to. A group the caller already
-initialised (any backend) is used as is. An error on any rank is raised on every rank, with
+What is exchanged is small (each step's success or error; one float64 vector of Σ k_l² Fisher
+sums), so when we create the process group we use gloo on every device: it needs no CUDA
+device binding, and with nccl a rank that runs only CPU code would have nothing to bind to. A
+group the caller already initialised is used as is (with nccl the sums travel on this rank's
+GPU). An error on any rank is raised on every rank, with
 the rank that failed, instead of leaving the others waiting.
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 
+import numpy as np
 import torch
 
 from .errors import AttributionError
@@ -86,6 +90,27 @@ class Group:
             if not ok:
                 raise AttributionError(f"rank {r} of {self.world} failed: {value}")
         return [v for _, v in got]
+
+    def all_reduce_fisher(self, acc):
+        """Every rank's FisherAccumulator summed (float64), on every rank."""
+        from ..precondition import FisherAccumulator
+
+        state = acc.state_dict()
+        keys = sorted(state)
+        flat = torch.cat([torch.from_numpy(np.asarray(state[k], np.float64)).reshape(-1)
+                          for k in keys])
+        device = "cuda" if self.dist.get_backend() == "nccl" else "cpu"
+        flat = flat.to(device)
+        self.dist.all_reduce(flat, op=self.dist.ReduceOp.SUM)
+        flat, out, o = flat.cpu().numpy(), {}, 0
+        for k in keys:
+            shape = np.shape(state[k])
+            size = int(np.prod(shape))
+            out[k] = flat[o:o + size].reshape(shape)
+            o += size
+        total = FisherAccumulator(acc.layout)
+        total.load_state_dict(out)
+        return total
 
     def close(self):
         if self.owned and self.dist.is_initialized():

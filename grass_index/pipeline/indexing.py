@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..index import VectorIndex
+from ..index import ExactTopK, VectorIndex, parse_spec, recall_at_k
 from ..precondition import FisherAccumulator, Preconditioner
 from ..store import SketchStore, StoreError
 from .config import _damping_key
@@ -112,24 +112,46 @@ def _stored_preconditioner(store, key: str, layout: dict):
 
 def _fisher(store, layout, n_blocks, progress) -> dict:
     """F_l from the stored sketches, cached in the store (float64, deterministic order)."""
-    if store.get_meta("fisher_done", False) and all(store.has_array(f"fisher/{k}") for k in layout):
+    if _has_fisher(store, layout):
         return {k: np.asarray(store.get_array(f"fisher/{k}"), dtype=np.float64) for k in layout}
+    acc = _accumulate(store, layout, lambda done: progress("fisher", done, store.num_rows))
+    _put_fisher(store, acc)
+    return acc.fishers()
+
+
+def _has_fisher(store, layout) -> bool:
+    return bool(store.get_meta("fisher_done", False)) and all(
+        store.has_array(f"fisher/{k}") for k in layout)
+
+
+def _accumulate(store, layout, progress=None) -> FisherAccumulator:
+    """Σ ĝĝᵀ and n over every row of a store, in id order."""
     acc = FisherAccumulator(layout)
     done = 0
     for _, rows in _chunks(store):
         acc.update(np.asarray(rows, dtype=np.float32))
         done += len(rows)
-        progress("fisher", done, store.num_rows)
-    fisher = {k: acc.fisher(k) for k in layout}
-    for k, f in fisher.items():
+        if progress is not None:
+            progress(done)
+    return acc
+
+
+def _put_fisher(store, acc: FisherAccumulator) -> None:
+    """Cache F_l (e.g. summed from shards) where pass 2 looks first; the flag goes last, so a
+    pass killed half-way recomputes instead of trusting a partial cache."""
+    for k, f in acc.fishers().items():
         store.put_array(f"fisher/{k}", np.asarray(f, dtype=np.float64))
     store.put_meta("fisher_n", int(acc.n))
     store.put_meta("fisher_done", True)
-    return fisher
 
 
-def _build_faiss(store, pre, build, kind, nlist, nprobe, progress, n_blocks):
-    vindex = VectorIndex.create(build["dim"], kind, nlist=nlist, nprobe=nprobe)
+RECALL_QUERIES, RECALL_K = 100, 10
+
+
+def _build_faiss(store, pre, build, spec, nlist, nprobe, progress, n_blocks):
+    """The FAISS index over the preconditioned sketches, with its measured recall@10."""
+    kind, dtype = parse_spec(spec)
+    vindex = VectorIndex.create(build["dim"], kind, nlist=nlist, nprobe=nprobe, dtype=dtype)
     if kind == "ivf":  # train on (a deterministic sample of) the preconditioned vectors
         cap, sample, got = 100_000, [], 0
         for _, vec in _preconditioned_blocks(store, pre):
@@ -138,11 +160,27 @@ def _build_faiss(store, pre, build, kind, nlist, nprobe, progress, n_blocks):
             if got >= cap:
                 break
         vindex.train(np.concatenate(sample)[:cap])
+    n = build["n_train"]
+    # Recall ground truth, computed exactly alongside the adds: training sketches as queries
+    # (the distribution of real queries' sketches), each one's own id excluded from both lists.
+    k = min(RECALL_K, n - 1)
+    qids = np.unique(np.linspace(0, n - 1, min(RECALL_QUERIES, n)).round().astype(np.int64))
+    exact = ExactTopK(store.get_rows(qids), k + 1) if k >= 1 else None
     for start, vec in _preconditioned_blocks(store, pre):
-        vindex.add(vec, np.arange(start, start + len(vec), dtype=np.int64))
-        progress("index", start + len(vec), build["n_train"])
-    if vindex.ntotal != build["n_train"]:
-        raise AttributionError(f"index holds {vindex.ntotal} vectors for {build['n_train']} "
+        ids = np.arange(start, start + len(vec), dtype=np.int64)
+        vindex.add(vec, ids)
+        if exact is not None:
+            exact.add(vec, ids)
+        progress("index", start + len(vec), n)
+    if vindex.ntotal != n:
+        raise AttributionError(f"index holds {vindex.ntotal} vectors for {n} "
                                "training examples; the sketch store is inconsistent — run "
                                "grass-index verify")
+    if exact is not None:
+        _, approx = vindex.search(exact.queries, k + 1)
+        r = recall_at_k(approx, exact.result()[1], k, exclude=qids)
+        vindex.recall = dict(k=k, recall=round(r, 4), queries=len(qids), nprobe=vindex.nprobe,
+                             queries_from="training sketches, own id excluded")
+        log.info("index %s: recall@%d = %.4f against exact search (%d queries)", spec, k, r,
+                 len(qids))
     return vindex

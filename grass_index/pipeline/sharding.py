@@ -7,9 +7,16 @@ is global batch i + j*n), resumable like pass 1. Its store's creation meta is bu
 ``shard: [i, n]``; its key-value meta records what pass 2 needs without the model or the data
 (layer descriptions, task reference, item signature, pass-2 arguments).
 
+A worker whose pass 2 will need the eFIM also sums its own rows' ĝĝᵀ (float64, kept in its
+store as ``fisher_sum/<layer>`` + ``fisher_partial_n``): that pass over the data then runs on n
+workers at once, and the merge only adds n k×k matrices per layer (a torchrun build all-reduces
+them instead). The sum order differs from one process's, so the Fisher — and the scores —
+equal a single-process build's to float64 rounding, not bit for bit; the sketches are equal.
+
 ``_merge`` checks that shards 0..n-1 all exist, are complete and are the same build, copies
-their blocks into the main store in global batch order (resumable, so the main store is
-exactly a single-process build's), then runs the normal pass 2 (``_finish``).
+their blocks into the main store in global batch order (resumable, so the main store holds
+exactly a single-process build's sketches), caches the summed Fisher there, then runs the
+normal pass 2 (``_finish``).
 """
 from __future__ import annotations
 
@@ -20,10 +27,11 @@ import re
 import shutil
 from pathlib import Path
 
+from ..precondition import FisherAccumulator
 from ..store import SketchStore, StoreError
 from .errors import AttributionError
 from .files import BUILD_FILE, SHARDS_DIR, STORE_DIR, _jsonable
-from .indexing import _finish
+from .indexing import _accumulate, _finish, _has_fisher, _put_fisher
 from .sketching import _sketch_training_set
 
 log = logging.getLogger("grass_index")
@@ -74,8 +82,33 @@ def _sketch_shard(out: Path, worker: tuple[int, int], sketcher, build: dict, *, 
                 store.put_meta(key, _jsonable(value))
         _sketch_training_set(store, sketcher, train_data, loss_fn, batch_size=batch_size,
                              collate=collate, progress=progress, blocks=blocks)
+        if (records.get("finish") or {}).get("hessian", "eFIM") == "eFIM":
+            shard_fisher(store, build["layout"], progress)
         return dict(shard=f"{i}/{n}", path=str(path), batches=len(blocks),
                     rows=store.num_rows, n_batches=_n_batches(build))
+
+
+def shard_fisher(store, layout, progress=None) -> FisherAccumulator:
+    """This shard's Fisher sums, computed once and cached in its store (when writable)."""
+    acc = FisherAccumulator(layout)
+    n = store.get_meta("fisher_partial_n", None)
+    if n is not None and all(store.has_array(f"fisher_sum/{k}") for k in layout):
+        acc.load_state_dict({"n": n, **{f"sum/{k}": store.get_array(f"fisher_sum/{k}")
+                                        for k in layout}})
+        return acc
+    acc = _accumulate(store, layout, progress and (
+        lambda done: progress("fisher", done, store.num_rows)))
+    if not store.readonly:
+        for key, value in acc.state_dict().items():
+            if key.startswith("sum/"):
+                store.put_array(f"fisher_sum/{key[4:]}", value)
+        store.put_meta("fisher_partial_n", int(acc.n))  # last: marks the sums complete
+    return acc
+
+
+def read_shard_fisher(out: Path, worker: tuple[int, int], layout) -> FisherAccumulator:
+    with SketchStore.open(out / SHARDS_DIR / shard_name(*worker), readonly=True) as store:
+        return shard_fisher(store, layout)
 
 
 def _shard_dirs(out: Path, n: int | None) -> tuple[int, dict[int, Path]]:
@@ -156,8 +189,12 @@ def _check_shards(out: Path, build: dict, n: int, shards: dict[int, Path]) -> li
 
 
 def _merge(out: Path, *, n: int | None = None, hessian=None, damping=None, index=None,
-           nlist=None, nprobe=None, progress, remove_shards: bool = False) -> dict:
-    """Shards -> main store (global batch order) -> pass 2. Returns the finished config."""
+           nlist=None, nprobe=None, progress, remove_shards: bool = False,
+           fisher: FisherAccumulator | None = None) -> dict:
+    """Shards -> main store (global batch order) -> pass 2. Returns the finished config.
+
+    ``fisher``: the shards' summed Fisher when the caller already has it (all-reduced by a
+    torchrun build); otherwise the shards' cached sums are added up here."""
     out = Path(out)
     bfile = out / BUILD_FILE
     if not bfile.is_file():
@@ -204,6 +241,16 @@ def _merge(out: Path, *, n: int | None = None, hessian=None, damping=None, index
             finally:
                 for r in readers:
                     r.close()
+        if hessian == "eFIM" and not _has_fisher(store, build["layout"]):
+            if fisher is None:
+                fisher = FisherAccumulator(build["layout"])
+                for i in range(n):
+                    with SketchStore.open(shards[i], readonly=True) as reader:
+                        fisher.merge(shard_fisher(reader, build["layout"]))
+            if fisher.n != n_train:
+                raise AttributionError(f"the shards' Fisher sums cover {fisher.n} rows, not "
+                                       f"{n_train}; delete {out / SHARDS_DIR} and rebuild")
+            _put_fisher(store, fisher)
         cfg = _finish(out, store, build, rec.get("describe") or {}, hessian=hessian,
                       damping=finish.get("damping"), index=finish.get("index") or "flat",
                       nlist=finish.get("nlist"), nprobe=finish.get("nprobe"),
