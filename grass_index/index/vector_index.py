@@ -7,9 +7,11 @@ on large corpora — measure it with :func:`recall_at_k` against ``flat``.
 
 ``dtype="float16"`` stores the vectors as FAISS SQfp16 codes (half the memory and disk; queries
 stay float32). float16 overflows at 65504 and loses precision below 6e-5, while preconditioned
-sketches can sit anywhere in float32's range, so the vectors are multiplied by a power of two
-(exact) that puts the first vectors' largest entry in [2**7, 2**8) — at least 256x headroom for
-later ones, and an error, never an inf, for anything beyond. Scores are divided by the same power of two.
+sketches can sit anywhere in float32's range — and their layers' blocks differ by orders of
+magnitude (the preconditioner divides each by its own Fisher scale). So every column j is
+stored times a power of two 2**e_j (exact) that puts the first vectors' largest |entry| of that
+column in [2**7, 2**8): at least 256x headroom for later vectors, an error (never an inf) beyond
+it. Queries are multiplied by 2**-e_j, so inner products — the scores — are unchanged.
 """
 from __future__ import annotations
 
@@ -57,13 +59,13 @@ def default_nprobe(nlist: int) -> int:
 
 class VectorIndex:
     def __init__(self, index, *, kind: str, dim: int, nlist=None, nprobe=None, readonly=False,
-                 dtype: str = "float32", scale: float | None = None, recall: dict | None = None):
+                 dtype: str = "float32", exponents=None, recall: dict | None = None):
         self._index = index
         self.kind = kind
         self.dim = dim
         self.dtype = dtype
-        # stored = scale * vector (float16 only; None until the first vectors fix it)
-        self.scale = 1.0 if dtype == "float32" else scale
+        # float16 only: stored[:, j] = vector[:, j] * 2**exponents[j], fixed by the first vectors
+        self.exponents = None if exponents is None else np.asarray(exponents, np.int32)
         self.recall = recall  # recall@k against exact search, measured by the builder
         self.nlist = nlist
         self.nprobe = nprobe
@@ -164,20 +166,31 @@ class VectorIndex:
             self._index.add_with_ids(x[lo: lo + ADD_CHUNK], ids[lo: lo + ADD_CHUNK])
 
     def _stored(self, x: np.ndarray, what: str) -> np.ndarray:
-        """x as stored: scaled by a power of two for float16, after a range check."""
+        """x as stored: float16 columns scaled by powers of two, after a range check."""
         if self.dtype == "float32" or not len(x):
             return x
-        top = float(np.abs(x).max())
-        if self.scale is None:  # the first vectors fix the scale (exactly a power of two)
-            exp = FP16_TARGET_EXP - (math.frexp(top)[1] if top > 0 else 0)
-            self.scale = math.ldexp(1.0, exp)
-        if top * self.scale >= FP16_MAX:
+        top = np.abs(x).max(0)
+        if self.exponents is None:  # the first vectors fix the scales (exact powers of two)
+            exp = FP16_TARGET_EXP - np.frexp(top)[1]
+            if (top > 0).any():  # columns all zero so far: the scale of the largest column
+                exp[top == 0] = FP16_TARGET_EXP - np.frexp(top.max())[1]
+            self.exponents = exp.astype(np.int32)
+        scaled = np.ldexp(x, self.exponents)
+        over = np.abs(scaled).max(0) >= FP16_MAX
+        if over.any():
+            j = int(np.flatnonzero(over)[0])
             raise FaissIndexError(
-                f"{what} has entries up to {top:.3g}, beyond float16's range at this index's "
-                f"scale ({self.scale:g}, fixed by the first vectors, whose largest entry was at "
-                f"most {math.ldexp(1.0, FP16_TARGET_EXP) / self.scale:.3g}); build a float32 "
-                "index instead (--index flat or ivf, without :fp16)")
-        return x * np.float32(self.scale) if self.scale != 1.0 else x
+                f"{what} has entries up to {top[j]:.3g} in column {j}, beyond float16's range "
+                f"at this index's scale for that column (fixed by the first vectors, whose "
+                f"largest entry there was below {math.ldexp(1.0, -int(self.exponents[j]) + 8):.3g}"
+                "); build a float32 index instead (--index flat or ivf, without :fp16)")
+        return scaled.astype(np.float32)
+
+    def _queries(self, q: np.ndarray) -> np.ndarray:
+        """Queries in the stored vectors' scaled coordinates (inner products unchanged)."""
+        if self.exponents is None:
+            return q
+        return np.ldexp(q, -self.exponents).astype(np.float32)
 
     def search(self, queries, k: int, *, opponents: bool = False, nprobe: int | None = None):
         """Top-k by inner product: (scores float32 (m, k'), ids int64 (m, k')).
@@ -193,6 +206,7 @@ class VectorIndex:
         kk = min(int(k), self.ntotal)
         if kk == 0:
             return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+        q = self._queries(q)
         if opponents:
             q = -q
         params = None
@@ -205,8 +219,6 @@ class VectorIndex:
             scores[lo: lo + len(s)], ids[lo: lo + len(s)] = s, i
         if opponents:
             np.negative(scores, out=scores)
-        if self.scale not in (None, 1.0):
-            scores /= np.float32(self.scale)
         scores[ids < 0] = np.inf if opponents else -np.inf
         return scores, ids
 
@@ -218,7 +230,7 @@ class VectorIndex:
                 out[j] = self._index.reconstruct(int(i))
             except RuntimeError:
                 raise KeyError(f"id {int(i)} is not in the index") from None
-        return out / np.float32(self.scale) if self.scale not in (None, 1.0) else out
+        return out if self.exponents is None else self._queries(out)
 
     def ids(self) -> np.ndarray:
         """All stored ids (for consistency checks against the sketch store)."""
@@ -234,7 +246,8 @@ class VectorIndex:
     def describe(self) -> dict:
         return {"kind": self.kind, "dim": self.dim, "metric": self.metric, "ntotal": self.ntotal,
                 "nlist": self.nlist, "nprobe": self.nprobe, "trained": not self.needs_training,
-                "dtype": self.dtype, "scale": self.scale, "recall": self.recall,
+                "dtype": self.dtype, "recall": self.recall,
+                "exponents": None if self.exponents is None else self.exponents.tolist(),
                 "faiss_version": faiss.__version__}
 
     def __repr__(self) -> str:
@@ -272,7 +285,7 @@ class VectorIndex:
                                   f"disagrees with its metadata; rebuild the index.")
         self = cls(index, kind=kind, dim=meta["dim"], nlist=meta.get("nlist"),
                    nprobe=meta.get("nprobe"), readonly=mmap, dtype=meta.get("dtype", "float32"),
-                   scale=meta.get("scale"), recall=meta.get("recall"))
+                   exponents=meta.get("exponents"), recall=meta.get("recall"))
         if kind == "ivf":
             index.nprobe = self.nprobe
         return self
