@@ -6,11 +6,12 @@ index (random sketches, k=1024) served from float16 and float32 FAISS indexes. P
     python benchmarks/scale.py --only million --n 50000         # smoke run of (b)
 
 (a) One task (a random-init GPT-2, 2 layers x 128, T=128, random tokens, sjlt-1024 per layer)
-    built from the command line three ways, one after the other on the same machine: one
+    built by a small driver script three ways, one after the other on the same machine: one
     process with 1 thread, one process with 2 threads, and `torchrun --nproc_per_node=2` with 1
     thread per rank (gloo; every rank sketches half and sums its Fisher, the sums are
-    all-reduced, rank 0 merges and indexes). Wall time includes start-up, so the ratio is what
-    a user sees; the indexes are checked to hold the same sketches.
+    all-reduced, rank 0 merges and indexes). Wall time includes start-up, so its ratio is what
+    a user sees; pass 1 (sketching) is also shown alone. The torchrun build is checked to hold
+    the same sketches as the one-process build.
 (b) The real pass 2 (`_finish`: Fisher from the store, preconditioner, FAISS, recall@10) over a
     store of n random sketches: 8 layers x 128 (k=1024), Gaussian rows with per-layer scales
     and a log-normal per-example norm, in blocks of 256 rows. Each phase runs in its own
@@ -72,35 +73,61 @@ TASK = textwrap.dedent("""
         tok = F.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1), reduction="none")
         return tok.view(ids.shape[0], -1).mean(1)
 """)
-BUILD_OPTS = ["--sparsification", "random_mask-64*64", "--projection", "sjlt-1024",
-              "--batch-size", "16", "--json"]
+DRIVER = textwrap.dedent("""
+    import json, os, sys, time
+    t0 = time.perf_counter()
+    import grass_index as gi
+    from grass_index.task import load_task
+
+    task = load_task(sys.argv[1])
+    marks = {}
+
+    def progress(stage, done, total):
+        marks.setdefault(stage, time.perf_counter() - t0)
+        marks[stage + "_end"] = time.perf_counter() - t0
+
+    model, data = task.model(), task.train_data()
+    start = time.perf_counter() - t0
+    gi.build_index(model, data, task.loss, sys.argv[2], sparsification="random_mask-64*64",
+                   projection="sjlt-1024", batch_size=16, task=task.ref, progress=progress)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(dict(start=start, sketched=marks["sketch_end"],
+                              total=time.perf_counter() - t0)))
+""")
 
 
-def _run(cmd, threads: int, env_extra=None) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), **(env_extra or {}))
+def _run(cmd, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    secs = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
     if res.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
-    return secs
+    return dict(json.loads(res.stdout.strip().splitlines()[-1]), wall=wall)
 
 
 def bench_processes(tmp: Path, n: int) -> list[list]:
-    task = tmp / "gpt2_task.py"
+    """Wall time of each way, and its split: start-up (imports, model, data), pass 1 (the
+    slowest rank's sketching), the rest (Fisher all-reduce, merge, pass 2, exit)."""
+    task, driver = tmp / "gpt2_task.py", tmp / "driver.py"
     task.write_text(TASK.format(n=n))
-    cli = [sys.executable, "-m", "grass_index.cli.main", "build", str(task)]
-    runs = {}
-    runs["1 process x 1 thread"] = _run([*cli, "--out", str(tmp / "p1t1"), *BUILD_OPTS], 1)
-    runs["1 process x 2 threads"] = _run([*cli, "--out", str(tmp / "p1t2"), *BUILD_OPTS], 2)
-    runs["torchrun 2 ranks x 1 thread"] = _run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", "--master_port=29533", "-m", "grass_index.cli.main", "build",
-         str(task), "--out", str(tmp / "tr2"), *BUILD_OPTS], 1)
+    driver.write_text(DRIVER)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                "--master_addr=127.0.0.1", "--master_port=29533"]
+    ways = [("1 process x 1 thread", [], 1, "p1t1"), ("1 process x 2 threads", [], 2, "p1t2"),
+            ("torchrun 2 ranks x 1 thread", torchrun, 1, "tr2")]
+    runs = {name: _run([*(pre or [sys.executable]), str(driver), str(task), str(tmp / out)],
+                       threads) for name, pre, threads, out in ways}
     _check_same_sketches(tmp / "p1t2", tmp / "tr2")
     base = runs["1 process x 1 thread"]
-    return [[name, f"{secs:.1f}", f"{n / secs:.1f}", f"{base / secs:.2f}x"]
-            for name, secs in runs.items()]
+    rows = []
+    for name, r in runs.items():
+        p1 = r["sketched"] - r["start"]
+        rows.append([name, f"{r['wall']:.1f}", f"{base['wall'] / r['wall']:.2f}x",
+                     f"{r['start']:.1f}", f"{p1:.1f} ({n / p1:.0f} ex/s)",
+                     f"{(base['sketched'] - base['start']) / p1:.2f}x",
+                     f"{r['wall'] - r['sketched']:.1f}"])
+    return rows
 
 
 def _check_same_sketches(a: Path, b: Path) -> None:
@@ -242,7 +269,8 @@ def main(argv=None):
             rows = bench_processes(tmp, args.n_seq)
             print(f"\n(a) build, GPT-2 2x128 T=128, n={args.n_seq}, sjlt-1024/layer, "
                   f"{os.cpu_count()} CPUs\n")
-            print(markdown_table(["how", "wall s", "examples/s", "vs 1x1"], rows))
+            print(markdown_table(["how", "wall s", "vs 1x1", "start-up s", "pass 1 s",
+                                  "pass 1 vs 1x1", "rest s"], rows))
         if "million" in only:
             rows, notes = bench_million(tmp, args.n, args.specs.split(","))
             print(f"\n(b) simulated index, n={args.n:,}, k={LAYERS * K_LAYER} "

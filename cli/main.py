@@ -130,8 +130,9 @@ def build(
     layers: Optional[List[str]] = typer.Option(None, "--layers", help="Parameter-name globs "
                                                "(repeatable or comma-separated)."),
     seed: int = typer.Option(0),
-    index: str = typer.Option("flat", help="flat (exact) or ivf (approximate, large corpora); "
-                                "add :fp16 (flat:fp16, ivf:fp16) to halve memory and disk."),
+    index: str = typer.Option("flat", help="flat (exact) or ivf (approximate, large corpora), "
+                                "optionally :fp16 (half the memory and disk) and/or shards=N (N "
+                                "files searched as one), e.g. ivf:fp16,shards=4."),
     device: Optional[str] = typer.Option(None, help="torch device for gradients, e.g. cuda."),
     selective_mask: Optional[Path] = typer.Option(
         None, "--selective-mask", help="Mask file from `grass-index selective-mask fit`; "
@@ -193,7 +194,8 @@ def _report_index(verb: str, directory, cfg: dict, secs: float, json_mode: bool,
 def _index_summary(cfg: dict) -> str:
     """e.g. 'ivf:fp16, 200000 vectors, nlist 1788 nprobe 224, recall@10 0.981 (100 queries)'."""
     ix = cfg.get("index") or {}
-    parts = [str(cfg.get("index_kind", ix.get("kind"))), f"{ix.get('ntotal')} vectors"]
+    parts = [str(cfg.get("index_kind", ix.get("kind"))), f"{ix.get('ntotal')} vectors"
+             + (f" in {ix['parts']} files" if ix.get("parts") else "")]
     if ix.get("nlist"):
         parts.append(f"nlist {ix['nlist']} nprobe {ix.get('nprobe')}")
     rec = ix.get("recall")
@@ -212,7 +214,7 @@ def merge(
                                           "workers were given)."),
     damping: Optional[str] = typer.Option(None, help="Damping (default: as the workers were "
                                           "given)."),
-    index: Optional[str] = typer.Option(None, help="flat, ivf, flat:fp16 or ivf:fp16 (default: as the workers were "
+    index: Optional[str] = typer.Option(None, help="e.g. flat, ivf, ivf:fp16, flat:fp16,shards=4 (default: as the workers were "
                                         "given)."),
     remove_shards: bool = typer.Option(False, "--remove-shards", help="Delete DIR/shards once "
                                        "the index is written."),

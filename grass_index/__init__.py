@@ -30,6 +30,8 @@ _LAZY = {
     "merge_shards": "grass_index.attribute",
     "AttributionIndex": "grass_index.attribute",
     "AttributionError": "grass_index.attribute",
+    "verify_index": "grass_index.attribute",
+    "describe_index": "grass_index.attribute",
     "load_task": "grass_index.task",
 }
 

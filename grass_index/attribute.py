@@ -21,7 +21,6 @@ import torch
 
 from .capture import GradientSketcher, select_layers
 from .compress import load_selective_mask
-from .index import VectorIndex
 from .precondition import Preconditioner
 from .store import SketchStore, StoreError
 from .task import check_loss, default_collate
@@ -35,7 +34,7 @@ from .pipeline.progress import _Progress
 from .pipeline.sharding import _merge, _sketch_shard, parse_worker, read_shard_fisher
 from .pipeline.sketching import _sketch_training_set
 from .pipeline.stored import _preconditioned_blocks, _state_from_array
-from .pipeline.indexing import _finish, _refit
+from .pipeline.indexing import _finish, _refit, load_faiss
 from .pipeline.querying import _check_model, _query_sketcher, _sketch_queries
 # Re-exported: public API (verify_index, describe_index) and names tests and tools import
 # from here (the directory layout, the config hash, the preconditioner state codec).
@@ -260,12 +259,15 @@ class AttributionIndex:
     @property
     def vindex(self):
         if self._vindex is None:
-            f = self.path / self.config["index_file"]
-            if not f.is_file():
-                raise AttributionError(f"{f} is missing; run `grass-index verify {self.path} "
-                                       "--repair` to rebuild it from the stored sketches")
+            names = self.config.get("index_files") or [self.config["index_file"]]
+            f = self.path / names[0] if len(names) == 1 else self.path
+            for name in names:
+                if not (self.path / name).is_file():
+                    raise AttributionError(f"{self.path / name} is missing; run `grass-index "
+                                           f"verify {self.path} --repair` to rebuild it from "
+                                           "the stored sketches")
             try:
-                self._vindex = VectorIndex.load(f, mmap=self._mmap)
+                self._vindex = load_faiss(self.path, self.config, mmap=self._mmap)
             except Exception as e:
                 raise AttributionError(f"{f} is unreadable ({e}); run `grass-index verify "
                                        f"{self.path} --repair` to rebuild it") from e

@@ -105,6 +105,22 @@ def test_round_trip_build_info_query_score_verify(built, tmp_path):
     assert human.exit_code == 0 and "sjlt-8" in human.stderr
 
 
+def test_index_options_recall_in_info_and_bad_index(built, tmp_path):
+    """--index ivf:fp16,shards=2 builds two fp16 files; info shows the recall it measured;
+    a bad --index is one clean line naming the choices, before anything is written."""
+    task, _ = built
+    out = tmp_path / "idx"
+    res = invoke("build", task, "--out", out, *SMALL, "--index", "ivf:fp16,shards=2")
+    assert res.exit_code == 0, res.output
+    assert len(list(out.glob("index-*-of-2.faiss"))) == 2
+    human = " ".join(invoke("info", out).stderr.split())
+    assert "ivf:fp16,shards=2, 40 vectors in 2 files" in human and "recall@10" in human, human
+    assert json.loads(invoke("verify", out, "--json").stdout)["ok"]
+    bad = invoke("build", task, "--out", tmp_path / "bad", *SMALL, "--index", "hnsw")
+    assert_clean_failure(bad, "unknown index 'hnsw'", "ivf:fp16,shards=4")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_query_png(built, tmp_path):
     _, out = built
     res = invoke("query", out, "--example", 0, "--opponents", "-k", 3, "--png", tmp_path / "q.png")

@@ -252,11 +252,60 @@ def test_fp16_indexes_roundtrip_and_halve_the_file(tmp_path, mmap):
 
 def test_index_specs():
     from grass_index.index import parse_spec
-    assert parse_spec("flat") == ("flat", "float32")
-    assert parse_spec("ivf:fp16") == ("ivf", "float16")
-    for bad in ("hnsw", "flat:fp8", "IVF", ""):
+    assert parse_spec("flat") == ("flat", "float32", 1)
+    assert parse_spec("ivf:fp16") == ("ivf", "float16", 1)
+    assert str(parse_spec("flat:shards=4,fp16")) == "flat:fp16,shards=4"  # canonical order
+    assert str(parse_spec("ivf:shards=1")) == "ivf"
+    for bad in ("hnsw", "flat:fp8", "IVF", "", "flat:", "flat:shards=0", "ivf:shards=x"):
         with pytest.raises(FaissIndexError, match="flat:fp16"):
             parse_spec(bad)
+
+
+@pytest.mark.parametrize("kind,dtype", [("flat", "float32"), ("flat", "float16"),
+                                        ("ivf", "float32"), ("ivf", "float16")])
+def test_sharded_index_searches_its_parts_as_one(tmp_path, kind, dtype):
+    """Parts made by empty_like (shared quantizer and float16 scales), each holding a
+    contiguous id range, answer exactly as one index holding everything."""
+    from grass_index.index import ShardedIndex, part_ranges
+
+    assert part_ranges(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    with pytest.raises(FaissIndexError, match="into 11 parts"):
+        part_ranges(10, 11)
+    x, _ = clustered(3000, 32, 6)
+    x *= np.logspace(-3, 3, 32, dtype=np.float32)
+    q, _ = clustered(40, 32, 7)
+    ids = np.arange(3000, dtype=np.int64)
+    kw = {"nlist": 16, "nprobe": 16} if kind == "ivf" else {}
+    whole = VectorIndex.create(32, kind, dtype=dtype, **kw)
+    whole.train(x[:2000])
+    whole.fix_scales(x[:2000])
+    parts = [whole.empty_like() for _ in range(3)]
+    for part, (lo, hi) in zip(parts, part_ranges(3000, 3)):
+        part.add(x[lo:hi], ids[lo:hi])
+        part.save(str(tmp_path / f"p{lo}.faiss"))
+    whole.add(x, ids)
+    loaded = [VectorIndex.load(str(tmp_path / f"p{lo}.faiss"), mmap=True)
+              for lo, _ in part_ranges(3000, 3)]
+    for sharded in (ShardedIndex(parts), ShardedIndex(loaded)):
+        assert sharded.ntotal == 3000 and sharded.describe()["parts"] == 3
+        for opp in (False, True):
+            s0, i0 = whole.search(q, 10, opponents=opp)
+            s1, i1 = sharded.search(q, 10, opponents=opp)
+            np.testing.assert_array_equal(i0, i1)
+            np.testing.assert_allclose(s0, s1, rtol=1e-6)
+        np.testing.assert_array_equal(sharded.reconstruct([5, 1500, 2999]),
+                                      whole.reconstruct([5, 1500, 2999]))
+        assert sorted(sharded.ids().tolist()) == ids.tolist()
+        with pytest.raises(FaissIndexError, match="read-only"):
+            sharded.add(x[:1], [5000])
+    other = VectorIndex.create(32, kind, dtype=dtype, **kw)  # its own scales / quantizer
+    other.train(x[1000:])
+    other.add(x[1000:] * 3, ids[1000:])
+    if kind == "ivf" or dtype == "float16":
+        with pytest.raises(FaissIndexError, match="not built like part 0"):
+            ShardedIndex([parts[0], other])
+    with pytest.raises(FaissIndexError, match="before adding"):
+        parts[0].empty_like()
 
 
 def test_recall_excluding_the_query_itself_and_streaming_ground_truth():

@@ -277,6 +277,38 @@ def test_index_records_recall_and_fp16_variants_track_exact_scores(setup, built,
         gi.open_index(tmp_path / "c").reprecondition(index="flat:fp8")
 
 
+def test_sharded_index_files_answer_like_one_and_are_verified_and_repaired(setup, built,
+                                                                          tmp_path):
+    """index='flat:shards=3' writes three part files searched as one: the same top-k and scores
+    as the one-file index; verify checks them and --repair rebuilds a lost part; going back to
+    one file removes the parts."""
+    import shutil
+
+    model, train, query = setup
+    idx, out = built
+    shutil.copytree(out, tmp_path / "c")
+    sharded = gi.open_index(tmp_path / "c").reprecondition(index="flat:shards=3")
+    names = sharded.config["index_files"]
+    assert len(names) == 3 and sorted(p.name for p in (tmp_path / "c").glob("index-*")) == \
+        sorted(names)
+    assert sharded.config["index"]["parts"] == 3 and sharded.config["index"]["ntotal"] == N_TRAIN
+    assert sharded.config["index"]["recall"]["recall"] == 1.0
+    want = idx.query(model, query, loss_fn, k=N_TRAIN)  # every id: all parts contribute
+    got = gi.open_index(tmp_path / "c", mmap=True).query(model, query, loss_fn, k=N_TRAIN)
+    assert [[i for i, _ in r] for r in got] == [[i for i, _ in r] for r in want]
+    np.testing.assert_allclose([[v for _, v in r] for r in got],
+                               [[v for _, v in r] for r in want], rtol=1e-5, atol=1e-7)
+    assert gi.verify_index(tmp_path / "c")["ok"]
+    (tmp_path / "c" / names[1]).unlink()
+    with pytest.raises(gi.AttributionError, match="missing; run `grass-index verify"):
+        gi.open_index(tmp_path / "c").query(model, query, loss_fn)
+    rep = gi.verify_index(tmp_path / "c", repair=True)
+    assert rep["ok"] and rep["repaired"]
+    assert len(gi.open_index(tmp_path / "c").query(model, query, loss_fn, k=3)) == N_QUERY
+    one = gi.open_index(tmp_path / "c").reprecondition(index="flat")
+    assert [p.name for p in (tmp_path / "c").glob("index-*")] == one.config["index_files"]
+
+
 def test_selective_mask_build_is_exact_and_travels_with_the_index(setup, tmp_path):
     """selective_mask specs use the mask file given at build time; queries reuse the copy kept in
     the index directory, and a build with another mask into the same directory is refused."""

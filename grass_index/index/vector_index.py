@@ -16,6 +16,7 @@ it. Queries are multiplied by 2**-e_j, so inner products — the scores — are 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import faiss
 import numpy as np
@@ -25,25 +26,47 @@ from ._file import FaissIndexError
 
 KINDS = ("flat", "ivf")
 DTYPES = ("float32", "float16")
-SPECS = ("flat", "ivf", "flat:fp16", "ivf:fp16")
+SPECS = ("flat", "ivf", "flat:fp16", "ivf:fp16")  # plus ",shards=N" on any of them
 FP16_MAX = 65504.0
 FP16_TARGET_EXP = 8  # the first vectors' largest |entry| is scaled into [2**7, 2**8)
 ADD_CHUNK = 65536
 SEARCH_CHUNK = 4096
 
 
-def parse_spec(spec) -> tuple[str, str]:
-    """Index spec -> (kind, dtype): ``flat`` | ``ivf`` (float32), ``flat:fp16`` | ``ivf:fp16``."""
-    kind, _, storage = str(spec).partition(":")
-    dtype = {"": "float32", "fp32": "float32", "fp16": "float16"}.get(storage)
-    if kind not in KINDS or dtype is None:
-        raise FaissIndexError(f"unknown index {spec!r}; use one of {', '.join(SPECS)} (flat is "
-                              "exact; ivf is approximate; :fp16 halves memory and disk)")
-    return kind, dtype
+class IndexSpec(NamedTuple):
+    """What ``--index`` names: ``KIND[:OPTION,...]``, e.g. ``flat``, ``ivf:fp16``,
+    ``flat:fp16,shards=4``. Options: ``fp16`` (float16 storage), ``shards=N`` (N part files
+    searched as one)."""
+    kind: str
+    dtype: str = "float32"
+    shards: int = 1
+
+    def __str__(self) -> str:
+        opts = (["fp16"] if self.dtype == "float16" else []) + (
+            [f"shards={self.shards}"] if self.shards > 1 else [])
+        return self.kind + (":" + ",".join(opts) if opts else "")
 
 
-def spec_of(kind: str, dtype: str) -> str:
-    return kind + (":fp16" if dtype == "float16" else "")
+def parse_spec(spec) -> IndexSpec:
+    """``flat`` | ``ivf``, then optionally ``:fp16`` and/or ``shards=N`` (comma-separated)."""
+    if isinstance(spec, IndexSpec):
+        return spec
+    kind, _, options = str(spec).partition(":")
+    dtype, shards, bad = "float32", 1, kind not in KINDS
+    for opt in filter(None, options.split(",")) if options else []:
+        key, eq, value = opt.strip().partition("=")
+        if key in ("fp16", "fp32") and not eq:
+            dtype = "float16" if key == "fp16" else "float32"
+        elif key == "shards" and value.isdigit() and int(value) >= 1:
+            shards = int(value)
+        else:
+            bad = True
+    if bad or (options == "" and ":" in str(spec)):
+        raise FaissIndexError(f"unknown index {spec!r}; use flat or ivf, optionally with :fp16 "
+                              "and/or shards=N, e.g. flat, ivf, flat:fp16, ivf:fp16,shards=4 "
+                              "(flat is exact; ivf approximate; fp16 halves memory and disk; "
+                              "shards=N writes N files searched as one)")
+    return IndexSpec(kind, dtype, shards)
 
 
 def default_nlist(n_train: int) -> int:
@@ -128,6 +151,23 @@ class VectorIndex:
                                   f"training vectors (ideally {39 * self.nlist}), got {len(x)}; "
                                   "pass a larger sample or a smaller nlist")
         self._index.train(self._stored(x, "training sample"))
+
+    def fix_scales(self, sample) -> None:
+        """Fix the float16 column scales from a sample without adding it (no-op for float32,
+        or once fixed) — so parts made by :meth:`empty_like` share them."""
+        if self.dtype == "float16" and self.exponents is None:
+            self._stored(self._vectors(sample, "sample"), "sample")
+
+    def empty_like(self) -> "VectorIndex":
+        """An empty index built like this empty one: same kind, dtype, float16 scales and
+        trained IVF quantizer, so its scores are comparable (a part of a sharded index)."""
+        if self.ntotal:
+            raise FaissIndexError("empty_like copies an empty index; call it before adding")
+        if self.needs_training:
+            raise FaissIndexError("the IVF index must be trained first: call train(sample)")
+        return VectorIndex(faiss.clone_index(self._index), kind=self.kind, dim=self.dim,
+                           nlist=self.nlist, nprobe=self.nprobe, dtype=self.dtype,
+                           exponents=self.exponents)
 
     # -- data -----------------------------------------------------------------------------------
     @property

@@ -6,11 +6,13 @@ An index directory holds
                     written once when the build starts, so a re-run can resume or refuse
     sketches/       LMDB store: raw sketches in blocks of ``batch_size`` rows (pass 1), the
                     per-layer Fisher matrices and the preconditioner (pass 2), the config
-    index-KEY.faiss inner-product index over the preconditioned sketches (ids = train ids)
+    index-KEY.faiss inner-product index over the preconditioned sketches (ids = train ids);
+                    with ``--index ...,shards=N``: index-KEY-I-of-N.faiss, searched as one
     config.json     the self-describing config; written last and atomically, so an index
                     is complete exactly when config.json exists
     shards/I-of-N/  only for split builds (`build --worker I/N`, torchrun): worker I's raw
-                    sketches (batches b with b % N == I); `merge` copies them into sketches/
+                    sketches (batches b with b % N == I) and their Fisher sums; `merge`
+                    copies the sketches into sketches/ and adds up the sums
 
 Modules, in data-flow order (each imports only from the ones above it):
 

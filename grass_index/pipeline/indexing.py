@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..index import ExactTopK, VectorIndex, parse_spec, recall_at_k
+from ..index import (ExactTopK, ShardedIndex, VectorIndex, parse_spec, part_ranges,
+                     recall_at_k)
 from ..precondition import FisherAccumulator, Preconditioner
 from ..store import SketchStore, StoreError
 from .config import _damping_key
@@ -32,6 +33,7 @@ def _finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damp
             index: str, nlist, nprobe, task, progress, data=None, old_config=None) -> dict:
     """Pass 2: Fisher from stored sketches -> preconditioner -> FAISS -> config.json."""
     n, layout = build["n_train"], build["layout"]
+    index = str(parse_spec(index))  # canonical: the same index under any spelling
     n_blocks = math.ceil(n / build["batch_size"])
     if store.committed_blocks < n_blocks:
         raise AttributionError(f"only {store.committed_blocks} of {n_blocks} batches are "
@@ -44,13 +46,15 @@ def _finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damp
         pre = Preconditioner.fit(fisher, layout, hessian=hessian, damping=damping)
         store.put_array(f"precond/{key}", _state_to_array(pre.state_dict()))
 
-    vindex = _build_faiss(store, pre, build, index, nlist, nprobe, progress, n_blocks)
-    index_file = f"index-{key}.faiss"
+    parts, vindex = _build_faiss(store, pre, build, index, nlist, nprobe, progress)
+    index_files = ([f"index-{key}.faiss"] if len(parts) == 1 else
+                   [f"index-{key}-{i}-of-{len(parts)}.faiss" for i in range(len(parts))])
     # Temp files of a writer killed mid-save (an index can be GBs). We hold the store's writer
     # lock, so no live process is writing any of them.
     for p in [*out.glob("index-*.faiss.tmp-*"), *out.glob(f".{CONFIG_FILE}.tmp*")]:
         p.unlink(missing_ok=True)
-    vindex.save(out / index_file)
+    for part, name in zip(parts, index_files):
+        part.save(out / name)
 
     cfg = dict(build)
     cfg.update(
@@ -59,7 +63,8 @@ def _finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damp
         hessian=hessian, damping=_damping_key(damping), damping_used=pre.damping_used,
         preconditioner=_jsonable(pre.describe()), preconditioner_key=key,
         layers_described=describe, index=_jsonable(vindex.describe()), index_kind=index,
-        index_file=index_file, n_blocks=n_blocks, sketch_hash=_hash(build),
+        index_file=index_files[0], index_files=index_files, n_blocks=n_blocks,
+        sketch_hash=_hash(build),
         item_signature=(_data_signature(data) if data is not None
                         else (old_config or {}).get("item_signature")),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -68,7 +73,7 @@ def _finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damp
     store.put_meta("config", cfg)
     _write_json(out / CONFIG_FILE, cfg)  # the commit point of the whole build
     for p in out.glob("index-*.faiss"):  # older preconditioning variants
-        if p.name != index_file:
+        if p.name not in index_files:
             p.unlink(missing_ok=True)
     for name in store.array_names():  # their preconditioners (k×k float64 per layer)
         if name.startswith("precond/") and name != f"precond/{key}":
@@ -146,21 +151,32 @@ def _put_fisher(store, acc: FisherAccumulator) -> None:
 
 
 RECALL_QUERIES, RECALL_K = 100, 10
+IVF_TRAIN_CAP = 100_000
 
 
-def _build_faiss(store, pre, build, spec, nlist, nprobe, progress, n_blocks):
-    """The FAISS index over the preconditioned sketches, with its measured recall@10."""
-    kind, dtype = parse_spec(spec)
-    vindex = VectorIndex.create(build["dim"], kind, nlist=nlist, nprobe=nprobe, dtype=dtype)
-    if kind == "ivf":  # train on (a deterministic sample of) the preconditioned vectors
-        cap, sample, got = 100_000, [], 0
+def _build_faiss(store, pre, build, spec, nlist, nprobe, progress):
+    """The FAISS index over the preconditioned sketches — its parts (one per ``shards``, each
+    a contiguous id range) and the index searching them as one — with its measured
+    recall@10, recorded in every part."""
+    spec = parse_spec(spec)
+    n = build["n_train"]
+    template = VectorIndex.create(build["dim"], spec.kind, nlist=nlist, nprobe=nprobe,
+                                  dtype=spec.dtype)
+    if spec.kind == "ivf" or spec.dtype == "float16":
+        sample, got = [], 0  # the first preconditioned rows: IVF training, float16 scales
         for _, vec in _preconditioned_blocks(store, pre):
             sample.append(vec)
             got += len(vec)
-            if got >= cap:
+            if spec.kind == "flat" or got >= IVF_TRAIN_CAP:
                 break
-        vindex.train(np.concatenate(sample)[:cap])
-    n = build["n_train"]
+        sample = np.concatenate(sample)[:IVF_TRAIN_CAP]
+        if spec.kind == "ivf":  # train on (a deterministic sample of) the preconditioned rows
+            template.train(sample)
+        template.fix_scales(sample)
+        del sample
+    ranges = part_ranges(n, spec.shards)
+    parts = [template.empty_like() for _ in ranges]
+
     # Recall ground truth, computed exactly alongside the adds: training sketches as queries
     # (the distribution of real queries' sketches), each one's own id excluded from both lists.
     k = min(RECALL_K, n - 1)
@@ -168,10 +184,14 @@ def _build_faiss(store, pre, build, spec, nlist, nprobe, progress, n_blocks):
     exact = ExactTopK(store.get_rows(qids), k + 1) if k >= 1 else None
     for start, vec in _preconditioned_blocks(store, pre):
         ids = np.arange(start, start + len(vec), dtype=np.int64)
-        vindex.add(vec, ids)
+        for part, (lo, hi) in zip(parts, ranges):
+            mine = (ids >= lo) & (ids < hi)
+            if mine.any():
+                part.add(vec[mine], ids[mine])
         if exact is not None:
             exact.add(vec, ids)
         progress("index", start + len(vec), n)
+    vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
     if vindex.ntotal != n:
         raise AttributionError(f"index holds {vindex.ntotal} vectors for {n} "
                                "training examples; the sketch store is inconsistent — run "
@@ -179,8 +199,17 @@ def _build_faiss(store, pre, build, spec, nlist, nprobe, progress, n_blocks):
     if exact is not None:
         _, approx = vindex.search(exact.queries, k + 1)
         r = recall_at_k(approx, exact.result()[1], k, exclude=qids)
-        vindex.recall = dict(k=k, recall=round(r, 4), queries=len(qids), nprobe=vindex.nprobe,
-                             queries_from="training sketches, own id excluded")
+        recall = dict(k=k, recall=round(r, 4), queries=len(qids), nprobe=vindex.nprobe,
+                      queries_from="training sketches, own id excluded")
+        for v in (vindex, *parts):
+            v.recall = recall
         log.info("index %s: recall@%d = %.4f against exact search (%d queries)", spec, k, r,
                  len(qids))
-    return vindex
+    return parts, vindex
+
+
+def load_faiss(path: Path, cfg: dict, *, mmap: bool = False, verify: bool = True):
+    """The finished index's FAISS index: its one file, or its parts searched as one."""
+    names = cfg.get("index_files") or [cfg["index_file"]]
+    parts = [VectorIndex.load(path / name, mmap=mmap, verify=verify) for name in names]
+    return parts[0] if len(parts) == 1 else ShardedIndex(parts)
