@@ -215,10 +215,10 @@ def VectorIndex_exact(x, ids, q, k):
 
 def test_fp16_out_of_range_vectors_are_refused_not_stored_as_inf():
     idx = VectorIndex.create(4, dtype="float16")
-    idx.add(np.ones((3, 4), np.float32), np.arange(3))  # scales fixed: 1 -> 2**7
-    idx.add(np.full((1, 4), 500.0, np.float32), [3])  # 500x the first: 64000, still in range
-    with pytest.raises(FaissIndexError, match="beyond float16's range.*float32 index"):
-        idx.add(np.full((1, 4), 600.0, np.float32), [4])
+    idx.add(np.ones((3, 4), np.float32), np.arange(3))  # scales fixed: 1 -> 2**3
+    idx.add(np.full((1, 4), 8000.0, np.float32), [3])  # 8000x the first: 64000, still in range
+    with pytest.raises(FaissIndexError, match="beyond float16's range.*below 2.*float32 index"):
+        idx.add(np.full((1, 4), 8200.0, np.float32), [4])
     assert idx.ntotal == 4
     assert np.isfinite(idx.search(np.ones((1, 4), np.float32), 4)[0]).all()
 

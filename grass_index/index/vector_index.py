@@ -10,8 +10,9 @@ stay float32). float16 overflows at 65504 and loses precision below 6e-5, while 
 sketches can sit anywhere in float32's range — and their layers' blocks differ by orders of
 magnitude (the preconditioner divides each by its own Fisher scale). So every column j is
 stored times a power of two 2**e_j (exact) that puts the first vectors' largest |entry| of that
-column in [2**7, 2**8): at least 256x headroom for later vectors, an error (never an inf) beyond
-it. Queries are multiplied by 2**-e_j, so inner products — the scores — are unchanged.
+column in [2**3, 2**4): at least 4096x headroom for later vectors (an error, never an inf,
+beyond it), while entries 10^4 times smaller than that still keep ~0.1% precision (float16's
+subnormals). Queries are multiplied by 2**-e_j, so inner products — the scores — are unchanged.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ KINDS = ("flat", "ivf")
 DTYPES = ("float32", "float16")
 SPECS = ("flat", "ivf", "flat:fp16", "ivf:fp16")  # plus ",shards=N" on any of them
 FP16_MAX = 65504.0
-FP16_TARGET_EXP = 8  # the first vectors' largest |entry| is scaled into [2**7, 2**8)
+FP16_TARGET_EXP = 4  # the first vectors' largest |entry| is scaled into [2**3, 2**4)
 ADD_CHUNK = 65536
 SEARCH_CHUNK = 4096
 
@@ -222,7 +223,8 @@ class VectorIndex:
             raise FaissIndexError(
                 f"{what} has entries up to {top[j]:.3g} in column {j}, beyond float16's range "
                 f"at this index's scale for that column (fixed by the first vectors, whose "
-                f"largest entry there was below {math.ldexp(1.0, -int(self.exponents[j]) + 8):.3g}"
+                f"largest entry there was below "
+                f"{math.ldexp(1.0, FP16_TARGET_EXP - int(self.exponents[j])):.3g}"
                 "); build a float32 index instead (--index flat or ivf, without :fp16)")
         return scaled.astype(np.float32)
 
