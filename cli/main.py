@@ -140,6 +140,9 @@ def build(
     worker: Optional[str] = typer.Option(
         None, "--worker", help="I/N: sketch only worker I's share of the batches (I = 0..N-1, "
         "e.g. one SLURM array task each) into DIR/shards/; then `grass-index merge DIR`."),
+    remove_shards: bool = typer.Option(False, "--remove-shards", help="Under torchrun: delete "
+                                       "DIR/shards once rank 0 has merged them (they double "
+                                       "the disk)."),
     json_mode: bool = typer.Option(False, "--json", help="Print the config as JSON on stdout."),
 ):
     """Sketch every training example's gradient, precondition, and index (resumable).
@@ -162,7 +165,8 @@ def build(
                              projection=projection, hessian=hessian, damping=damping,
                              batch_size=batch_size, seed=seed, layers=_split_layers(layers),
                              collate=t.collate, index=index, task=t.ref, progress=cb,
-                             device=device, selective_mask=selective_mask, worker=worker)
+                             device=device, selective_mask=selective_mask, worker=worker,
+                             remove_shards=remove_shards)
     secs = time.perf_counter() - t0
     if worker is not None:  # a shard, not an index
         if json_mode:

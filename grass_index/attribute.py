@@ -56,15 +56,18 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
                 layers: list[str] | str | None = None, collate: Callable | None = None,
                 index: str = "flat", task: str | None = None, progress=True, device=None,
                 nlist: int | None = None, nprobe: int | None = None,
-                selective_mask=None, worker=None, distributed: bool | None = None):
+                selective_mask=None, worker=None, distributed: bool | None = None,
+                remove_shards: bool = False):
     """Sketch every training example (pass 1, resumable), precondition (pass 2), index.
 
     ``worker=(i, n)`` (or ``"i/n"``) sketches only worker i's batches (b % n == i) into
     ``out/shards/i-of-n/`` and returns a dict describing that shard, without pass 2; once all
     n shards exist, :func:`merge_shards` finishes the index. ``distributed`` (default: when
     torchrun's environment or an initialised process group has more than one rank) makes every
-    rank sketch its shard, then rank 0 merges; every rank returns the finished index. Either way
-    the index equals a single-process build's.
+    rank sketch its shard and sum its Fisher, the sums are all-reduced, then rank 0 merges
+    (``remove_shards`` deletes the shards afterwards: they double the disk); every rank returns
+    the finished index. Either way the sketches equal a single-process build's bit for bit and
+    the scores to float64 rounding.
 
     ``selective_mask`` is a file from `grass-index selective-mask fit`, needed by
     ``selective_mask-…`` specs; it is copied into ``out`` so queries need only the directory.
@@ -76,6 +79,9 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
     hessian = _check_build_args(train_data, hessian=hessian, index=index,
                                 batch_size=batch_size, damping=damping)
     worker = parse_worker(worker)
+    if worker is not None and remove_shards:
+        raise AttributionError("remove_shards applies to torchrun builds and merge; a --worker "
+                               "build's shard is what merge needs")
     group = None
     if worker is None and _distributed.wanted(distributed):
         group = _distributed.Group()
@@ -89,7 +95,8 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
                       projection=projection, hessian=hessian, damping=damping,
                       batch_size=batch_size, seed=seed, layers=layers, collate=collate,
                       index=index, task=task, progress=progress, device=device, nlist=nlist,
-                      nprobe=nprobe, selective_mask=selective_mask, worker=worker, group=group)
+                      nprobe=nprobe, selective_mask=selective_mask, worker=worker, group=group,
+                      remove_shards=remove_shards)
     finally:
         if group is not None:
             group.close()
@@ -97,7 +104,7 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
 
 def _build(model, train_data, loss_fn, out: Path, *, sparsification, projection, hessian,
            damping, batch_size, seed, layers, collate, index, task, progress, device, nlist,
-           nprobe, selective_mask, worker, group):
+           nprobe, selective_mask, worker, group, remove_shards):
     n = len(train_data)
     if isinstance(layers, str):
         layers = [p.strip() for p in layers.split(",") if p.strip()]
@@ -153,7 +160,8 @@ def _build(model, train_data, loss_fn, out: Path, *, sparsification, projection,
                 group.step(lambda: mine.setdefault("acc", read_shard_fisher(
                     out, (group.rank, group.world), sketcher.layout)) and None)
                 fisher = group.all_reduce_fisher(mine["acc"])
-            cfg = group.step(lambda: _merge(out, n=group.world, progress=prog, fisher=fisher)
+            cfg = group.step(lambda: _merge(out, n=group.world, progress=prog, fisher=fisher,
+                                            remove_shards=remove_shards)
                              if group.rank == 0 else None)[0]
         finally:
             prog.close()

@@ -263,6 +263,16 @@ def test_torchrun_gloo_two_ranks_equal_single_process(task, single, tmp_path):
     assert_same_index(gi.open_index(out), single, task)
 
 
+def test_torchrun_remove_shards(task, single, tmp_path):
+    out = tmp_path / "idx"
+    res = torchrun(task, out, "--remove-shards")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert not (out / "shards").exists()
+    assert_same_index(gi.open_index(out), single, task)
+    with pytest.raises(AttributionError, match="remove_shards applies to torchrun"):
+        build(task, tmp_path / "w", worker="0/2", remove_shards=True)
+
+
 def test_torchrun_error_on_one_rank_stops_every_rank(task, single, tmp_path):
     res = torchrun(task, single.path, "--seed", "3")  # rank 0 refuses the directory
     assert res.returncode != 0
