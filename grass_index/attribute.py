@@ -31,7 +31,8 @@ from .pipeline import distributed as _distributed
 from .pipeline.config import (_check_index, _check_build_args, _check_damping, _claim_out_dir,
                               _damping_key, _norm_hessian, _read_config)
 from .pipeline.progress import _Progress
-from .pipeline.sharding import _merge, _sketch_shard, parse_worker, read_shard_fisher
+from .pipeline.sharding import (_merge, _merge_ranks, _sketch_shard, parse_worker,
+                                read_shard_fisher)
 from .pipeline.sketching import _sketch_training_set
 from .pipeline.stored import _preconditioned_blocks, _state_from_array
 from .pipeline.indexing import _finish, _refit, load_faiss
@@ -160,9 +161,8 @@ def _build(model, train_data, loss_fn, out: Path, *, sparsification, projection,
                 group.step(lambda: mine.setdefault("acc", read_shard_fisher(
                     out, (group.rank, group.world), sketcher.layout)) and None)
                 fisher = group.all_reduce_fisher(mine["acc"])
-            cfg = group.step(lambda: _merge(out, n=group.world, progress=prog, fisher=fisher,
-                                            remove_shards=remove_shards)
-                             if group.rank == 0 else None)[0]
+            cfg = _merge_ranks(group, out, fisher=fisher, progress=prog,
+                               remove_shards=remove_shards)
         finally:
             prog.close()
         return AttributionIndex(out, cfg)

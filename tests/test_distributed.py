@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import grass_index as gi
 from grass_index.attribute import AttributionError, verify_index
 from grass_index.cli.main import app
+from grass_index.index import VectorIndex
 from grass_index.store import SketchStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,6 +262,31 @@ def test_torchrun_gloo_two_ranks_equal_single_process(task, single, tmp_path):
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["0-of-2", "1-of-2"]
     # same kernels on the same device: the sketches are bit-identical here too
     assert_same_index(gi.open_index(out), single, task)
+
+
+def test_torchrun_ranks_build_their_own_index_parts(task, single, tmp_path):
+    """With shards=N in --index, a torchrun build keeps one FAISS part per rank (each rank
+    preconditioned and indexed its own shard, from rank 0's IVF quantizer and fp16 scales):
+    searched as one they answer like the single-process index, and recall is recorded."""
+    out = tmp_path / "idx"
+    res = torchrun(task, out, "--index", "ivf:fp16,shards=2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    idx = gi.open_index(out)
+    assert idx.config["index_kind"] == "ivf:fp16,shards=2"
+    assert len(idx.config["index_files"]) == 2 and idx.config["index"]["parts"] == 2
+    assert idx.config["index"]["recall"]["recall"] >= 0.9
+    parts = [VectorIndex.load(out / f) for f in idx.config["index_files"]]
+    held = [set(p.ids().tolist()) for p in parts]
+    assert held[0] == {i for i in range(45) if (i // 8) % 2 == 0}  # rank 0: batches 0, 2, 4
+    assert held[1] == set(range(45)) - held[0]
+    s = scores(single, task)
+    top = idx.query(task.model(), task.query_data(), task.loss, k=5)
+    for r, row in enumerate(top):
+        ids = [i for i, _ in row]
+        np.testing.assert_allclose([v for _, v in row], s[r, ids], rtol=3e-3,
+                                   atol=3e-3 * np.abs(s).max())
+        assert s[r, ids[0]] >= s[r].max() - 5e-3 * np.abs(s).max()
+    assert verify_index(out)["ok"]
 
 
 def test_torchrun_remove_shards(task, single, tmp_path):

@@ -43,9 +43,13 @@ class ExactTopK:
         self.ids = np.full((m, 0), -1, np.int64)
 
     def add(self, vectors, ids) -> None:
-        s = np.concatenate([self.scores, self.queries @ np.asarray(vectors, np.float32).T], 1)
-        i = np.concatenate([self.ids, np.broadcast_to(np.asarray(ids, np.int64),
-                                                      (len(s), len(ids)))], 1)
+        scores = self.queries @ np.asarray(vectors, np.float32).T
+        self.merge(scores, np.broadcast_to(np.asarray(ids, np.int64), scores.shape))
+
+    def merge(self, scores, ids) -> None:
+        """Fold in candidate (scores, ids) per query, e.g. another process's top lists."""
+        s = np.concatenate([self.scores, np.asarray(scores, np.float32)], 1)
+        i = np.concatenate([self.ids, np.asarray(ids, np.int64)], 1)
         if s.shape[1] > self.k:
             top = np.argpartition(-s, self.k - 1, axis=1)[:, : self.k]
             s, i = np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1)

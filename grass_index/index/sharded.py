@@ -12,7 +12,7 @@ import faiss
 import numpy as np
 
 from ._file import FaissIndexError
-from .vector_index import VectorIndex
+from .vector_index import VectorIndex, _same, _same_centroids
 
 
 def part_ranges(n: int, parts: int) -> list[tuple[int, int]]:
@@ -33,7 +33,7 @@ class ShardedIndex(VectorIndex):
         for i, p in enumerate(parts[1:], 1):
             same = (p.kind, p.dim, p.dtype, p.nlist) == (first.kind, first.dim, first.dtype,
                                                          first.nlist)
-            if not (same and _same_exponents(p.exponents, first.exponents)
+            if not (same and _same(p.exponents, first.exponents)
                     and _same_centroids(p, first)):
                 raise FaissIndexError(f"index part {i} was not built like part 0 (kind, dim, "
                                       "dtype, nlist, float16 scales or IVF centroids differ); "
@@ -71,16 +71,3 @@ class ShardedIndex(VectorIndex):
     def save(self, path) -> None:
         raise FaissIndexError("save each part of a sharded index on its own")
 
-
-def _same_exponents(a, b) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return np.array_equal(a, b)
-
-
-def _same_centroids(a: VectorIndex, b: VectorIndex) -> bool:
-    """IVF parts must share the coarse quantizer, or their lists mean different things."""
-    if a.kind != "ivf":
-        return True
-    ca, cb = (faiss.downcast_index(v._index.quantizer).reconstruct_n(0, v.nlist) for v in (a, b))
-    return np.array_equal(ca, cb)

@@ -170,6 +170,33 @@ class VectorIndex:
                            nlist=self.nlist, nprobe=self.nprobe, dtype=self.dtype,
                            exponents=self.exponents)
 
+    def merge_from(self, other: "VectorIndex") -> None:
+        """Move ``other``'s vectors (disjoint ids) into this index; both must come from one
+        :meth:`empty_like` template, so their codes and IVF lists mean the same."""
+        if (other.kind, other.dim, other.dtype, other.nlist) != (self.kind, self.dim, self.dtype,
+                                                                 self.nlist) or not (
+                _same(self.exponents, other.exponents) and _same_centroids(self, other)):
+            raise FaissIndexError("cannot merge indexes built differently (kind, dim, dtype, "
+                                  "nlist, float16 scales or IVF centroids differ)")
+        if self.kind == "ivf":  # FAISS cannot merge IVF direct maps: drop them, then rebuild
+            for ix in (self._index, other._index):
+                ix.set_direct_map_type(faiss.DirectMap.NoMap)
+            self._index.merge_from(other._index, 0)
+            self._index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        else:
+            self._index.merge_from(other._index, 0)
+
+    def to_bytes(self) -> tuple[np.ndarray, dict]:
+        """The index as one uint8 array plus its metadata (to send to other processes)."""
+        return faiss.serialize_index(self._index), self.describe()
+
+    @classmethod
+    def from_bytes(cls, data: np.ndarray, meta: dict) -> "VectorIndex":
+        return cls(faiss.deserialize_index(np.asarray(data, np.uint8)), kind=meta["kind"],
+                   dim=meta["dim"], nlist=meta.get("nlist"), nprobe=meta.get("nprobe"),
+                   dtype=meta.get("dtype", "float32"), exponents=meta.get("exponents"),
+                   recall=meta.get("recall"))
+
     # -- data -----------------------------------------------------------------------------------
     @property
     def ntotal(self) -> int:
@@ -331,3 +358,17 @@ class VectorIndex:
         if kind == "ivf":
             index.nprobe = self.nprobe
         return self
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return bool(np.array_equal(a, b))
+
+
+def _same_centroids(a: VectorIndex, b: VectorIndex) -> bool:
+    """IVF parts must share the coarse quantizer, or their lists mean different things."""
+    if a.kind != "ivf":
+        return True
+    ca, cb = (faiss.downcast_index(v._index.quantizer).reconstruct_n(0, v.nlist) for v in (a, b))
+    return np.array_equal(ca, cb)

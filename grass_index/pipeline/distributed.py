@@ -3,13 +3,14 @@
     torchrun --nproc_per_node=N -m grass_index.cli.main build TASK --out DIR
 
 Each rank sketches its shard and sums its rows' ĝĝᵀ (``sharding._sketch_shard``); the Fisher
-sums are all-reduced, then rank 0 runs ``sharding._merge`` (copy into the main store in batch
-order + the normal pass 2 with the all-reduced Fisher), so the index is the single-process one
-(sketches bit for bit, scores to float64 rounding). The other ranks wait and return the same
-config.
+sums are all-reduced; then ``sharding._merge_ranks`` runs pass 2 on every rank at once: each
+fits the same preconditioner and indexes its own shard into its own FAISS part, and rank 0
+copies the sketches into the main store, joins the parts and writes the config. The index
+answers like the single-process one (sketches bit for bit, scores to float64 rounding); every
+rank returns the same config.
 
 What is exchanged is small (each step's success or error; one float64 vector of Σ k_l² Fisher
-sums), so when we create the process group we use gloo on every device: it needs no CUDA
+sums; the empty index template; the recall queries and top lists), so when we create the process group we use gloo on every device: it needs no CUDA
 device binding, and with nccl a rank that runs only CPU code would have nothing to bind to. A
 group the caller already initialised is used as is (with nccl the sums travel on this rank's
 GPU). An error on any rank is raised on every rank, with

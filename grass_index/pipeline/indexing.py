@@ -38,8 +38,8 @@ def _finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damp
     if store.committed_blocks < n_blocks:
         raise AttributionError(f"only {store.committed_blocks} of {n_blocks} batches are "
                                "sketched; re-run the build to finish pass 1")
-    key = _hash(dict(hessian=hessian, damping=_damping_key(damping), index=index, nlist=nlist,
-                     nprobe=nprobe, sketch=_hash(build)))[:12]
+    key = _pass2_key(build, hessian=hessian, damping=damping, index=index, nlist=nlist,
+                     nprobe=nprobe)
     pre = _stored_preconditioner(store, key, layout)  # a resumed pass 2 reuses the inverses
     if pre is None:
         fisher = _fisher(store, layout, n_blocks, progress) if hessian == "eFIM" else {}
@@ -47,26 +47,49 @@ def _finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damp
         store.put_array(f"precond/{key}", _state_to_array(pre.state_dict()))
 
     parts, vindex = _build_faiss(store, pre, build, index, nlist, nprobe, progress)
-    index_files = ([f"index-{key}.faiss"] if len(parts) == 1 else
-                   [f"index-{key}-{i}-of-{len(parts)}.faiss" for i in range(len(parts))])
-    # Temp files of a writer killed mid-save (an index can be GBs). We hold the store's writer
-    # lock, so no live process is writing any of them.
+    names = index_file_names(key, len(parts))
+    _remove_temp_files(out)
+    for part, name in zip(parts, names):
+        part.save(out / name)
+    item_signature = (_data_signature(data) if data is not None
+                      else (old_config or {}).get("item_signature"))
+    return _commit(out, store, build, describe, pre=pre, key=key, vindex=vindex,
+                   index=index, index_files=names, hessian=hessian, damping=damping,
+                   task=task if task is not None else (old_config or {}).get("task"),
+                   item_signature=item_signature, progress=progress)
+
+
+def _pass2_key(build: dict, *, hessian, damping, index, nlist, nprobe) -> str:
+    """Names this pass 2's preconditioner and index files (a variant of the same sketches)."""
+    return _hash(dict(hessian=hessian, damping=_damping_key(damping), index=index, nlist=nlist,
+                      nprobe=nprobe, sketch=_hash(build)))[:12]
+
+
+def index_file_names(key: str, parts: int) -> list[str]:
+    return ([f"index-{key}.faiss"] if parts == 1 else
+            [f"index-{key}-{i}-of-{parts}.faiss" for i in range(parts)])
+
+
+def _remove_temp_files(out: Path) -> None:
+    """Temp files of a writer killed mid-save (an index can be GBs). Only called while holding
+    the store's writer lock, so no live process is writing any of them."""
     for p in [*out.glob("index-*.faiss.tmp-*"), *out.glob(f".{CONFIG_FILE}.tmp*")]:
         p.unlink(missing_ok=True)
-    for part, name in zip(parts, index_files):
-        part.save(out / name)
 
+
+def _commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vindex,
+            index: str, index_files: list[str], hessian: str, damping, task,
+            item_signature, progress) -> dict:
+    """Write config.json — the commit point of the whole build — then drop older variants."""
     cfg = dict(build)
     cfg.update(
-        library="grass-index", version=__version__, torch=torch.__version__,
-        task=task if task is not None else (old_config or {}).get("task"),
+        library="grass-index", version=__version__, torch=torch.__version__, task=task,
         hessian=hessian, damping=_damping_key(damping), damping_used=pre.damping_used,
         preconditioner=_jsonable(pre.describe()), preconditioner_key=key,
         layers_described=describe, index=_jsonable(vindex.describe()), index_kind=index,
-        index_file=index_files[0], index_files=index_files, n_blocks=n_blocks,
-        sketch_hash=_hash(build),
-        item_signature=(_data_signature(data) if data is not None
-                        else (old_config or {}).get("item_signature")),
+        index_file=index_files[0], index_files=index_files,
+        n_blocks=math.ceil(build["n_train"] / build["batch_size"]),
+        sketch_hash=_hash(build), item_signature=item_signature,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     cfg = _jsonable(cfg)
     cfg["config_hash"] = config_hash(cfg)
@@ -160,27 +183,10 @@ def _build_faiss(store, pre, build, spec, nlist, nprobe, progress):
     recall@10, recorded in every part."""
     spec = parse_spec(spec)
     n = build["n_train"]
-    template = VectorIndex.create(build["dim"], spec.kind, nlist=nlist, nprobe=nprobe,
-                                  dtype=spec.dtype)
-    if spec.kind == "ivf" or spec.dtype == "float16":
-        sample, got = [], 0  # the first preconditioned rows: IVF training, float16 scales
-        for _, vec in _preconditioned_blocks(store, pre):
-            sample.append(vec)
-            got += len(vec)
-            if spec.kind == "flat" or got >= IVF_TRAIN_CAP:
-                break
-        sample = np.concatenate(sample)[:IVF_TRAIN_CAP]
-        if spec.kind == "ivf":  # train on (a deterministic sample of) the preconditioned rows
-            template.train(sample)
-        template.fix_scales(sample)
-        del sample
+    template = _template(_preconditioned_blocks(store, pre), spec, build["dim"], nlist, nprobe)
     ranges = part_ranges(n, spec.shards)
     parts = [template.empty_like() for _ in ranges]
-
-    # Recall ground truth, computed exactly alongside the adds: training sketches as queries
-    # (the distribution of real queries' sketches), each one's own id excluded from both lists.
-    k = min(RECALL_K, n - 1)
-    qids = np.unique(np.linspace(0, n - 1, min(RECALL_QUERIES, n)).round().astype(np.int64))
+    qids, k = recall_queries(n)
     exact = ExactTopK(store.get_rows(qids), k + 1) if k >= 1 else None
     for start, vec in _preconditioned_blocks(store, pre):
         ids = np.arange(start, start + len(vec), dtype=np.int64)
@@ -192,20 +198,54 @@ def _build_faiss(store, pre, build, spec, nlist, nprobe, progress):
             exact.add(vec, ids)
         progress("index", start + len(vec), n)
     vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
+    _check_count(vindex, n)
+    if exact is not None:
+        _measure_recall(vindex, exact, qids, k, others=parts)
+    return parts, vindex
+
+
+def _template(blocks, spec, dim: int, nlist, nprobe) -> VectorIndex:
+    """An empty index that the parts are copied from: IVF trained on (and float16 scales fixed
+    by) the first preconditioned rows ``blocks`` yields — a deterministic sample."""
+    template = VectorIndex.create(dim, spec.kind, nlist=nlist, nprobe=nprobe, dtype=spec.dtype)
+    if spec.kind == "ivf" or spec.dtype == "float16":
+        sample, got = [], 0
+        for _, vec in blocks:
+            sample.append(vec)
+            got += len(vec)
+            if spec.kind == "flat" or got >= IVF_TRAIN_CAP:
+                break
+        sample = np.concatenate(sample)[:IVF_TRAIN_CAP]
+        if spec.kind == "ivf":
+            template.train(sample)
+        template.fix_scales(sample)
+    return template
+
+
+def recall_queries(n: int) -> tuple[np.ndarray, int]:
+    """Recall ground truth uses training sketches as queries (the distribution of real queries'
+    sketches), each one's own id excluded from both lists: (their ids, k)."""
+    k = min(RECALL_K, n - 1)
+    return np.unique(np.linspace(0, n - 1, min(RECALL_QUERIES, n)).round().astype(np.int64)), k
+
+
+def _check_count(vindex, n: int) -> None:
     if vindex.ntotal != n:
         raise AttributionError(f"index holds {vindex.ntotal} vectors for {n} "
                                "training examples; the sketch store is inconsistent — run "
                                "grass-index verify")
-    if exact is not None:
-        _, approx = vindex.search(exact.queries, k + 1)
-        r = recall_at_k(approx, exact.result()[1], k, exclude=qids)
-        recall = dict(k=k, recall=round(r, 4), queries=len(qids), nprobe=vindex.nprobe,
-                      queries_from="training sketches, own id excluded")
-        for v in (vindex, *parts):
-            v.recall = recall
-        log.info("index %s: recall@%d = %.4f against exact search (%d queries)", spec, k, r,
-                 len(qids))
-    return parts, vindex
+
+
+def _measure_recall(vindex, exact: ExactTopK, qids, k: int, others=()) -> dict:
+    """recall@k of ``vindex`` against the exact top lists, recorded on it (and ``others``)."""
+    _, approx = vindex.search(exact.queries, k + 1)
+    r = recall_at_k(approx, exact.result()[1], k, exclude=qids)
+    recall = dict(k=k, recall=round(r, 4), queries=len(qids), nprobe=vindex.nprobe,
+                  queries_from="training sketches, own id excluded")
+    for v in (vindex, *others):
+        v.recall = recall
+    log.info("index: recall@%d = %.4f against exact search (%d queries)", k, r, len(qids))
+    return recall
 
 
 def load_faiss(path: Path, cfg: dict, *, mmap: bool = False, verify: bool = True):

@@ -27,11 +27,18 @@ import re
 import shutil
 from pathlib import Path
 
-from ..precondition import FisherAccumulator
+import numpy as np
+
+from ..index import ExactTopK, ShardedIndex, VectorIndex, parse_spec
+from ..precondition import FisherAccumulator, Preconditioner
 from ..store import SketchStore, StoreError
+from .config import _check_damping, _norm_hessian
 from .errors import AttributionError
 from .files import BUILD_FILE, SHARDS_DIR, STORE_DIR, _jsonable
-from .indexing import _accumulate, _finish, _has_fisher, _put_fisher
+from .indexing import (_accumulate, _check_count, _commit, _finish, _has_fisher,
+                       _measure_recall, _pass2_key, _put_fisher, _remove_temp_files, _template,
+                       index_file_names, recall_queries)
+from .stored import _preconditioned_blocks, _state_to_array
 from .sketching import _sketch_training_set
 
 log = logging.getLogger("grass_index")
@@ -188,14 +195,9 @@ def _check_shards(out: Path, build: dict, n: int, shards: dict[int, Path]) -> li
     return records
 
 
-def _merge(out: Path, *, n: int | None = None, hessian=None, damping=None, index=None,
-           nlist=None, nprobe=None, progress, remove_shards: bool = False,
-           fisher: FisherAccumulator | None = None) -> dict:
-    """Shards -> main store (global batch order) -> pass 2. Returns the finished config.
-
-    ``fisher``: the shards' summed Fisher when the caller already has it (all-reduced by a
-    torchrun build); otherwise the shards' cached sums are added up here."""
-    out = Path(out)
+def _merge_setup(out: Path, n: int | None, overrides: dict):
+    """Checks before merging: build.json, the shards of one split (all present, complete, the
+    same build); the pass-2 options (the workers', then ``overrides``)."""
     bfile = out / BUILD_FILE
     if not bfile.is_file():
         raise AttributionError(f"{out} has no {BUILD_FILE}; it is not a grass-index build "
@@ -211,51 +213,168 @@ def _merge(out: Path, *, n: int | None = None, hessian=None, damping=None, index
     if any((r.get("finish") or {}) != finish for r in records[1:]):
         log.warning("the workers were given different pass-2 options (hessian/damping/index); "
                     "using worker 0's: %s", finish)
-    for key, value in dict(hessian=hessian, damping=damping, index=index, nlist=nlist,
-                           nprobe=nprobe).items():
-        if value is not None:
-            finish[key] = value
-    from .config import _check_damping, _norm_hessian
-
-    hessian = _norm_hessian(finish.get("hessian") or "eFIM")
+    finish.update({k: v for k, v in overrides.items() if v is not None})
+    finish["hessian"] = _norm_hessian(finish.get("hessian") or "eFIM")
+    finish["index"] = finish.get("index") or "flat"
     _check_damping(finish.get("damping"))
+    return build, n, shards, rec, finish
 
+
+def _copy_shards(store, build: dict, n: int, shards: dict[int, Path], progress) -> None:
+    """Shard blocks -> the main store in global batch order (resumes where it stopped)."""
     n_blocks, B, n_train = _n_batches(build), build["batch_size"], build["n_train"]
+    start = store.committed_blocks
+    if start >= n_blocks:
+        return
+    readers = [SketchStore.open(shards[i], readonly=True) for i in range(n)]
+    try:
+        # shard i's first block still to copy: how many of its batches precede `start`
+        its = [readers[i].iter_blocks(len(range(i, start, n))) for i in range(n)]
+        progress("merge", start, n_blocks)
+        for b in range(start, n_blocks):
+            _, rows = next(its[b % n])
+            want = min(n_train, (b + 1) * B) - b * B
+            if len(rows) != want:
+                raise AttributionError(
+                    f"shard {shard_name(b % n, n)} holds {len(rows)} rows for batch {b}, "
+                    f"expected {want}; delete {shards[b % n]} and re-run its worker")
+            store.put_block(b, b * B, rows)
+            progress("merge", b + 1, n_blocks)
+    finally:
+        for r in readers:
+            r.close()
+
+
+def _cache_fisher(store, build: dict, n: int, shards: dict[int, Path],
+                  fisher: FisherAccumulator | None) -> None:
+    """The summed Fisher into the main store, where pass 2 (and later refits) look first."""
+    if _has_fisher(store, build["layout"]):
+        return
+    if fisher is None:
+        fisher = FisherAccumulator(build["layout"])
+        for i in range(n):
+            with SketchStore.open(shards[i], readonly=True) as reader:
+                fisher.merge(shard_fisher(reader, build["layout"]))
+    if fisher.n != build["n_train"]:
+        raise AttributionError(f"the shards' Fisher sums cover {fisher.n} rows, not "
+                               f"{build['n_train']}; delete the shards and rebuild")
+    _put_fisher(store, fisher)
+
+
+def _merge(out: Path, *, n: int | None = None, hessian=None, damping=None, index=None,
+           nlist=None, nprobe=None, progress, remove_shards: bool = False) -> dict:
+    """Shards -> main store (global batch order) -> pass 2 on this process. Returns the
+    finished config."""
+    out = Path(out)
+    build, n, shards, rec, finish = _merge_setup(out, n, dict(
+        hessian=hessian, damping=damping, index=index, nlist=nlist, nprobe=nprobe))
     with SketchStore.create(out / STORE_DIR, dim=build["dim"], meta=_jsonable(build)) as store:
-        start = store.committed_blocks
-        if start < n_blocks:
-            readers = [SketchStore.open(shards[i], readonly=True) for i in range(n)]
-            try:
-                # shard i's first block still to copy: how many of its batches precede `start`
-                its = [readers[i].iter_blocks(len(range(i, start, n))) for i in range(n)]
-                progress("merge", start, n_blocks)
-                for b in range(start, n_blocks):
-                    _, rows = next(its[b % n])
-                    want = min(n_train, (b + 1) * B) - b * B
-                    if len(rows) != want:
-                        raise AttributionError(
-                            f"shard {shard_name(b % n, n)} holds {len(rows)} rows for batch {b}, "
-                            f"expected {want}; delete {shards[b % n]} and re-run its worker")
-                    store.put_block(b, b * B, rows)
-                    progress("merge", b + 1, n_blocks)
-            finally:
-                for r in readers:
-                    r.close()
-        if hessian == "eFIM" and not _has_fisher(store, build["layout"]):
-            if fisher is None:
-                fisher = FisherAccumulator(build["layout"])
-                for i in range(n):
-                    with SketchStore.open(shards[i], readonly=True) as reader:
-                        fisher.merge(shard_fisher(reader, build["layout"]))
-            if fisher.n != n_train:
-                raise AttributionError(f"the shards' Fisher sums cover {fisher.n} rows, not "
-                                       f"{n_train}; delete {out / SHARDS_DIR} and rebuild")
-            _put_fisher(store, fisher)
-        cfg = _finish(out, store, build, rec.get("describe") or {}, hessian=hessian,
-                      damping=finish.get("damping"), index=finish.get("index") or "flat",
+        _copy_shards(store, build, n, shards, progress)
+        if finish["hessian"] == "eFIM":
+            _cache_fisher(store, build, n, shards, None)
+        cfg = _finish(out, store, build, rec.get("describe") or {}, hessian=finish["hessian"],
+                      damping=finish.get("damping"), index=finish["index"],
                       nlist=finish.get("nlist"), nprobe=finish.get("nprobe"),
                       task=rec.get("task"), progress=progress,
                       old_config=dict(item_signature=rec.get("item_signature")))
     if remove_shards:
         shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
     return cfg
+
+
+def _global_ids(local_start: int, count: int, rank: int, world: int, B: int) -> np.ndarray:
+    """Global training ids of local rows [local_start, +count) of shard rank-of-world."""
+    local = np.arange(local_start, local_start + count, dtype=np.int64)
+    return ((local // B) * world + rank) * B + local % B
+
+
+def _merge_ranks(group, out: Path, *, fisher: FisherAccumulator | None, progress,
+                 remove_shards: bool = False) -> dict:
+    """torchrun's pass 2, spread over the ranks: every rank fits the same preconditioner from
+    the all-reduced Fisher and preconditions its own shard into its own FAISS part (from one
+    template: rank 0's IVF quantizer / float16 scales); the exact top lists for the recall
+    measurement are computed beside it. Rank 0 copies the sketches into the main store, joins
+    the parts — into one file, or kept as one part per rank when ``shards=`` was asked for —
+    and commits config.json. Every rank returns the config."""
+    out = Path(out)
+    rank, world = group.rank, group.world
+    build, n, shards, rec, finish = group.step(lambda: _merge_setup(out, world, {}))[rank]
+    layout, B, n_train, dim = build["layout"], build["batch_size"], build["n_train"], build["dim"]
+    hessian, damping = finish["hessian"], finish.get("damping")
+    nlist, nprobe = finish.get("nlist"), finish.get("nprobe")
+    spec = parse_spec(finish["index"])
+    index = str(spec._replace(shards=world) if spec.shards > 1 else spec)
+    key = _pass2_key(build, hessian=hessian, damping=damping, index=index, nlist=nlist,
+                     nprobe=nprobe)
+    pre = Preconditioner.fit(fisher.fishers() if hessian == "eFIM" else {}, layout,
+                             hessian=hessian, damping=damping)
+    mine = shards[rank]
+
+    def make_template():
+        with SketchStore.open(mine, readonly=True) as st:
+            return _template(_preconditioned_blocks(st, pre), spec, dim, nlist, nprobe).to_bytes()
+    template = VectorIndex.from_bytes(
+        *group.step(lambda: make_template() if rank == 0 else None)[0])
+
+    qids, k = recall_queries(n_train)
+    queries = np.zeros((len(qids), dim), np.float32)  # each rank reads the ones it holds
+    for pos, rows in group.step(lambda: _held_rows(mine, qids, rank, world, B)):
+        queries[pos] = rows
+    names = index_file_names(key, world)
+    held = {}
+
+    def fill():
+        part, exact = template.empty_like(), ExactTopK(queries, k + 1) if k >= 1 else None
+        with SketchStore.open(mine, readonly=True) as st:
+            total = st.num_rows
+            for start, vec in _preconditioned_blocks(st, pre):
+                ids = _global_ids(start, len(vec), rank, world, B)
+                part.add(vec, ids)
+                if exact is not None:
+                    exact.add(vec, ids)
+                progress("index", start + len(vec), total)
+        if rank != 0:  # rank 0 keeps its part in memory; the others hand theirs over on disk
+            part.save(out / names[rank])
+        held["part"] = part
+        return None if exact is None else (exact.scores, exact.ids)
+    tops = group.step(fill)
+
+    def commit():
+        with SketchStore.create(out / STORE_DIR, dim=dim, meta=_jsonable(build)) as store:
+            _copy_shards(store, build, world, shards, progress)
+            if hessian == "eFIM":
+                _cache_fisher(store, build, world, shards, fisher)
+            store.put_array(f"precond/{key}", _state_to_array(pre.state_dict()))
+            parts = [held["part"]] + [VectorIndex.load(out / names[r]) for r in range(1, world)]
+            if spec.shards == 1:
+                for p in parts[1:]:
+                    parts[0].merge_from(p)
+                vindex, files = parts[0], index_file_names(key, 1)
+            else:
+                vindex, files = ShardedIndex(parts), names
+            _check_count(vindex, n_train)
+            if k >= 1:
+                exact = ExactTopK(queries, k + 1)
+                for scores, ids in tops:
+                    exact.merge(scores, ids)
+                _measure_recall(vindex, exact, qids, k, others=parts)
+            _remove_temp_files(out)
+            parts[0].save(out / files[0])  # the others' parts are on disk already
+            cfg = _commit(out, store, build, rec.get("describe") or {}, pre=pre, key=key,
+                          vindex=vindex, index=index, index_files=files, hessian=hessian,
+                          damping=damping, task=rec.get("task"),
+                          item_signature=rec.get("item_signature"), progress=progress)
+        if remove_shards:
+            shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
+        return cfg
+    return group.step(lambda: commit() if rank == 0 else None)[0]
+
+
+def _held_rows(shard: Path, qids: np.ndarray, rank: int, world: int, B: int):
+    """(positions in qids, raw rows) of the query ids this shard holds."""
+    batch = qids // B
+    pos = np.flatnonzero(batch % world == rank)
+    local = (batch[pos] // world) * B + qids[pos] % B
+    with SketchStore.open(shard, readonly=True) as st:
+        rows = st.get_rows(local) if len(pos) else np.zeros((0, st.dim), np.float32)
+    return pos, np.asarray(rows, np.float32)
