@@ -218,7 +218,8 @@ def merge(
                                           "workers were given)."),
     damping: Optional[str] = typer.Option(None, help="Damping (default: as the workers were "
                                           "given)."),
-    index: Optional[str] = typer.Option(None, help="e.g. flat, ivf, ivf:fp16, flat:fp16,shards=4 (default: as the workers were "
+    index: Optional[str] = typer.Option(None, help="e.g. flat, ivf, ivf:fp16, "
+                                        "flat:fp16,shards=4 (default: as the workers were "
                                         "given)."),
     remove_shards: bool = typer.Option(False, "--remove-shards", help="Delete DIR/shards once "
                                        "the index is written."),
@@ -351,6 +352,9 @@ def query(
     split: str = typer.Option("query", help="Where --example points: query or train data."),
     top_k: int = typer.Option(10, "--top-k", "-k", min=1),
     opponents: bool = typer.Option(False, "--opponents", help="Also list the most negative."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF indexes: lists to "
+                                         "search (more: higher recall, slower); default: the "
+                                         "index's, whose recall `info` shows."),
     json_mode: bool = typer.Option(False, "--json"),
     png: Optional[Path] = typer.Option(None, "--png", help="Draw query + proponents/opponents "
                                        "(tasks with image(item))."),
@@ -361,8 +365,8 @@ def query(
     model = t.model()
     t0 = time.perf_counter()
     q = idx.query_sketches(model, items, t.loss, collate=t.collate)
-    pro = idx.search(q, top_k)
-    opp = idx.search(q, top_k, opponents=True) if opponents else None
+    pro = idx.search(q, top_k, nprobe=nprobe)
+    opp = idx.search(q, top_k, opponents=True, nprobe=nprobe) if opponents else None
     ms = 1000 * (time.perf_counter() - t0) / max(1, len(items))
     train = None
 

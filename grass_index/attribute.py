@@ -31,8 +31,7 @@ from .pipeline import distributed as _distributed
 from .pipeline.config import (_check_index, _check_build_args, _check_damping, _claim_out_dir,
                               _damping_key, _norm_hessian, _read_config)
 from .pipeline.progress import _Progress
-from .pipeline.sharding import (_merge, _merge_ranks, _sketch_shard, parse_worker,
-                                read_shard_fisher)
+from .pipeline.sharding import _merge, _sketch_shard, parse_worker, read_shard_fisher
 from .pipeline.sketching import _sketch_training_set
 from .pipeline.stored import _preconditioned_blocks, _state_from_array
 from .pipeline.indexing import _finish, _refit, load_faiss
@@ -161,8 +160,8 @@ def _build(model, train_data, loss_fn, out: Path, *, sparsification, projection,
                 group.step(lambda: mine.setdefault("acc", read_shard_fisher(
                     out, (group.rank, group.world), sketcher.layout)) and None)
                 fisher = group.all_reduce_fisher(mine["acc"])
-            cfg = _merge_ranks(group, out, fisher=fisher, progress=prog,
-                               remove_shards=remove_shards)
+            cfg = _distributed.merge_ranks(group, out, fisher=fisher, progress=prog,
+                                           remove_shards=remove_shards)
         finally:
             prog.close()
         return AttributionIndex(out, cfg)
@@ -321,22 +320,28 @@ class AttributionIndex:
                                collate=collate, batch_size=batch_size, device=device)
 
     def query(self, model, examples: Sequence, loss_fn, k: int = 10, opponents: bool = False,
-              *, collate=None, batch_size=None, device=None) -> list[list[tuple[int, float]]]:
+              *, collate=None, batch_size=None, device=None,
+              nprobe: int | None = None) -> list[list[tuple[int, float]]]:
         """Per example, the k training examples with the largest (or, with opponents=True,
-        the most negative) influence score, as (train_id, score) pairs, best first."""
+        the most negative) influence score, as (train_id, score) pairs, best first.
+        ``nprobe`` (IVF only) overrides the index's number of lists searched."""
         if not isinstance(k, int) or k < 1:
             raise AttributionError(f"k must be a positive integer, got {k!r}")
         q = self.query_sketches(model, examples, loss_fn, collate=collate,
                                 batch_size=batch_size, device=device)
-        return self.search(q, k, opponents=opponents)
+        return self.search(q, k, opponents=opponents, nprobe=nprobe)
 
-    def search(self, q: torch.Tensor, k: int = 10, opponents: bool = False):
+    def search(self, q: torch.Tensor, k: int = 10, opponents: bool = False,
+               nprobe: int | None = None):
         """Top-k search with ready-made raw query sketches [n, K]."""
+        if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int)
+                                   or nprobe < 1):
+            raise AttributionError(f"nprobe must be a positive integer, got {nprobe!r}")
         if q.shape[0] == 0:
             return []
         k = min(k, self.n_train)
         scores, ids = self.vindex.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k,
-                                         opponents=opponents)
+                                         opponents=opponents, nprobe=nprobe)
         scores, ids = np.asarray(scores), np.asarray(ids)
         return [[(int(i), float(s)) for i, s in zip(ids[r], scores[r]) if i >= 0]
                 for r in range(len(ids))]

@@ -1,6 +1,5 @@
 """LDS machinery on synthetic data where the truth is known exactly."""
 import json
-import warnings
 
 import numpy as np
 import pytest

@@ -1,5 +1,4 @@
 """VectorIndex: exact top-k vs argsort, opponents, ids, persistence, IVF recall, bad files."""
-import math
 import os
 
 import numpy as np

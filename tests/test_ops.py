@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import grass_index as gi
-from grass_index.ops.reference import mask_reference, sjlt_reference
+from grass_index.ops.reference import sjlt_reference
 
 sjlt_op = torch.ops.grass_index.sjlt.default
 mask_op = torch.ops.grass_index.mask.default

@@ -249,6 +249,12 @@ def test_ivf_index_finds_exact_top1_on_small_set(setup, tmp_path):
     s = idx.score(model, query, loss_fn).numpy()
     top = idx.query(model, query, loss_fn, k=1)
     assert [t[0][0] for t in top] == list(s.argmax(1))  # nprobe = nlist: exhaustive
+    one = gi.build_index(model, train, loss_fn, tmp_path / "ivf1", sparsification=SPARS,
+                         projection=PROJ, index="ivf", nlist=4, nprobe=1, progress=False)
+    assert [t[0][0] for t in one.query(model, query, loss_fn, k=1, nprobe=4)] == \
+        list(s.argmax(1))  # a query-time nprobe = nlist is exhaustive again
+    with pytest.raises(gi.AttributionError, match="nprobe must be a positive integer"):
+        one.query(model, query, loss_fn, nprobe=0)
 
 
 def test_index_records_recall_and_fp16_variants_track_exact_scores(setup, built, tmp_path):

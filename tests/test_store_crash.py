@@ -3,7 +3,6 @@
 Worker processes load grass_index.store without the package __init__ (which imports torch), so
 each starts in ~0.3 s; the store itself does not use torch.
 """
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from grass_index.store import SketchStore, StoreError, WriterLockedError
+from grass_index.store import SketchStore
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "grass_index")
 DIM, ROWS, NBLOCKS = 1024, 64, 40  # 256 KiB blocks: commits take long enough to be hit mid-way

@@ -8,7 +8,6 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from .errors import CaptureError

@@ -25,7 +25,7 @@ Modules, in data-flow order (each imports only from the ones above it):
     stored.py       reading the store back: row chunks, preconditioned vectors, state arrays
     indexing.py     pass 2: Fisher -> preconditioner -> FAISS -> config.json; refit
     sharding.py     split builds: one worker's shard (pass 1 on its batches); merge + pass 2
-    distributed.py  torch.distributed (torchrun) builds: every rank a worker, rank 0 merges
+    distributed.py  torch.distributed (torchrun) builds: every rank a worker and a pass-2 part
     querying.py     checking a query model against the index, sketching query examples
     verify.py       verify_index (and repair)
     describe.py     describe_index (finished config or build progress)

@@ -27,18 +27,12 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
-
-from ..index import ExactTopK, ShardedIndex, VectorIndex, parse_spec
-from ..precondition import FisherAccumulator, Preconditioner
+from ..precondition import FisherAccumulator
 from ..store import SketchStore, StoreError
 from .config import _check_damping, _norm_hessian
 from .errors import AttributionError
 from .files import BUILD_FILE, SHARDS_DIR, STORE_DIR, _jsonable
-from .indexing import (_accumulate, _check_count, _commit, _finish, _has_fisher,
-                       _measure_recall, _pass2_key, _put_fisher, _remove_temp_files, _template,
-                       index_file_names, recall_queries)
-from .stored import _preconditioned_blocks, _state_to_array
+from .indexing import _accumulate, _finish, _has_fisher, _put_fisher
 from .sketching import _sketch_training_set
 
 log = logging.getLogger("grass_index")
@@ -280,101 +274,3 @@ def _merge(out: Path, *, n: int | None = None, hessian=None, damping=None, index
     if remove_shards:
         shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
     return cfg
-
-
-def _global_ids(local_start: int, count: int, rank: int, world: int, B: int) -> np.ndarray:
-    """Global training ids of local rows [local_start, +count) of shard rank-of-world."""
-    local = np.arange(local_start, local_start + count, dtype=np.int64)
-    return ((local // B) * world + rank) * B + local % B
-
-
-def _merge_ranks(group, out: Path, *, fisher: FisherAccumulator | None, progress,
-                 remove_shards: bool = False) -> dict:
-    """torchrun's pass 2, spread over the ranks: every rank fits the same preconditioner from
-    the all-reduced Fisher and preconditions its own shard into its own FAISS part (from one
-    template: rank 0's IVF quantizer / float16 scales); the exact top lists for the recall
-    measurement are computed beside it. Rank 0 copies the sketches into the main store, joins
-    the parts — into one file, or kept as one part per rank when ``shards=`` was asked for —
-    and commits config.json. Every rank returns the config."""
-    out = Path(out)
-    rank, world = group.rank, group.world
-    build, n, shards, rec, finish = group.step(lambda: _merge_setup(out, world, {}))[rank]
-    layout, B, n_train, dim = build["layout"], build["batch_size"], build["n_train"], build["dim"]
-    hessian, damping = finish["hessian"], finish.get("damping")
-    nlist, nprobe = finish.get("nlist"), finish.get("nprobe")
-    spec = parse_spec(finish["index"])
-    index = str(spec._replace(shards=world) if spec.shards > 1 else spec)
-    key = _pass2_key(build, hessian=hessian, damping=damping, index=index, nlist=nlist,
-                     nprobe=nprobe)
-    pre = Preconditioner.fit(fisher.fishers() if hessian == "eFIM" else {}, layout,
-                             hessian=hessian, damping=damping)
-    mine = shards[rank]
-
-    def make_template():
-        with SketchStore.open(mine, readonly=True) as st:
-            return _template(_preconditioned_blocks(st, pre), spec, dim, nlist, nprobe).to_bytes()
-    template = VectorIndex.from_bytes(
-        *group.step(lambda: make_template() if rank == 0 else None)[0])
-
-    qids, k = recall_queries(n_train)
-    queries = np.zeros((len(qids), dim), np.float32)  # each rank reads the ones it holds
-    for pos, rows in group.step(lambda: _held_rows(mine, qids, rank, world, B)):
-        queries[pos] = rows
-    names = index_file_names(key, world)
-    held = {}
-
-    def fill():
-        part, exact = template.empty_like(), ExactTopK(queries, k + 1) if k >= 1 else None
-        with SketchStore.open(mine, readonly=True) as st:
-            total = st.num_rows
-            for start, vec in _preconditioned_blocks(st, pre):
-                ids = _global_ids(start, len(vec), rank, world, B)
-                part.add(vec, ids)
-                if exact is not None:
-                    exact.add(vec, ids)
-                progress("index", start + len(vec), total)
-        if rank != 0:  # rank 0 keeps its part in memory; the others hand theirs over on disk
-            part.save(out / names[rank])
-        held["part"] = part
-        return None if exact is None else (exact.scores, exact.ids)
-    tops = group.step(fill)
-
-    def commit():
-        with SketchStore.create(out / STORE_DIR, dim=dim, meta=_jsonable(build)) as store:
-            _copy_shards(store, build, world, shards, progress)
-            if hessian == "eFIM":
-                _cache_fisher(store, build, world, shards, fisher)
-            store.put_array(f"precond/{key}", _state_to_array(pre.state_dict()))
-            parts = [held["part"]] + [VectorIndex.load(out / names[r]) for r in range(1, world)]
-            if spec.shards == 1:
-                for p in parts[1:]:
-                    parts[0].merge_from(p)
-                vindex, files = parts[0], index_file_names(key, 1)
-            else:
-                vindex, files = ShardedIndex(parts), names
-            _check_count(vindex, n_train)
-            if k >= 1:
-                exact = ExactTopK(queries, k + 1)
-                for scores, ids in tops:
-                    exact.merge(scores, ids)
-                _measure_recall(vindex, exact, qids, k, others=parts)
-            _remove_temp_files(out)
-            parts[0].save(out / files[0])  # the others' parts are on disk already
-            cfg = _commit(out, store, build, rec.get("describe") or {}, pre=pre, key=key,
-                          vindex=vindex, index=index, index_files=files, hessian=hessian,
-                          damping=damping, task=rec.get("task"),
-                          item_signature=rec.get("item_signature"), progress=progress)
-        if remove_shards:
-            shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
-        return cfg
-    return group.step(lambda: commit() if rank == 0 else None)[0]
-
-
-def _held_rows(shard: Path, qids: np.ndarray, rank: int, world: int, B: int):
-    """(positions in qids, raw rows) of the query ids this shard holds."""
-    batch = qids // B
-    pos = np.flatnonzero(batch % world == rank)
-    local = (batch[pos] // world) * B + qids[pos] % B
-    with SketchStore.open(shard, readonly=True) as st:
-        rows = st.get_rows(local) if len(pos) else np.zeros((0, st.dim), np.float32)
-    return pos, np.asarray(rows, np.float32)
