@@ -2,53 +2,17 @@
 from __future__ import annotations
 
 import json
-import textwrap
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from _tiny_task import write_task
 from grass_index.cli.main import app
 
 runner = CliRunner()
 
-TASK = textwrap.dedent("""
-    import torch, torch.nn.functional as F
-    from torch import nn
-
-    def model():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-
-    def _data(n, seed):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(n, 6, generator=g)
-        {poison}
-        return torch.utils.data.TensorDataset(x, torch.randint(0, 3, (n,), generator=g))
-
-    def train_data():
-        return _data(40, 1)
-
-    def query_data():
-        return _data(6, 2)
-
-    def loss(model, batch):
-        x, y = batch
-        return F.cross_entropy(model(x), y, reduction={reduction!r})
-
-    def image(item):
-        return item[0].reshape(2, 3).numpy()
-""")
 SMALL = ["--sparsification", "random_mask-4*3", "--projection", "sjlt-8", "--batch-size", "8"]
-
-
-def write_task(tmp_path, name="task.py", poison="", reduction="none", drop=None):
-    src = TASK.format(poison=poison, reduction=reduction)
-    if drop:
-        src = src.replace(f"def {drop}(", f"def _{drop}(")
-    p = tmp_path / name
-    p.write_text(src)
-    return p
 
 
 def invoke(*args):

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,34 +16,12 @@ from typer.testing import CliRunner
 
 import grass_index as gi
 from grass_index.attribute import AttributionError, verify_index
+from _tiny_task import write_task
 from grass_index.cli.main import app
 from grass_index.index import VectorIndex
 from grass_index.store import SketchStore
 
 REPO = Path(__file__).resolve().parents[1]
-TASK = textwrap.dedent("""
-    import torch, torch.nn.functional as F
-    from torch import nn
-
-    def model():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-
-    def _data(n, seed):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(n, 6, generator=g)
-        return torch.utils.data.TensorDataset(x, torch.randint(0, 3, (n,), generator=g))
-
-    def train_data():
-        return _data(45, 1)   # 6 batches of 8, the last one short
-
-    def query_data():
-        return _data(6, 2)
-
-    def loss(model, batch):
-        x, y = batch
-        return F.cross_entropy(model(x), y, reduction="none")
-""")
 OPTS = dict(sparsification="random_mask-4*3", projection="sjlt-8", batch_size=8, seed=0,
             progress=False)
 CLI_OPTS = ["--sparsification", "random_mask-4*3", "--projection", "sjlt-8", "--batch-size", "8"]
@@ -52,9 +29,8 @@ CLI_OPTS = ["--sparsification", "random_mask-4*3", "--projection", "sjlt-8", "--
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    p = tmp_path_factory.mktemp("task") / "task.py"
-    p.write_text(TASK)
-    return gi.load_task(str(p))
+    # 45 rows: 6 batches of 8, the last one short
+    return gi.load_task(str(write_task(tmp_path_factory.mktemp("task"), n_train=45)))
 
 
 def build(task, out, **kw):
