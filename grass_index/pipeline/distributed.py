@@ -135,8 +135,7 @@ def _global_ids(local_start: int, count: int, rank: int, world: int, B: int) -> 
     return ((local // B) * world + rank) * B + local % B
 
 
-def merge_ranks(group, out: Path, *, fisher, progress,
-                 remove_shards: bool = False) -> dict:
+def merge_ranks(group, out: Path, *, fisher, progress, remove_shards: bool = False) -> dict:
     """torchrun's pass 2, spread over the ranks: every rank fits the same preconditioner from
     the all-reduced Fisher and preconditions its own shard into its own FAISS part (from one
     template: rank 0's IVF quantizer / float16 scales); the exact top lists for the recall
