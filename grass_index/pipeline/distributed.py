@@ -144,7 +144,9 @@ def merge_ranks(group, out: Path, *, fisher, progress, remove_shards: bool = Fal
     and commits config.json. Every rank returns the config."""
     out = Path(out)
     rank, world = group.rank, group.world
-    build, n, shards, rec, finish = group.step(lambda: _merge_setup(out, world, {}))[rank]
+    # rank 0 checks every shard once; step hands its findings (or its error) to every rank
+    build, n, shards, rec, finish = group.step(
+        lambda: _merge_setup(out, world, {}) if rank == 0 else None)[0]
     layout, B, n_train, dim = build["layout"], build["batch_size"], build["n_train"], build["dim"]
     hessian, damping = finish["hessian"], finish.get("damping")
     nlist, nprobe = finish.get("nlist"), finish.get("nprobe")
