@@ -16,8 +16,6 @@ mode = os.environ.get("GRASS_INDEX_BUILD", "auto").lower()
 if mode not in {"auto", "cpu", "cuda", "none"}:
     raise SystemExit(f"GRASS_INDEX_BUILD={mode!r}: expected one of auto, cpu, cuda, none")
 
-# cli/ lives at the top level (DESIGN layout) and is installed as grass_index.cli through the
-# symlink grass_index/cli -> ../cli, which also makes it importable from a source checkout.
 packages = find_packages(include=["grass_index", "grass_index.*"])
 ext_modules, cmdclass = [], {}
 

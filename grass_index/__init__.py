@@ -13,7 +13,8 @@ import importlib
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402,F401  (defines the custom ops, loads native kernels)
-from ._native import native_status  # noqa: E402
+from .errors import GrassIndexError  # noqa: E402
+from .ops import native_status  # noqa: E402
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
@@ -26,6 +27,10 @@ _LAZY = {
     "LoGra": "grass_index.compress",
     "GraSS": "grass_index.compress",
     "build_index": "grass_index.attribute",
+    "build_shard": "grass_index.attribute",
+    "BuildOptions": "grass_index.pipeline",
+    "IndexOptions": "grass_index.pipeline",
+    "IndexConfig": "grass_index.pipeline",
     "open_index": "grass_index.attribute",
     "merge_shards": "grass_index.attribute",
     "AttributionIndex": "grass_index.attribute",
@@ -44,4 +49,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'grass_index' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "native_status", "ops", *_LAZY]
+__all__ = ["__version__", "GrassIndexError", "native_status", "ops", *_LAZY]

@@ -25,18 +25,20 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .errors import GrassIndexError
+from .signature import item_signature, merge_signatures, signature_mismatch  # noqa: F401
+
 REQUIRED = ("model", "train_data", "loss")
 OPTIONAL = ("query_data", "collate", "image", "label", "train")
 
 
-class TaskError(ValueError):
+class TaskError(GrassIndexError, ValueError):
     """A task file/reference is unusable; the message says what is wrong and how to fix it."""
 
 
 def default_task_ref() -> str:
-    """The bundled digits example (repo checkout / editable install)."""
-    here = Path(__file__).resolve().parent.parent / "examples" / "digits.py"
-    return str(here)
+    """The bundled digits example, shipped inside the package (grass_index/examples/)."""
+    return str(Path(__file__).resolve().parent / "examples" / "digits.py")
 
 
 def default_collate(items):
@@ -63,7 +65,7 @@ class Task:
         if not isinstance(m, torch.nn.Module):
             raise TaskError(f"task {self.ref}: model() returned {type(m).__name__}, "
                             "expected a torch.nn.Module")
-        m.eval()  # DESIGN: eval mode is set by us
+        m.eval()  # attribution uses the model in eval mode (no dropout); we set it, not the task
         return m
 
     def train_data(self) -> Sequence:
@@ -204,107 +206,3 @@ def _load_file(p: Path):
         del sys.modules[name]
         raise TaskError(f"task file {p} failed to load: {type(e).__name__}: {e}") from e
     return mod
-
-
-# -- structure of an example (for clear wrong-shape errors at query time) -----------------
-
-def item_signature(item) -> Any:
-    """JSON-able structure of one example: nesting, tensor shapes and dtypes. Integer tensors
-    (token ids, indices) have variable length by nature, so their sizes are left open (None);
-    their number of dims and dtype still have to match."""
-    if isinstance(item, torch.Tensor):
-        shape = [None] * item.dim() if not (item.is_floating_point() or item.is_complex()) \
-            else list(item.shape)
-        return {"tensor": shape, "dtype": str(item.dtype).replace("torch.", "")}
-    try:
-        import numpy as np
-
-        if isinstance(item, np.ndarray):
-            shape = list(item.shape) if item.dtype.kind in "fc" else [None] * item.ndim
-            return {"tensor": shape, "dtype": str(item.dtype)}
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(item, dict):
-        return {"dict": {str(k): item_signature(v) for k, v in item.items()}}
-    if isinstance(item, (list, tuple)):
-        return {"seq": [item_signature(v) for v in item]}
-    if isinstance(item, bool):
-        return {"scalar": "bool"}
-    if isinstance(item, int):
-        return {"scalar": "int"}
-    if isinstance(item, float):
-        return {"scalar": "float"}
-    return {"other": type(item).__name__}
-
-
-def merge_signatures(a, b):
-    """Signature of a set of examples: dims that differ (variable length) become None."""
-    if a is None:
-        return b
-    if set(a) != set(b):
-        return {"other": "mixed"}
-    if "tensor" in a:
-        if len(a["tensor"]) != len(b["tensor"]) or a["dtype"] != b["dtype"]:
-            return {"other": "mixed"}
-        return {"tensor": [x if x == y else None for x, y in zip(a["tensor"], b["tensor"])],
-                "dtype": a["dtype"]}
-    if "seq" in a:
-        if len(a["seq"]) != len(b["seq"]):
-            return {"other": "mixed"}
-        return {"seq": [merge_signatures(x, y) for x, y in zip(a["seq"], b["seq"])]}
-    if "dict" in a:
-        if set(a["dict"]) != set(b["dict"]):
-            return {"other": "mixed"}
-        return {"dict": {k: merge_signatures(a["dict"][k], b["dict"][k]) for k in a["dict"]}}
-    return a if a == b else {"other": "mixed"}
-
-
-def signature_mismatch(expected, got, path: str = "example") -> str | None:
-    """Human description of the first way `got` does not fit `expected`, or None."""
-    if expected is None or "other" in expected:
-        return None
-    if "tensor" in expected:
-        if "tensor" not in got:
-            return f"{path}: expected a tensor {_fmt(expected)}, got {_fmt(got)}"
-        es, gs = expected["tensor"], got["tensor"]
-        if len(es) != len(gs) or any(e is not None and e != g for e, g in zip(es, gs)):
-            return f"{path}: expected shape {_shape(es)}, got {_shape(gs)}"
-        if expected["dtype"] != got["dtype"]:
-            return f"{path}: expected dtype {expected['dtype']}, got {got['dtype']}"
-        return None
-    if "seq" in expected:
-        if "seq" not in got or len(got["seq"]) != len(expected["seq"]):
-            return (f"{path}: expected a tuple of {len(expected['seq'])} parts like the training "
-                    f"examples, got {_fmt(got)}")
-        for i, (e, g) in enumerate(zip(expected["seq"], got["seq"])):
-            msg = signature_mismatch(e, g, f"{path}[{i}]")
-            if msg:
-                return msg
-        return None
-    if "dict" in expected:
-        if "dict" not in got or set(got["dict"]) != set(expected["dict"]):
-            return f"{path}: expected a dict with keys {sorted(expected['dict'])}, got {_fmt(got)}"
-        for k, e in expected["dict"].items():
-            msg = signature_mismatch(e, got["dict"][k], f"{path}[{k!r}]")
-            if msg:
-                return msg
-        return None
-    if "scalar" in expected and got != expected:
-        return f"{path}: expected a {expected['scalar']}, got {_fmt(got)}"
-    return None
-
-
-def _shape(s):
-    return "[" + ", ".join("*" if x is None else str(x) for x in s) + "]"
-
-
-def _fmt(sig) -> str:
-    if "tensor" in sig:
-        return f"{sig['dtype']}{_shape(sig['tensor'])}"
-    if "seq" in sig:
-        return "(" + ", ".join(_fmt(s) for s in sig["seq"]) + ")"
-    if "dict" in sig:
-        return "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in sig["dict"].items()) + "}"
-    if "scalar" in sig:
-        return sig["scalar"]
-    return sig.get("other", "?")

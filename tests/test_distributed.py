@@ -103,20 +103,20 @@ def test_workers_sum_their_own_fisher_and_merge_adds_them(task, single, tmp_path
     """Each eFIM worker caches its rows' ĝĝᵀ sums; merge adds those instead of re-reading all
     sketches. A worker told hessian=identity skips them; merge computes them when eFIM is asked
     for at merge time."""
-    from grass_index.pipeline import indexing, sharding
+    from grass_index.pipeline import pass2, sharding
 
     out = tmp_path / "idx"
     for i in range(3):
         build(task, out, worker=(i, 3))
         with SketchStore.open(out / "shards" / f"{i}-of-3") as st:
             assert st.get_meta("fisher_partial_n") == st.num_rows
-    seen, real = [], indexing._accumulate
+    seen, real = [], pass2.accumulate
 
     def counting(store, *args, **kw):  # every full read of a store's sketches for the Fisher
         seen.append(store.path)
         return real(store, *args, **kw)
-    monkeypatch.setattr(sharding, "_accumulate", counting)
-    monkeypatch.setattr(indexing, "_accumulate", counting)
+    monkeypatch.setattr(sharding, "accumulate", counting)
+    monkeypatch.setattr(pass2, "accumulate", counting)
     assert_same_index(gi.merge_shards(out, progress=False), single, task)
     assert seen == []  # only the cached k×k sums were read
 

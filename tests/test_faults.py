@@ -1,4 +1,4 @@
-"""Fault tests through the real `grass-index` command (issue 5).
+"""Fault tests through the real `grass-index` command.
 
 Every build here is a real ``python -m grass_index.cli.main build`` subprocess over a tiny task
 written to tmp_path (an MLP on synthetic data, 16 batches, ~0.5 s of pass 1 and ~0.5 s of pass 2
@@ -393,11 +393,11 @@ def nan_preconditioner(out):
     cfg = json.loads((Path(out) / "config.json").read_text())
     name = f"precond/{cfg['preconditioner_key']}"
     with SketchStore.open(Path(out) / "sketches", readonly=False) as st:
-        state = attribute._state_from_array(st.get_array(name))
+        state = attribute.state_from_array(st.get_array(name))
         key = next(k for k, v in state.items() if v.dtype.kind == "f" and v.size > 1)
         state[key] = state[key].copy()
         state[key].flat[3] = np.nan
-        st.put_array(name, attribute._state_to_array(state))
+        st.put_array(name, attribute.state_to_array(state))
     return "contains NaN/inf"
 
 

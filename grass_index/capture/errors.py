@@ -1,8 +1,10 @@
 """The one exception type capture raises, so callers (pipeline, CLI) can report it cleanly."""
 from __future__ import annotations
 
+from ..errors import GrassIndexError
 
-class CaptureError(ValueError):
+
+class CaptureError(GrassIndexError, ValueError):
     """Bad input to gradient capture: wrong loss shape, unknown layer pattern, NaN/inf gradient.
 
     ``example`` (index within the batch) and ``layer`` are set when the error concerns one

@@ -10,6 +10,7 @@ linear in the gradient, deterministic given its seed, and compiles with fullgrap
 Outputs are float32 for float32/float16/bfloat16 inputs.
 """
 from .base import Identity, Transform
+from .errors import CompressError, SpecError
 from .dense import Gaussian, Rademacher
 from .factored import FactoredCompressor, MaterializedLinearCompressor
 from .factory import make_compressor
@@ -23,7 +24,7 @@ from .sparse import SJLT
 from .spec import KINDS, Spec, parse_spec
 
 __all__ = [
-    "Spec", "parse_spec", "KINDS", "make_compressor", "layer_seed", "load_selective_mask",
+    "CompressError", "SpecError", "Spec", "parse_spec", "KINDS", "make_compressor", "layer_seed", "load_selective_mask",
     "save_selective_mask", "FactGraSS", "LoGra", "GraSS", "FlatCompressor", "FactoredCompressor",
     "MaterializedLinearCompressor", "Transform", "Identity", "Gaussian", "Rademacher", "SJLT", "FJLT",
     "RandomMask", "SelectiveMask", "fwht",

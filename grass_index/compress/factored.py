@@ -8,17 +8,19 @@ matching W.grad.flatten() when both factors are identity.
 """
 from __future__ import annotations
 
+
 import torch
 from torch import nn
 
 from .base import Transform
 from .spec import Spec, parse_spec
+from .errors import CompressError
 
 
 def as_tokens(what: str, name: str, t: torch.Tensor, dim: int) -> torch.Tensor:
     """[B, d] -> [B, 1, d]; [B, T, d] unchanged; anything else is an error."""
     if t.dim() not in (2, 3) or t.shape[-1] != dim:
-        raise ValueError(f"{what}: {name} must be [batch, tokens, {dim}] or [batch, {dim}], got shape "
+        raise CompressError(f"{what}: {name} must be [batch, tokens, {dim}] or [batch, {dim}], got shape "
                          f"{tuple(t.shape)}. If the layer was given a bias column, append ones to x first.")
     return t.unsqueeze(1) if t.dim() == 2 else t
 
@@ -27,7 +29,7 @@ def check_pair(what: str, x: torch.Tensor, grad_out: torch.Tensor, d_in: int, d_
     x = as_tokens(what, "x", x, d_in)
     g = as_tokens(what, "grad_out", grad_out, d_out)
     if x.shape[:2] != g.shape[:2]:
-        raise ValueError(f"{what}: x {tuple(x.shape)} and grad_out {tuple(g.shape)} must agree on batch "
+        raise CompressError(f"{what}: x {tuple(x.shape)} and grad_out {tuple(g.shape)} must agree on batch "
                          "and token dims.")
     return x, g
 

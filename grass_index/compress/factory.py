@@ -9,6 +9,7 @@ own CPU generator seeded by layer_seed(seed, stage), so the result is the same o
 """
 from __future__ import annotations
 
+
 from torch import nn
 
 from .factored import FactoredCompressor, MaterializedLinearCompressor
@@ -16,11 +17,12 @@ from .flat import FlatCompressor
 from .seeding import generator
 from .spec import Spec, parse_spec
 from .stages import build_stage
+from .errors import CompressError
 
 
 def _positive(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
+        raise CompressError(f"{name} must be a positive int, got {v!r}")
     return v
 
 
@@ -29,7 +31,7 @@ def _selective(spec: Spec, mask_indices, key: str):
         return None
     if not isinstance(mask_indices, dict) or key not in mask_indices:
         have = sorted(mask_indices) if isinstance(mask_indices, dict) else None
-        raise ValueError(f"selective_mask '{spec}' needs mask_indices with key {key!r} (got keys {have}); "
+        raise CompressError(f"selective_mask '{spec}' needs mask_indices with key {key!r} (got keys {have}); "
                          "pass load_selective_mask(path)[layer_name]. Factored specs use "
                          "{'in': ..., 'out': ...}, flat ones {'flat': ...}.")
     return mask_indices[key]
@@ -40,12 +42,12 @@ def build_flat(sparsification, projection, d: int, *, seed=0, clamp=False, mask_
     sp, pr = parse_spec(sparsification), parse_spec(projection)
     where, d = name or "layer", _positive("d", d)
     if sp.factored:
-        raise ValueError(f"{where}: factored spec A*B ('{sp}') needs a linear layer (pass d_in and d_out); "
+        raise CompressError(f"{where}: factored spec A*B ('{sp}') needs a linear layer (pass d_in and d_out); "
                          f"for a flat parameter of {d} values use a flat spec such as "
                          f"'{sp.kind}-{sp.dims[0] * sp.dims[1]}'.")
     _check_projection(pr, where)
     if sp.kind == "selective_mask" and pr.kind == "selective_mask":
-        raise ValueError(f"{where}: only one stage may be selective_mask; set the projection to e.g. 'sjlt-4096'.")
+        raise CompressError(f"{where}: only one stage may be selective_mask; set the projection to e.g. 'sjlt-4096'.")
     notes: list[str] = []
     s = build_stage(sp, d, generator(seed, "sparsify"), clamp=clamp, notes=notes,
                     where=f"{where} sparsification", indices=_selective(sp, mask_indices, "flat"))
@@ -59,11 +61,11 @@ def build_factored(sparsification, projection, d_in: int, d_out: int, *, seed=0,
     sp, pr = parse_spec(sparsification), parse_spec(projection)
     where, d_in, d_out = name or "layer", _positive("d_in", d_in), _positive("d_out", d_out)
     if not sp.factored:
-        raise ValueError(f"{where}: '{sp}' is not factored; a factored compressor needs 'TYPE-A*B' "
+        raise CompressError(f"{where}: '{sp}' is not factored; a factored compressor needs 'TYPE-A*B' "
                          "(A for d_in, B for d_out), e.g. 'random_mask-128*128'.")
     _check_projection(pr, where)
     if pr.kind == "selective_mask":
-        raise ValueError(f"{where}: a selective_mask projection after a factored sparsification is not "
+        raise CompressError(f"{where}: a selective_mask projection after a factored sparsification is not "
                          "supported; use e.g. 'sjlt-4096' or 'identity'.")
     notes: list[str] = []
     a, b = sp.dims
@@ -80,7 +82,7 @@ def build_factored(sparsification, projection, d_in: int, d_out: int, *, seed=0,
 
 def _check_projection(pr: Spec, where: str) -> None:
     if pr.factored:
-        raise ValueError(f"{where}: the projection must be flat ('TYPE-K'), got factored '{pr}'. Put the "
+        raise CompressError(f"{where}: the projection must be flat ('TYPE-K'), got factored '{pr}'. Put the "
                          "A*B spec in the sparsification, e.g. sparsification='random_mask-128*128', "
                          "projection='sjlt-4096'.")
 
@@ -96,11 +98,11 @@ def make_compressor(sparsification: str, projection: str, *, d: int | None = Non
     """
     if d is not None:
         if d_in is not None or d_out is not None:
-            raise ValueError("pass either d (flat parameter) or d_in and d_out (linear layer), not both")
+            raise CompressError("pass either d (flat parameter) or d_in and d_out (linear layer), not both")
         return build_flat(sparsification, projection, _positive("d", d), seed=seed, clamp=clamp,
                           mask_indices=mask_indices, name=name)
     if d_in is None or d_out is None:
-        raise ValueError("make_compressor needs the parameter shape: d=... for a flat parameter, or "
+        raise CompressError("make_compressor needs the parameter shape: d=... for a flat parameter, or "
                          "d_in=... and d_out=... for a linear layer")
     d_in, d_out = _positive("d_in", d_in), _positive("d_out", d_out)
     if parse_spec(sparsification).factored:

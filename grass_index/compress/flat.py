@@ -1,15 +1,17 @@
 """Compressors for a flat per-sample gradient g [B, d] (GraSS: sparsify, then project)."""
 from __future__ import annotations
 
+
 import torch
 from torch import nn
 
 from .base import Transform
+from .errors import CompressError
 
 
 def check_rows(what: str, g: torch.Tensor, d: int) -> None:
     if g.dim() != 2 or g.shape[-1] != d:
-        raise ValueError(f"{what}: expected a [batch, {d}] gradient, got shape {tuple(g.shape)}; flatten "
+        raise CompressError(f"{what}: expected a [batch, {d}] gradient, got shape {tuple(g.shape)}; flatten "
                          "each per-sample gradient row-major (like W.grad.flatten()).")
 
 

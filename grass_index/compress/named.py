@@ -1,4 +1,5 @@
-"""The three named compressors of the paper, as classes with the spec defaults of DESIGN.md."""
+"""The three named compressors of the GraSS paper, as classes whose defaults are the paper's
+specs (FactGraSS: random_mask-128*128 then sjlt-4096; see each class)."""
 from __future__ import annotations
 
 from .factored import FactoredCompressor

@@ -5,16 +5,19 @@ seed gives the same projection everywhere; buffers are then moved with ``.to(dev
 """
 from __future__ import annotations
 
+
 import numbers
 import zlib
 
 import torch
 
+from .errors import CompressError
+
 
 def layer_seed(seed: int, name: str) -> int:
     """A per-layer seed, stable across processes and machines (crc32, not Python's salted hash)."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed must be an int, got {type(seed).__name__}")
+        raise CompressError(f"seed must be an int, got {type(seed).__name__}")
     return zlib.crc32(f"{int(seed)}:{name}".encode("utf-8")) & 0x7FFFFFFF
 
 

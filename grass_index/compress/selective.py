@@ -11,27 +11,30 @@ unique, and in the order the sketch should keep them. Use ``save_selective_mask`
 """
 from __future__ import annotations
 
+
 import os
 
 import torch
+
+from .errors import CompressError
 
 FORMAT, VERSION = "grass_index.selective_mask", 1
 
 
 def _check_layers(layers, where: str) -> dict:
     if not isinstance(layers, dict):
-        raise ValueError(f"{where}: 'layers' must be a dict layer_name -> {{'in','out'}} or {{'flat'}}")
+        raise CompressError(f"{where}: 'layers' must be a dict layer_name -> {{'in','out'}} or {{'flat'}}")
     out = {}
     for name, entry in layers.items():
         if not isinstance(entry, dict) or not (set(entry) == {"flat"} or set(entry) == {"in", "out"}):
             keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-            raise ValueError(f"{where}: layer {name!r} must map to {{'in': idx, 'out': idx}} (linear) or "
+            raise CompressError(f"{where}: layer {name!r} must map to {{'in': idx, 'out': idx}} (linear) or "
                              f"{{'flat': idx}}, got {keys}.")
         fixed = {}
         for key, idx in entry.items():
             idx = torch.as_tensor(idx)
             if idx.dim() != 1 or idx.is_floating_point() or idx.dtype == torch.bool:
-                raise ValueError(f"{where}: layer {name!r} {key!r} indices must be a 1-D integer tensor, "
+                raise CompressError(f"{where}: layer {name!r} {key!r} indices must be a 1-D integer tensor, "
                                  f"got dtype {idx.dtype} shape {tuple(idx.shape)}.")
             fixed[key] = idx.long()
         out[str(name)] = fixed
@@ -47,15 +50,15 @@ def save_selective_mask(path: str | os.PathLike, layers: dict) -> None:
 def load_selective_mask(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
     """Read a mask file -> {layer_name: {"in": idx, "out": idx} or {"flat": idx}}."""
     if not os.path.exists(path):
-        raise ValueError(f"selective mask file {str(path)!r} does not exist; train one first or fix the path.")
+        raise CompressError(f"selective mask file {str(path)!r} does not exist; train one first or fix the path.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (any unpickling failure means: not our file)
-        raise ValueError(f"{path}: not a selective mask file ({type(e).__name__}: {e}).") from e
+        raise CompressError(f"{path}: not a selective mask file ({type(e).__name__}: {e}).") from e
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a selective mask file (expected a dict with format={FORMAT!r}); "
+        raise CompressError(f"{path}: not a selective mask file (expected a dict with format={FORMAT!r}); "
                          "write it with grass_index.compress.save_selective_mask.")
     if obj.get("version") != VERSION:
-        raise ValueError(f"{path}: selective mask format version {obj.get('version')!r} is not supported "
+        raise CompressError(f"{path}: selective mask format version {obj.get('version')!r} is not supported "
                          f"(this grass_index reads version {VERSION}).")
     return _check_layers(obj.get("layers"), str(path))

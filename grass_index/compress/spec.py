@@ -15,8 +15,11 @@ directory can record the spec it was built with and re-parse it.
 """
 from __future__ import annotations
 
+
 import re
 from dataclasses import dataclass
+
+from .errors import CompressError
 
 KINDS = ("identity", "normal", "rademacher", "sjlt", "fjlt", "random_mask", "selective_mask", "grass")
 # kinds that may be factored (A*B): each factor gets its own transform of that kind.
@@ -55,7 +58,7 @@ class Spec:
 
 
 def _fail(text: str, why: str, fix: str):
-    raise ValueError(f"bad compression spec {text!r}: {why}. {fix}")
+    raise CompressError(f"bad compression spec {text!r}: {why}. {fix}")
 
 
 def parse_spec(text: str | Spec) -> Spec:
@@ -63,7 +66,7 @@ def parse_spec(text: str | Spec) -> Spec:
     if isinstance(text, Spec):
         return text
     if not isinstance(text, str):
-        raise ValueError(f"compression spec must be a string like 'sjlt-4096', got {type(text).__name__}")
+        raise CompressError(f"compression spec must be a string like 'sjlt-4096', got {type(text).__name__}")
     m = _SPEC_RE.match(text.strip().lower())
     if m is None:
         _fail(text, "not of the form TYPE, TYPE-DIM or TYPE-DIMin*DIMout[:s=N]",

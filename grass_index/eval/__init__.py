@@ -8,11 +8,12 @@
 `run_eval` does all of it for an index directory (what `grass-index eval` calls). Tasks
 opt in by defining ``train(train_data_subset, seed) -> nn.Module`` (see groundtruth.py).
 """
+from .errors import EvalError
 from .groundtruth import GroundTruth, load_ground_truth, train_ground_truth
 from .lds import group_scores, lds
 from .subsets import as_masks, make_subsets
 
-__all__ = ["make_subsets", "as_masks", "train_ground_truth", "load_ground_truth", "GroundTruth",
+__all__ = ["EvalError", "make_subsets", "as_masks", "train_ground_truth", "load_ground_truth", "GroundTruth",
            "lds", "group_scores", "run_eval", "EvalResult"]
 
 

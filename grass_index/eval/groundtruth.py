@@ -21,9 +21,9 @@ never leaves half a file, and a rerun skips every (subset, seed) already on disk
 """
 from __future__ import annotations
 
+
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..fileio import atomic_save
+from .errors import EvalError
 from .subsets import as_masks, subset_indices
 
 CACHE_VERSION = 1
@@ -52,27 +54,8 @@ class GroundTruth:
         return self.losses_per_seed.mean(axis=1)
 
 
-# -- atomic files -----------------------------------------------------------------------
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Write via `write(fileobj)` to a temp file in the same directory, fsync, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
+    atomic_save(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
 
 
 def _run_path(cache: Path, j: int, seed: int) -> Path:
@@ -92,16 +75,16 @@ def _prepare_cache(cache: Path, masks: np.ndarray, seeds: list[int], n_query: in
         old = json.loads(mpath.read_text())
         for key in ("version", "n_train", "n_query", "m", "tag"):
             if old.get(key) != meta[key]:
-                raise ValueError(
+                raise EvalError(
                     f"ground-truth cache {cache} was made with {key}={old.get(key)!r}, this run has "
                     f"{key}={meta[key]!r}; use another --ground-truth directory or delete this one")
         if not spath.is_file() or not np.array_equal(np.load(spath), masks):
-            raise ValueError(f"ground-truth cache {cache} holds different subsets; use another "
+            raise EvalError(f"ground-truth cache {cache} holds different subsets; use another "
                              "directory, or the same m/alpha/subset seed as when it was made")
         # new seeds may be added to an existing cache; keep the union in meta
         meta["seeds"] = sorted(set(old.get("seeds", [])) | set(meta["seeds"]))
     else:
-        _atomic_write(spath, lambda f: np.save(f, masks))
+        atomic_save(spath, lambda f: np.save(f, masks))
     _write_json(mpath, meta)
     return meta
 
@@ -114,7 +97,7 @@ def _query_losses(model, query_data, loss_fn, collate, batch_size: int) -> np.nd
             out.append(torch.as_tensor(loss_fn(model, collate(items))).detach().double().cpu().reshape(-1))
     losses = torch.cat(out).numpy()
     if losses.shape[0] != len(query_data):
-        raise ValueError(f"loss_fn returned {losses.shape[0]} losses for {len(query_data)} query "
+        raise EvalError(f"loss_fn returned {losses.shape[0]} losses for {len(query_data)} query "
                          "examples; it must return one loss per example (reduction='none')")
     return losses
 
@@ -144,11 +127,11 @@ def train_ground_truth(train_fn: Callable[[Sequence, int], torch.nn.Module], tra
     from torch.utils.data import Subset
 
     if not callable(train_fn):
-        raise ValueError("train_ground_truth: train_fn must be callable as train(subset, seed) -> "
+        raise EvalError("train_ground_truth: train_fn must be callable as train(subset, seed) -> "
                          "nn.Module; define train() in the task file (see grass_index.eval)")
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"train_ground_truth: seeds={seeds}; give at least one, without repeats")
+        raise EvalError(f"train_ground_truth: seeds={seeds}; give at least one, without repeats")
     masks = as_masks(subsets, len(train_data))
     if collate is None:
         from ..task import default_collate as collate
@@ -167,16 +150,16 @@ def train_ground_truth(train_fn: Callable[[Sequence, int], torch.nn.Module], tra
             t0 = time.perf_counter()
             model = train_fn(Subset(train_data, subset_indices(masks[j])), s)
             if not isinstance(model, torch.nn.Module):
-                raise ValueError(f"train(subset, seed) returned {type(model).__name__}; it must "
+                raise EvalError(f"train(subset, seed) returned {type(model).__name__}; it must "
                                  "return the trained torch.nn.Module")
             model.eval()
             losses = _query_losses(model, query_data, loss_fn, collate, batch_size)
             if not np.isfinite(losses).all():
-                raise ValueError(f"the model trained on subset {j} with seed {s} has NaN/inf loss on "
+                raise EvalError(f"the model trained on subset {j} with seed {s} has NaN/inf loss on "
                                  f"{int((~np.isfinite(losses)).sum())} query examples; make train() "
                                  "stable (lower learning rate) before computing LDS")
             secs = time.perf_counter() - t0
-            _atomic_write(_run_path(cache, j, s),
+            atomic_save(_run_path(cache, j, s),
                           lambda f: np.savez(f, losses=losses, seconds=np.float64(secs)))
             if bar is not None:
                 bar.advance(task_id)
@@ -208,7 +191,7 @@ def load_ground_truth(cache_dir: str | os.PathLike, seeds: Sequence[int] | None 
             with np.load(p) as z:
                 losses[j, k], seconds[j, k] = z["losses"], float(z["seconds"])
     if missing:
-        raise ValueError(f"ground truth in {cache} is incomplete: {len(missing)} of "
+        raise EvalError(f"ground truth in {cache} is incomplete: {len(missing)} of "
                          f"{masks.shape[0] * len(seeds)} models missing (first: subset {missing[0][0]}, "
                          f"seed {missing[0][1]}); rerun train_ground_truth / `grass-index eval` to "
                          "finish it (finished models are kept)")

@@ -9,12 +9,14 @@ The reported LDS is the mean over query examples.
 """
 from __future__ import annotations
 
+
 import warnings
 
 import numpy as np
 from scipy.stats import spearmanr
 
 from .subsets import as_masks
+from .errors import EvalError
 
 
 def _to_numpy(x, name: str) -> np.ndarray:
@@ -27,7 +29,7 @@ def _to_numpy(x, name: str) -> np.ndarray:
         pass
     a = np.asarray(x, dtype=np.float64)
     if a.ndim != 2:
-        raise ValueError(f"lds: {name} must be 2-D, got shape {a.shape}")
+        raise EvalError(f"lds: {name} must be 2-D, got shape {a.shape}")
     return a
 
 
@@ -51,14 +53,14 @@ def lds(scores, subsets, losses) -> tuple[float, np.ndarray]:
     masks = as_masks(subsets, s.shape[1])
     m = masks.shape[0]
     if y.shape != (m, s.shape[0]):
-        raise ValueError(f"lds: losses have shape {y.shape} but there are {m} subsets and "
+        raise EvalError(f"lds: losses have shape {y.shape} but there are {m} subsets and "
                          f"{s.shape[0]} query examples in scores; expected losses [{m}, {s.shape[0]}] "
                          "(one row per subset, one column per query, same query order as scores)")
     if m < 3:
-        raise ValueError(f"lds: {m} subsets; a rank correlation across subsets needs at least 3")
+        raise EvalError(f"lds: {m} subsets; a rank correlation across subsets needs at least 3")
     for name, a in (("scores", s), ("losses", y)):
         if not np.isfinite(a).all():
-            raise ValueError(f"lds: {name} contain NaN/inf ({int((~np.isfinite(a)).sum())} entries); "
+            raise EvalError(f"lds: {name} contain NaN/inf ({int((~np.isfinite(a)).sum())} entries); "
                              "fix the attribution (e.g. larger damping) or the ground-truth training")
     pred = masks.astype(np.float64) @ s.T          # [m, n_query]
     per_query = np.full(s.shape[0], np.nan)
@@ -69,7 +71,7 @@ def lds(scores, subsets, losses) -> tuple[float, np.ndarray]:
         per_query[q] = spearmanr(a, b).statistic
     ok = np.isfinite(per_query)
     if not ok.any():
-        raise ValueError("lds: every query has constant scores or losses across subsets, so no "
+        raise EvalError("lds: every query has constant scores or losses across subsets, so no "
                          "correlation is defined; check that the scores are not all zero and the "
                          "retrained models differ")
     if not ok.all():

@@ -17,10 +17,7 @@ import numpy as np
 from .groundtruth import train_ground_truth
 from .lds import lds
 from .subsets import make_subsets
-
-
-class EvalError(ValueError):
-    """LDS evaluation cannot run; the message names the problem and the fix."""
+from .errors import EvalError
 
 
 @dataclass

@@ -6,9 +6,12 @@ trivially saved/compared; ``as_masks`` also accepts index lists.
 """
 from __future__ import annotations
 
+
 from typing import Sequence
 
 import numpy as np
+
+from .errors import EvalError
 
 
 def make_subsets(n: int, m: int, alpha: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -18,16 +21,16 @@ def make_subsets(n: int, m: int, alpha: float = 0.5, seed: int = 0) -> np.ndarra
     of data, so only *which* examples are in S varies), drawn without replacement.
     """
     if not isinstance(n, (int, np.integer)) or n < 2:
-        raise ValueError(f"make_subsets: n={n!r} training examples; need an integer >= 2")
+        raise EvalError(f"make_subsets: n={n!r} training examples; need an integer >= 2")
     if not isinstance(m, (int, np.integer)) or m < 3:
-        raise ValueError(f"make_subsets: m={m!r} subsets; a Spearman correlation across subsets "
+        raise EvalError(f"make_subsets: m={m!r} subsets; a Spearman correlation across subsets "
                          "needs at least 3 (the field uses 50-100)")
     if not (0.0 < float(alpha) < 1.0):
-        raise ValueError(f"make_subsets: alpha={alpha!r}; it is the fraction of training data "
+        raise EvalError(f"make_subsets: alpha={alpha!r}; it is the fraction of training data "
                          "per subset and must lie strictly between 0 and 1 (default 0.5)")
     size = int(round(alpha * n))
     if size < 1 or size >= n:
-        raise ValueError(f"make_subsets: alpha={alpha} of n={n} gives subsets of {size} examples; "
+        raise EvalError(f"make_subsets: alpha={alpha} of n={n} gives subsets of {size} examples; "
                          "pick alpha so that 1 <= alpha*n < n")
     rng = np.random.default_rng(seed)
     masks = np.zeros((m, n), dtype=bool)
@@ -40,10 +43,10 @@ def as_masks(subsets, n: int | None = None) -> np.ndarray:
     """Normalise subsets (bool ``[m, n]`` array, or a list of index arrays) to bool ``[m, n]``."""
     if isinstance(subsets, np.ndarray) and subsets.dtype == bool:
         if subsets.ndim != 2:
-            raise ValueError(f"subsets: expected a bool [m, n_train] membership matrix, got shape "
+            raise EvalError(f"subsets: expected a bool [m, n_train] membership matrix, got shape "
                              f"{subsets.shape}")
         if n is not None and subsets.shape[1] != n:
-            raise ValueError(f"subsets cover {subsets.shape[1]} training examples but there are {n}; "
+            raise EvalError(f"subsets cover {subsets.shape[1]} training examples but there are {n}; "
                              "make them with make_subsets(n_train, ...) for this training set")
         return subsets
     try:
@@ -60,7 +63,7 @@ def as_masks(subsets, n: int | None = None) -> np.ndarray:
     masks = np.zeros((len(rows), n), dtype=bool)
     for j, r in enumerate(rows):
         if r.size and (r.min() < 0 or r.max() >= n):
-            raise ValueError(f"subset {j} holds train id {int(r.max() if r.max() >= n else r.min())} "
+            raise EvalError(f"subset {j} holds train id {int(r.max() if r.max() >= n else r.min())} "
                              f"outside 0..{n - 1}; subsets must index the training set")
         masks[j, r] = True
     return masks

@@ -5,7 +5,7 @@ from .threads import configure_threads
 from .sharded import ShardedIndex, part_ranges
 from .vector_index import SPECS, IndexSpec, VectorIndex, parse_spec
 
-IndexError_ = FaissIndexError  # the name used in the contract draft
+IndexError_ = FaissIndexError  # older spelling of FaissIndexError, kept importable
 
 __all__ = ["VectorIndex", "FaissIndexError", "IndexError_", "recall_at_k", "ExactTopK",
            "configure_threads", "parse_spec", "IndexSpec", "SPECS", "ShardedIndex", "part_ranges"]

@@ -14,12 +14,14 @@ import zlib
 
 import faiss
 
+from ..errors import GrassIndexError
+
 MAGIC = b"GIDX0001"
 _FOOTER = struct.Struct("<8sQQI4x")  # magic, faiss_len, meta_len, crc32(faiss+meta)
 _READ = 16 << 20
 
 
-class FaissIndexError(RuntimeError):
+class FaissIndexError(GrassIndexError, RuntimeError):
     """A FAISS index cannot be built, searched, saved or loaded; the message says what to do."""
 
 

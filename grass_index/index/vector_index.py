@@ -1,6 +1,6 @@
 """VectorIndex: FAISS maximum-inner-product search over preconditioned sketches.
 
-Score = <query, row>, positive = proponent (DESIGN.md sign convention). Ids are training ids.
+Score = <query, row>, positive = proponent (the sign convention, docs/design.md). Ids are training ids.
 ``flat`` is exact (IndexIDMap2 over IndexFlatIP, so rows can be reconstructed by id); ``ivf``
 (IVF{nlist},Flat, inner product, hashtable direct map for reconstruct) trades recall for speed
 on large corpora — measure it with :func:`recall_at_k` against ``flat``.

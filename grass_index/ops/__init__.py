@@ -7,9 +7,10 @@ import torch
 
 from . import library  # noqa: F401  (defines the schemas)
 from . import autograd, fake, reference  # noqa: F401  (registrations)
-from .. import _native
+from . import native
+from .native import native_status  # noqa: F401
 
-_native.load()
+native.load()
 
 
 def sjlt(x: torch.Tensor, idx: torch.Tensor, sign: torch.Tensor, k: int) -> torch.Tensor:
@@ -23,4 +24,4 @@ def mask(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.ops.grass_index.mask.default(x, idx)
 
 
-__all__ = ["sjlt", "mask"]
+__all__ = ["sjlt", "mask", "native_status"]

@@ -6,11 +6,12 @@ messages so errors read the same with or without the native build.
 """
 import torch
 
+from .errors import OpInputError
 from .library import FLOAT_DTYPES, SIGN_DTYPES
 
 
 def _fail(msg: str):
-    raise ValueError(msg)
+    raise OpInputError(msg)
 
 
 def check_x(op: str, x: torch.Tensor) -> None:

@@ -1,116 +1,37 @@
-"""Arguments and records of a build: checking build arguments, claiming the output directory
-(build.json), and reading/validating a finished index's config.json."""
+"""config.json, the record of a finished index: reading and validating it, and a typed
+read-only view of it for readers (the CLI, verify, describe, services).
+
+config.json holds build.json's keys plus what pass 2 did (``hessian``, ``damping``,
+``damping_used``, ``preconditioner``, ``index``, ``index_kind``, ``index_files``, ...), the
+versions that wrote it and ``config_hash`` over all of it but ``created``; it is written last
+and atomically, so an index is complete exactly when config.json exists.
+"""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Any, Sequence
+from types import MappingProxyType
+from typing import Any, Mapping
 
 from .. import __version__
-from ..precondition import parse_damping
-from ..index import SPECS, FaissIndexError, parse_spec
-from ..store import SketchStore
 from .errors import AttributionError
-from .files import (_OUR_FILES, BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, STORE_DIR, _jsonable,
-                    _write_json)
+from .files import BUILD_FILE, CONFIG_FILE, FORMAT_VERSION
 from .fingerprints import config_hash
-
-HESSIANS = {"efim": "eFIM", "identity": "identity"}
-INDEX_KINDS = SPECS  # flat, ivf, flat:fp16, ivf:fp16
+from .record import sketched_batches
 
 
-def _norm_hessian(hessian: str) -> str:
-    h = HESSIANS.get(str(hessian).lower())
-    if h is None:
-        raise AttributionError(f"unknown hessian {hessian!r}; use 'eFIM' or 'identity'")
-    return h
-
-
-def _damping_key(damping) -> Any:
-    return None if damping is None else str(damping)
-
-
-def _check_damping(damping) -> None:
-    try:
-        parse_damping(damping)
-    except ValueError as e:
-        raise AttributionError(f"bad damping {damping!r}: {e}") from e
-
-
-def _check_index(index) -> None:
-    try:
-        parse_spec(index)
-    except FaissIndexError as e:
-        raise AttributionError(str(e)) from None
-
-
-def _check_build_args(train_data: Sequence, *, hessian: str, index: str, batch_size,
-                      damping) -> str:
-    """Everything about build_index's arguments checkable without a model; the hessian's
-    canonical name."""
-    hessian = _norm_hessian(hessian)
-    _check_index(index)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise AttributionError(f"batch_size must be a positive integer, got {batch_size!r}")
-    _check_damping(damping)
-    if not (hasattr(train_data, "__len__") and hasattr(train_data, "__getitem__")):
-        raise AttributionError("train_data must be an indexable sequence (len() and [i])")
-    if len(train_data) == 0:
-        raise AttributionError("train_data is empty; nothing to index")
-    return hessian
-
-
-def _claim_out_dir(out: Path, build: dict) -> None:
-    """Refuse a directory holding something else; record what this build's sketches mean."""
-    bfile = out / BUILD_FILE
-    if out.exists() and not out.is_dir():
-        raise AttributionError(f"--out {out} is a file; pass a directory")
-    if bfile.is_file():
-        try:
-            old = json.loads(bfile.read_text())
-        except ValueError as e:
-            raise AttributionError(f"{bfile} is corrupted ({e}); delete {out} and rebuild") from e
-        if _jsonable(old) != _jsonable(build):
-            diff = sorted(k for k in set(old) | set(build)
-                          if _jsonable(old.get(k)) != _jsonable(build.get(k)))
-            if len(diff) > 1 and "sketch_fingerprint" in diff:  # derived: name the cause only
-                diff.remove("sketch_fingerprint")
-            hint = ""
-            if "model_hash" in diff:
-                hint = " (the model's weights differ)"
-            elif "data_hash" in diff or "n_train" in diff:
-                hint = " (the training data differs)"
-            raise AttributionError(
-                f"output directory {out} holds a different build (differs in: {', '.join(diff)})"
-                f"{hint}; choose another --out or delete {out} to rebuild")
-        return
-    if out.is_dir() and any(p.name not in _OUR_FILES and not p.name.startswith(".")
-                            for p in out.iterdir()):
-        raise AttributionError(f"output directory {out} is not empty and is not a grass-index "
-                               "build; choose a new or empty directory")
-    if (out / STORE_DIR).exists():
-        raise AttributionError(f"{out} has sketches but no {BUILD_FILE}; it is corrupted: delete "
-                               "it and rebuild")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(bfile, build)
-
-
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
+    """config.json of the index in ``path``, checked (format, hash); clear errors for a
+    missing, unfinished, corrupted, modified or foreign directory."""
+    path = Path(path)
     if not path.is_dir():
         raise AttributionError(f"index directory {path} not found; build one with "
                                "`grass-index build TASK --out DIR`")
     cfile = path / CONFIG_FILE
     if not cfile.is_file():
-        progress = ""
-        try:
-            b = json.loads((path / BUILD_FILE).read_text())
-            with SketchStore.open(path / STORE_DIR, readonly=True) as st:
-                done = st.committed_blocks
-            progress = f" ({done} of {math.ceil(b['n_train'] / b['batch_size'])} batches sketched)"
-        except Exception:
-            pass
         if (path / BUILD_FILE).is_file():
+            done = sketched_batches(path)
+            progress = f" ({done[0]} of {done[1]} batches sketched)" if done else ""
             raise AttributionError(f"the build in {path} is not finished{progress}; re-run the same "
                                    "build command to resume it")
         raise AttributionError(f"{path} is not a grass-index index (no {CONFIG_FILE}); pass the "
@@ -133,3 +54,48 @@ def _read_config(path: Path) -> dict:
         raise AttributionError(f"{cfile} was modified after the build (config hash mismatch); "
                                f"run `grass-index verify {path} --repair` or rebuild")
     return cfg
+
+
+class IndexConfig:
+    """Typed, read-only view of a config.json dict: readers use these names instead of raw
+    keys (``raw`` is the whole dict, read-only, for the rest)."""
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.raw = MappingProxyType(dict(config))
+
+    def _get(self, key, default=None):
+        return self.raw.get(key, default)
+
+    # what the sketches are
+    n_train = property(lambda self: int(self.raw["n_train"]))
+    dim = property(lambda self: int(self.raw["dim"]))
+    layout = property(lambda self: {k: int(v) for k, v in self.raw["layout"].items()})
+    layer_dims = property(lambda self: list(self.raw.get("layer_dims") or []))
+    layers_described = property(lambda self: dict(self.raw.get("layers_described") or {}))
+    sparsification = property(lambda self: self.raw["sparsification"])
+    projection = property(lambda self: self.raw["projection"])
+    seed = property(lambda self: self.raw["seed"])
+    batch_size = property(lambda self: int(self.raw["batch_size"]))
+    n_blocks = property(lambda self: self._get("n_blocks"))
+    task = property(lambda self: self._get("task"))
+    # what pass 2 did
+    hessian = property(lambda self: self.raw["hessian"])
+    damping = property(lambda self: self._get("damping"))
+    damping_used = property(lambda self: self._get("damping_used"))
+    index_kind = property(lambda self: self._get("index_kind") or (self.index or {}).get("kind"))
+    index = property(lambda self: dict(self._get("index") or {}))
+    index_files = property(lambda self: list(self._get("index_files") or [self.raw["index_file"]]))
+    preconditioner_key = property(lambda self: self.raw["preconditioner_key"])
+    # provenance
+    version = property(lambda self: self._get("version"))
+    torch_version = property(lambda self: self._get("torch"))
+    config_hash = property(lambda self: self._get("config_hash"))
+    created = property(lambda self: self._get("created"))
+
+    @property
+    def recall(self) -> dict | None:
+        """The measured recall of the FAISS index ({k, recall, queries, ...}), when recorded."""
+        return self.index.get("recall")
+
+    def __repr__(self) -> str:
+        return f"IndexConfig(n_train={self.n_train}, dim={self.dim}, hessian={self.hessian})"

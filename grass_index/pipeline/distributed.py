@@ -1,10 +1,11 @@
 """Builds under torch.distributed (``torchrun``): rank r of W is worker r/W of pass 1 and
 builds part r of the FAISS index in pass 2; rank 0 joins the parts and commits.
 
-    torchrun --nproc_per_node=N -m grass_index.cli.main build TASK --out DIR
+    torchrun --nproc_per_node=N -m grass_index build TASK --out DIR
 
-Each rank sketches its shard and sums its rows' ĝĝᵀ (``sharding._sketch_shard``); the Fisher
-sums are all-reduced; then ``merge_ranks`` (below) runs pass 2 on every rank at once: each
+Each rank sketches its shard and sums its rows' ĝĝᵀ (``sharding.sketch_shard``); the Fisher
+sums are all-reduced; then ``merge_ranks`` (below) runs the one pass 2 (``pass2.run_pass2``)
+on every rank at once: each
 fits the same preconditioner and indexes its own shard into its own FAISS part, and rank 0
 copies the sketches into the main store, joins the parts and writes the config. The index
 answers like the single-process one (sketches bit for bit, scores to float64 rounding); every
@@ -19,6 +20,7 @@ is raised on every rank, with the rank that failed, instead of leaving the other
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import shutil
@@ -27,15 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..index import ExactTopK, ShardedIndex, VectorIndex, parse_spec
-from ..precondition import Preconditioner
 from ..store import SketchStore
 from .errors import AttributionError
-from .files import SHARDS_DIR, STORE_DIR, _jsonable
-from .indexing import (_check_count, _commit, _measure_recall, _pass2_key,
-                       _remove_temp_files, _template, index_file_names, recall_queries)
-from .sharding import _cache_fisher, _copy_shards, _merge_setup
-from .stored import _preconditioned_blocks, _state_to_array
+from .files import SHARDS_DIR, STORE_DIR, jsonable
+from .options import IndexOptions
+from .pass2 import run_pass2
+from .sharding import cache_fisher, copy_shards, merge_setup
+from .stored import state_to_array
 
 # Rank 0's merge + pass 2 can take long while the others wait in a collective.
 _TIMEOUT = _dt.timedelta(hours=24)
@@ -103,6 +103,10 @@ class Group:
                 raise AttributionError(f"rank {r} of {self.world} failed: {value}")
         return [v for _, v in got]
 
+    def share(self, fn, encode, decode):
+        """Rank 0's ``fn()`` on every rank, sent as ``encode``'s picklable form."""
+        return decode(self.step(lambda: encode(fn()) if self.rank == 0 else None)[0])
+
     def all_reduce_fisher(self, acc):
         """Every rank's FisherAccumulator summed (float64), on every rank."""
         from ..precondition import FisherAccumulator
@@ -135,87 +139,55 @@ def _global_ids(local_start: int, count: int, rank: int, world: int, B: int) -> 
     return ((local // B) * world + rank) * B + local % B
 
 
+class ShardRows:
+    """What a torchrun rank indexes in pass 2: its own shard; local row j of shard rank-of-world
+    is a fixed training id (``_global_ids``)."""
+
+    def __init__(self, shard: Path, rank: int, world: int, batch_size: int):
+        self.shard, self.rank, self.world, self.B = shard, rank, world, batch_size
+
+    @contextlib.contextmanager
+    def open(self):
+        with SketchStore.open(self.shard, readonly=True) as st:
+            yield st
+
+    def global_ids(self, start: int, count: int) -> np.ndarray:
+        return _global_ids(start, count, self.rank, self.world, self.B)
+
+    def query_rows(self, qids: np.ndarray):
+        return _held_rows(self.shard, qids, self.rank, self.world, self.B)
+
+
 def merge_ranks(group, out: Path, *, fisher, progress, remove_shards: bool = False) -> dict:
-    """torchrun's pass 2, spread over the ranks: every rank fits the same preconditioner from
-    the all-reduced Fisher and preconditions its own shard into its own FAISS part (from one
-    template: rank 0's IVF quantizer / float16 scales); the exact top lists for the recall
-    measurement are computed beside it. Rank 0 copies the sketches into the main store, joins
+    """torchrun's pass 2 — the same ``pass2.run_pass2`` as one process, spread over the ranks:
+    every rank fits the same preconditioner from the all-reduced Fisher and preconditions its
+    own shard into its own FAISS part; rank 0 copies the sketches into the main store, joins
     the parts — into one file, or kept as one part per rank when ``shards=`` was asked for —
     and commits config.json. Every rank returns the config."""
     out = Path(out)
     rank, world = group.rank, group.world
     # rank 0 checks every shard once; step hands its findings (or its error) to every rank
-    build, n, shards, rec, finish = group.step(
-        lambda: _merge_setup(out, world, {}) if rank == 0 else None)[0]
-    layout, B, n_train, dim = build["layout"], build["batch_size"], build["n_train"], build["dim"]
-    hessian, damping = finish["hessian"], finish.get("damping")
-    nlist, nprobe = finish.get("nlist"), finish.get("nprobe")
-    spec = parse_spec(finish["index"])
-    index = str(spec._replace(shards=world) if spec.shards > 1 else spec)
-    key = _pass2_key(build, hessian=hessian, damping=damping, index=index, nlist=nlist,
-                     nprobe=nprobe)
-    pre = Preconditioner.fit(fisher.fishers() if hessian == "eFIM" else {}, layout,
-                             hessian=hessian, damping=damping)
-    mine = shards[rank]
+    build, n, shards, rec, opts = group.step(
+        lambda: merge_setup(out, world, {}) if rank == 0 else None)[0]
+    rows = ShardRows(shards[rank], rank, world, build["batch_size"])
 
-    def make_template():
-        with SketchStore.open(mine, readonly=True) as st:
-            return _template(_preconditioned_blocks(st, pre), spec, dim, nlist, nprobe).to_bytes()
-    template = VectorIndex.from_bytes(
-        *group.step(lambda: make_template() if rank == 0 else None)[0])
-
-    qids, k = recall_queries(n_train)
-    queries = np.zeros((len(qids), dim), np.float32)  # each rank reads the ones it holds
-    for pos, rows in group.step(lambda: _held_rows(mine, qids, rank, world, B)):
-        queries[pos] = rows
-    names = index_file_names(key, world)
-    held = {}
-
-    def fill():
-        part, exact = template.empty_like(), ExactTopK(queries, k + 1) if k >= 1 else None
-        with SketchStore.open(mine, readonly=True) as st:
-            total = st.num_rows
-            for start, vec in _preconditioned_blocks(st, pre):
-                ids = _global_ids(start, len(vec), rank, world, B)
-                part.add(vec, ids)
-                if exact is not None:
-                    exact.add(vec, ids)
-                progress("index", start + len(vec), total)
-        if rank != 0:  # rank 0 keeps its part in memory; the others hand theirs over on disk
-            part.save(out / names[rank])
-        held["part"] = part
-        return None if exact is None else (exact.scores, exact.ids)
-    tops = group.step(fill)
-
-    def commit():
-        with SketchStore.create(out / STORE_DIR, dim=dim, meta=_jsonable(build)) as store:
-            _copy_shards(store, build, world, shards, progress)
-            if hessian == "eFIM":
-                _cache_fisher(store, build, world, shards, fisher)
-            store.put_array(f"precond/{key}", _state_to_array(pre.state_dict()))
-            parts = [held["part"]] + [VectorIndex.load(out / names[r]) for r in range(1, world)]
-            if spec.shards == 1:
-                for p in parts[1:]:
-                    parts[0].merge_from(p)
-                vindex, files = parts[0], index_file_names(key, 1)
-            else:
-                vindex, files = ShardedIndex(parts), names
-            _check_count(vindex, n_train)
-            if k >= 1:
-                exact = ExactTopK(queries, k + 1)
-                for scores, ids in tops:
-                    exact.merge(scores, ids)
-                _measure_recall(vindex, exact, qids, k, others=parts)
-            _remove_temp_files(out)
-            parts[0].save(out / files[0])  # the others' parts are on disk already
-            cfg = _commit(out, store, build, rec.get("describe") or {}, pre=pre, key=key,
-                          vindex=vindex, index=index, index_files=files, hessian=hessian,
-                          damping=damping, task=rec.get("task"),
-                          item_signature=rec.get("item_signature"), progress=progress)
+    @contextlib.contextmanager
+    def main_store(pre, key):
+        """Rank 0: the main store, made from the shards (resumable), with the summed Fisher
+        and the preconditioner, as a single process's build would hold them."""
+        with SketchStore.create(out / STORE_DIR, dim=build["dim"], meta=jsonable(build)) as store:
+            copy_shards(store, build, world, shards, progress)
+            if opts["hessian"] == "eFIM":
+                cache_fisher(store, build, world, shards, fisher)
+            store.put_array(f"precond/{key}", state_to_array(pre.state_dict()))
+            yield store
         if remove_shards:
             shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
-        return cfg
-    return group.step(lambda: commit() if rank == 0 else None)[0]
+
+    return run_pass2(out, build, rec.get("describe") or {}, IndexOptions.from_record(opts),
+                     rows=rows, ranks=group, fisher=lambda: fisher.fishers(),
+                     main_store=main_store, task=rec.get("task"),
+                     item_signature=rec.get("item_signature"), progress=progress)
 
 
 def _held_rows(shard: Path, qids: np.ndarray, rank: int, world: int, B: int):

@@ -1,8 +1,10 @@
-"""The one error type of the attribution pipeline."""
+"""The error type of the attribution pipeline."""
 from __future__ import annotations
 
+from ..errors import GrassIndexError
 
-class AttributionError(ValueError):
+
+class AttributionError(GrassIndexError, ValueError):
     """Bad input or a broken index directory; the message names the problem and the fix."""
 
 

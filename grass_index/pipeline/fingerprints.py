@@ -9,16 +9,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..task import item_signature, merge_signatures
-from .files import _jsonable
+from ..fileio import jsonable
+from ..signature import item_signature, merge_signatures
 
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(_jsonable(obj), sort_keys=True).encode()).hexdigest()[:16]
+def hash_json(obj) -> str:
+    return hashlib.sha256(json.dumps(jsonable(obj), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def config_hash(cfg: dict) -> str:
-    return _hash({k: v for k, v in cfg.items() if k not in ("config_hash", "created")})
+    return hash_json({k: v for k, v in cfg.items() if k not in ("config_hash", "created")})
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -66,9 +66,9 @@ def data_hash(data: Sequence) -> str:
 SIGNATURE_SAMPLES = 64
 
 
-def _data_signature(data: Sequence):
+def data_signature(data: Sequence):
     """Shape/dtype structure that query examples must match, from <= 64 evenly spaced items
-    (dims that differ among them become variable; see task.merge_signatures)."""
+    (dims that differ among them become variable; see signature.merge_signatures)."""
     n = len(data)
     m = min(n, SIGNATURE_SAMPLES)
     picks = sorted({round(i * (n - 1) / max(1, m - 1)) for i in range(m)})
@@ -78,6 +78,6 @@ def _data_signature(data: Sequence):
     return sig
 
 
-def _layer_dims(layers) -> list[dict]:
+def layer_dims(layers) -> list[dict]:
     return [dict(name=l.name, kind=l.kind, d_in=l.d_in, d_out=l.d_out, has_bias=l.has_bias,
                  numel=l.numel, params=list(l.param_names)) for l in layers]

@@ -1,7 +1,9 @@
-"""The query side of pass 1: check that a model fits an index, and sketch query examples
-exactly as the training examples were sketched."""
+"""The query side of a finished index: check that a model fits it, sketch query examples
+exactly as the training examples were sketched, and open what scoring reads (the sketch store,
+the preconditioner, the FAISS index) with errors that say how to repair a damaged part."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -10,22 +12,27 @@ import torch
 
 from ..capture import CaptureError, GradientSketcher, select_layers
 from ..compress import load_selective_mask
-from ..task import default_collate, item_signature, signature_mismatch
+from ..precondition import Preconditioner
+from ..store import SketchStore, StoreError
+from ..signature import item_signature, signature_mismatch
+from ..task import default_collate
 from .errors import AttributionError
-from .files import MASK_FILE
-from .fingerprints import _layer_dims, model_hash
-from .sketching import _batches, _len
+from .files import MASK_FILE, STORE_DIR
+from .fingerprints import layer_dims, model_hash
+from .pass2 import load_faiss
+from .sketching import batch_len, batches
+from .stored import preconditioned_blocks, state_from_array
 
 log = logging.getLogger("grass_index")
 
 
-def _check_model(path: Path, config: dict, model: torch.nn.Module):
+def check_model(path: Path, config: dict, model: torch.nn.Module):
     """The model must have the layers (names and shapes) the index was built on."""
     try:
         infos = select_layers(model, config.get("layers"))
     except CaptureError as e:
         raise AttributionError(f"the model does not fit index {path}: {e}") from e
-    got = {d["name"]: d for d in _layer_dims(infos)}
+    got = {d["name"]: d for d in layer_dims(infos)}
     want = {d["name"]: d for d in config["layer_dims"]}
     for name, w in want.items():
         g = got.get(name)
@@ -49,9 +56,9 @@ def _check_model(path: Path, config: dict, model: torch.nn.Module):
     return infos
 
 
-def _query_sketcher(path: Path, config: dict, model, device=None) -> GradientSketcher:
+def query_sketcher(path: Path, config: dict, model, device=None) -> GradientSketcher:
     """A sketcher for ``model`` that draws the projections the index was built with."""
-    infos = _check_model(path, config, model)
+    infos = check_model(path, config, model)
     masks = load_selective_mask(path / MASK_FILE) if config.get("selective_mask") else None
     sk = GradientSketcher(model, infos, sparsification=config["sparsification"],
                           projection=config["projection"], seed=config["seed"],
@@ -73,7 +80,7 @@ def _query_sketcher(path: Path, config: dict, model, device=None) -> GradientSke
     return sk
 
 
-def _sketch_queries(path: Path, config: dict, model, examples: Sequence, loss_fn, *,
+def sketch_queries(path: Path, config: dict, model, examples: Sequence, loss_fn, *,
                     collate=None, batch_size: int | None = None, device=None) -> torch.Tensor:
     """Raw sketches g(z) [n, K] of the query examples (not preconditioned)."""
     if not (hasattr(examples, "__len__") and hasattr(examples, "__getitem__")):
@@ -89,10 +96,10 @@ def _sketch_queries(path: Path, config: dict, model, examples: Sequence, loss_fn
                 raise AttributionError(f"{msg}; query examples must look like the training "
                                        "examples")
     model.eval()
-    sk = _query_sketcher(path, config, model, device)
+    sk = query_sketcher(path, config, model, device)
     collate = collate or default_collate
     out = []
-    for b, lo, batch in _batches(examples, batch_size or config["batch_size"], collate):
+    for b, lo, batch in batches(examples, batch_size or config["batch_size"], collate):
         try:
             out.append(sk.sketch(batch, loss_fn))
         except CaptureError as e:
@@ -101,6 +108,58 @@ def _sketch_queries(path: Path, config: dict, model, examples: Sequence, loss_fn
             raise AttributionError(f"query examples: {e}") from e
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
             raise AttributionError(f"the loss failed on query examples {lo}..."
-                                   f"{lo + _len(batch) - 1} ({type(e).__name__}: {e}); are "
+                                   f"{lo + batch_len(batch) - 1} ({type(e).__name__}: {e}); are "
                                    "they shaped and typed like the training examples?") from e
     return torch.cat(out)
+
+
+@contextlib.contextmanager
+def reading_store(path: Path):
+    """The sketch store of index ``path``, opened only for the duration of one operation (so a
+    writer in this process, e.g. reprecondition on another handle, is never blocked by an idle
+    reader)."""
+    try:
+        store = SketchStore.open(Path(path) / STORE_DIR, readonly=True)
+    except StoreError as e:
+        raise AttributionError(f"cannot open the sketch store of {path}: {e}") from e
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def open_vector_index(path: Path, config: dict, *, mmap: bool = False):
+    """The finished index's FAISS index, checked against the config (file present, readable,
+    one vector per training example)."""
+    names = config.get("index_files") or [config["index_file"]]
+    f = path / names[0] if len(names) == 1 else path
+    for name in names:
+        if not (path / name).is_file():
+            raise AttributionError(f"{path / name} is missing; run `grass-index verify {path} "
+                                   "--repair` to rebuild it from the stored sketches")
+    try:
+        vindex = load_faiss(path, config, mmap=mmap)
+    except Exception as e:
+        raise AttributionError(f"{f} is unreadable ({e}); run `grass-index verify "
+                               f"{path} --repair` to rebuild it") from e
+    if vindex.ntotal != int(config["n_train"]):
+        raise AttributionError(f"{f} holds {vindex.ntotal} vectors, config says "
+                               f"{config['n_train']}; run `grass-index verify {path} --repair`")
+    return vindex
+
+
+def load_preconditioner(path: Path, config: dict) -> Preconditioner:
+    """The preconditioner pass 2 stored for this config."""
+    name = f"precond/{config['preconditioner_key']}"
+    with reading_store(path) as store:
+        if not store.has_array(name):
+            raise AttributionError(f"the preconditioner is missing from {path}; run "
+                                   f"`grass-index verify {path} --repair`")
+        state = state_from_array(store.get_array(name))
+    return Preconditioner.from_state_dict(state, dict(config["layout"]))
+
+
+def train_vectors(path: Path, pre: Preconditioner):
+    """Yield (start_id, preconditioned rows) from the stored sketches, in id order."""
+    with reading_store(path) as store:
+        yield from preconditioned_blocks(store, pre)

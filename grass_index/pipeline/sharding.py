@@ -13,27 +13,26 @@ workers at once, and the merge only adds n k×k matrices per layer (a torchrun b
 them instead). The sum order differs from one process's, so the Fisher — and the scores —
 equal a single-process build's to float64 rounding, not bit for bit; the sketches are equal.
 
-``_merge`` checks that shards 0..n-1 all exist, are complete and are the same build, copies
+``merge`` checks that shards 0..n-1 all exist, are complete and are the same build, copies
 their blocks into the main store in global batch order (resumable, so the main store holds
 exactly a single-process build's sketches), caches the summed Fisher there, then runs the
-normal pass 2 (``_finish``).
+normal pass 2 (``finish``).
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import re
 import shutil
 from pathlib import Path
 
 from ..precondition import FisherAccumulator
 from ..store import SketchStore, StoreError
-from .config import _check_damping, _norm_hessian
 from .errors import AttributionError
-from .files import BUILD_FILE, SHARDS_DIR, STORE_DIR, _jsonable
-from .indexing import _accumulate, _finish, _has_fisher, _put_fisher
-from .sketching import _sketch_training_set
+from .files import BUILD_FILE, SHARDS_DIR, STORE_DIR, jsonable
+from .options import check_damping, norm_hessian
+from .pass2 import accumulate, finish, has_fisher, put_fisher
+from .record import n_batches, read_build_record
+from .sketching import sketch_training_set
 
 log = logging.getLogger("grass_index")
 _SHARD_NAME = re.compile(r"^(\d+)-of-(\d+)$")
@@ -62,31 +61,27 @@ def shard_name(i: int, n: int) -> str:
     return f"{i}-of-{n}"
 
 
-def _n_batches(build: dict) -> int:
-    return math.ceil(build["n_train"] / build["batch_size"])
-
-
 def _owned(build: dict, i: int, n: int) -> range:
-    return range(i, _n_batches(build), n)
+    return range(i, n_batches(build), n)
 
 
-def _sketch_shard(out: Path, worker: tuple[int, int], sketcher, build: dict, *, train_data,
+def sketch_shard(out: Path, worker: tuple[int, int], sketcher, build: dict, *, train_data,
                   loss_fn, batch_size: int, collate, progress, records: dict) -> dict:
     """Pass 1 over worker i's batches into shards/i-of-n (resumable); what it holds."""
     i, n = worker
     path = out / SHARDS_DIR / shard_name(i, n)
     blocks = _owned(build, i, n)
-    meta = _jsonable(dict(build, shard=[i, n]))
+    meta = jsonable(dict(build, shard=[i, n]))
     with SketchStore.create(path, dim=sketcher.dim, meta=meta) as store:
         for key, value in records.items():
-            if store.get_meta(key, None) != _jsonable(value):
-                store.put_meta(key, _jsonable(value))
-        _sketch_training_set(store, sketcher, train_data, loss_fn, batch_size=batch_size,
+            if store.get_meta(key, None) != jsonable(value):
+                store.put_meta(key, jsonable(value))
+        sketch_training_set(store, sketcher, train_data, loss_fn, batch_size=batch_size,
                              collate=collate, progress=progress, blocks=blocks)
         if (records.get("finish") or {}).get("hessian", "eFIM") == "eFIM":
             shard_fisher(store, build["layout"], progress)
         return dict(shard=f"{i}/{n}", path=str(path), batches=len(blocks),
-                    rows=store.num_rows, n_batches=_n_batches(build))
+                    rows=store.num_rows, n_batches=n_batches(build))
 
 
 def shard_fisher(store, layout, progress=None) -> FisherAccumulator:
@@ -97,7 +92,7 @@ def shard_fisher(store, layout, progress=None) -> FisherAccumulator:
         acc.load_state_dict({"n": n, **{f"sum/{k}": store.get_array(f"fisher_sum/{k}")
                                         for k in layout}})
         return acc
-    acc = _accumulate(store, layout, progress and (
+    acc = accumulate(store, layout, progress and (
         lambda done: progress("fisher", done, store.num_rows)))
     if not store.readonly:
         for key, value in acc.state_dict().items():
@@ -169,7 +164,7 @@ def _check_shards(out: Path, build: dict, n: int, shards: dict[int, Path]) -> li
                             f"`build --worker {i}/{n}`")
             continue
         shard = meta.pop("shard", None)
-        want = _jsonable(build)
+        want = jsonable(build)
         if shard != [i, n] or meta != want:
             diff = sorted(k for k in set(meta) | set(want) if meta.get(k) != want.get(k))
             if shard != [i, n]:
@@ -189,34 +184,29 @@ def _check_shards(out: Path, build: dict, n: int, shards: dict[int, Path]) -> li
     return records
 
 
-def _merge_setup(out: Path, n: int | None, overrides: dict):
+def merge_setup(out: Path, n: int | None, overrides: dict):
     """Checks before merging: build.json, the shards of one split (all present, complete, the
     same build); the pass-2 options (the workers', then ``overrides``)."""
-    bfile = out / BUILD_FILE
-    if not bfile.is_file():
-        raise AttributionError(f"{out} has no {BUILD_FILE}; it is not a grass-index build "
-                               "directory (run `grass-index build TASK --out DIR --worker I/N`)")
-    try:
-        build = json.loads(bfile.read_text())
-    except ValueError as e:
-        raise AttributionError(f"{bfile} is corrupted ({e}); delete {out} and rebuild") from e
+    build = read_build_record(out, missing=(
+        f"{out} has no {BUILD_FILE}; it is not a grass-index build directory (run "
+        "`grass-index build TASK --out DIR --worker I/N`)"))
     n, shards = _shard_dirs(out, n)
     records = _check_shards(out, build, n, shards)
     rec = records[0]
-    finish = dict(rec.get("finish") or {})
-    if any((r.get("finish") or {}) != finish for r in records[1:]):
+    opts = dict(rec.get("finish") or {})
+    if any((r.get("finish") or {}) != opts for r in records[1:]):
         log.warning("the workers were given different pass-2 options (hessian/damping/index); "
-                    "using worker 0's: %s", finish)
-    finish.update({k: v for k, v in overrides.items() if v is not None})
-    finish["hessian"] = _norm_hessian(finish.get("hessian") or "eFIM")
-    finish["index"] = finish.get("index") or "flat"
-    _check_damping(finish.get("damping"))
-    return build, n, shards, rec, finish
+                    "using worker 0's: %s", opts)
+    opts.update({k: v for k, v in overrides.items() if v is not None})
+    opts["hessian"] = norm_hessian(opts.get("hessian") or "eFIM")
+    opts["index"] = opts.get("index") or "flat"
+    check_damping(opts.get("damping"))
+    return build, n, shards, rec, opts
 
 
-def _copy_shards(store, build: dict, n: int, shards: dict[int, Path], progress) -> None:
+def copy_shards(store, build: dict, n: int, shards: dict[int, Path], progress) -> None:
     """Shard blocks -> the main store in global batch order (resumes where it stopped)."""
-    n_blocks, B, n_train = _n_batches(build), build["batch_size"], build["n_train"]
+    n_blocks, B, n_train = n_batches(build), build["batch_size"], build["n_train"]
     start = store.committed_blocks
     if start >= n_blocks:
         return
@@ -239,10 +229,10 @@ def _copy_shards(store, build: dict, n: int, shards: dict[int, Path], progress) 
             r.close()
 
 
-def _cache_fisher(store, build: dict, n: int, shards: dict[int, Path],
+def cache_fisher(store, build: dict, n: int, shards: dict[int, Path],
                   fisher: FisherAccumulator | None) -> None:
     """The summed Fisher into the main store, where pass 2 (and later refits) look first."""
-    if _has_fisher(store, build["layout"]):
+    if has_fisher(store, build["layout"]):
         return
     if fisher is None:
         fisher = FisherAccumulator(build["layout"])
@@ -252,23 +242,23 @@ def _cache_fisher(store, build: dict, n: int, shards: dict[int, Path],
     if fisher.n != build["n_train"]:
         raise AttributionError(f"the shards' Fisher sums cover {fisher.n} rows, not "
                                f"{build['n_train']}; delete the shards and rebuild")
-    _put_fisher(store, fisher)
+    put_fisher(store, fisher)
 
 
-def _merge(out: Path, *, n: int | None = None, hessian=None, damping=None, index=None,
+def merge(out: Path, *, n: int | None = None, hessian=None, damping=None, index=None,
            nlist=None, nprobe=None, progress, remove_shards: bool = False) -> dict:
     """Shards -> main store (global batch order) -> pass 2 on this process. Returns the
     finished config."""
     out = Path(out)
-    build, n, shards, rec, finish = _merge_setup(out, n, dict(
+    build, n, shards, rec, opts = merge_setup(out, n, dict(
         hessian=hessian, damping=damping, index=index, nlist=nlist, nprobe=nprobe))
-    with SketchStore.create(out / STORE_DIR, dim=build["dim"], meta=_jsonable(build)) as store:
-        _copy_shards(store, build, n, shards, progress)
-        if finish["hessian"] == "eFIM":
-            _cache_fisher(store, build, n, shards, None)
-        cfg = _finish(out, store, build, rec.get("describe") or {}, hessian=finish["hessian"],
-                      damping=finish.get("damping"), index=finish["index"],
-                      nlist=finish.get("nlist"), nprobe=finish.get("nprobe"),
+    with SketchStore.create(out / STORE_DIR, dim=build["dim"], meta=jsonable(build)) as store:
+        copy_shards(store, build, n, shards, progress)
+        if opts["hessian"] == "eFIM":
+            cache_fisher(store, build, n, shards, None)
+        cfg = finish(out, store, build, rec.get("describe") or {}, hessian=opts["hessian"],
+                      damping=opts.get("damping"), index=opts["index"],
+                      nlist=opts.get("nlist"), nprobe=opts.get("nprobe"),
                       task=rec.get("task"), progress=progress,
                       old_config=dict(item_signature=rec.get("item_signature")))
     if remove_shards:

@@ -3,36 +3,36 @@ batch (resumable at ``store.committed_blocks``)."""
 from __future__ import annotations
 
 import logging
-import math
 from typing import Sequence
 
 import torch
 
 from ..capture import CaptureError
 from .errors import AttributionError
+from .record import batch_count
 
 log = logging.getLogger("grass_index")
 
 
-def _batches(data: Sequence, batch_size: int, collate, start_block: int = 0):
+def batches(data: Sequence, batch_size: int, collate, start_block: int = 0):
     """Fixed block boundaries [b*B, (b+1)*B): a resumed build sees exactly the same batches."""
     n = len(data)
-    for b in range(start_block, math.ceil(n / batch_size)):
+    for b in range(start_block, batch_count(n, batch_size)):
         lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
         yield b, lo, collate([data[i] for i in range(lo, hi)])
 
 
-def _len(batch) -> int:
+def batch_len(batch) -> int:
     if isinstance(batch, torch.Tensor):
         return batch.shape[0]
     if isinstance(batch, (list, tuple)) and batch:
-        return _len(batch[0])
+        return batch_len(batch[0])
     if isinstance(batch, dict) and batch:
-        return _len(next(iter(batch.values())))
+        return batch_len(next(iter(batch.values())))
     return 1
 
 
-def _sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch_size: int,
+def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch_size: int,
                          collate, progress, blocks: Sequence[int] | None = None) -> None:
     """Sketch every batch not yet committed to ``store``; one block per batch.
 
@@ -43,7 +43,7 @@ def _sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batc
     """
     n = len(train_data)
     if blocks is None:
-        blocks = range(math.ceil(n / batch_size))
+        blocks = range(batch_count(n, batch_size))
     start = store.committed_blocks
     if start:
         log.info("resuming: %d of %d batches already sketched", start, len(blocks))

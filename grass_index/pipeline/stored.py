@@ -7,19 +7,19 @@ import io
 import numpy as np
 
 
-def _state_to_array(state: dict) -> np.ndarray:
+def state_to_array(state: dict) -> np.ndarray:
     """A preconditioner state (dict of arrays, some of them strings) as one uint8 array (.npz)."""
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v) for k, v in state.items()})
     return np.frombuffer(buf.getvalue(), dtype=np.uint8).copy()
 
 
-def _state_from_array(arr) -> dict:
+def state_from_array(arr) -> dict:
     with np.load(io.BytesIO(np.asarray(arr, dtype=np.uint8).tobytes()), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 
-def _chunks(store, rows_per_chunk: int = 2048):
+def chunks(store, rows_per_chunk: int = 2048):
     """Stored blocks regrouped into ~2k-row chunks (id order): big matmuls instead of many small."""
     buf, start, n = [], 0, 0
     for s, rows in store.iter_blocks():
@@ -34,7 +34,7 @@ def _chunks(store, rows_per_chunk: int = 2048):
         yield start, np.concatenate(buf)
 
 
-def _preconditioned_blocks(store, pre):
-    for start, rows in _chunks(store):
+def preconditioned_blocks(store, pre):
+    for start, rows in chunks(store):
         vec = np.asarray(pre.apply(np.asarray(rows, dtype=np.float32)), dtype=np.float32)
         yield start, np.ascontiguousarray(vec)

@@ -2,8 +2,6 @@
 can rebuild from them (the preconditioner, the FAISS index, the store's config)."""
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +9,14 @@ import numpy as np
 from .. import __version__
 from ..precondition import Preconditioner
 from ..store import SketchStore
-from .config import _check_damping, _norm_hessian, _read_config
+from .config import read_config
 from .errors import AttributionError
-from .files import BUILD_FILE, FORMAT_VERSION, STORE_DIR, _jsonable
-from .fingerprints import _hash
-from .indexing import _refit, load_faiss
-from .stored import _state_from_array
+from .files import BUILD_FILE, FORMAT_VERSION, STORE_DIR, jsonable
+from .fingerprints import hash_json
+from .options import check_damping, norm_hessian
+from .pass2 import load_faiss, refit
+from .record import batch_count, read_build_record
+from .stored import state_from_array
 
 
 def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0) -> dict:
@@ -37,7 +37,7 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0)
                     repaired=repaired)
 
     try:
-        cfg = _read_config(path)
+        cfg = read_config(path)
         check("config", True, f"config.json readable, hash {cfg['config_hash']} matches")
     except AttributionError as e:
         check("config", False, e)
@@ -46,9 +46,9 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0)
           f"built by grass-index {cfg.get('version')} (format {cfg.get('format')}); "
           f"this is {__version__} (format {FORMAT_VERSION})")
     try:
-        build = json.loads((path / BUILD_FILE).read_text())
-        check("build record", _hash(build) == cfg.get("sketch_hash"),
-              "build.json matches config" if _hash(build) == cfg.get("sketch_hash")
+        build = read_build_record(path)
+        check("build record", hash_json(build) == cfg.get("sketch_hash"),
+              "build.json matches config" if hash_json(build) == cfg.get("sketch_hash")
               else "build.json does not match config.json")
     except (OSError, ValueError) as e:
         check("build record", False, f"{BUILD_FILE}: {e}")
@@ -62,7 +62,7 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0)
         return report()
     pre = None
     try:
-        meta_ok = _jsonable(store.get_meta("config", None)) == cfg
+        meta_ok = jsonable(store.get_meta("config", None)) == cfg
         check("store config", meta_ok, "LMDB config equals config.json" if meta_ok
               else "LMDB config differs from config.json")
         seen = np.zeros(n, dtype=np.int32)
@@ -81,15 +81,15 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0)
             read_ok = check("sketch blocks", False, f"reading failed: {e}")
         if read_ok:
             missing, dup = int((seen == 0).sum()), int((seen > 1).sum())
-            check("counts", store.num_rows == n and store.committed_blocks == math.ceil(n / bs),
+            check("counts", store.num_rows == n and store.committed_blocks == batch_count(n, bs),
                   f"{store.num_rows} rows in {store.committed_blocks} blocks; expected {n} rows in "
-                  f"{math.ceil(n / bs)} blocks")
+                  f"{batch_count(n, bs)} blocks")
             check("every id has a sketch", missing == 0 and dup == 0 and bad_shape == 0,
                   f"{missing} missing, {dup} duplicated, {bad_shape} malformed blocks")
             check("sketches finite", bad_rows == 0, f"{bad_rows} rows with NaN/inf")
         name = f"precond/{cfg['preconditioner_key']}"
         try:
-            pre = Preconditioner.from_state_dict(_state_from_array(store.get_array(name)),
+            pre = Preconditioner.from_state_dict(state_from_array(store.get_array(name)),
                                                  cfg["layout"])
             finite = all(bool(np.isfinite(v).all()) for v in pre.state_dict().values()
                          if np.asarray(v).dtype.kind == "f")
@@ -127,10 +127,10 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0)
         fixable = {"faiss vs lmdb", "preconditioner", "store config"}
         broken = {c["name"] for c in checks if not c["ok"]}
         if broken <= fixable:
-            hessian = _norm_hessian(cfg["hessian"])  # what AttributionIndex.reprecondition does
+            hessian = norm_hessian(cfg["hessian"])  # what AttributionIndex.reprecondition does
             damping = _parse_saved_damping(cfg.get("damping"))
-            _check_damping(damping)
-            _refit(path, cfg, hessian=hessian, damping=damping,
+            check_damping(damping)
+            refit(path, cfg, hessian=hessian, damping=damping,
                    index=cfg.get("index_kind", "flat"))
             repaired.append("rebuilt the preconditioner and the FAISS index from the stored "
                             "sketches")

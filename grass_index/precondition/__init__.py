@@ -1,8 +1,9 @@
 """Preconditioning in sketch space: per-layer empirical Fisher (FisherAccumulator) and its
 damped inverse (Preconditioner, eFIM or identity)."""
 from .damping import DEFAULT_DAMPING, format_damping, parse_damping
+from .errors import PreconditionError
 from .fisher import FisherAccumulator
-from .preconditioner import HESSIANS, Preconditioner
+from .preconditioner import HESSIANS, Preconditioner, canonical_hessian
 
-__all__ = ["DEFAULT_DAMPING", "FisherAccumulator", "HESSIANS", "Preconditioner", "format_damping",
+__all__ = ["DEFAULT_DAMPING", "FisherAccumulator", "HESSIANS", "Preconditioner", "PreconditionError", "canonical_hessian", "format_damping",
            "parse_damping"]

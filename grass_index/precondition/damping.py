@@ -2,7 +2,10 @@
 or an absolute λ with the prefix "abs:"."""
 from __future__ import annotations
 
+
 import math
+
+from .errors import PreconditionError
 
 # Relative damping used when none is given (λ_l = DEFAULT_DAMPING × mean eigenvalue of F_l).
 # Chosen by LDS on digits (30 half-subsets, 360 queries): 0.3 was best or within 0.004 of best
@@ -17,9 +20,9 @@ def _number(text, original) -> float:
     try:
         value = float(text)
     except (TypeError, ValueError):
-        raise ValueError(f"bad damping {original!r}: {_SYNTAX}") from None
+        raise PreconditionError(f"bad damping {original!r}: {_SYNTAX}") from None
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"bad damping {original!r}: {_SYNTAX}")
+        raise PreconditionError(f"bad damping {original!r}: {_SYNTAX}")
     return value
 
 
@@ -29,7 +32,7 @@ def parse_damping(x) -> tuple[str, float]:
     if x is None:
         return "relative", float(DEFAULT_DAMPING)
     if isinstance(x, bool):
-        raise ValueError(f"bad damping {x!r}: {_SYNTAX}")
+        raise PreconditionError(f"bad damping {x!r}: {_SYNTAX}")
     if isinstance(x, (int, float)):
         return "relative", _number(x, x)
     if isinstance(x, str):
@@ -38,7 +41,7 @@ def parse_damping(x) -> tuple[str, float]:
             if text.startswith(prefix):
                 return mode, _number(text[len(prefix):], x)
         return "relative", _number(text, x)
-    raise ValueError(f"bad damping {x!r} of type {type(x).__name__}: {_SYNTAX}")
+    raise PreconditionError(f"bad damping {x!r} of type {type(x).__name__}: {_SYNTAX}")
 
 
 def format_damping(mode: str, value: float) -> str:

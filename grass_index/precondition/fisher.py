@@ -2,8 +2,11 @@
 millions of rank-one updates keep precision; mergeable for sharded builds."""
 from __future__ import annotations
 
+
 import numpy as np
 import torch
+
+from .errors import PreconditionError
 
 
 def layer_slices(layout: dict[str, int]) -> dict[str, slice]:
@@ -11,7 +14,7 @@ def layer_slices(layout: dict[str, int]) -> dict[str, slice]:
     out, start = {}, 0
     for name, k in layout.items():
         if int(k) <= 0:
-            raise ValueError(f"layer {name!r} has sketch width {k}; widths must be positive")
+            raise PreconditionError(f"layer {name!r} has sketch width {k}; widths must be positive")
         out[name] = slice(start, start + int(k))
         start += int(k)
     return out
@@ -23,7 +26,7 @@ def as_float64(x, K: int, what: str = "sketches") -> np.ndarray:
         x = x.detach().cpu().numpy()
     a = np.asarray(x, dtype=np.float64)
     if a.ndim != 2 or a.shape[1] != K:
-        raise ValueError(f"{what} must have shape [B, {K}] (the layout's total width); "
+        raise PreconditionError(f"{what} must have shape [B, {K}] (the layout's total width); "
                          f"got {a.shape}")
     return a
 
@@ -42,7 +45,7 @@ class FisherAccumulator:
         g = as_float64(sketches, self.dim)
         if not np.isfinite(g).all():
             row = int(np.nonzero(~np.isfinite(g).all(axis=1))[0][0])
-            raise ValueError(f"non-finite value in sketch row {row}; the Fisher would be poisoned")
+            raise PreconditionError(f"non-finite value in sketch row {row}; the Fisher would be poisoned")
         for name, sl in self._slices.items():
             part = g[:, sl]
             self._sums[name] += part.T @ part
@@ -52,7 +55,7 @@ class FisherAccumulator:
         if name not in self._sums:
             raise KeyError(f"no layer {name!r}; layers are {list(self.layout)}")
         if self.n == 0:
-            raise ValueError("no sketches accumulated yet; call update() before fisher()")
+            raise PreconditionError("no sketches accumulated yet; call update() before fisher()")
         return self._sums[name] / self.n
 
     def fishers(self) -> dict[str, np.ndarray]:
@@ -61,7 +64,7 @@ class FisherAccumulator:
     def merge(self, other: "FisherAccumulator") -> "FisherAccumulator":
         """Add another shard's sums (same layout) into this one; returns self."""
         if list(other.layout.items()) != list(self.layout.items()):
-            raise ValueError("cannot merge Fisher accumulators with different layouts: "
+            raise PreconditionError("cannot merge Fisher accumulators with different layouts: "
                              f"{self.layout} vs {other.layout}")
         for name in self._sums:
             self._sums[name] += other._sums[name]
@@ -79,10 +82,10 @@ class FisherAccumulator:
             sums = {name: np.asarray(state[f"sum/{name}"], dtype=np.float64)
                     for name in self.layout}
         except KeyError as e:
-            raise ValueError(f"Fisher state lacks {e.args[0]!r}; it was saved for another "
+            raise PreconditionError(f"Fisher state lacks {e.args[0]!r}; it was saved for another "
                              f"layout than {list(self.layout)}") from None
         for name, s in sums.items():
             k = self.layout[name]
             if s.shape != (k, k):
-                raise ValueError(f"Fisher state for {name!r} has shape {s.shape}, expected {(k, k)}")
+                raise PreconditionError(f"Fisher state for {name!r} has shape {s.shape}, expected {(k, k)}")
         self.n, self._sums = n, {name: s.copy() for name, s in sums.items()}

@@ -5,20 +5,26 @@ product is score(z, z_i) = ĝ(z)ᵀ (F + λI)^{-1} ĝ(z_i) (positive = proponent
 """
 from __future__ import annotations
 
+
 import numpy as np
 import torch
 
 from .damping import format_damping, parse_damping
 from .fisher import as_float64, layer_slices
+from .errors import PreconditionError
 
 HESSIANS = ("eFIM", "identity")
 
 
-def _check_hessian(hessian: str) -> str:
+def canonical_hessian(hessian: str) -> str:
+    """The canonical spelling of a Hessian name ('efim' -> 'eFIM'); the one home of the names."""
     for h in HESSIANS:
         if isinstance(hessian, str) and hessian.lower() == h.lower():
             return h
-    raise ValueError(f"unknown hessian {hessian!r}; choose one of {', '.join(HESSIANS)}")
+    raise PreconditionError(f"unknown hessian {hessian!r}; choose one of {', '.join(HESSIANS)}")
+
+
+_check_hessian = canonical_hessian  # the name used inside this module
 
 
 def _damped_inverse(name: str, F: np.ndarray, mode: str, value: float) -> tuple[np.ndarray, float]:
@@ -30,7 +36,7 @@ def _damped_inverse(name: str, F: np.ndarray, mode: str, value: float) -> tuple[
     A.diagonal().add_(lam)
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) != 0:
-        raise ValueError(
+        raise PreconditionError(
             f"layer {name!r}: F + λI is singular or not positive definite (λ = {lam:g}); use a positive "
             "damping, e.g. an absolute one 'abs:1e-6' when the layer's gradients are all zero")
     return torch.cholesky_inverse(L).numpy(), float(lam)
@@ -58,15 +64,15 @@ class Preconditioner:
         mode, value = parse_damping(damping)
         missing = [name for name in layout if name not in fisher]
         if missing:
-            raise ValueError(f"no Fisher matrix for layer(s) {missing}; accumulate every layer "
+            raise PreconditionError(f"no Fisher matrix for layer(s) {missing}; accumulate every layer "
                              "of the layout")
         inverses, used = {}, {}
         for name, k in layout.items():
             F = np.asarray(fisher[name], dtype=np.float64)
             if F.shape != (k, k):
-                raise ValueError(f"Fisher of layer {name!r} has shape {F.shape}, expected {(k, k)}")
+                raise PreconditionError(f"Fisher of layer {name!r} has shape {F.shape}, expected {(k, k)}")
             if not np.isfinite(F).all():
-                raise ValueError(f"Fisher of layer {name!r} has NaN/inf entries")
+                raise PreconditionError(f"Fisher of layer {name!r} has NaN/inf entries")
             inverses[name], lam = _damped_inverse(name, F, mode, value)
             used[name] = float(lam)
         return cls(layout, hessian, inverses, used, (mode, value))
@@ -109,10 +115,10 @@ class Preconditioner:
                 inverses = {name: np.asarray(d[f"inverse/{name}"], dtype=np.float64)
                             for name in layout}
         except KeyError as e:
-            raise ValueError(f"preconditioner state lacks {e.args[0]!r}: it is truncated or was "
+            raise PreconditionError(f"preconditioner state lacks {e.args[0]!r}: it is truncated or was "
                              f"saved for another layout than {list(layout)}") from None
         for name, k in layout.items():
             if inverses is not None and inverses[name].shape != (int(k), int(k)):
-                raise ValueError(f"preconditioner state for {name!r} has shape "
+                raise PreconditionError(f"preconditioner state for {name!r} has shape "
                                  f"{inverses[name].shape}, but the layout says k={k}")
         return cls(layout, hessian, inverses, used, damping)

@@ -1,8 +1,10 @@
 """Store exceptions: one base class so callers can catch every store problem at once."""
 from __future__ import annotations
 
+from ..errors import GrassIndexError
 
-class StoreError(RuntimeError):
+
+class StoreError(GrassIndexError, RuntimeError):
     """A sketch store cannot be opened, read or written; the message says why and what to do."""
 
 

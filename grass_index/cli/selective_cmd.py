@@ -1,7 +1,7 @@
 """`grass-index selective-mask fit TASK --out mask.pt --k 128*128`: learn a Selective Mask.
 
 The main CLI wires it with ``selective_cmd.register(app)``; the mask file is then used by
-``selective_mask-…`` specs (see grass_index.eval.selective for the method).
+``selective_mask-…`` specs (see grass_index.maskfit for the method).
 """
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ from typing import Optional
 
 import typer
 
+from .errors import errors
+
 selective_app = typer.Typer(help="Learn which gradient coordinates to keep (Selective Mask).",
                             no_args_is_help=True)
 
 
 @selective_app.command("fit")
+@errors
 def fit_command(
     task: Optional[str] = typer.Argument(None, help="Task file/module (default: bundled digits)."),
     out: Path = typer.Option(..., "--out", help="Where to write the mask file (.pt)."),
@@ -34,19 +37,14 @@ def fit_command(
 ) -> None:
     """Fit a sigmoid mask so masked-gradient attribution scores match the full ones; keep top-k."""
     from ..compress import save_selective_mask
-    from ..eval.selective import fit_selective_mask
-    from ..task import TaskError, load_task
+    from ..maskfit import fit_selective_mask
+    from ..task import load_task
 
-    try:
-        t = load_task(task)
-        lay = [p.strip() for p in layers.split(",")] if layers else None
-        masks = fit_selective_mask(t.model(), t.train_data(), t.loss, k, layers=lay,
-                                   n_samples=n_samples, steps=steps, l1=l1, seed=seed,
-                                   hessian=hessian, damping=damping,
-                                   collate=t.collate)
-    except (TaskError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    t = load_task(task)
+    lay = [p.strip() for p in layers.split(",")] if layers else None
+    masks = fit_selective_mask(t.model(), t.train_data(), t.loss, k, layers=lay,
+                               n_samples=n_samples, steps=steps, l1=l1, seed=seed,
+                               hessian=hessian, damping=damping, collate=t.collate)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_selective_mask(out, masks)
     for name, d in masks.items():

@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from .errors import errors
+
 
 def eval_command(
     index_dir: Path = typer.Argument(..., help="Index directory made by `grass-index build`."),
@@ -30,7 +32,7 @@ def eval_command(
 ) -> None:
     """Linear datamodeling score: Spearman ρ between summed scores and -loss of models retrained
     on random subsets, averaged over query examples. 1 = perfect, 0 = no signal."""
-    from ..eval.run import EvalError, run_eval
+    from ..eval.run import run_eval
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -39,13 +41,9 @@ def eval_command(
     if not Path(index_dir).is_dir():
         raise typer.BadParameter(f"{index_dir} is not a directory; pass an index made by "
                                  "`grass-index build`", param_hint="INDEX_DIR")
-    try:
-        res = run_eval(index_dir, task=task, num_subsets=num_subsets, alpha=alpha, seeds=seed_list,
-                       subset_seed=subset_seed, ground_truth=ground_truth, max_queries=max_queries,
-                       progress=progress and not as_json)
-    except (EvalError, ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    res = run_eval(index_dir, task=task, num_subsets=num_subsets, alpha=alpha, seeds=seed_list,
+                   subset_seed=subset_seed, ground_truth=ground_truth, max_queries=max_queries,
+                   progress=progress and not as_json)
     if as_json:
         typer.echo(json.dumps(res.to_dict()))
         return
@@ -58,4 +56,4 @@ def eval_command(
 
 def register(app: typer.Typer) -> None:
     """Add the `eval` sub-command to the grass-index typer app."""
-    app.command("eval")(eval_command)
+    app.command("eval")(errors(eval_command))

@@ -1,4 +1,4 @@
-"""Loads the optional compiled kernels and reports which are active.
+"""Loads the optional compiled kernels (grass_index._C) and reports which are active.
 
 The ops are always defined (in Python, ops/library.py) with a pure-torch fallback, so a
 missing or broken build only costs speed, never correctness. Env switches:
@@ -19,7 +19,7 @@ _loaded = False
 
 
 def _build_info() -> dict:
-    path = Path(__file__).with_name("_build_info.json")
+    path = Path(__file__).resolve().parent.parent / "_build_info.json"  # beside grass_index/_C
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -35,7 +35,7 @@ def load() -> None:
         _native_error = "disabled by GRASS_INDEX_DISABLE_NATIVE=1"
         return
     try:
-        from . import _C  # noqa: F401
+        from .. import _C  # noqa: F401
         _loaded = True
     except (ImportError, OSError) as e:
         info = _build_info()
@@ -62,8 +62,6 @@ def native_status() -> dict:
     Example: {"loaded": True, "error": None, "build": {...},
               "kernels": {"sjlt": {"CPU": "native", "CUDA": "fallback"}, ...}}
     """
-    from . import ops  # noqa: F401  (ensures the ops are defined)
-
     kernels = {
         op: {key: ("native" if _has_kernel(op, key) else "fallback") for key in ("CPU", "CUDA")}
         for op in ("sjlt", "mask")

@@ -1,26 +1,27 @@
-"""The `grass-index` command: a thin layer over the Python API (grass_index.attribute/task).
+"""The `grass-index` command (also `python -m grass_index`): a thin layer over the Python API
+(grass_index.attribute, grass_index.task, grass_index.pipeline's public names).
 
-Human output and progress bars go to stderr; ``--json`` writes one document to stdout.
-Every failure is one readable line on stderr and a non-zero exit code.
+Human output and progress go to stderr; ``--json`` writes one document to stdout. Every failure
+is one readable line on stderr (the problem and the fix) and exit code 1.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
+from rich.markup import escape as _escape
+
+from .errors import EXIT_ERROR, err
+from .errors import errors as _errors
+from .errors import fail as _fail
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Training-data attribution: which training examples made the model do this?")
-err = Console(stderr=True, highlight=False)
-EXIT_ERROR = 1
 
 
 @app.callback()
@@ -30,83 +31,16 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log detai
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _fail(msg: str, code: int = EXIT_ERROR):
-    err.print(f"[bold red]error:[/] {msg}", markup=True, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _errors(fn):
-    """Turn every exception into one readable line + exit code (traceback with GRASS_INDEX_DEBUG=1)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, SystemExit):
-            raise
-        except KeyboardInterrupt:
-            _fail("interrupted; re-run the same command to resume", 130)
-        except Exception as e:
-            if os.environ.get("GRASS_INDEX_DEBUG"):
-                raise
-            known = _known_errors()
-            if isinstance(e, known):
-                _fail(_escape(str(e)))
-            if isinstance(e, OSError):
-                _fail(_escape(f"{e.strerror or e} ({getattr(e, 'filename', '') or ''})"))
-            _fail(_escape(f"internal error {type(e).__name__}: {e} (set GRASS_INDEX_DEBUG=1 for "
-                          "a traceback and please report it)"))
-
-    return wrapper
-
-
-def _escape(s: str) -> str:
-    from rich.markup import escape
-
-    return escape(s)
-
-
-def _known_errors() -> tuple:
-    out = [ValueError]
-    for mod, name in (("grass_index.store", "StoreError"), ("grass_index.capture", "CaptureError"),
-                      ("grass_index.index", "FaissIndexError"),
-                      ("grass_index.attribute", "AttributionError"), ("grass_index.task", "TaskError")):
-        try:
-            out.append(getattr(__import__(mod, fromlist=[name]), name))
-        except Exception:  # a stage that fails to import must not hide the real error
-            pass
-    return tuple(out)
-
-
-def _progress(json_mode: bool):
-    """A (stage, done, total) callback drawing rich bars on stderr; None-op when not a tty."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), console=err, transient=True,
-                   disable=json_mode or not err.is_terminal)
-    tasks = {}
-    labels = {"sketch": "pass 1: sketching gradients", "merge": "merging shards",
-              "fisher": "pass 2: Fisher", "index": "pass 2: preconditioning + FAISS"}
-
-    def cb(stage, done, total):
-        if stage == "done":
-            return
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(labels.get(stage, stage), total=total)
-        bar.update(tasks[stage], completed=done, total=total)
-
-    return bar, cb
-
-
 def _emit_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
 
 
 def _split_layers(layers: Optional[List[str]]):
+    from grass_index.pipeline.options import split_layers
+
     if not layers:
         return None
-    out = [p.strip() for item in layers for p in item.split(",") if p.strip()]
+    out = split_layers(layers)
     if not out:
         _fail("--layers is empty; pass globs such as --layers '0.*' or --layers 'fc1.*,fc2.*'")
     return out
@@ -147,65 +81,56 @@ def build(
 ):
     """Sketch every training example's gradient, precondition, and index (resumable).
 
-    Under torchrun (e.g. torchrun --nproc_per_node=4 -m grass_index.cli.main build TASK --out
-    DIR) every rank sketches its share and rank 0 finishes the index."""
+    Under torchrun (e.g. torchrun --nproc_per_node=4 -m grass_index build TASK --out DIR)
+    every rank sketches its share and the ranks finish the index together; rank 0 reports."""
     import grass_index as gi
-    from grass_index.task import load_task
+    from grass_index.pipeline import BuildOptions, IndexOptions
 
-    t = load_task(task)
+    t = gi.load_task(task)
     if out is None:
         stem = Path(t.ref.split(":")[0]).stem if task else "digits"
         out = Path("runs") / stem
+    options = BuildOptions(sparsification=sparsification, projection=projection, seed=seed,
+                           layers=_split_layers(layers), batch_size=batch_size,
+                           selective_mask=selective_mask)
+    index_options = IndexOptions(hessian=hessian, damping=damping, index=index)
     model = t.model()
     data = t.train_data()
-    bar, cb = _progress(json_mode)
     t0 = time.perf_counter()
-    with bar:
-        idx = gi.build_index(model, data, t.loss, out, sparsification=sparsification,
-                             projection=projection, hessian=hessian, damping=damping,
-                             batch_size=batch_size, seed=seed, layers=_split_layers(layers),
-                             collate=t.collate, index=index, task=t.ref, progress=cb,
-                             device=device, selective_mask=selective_mask, worker=worker,
-                             remove_shards=remove_shards)
-    secs = time.perf_counter() - t0
     if worker is not None:  # a shard, not an index
+        if remove_shards:
+            _fail("--remove-shards applies to torchrun builds and merge; a --worker build's "
+                  "shard is what merge needs")
+        info = gi.build_shard(model, data, t.loss, out, worker, options, index_options,
+                              task=t.ref, collate=t.collate, device=device)
+        secs = time.perf_counter() - t0
         if json_mode:
-            _emit_json(dict(idx, seconds=round(secs, 3)))
+            _emit_json(dict(info.to_dict(), seconds=round(secs, 3)))
             return
-        err.print(f"sketched shard {idx['shard']} of [bold]{out}[/]: {idx['batches']} of "
-                  f"{idx['n_batches']} batches ({idx['rows']} examples), {secs:.1f} s")
-        err.print(f"next, once every worker is done: grass-index merge {out}")
+        err.print(f"sketched shard {info.shard} of [bold]{_escape(str(out))}[/]: {info.batches} "
+                  f"of {info.n_batches} batches ({info.rows} examples), {secs:.1f} s")
+        err.print(f"next, once every worker is done: grass-index merge {_escape(str(out))}")
         return
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
-        return
-    _report_index("built", out, idx.config, secs, json_mode, layers=True)
+    idx = gi.build_index(model, data, t.loss, out, sparsification=options.sparsification,
+                         projection=options.projection, hessian=index_options.hessian,
+                         damping=damping, batch_size=options.batch_size, seed=options.seed,
+                         layers=options.layers, collate=t.collate, index=index_options.index,
+                         task=t.ref, device=device, selective_mask=selective_mask,
+                         remove_shards=remove_shards)
+    if idx.reporting:  # torchrun: rank 0 reports
+        _report_index("built", out, idx.config, time.perf_counter() - t0, json_mode)
 
 
-def _report_index(verb: str, directory, cfg: dict, secs: float, json_mode: bool,
-                  layers: bool = False) -> None:
+def _report_index(verb: str, directory, cfg: dict, secs: float, json_mode: bool) -> None:
     """What `build` and `merge` print for a finished index: the config as JSON, or a summary."""
+    from grass_index.pipeline import IndexConfig
+
+    from .render import print_index
+
     if json_mode:
         _emit_json(dict(cfg, seconds=round(secs, 3)))
         return
-    err.print(f"{verb} [bold]{directory}[/]: {cfg['n_train']} training examples, sketch dim "
-              f"{cfg['dim']}, {len(cfg['layout'])} layers, {secs:.1f} s")
-    if layers:
-        _layer_table(cfg)
-    err.print(f"index: {_escape(_index_summary(cfg))}")
-    err.print(f"next: grass-index query {directory} --example 0")
-
-
-def _index_summary(cfg: dict) -> str:
-    """e.g. 'ivf:fp16, 200000 vectors, nlist 1788 nprobe 224, recall@10 0.981 (100 queries)'."""
-    ix = cfg.get("index") or {}
-    parts = [str(cfg.get("index_kind", ix.get("kind"))), f"{ix.get('ntotal')} vectors"
-             + (f" in {ix['parts']} files" if ix.get("parts") else "")]
-    if ix.get("nlist"):
-        parts.append(f"nlist {ix['nlist']} nprobe {ix.get('nprobe')}")
-    rec = ix.get("recall")
-    if rec:
-        parts.append(f"recall@{rec['k']} {rec['recall']:.3f} vs exact ({rec['queries']} queries)")
-    return ", ".join(parts)
+    print_index(err, IndexConfig(cfg), directory=directory, verb=verb, secs=secs)
 
 
 @app.command()
@@ -228,88 +153,13 @@ def merge(
     """Finish a `build --worker I/N` build once all N shards exist: precondition and index."""
     import grass_index as gi
 
-    bar, cb = _progress(json_mode)
     t0 = time.perf_counter()
-    with bar:
-        idx = gi.merge_shards(directory, shards=shards, hessian=hessian, damping=damping,
-                              index=index, progress=cb, remove_shards=remove_shards)
+    idx = gi.merge_shards(directory, shards=shards, hessian=hessian, damping=damping,
+                          index=index, remove_shards=remove_shards)
     _report_index("merged", directory, idx.config, time.perf_counter() - t0, json_mode)
 
 
-def _clamp_note(d: dict) -> str:
-    """A layer's clamping notes (compressor describe()["clamped"], a list) as one line."""
-    return "; ".join(map(str, d.get("clamped") or []))
-
-
-def _layer_table(cfg: dict) -> None:
-    from rich.table import Table
-
-    tab = Table(title="layers", show_lines=False)
-    for col in ("layer", "kind", "d_in", "d_out", "numel", "k", "compression / clamp notes"):
-        tab.add_column(col)
-    described = cfg.get("layers_described", {})
-    for d in cfg["layer_dims"]:
-        desc = described.get(d["name"], {})
-        spec = " ".join(str(desc[k]) for k in ("sparsification", "projection") if desc.get(k))
-        note = _clamp_note(desc)
-        tab.add_row(d["name"], d["kind"], str(d["d_in"] if d["d_in"] is not None else "-"),
-                    str(d["d_out"] if d["d_out"] is not None else "-"), str(d["numel"]),
-                    str(cfg["layout"][d["name"]]), " | ".join(x for x in (spec, note) if x))
-    err.print(tab)
-
-
 # ------------------------------------------------------------------------------- query
-
-def _load_input(path: Path):
-    """Examples from a file: .pt (torch.save'd list/tensor/dict), .npy, .npz.
-    A dict of equal-length arrays becomes tuples (in key order), e.g. npz with x and y."""
-    import numpy as np
-    import torch
-
-    if not path.is_file():
-        _fail(f"--input {path} not found")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".pt":
-            obj = torch.load(path, weights_only=True)
-        elif suffix == ".npy":
-            obj = np.load(path, allow_pickle=False)
-        elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                obj = {k: z[k] for k in z.files}
-        else:
-            _fail(f"--input {path}: unknown file type {suffix!r}; use .pt, .npy or .npz")
-    except typer.Exit:
-        raise
-    except Exception as e:
-        _fail(f"--input {path} is unreadable: {type(e).__name__}: {e}")
-
-    def conv(x):
-        if isinstance(x, np.ndarray):
-            t = torch.from_numpy(x.copy())
-            return t.float() if t.dtype == torch.float64 else t
-        if isinstance(x, (list, tuple)):
-            return type(x)(conv(v) for v in x)
-        if isinstance(x, dict):
-            return {k: conv(v) for k, v in x.items()}
-        return x
-
-    obj = conv(obj)
-    if isinstance(obj, dict):
-        arrays = list(obj.values())
-        lens = {len(a) for a in arrays}
-        if len(lens) != 1:
-            _fail(f"--input {path}: arrays {list(obj)} have different lengths {sorted(lens)}")
-        return [tuple(a[i] for a in arrays) for i in range(lens.pop())]
-    if isinstance(obj, torch.Tensor):
-        if obj.dim() == 0:
-            _fail(f"--input {path} holds a scalar; expected a batch of examples")
-        return [obj[i] for i in range(obj.shape[0])]
-    if isinstance(obj, (list, tuple)):
-        return list(obj)
-    _fail(f"--input {path} holds {type(obj).__name__}; expected a list of examples, a tensor "
-          "or a dict of arrays")
-
 
 def _examples(idx, t, example: Optional[List[int]], input_file: Optional[Path], split: str,
               all_default: bool):
@@ -317,7 +167,9 @@ def _examples(idx, t, example: Optional[List[int]], input_file: Optional[Path], 
     if input_file is not None:
         if example:
             _fail("pass either --example or --input, not both")
-        items = _load_input(input_file)
+        from grass_index.pipeline import load_examples
+
+        items = load_examples(input_file)
         return list(range(len(items))), items, str(input_file)
     if split not in ("query", "train"):
         _fail(f"--split {split!r}: use query or train")
@@ -332,13 +184,12 @@ def _examples(idx, t, example: Optional[List[int]], input_file: Optional[Path], 
 
 def _open_with_task(directory: Path):
     import grass_index as gi
-    from grass_index.task import load_task
 
     idx = gi.open_index(directory)
     if not idx.task:
         _fail(f"index {directory} records no task (built from Python); query it with "
               "grass_index.open_index(...).query(model, examples, loss_fn)")
-    t = load_task(idx.task)
+    t = gi.load_task(idx.task)
     return idx, t
 
 
@@ -449,15 +300,14 @@ def score(
 
     idx, t = _open_with_task(directory)
     _, items, source = _examples(idx, t, None, input_file, split, all_default=True)
+    from grass_index.fileio import atomic_save
+
     model = t.model()
-    bar, _ = _progress(json_mode)
     t0 = time.perf_counter()
     s = idx.score(model, items, t.loss, collate=t.collate).numpy()
     secs = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.npy")
-    np.save(tmp, s)
-    os.replace(tmp, out)
+    atomic_save(out, lambda f: np.save(f, s))
     if json_mode:
         _emit_json(dict(out=str(out), shape=list(s.shape), source=source, seconds=round(secs, 3)))
     else:
@@ -483,19 +333,11 @@ def info(directory: Path = typer.Argument(..., metavar="DIR"),
                   f"{d['n_blocks']} batches sketched ({b['n_train']} examples, "
                   f"{b['sparsification']} / {b['projection']}); re-run the build to resume")
         return
-    cfg = d["config"]
-    damp = cfg.get("damping_used")
-    rows = [("task", cfg.get("task")), ("built with", f"grass-index {cfg['version']}, torch "
-                                                      f"{cfg.get('torch')}"),
-            ("train examples", cfg["n_train"]), ("sketch dim", cfg["dim"]),
-            ("sparsification", cfg["sparsification"]), ("projection", cfg["projection"]),
-            ("seed", cfg["seed"]), ("hessian", cfg["hessian"]),
-            ("damping", f"{cfg.get('damping') or 'default'} -> used {json.dumps(damp)}"),
-            ("index", _index_summary(cfg)), ("batch size", cfg["batch_size"]),
-            ("config hash", cfg["config_hash"]), ("created", cfg.get("created"))]
-    for k, v in rows:
-        err.print(f"[bold]{k:>15}[/]: {_escape(str(v))}")
-    _layer_table(cfg)
+    from grass_index.pipeline import IndexConfig
+
+    from .render import print_index
+
+    print_index(err, IndexConfig(d["config"]), directory=directory, details=True)
 
 
 # ------------------------------------------------------------------------------- verify
@@ -524,7 +366,7 @@ def verify(directory: Path = typer.Argument(..., metavar="DIR"),
         raise typer.Exit(EXIT_ERROR)
 
 
-# Sub-commands that live beside their stage: `eval` (LDS) and `selective-mask fit`.
+# Sub-commands in their own modules: `eval` (LDS) and `selective-mask fit`.
 from . import eval_cmd, selective_cmd  # noqa: E402
 
 eval_cmd.register(app)

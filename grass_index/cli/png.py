@@ -5,12 +5,13 @@ pixel font and encodes the PNG with zlib (the format is simple: signature + IHDR
 """
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from ..fileio import atomic_write
 
 # 3x5 glyphs, rows top to bottom, 3 bits each (MSB = left column)
 _FONT = {
@@ -76,10 +77,7 @@ def write_png(rgb: np.ndarray, path) -> None:
 
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(png)
-    os.replace(tmp, path)
+    atomic_write(Path(path), png)
 
 
 def fmt_score(s: float) -> str:

@@ -1,0 +1,46 @@
+"""How every command fails: one readable line on stderr (the problem and the fix) and exit
+code 1. Our errors all derive from GrassIndexError; OSError (disk full, permission) is shown
+the same way; anything else is a bug, reported as one (a traceback with GRASS_INDEX_DEBUG=1)."""
+from __future__ import annotations
+
+import functools
+import os
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ..errors import GrassIndexError
+
+err = Console(stderr=True, highlight=False)
+EXIT_ERROR = 1
+
+
+def fail(msg: str, code: int = EXIT_ERROR):
+    """Print ``error: msg`` (rich markup allowed) and exit."""
+    err.print(f"[bold red]error:[/] {msg}", markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def errors(fn):
+    """Turn every exception of a command into one readable line + exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            fail("interrupted; re-run the same command to resume", 130)
+        except Exception as e:
+            if os.environ.get("GRASS_INDEX_DEBUG"):
+                raise
+            if isinstance(e, GrassIndexError):
+                fail(escape(str(e)))
+            if isinstance(e, OSError):
+                fail(escape(f"{e.strerror or e} ({getattr(e, 'filename', '') or ''})"))
+            fail(escape(f"internal error {type(e).__name__}: {e} (set GRASS_INDEX_DEBUG=1 for "
+                        "a traceback and please report it)"))
+
+    return wrapper

@@ -1,0 +1,107 @@
+"""What the CLI prints for an index, one renderer for `build`, `merge` and `info`: a summary
+line, the layer table (one short phrase per compression stage) and the index line."""
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..pipeline import IndexConfig
+
+
+def _spec(text):
+    from ..compress import parse_spec
+
+    try:
+        return parse_spec(text)
+    except Exception:
+        return None
+
+
+def _stage(name: str, want, got, size) -> str:
+    """e.g. 'in: exact (65 ≤ 128)' when a stage was clamped to identity, else 'in: random_mask-128'."""
+    if want is None:
+        return f"{name}: {got}"
+    if got == "identity" or str(got).startswith("identity"):
+        if want == "identity" or str(want).startswith("identity"):
+            return f"{name}: exact"
+        return f"{name}: exact ({size} ≤ {want.split('-')[-1]})" if size else f"{name}: exact"
+    return f"{name}: {want}"
+
+
+def layer_stages(desc: dict, dims: dict) -> str:
+    """One short phrase per stage of one layer's compressor (from its describe() record):
+    what runs, and where a stage was clamped to exact because the layer is smaller than the
+    spec, the two sizes."""
+    req = desc.get("requested") or {}
+    rs, gs = _spec(req.get("sparsification", "")), _spec(desc.get("sparsification", ""))
+    rp, gp = req.get("projection"), desc.get("projection")
+    parts = []
+    if rs is not None and gs is not None:
+        if rs.factored:
+            gdims = gs.dims if gs.factored else (None, None)
+            for label, i, kind in (("in", 0, rs.kind), ("out", 1, rs.kind)):
+                want = f"{kind}-{rs.dims[i]}"
+                got = f"{gs.kind}-{gdims[i]}" if gdims[i] is not None else str(gs)
+                parts.append(_stage(label, want, got, gdims[i]))
+        else:
+            size = gs.dims[0] if gs.dims else None
+            parts.append(_stage("mask", str(rs), str(gs), size))
+    elif desc.get("sparsification"):
+        parts.append(f"mask: {desc['sparsification']}")
+    if rp is not None or gp is not None:
+        rpp = _spec(rp or "")
+        want = f"{rpp.kind}-{rpp.dims[0]}" if rpp is not None and rpp.dims else rp
+        parts.append(_stage("proj", want, gp, desc.get("k")))
+    return ", ".join(parts)
+
+
+def index_summary(cfg: IndexConfig) -> str:
+    """e.g. 'ivf:fp16, 200000 vectors, nlist 1788 nprobe 224, recall@10 0.981 (100 queries)'."""
+    ix = cfg.index
+    parts = [str(cfg.index_kind), f"{ix.get('ntotal')} vectors"
+             + (f" in {ix['parts']} files" if ix.get("parts") else "")]
+    if ix.get("nlist"):
+        parts.append(f"nlist {ix['nlist']} nprobe {ix.get('nprobe')}")
+    rec = cfg.recall
+    if rec:
+        parts.append(f"recall@{rec['k']} {rec['recall']:.3f} vs exact ({rec['queries']} queries)")
+    return ", ".join(parts)
+
+
+def layer_table(cfg: IndexConfig) -> Table:
+    tab = Table(title="layers", show_lines=False)
+    for col in ("layer", "kind", "d_in", "d_out", "numel", "k", "compression"):
+        tab.add_column(col)
+    described, layout = cfg.layers_described, cfg.layout
+    for d in cfg.layer_dims:
+        desc = described.get(d["name"], {})
+        tab.add_row(escape(d["name"]), d["kind"], str(d["d_in"] if d["d_in"] is not None else "-"),
+                    str(d["d_out"] if d["d_out"] is not None else "-"), str(d["numel"]),
+                    str(layout[d["name"]]), escape(layer_stages(desc, d)))
+    return tab
+
+
+def print_index(err: Console, cfg: IndexConfig, *, directory, verb: str | None = None,
+                secs: float | None = None, details: bool = False) -> None:
+    """`build`/`merge` (verb + seconds) and `info` (details): the same lines, the same table."""
+    if verb is not None:
+        err.print(f"{verb} [bold]{escape(str(directory))}[/]: {cfg.n_train} training examples, "
+                  f"sketch dim {cfg.dim}, {len(cfg.layout)} layers, {secs:.1f} s", soft_wrap=True)
+    if details:
+        rows = [("task", cfg.task),
+                ("built with", f"grass-index {cfg.version}, torch {cfg.torch_version}"),
+                ("train examples", cfg.n_train), ("sketch dim", cfg.dim),
+                ("sparsification", cfg.sparsification), ("projection", cfg.projection),
+                ("seed", cfg.seed), ("hessian", cfg.hessian),
+                ("damping", f"{cfg.damping or 'default'} -> used {json.dumps(cfg.damping_used)}"),
+                ("batch size", cfg.batch_size), ("config hash", cfg.config_hash),
+                ("created", cfg.created)]
+        for k, v in rows:
+            err.print(f"[bold]{k:>15}[/]: {escape(str(v))}")
+    err.print(layer_table(cfg))
+    err.print(f"index: {escape(index_summary(cfg))}")
+    if verb is not None:
+        err.print(f"next: grass-index query {escape(str(directory))} --example 0")

@@ -1,0 +1,348 @@
+"""Pass 2: Fisher -> preconditioner -> FAISS -> config.json, one implementation
+(``run_pass2``) for a single process, a merge of worker shards and torchrun.
+
+Pass 2 reads pass 1's blocks back, so changing the damping or the Hessian never recomputes a
+gradient (``refit``).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..index import (ExactTopK, ShardedIndex, VectorIndex, parse_spec, part_ranges,
+                     recall_at_k)
+from ..precondition import FisherAccumulator, Preconditioner
+from ..store import SketchStore, StoreError
+from .errors import AttributionError
+from .files import CONFIG_FILE, STORE_DIR, index_file_names, jsonable, write_json
+from .fingerprints import config_hash, data_signature, hash_json
+from .options import IndexOptions, damping_key
+from .progress import Progress
+from .record import n_batches, read_build_record
+from .stored import chunks, preconditioned_blocks, state_from_array, state_to_array
+
+log = logging.getLogger("grass_index")
+
+
+class OneProcess:
+    """The ranks of a pass 2 run by one process (a single-process build, a merge, a refit):
+    rank 0 of 1. ``distributed.Group`` has the same three members for torchrun."""
+
+    rank, world = 0, 1
+
+    def step(self, fn):
+        """Run fn on every rank; every rank gets the list of results."""
+        return [fn()]
+
+    def share(self, fn, encode=None, decode=None):
+        """Rank 0's ``fn()``, on every rank (here: as is, no round trip through bytes)."""
+        return fn()
+
+
+ONE_PROCESS = OneProcess()
+
+
+class StoreRows:
+    """The rows one process indexes in pass 2 when it has them all: the main store, whose ids
+    are the training ids. (A torchrun rank holds its shard instead: ``distributed.ShardRows``.)"""
+
+    def __init__(self, store):
+        self.store = store
+
+    @contextlib.contextmanager
+    def open(self):
+        yield self.store
+
+    def global_ids(self, start: int, count: int) -> np.ndarray:
+        return np.arange(start, start + count, dtype=np.int64)
+
+    def query_rows(self, qids: np.ndarray):
+        """(positions in qids, raw rows) of the recall queries held here: all of them."""
+        return np.arange(len(qids)), np.asarray(self.store.get_rows(qids), np.float32)
+
+
+def finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damping,
+           index: str, nlist, nprobe, task, progress, data=None, old_config=None) -> dict:
+    """Pass 2 over the main store (a single-process build, a merge, a refit): Fisher from the
+    stored sketches (cached) -> preconditioner (reused when this variant was already fitted)
+    -> FAISS -> config.json."""
+    layout = build["layout"]
+    n_blocks = n_batches(build)
+    if store.committed_blocks < n_blocks:
+        raise AttributionError(f"only {store.committed_blocks} of {n_blocks} batches are "
+                               "sketched; re-run the build to finish pass 1")
+    opts = IndexOptions(hessian=hessian, damping=damping, index=index, nlist=nlist, nprobe=nprobe)
+    item_signature = (data_signature(data) if data is not None
+                      else (old_config or {}).get("item_signature"))
+
+    @contextlib.contextmanager
+    def main_store(pre, key):
+        yield store  # the preconditioner is stored already (right after fitting)
+
+    return run_pass2(out, build, describe, opts, rows=StoreRows(store),
+                     fisher=lambda: _fisher(store, layout, n_blocks, progress),
+                     main_store=main_store, stored=store,
+                     task=task if task is not None else (old_config or {}).get("task"),
+                     item_signature=item_signature, progress=progress)
+
+
+def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, rows, fisher,
+              main_store, task, item_signature, progress, ranks=ONE_PROCESS,
+              stored=None) -> dict:
+    """Pass 2, the one implementation behind every build: preconditioner -> FAISS parts ->
+    recall -> config.json.
+
+    Every rank (one, or each torchrun rank) fits the same preconditioner from ``fisher()``
+    (the summed F_l per layer), preconditions the ``rows`` it holds into its own FAISS part(s)
+    copied from one template (rank 0's IVF quantizer / float16 scales) and computes the exact
+    top lists of the recall queries over them. Rank 0 then gets the main store from
+    ``main_store(pre, key)`` (a context manager: the open store, or for torchrun one it
+    creates from the shards), joins the parts — a single process splits the ids into
+    ``shards=N`` contiguous parts; torchrun keeps one part per rank, or merges them into one
+    file — measures recall and commits config.json. Every rank returns the config.
+    ``stored`` (a single process's main store) is where a preconditioner fitted by an
+    interrupted run of the same variant is looked up and the new one is kept."""
+    layout, n, dim = build["layout"], build["n_train"], build["dim"]
+    hessian, damping, nlist, nprobe = opts.hessian, opts.damping, opts.nlist, opts.nprobe
+    spec = parse_spec(opts.index)
+    if ranks.world > 1 and spec.shards > 1:  # torchrun: one part per rank
+        spec = spec._replace(shards=ranks.world)
+    index = str(spec)  # canonical: the same index under any spelling
+    key = pass2_key(build, hessian=hessian, damping=damping, index=index, nlist=nlist,
+                    nprobe=nprobe)
+    # a resumed pass 2 reuses the inverses
+    pre = _stored_preconditioner(stored, key, layout) if stored is not None else None
+    if pre is None:
+        pre = Preconditioner.fit(fisher() if hessian == "eFIM" else {}, layout,
+                                 hessian=hessian, damping=damping)
+        if stored is not None:
+            stored.put_array(f"precond/{key}", state_to_array(pre.state_dict()))
+
+    def rank0_template():
+        with rows.open() as st:
+            return make_template(preconditioned_blocks(st, pre), spec, dim, nlist, nprobe)
+    template = ranks.share(rank0_template, encode=lambda t: t.to_bytes(),
+                           decode=lambda b: VectorIndex.from_bytes(*b))
+
+    qids, k = recall_queries(n)
+    queries = np.zeros((len(qids), dim), np.float32)  # each rank reads the ones it holds
+    for pos, got in ranks.step(lambda: rows.query_rows(qids)):
+        queries[pos] = got
+    # a single process splits the ids into contiguous parts; a rank indexes all it holds
+    ranges = part_ranges(n, spec.shards) if ranks.world == 1 else [(0, n)]
+    names = index_file_names(key, len(ranges) * ranks.world)
+    held = {}
+
+    def fill():
+        parts = [template.empty_like() for _ in ranges]
+        exact = ExactTopK(queries, k + 1) if k >= 1 else None
+        with rows.open() as st:
+            total = st.num_rows
+            for start, vec in preconditioned_blocks(st, pre):
+                ids = rows.global_ids(start, len(vec))
+                for part, (lo, hi) in zip(parts, ranges):
+                    mine = (ids >= lo) & (ids < hi)
+                    if mine.any():
+                        part.add(vec[mine], ids[mine])
+                if exact is not None:
+                    exact.add(vec, ids)
+                progress("index", start + len(vec), total)
+        if ranks.rank != 0:  # rank 0 keeps its part in memory; the others hand theirs over on disk
+            parts[0].save(out / names[ranks.rank])
+        held["parts"] = parts
+        return None if exact is None else (exact.scores, exact.ids)
+    tops = ranks.step(fill)
+
+    def rank0_commit():
+        with main_store(pre, key) as store:
+            mine = held["parts"]
+            parts = mine + [VectorIndex.load(out / names[r]) for r in range(1, ranks.world)]
+            files = names
+            if ranks.world > 1 and spec.shards == 1:  # one file, as a single process writes
+                for p in parts[1:]:
+                    parts[0].merge_from(p)
+                parts, files = parts[:1], index_file_names(key, 1)
+            vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
+            check_count(vindex, n)
+            if k >= 1:
+                exact = ExactTopK(queries, k + 1)
+                for scores, ids in tops:
+                    exact.merge(scores, ids)
+                measure_recall(vindex, exact, qids, k, others=parts)
+            remove_temp_files(out)
+            for part, name in zip(parts[:len(mine)], files):  # the others' parts are on disk
+                part.save(out / name)
+            return commit(out, store, build, describe, pre=pre, key=key, vindex=vindex,
+                          index=index, index_files=files, hessian=hessian, damping=damping,
+                          task=task, item_signature=item_signature, progress=progress)
+    return ranks.step(lambda: rank0_commit() if ranks.rank == 0 else None)[0]
+
+
+def pass2_key(build: dict, *, hessian, damping, index, nlist, nprobe) -> str:
+    """Names this pass 2's preconditioner and index files (a variant of the same sketches)."""
+    return hash_json(dict(hessian=hessian, damping=damping_key(damping), index=index, nlist=nlist,
+                      nprobe=nprobe, sketch=hash_json(build)))[:12]
+
+
+def remove_temp_files(out: Path) -> None:
+    """Temp files of a writer killed mid-save (an index can be GBs). Only called while holding
+    the store's writer lock, so no live process is writing any of them."""
+    for p in [*out.glob("index-*.faiss.tmp-*"), *out.glob(f".{CONFIG_FILE}.tmp*")]:
+        p.unlink(missing_ok=True)
+
+
+def commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vindex,
+            index: str, index_files: list[str], hessian: str, damping, task,
+            item_signature, progress) -> dict:
+    """Write config.json — the commit point of the whole build — then drop older variants."""
+    cfg = dict(build)
+    cfg.update(
+        library="grass-index", version=__version__, torch=torch.__version__, task=task,
+        hessian=hessian, damping=damping_key(damping), damping_used=pre.damping_used,
+        preconditioner=jsonable(pre.describe()), preconditioner_key=key,
+        layers_described=describe, index=jsonable(vindex.describe()), index_kind=index,
+        index_file=index_files[0], index_files=index_files,
+        n_blocks=n_batches(build),
+        sketch_hash=hash_json(build), item_signature=item_signature,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    cfg = jsonable(cfg)
+    cfg["config_hash"] = config_hash(cfg)
+    store.put_meta("config", cfg)
+    write_json(out / CONFIG_FILE, cfg)  # the commit point of the whole build
+    for p in out.glob("index-*.faiss"):  # older preconditioning variants
+        if p.name not in index_files:
+            p.unlink(missing_ok=True)
+    for name in store.array_names():  # their preconditioners (k×k float64 per layer)
+        if name.startswith("precond/") and name != f"precond/{key}":
+            store.delete_array(name)
+    progress("done", 1, 1)
+    return cfg
+
+
+def refit(path: Path, config: dict, *, hessian: str, damping, index: str,
+           progress=False) -> dict:
+    """Pass 2 again over a finished index's stored sketches (another damping, Hessian or
+    index kind); the new config. ``hessian`` is canonical and ``damping`` already checked."""
+    build = read_build_record(path)
+    prog = Progress(progress)
+    try:
+        with SketchStore.open(path / STORE_DIR, readonly=False) as store:
+            return finish(path, store, build, config.get("layers_described", {}),
+                           hessian=hessian, damping=damping, index=index, nlist=None,
+                           nprobe=None, task=None, progress=prog, old_config=config)
+    finally:
+        prog.close()
+
+
+def _stored_preconditioner(store, key: str, layout: dict):
+    """The preconditioner pass 2 already stored under ``key``, or None when there is none or it
+    is damaged (non-finite, unreadable): then it is fitted again from the cached Fisher."""
+    name = f"precond/{key}"
+    if not store.has_array(name):
+        return None
+    try:
+        state = state_from_array(store.get_array(name))
+        pre = Preconditioner.from_state_dict(state, layout)
+    except (StoreError, ValueError) as e:
+        log.warning("stored preconditioner %s is unreadable (%s); refitting it", name, e)
+        return None
+    if not all(np.isfinite(v).all() for v in state.values() if v.dtype.kind == "f"):
+        log.warning("stored preconditioner %s has NaN/inf entries; refitting it", name)
+        return None
+    return pre
+
+
+def _fisher(store, layout, n_blocks, progress) -> dict:
+    """F_l from the stored sketches, cached in the store (float64, deterministic order)."""
+    if has_fisher(store, layout):
+        return {k: np.asarray(store.get_array(f"fisher/{k}"), dtype=np.float64) for k in layout}
+    acc = accumulate(store, layout, lambda done: progress("fisher", done, store.num_rows))
+    put_fisher(store, acc)
+    return acc.fishers()
+
+
+def has_fisher(store, layout) -> bool:
+    return bool(store.get_meta("fisher_done", False)) and all(
+        store.has_array(f"fisher/{k}") for k in layout)
+
+
+def accumulate(store, layout, progress=None) -> FisherAccumulator:
+    """Σ ĝĝᵀ and n over every row of a store, in id order."""
+    acc = FisherAccumulator(layout)
+    done = 0
+    for _, rows in chunks(store):
+        acc.update(np.asarray(rows, dtype=np.float32))
+        done += len(rows)
+        if progress is not None:
+            progress(done)
+    return acc
+
+
+def put_fisher(store, acc: FisherAccumulator) -> None:
+    """Cache F_l (e.g. summed from shards) where pass 2 looks first; the flag goes last, so a
+    pass killed half-way recomputes instead of trusting a partial cache."""
+    for k, f in acc.fishers().items():
+        store.put_array(f"fisher/{k}", np.asarray(f, dtype=np.float64))
+    store.put_meta("fisher_n", int(acc.n))
+    store.put_meta("fisher_done", True)
+
+
+RECALL_QUERIES, RECALL_K = 100, 10
+IVF_TRAIN_CAP = 100_000
+
+
+def make_template(blocks, spec, dim: int, nlist, nprobe) -> VectorIndex:
+    """An empty index that the parts are copied from: IVF trained on (and float16 scales fixed
+    by) the first preconditioned rows ``blocks`` yields — a deterministic sample."""
+    template = VectorIndex.create(dim, spec.kind, nlist=nlist, nprobe=nprobe, dtype=spec.dtype)
+    if spec.kind == "ivf" or spec.dtype == "float16":
+        sample, got = [], 0
+        for _, vec in blocks:
+            sample.append(vec)
+            got += len(vec)
+            if spec.kind == "flat" or got >= IVF_TRAIN_CAP:
+                break
+        sample = np.concatenate(sample)[:IVF_TRAIN_CAP]
+        if spec.kind == "ivf":
+            template.train(sample)
+        template.fix_scales(sample)
+    return template
+
+
+def recall_queries(n: int) -> tuple[np.ndarray, int]:
+    """Recall ground truth uses training sketches as queries (the distribution of real queries'
+    sketches), each one's own id excluded from both lists: (their ids, k)."""
+    k = min(RECALL_K, n - 1)
+    return np.unique(np.linspace(0, n - 1, min(RECALL_QUERIES, n)).round().astype(np.int64)), k
+
+
+def check_count(vindex, n: int) -> None:
+    if vindex.ntotal != n:
+        raise AttributionError(f"index holds {vindex.ntotal} vectors for {n} "
+                               "training examples; the sketch store is inconsistent — run "
+                               "grass-index verify")
+
+
+def measure_recall(vindex, exact: ExactTopK, qids, k: int, others=()) -> dict:
+    """recall@k of ``vindex`` against the exact top lists, recorded on it (and ``others``)."""
+    _, approx = vindex.search(exact.queries, k + 1)
+    r = recall_at_k(approx, exact.result()[1], k, exclude=qids)
+    recall = dict(k=k, recall=round(r, 4), queries=len(qids), nprobe=vindex.nprobe,
+                  queries_from="training sketches, own id excluded")
+    for v in (vindex, *others):
+        v.recall = recall
+    log.info("index: recall@%d = %.4f against exact search (%d queries)", k, r, len(qids))
+    return recall
+
+
+def load_faiss(path: Path, cfg: dict, *, mmap: bool = False, verify: bool = True):
+    """The finished index's FAISS index: its one file, or its parts searched as one."""
+    names = cfg.get("index_files") or [cfg["index_file"]]
+    parts = [VectorIndex.load(path / name, mmap=mmap, verify=verify) for name in names]
+    return parts[0] if len(parts) == 1 else ShardedIndex(parts)

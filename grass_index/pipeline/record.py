@@ -1,0 +1,98 @@
+"""The build record, build.json: what the raw sketches depend on, written once when a build
+claims its output directory, so a re-run can resume it or refuse a different build.
+
+Its keys: ``format``, the BuildOptions (``sparsification``, ``projection``, ``seed``,
+``layers``, ``batch_size``), what the model and data give (``layer_dims``, ``layout``, ``dim``,
+``n_train``, ``model_hash``, ``data_hash``, ``sketch_fingerprint``) and, only when a mask file
+is used, ``selective_mask`` (its hash). The one reader and writer of the file.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .errors import AttributionError
+from .files import BUILD_FILE, FORMAT_VERSION, OUR_FILES, STORE_DIR, jsonable, write_json
+from .fingerprints import data_hash, hash_json, layer_dims, model_hash
+
+
+def make_build_record(options, *, model, infos, sketcher, train_data, masks=None) -> dict:
+    """build.json for ``options`` (BuildOptions) over this model, data and sketcher."""
+    build = dict(format=FORMAT_VERSION, sparsification=options.sparsification,
+                 projection=options.projection, seed=options.seed, layers=options.layers,
+                 layer_dims=layer_dims(infos), layout=sketcher.layout, dim=sketcher.dim,
+                 batch_size=options.batch_size, n_train=len(train_data),
+                 model_hash=model_hash(model, infos), data_hash=data_hash(train_data),
+                 sketch_fingerprint=sketcher.fingerprint())
+    if masks is not None:  # only recorded when used, so other builds' hashes are unchanged
+        build["selective_mask"] = hash_json(masks)
+    return build
+
+
+def batch_count(n: int, batch_size: int) -> int:
+    """Pass 1's number of batches (= store blocks) of n examples: fixed boundaries
+    [b*B, (b+1)*B), the last one possibly short. The one home of this formula."""
+    return math.ceil(n / batch_size)
+
+
+def n_batches(build: dict) -> int:
+    """``batch_count`` of a build record."""
+    return batch_count(build["n_train"], build["batch_size"])
+
+
+def read_build_record(out: Path, *, missing: str | None = None) -> dict:
+    """build.json of ``out``; ``missing`` is the error message when there is none (default:
+    an OSError is raised as is)."""
+    bfile = Path(out) / BUILD_FILE
+    if missing is not None and not bfile.is_file():
+        raise AttributionError(missing)
+    try:
+        return json.loads(bfile.read_text())
+    except ValueError as e:
+        raise AttributionError(f"{bfile} is corrupted ({e}); delete {out} and rebuild") from e
+
+
+def claim_out_dir(out: Path, build: dict) -> None:
+    """Refuse a directory holding something else; record what this build's sketches mean."""
+    bfile = out / BUILD_FILE
+    if out.exists() and not out.is_dir():
+        raise AttributionError(f"--out {out} is a file; pass a directory")
+    if bfile.is_file():
+        old = read_build_record(out)
+        if jsonable(old) != jsonable(build):
+            diff = sorted(k for k in set(old) | set(build)
+                          if jsonable(old.get(k)) != jsonable(build.get(k)))
+            if len(diff) > 1 and "sketch_fingerprint" in diff:  # derived: name the cause only
+                diff.remove("sketch_fingerprint")
+            hint = ""
+            if "model_hash" in diff:
+                hint = " (the model's weights differ)"
+            elif "data_hash" in diff or "n_train" in diff:
+                hint = " (the training data differs)"
+            raise AttributionError(
+                f"output directory {out} holds a different build (differs in: {', '.join(diff)})"
+                f"{hint}; choose another --out or delete {out} to rebuild")
+        return
+    if out.is_dir() and any(p.name not in OUR_FILES and not p.name.startswith(".")
+                            for p in out.iterdir()):
+        raise AttributionError(f"output directory {out} is not empty and is not a grass-index "
+                               "build; choose a new or empty directory")
+    if (out / STORE_DIR).exists():
+        raise AttributionError(f"{out} has sketches but no {BUILD_FILE}; it is corrupted: delete "
+                               "it and rebuild")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(bfile, build)
+
+
+def sketched_batches(path: Path) -> tuple[int, int] | None:
+    """(batches committed, batches in all) of a build in ``path``, read while it may still be
+    running; None when there is no readable build record or store."""
+    from ..store import SketchStore
+
+    try:
+        build = read_build_record(path)
+        with SketchStore.open(Path(path) / STORE_DIR, readonly=True) as st:
+            return st.committed_blocks, n_batches(build)
+    except Exception:
+        return None

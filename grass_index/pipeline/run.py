@@ -1,0 +1,222 @@
+"""A build end to end, in its three shapes, behind four functions:
+
+    build          one process: pass 1 into sketches/, then pass 2 (``pass2.finish``); or, under
+                   torchrun (more than one rank), every rank sketches its shard, the Fisher sums
+                   are all-reduced and pass 2 runs spread over the ranks (``distributed``)
+    build_shard    `build --worker I/N`: pass 1 over worker I's batches into shards/I-of-N
+    merge_shards   once all N shards exist: copy them into sketches/, then the same pass 2
+    refit_index    pass 2 again over a finished index's stored sketches (no gradients)
+
+Everything that can be checked without writing is checked before the output directory is
+claimed (build.json). Options travel as ``BuildOptions`` / ``IndexOptions``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..capture import GradientSketcher, select_layers
+from ..compress import load_selective_mask
+from ..store import SketchStore
+from ..task import check_loss, default_collate
+from . import distributed as dist_build
+from .errors import AttributionError
+from .files import MASK_FILE, STORE_DIR, atomic_write, jsonable
+from .fingerprints import data_signature
+from .options import (BuildOptions, IndexOptions, check_damping, check_index, check_train_data,
+                      damping_key, norm_hessian)
+from .pass2 import finish, refit
+from .progress import Progress
+from .record import claim_out_dir, make_build_record
+from .sharding import merge, parse_worker, read_shard_fisher, sketch_shard
+from .sketching import sketch_training_set
+
+log = logging.getLogger("grass_index")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """A finished index: its directory and config; ``reporting`` is False on the torchrun
+    ranks other than 0 (every rank returns the index; one of them should report it)."""
+
+    path: Path
+    config: dict
+    reporting: bool = True
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What one worker's shard holds (`build --worker I/N`); the index needs `merge_shards`."""
+
+    shard: str
+    path: str
+    batches: int
+    rows: int
+    n_batches: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def torchrun_rank() -> int:
+    """This process's rank under torchrun (0 without it): the rank that reports is 0."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+class _Prepared:
+    """Pass 1's inputs, checked: the layers, the sketcher, the build record, the layer notes."""
+
+    def __init__(self, model, train_data, loss_fn, options: BuildOptions, *, collate, device):
+        check_train_data(train_data)
+        self.collate = collate or default_collate
+        model.eval()
+        # Everything that can be checked without writing is checked first.
+        check_loss(model, train_data, loss_fn, self.collate, where="loss_fn")
+        infos = select_layers(model, options.layers)
+        mask_file = options.selective_mask
+        self.masks = load_selective_mask(mask_file) if mask_file is not None else None
+        self.sketcher = GradientSketcher(model, infos, sparsification=options.sparsification,
+                                         projection=options.projection, seed=options.seed,
+                                         clamp=True, device=device,
+                                         selective_masks=self.masks)
+        self.describe = jsonable(self.sketcher.describe())
+        for name, d in self.describe.items():
+            note = "; ".join(map(str, d.get("clamped") or []))
+            if note:
+                log.info("layer %s: %s", name, note)
+        self.build = make_build_record(options, model=model, infos=infos, sketcher=self.sketcher,
+                                       train_data=train_data, masks=self.masks)
+        self.mask_file = mask_file
+        self.train_data, self.loss_fn, self.batch_size = train_data, loss_fn, options.batch_size
+
+    def claim(self, out: Path) -> None:
+        claim_out_dir(out, self.build)
+        if self.masks is not None:
+            atomic_write(out / MASK_FILE, Path(self.mask_file).read_bytes())
+
+    def shard(self, out: Path, worker, index_options: IndexOptions, task, progress) -> ShardInfo:
+        self.claim(out)
+        records = dict(describe=self.describe, task=task,
+                       item_signature=data_signature(self.train_data),
+                       finish=index_options.record())
+        return ShardInfo(**sketch_shard(
+            out, worker, self.sketcher, self.build, train_data=self.train_data,
+            loss_fn=self.loss_fn, batch_size=self.batch_size, collate=self.collate,
+            progress=progress, records=records))
+
+
+def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
+          index_options: IndexOptions | None = None, *, task=None, collate=None, progress=True,
+          device=None, distributed: bool | None = None, remove_shards: bool = False) -> BuildResult:
+    """Sketch every training example (pass 1, resumable), precondition and index (pass 2).
+
+    ``distributed`` (default: when torchrun's environment or an initialised process group has
+    more than one rank) makes every rank sketch its shard; see ``distributed``."""
+    out = Path(out)
+    options, index_options = options or BuildOptions(), index_options or IndexOptions()
+    check_train_data(train_data)
+    group = None
+    if dist_build.wanted(distributed):
+        group = dist_build.Group()
+        if group.world == 1:
+            group.close()
+            group = None
+        else:
+            device = group.device(device)
+    try:
+        prep = _Prepared(model, train_data, loss_fn, options, collate=collate, device=device)
+        prog = Progress(progress)
+        try:
+            if group is not None:
+                return _build_ranks(group, prep, out, index_options, task, prog, remove_shards)
+            prep.claim(out)
+            store = SketchStore.create(out / STORE_DIR, dim=prep.sketcher.dim,
+                                       meta=jsonable(prep.build))
+            with store:
+                sketch_training_set(store, prep.sketcher, train_data, loss_fn,
+                                     batch_size=options.batch_size, collate=prep.collate,
+                                     progress=prog)
+                cfg = finish(out, store, prep.build, prep.describe,
+                             hessian=index_options.hessian, damping=index_options.damping,
+                             index=index_options.index, nlist=index_options.nlist,
+                             nprobe=index_options.nprobe, task=task, progress=prog,
+                             data=train_data)
+            return BuildResult(out, cfg)
+        finally:
+            prog.close()
+    finally:
+        if group is not None:
+            group.close()
+
+
+def _build_ranks(group, prep: _Prepared, out: Path, index_options: IndexOptions, task, prog,
+                 remove_shards: bool) -> BuildResult:
+    """torchrun: every rank is worker rank/world of pass 1, then pass 2 spread over the ranks."""
+    # rank 0 claims the directory first, so the others only compare with its build.json
+    group.step(lambda: prep.claim(out) if group.rank == 0 else None)
+    group.step(lambda: prep.shard(out, (group.rank, group.world), index_options, task, prog))
+    fisher = None
+    if index_options.hessian == "eFIM":  # each rank's sums, read inside a step so errors reach all
+        held = {}
+
+        def read_mine():
+            held["acc"] = read_shard_fisher(out, (group.rank, group.world), prep.sketcher.layout)
+        group.step(read_mine)
+        fisher = group.all_reduce_fisher(held["acc"])
+    cfg = dist_build.merge_ranks(group, out, fisher=fisher, progress=prog,
+                                 remove_shards=remove_shards)
+    return BuildResult(out, cfg, reporting=group.rank == 0)
+
+
+def build_shard(model, train_data, loss_fn, out, worker, options: BuildOptions | None = None,
+                index_options: IndexOptions | None = None, *, task=None, collate=None,
+                progress=True, device=None) -> ShardInfo:
+    """`build --worker I/N`: sketch only worker I's batches (b % N == I) into
+    ``out/shards/I-of-N/`` (resumable), recording ``index_options`` for the merge. Once all N
+    shards exist, ``merge_shards`` finishes the index; its sketches equal a single-process
+    build's bit for bit."""
+    out = Path(out)
+    worker = parse_worker(worker)
+    if worker is None:
+        raise AttributionError("build_shard needs worker=(i, n) or 'i/n'")
+    options, index_options = options or BuildOptions(), index_options or IndexOptions()
+    prep = _Prepared(model, train_data, loss_fn, options, collate=collate, device=device)
+    prog = Progress(progress)
+    try:
+        return prep.shard(out, worker, index_options, task, prog)
+    finally:
+        prog.close()
+
+
+def merge_shards(out, *, shards: int | None = None, hessian: str | None = None, damping=None,
+                 index: str | None = None, progress=True,
+                 remove_shards: bool = False) -> BuildResult:
+    """Finish a `build --worker I/N` build: check every shard (clear errors for missing,
+    incomplete, duplicate and mismatched ones), copy them into the main store in batch order,
+    run pass 2. ``hessian``/``damping``/``index`` default to what the workers were given."""
+    if hessian is not None:
+        hessian = norm_hessian(hessian)
+    if index is not None:
+        check_index(index)
+    if damping is not None:
+        check_damping(damping)
+    out = Path(out)
+    prog = Progress(progress)
+    try:
+        cfg = merge(out, n=shards, hessian=hessian, damping=damping_key(damping), index=index,
+                    progress=prog, remove_shards=remove_shards)
+    finally:
+        prog.close()
+    return BuildResult(out, cfg)
+
+
+def refit_index(path, config: dict, index_options: IndexOptions, progress=False) -> dict:
+    """Pass 2 again over a finished index's stored sketches (another damping, Hessian or index
+    kind); the new config."""
+    return refit(Path(path), config, hessian=index_options.hessian,
+                 damping=index_options.damping, index=index_options.index, progress=progress)
