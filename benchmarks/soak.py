@@ -63,7 +63,7 @@ TASK = textwrap.dedent("""
         x, y = batch
         return F.cross_entropy(model(x), y, reduction="none")
 """)
-CLI = [sys.executable, "-m", "grass_index.cli.main"]
+CLI = [sys.executable, "-m", "grass_index"]
 
 
 def committed(out: Path) -> int:

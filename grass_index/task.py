@@ -130,13 +130,12 @@ def check_loss(model, data, loss_fn, collate=None, *, n: int = 2, where: str = "
             out = loss_fn(model, batch)
     except Exception as e:
         raise TaskError(f"{where}: loss(model, batch) raised {type(e).__name__}: {e}") from e
-    if not isinstance(out, torch.Tensor):
-        raise TaskError(f"{where}: loss(model, batch) returned {type(out).__name__}; "
-                        f"return a Tensor[B] of per-example losses")
-    if out.dim() != 1 or out.shape[0] != b:
-        raise TaskError(f"{where}: loss(model, batch) returned shape {tuple(out.shape)} for a batch "
-                        f"of {b}; it must return one loss per example, Tensor[{b}] "
-                        "(use reduction='none', not a mean/sum)")
+    from .capture import CaptureError, check_loss_shape
+
+    try:
+        check_loss_shape(out, b)
+    except CaptureError as e:
+        raise TaskError(f"{where}: {e}") from None
 
 
 def load_task(ref: str | os.PathLike | None = None) -> Task:

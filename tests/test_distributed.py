@@ -226,7 +226,7 @@ def torchrun(task, out, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-           "-m", "grass_index.cli.main", "build", task.ref.split(":")[0], "--out", str(out),
+           "-m", "grass_index", "build", task.ref.split(":")[0], "--out", str(out),
            *CLI_OPTS, *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 

@@ -1,6 +1,6 @@
 """Fault tests through the real `grass-index` command.
 
-Every build here is a real ``python -m grass_index.cli.main build`` subprocess over a tiny task
+Every build here is a real ``python -m grass_index build`` subprocess over a tiny task
 written to tmp_path (an MLP on synthetic data, 16 batches, ~0.5 s of pass 1 and ~0.5 s of pass 2
 plus interpreter start-up). The faults:
 
@@ -89,7 +89,7 @@ N, BS = 256, 16
 NB = math.ceil(N / BS)
 ARGS = ["--sparsification", "random_mask-32*64", "--projection", "sjlt-1024",
         "--batch-size", str(BS)]
-CLI = [sys.executable, "-m", "grass_index.cli.main"]
+CLI = [sys.executable, "-m", "grass_index"]
 runner = CliRunner()
 
 

@@ -1,9 +1,10 @@
 """Per-sample gradient capture: which parameters (select_layers), compressed per-sample
 gradients with one backward pass (GradientSketcher), and exact references
 (per_sample_gradients)."""
+from ._batch import check_loss_shape
 from .errors import CaptureError
 from .exact import per_sample_gradients
 from .layers import LayerInfo, select_layers
 from .sketcher import GradientSketcher
 
-__all__ = ["CaptureError", "GradientSketcher", "LayerInfo", "per_sample_gradients", "select_layers"]
+__all__ = ["CaptureError", "check_loss_shape", "GradientSketcher", "LayerInfo", "per_sample_gradients", "select_layers"]

@@ -21,8 +21,9 @@ def batch_size(batch) -> int | None:
     return None
 
 
-def check_losses(losses, expected: int | None) -> torch.Tensor:
-    """Per-example losses are what makes per-example gradients possible; reject anything else."""
+def check_loss_shape(losses, expected: int | None) -> torch.Tensor:
+    """The one rule for what a loss returns: one loss per example, a Tensor[B] (also checked up
+    front by ``task.check_loss`` before any gradient work)."""
     if not isinstance(losses, torch.Tensor):
         raise CaptureError(
             f"loss must return a tensor of per-example losses, shape [B]; got {type(losses).__name__}")
@@ -32,6 +33,12 @@ def check_losses(losses, expected: int | None) -> torch.Tensor:
             f"loss must return one loss per example, shape {want}; got shape "
             f"{tuple(losses.shape)}. Don't reduce with .mean()/.sum(): e.g. use "
             f"F.cross_entropy(..., reduction='none') and average over tokens per example")
+    return losses
+
+
+def check_losses(losses, expected: int | None) -> torch.Tensor:
+    """Per-example losses are what makes per-example gradients possible; reject anything else."""
+    check_loss_shape(losses, expected)
     if not losses.requires_grad:
         raise CaptureError(
             "the loss does not depend on the selected parameters (it has no gradient); check that "

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from .errors import errors
+from .errors import errors, fail
 
 
 def eval_command(
@@ -32,15 +32,14 @@ def eval_command(
 ) -> None:
     """Linear datamodeling score: Spearman ρ between summed scores and -loss of models retrained
     on random subsets, averaged over query examples. 1 = perfect, 0 = no signal."""
-    from ..eval.run import run_eval
+    from .. import run_eval
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
-        raise typer.BadParameter(f"--seeds {seeds!r}: give integers separated by commas, e.g. 0,1,2")
+        fail(f"--seeds {seeds!r}: give integers separated by commas, e.g. 0,1,2")
     if not Path(index_dir).is_dir():
-        raise typer.BadParameter(f"{index_dir} is not a directory; pass an index made by "
-                                 "`grass-index build`", param_hint="INDEX_DIR")
+        fail(f"{index_dir} is not a directory; pass an index made by `grass-index build`")
     res = run_eval(index_dir, task=task, num_subsets=num_subsets, alpha=alpha, seeds=seed_list,
                    subset_seed=subset_seed, ground_truth=ground_truth, max_queries=max_queries,
                    progress=progress and not as_json)

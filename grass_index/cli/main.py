@@ -1,5 +1,5 @@
 """The `grass-index` command (also `python -m grass_index`): a thin layer over the Python API
-(grass_index.attribute, grass_index.task, grass_index.pipeline's public names).
+(the names ``import grass_index`` exports) and grass_index.fileio for writing its outputs.
 
 Human output and progress go to stderr; ``--json`` writes one document to stdout. Every failure
 is one readable line on stderr (the problem and the fix) and exit code 1.
@@ -33,17 +33,6 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log detai
 
 def _emit_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
-
-
-def _split_layers(layers: Optional[List[str]]):
-    from grass_index.pipeline.options import split_layers
-
-    if not layers:
-        return None
-    out = split_layers(layers)
-    if not out:
-        _fail("--layers is empty; pass globs such as --layers '0.*' or --layers 'fc1.*,fc2.*'")
-    return out
 
 
 # ------------------------------------------------------------------------------- build
@@ -84,16 +73,17 @@ def build(
     Under torchrun (e.g. torchrun --nproc_per_node=4 -m grass_index build TASK --out DIR)
     every rank sketches its share and the ranks finish the index together; rank 0 reports."""
     import grass_index as gi
-    from grass_index.pipeline import BuildOptions, IndexOptions
 
     t = gi.load_task(task)
     if out is None:
         stem = Path(t.ref.split(":")[0]).stem if task else "digits"
         out = Path("runs") / stem
-    options = BuildOptions(sparsification=sparsification, projection=projection, seed=seed,
-                           layers=_split_layers(layers), batch_size=batch_size,
-                           selective_mask=selective_mask)
-    index_options = IndexOptions(hessian=hessian, damping=damping, index=index)
+    options = gi.BuildOptions(sparsification=sparsification, projection=projection, seed=seed,
+                              layers=layers or None, batch_size=batch_size,
+                              selective_mask=selective_mask)
+    if layers and not options.layers:
+        _fail("--layers is empty; pass globs such as --layers '0.*' or --layers 'fc1.*,fc2.*'")
+    index_options = gi.IndexOptions(hessian=hessian, damping=damping, index=index)
     model = t.model()
     data = t.train_data()
     t0 = time.perf_counter()
@@ -123,14 +113,14 @@ def build(
 
 def _report_index(verb: str, directory, cfg: dict, secs: float, json_mode: bool) -> None:
     """What `build` and `merge` print for a finished index: the config as JSON, or a summary."""
-    from grass_index.pipeline import IndexConfig
+    import grass_index as gi
 
     from .render import print_index
 
     if json_mode:
         _emit_json(dict(cfg, seconds=round(secs, 3)))
         return
-    print_index(err, IndexConfig(cfg), directory=directory, verb=verb, secs=secs)
+    print_index(err, gi.IndexConfig(cfg), directory=directory, verb=verb, secs=secs)
 
 
 @app.command()
@@ -167,9 +157,9 @@ def _examples(idx, t, example: Optional[List[int]], input_file: Optional[Path], 
     if input_file is not None:
         if example:
             _fail("pass either --example or --input, not both")
-        from grass_index.pipeline import load_examples
+        import grass_index as gi
 
-        items = load_examples(input_file)
+        items = gi.load_examples(input_file)
         return list(range(len(items))), items, str(input_file)
     if split not in ("query", "train"):
         _fail(f"--split {split!r}: use query or train")
@@ -321,9 +311,9 @@ def score(
 def info(directory: Path = typer.Argument(..., metavar="DIR"),
          json_mode: bool = typer.Option(False, "--json")):
     """Show how an index was built (task, specs, per-layer dims and clamping, damping, counts)."""
-    from grass_index.attribute import describe_index
+    import grass_index as gi
 
-    d = describe_index(directory)
+    d = gi.describe_index(directory)
     if json_mode:
         _emit_json(d)
         return
@@ -333,11 +323,9 @@ def info(directory: Path = typer.Argument(..., metavar="DIR"),
                   f"{d['n_blocks']} batches sketched ({b['n_train']} examples, "
                   f"{b['sparsification']} / {b['projection']}); re-run the build to resume")
         return
-    from grass_index.pipeline import IndexConfig
-
     from .render import print_index
 
-    print_index(err, IndexConfig(d["config"]), directory=directory, details=True)
+    print_index(err, gi.IndexConfig(d["config"]), directory=directory, details=True)
 
 
 # ------------------------------------------------------------------------------- verify
@@ -349,9 +337,9 @@ def verify(directory: Path = typer.Argument(..., metavar="DIR"),
                                        "FAISS index from the stored sketches."),
            json_mode: bool = typer.Option(False, "--json")):
     """Check counts, sketches, LMDB vs FAISS agreement, config hash, preconditioner."""
-    from grass_index.attribute import verify_index
+    import grass_index as gi
 
-    rep = verify_index(directory, repair=repair)
+    rep = gi.verify_index(directory, repair=repair)
     if json_mode:
         _emit_json(rep)
     else:

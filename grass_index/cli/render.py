@@ -8,12 +8,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..pipeline import IndexConfig
+from .. import IndexConfig, parse_spec
 
 
 def _spec(text):
-    from ..compress import parse_spec
-
     try:
         return parse_spec(text)
     except Exception:

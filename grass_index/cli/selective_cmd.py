@@ -36,9 +36,7 @@ def fit_command(
     seed: int = typer.Option(0, "--seed", help="Seed for the example sample and init."),
 ) -> None:
     """Fit a sigmoid mask so masked-gradient attribution scores match the full ones; keep top-k."""
-    from ..compress import save_selective_mask
-    from ..maskfit import fit_selective_mask
-    from ..task import load_task
+    from .. import fit_selective_mask, load_task, save_selective_mask
 
     t = load_task(task)
     lay = [p.strip() for p in layers.split(",")] if layers else None

@@ -102,16 +102,6 @@ def _query_losses(model, query_data, loss_fn, collate, batch_size: int) -> np.nd
     return losses
 
 
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    return Progress(TextColumn("ground truth"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn())
-
-
 # -- the public functions ---------------------------------------------------------------
 
 def train_ground_truth(train_fn: Callable[[Sequence, int], torch.nn.Module], train_data: Sequence,
@@ -139,14 +129,13 @@ def train_ground_truth(train_fn: Callable[[Sequence, int], torch.nn.Module], tra
     _prepare_cache(cache, masks, seeds, len(query_data), tag)
 
     todo = [(j, s) for j in range(masks.shape[0]) for s in seeds if not _run_path(cache, j, s).is_file()]
-    bar = _progress(masks.shape[0] * len(seeds), progress)
-    task_id = None
-    if bar is not None:
-        bar.start()
-        task_id = bar.add_task("train", total=masks.shape[0] * len(seeds),
-                               completed=masks.shape[0] * len(seeds) - len(todo))
+    from ..pipeline.progress import Progress
+
+    total = masks.shape[0] * len(seeds)
+    bar = Progress(bool(progress) if not callable(progress) else progress)
+    bar("ground truth", total - len(todo), total)
     try:
-        for j, s in todo:
+        for step, (j, s) in enumerate(todo, 1):
             t0 = time.perf_counter()
             model = train_fn(Subset(train_data, subset_indices(masks[j])), s)
             if not isinstance(model, torch.nn.Module):
@@ -160,12 +149,10 @@ def train_ground_truth(train_fn: Callable[[Sequence, int], torch.nn.Module], tra
                                  "stable (lower learning rate) before computing LDS")
             secs = time.perf_counter() - t0
             atomic_save(_run_path(cache, j, s),
-                          lambda f: np.savez(f, losses=losses, seconds=np.float64(secs)))
-            if bar is not None:
-                bar.advance(task_id)
+                        lambda f: np.savez(f, losses=losses, seconds=np.float64(secs)))
+            bar("ground truth", total - len(todo) + step, total)
     finally:
-        if bar is not None:
-            bar.stop()
+        bar.close()
     return load_ground_truth(cache, seeds=seeds)
 
 

@@ -49,8 +49,7 @@ from .inputs import load_examples
 from .options import (HESSIANS, INDEX_KINDS, BuildOptions, IndexOptions, check_damping,
                       check_index, norm_hessian)
 from .progress import Progress
-from .run import (BuildResult, ShardInfo, build, build_shard, merge_shards, refit_index,
-                  torchrun_rank)
+from .run import BuildResult, ShardInfo, build, build_shard, merge_shards, refit_index
 from .sharding import parse_worker
 from .stored import state_from_array, state_to_array
 from .verify import verify_index
@@ -61,5 +60,5 @@ __all__ = [
     "Progress", "SHARDS_DIR", "STORE_DIR", "ShardInfo", "build", "build_shard", "check_damping",
     "check_index", "config_hash", "describe_index", "load_examples", "merge_shards",
     "norm_hessian", "parse_worker", "read_config", "refit_index", "state_from_array",
-    "state_to_array", "torchrun_rank", "verify_index",
+    "state_to_array", "verify_index",
 ]

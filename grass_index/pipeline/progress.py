@@ -6,7 +6,8 @@
     progress=callable   gets (phase, done, total) calls (how tests and tools observe a build)
     progress=False      nothing
 
-Phases: sketch, merge, fisher, index, and done (1/1 once config.json is written).
+Phases: sketch, merge, fisher, index, and done (1/1 once config.json is written); `eval`
+draws its ground-truth retraining with the same component.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import sys
 import time
 
 LABELS = {"sketch": "pass 1: sketching gradients", "merge": "merging shards",
-          "fisher": "pass 2: Fisher", "index": "pass 2: preconditioning + FAISS"}
+          "fisher": "pass 2: Fisher", "index": "pass 2: preconditioning + FAISS",
+          "ground truth": "LDS ground truth: retraining on subsets"}
 LOG_EVERY_S = 10.0
 
 

@@ -13,7 +13,6 @@ claimed (build.json). Options travel as ``BuildOptions`` / ``IndexOptions``.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,14 +57,6 @@ class ShardInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def torchrun_rank() -> int:
-    """This process's rank under torchrun (0 without it): the rank that reports is 0."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
 
 
 class _Prepared:
