@@ -7,7 +7,7 @@ Ground truth (retrained models) is cached under --out and reused by later runs; 
 full run trains M x seeds small MLPs (about a second each on one core). Every method is an
 index built with grass_index.build_index and scored with AttributionIndex.score; damping
 sweeps reuse the stored sketches via AttributionIndex.reprecondition. Selective-mask rows fit a
-mask on training examples only (grass_index.eval.selective), write the mask file and build
+mask on training examples only (grass_index.maskfit), write the mask file and build
 with build_index(selective_mask=FILE), like `grass-index build --selective-mask FILE`.
 
 The digits MLP has two linear layers, 64(+1 bias)->64 and 64(+1)->10, i.e. 4160 + 650
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
 
     if not args.no_selective:  # learned masks, through the real pipeline (mask file -> build_index)
         from grass_index.compress import save_selective_mask
-        from grass_index.eval.selective import fit_selective_mask
+        from grass_index.maskfit import fit_selective_mask
 
         for k in ks:
             a = int(round(k ** 0.5))

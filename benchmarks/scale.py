@@ -12,7 +12,7 @@ index (random sketches, k=1024) served from float16 and float32 FAISS indexes. P
     all-reduced, rank 0 merges and indexes). Wall time includes start-up, so its ratio is what
     a user sees; pass 1 (sketching) is also shown alone. The torchrun build is checked to hold
     the same sketches as the one-process build.
-(b) The real pass 2 (`_finish`: Fisher from the store, preconditioner, FAISS, recall@10) over a
+(b) The real pass 2 (`pipeline.pass2.finish`: Fisher from the store, preconditioner, FAISS, recall@10) over a
     store of n random sketches: 8 layers x 128 (k=1024), Gaussian rows with per-layer scales
     and a log-normal per-example norm, in blocks of 256 rows. Each phase runs in its own
     process so its peak RSS (ru_maxrss) is its own. Queries are 100 held-out random sketches
@@ -149,7 +149,7 @@ def _sketches(rng, rows: int) -> np.ndarray:
 
 
 def phase_write(out: Path, n: int) -> dict:
-    from grass_index.pipeline.config import _claim_out_dir
+    from grass_index.pipeline.record import claim_out_dir
     from grass_index.pipeline.files import FORMAT_VERSION, STORE_DIR
     from grass_index.store import SketchStore
 
@@ -158,7 +158,7 @@ def phase_write(out: Path, n: int) -> dict:
                  seed=0, layers=None, layer_dims={}, layout=layout, dim=LAYERS * K_LAYER,
                  batch_size=BLOCK, n_train=n, model_hash="simulated", data_hash="simulated",
                  sketch_fingerprint="simulated")
-    _claim_out_dir(out, build)
+    claim_out_dir(out, build)
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     with SketchStore.create(out / STORE_DIR, dim=build["dim"], meta=build) as store:
@@ -171,7 +171,7 @@ def phase_write(out: Path, n: int) -> dict:
 def phase_index(out: Path, spec: str) -> dict:
     import grass_index as gi
     from grass_index.pipeline.files import BUILD_FILE, STORE_DIR
-    from grass_index.pipeline.indexing import _finish
+    from grass_index.pipeline.pass2 import finish
     from grass_index.store import SketchStore
 
     build = json.loads((out / BUILD_FILE).read_text())
@@ -183,8 +183,8 @@ def phase_index(out: Path, spec: str) -> dict:
     t0 = time.perf_counter()
     with SketchStore.open(out / STORE_DIR, readonly=False) as store:
         had_fisher = bool(store.get_meta("fisher_done", False))
-        cfg = _finish(out, store, build, {}, hessian="eFIM", damping=None, index=spec,
-                      nlist=None, nprobe=None, task=None, progress=progress)
+        cfg = finish(out, store, build, {}, hessian="eFIM", damping=None, index=spec,
+                     nlist=None, nprobe=None, task=None, progress=progress)
     secs = time.perf_counter() - t0
     fisher_s = (stages.get("index", t0) - stages["fisher"]) if "fisher" in stages else 0.0
     idx = gi.open_index(out)

@@ -15,7 +15,7 @@ import torch
 from .errors import GrassIndexError  # noqa: F401  (the base of AttributionError and the rest)
 from .pipeline import (AttributionError, BuildOptions, BuildResult, IndexConfig, IndexOptions,
                        ShardInfo, norm_hessian, read_config)
-from .pipeline import run as _pipeline
+from .pipeline import run as pipeline_run
 from .pipeline import querying
 # Re-exported: public API and names tools import from here (the directory layout, the config
 # hash, the preconditioner state codec).
@@ -60,12 +60,12 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
         if remove_shards:
             raise AttributionError("remove_shards applies to torchrun builds and merge; a "
                                    "--worker build's shard is what merge needs")
-        return _pipeline.build_shard(model, train_data, loss_fn, out, worker, options,
-                                     index_options, task=task, collate=collate,
-                                     progress=progress, device=device).to_dict()
-    res = _pipeline.build(model, train_data, loss_fn, out, options, index_options, task=task,
-                          collate=collate, progress=progress, device=device,
-                          distributed=distributed, remove_shards=remove_shards)
+        return pipeline_run.build_shard(model, train_data, loss_fn, out, worker, options,
+                                        index_options, task=task, collate=collate,
+                                        progress=progress, device=device).to_dict()
+    res = pipeline_run.build(model, train_data, loss_fn, out, options, index_options, task=task,
+                             collate=collate, progress=progress, device=device,
+                             distributed=distributed, remove_shards=remove_shards)
     return AttributionIndex._from_result(res)
 
 
@@ -76,9 +76,9 @@ def build_shard(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
     """`build --worker I/N`: sketch only worker I's batches (b % N == I) into
     ``out/shards/I-of-N/`` without pass 2; once all N shards exist, :func:`merge_shards`
     finishes the index. ``index_options`` are recorded for the merge."""
-    return _pipeline.build_shard(model, train_data, loss_fn, out, worker, options,
-                                 index_options, task=task, collate=collate, progress=progress,
-                                 device=device)
+    return pipeline_run.build_shard(model, train_data, loss_fn, out, worker, options,
+                                    index_options, task=task, collate=collate, progress=progress,
+                                    device=device)
 
 
 def merge_shards(out, *, shards: int | None = None, hessian: str | None = None, damping=None,
@@ -91,7 +91,7 @@ def merge_shards(out, *, shards: int | None = None, hessian: str | None = None, 
     batch order and runs pass 2. ``hessian``/``damping``/``index`` default to what the workers
     were given. Resumable; ``remove_shards`` deletes ``out/shards`` once the index is written.
     """
-    return AttributionIndex._from_result(_pipeline.merge_shards(
+    return AttributionIndex._from_result(pipeline_run.merge_shards(
         out, shards=shards, hessian=hessian, damping=damping, index=index, progress=progress,
         remove_shards=remove_shards))
 
@@ -233,5 +233,5 @@ class AttributionIndex:
         opts = IndexOptions(hessian=norm_hessian(hessian or self.config["hessian"]),
                             damping=damping, index=index or self.config.get("index_kind", "flat"))
         self.close()
-        self.config = _pipeline.refit_index(self.path, self.config, opts, progress=progress)
+        self.config = pipeline_run.refit_index(self.path, self.config, opts, progress=progress)
         return self

@@ -102,17 +102,17 @@ def test_signatures():
 def test_query_signature_allows_token_sequences_of_any_length():
     """Token ids vary in length even when the sampled training items happen to agree; float
     features keep their fixed shape, and a middle item that differs makes that dim variable."""
-    from grass_index.pipeline.fingerprints import _data_signature
+    from grass_index.pipeline.fingerprints import data_signature
     from grass_index.task import item_signature, signature_mismatch
 
     tokens = [(torch.arange(5), torch.tensor(1.0)) for _ in range(10)]
-    sig = _data_signature(tokens)
+    sig = data_signature(tokens)
     assert signature_mismatch(sig, item_signature((torch.arange(7), torch.tensor(0.0)))) is None
     assert "expected dtype int64" in signature_mismatch(
         sig, item_signature((torch.arange(7.0), torch.tensor(0.0))))
 
     images = [torch.zeros(8, 8) for _ in range(10)]
     assert "expected shape [8, 8], got [8, 9]" in signature_mismatch(
-        _data_signature(images), item_signature(torch.zeros(8, 9)))
+        data_signature(images), item_signature(torch.zeros(8, 9)))
     images[5] = torch.zeros(8, 9)  # not first, second or last: still seen by the sampler
-    assert signature_mismatch(_data_signature(images), item_signature(torch.zeros(8, 11))) is None
+    assert signature_mismatch(data_signature(images), item_signature(torch.zeros(8, 11))) is None

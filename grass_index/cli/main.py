@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape as _escape
+from rich.markup import escape
 
-from .errors import EXIT_ERROR, err
-from .errors import errors as _errors
-from .errors import fail as _fail
+from .errors import EXIT_ERROR, err, errors, fail
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Training-data attribution: which training examples made the model do this?")
@@ -38,7 +36,7 @@ def _emit_json(obj) -> None:
 # ------------------------------------------------------------------------------- build
 
 @app.command()
-@_errors
+@errors
 def build(
     task: Optional[str] = typer.Argument(None, help="Task file (.py), module or module:attr. "
                                          "Default: the bundled digits example."),
@@ -54,8 +52,8 @@ def build(
                                                "(repeatable or comma-separated)."),
     seed: int = typer.Option(0),
     index: str = typer.Option("flat", help="flat (exact) or ivf (approximate, large corpora), "
-                                "optionally :fp16 (half the memory and disk) and/or shards=N (N "
-                                "files searched as one), e.g. ivf:fp16,shards=4."),
+                              "optionally :fp16 (half the memory and disk) and/or shards=N (N "
+                              "files searched as one), e.g. ivf:fp16,shards=4."),
     device: Optional[str] = typer.Option(None, help="torch device for gradients, e.g. cuda."),
     selective_mask: Optional[Path] = typer.Option(
         None, "--selective-mask", help="Mask file from `grass-index selective-mask fit`; "
@@ -82,24 +80,24 @@ def build(
                               layers=layers or None, batch_size=batch_size,
                               selective_mask=selective_mask)
     if layers and not options.layers:
-        _fail("--layers is empty; pass globs such as --layers '0.*' or --layers 'fc1.*,fc2.*'")
+        fail("--layers is empty; pass globs such as --layers '0.*' or --layers 'fc1.*,fc2.*'")
     index_options = gi.IndexOptions(hessian=hessian, damping=damping, index=index)
     model = t.model()
     data = t.train_data()
     t0 = time.perf_counter()
     if worker is not None:  # a shard, not an index
         if remove_shards:
-            _fail("--remove-shards applies to torchrun builds and merge; a --worker build's "
-                  "shard is what merge needs")
+            fail("--remove-shards applies to torchrun builds and merge; a --worker build's "
+                 "shard is what merge needs")
         info = gi.build_shard(model, data, t.loss, out, worker, options, index_options,
                               task=t.ref, collate=t.collate, device=device)
         secs = time.perf_counter() - t0
         if json_mode:
             _emit_json(dict(info.to_dict(), seconds=round(secs, 3)))
             return
-        err.print(f"sketched shard {info.shard} of [bold]{_escape(str(out))}[/]: {info.batches} "
+        err.print(f"sketched shard {info.shard} of [bold]{escape(str(out))}[/]: {info.batches} "
                   f"of {info.n_batches} batches ({info.rows} examples), {secs:.1f} s")
-        err.print(f"next, once every worker is done: grass-index merge {_escape(str(out))}")
+        err.print(f"next, once every worker is done: grass-index merge {escape(str(out))}")
         return
     idx = gi.build_index(model, data, t.loss, out, sparsification=options.sparsification,
                          projection=options.projection, hessian=index_options.hessian,
@@ -124,7 +122,7 @@ def _report_index(verb: str, directory, cfg: dict, secs: float, json_mode: bool)
 
 
 @app.command()
-@_errors
+@errors
 def merge(
     directory: Path = typer.Argument(..., help="The --out DIR of `build --worker I/N`."),
     shards: Optional[int] = typer.Option(None, "--shards", min=1, help="Merge the I-of-N shards "
@@ -156,19 +154,19 @@ def _examples(idx, t, example: Optional[List[int]], input_file: Optional[Path], 
     """(example numbers, items, source name) for query/score."""
     if input_file is not None:
         if example:
-            _fail("pass either --example or --input, not both")
+            fail("pass either --example or --input, not both")
         import grass_index as gi
 
         items = gi.load_examples(input_file)
         return list(range(len(items))), items, str(input_file)
     if split not in ("query", "train"):
-        _fail(f"--split {split!r}: use query or train")
+        fail(f"--split {split!r}: use query or train")
     data = t.query_data() if split == "query" else t.train_data()
     ids = list(example) if example else (list(range(len(data))) if all_default else [0])
     for i in ids:
         if not 0 <= i < len(data):
-            _fail(f"--example {i} is out of range: the {split} data has {len(data)} examples "
-                  f"(0..{len(data) - 1})")
+            fail(f"--example {i} is out of range: the {split} data has {len(data)} examples "
+                 f"(0..{len(data) - 1})")
     return ids, [data[i] for i in ids], f"{split}_data"
 
 
@@ -177,14 +175,14 @@ def _open_with_task(directory: Path):
 
     idx = gi.open_index(directory)
     if not idx.task:
-        _fail(f"index {directory} records no task (built from Python); query it with "
-              "grass_index.open_index(...).query(model, examples, loss_fn)")
+        fail(f"index {directory} records no task (built from Python); query it with "
+             "grass_index.open_index(...).query(model, examples, loss_fn)")
     t = gi.load_task(idx.task)
     return idx, t
 
 
 @app.command()
-@_errors
+@errors
 def query(
     directory: Path = typer.Argument(..., metavar="DIR", help="Index directory."),
     example: Optional[List[int]] = typer.Option(None, "--example", "-e",
@@ -276,7 +274,7 @@ def _draw(path: Path, t, items, results) -> None:
 # ------------------------------------------------------------------------------- score
 
 @app.command()
-@_errors
+@errors
 def score(
     directory: Path = typer.Argument(..., metavar="DIR"),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the .npy matrix."),
@@ -307,7 +305,7 @@ def score(
 # ------------------------------------------------------------------------------- info
 
 @app.command()
-@_errors
+@errors
 def info(directory: Path = typer.Argument(..., metavar="DIR"),
          json_mode: bool = typer.Option(False, "--json")):
     """Show how an index was built (task, specs, per-layer dims and clamping, damping, counts)."""
@@ -331,7 +329,7 @@ def info(directory: Path = typer.Argument(..., metavar="DIR"),
 # ------------------------------------------------------------------------------- verify
 
 @app.command()
-@_errors
+@errors
 def verify(directory: Path = typer.Argument(..., metavar="DIR"),
            repair: bool = typer.Option(False, "--repair", help="Rebuild the preconditioner and "
                                        "FAISS index from the stored sketches."),
@@ -345,9 +343,9 @@ def verify(directory: Path = typer.Argument(..., metavar="DIR"),
     else:
         for c in rep["checks"]:
             mark = "[green]ok[/]  " if c["ok"] else "[red]FAIL[/]"
-            err.print(f"{mark} {c['name']}: {_escape(c['detail'])}")
+            err.print(f"{mark} {c['name']}: {escape(c['detail'])}")
         for r in rep["repaired"]:
-            err.print(f"[cyan]repair:[/] {_escape(r)}")
+            err.print(f"[cyan]repair:[/] {escape(r)}")
         err.print("[green]index is consistent[/]" if rep["ok"] else
                   f"[red]index has problems[/]; try `grass-index verify {directory} --repair`")
     if not rep["ok"]:

@@ -19,7 +19,8 @@ def _spec(text):
 
 
 def _stage(name: str, want, got, size) -> str:
-    """e.g. 'in: exact (65 ≤ 128)' when a stage was clamped to identity, else 'in: random_mask-128'."""
+    """e.g. 'in: exact (65 ≤ 128)' when a stage was clamped to identity, else what runs, e.g.
+    'in: random_mask-128'."""
     if want is None:
         return f"{name}: {got}"
     if got == "identity" or str(got).startswith("identity"):

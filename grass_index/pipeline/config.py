@@ -32,8 +32,8 @@ def read_config(path: Path) -> dict:
         if (path / BUILD_FILE).is_file():
             done = sketched_batches(path)
             progress = f" ({done[0]} of {done[1]} batches sketched)" if done else ""
-            raise AttributionError(f"the build in {path} is not finished{progress}; re-run the same "
-                                   "build command to resume it")
+            raise AttributionError(f"the build in {path} is not finished{progress}; re-run the "
+                                   "same build command to resume it")
         raise AttributionError(f"{path} is not a grass-index index (no {CONFIG_FILE}); pass the "
                                "--out directory of `grass-index build`")
     try:

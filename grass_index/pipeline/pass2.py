@@ -187,7 +187,7 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
 def pass2_key(build: dict, *, hessian, damping, index, nlist, nprobe) -> str:
     """Names this pass 2's preconditioner and index files (a variant of the same sketches)."""
     return hash_json(dict(hessian=hessian, damping=damping_key(damping), index=index, nlist=nlist,
-                      nprobe=nprobe, sketch=hash_json(build)))[:12]
+                          nprobe=nprobe, sketch=hash_json(build)))[:12]
 
 
 def remove_temp_files(out: Path) -> None:
@@ -198,8 +198,8 @@ def remove_temp_files(out: Path) -> None:
 
 
 def commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vindex,
-            index: str, index_files: list[str], hessian: str, damping, task,
-            item_signature, progress) -> dict:
+           index: str, index_files: list[str], hessian: str, damping, task,
+           item_signature, progress) -> dict:
     """Write config.json — the commit point of the whole build — then drop older variants."""
     cfg = dict(build)
     cfg.update(
@@ -226,7 +226,7 @@ def commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vind
 
 
 def refit(path: Path, config: dict, *, hessian: str, damping, index: str,
-           progress=False) -> dict:
+          progress=False) -> dict:
     """Pass 2 again over a finished index's stored sketches (another damping, Hessian or
     index kind); the new config. ``hessian`` is canonical and ``damping`` already checked."""
     build = read_build_record(path)
@@ -234,8 +234,8 @@ def refit(path: Path, config: dict, *, hessian: str, damping, index: str,
     try:
         with SketchStore.open(path / STORE_DIR, readonly=False) as store:
             return finish(path, store, build, config.get("layers_described", {}),
-                           hessian=hessian, damping=damping, index=index, nlist=None,
-                           nprobe=None, task=None, progress=prog, old_config=config)
+                          hessian=hessian, damping=damping, index=index, nlist=None,
+                          nprobe=None, task=None, progress=prog, old_config=config)
     finally:
         prog.close()
 

@@ -81,7 +81,7 @@ def query_sketcher(path: Path, config: dict, model, device=None) -> GradientSket
 
 
 def sketch_queries(path: Path, config: dict, model, examples: Sequence, loss_fn, *,
-                    collate=None, batch_size: int | None = None, device=None) -> torch.Tensor:
+                   collate=None, batch_size: int | None = None, device=None) -> torch.Tensor:
     """Raw sketches g(z) [n, K] of the query examples (not preconditioned)."""
     if not (hasattr(examples, "__len__") and hasattr(examples, "__getitem__")):
         raise AttributionError("examples must be an indexable sequence of items like "

@@ -130,8 +130,8 @@ def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
                                        meta=jsonable(prep.build))
             with store:
                 sketch_training_set(store, prep.sketcher, train_data, loss_fn,
-                                     batch_size=options.batch_size, collate=prep.collate,
-                                     progress=prog)
+                                    batch_size=options.batch_size, collate=prep.collate,
+                                    progress=prog)
                 cfg = finish(out, store, prep.build, prep.describe,
                              hessian=index_options.hessian, damping=index_options.damping,
                              index=index_options.index, nlist=index_options.nlist,

@@ -66,7 +66,7 @@ def _owned(build: dict, i: int, n: int) -> range:
 
 
 def sketch_shard(out: Path, worker: tuple[int, int], sketcher, build: dict, *, train_data,
-                  loss_fn, batch_size: int, collate, progress, records: dict) -> dict:
+                 loss_fn, batch_size: int, collate, progress, records: dict) -> dict:
     """Pass 1 over worker i's batches into shards/i-of-n (resumable); what it holds."""
     i, n = worker
     path = out / SHARDS_DIR / shard_name(i, n)
@@ -77,7 +77,7 @@ def sketch_shard(out: Path, worker: tuple[int, int], sketcher, build: dict, *, t
             if store.get_meta(key, None) != jsonable(value):
                 store.put_meta(key, jsonable(value))
         sketch_training_set(store, sketcher, train_data, loss_fn, batch_size=batch_size,
-                             collate=collate, progress=progress, blocks=blocks)
+                            collate=collate, progress=progress, blocks=blocks)
         if (records.get("finish") or {}).get("hessian", "eFIM") == "eFIM":
             shard_fisher(store, build["layout"], progress)
         return dict(shard=f"{i}/{n}", path=str(path), batches=len(blocks),
@@ -230,7 +230,7 @@ def copy_shards(store, build: dict, n: int, shards: dict[int, Path], progress) -
 
 
 def cache_fisher(store, build: dict, n: int, shards: dict[int, Path],
-                  fisher: FisherAccumulator | None) -> None:
+                 fisher: FisherAccumulator | None) -> None:
     """The summed Fisher into the main store, where pass 2 (and later refits) look first."""
     if has_fisher(store, build["layout"]):
         return
@@ -246,7 +246,7 @@ def cache_fisher(store, build: dict, n: int, shards: dict[int, Path],
 
 
 def merge(out: Path, *, n: int | None = None, hessian=None, damping=None, index=None,
-           nlist=None, nprobe=None, progress, remove_shards: bool = False) -> dict:
+          nlist=None, nprobe=None, progress, remove_shards: bool = False) -> dict:
     """Shards -> main store (global batch order) -> pass 2 on this process. Returns the
     finished config."""
     out = Path(out)
@@ -257,10 +257,10 @@ def merge(out: Path, *, n: int | None = None, hessian=None, damping=None, index=
         if opts["hessian"] == "eFIM":
             cache_fisher(store, build, n, shards, None)
         cfg = finish(out, store, build, rec.get("describe") or {}, hessian=opts["hessian"],
-                      damping=opts.get("damping"), index=opts["index"],
-                      nlist=opts.get("nlist"), nprobe=opts.get("nprobe"),
-                      task=rec.get("task"), progress=progress,
-                      old_config=dict(item_signature=rec.get("item_signature")))
+                     damping=opts.get("damping"), index=opts["index"],
+                     nlist=opts.get("nlist"), nprobe=opts.get("nprobe"),
+                     task=rec.get("task"), progress=progress,
+                     old_config=dict(item_signature=rec.get("item_signature")))
     if remove_shards:
         shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
     return cfg

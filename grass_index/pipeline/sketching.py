@@ -33,7 +33,7 @@ def batch_len(batch) -> int:
 
 
 def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch_size: int,
-                         collate, progress, blocks: Sequence[int] | None = None) -> None:
+                        collate, progress, blocks: Sequence[int] | None = None) -> None:
     """Sketch every batch not yet committed to ``store``; one block per batch.
 
     ``blocks`` are the global batch numbers this store holds, in order (default: all of them).

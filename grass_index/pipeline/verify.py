@@ -131,7 +131,7 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0)
             damping = _parse_saved_damping(cfg.get("damping"))
             check_damping(damping)
             refit(path, cfg, hessian=hessian, damping=damping,
-                   index=cfg.get("index_kind", "flat"))
+                  index=cfg.get("index_kind", "flat"))
             repaired.append("rebuilt the preconditioner and the FAISS index from the stored "
                             "sketches")
             again = verify_index(path, repair=False, sample=sample, seed=seed)
