@@ -14,7 +14,7 @@ import torch
 
 from .errors import GrassIndexError  # noqa: F401  (the base of AttributionError and the rest)
 from .pipeline import (AttributionError, BuildOptions, BuildResult, IndexConfig, IndexOptions,
-                       ShardInfo, norm_hessian, read_config)
+                       ShardInfo, read_config)
 from .pipeline import run as pipeline_run
 from .pipeline import querying
 # Re-exported: public API and names tools import from here (the directory layout, the config
@@ -230,7 +230,7 @@ class AttributionIndex:
     def reprecondition(self, damping=None, hessian: str | None = None, index: str | None = None,
                        progress=False) -> "AttributionIndex":
         """Refit the preconditioner (and FAISS) from the stored sketches; no gradients."""
-        opts = IndexOptions(hessian=norm_hessian(hessian or self.config["hessian"]),
+        opts = IndexOptions(hessian=hessian or self.config["hessian"],
                             damping=damping, index=index or self.config.get("index_kind", "flat"))
         self.close()
         self.config = pipeline_run.refit_index(self.path, self.config, opts, progress=progress)

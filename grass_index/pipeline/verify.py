@@ -9,7 +9,7 @@ import numpy as np
 from .. import __version__
 from ..precondition import Preconditioner
 from ..store import SketchStore
-from .config import read_config
+from .config import IndexConfig, read_config
 from .errors import AttributionError
 from .files import BUILD_FILE, FORMAT_VERSION, STORE_DIR, jsonable
 from .fingerprints import hash_json
@@ -38,12 +38,13 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0)
 
     try:
         cfg = read_config(path)
-        check("config", True, f"config.json readable, hash {cfg['config_hash']} matches")
+        view = IndexConfig(cfg)
+        check("config", True, f"config.json readable, hash {view.config_hash} matches")
     except AttributionError as e:
         check("config", False, e)
         return report()
     check("version", cfg.get("format") == FORMAT_VERSION,
-          f"built by grass-index {cfg.get('version')} (format {cfg.get('format')}); "
+          f"built by grass-index {view.version} (format {cfg.get('format')}); "
           f"this is {__version__} (format {FORMAT_VERSION})")
     try:
         build = read_build_record(path)
@@ -54,7 +55,7 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0)
         check("build record", False, f"{BUILD_FILE}: {e}")
         return report()
 
-    n, bs = int(cfg["n_train"]), int(cfg["batch_size"])
+    n, bs = view.n_train, view.batch_size
     try:
         store = SketchStore.open(path / STORE_DIR, readonly=True)
     except Exception as e:
@@ -70,7 +71,7 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0)
         try:
             for start, rows in store.iter_blocks():
                 rows = np.asarray(rows)
-                if rows.ndim != 2 or rows.shape[1] != cfg["dim"] or start + len(rows) > n:
+                if rows.ndim != 2 or rows.shape[1] != view.dim or start + len(rows) > n:
                     bad_shape += 1
                     continue
                 seen[start:start + len(rows)] += 1
@@ -87,10 +88,10 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0)
             check("every id has a sketch", missing == 0 and dup == 0 and bad_shape == 0,
                   f"{missing} missing, {dup} duplicated, {bad_shape} malformed blocks")
             check("sketches finite", bad_rows == 0, f"{bad_rows} rows with NaN/inf")
-        name = f"precond/{cfg['preconditioner_key']}"
+        name = f"precond/{view.preconditioner_key}"
         try:
             pre = Preconditioner.from_state_dict(state_from_array(store.get_array(name)),
-                                                 cfg["layout"])
+                                                 view.layout)
             finite = all(bool(np.isfinite(v).all()) for v in pre.state_dict().values()
                          if np.asarray(v).dtype.kind == "f")
             check("preconditioner", finite, "finite" if finite else "contains NaN/inf")
@@ -99,7 +100,7 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0)
         except Exception as e:
             check("preconditioner", False, f"missing or unreadable ({e})")
 
-        names = cfg.get("index_files") or [cfg["index_file"]]
+        names = view.index_files
         faiss_ok, detail = False, ""
         try:
             vindex = load_faiss(path, cfg)
@@ -127,11 +128,11 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0)
         fixable = {"faiss vs lmdb", "preconditioner", "store config"}
         broken = {c["name"] for c in checks if not c["ok"]}
         if broken <= fixable:
-            hessian = norm_hessian(cfg["hessian"])  # what AttributionIndex.reprecondition does
-            damping = _parse_saved_damping(cfg.get("damping"))
+            hessian = norm_hessian(view.hessian)  # what AttributionIndex.reprecondition does
+            damping = _parse_saved_damping(view.damping)
             check_damping(damping)
             refit(path, cfg, hessian=hessian, damping=damping,
-                  index=cfg.get("index_kind", "flat"))
+                  index=view.index_kind or "flat")
             repaired.append("rebuilt the preconditioner and the FAISS index from the stored "
                             "sketches")
             again = verify_index(path, repair=False, sample=sample, seed=seed)
