@@ -3,7 +3,7 @@ gradients with one backward pass (GradientSketcher), and exact references
 (per_sample_gradients)."""
 from .errors import CaptureError
 from .exact import per_sample_gradients
-from .layers import LayerInfo, select_layers
+from .layers import LayerInfo, left_out, select_layers
 from .sketcher import GradientSketcher
 
-__all__ = ["CaptureError", "GradientSketcher", "LayerInfo", "per_sample_gradients", "select_layers"]
+__all__ = ["CaptureError", "GradientSketcher", "LayerInfo", "left_out", "per_sample_gradients", "select_layers"]
