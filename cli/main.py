@@ -238,7 +238,7 @@ def merge(
 
 def _clamp_note(d: dict) -> str:
     """A layer's clamping notes (compressor describe()["clamped"], a list) as one line."""
-    return "; ".join(map(str, d.get("clamped") or []))
+    return "; ".join(map(str, list(d.get("clamped") or []) + list(d.get("notes") or [])))
 
 
 def _layer_table(cfg: dict) -> None:

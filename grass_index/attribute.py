@@ -118,6 +118,8 @@ def _build(model, train_data, loss_fn, out: Path, *, sparsification, projection,
     sketcher = GradientSketcher(model, infos, sparsification=sparsification,
                                 projection=projection, seed=seed, clamp=True, device=device,
                                 selective_masks=masks)
+    # verify every layer's capture on the first batch (routes + notes land in describe)
+    sketcher.check(collate([train_data[i] for i in range(min(batch_size, n))]), loss_fn)
     describe = _jsonable(sketcher.describe())
     for name, d in describe.items():
         note = "; ".join(map(str, d.get("clamped") or []))

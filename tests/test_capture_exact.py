@@ -351,3 +351,21 @@ def test_build_index_scores_equal_exact_dot_products(tmp_path):
     got = idx.score(model, queries, token_loss).double()
     rel = (got - want).abs().max() / want.abs().max()
     assert float(rel) < 1e-4, float(rel)
+
+
+def test_default_efim_build_drops_the_unreached_head(tmp_path):
+    """The unused head's Fisher is zero: the build records it as dropped instead of failing
+    after pass 1, and the capture notes reach the index's description."""
+    import grass_index
+
+    torch.manual_seed(0)
+    model = IssueModel().eval()
+    data = [ids_batch(1, 6, seed=i)[0] for i in range(8)]
+    idx = grass_index.build_index(model, data, token_loss, tmp_path / "ix",
+                                  sparsification="identity", projection="sjlt-16",
+                                  batch_size=4, progress=False)
+    assert list(idx.config["preconditioner"]["dropped"]) == ["unused"]
+    notes = idx.config["layers_described"]["unused"]["notes"]
+    assert any("zero gradient" in n for n in notes)
+    assert idx.config["layers_described"]["block.self_attn"]["capture"].startswith("hooks")
+    assert idx.score(model, data[:2], token_loss).shape == (2, 8)
