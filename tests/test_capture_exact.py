@@ -369,3 +369,21 @@ def test_default_efim_build_drops_the_unreached_head(tmp_path):
     assert any("zero gradient" in n for n in notes)
     assert idx.config["layers_described"]["block.self_attn"]["capture"].startswith("hooks")
     assert idx.score(model, data[:2], token_loss).shape == (2, 8)
+
+
+def test_routes_recorded_by_a_check_are_reused():
+    torch.manual_seed(0)
+    model = IssueModel(batch_first=False).eval()
+    layers = select_layers(model)
+    first = GradientSketcher(model, layers, sparsification="identity", projection="identity")
+    first.check(ids_batch(4, 4), token_loss)
+    routes = {n: d["capture"] for n, d in first.describe().items()}
+    again = GradientSketcher(model, layers, sparsification="identity", projection="identity",
+                             routes=routes)
+    assert again.checked and again.route == first.route
+    torch.testing.assert_close(again.sketch(ids_batch(3, 5), token_loss),
+                               first.sketch(ids_batch(3, 5), token_loss))
+    # an incomplete record is ignored: the new sketcher checks for itself
+    partial = GradientSketcher(model, layers, sparsification="identity", projection="identity",
+                               routes={"head": "hooks"})
+    assert not partial.checked

@@ -96,12 +96,15 @@ class GradientSketcher:
 
     Each layer's compressor is seeded with ``layer_seed(seed, layer.name)``, so the same
     specs + seed reproduce the same projection. The model's train/eval mode is left alone.
-    ``verify`` (default on) runs ``check`` on the first batch sketched.
+    ``verify`` (default on) runs ``check`` on the first batch sketched. ``routes`` ({layer:
+    route}, as ``describe()[layer]["capture"]`` or ``.route`` recorded them after a check,
+    e.g. by the build a query is sketched for) reuses those checked routes instead.
     """
 
     def __init__(self, model: nn.Module, layers: list[LayerInfo], *, sparsification: str,
                  projection: str, seed: int = 0, clamp: bool = True,
-                 selective_masks: dict | None = None, device=None, verify: bool = True):
+                 selective_masks: dict | None = None, device=None, verify: bool = True,
+                 routes: dict[str, str] | None = None):
         if not layers:
             raise CaptureError("no layers to capture; select some with select_layers()")
         names = [layer.name for layer in layers]
@@ -152,6 +155,14 @@ class GradientSketcher:
         self.zero: dict[str, bool] = {layer.name: True for layer in layers}
         self.left_out = left_out(model, layers)
         self.checked = not verify
+        if routes:
+            known = {text: key for key, text in _ROUTE_TEXT.items()}
+            given = {name: known.get(r, r) for name, r in routes.items() if name in self.route}
+            if len(given) == len(self.layers) and all(
+                    r in _ROUTE_TEXT and (r == EXACT or self.route[n] != EXACT)
+                    for n, r in given.items()):
+                self.route.update(given)
+                self.checked = True
         self._warned_layout: set[str] = set()
 
     def _in_attention(self, layer: LayerInfo) -> bool:
