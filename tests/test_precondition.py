@@ -98,10 +98,19 @@ def test_bad_hessian_and_singular():
     zero = {"a": np.zeros((3, 3)), "b": np.eye(5)}
     with pytest.raises(ValueError, match="unknown hessian 'kfac'.*eFIM, identity"):
         Preconditioner.fit(zero, LAYOUT, hessian="kfac")
-    with pytest.raises(ValueError, match=r"layer 'a'.*singular.*abs:"):
-        Preconditioner.fit(zero, LAYOUT, damping=0.1)
-    P = Preconditioner.fit(zero, LAYOUT, damping="abs:2")
-    np.testing.assert_allclose(P.apply(np.ones((1, 8)))[0, :3], 0.5)
+    # an all-zero block (no gradient reaches the layer) is dropped, not an error
+    P = Preconditioner.fit(zero, LAYOUT, damping=0.1)
+    assert P.dropped == ["a"] and "a" in P.describe()["dropped"]
+    out = P.apply(np.ones((2, 8)))
+    assert not out[:, :3].any() and np.allclose(out[:, 3:], 1 / 1.1)
+    back = Preconditioner.from_state_dict(P.state_dict(), LAYOUT)
+    assert back.dropped == ["a"] and np.array_equal(back.apply(np.ones((2, 8))), out)
+    # a rank-deficient block without damping names the layer and a per-layer remedy
+    deficient = {"a": np.diag([1.0, 0.0, 0.0]), "b": np.eye(5)}
+    with pytest.raises(ValueError, match=r"layer 'a'.*singular.*--layers '!a\.\*'"):
+        Preconditioner.fit(deficient, LAYOUT, damping=0)
+    P = Preconditioner.fit(zero, LAYOUT, damping="abs:2")  # training rows there are zero anyway
+    np.testing.assert_allclose(P.apply(np.ones((1, 8)))[0], [0] * 3 + [1 / 3] * 5, rtol=1e-6)
     with pytest.raises(ValueError, match="no Fisher matrix"):
         Preconditioner.fit({"a": np.eye(3)}, LAYOUT)
 

@@ -4,7 +4,8 @@ gradients with one backward pass (GradientSketcher), and exact references
 from ._batch import check_loss_shape
 from .errors import CaptureError
 from .exact import per_sample_gradients
-from .layers import LayerInfo, select_layers
+from .layers import LayerInfo, left_out, select_layers
 from .sketcher import GradientSketcher
 
-__all__ = ["CaptureError", "check_loss_shape", "GradientSketcher", "LayerInfo", "per_sample_gradients", "select_layers"]
+__all__ = ["CaptureError", "check_loss_shape", "GradientSketcher", "LayerInfo", "left_out",
+           "per_sample_gradients", "select_layers"]

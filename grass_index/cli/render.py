@@ -54,6 +54,7 @@ def layer_stages(desc: dict, dims: dict) -> str:
         rpp = _spec(rp or "")
         want = f"{rpp.kind}-{rpp.dims[0]}" if rpp is not None and rpp.dims else rp
         parts.append(_stage("proj", want, gp, desc.get("k")))
+    parts.extend(str(n) for n in desc.get("notes") or [])  # capture routes the build chose
     return ", ".join(parts)
 
 

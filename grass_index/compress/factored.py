@@ -59,6 +59,16 @@ class FactoredCompressor(nn.Module):
         outer = torch.bmm(gs.transpose(1, 2), xs)   # [B, k_out', k_in'], summed over tokens
         return self.project(outer.reshape(outer.shape[0], -1))
 
+    def compress_matrix(self, G: torch.Tensor) -> torch.Tensor:
+        """The same sketch from a formed gradient G [B, d_out, d_in] (the exact fallback path):
+        C_out G C_inᵀ equals Σ_t C_out(g_t) C_in(x_t)ᵀ because every stage is linear."""
+        if G.dim() != 3 or tuple(G.shape[1:]) != (self.d_out, self.d_in):
+            raise ValueError(f"{type(self).__name__}: G must be [batch, {self.d_out}, {self.d_in}], "
+                             f"got {tuple(G.shape)}")
+        xs = self.compress_in(G)                                         # [B, d_out, k_in']
+        outer = self.compress_out(xs.transpose(1, 2).contiguous()).transpose(1, 2)
+        return self.project(outer.reshape(outer.shape[0], -1))
+
     def describe(self) -> dict:
         return {"sparsification": merged_spec(self.compress_in, self.compress_out),
                 "projection": self.project.spec, "k": self.k, "clamped": list(self.notes)}
@@ -77,6 +87,10 @@ class MaterializedLinearCompressor(nn.Module):
     def forward(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         x, g = check_pair(type(self).__name__, x, grad_out, self.d_in, self.d_out)
         G = torch.bmm(g.float().transpose(1, 2), x.float())
+        return self.flat(G.reshape(G.shape[0], -1))
+
+    def compress_matrix(self, G: torch.Tensor) -> torch.Tensor:
+        """The same sketch from a formed gradient G [B, d_out, d_in]."""
         return self.flat(G.reshape(G.shape[0], -1))
 
     def describe(self) -> dict:

@@ -62,7 +62,9 @@ def query_sketcher(path: Path, config: dict, model, device=None) -> GradientSket
     masks = load_selective_mask(path / MASK_FILE) if config.get("selective_mask") else None
     sk = GradientSketcher(model, infos, sparsification=config["sparsification"],
                           projection=config["projection"], seed=config["seed"],
-                          clamp=True, device=device, selective_masks=masks)
+                          clamp=True, device=device, selective_masks=masks,
+                          routes={n: d.get("capture") for n, d in
+                                  (config.get("layers_described") or {}).items()})
     layout = dict(config["layout"])
     if {k: int(v) for k, v in sk.layout.items()} != layout:
         raise AttributionError(f"this grass-index builds sketches of layout {sk.layout} for "

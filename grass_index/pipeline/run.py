@@ -75,6 +75,9 @@ class _Prepared:
                                          projection=options.projection, seed=options.seed,
                                          clamp=True, device=device,
                                          selective_masks=self.masks)
+        # verify every layer's capture on the first batch (routes + notes land in describe)
+        first = [train_data[i] for i in range(min(options.batch_size, len(train_data)))]
+        self.sketcher.check(self.collate(first), loss_fn)
         self.describe = jsonable(self.sketcher.describe())
         for name, d in self.describe.items():
             note = "; ".join(map(str, d.get("clamped") or []))

@@ -37,21 +37,29 @@ def _damped_inverse(name: str, F: np.ndarray, mode: str, value: float) -> tuple[
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) != 0:
         raise PreconditionError(
-            f"layer {name!r}: F + λI is singular or not positive definite (λ = {lam:g}); use a positive "
-            "damping, e.g. an absolute one 'abs:1e-6' when the layer's gradients are all zero")
+            f"layer {name!r}: F + λI is singular or not positive definite (λ = {lam:g}): its "
+            "sketches span fewer dimensions than its width k. Use a positive relative damping "
+            "(e.g. 0.1, scaled per layer), or leave this layer out with --layers "
+            f"'!{name}.*' (or a smaller projection for it)")
     return torch.cholesky_inverse(L).numpy(), float(lam)
 
 
 class Preconditioner:
-    """Holds one symmetric inverse per layer (float64) and applies it to [B, K] sketches."""
+    """Holds one symmetric inverse per layer (float64) and applies it to [B, K] sketches.
+
+    A layer whose Fisher is exactly zero (no training example's gradient reaches it) is
+    ``dropped``: its inverse is zero, so it adds nothing to any score, instead of failing the
+    whole build after pass 1."""
 
     def __init__(self, layout: dict[str, int], hessian: str, inverses: dict[str, np.ndarray] | None,
-                 damping_used: dict[str, float], damping: tuple[str, float] | None):
+                 damping_used: dict[str, float], damping: tuple[str, float] | None,
+                 dropped: list[str] | None = None):
         self.layout = {str(k): int(v) for k, v in layout.items()}
         self._slices = layer_slices(self.layout)
         self.dim = sum(self.layout.values())
         self.hessian, self.inverses = hessian, inverses
         self.damping_used, self.damping = damping_used, damping
+        self.dropped = list(dropped or [])
 
     @classmethod
     def fit(cls, fisher: dict[str, np.ndarray], layout: dict[str, int], *, hessian: str = "eFIM",
@@ -66,16 +74,20 @@ class Preconditioner:
         if missing:
             raise PreconditionError(f"no Fisher matrix for layer(s) {missing}; accumulate every layer "
                              "of the layout")
-        inverses, used = {}, {}
+        inverses, used, dropped = {}, {}, []
         for name, k in layout.items():
             F = np.asarray(fisher[name], dtype=np.float64)
             if F.shape != (k, k):
                 raise PreconditionError(f"Fisher of layer {name!r} has shape {F.shape}, expected {(k, k)}")
             if not np.isfinite(F).all():
                 raise PreconditionError(f"Fisher of layer {name!r} has NaN/inf entries")
+            if not F.any():  # every gradient of this layer is zero: nothing to precondition
+                inverses[name], used[name] = np.zeros((k, k)), 0.0
+                dropped.append(name)
+                continue
             inverses[name], lam = _damped_inverse(name, F, mode, value)
             used[name] = float(lam)
-        return cls(layout, hessian, inverses, used, (mode, value))
+        return cls(layout, hessian, inverses, used, (mode, value), dropped)
 
     def apply(self, g) -> np.ndarray:
         """[B, K] -> float32 [B, K], each layer's block multiplied by its inverse."""
@@ -90,13 +102,17 @@ class Preconditioner:
     def describe(self) -> dict:
         return {"hessian": self.hessian,
                 "damping": None if self.damping is None else format_damping(*self.damping),
-                "damping_used": dict(self.damping_used), "layout": dict(self.layout)}
+                "damping_used": dict(self.damping_used), "layout": dict(self.layout),
+                "dropped": {name: "zero gradient for every training example; contributes "
+                                  "nothing to scores" for name in self.dropped}}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         d = {"hessian": np.array(self.hessian)}
         if self.damping is not None:
             d["damping_mode"] = np.array(self.damping[0])
             d["damping_value"] = np.array(self.damping[1], dtype=np.float64)
+        if self.dropped:
+            d["dropped"] = np.array(self.dropped)
         for name in self.layout:
             d[f"damping_used/{name}"] = np.array(self.damping_used[name], dtype=np.float64)
             if self.inverses is not None:
@@ -121,4 +137,5 @@ class Preconditioner:
             if inverses is not None and inverses[name].shape != (int(k), int(k)):
                 raise PreconditionError(f"preconditioner state for {name!r} has shape "
                                  f"{inverses[name].shape}, but the layout says k={k}")
-        return cls(layout, hessian, inverses, used, damping)
+        dropped = [str(x) for x in np.asarray(d["dropped"]).reshape(-1)] if "dropped" in d else []
+        return cls(layout, hessian, inverses, used, damping, dropped)
