@@ -261,54 +261,13 @@ def _layer_table(cfg: dict) -> None:
 # ------------------------------------------------------------------------------- query
 
 def _load_input(path: Path):
-    """Examples from a file: .pt (torch.save'd list/tensor/dict), .npy, .npz.
-    A dict of equal-length arrays becomes tuples (in key order), e.g. npz with x and y."""
-    import numpy as np
-    import torch
+    """Examples from a .pt/.npy/.npz file (grass_index.inputs.load_examples)."""
+    from grass_index.inputs import InputError, load_examples
 
-    if not path.is_file():
-        _fail(f"--input {path} not found")
-    suffix = path.suffix.lower()
     try:
-        if suffix == ".pt":
-            obj = torch.load(path, weights_only=True)
-        elif suffix == ".npy":
-            obj = np.load(path, allow_pickle=False)
-        elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                obj = {k: z[k] for k in z.files}
-        else:
-            _fail(f"--input {path}: unknown file type {suffix!r}; use .pt, .npy or .npz")
-    except typer.Exit:
-        raise
-    except Exception as e:
-        _fail(f"--input {path} is unreadable: {type(e).__name__}: {e}")
-
-    def conv(x):
-        if isinstance(x, np.ndarray):
-            t = torch.from_numpy(x.copy())
-            return t.float() if t.dtype == torch.float64 else t
-        if isinstance(x, (list, tuple)):
-            return type(x)(conv(v) for v in x)
-        if isinstance(x, dict):
-            return {k: conv(v) for k, v in x.items()}
-        return x
-
-    obj = conv(obj)
-    if isinstance(obj, dict):
-        arrays = list(obj.values())
-        lens = {len(a) for a in arrays}
-        if len(lens) != 1:
-            _fail(f"--input {path}: arrays {list(obj)} have different lengths {sorted(lens)}")
-        return [tuple(a[i] for a in arrays) for i in range(lens.pop())]
-    if isinstance(obj, torch.Tensor):
-        if obj.dim() == 0:
-            _fail(f"--input {path} holds a scalar; expected a batch of examples")
-        return [obj[i] for i in range(obj.shape[0])]
-    if isinstance(obj, (list, tuple)):
-        return list(obj)
-    _fail(f"--input {path} holds {type(obj).__name__}; expected a list of examples, a tensor "
-          "or a dict of arrays")
+        return load_examples(path, name=f"--input {path}")
+    except InputError as e:
+        _fail(_escape(str(e)))
 
 
 def _examples(idx, t, example: Optional[List[int]], input_file: Optional[Path], split: str,
@@ -524,11 +483,12 @@ def verify(directory: Path = typer.Argument(..., metavar="DIR"),
         raise typer.Exit(EXIT_ERROR)
 
 
-# Sub-commands that live beside their stage: `eval` (LDS) and `selective-mask fit`.
-from . import eval_cmd, selective_cmd  # noqa: E402
+# Sub-commands that live beside their stage: `eval` (LDS), `selective-mask fit`, `serve`.
+from . import eval_cmd, selective_cmd, serve_cmd  # noqa: E402
 
 eval_cmd.register(app)
 selective_cmd.register(app)
+serve_cmd.register(app)
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ def _text(canvas, x, y, s, scale, color):
         x += 4 * scale
 
 
-def _tile(img, size):
+def tile_image(img, size):
     """Grayscale array -> size x size RGB (nearest-neighbour), dark ink on white."""
     a = np.asarray(img, dtype=np.float64)
     if a.ndim == 3 and a.shape[-1] in (3, 4):
@@ -62,23 +62,27 @@ def render(rows, path, tile: int = 64, scale: int = 2) -> None:
         for c, (img, caption, color) in enumerate(items):
             x = label_w + c * (tile + pad)
             canvas[y - 2:y + tile + 2, x - 2:x + tile + 2] = color  # coloured frame
-            canvas[y:y + tile, x:x + tile] = _tile(img, tile)
+            canvas[y:y + tile, x:x + tile] = tile_image(img, tile)
             _text(canvas, x, y + tile + 3, caption[: tile // (4 * scale)], scale, color)
     write_png(canvas, path)
 
 
-def write_png(rgb: np.ndarray, path) -> None:
+def encode_png(rgb: np.ndarray) -> bytes:
+    """An RGB uint8 array [h, w, 3] as the bytes of a PNG file (also used for inline images)."""
     h, w, _ = rgb.shape
     raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def write_png(rgb: np.ndarray, path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(png)
+    tmp.write_bytes(encode_png(rgb))
     os.replace(tmp, path)
 
 
