@@ -26,6 +26,9 @@ def serve_command(
     batch_window_ms: float = typer.Option(2.0, "--batch-window-ms", min=0.0, help="How long "
                                           "a query waits for others to share its batch."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most queries per batch."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch/FAISS threads "
+                                          "(default: all CPUs; 1 is often fastest for small "
+                                          "models or a busy machine)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
 ) -> None:
     """Serve an index: JSON API (/api/query, /api/info, /healthz) and a page at /."""
@@ -35,7 +38,7 @@ def serve_command(
     try:
         serve(directory, host=host, port=port, task=task, token=token, max_k=max_k,
               max_body=max_body, batch_window_ms=batch_window_ms, max_batch=max_batch,
-              access_log=access_log)
+              threads=threads, access_log=access_log)
     except ImportError as e:
         typer.echo(f"error: grass-index serve needs FastAPI and uvicorn ({e}); install them "
                    "with pip install 'grass-index[serve]'", err=True)

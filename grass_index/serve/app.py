@@ -145,16 +145,21 @@ async def _send_error(send, status: int, error: str, fix: str, extra=()) -> None
 def create_app(index_dir, task: str | None = None, token: str | None = None, *,
                max_k: int = 100, max_items: int = 64, max_body: int = 8 << 20,
                max_text: int = 10_000, batch_window_ms: float = 2.0, max_batch: int = 32,
-               verify: bool = True, engine: Engine | None = None):
+               threads: int | None = None, verify: bool = True, engine: Engine | None = None):
     """Load the index, task and model once and return the FastAPI app that serves them.
 
     ``task`` names the task file to run (default: the one the index records). Limits:
     ``max_k`` results per direction, ``max_items`` examples per request, ``max_body`` bytes
     per request body, ``max_text`` characters of query text. Requests that arrive within
     ``batch_window_ms`` of each other are sketched and searched together (up to ``max_batch``
-    jobs). A corrupted index raises ServeError with verify's findings (``verify=False`` skips
-    the check).
+    jobs). ``threads`` sets torch's and FAISS's thread count for this process (one batch
+    runs at a time; on a busy or small machine 1 thread is often fastest). A corrupted index
+    raises ServeError with verify's findings (``verify=False`` skips the check).
     """
+    if threads is not None:
+        from grass_index.index.threads import configure_threads
+
+        configure_threads(threads, torch_too=True)
     from .page import page_html
 
     eng = engine or Engine(index_dir, task, verify=verify)

@@ -40,7 +40,7 @@ def resolve_task(idx, task: str | None) -> Task:
 def verify_or_refuse(path: Path, sample: int = 8) -> None:
     """Refuse a corrupted index with verify's own findings (a small sample of rows is compared
     with FAISS, so this costs seconds, not a full check)."""
-    rep = gi.verify_index(path, sample=sample)
+    rep = gi.verify_index(path, sample=sample, fast=True)
     if rep["ok"]:
         return
     bad = "; ".join(f"{c['name']}: {c['detail']}" for c in rep["checks"] if not c["ok"])
