@@ -1,7 +1,7 @@
 """Load test of `grass-index serve`: concurrent clients against 127.0.0.1, for a bounded time.
 
     python benchmarks/serve.py runs/digits                  # 16 clients x 30 s, batching on/off
-    python benchmarks/serve.py runs/digits --clients 4 --seconds 10 --configs batched
+    python benchmarks/serve.py runs/digits --seconds 10 --configs batched:4,unbatched:4
 
 The index directory is built first with `grass-index build --out DIR` when it does not exist
 (the bundled digits task). Each configuration starts its own server process on a free
@@ -149,23 +149,28 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("index", nargs="?", default="runs/digits", type=Path)
     ap.add_argument("--task", default=None, help="task file (default: the index's)")
-    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--clients", type=int, default=16, help="concurrent clients per run")
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--configs", default="batched,unbatched,batched-all-threads",
-                    help=f"comma list of {sorted(CONFIGS)}")
+    ap.add_argument("--configs", default="batched,unbatched,batched-all-threads,batched:1",
+                    help=f"comma list of CONFIG or CONFIG:CLIENTS, CONFIG in {sorted(CONFIGS)}")
     args = ap.parse_args()
-    if not 1 <= args.clients <= 256 or not 0 < args.seconds <= 600:
-        raise SystemExit("keep it bounded: 1..256 clients, at most 600 s")
+    runs = [(c.partition(":")[0], int(c.partition(":")[2] or args.clients))
+            for c in args.configs.split(",")]
+    for name, clients in runs:
+        if name not in CONFIGS:
+            raise SystemExit(f"unknown config {name!r}; use {sorted(CONFIGS)}")
+        if not 1 <= clients <= 256 or not 0 < args.seconds <= 600:
+            raise SystemExit("keep it bounded: 1..256 clients, at most 600 s")
     os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
     if not (args.index / "config.json").is_file():
         print(f"building {args.index} (bundled digits task) ...", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "grass_index.cli.main", "build", "--out",
                         str(args.index)], check=True, stdout=subprocess.DEVNULL)
     rows = []
-    for name in args.configs.split(","):
-        print(f"{name}: {args.clients} clients x {args.seconds:g} s ...", file=sys.stderr)
-        rows.append(run_config(name, args.index, CONFIGS[name], args.task, args.clients,
+    for name, clients in runs:
+        print(f"{name}: {clients} clients x {args.seconds:g} s ...", file=sys.stderr)
+        rows.append(run_config(name, args.index, CONFIGS[name], args.task, clients,
                                args.seconds, args.k))
     cli_s = cli_query_seconds(args.index, args.task)
     print(markdown_table(["config", "clients", "requests", "req/s", "p50 ms", "p99 ms",

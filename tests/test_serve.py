@@ -422,3 +422,44 @@ def test_page_in_a_headless_browser(live_server, tmp_path):
             assert not [e for e in errors if "status of 400" not in e], errors
         finally:
             browser.close()
+
+
+# ----------------------------------------------------------------------------- language model
+
+def test_text_queries_on_a_language_model_batch_like_single_ones(tmp_path, monkeypatch):
+    """Typed text goes through the task's encode(); texts of different lengths padded into
+    one batch score exactly as each alone, and a training line's top proponent is itself."""
+    pytest.importorskip("transformers")
+    from test_examples_lm import HF_LM, LINES, _save_gpt2_no_tokenizer
+
+    from grass_index.serve.engine import Job
+
+    _save_gpt2_no_tokenizer(tmp_path / "model")
+    (tmp_path / "corpus.txt").write_text("\n".join(LINES) + "\n")
+    monkeypatch.setenv("GRASS_INDEX_MODEL_PATH", str(tmp_path / "model"))
+    monkeypatch.setenv("GRASS_INDEX_TEXT_FILE", str(tmp_path / "corpus.txt"))
+    monkeypatch.delenv("GRASS_INDEX_QUERY_FILE", raising=False)
+    monkeypatch.setenv("GRASS_INDEX_MAX_LENGTH", "48")
+    t = load_task(HF_LM)
+    out = tmp_path / "idx"
+    gi.build_index(t.model(), t.train_data(), t.loss, out, sparsification="random_mask-16*16",
+                   projection="sjlt-128", batch_size=4, collate=t.collate, task=t.ref,
+                   progress=False)
+    eng = Engine(out, task=HF_LM)
+    with TestClient(create_app(out, engine=eng), raise_server_exceptions=False) as c:
+        assert c.get("/api/info").json()["features"]["text"] is True
+        r = c.post("/api/query", json=dict(text=LINES[4], k=3))
+        assert r.status_code == 200, r.text
+        res = r.json()["results"][0]
+        assert res["proponents"][0]["train_id"] == 4
+        assert res["proponents"][0]["label"].strip() == res["label"].strip() == LINES[4]
+    texts = [LINES[0], LINES[3] + " and more words to pad the others", LINES[5]]
+    jobs = [Job(items=eng.encode(s), ids=[0], source="text", k=5) for s in texts]
+    together = eng.run(jobs)
+    for s, got in zip(texts, together):
+        alone = eng.run([Job(items=eng.encode(s), ids=[0], source="text", k=5)])[0]
+        assert [r["train_id"] for r in got[0]["proponents"]] == \
+            [r["train_id"] for r in alone[0]["proponents"]]
+        np.testing.assert_allclose([r["score"] for r in got[0]["proponents"]],
+                                   [r["score"] for r in alone[0]["proponents"]], rtol=1e-4,
+                                   atol=1e-5)
