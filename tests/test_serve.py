@@ -6,7 +6,6 @@ import asyncio
 import base64
 import hashlib
 import io
-import json
 import os
 import shutil
 import socket
@@ -136,7 +135,8 @@ def test_images_info_examples_train_and_health(built, client):
     ex = client.get("/api/examples", params=dict(split="train", offset=38)).json()
     assert ex["total"] == 40 and [e["id"] for e in ex["examples"]] == [38, 39]
     tr = client.get("/api/train/5").json()
-    assert tr["train_id"] == 5 and tr["label"] == load_task(task).label(load_task(task).train_data()[5])
+    t = load_task(task)
+    assert tr["train_id"] == 5 and tr["label"] == t.label(t.train_data()[5])
     assert tr["image"].startswith("data:image/png;base64,")
     assert client.get("/healthz").json()["ok"] is True
     page = client.get("/")
@@ -166,6 +166,8 @@ BAD = [
     ("post", dict(json={"text": "1 2 3 4 5 6", "example": 1}), 400, "both"),
     ("post", dict(json={"example": 1, "colour": "red"}), 400, "unknown fields"),
     ("post", dict(json=[1, 2]), 400, "must be an object"),
+    ("post", dict(json={"example": 1, "k": 2.5}), 400, "not an integer"),
+    ("post", dict(json={"example": True}), 400, "not an integer"),
     ("post", dict(content=b"{nope", headers={"content-type": "application/json"}), 400,
      "not valid JSON"),
     ("post", dict(content=b"hello", headers={"content-type": "text/plain"}), 415,
@@ -260,7 +262,8 @@ def test_non_loopback_bind_needs_a_token(built):
 
 
 def _digests(root: Path) -> dict:
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                       p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
@@ -416,7 +419,7 @@ def test_page_in_a_headless_browser(live_server, tmp_path):
             # the page shows the API's error for a bad query, with the fix
             page.fill("#exid", "99")
             page.click("#run")
-            page.wait_for_function("document.getElementById('error').textContent.length > 0")
+            page.wait_for_selector("#error:not(:empty)", timeout=15000)
             assert "out of range" in page.inner_text("#error")
             assert "fix:" in page.inner_text("#error")
             assert not [e for e in errors if "status of 400" not in e], errors
@@ -463,3 +466,20 @@ def test_text_queries_on_a_language_model_batch_like_single_ones(tmp_path, monke
         np.testing.assert_allclose([r["score"] for r in got[0]["proponents"]],
                                    [r["score"] for r in alone[0]["proponents"]], rtol=1e-4,
                                    atol=1e-5)
+
+
+def test_without_a_token_only_loopback_host_names_are_answered(built):
+    """A page elsewhere cannot reach a loopback server by DNS rebinding: its requests carry
+    the attacker's host name."""
+    _, out = built
+    from grass_index.serve.app import host_name
+
+    assert [host_name(h) for h in ("127.0.0.1:8000", "LOCALHOST", "[::1]:80", "::1")] == \
+        ["127.0.0.1", "localhost", "::1", "::1"]
+    eng = Engine(out, verify=False)
+    app = create_app(out, engine=eng, allowed_hosts=["127.0.0.1", "localhost", "::1"])
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/healthz", headers={"host": "localhost:8000"}).status_code == 200
+        r = c.get("/api/info", headers={"host": "evil.example:8000"})
+        assert r.status_code == 400 and "evil.example" in r.json()["error"] and r.json()["fix"]

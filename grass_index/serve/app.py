@@ -72,17 +72,35 @@ def check_bind(host: str, token: str | None) -> None:
 
 # ----------------------------------------------------------------------------- middleware
 
-class _Guard:
-    """Pure ASGI middleware: the token check (constant-time) and the request-body cap."""
+def host_name(header: str) -> str:
+    """The name in a Host header: 'localhost:8000' -> 'localhost', '[::1]:80' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
-    def __init__(self, app, token: str | None, max_body: int):
+
+class _Guard:
+    """Pure ASGI middleware: the Host check, the token check (constant-time) and the
+    request-body cap."""
+
+    def __init__(self, app, token: str | None, max_body: int, hosts=None):
         self.app = app
         self.token = token.encode() if token else None
         self.max_body = max_body
+        self.hosts = {h.lower() for h in hosts} if hosts is not None else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.hosts is not None:
+            got = host_name(dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1"))
+            if got not in self.hosts:
+                return await _send_error(send, 400, f"Host {got!r} is not served here",
+                                         "open the page by this machine's loopback address, "
+                                         "e.g. http://127.0.0.1:PORT/ (without a token the "
+                                         "server answers only requests addressed to it, so a "
+                                         "web page cannot reach it by DNS rebinding)")
         if self.token is not None and not self._authorized(scope):
             return await _send_error(send, 401, "missing or wrong token",
                                      "send 'Authorization: Bearer TOKEN' or add ?token=TOKEN "
@@ -145,16 +163,19 @@ async def _send_error(send, status: int, error: str, fix: str, extra=()) -> None
 def create_app(index_dir, task: str | None = None, token: str | None = None, *,
                max_k: int = 100, max_items: int = 64, max_body: int = 8 << 20,
                max_text: int = 10_000, batch_window_ms: float = 2.0, max_batch: int = 32,
-               threads: int | None = None, verify: bool = True, engine: Engine | None = None):
+               threads: int | None = None, allowed_hosts=None, verify: bool = True,
+               engine: Engine | None = None):
     """Load the index, task and model once and return the FastAPI app that serves them.
 
     ``task`` names the task file to run (default: the one the index records). Limits:
     ``max_k`` results per direction, ``max_items`` examples per request, ``max_body`` bytes
     per request body, ``max_text`` characters of query text. Requests that arrive within
     ``batch_window_ms`` of each other are sketched and searched together (up to ``max_batch``
-    jobs). ``threads`` sets torch's and FAISS's thread count for this process (one batch
-    runs at a time; on a busy or small machine 1 thread is often fastest). A corrupted index
-    raises ServeError with verify's findings (``verify=False`` skips the check).
+    jobs). ``threads`` sets torch's and FAISS's thread count for this process (one batch runs
+    at a time; on a busy or small machine 1 thread is often fastest). ``allowed_hosts``
+    (e.g. ``["127.0.0.1", "localhost"]``) refuses requests whose Host header names anything
+    else; ``serve`` sets it when there is no token. A corrupted index raises ServeError with
+    verify's findings (``verify=False`` skips the check).
     """
     if threads is not None:
         from grass_index.index.threads import configure_threads
@@ -212,11 +233,13 @@ def create_app(index_dir, task: str | None = None, token: str | None = None, *,
     def int_param(value, name, default, lo, hi, fix):
         if value is None or value == "":
             return default
-        if isinstance(value, bool):
+        if isinstance(value, float) and value.is_integer():
             value = int(value)
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ApiError(400, f"{name}={value!r} is not an integer", fix)
         try:
             v = int(value)
-        except (TypeError, ValueError):
+        except ValueError:
             raise ApiError(400, f"{name}={value!r} is not an integer", fix) from None
         if not lo <= v <= hi:
             raise ApiError(400, f"{name}={v} is out of range", fix)
@@ -261,8 +284,6 @@ def create_app(index_dir, task: str | None = None, token: str | None = None, *,
     async def answer(job: Job) -> dict:
         t0 = time.perf_counter()
         res = await batcher.submit(job)
-        if isinstance(res, Exception):  # pragma: no cover (the batcher raises these)
-            raise res
         return dict(index=str(eng.path), task=eng.task.ref, k=job.k,
                     ms_per_example=round(1000 * (time.perf_counter() - t0) / len(job.items), 3),
                     batch=job.timing.get("batch"), results=res)
@@ -412,7 +433,7 @@ def create_app(index_dir, task: str | None = None, token: str | None = None, *,
                                         "connect-src 'self'; base-uri 'none'; "
                                         "form-action 'none'; frame-ancestors 'none'")})
 
-    app.add_middleware(_Guard, token=token, max_body=max_body)
+    app.add_middleware(_Guard, token=token, max_body=max_body, hosts=allowed_hosts)
     return app
 
 
@@ -423,6 +444,8 @@ def serve(index_dir, *, host: str = "127.0.0.1", port: int = 8000, task: str | N
 
     token = token or os.environ.get(TOKEN_ENV) or None
     check_bind(host, token)
+    if not token:  # loopback only: also refuse other Host names (DNS rebinding)
+        options.setdefault("allowed_hosts", ["127.0.0.1", "localhost", "::1", host])
     app = create_app(index_dir, task=task, token=token, **options)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {index_dir} on http://{shown}:{port}/"

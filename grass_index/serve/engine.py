@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import grass_index as gi
 from grass_index.task import Task, load_task
 
@@ -164,8 +166,6 @@ class Engine:
                 except Exception as e1:
                     per_job.append(e1)
         t1 = time.perf_counter()
-        import torch
-
         ok = [r for r, s in enumerate(per_job) if not isinstance(s, Exception)]
         for r, s in enumerate(per_job):
             if isinstance(s, Exception):
