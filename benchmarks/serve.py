@@ -137,6 +137,32 @@ def run_config(name, index, options, task, clients, seconds, k):
             f"{rss0:.0f} -> {rss1:.0f}", f"{jobs / max(1, batches):.1f}", f"{startup:.1f}"]
 
 
+def service_times(index: Path, task: str | None, k: int, reps: int = 7):
+    """In this process, without HTTP: median ms to answer 16 queries as 16 calls of one vs
+    one batch of 16 (the engine's own cost, 1 thread, side by side)."""
+    import statistics
+
+    from grass_index.index.threads import configure_threads
+    from grass_index.serve.engine import Engine, Job, batch_friendly_search
+
+    configure_threads(1, torch_too=True)
+    batch_friendly_search()  # as the server does
+    eng = Engine(index, task, verify=False)
+    data = eng.queries if eng.queries is not None else eng.train
+    jobs = lambda: [Job(items=[data[i]], ids=[i], source="q", k=k) for i in range(16)]  # noqa
+    eng.run(jobs())  # warm-up
+    one, batch = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for j in jobs():
+            eng.run([j])
+        one.append(1000 * (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        eng.run(jobs())
+        batch.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(one), statistics.median(batch)
+
+
 def cli_query_seconds(index: Path, task: str | None) -> float:
     cmd = [sys.executable, "-m", "grass_index.cli.main", "query", str(index), "--example", "0",
            "--json"] + (["--task", task] if task else [])
@@ -173,10 +199,13 @@ def main():
         rows.append(run_config(name, args.index, CONFIGS[name], args.task, clients,
                                args.seconds, args.k))
     cli_s = cli_query_seconds(args.index, args.task)
+    one, batch = service_times(args.index, args.task, args.k)
     print(markdown_table(["config", "clients", "requests", "req/s", "p50 ms", "p99 ms",
                           "max ms", "errors", "RSS MiB before -> after", "mean batch",
                           "startup s"], rows))
-    print(f"\none `grass-index query --example 0` process: {cli_s:.1f} s "
+    print(f"\nengine alone (no HTTP, 1 thread, median of 7): 16 queries as 16 calls {one:.0f} ms, "
+          f"as one batch {batch:.0f} ms ({one / batch:.1f}x)")
+    print(f"one `grass-index query --example 0` process: {cli_s:.1f} s "
           f"(load task, model and index, then query); cpus: {os.cpu_count()}, "
           f"load average at end: {os.getloadavg()[0]:.1f}")
 

@@ -33,7 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from .batching import MicroBatcher
-from .engine import Engine, Job, ServeError
+from .engine import Engine, Job, ServeError, batch_friendly_search
 
 log = logging.getLogger("grass_index.serve")
 
@@ -181,6 +181,7 @@ def create_app(index_dir, task: str | None = None, token: str | None = None, *,
         from grass_index.index.threads import configure_threads
 
         configure_threads(threads, torch_too=True)
+    batch_friendly_search()
     from .page import page_html
 
     eng = engine or Engine(index_dir, task, verify=verify)

@@ -51,6 +51,19 @@ def verify_or_refuse(path: Path, sample: int = 8) -> None:
                      "to rebuild what the stored sketches allow")
 
 
+def batch_friendly_search(threshold: int = 2) -> None:
+    """Make FAISS answer a batch of queries with one matrix product (process-wide).
+
+    Below ``faiss.cvar.distance_compute_blas_threshold`` queries per call, a flat index is
+    scanned once per query; the default is far above a served batch (a few to a few dozen
+    queries), so a batch of 16 cost 16 scans: measured on digits (1 thread), 144 ms -> 35 ms
+    for 16 queries. A lone query (below 2) keeps the single scan, which is faster for one.
+    """
+    import faiss
+
+    faiss.cvar.distance_compute_blas_threshold = threshold
+
+
 @dataclass
 class Job:
     """One request's examples and what it wants back."""
