@@ -213,6 +213,15 @@ def label(item) -> str:
     return tokenizer().decode(item)
 
 
+def encode(text: str) -> torch.Tensor:
+    """Token ids of typed text, like a train_data() item (lets `grass-index serve` query text)."""
+    ids = tokenizer().encode(text)[:_max_length()]
+    if len(ids) < 2:
+        raise HFTaskError(f"{text!r} has fewer than 2 tokens; a causal LM loss needs at least "
+                          "one predicted token")
+    return torch.tensor(ids, dtype=torch.long)
+
+
 # ----------------------------------------------------------------------------- model
 
 def model() -> nn.Module:

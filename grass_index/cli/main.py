@@ -157,7 +157,7 @@ def _examples(idx, t, example: Optional[List[int]], input_file: Optional[Path], 
             fail("pass either --example or --input, not both")
         import grass_index as gi
 
-        items = gi.load_examples(input_file)
+        items = gi.load_examples(input_file, name=f"--input {input_file}")
         return list(range(len(items))), items, str(input_file)
     if split not in ("query", "train"):
         fail(f"--split {split!r}: use query or train")
@@ -253,7 +253,7 @@ def query(
 
 
 def _draw(path: Path, t, items, results) -> None:
-    from .png import BLUE, GREEN, RED, fmt_score, render
+    from ..images import BLUE, GREEN, RED, fmt_score, render
 
     if not t.has("image"):
         err.print(f"[yellow]warning:[/] task {t.ref} defines no image(item); --png skipped")
@@ -352,11 +352,12 @@ def verify(directory: Path = typer.Argument(..., metavar="DIR"),
         raise typer.Exit(EXIT_ERROR)
 
 
-# Sub-commands in their own modules: `eval` (LDS) and `selective-mask fit`.
-from . import eval_cmd, selective_cmd  # noqa: E402
+# Sub-commands that live beside their stage: `eval` (LDS), `selective-mask fit`, `serve`.
+from . import eval_cmd, selective_cmd, serve_cmd  # noqa: E402
 
 eval_cmd.register(app)
 selective_cmd.register(app)
+serve_cmd.register(app)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""A dependency-free PNG writer for `query --png`: image tiles in rows with score captions.
+"""A dependency-free PNG writer for `query --png` and the `serve` page: image tiles and captions.
 
 matplotlib/Pillow are not dependencies of grass-index, so this draws with numpy and a 3x5
 pixel font and encodes the PNG with zlib (the format is simple: signature + IHDR + IDAT + IEND).
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import atomic_write
+from .fileio import atomic_write
 
 # 3x5 glyphs, rows top to bottom, 3 bits each (MSB = left column)
 _FONT = {
@@ -34,7 +34,7 @@ def _text(canvas, x, y, s, scale, color):
         x += 4 * scale
 
 
-def _tile(img, size):
+def tile_image(img, size):
     """Grayscale array -> size x size RGB (nearest-neighbour), dark ink on white."""
     a = np.asarray(img, dtype=np.float64)
     if a.ndim == 3 and a.shape[-1] in (3, 4):
@@ -63,21 +63,25 @@ def render(rows, path, tile: int = 64, scale: int = 2) -> None:
         for c, (img, caption, color) in enumerate(items):
             x = label_w + c * (tile + pad)
             canvas[y - 2:y + tile + 2, x - 2:x + tile + 2] = color  # coloured frame
-            canvas[y:y + tile, x:x + tile] = _tile(img, tile)
+            canvas[y:y + tile, x:x + tile] = tile_image(img, tile)
             _text(canvas, x, y + tile + 3, caption[: tile // (4 * scale)], scale, color)
     write_png(canvas, path)
 
 
-def write_png(rgb: np.ndarray, path) -> None:
+def encode_png(rgb: np.ndarray) -> bytes:
+    """An RGB uint8 array [h, w, 3] as the bytes of a PNG file (also used for inline images)."""
     h, w, _ = rgb.shape
     raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    atomic_write(Path(path), png)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def write_png(rgb: np.ndarray, path) -> None:
+    atomic_write(Path(path), encode_png(rgb))
 
 
 def fmt_score(s: float) -> str:

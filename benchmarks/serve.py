@@ -1,0 +1,214 @@
+"""Load test of `grass-index serve`: concurrent clients against 127.0.0.1, for a bounded time.
+
+    python benchmarks/serve.py runs/digits                  # 16 clients x 30 s, batching on/off
+    python benchmarks/serve.py runs/digits --seconds 10 --configs batched:4,unbatched:4
+
+The index directory is built first with `grass-index build --out DIR` when it does not exist
+(the bundled digits task). Each configuration starts its own server process on a free
+loopback port, warms it up, then runs N client threads (one keep-alive connection each)
+sending `GET /api/query?example=I&k=10` with random ids for the given seconds, and stops the
+server. Prints a markdown table: requests, throughput, p50/p99/max latency, errors, the
+server's RSS before and after the run, and the mean batch size the server formed. The cost of
+one `grass-index query` process (what serving saves) is measured once for comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _table import markdown_table  # noqa: E402
+
+HOST = "127.0.0.1"  # never anything else: this sends thousands of requests
+CONFIGS = {  # name -> serve options
+    "batched": ["--batch-window-ms", "2", "--max-batch", "32", "--threads", "1"],
+    "unbatched": ["--batch-window-ms", "0", "--max-batch", "1", "--threads", "1"],
+    "batched-all-threads": ["--batch-window-ms", "2", "--max-batch", "32"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def get(conn: http.client.HTTPConnection, path: str):
+    conn.request("GET", path)
+    r = conn.getresponse()
+    return r.status, r.read()
+
+
+def start_server(index: Path, options: list[str], task: str | None):
+    port = free_port()
+    cmd = [sys.executable, "-m", "grass_index.cli.main", "serve", str(index), "--host", HOST,
+           "--port", str(port), *options] + (["--task", task] if task else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.perf_counter()
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.stderr.read().strip()}")
+        try:
+            conn = http.client.HTTPConnection(HOST, port, timeout=5)
+            if get(conn, "/healthz")[0] == 200:
+                conn.close()
+                return proc, port, time.perf_counter() - t0
+        except OSError:
+            time.sleep(0.2)
+        if time.perf_counter() - t0 > 300:
+            proc.kill()
+            raise SystemExit("server did not come up within 300 s")
+
+
+def client(port: int, n_examples: int, k: int, stop_at: float, seed: int, out: list):
+    rng = random.Random(seed)
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    lat, errors = [], 0
+    while time.perf_counter() < stop_at:
+        path = f"/api/query?example={rng.randrange(n_examples)}&k={k}"
+        t0 = time.perf_counter()
+        try:
+            status, body = get(conn, path)
+            ok = status == 200 and b'"proponents"' in body
+        except (OSError, http.client.HTTPException):
+            ok = False
+            conn.close()
+            conn = http.client.HTTPConnection(HOST, port, timeout=30)
+        lat.append(time.perf_counter() - t0)
+        errors += not ok
+    conn.close()
+    out.append((lat, errors))
+
+
+def run_config(name, index, options, task, clients, seconds, k):
+    proc, port, startup = start_server(index, options, task)
+    try:
+        conn = http.client.HTTPConnection(HOST, port, timeout=30)
+        info = json.loads(get(conn, "/api/info")[1])
+        n = info["n_query"] or info["n_train"]
+        for i in range(20):  # warm-up: first-call costs (allocator, lazy imports)
+            get(conn, f"/api/query?example={i % n}&k={k}")
+        info0 = json.loads(get(conn, "/api/info")[1])["batching"]
+        rss0 = rss_mib(proc.pid)
+        results: list = []
+        stop_at = time.perf_counter() + seconds
+        threads = [threading.Thread(target=client, args=(port, n, k, stop_at, s, results))
+                   for s in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        rss1 = rss_mib(proc.pid)
+        conn.close()  # idle past the server's keep-alive timeout: open a new one
+        conn = http.client.HTTPConnection(HOST, port, timeout=30)
+        info1 = json.loads(get(conn, "/api/info")[1])["batching"]
+        conn.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    lat = sorted(x for r in results for x in r[0])
+    errors = sum(r[1] for r in results)
+    pct = lambda p: 1000 * lat[min(len(lat) - 1, int(p * len(lat)))]  # noqa: E731
+    jobs, batches = info1["jobs"] - info0["jobs"], info1["batches"] - info0["batches"]
+    return [name, clients, len(lat), f"{len(lat) / wall:.1f}", f"{pct(0.5):.1f}",
+            f"{pct(0.99):.1f}", f"{1000 * lat[-1]:.1f}", errors,
+            f"{rss0:.0f} -> {rss1:.0f}", f"{jobs / max(1, batches):.1f}", f"{startup:.1f}"]
+
+
+def service_times(index: Path, task: str | None, k: int, reps: int = 7):
+    """In this process, without HTTP: median ms to answer 16 queries as 16 calls of one vs
+    one batch of 16 (the engine's own cost, 1 thread, side by side)."""
+    import statistics
+
+    from grass_index.index.threads import configure_threads
+    from grass_index.serve.engine import Engine, Job, batch_friendly_search
+
+    configure_threads(1, torch_too=True)
+    batch_friendly_search()  # as the server does
+    eng = Engine(index, task, verify=False)
+    data = eng.queries if eng.queries is not None else eng.train
+    jobs = lambda: [Job(items=[data[i]], ids=[i], source="q", k=k) for i in range(16)]  # noqa
+    eng.run(jobs())  # warm-up
+    one, batch = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for j in jobs():
+            eng.run([j])
+        one.append(1000 * (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        eng.run(jobs())
+        batch.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(one), statistics.median(batch)
+
+
+def cli_query_seconds(index: Path, task: str | None) -> float:
+    cmd = [sys.executable, "-m", "grass_index.cli.main", "query", str(index), "--example", "0",
+           "--json"] + (["--task", task] if task else [])
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("index", nargs="?", default="runs/digits", type=Path)
+    ap.add_argument("--task", default=None, help="task file (default: the index's)")
+    ap.add_argument("--clients", type=int, default=16, help="concurrent clients per run")
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--configs", default="batched,unbatched,batched-all-threads,batched:1",
+                    help=f"comma list of CONFIG or CONFIG:CLIENTS, CONFIG in {sorted(CONFIGS)}")
+    args = ap.parse_args()
+    runs = [(c.partition(":")[0], int(c.partition(":")[2] or args.clients))
+            for c in args.configs.split(",")]
+    for name, clients in runs:
+        if name not in CONFIGS:
+            raise SystemExit(f"unknown config {name!r}; use {sorted(CONFIGS)}")
+        if not 1 <= clients <= 256 or not 0 < args.seconds <= 600:
+            raise SystemExit("keep it bounded: 1..256 clients, at most 600 s")
+    os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    if not (args.index / "config.json").is_file():
+        print(f"building {args.index} (bundled digits task) ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "grass_index.cli.main", "build", "--out",
+                        str(args.index)], check=True, stdout=subprocess.DEVNULL)
+    rows = []
+    for name, clients in runs:
+        print(f"{name}: {clients} clients x {args.seconds:g} s ...", file=sys.stderr)
+        rows.append(run_config(name, args.index, CONFIGS[name], args.task, clients,
+                               args.seconds, args.k))
+    cli_s = cli_query_seconds(args.index, args.task)
+    one, batch = service_times(args.index, args.task, args.k)
+    print(markdown_table(["config", "clients", "requests", "req/s", "p50 ms", "p99 ms",
+                          "max ms", "errors", "RSS MiB before -> after", "mean batch",
+                          "startup s"], rows))
+    print(f"\nengine alone (no HTTP, 1 thread, median of 7): 16 queries as 16 calls {one:.0f} ms, "
+          f"as one batch {batch:.0f} ms ({one / batch:.1f}x)")
+    print(f"one `grass-index query --example 0` process: {cli_s:.1f} s "
+          f"(load task, model and index, then query); cpus: {os.cpu_count()}, "
+          f"load average at end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,454 @@
+"""The HTTP API and page: ``create_app(index_dir)`` -> a FastAPI app; ``serve`` runs it.
+
+    GET  /healthz                                   liveness: {"ok": true, ...}
+    GET  /api/info                                  the index's config, the task's features, limits
+    GET  /api/query?example=I&k=K[&opponents=1][&split=query|train][&images=1]
+    POST /api/query   {"text": ...} | {"example": I} (JSON; k/opponents/images as fields)
+                      or multipart with a file (.pt/.npy/.npz, as `query --input`)
+    GET  /api/examples?split=query&offset=0&limit=50   ids and labels, for picking a query
+    GET  /api/train/{id}                            a training example's label and image
+    GET  /                                          the page
+
+Replies to queries have the shape of `grass-index query --json`. Every error is
+``{"error": ..., "fix": ...}`` with a 4xx status (a 500 only for a bug, never a traceback).
+With a token, every request must carry it (``Authorization: Bearer T`` or ``?token=T``).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException
+
+from .batching import MicroBatcher
+from .engine import Engine, Job, ServeError, batch_friendly_search
+
+log = logging.getLogger("grass_index.serve")
+
+TOKEN_ENV = "GRASS_INDEX_TOKEN"
+LOOPBACK_NAMES = ("localhost",)
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status, what is wrong, and how to fix it."""
+
+    def __init__(self, status: int, error: str, fix: str):
+        super().__init__(error)
+        self.status, self.error, self.fix = status, error, fix
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Only this machine may connect unless a token guards the API."""
+    if not is_loopback(host) and not token:
+        raise ServeError(f"refusing to serve on {host}: a non-loopback address lets other "
+                         "machines read the index; set a token with --token T (or "
+                         f"{TOKEN_ENV}=T) and send it as 'Authorization: Bearer T', or bind "
+                         "to 127.0.0.1")
+    if token is not None and len(token) < 8:
+        raise ServeError("the token is shorter than 8 characters; use a longer one, e.g. "
+                         "python3 -c 'import secrets; print(secrets.token_urlsafe())'")
+
+
+# ----------------------------------------------------------------------------- middleware
+
+def host_name(header: str) -> str:
+    """The name in a Host header: 'localhost:8000' -> 'localhost', '[::1]:80' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class _Guard:
+    """Pure ASGI middleware: the Host check, the token check (constant-time) and the
+    request-body cap."""
+
+    def __init__(self, app, token: str | None, max_body: int, hosts=None):
+        self.app = app
+        self.token = token.encode() if token else None
+        self.max_body = max_body
+        self.hosts = {h.lower() for h in hosts} if hosts is not None else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.hosts is not None:
+            got = host_name(dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1"))
+            if got not in self.hosts:
+                return await _send_error(send, 400, f"Host {got!r} is not served here",
+                                         "open the page by this machine's loopback address, "
+                                         "e.g. http://127.0.0.1:PORT/ (without a token the "
+                                         "server answers only requests addressed to it, so a "
+                                         "web page cannot reach it by DNS rebinding)")
+        if self.token is not None and not self._authorized(scope):
+            return await _send_error(send, 401, "missing or wrong token",
+                                     "send 'Authorization: Bearer TOKEN' or add ?token=TOKEN "
+                                     "to the URL (the token the server was started with)",
+                                     [(b"www-authenticate", b"Bearer")])
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await _send_error(send, 413, f"request body of {length.decode()} bytes is "
+                                     f"over the limit of {self.max_body}",
+                                     "send fewer examples per request (or restart the server "
+                                     "with a larger --max-body)")
+        seen = 0
+
+        async def capped():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_body:
+                    raise ApiError(413, f"request body is over the limit of {self.max_body} "
+                                   "bytes", "send fewer examples per request")
+            return msg
+
+        async def with_headers(msg):
+            if msg["type"] == "http.response.start":
+                msg = dict(msg, headers=[*msg.get("headers", ()), *_SAFE_HEADERS])
+            await send(msg)
+
+        return await self.app(scope, capped, with_headers)
+
+    def _authorized(self, scope) -> bool:
+        headers = dict(scope.get("headers") or [])
+        got = b""
+        auth = headers.get(b"authorization", b"")
+        if auth[:7].lower() == b"bearer ":
+            got = auth[7:].strip()
+        else:
+            from urllib.parse import parse_qs
+
+            vals = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token")
+            got = vals[0].encode("latin-1") if vals else b""
+        return hmac.compare_digest(got, self.token)
+
+
+_SAFE_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+                 (b"cache-control", b"no-store")]
+
+
+async def _send_error(send, status: int, error: str, fix: str, extra=()) -> None:
+    body = json.dumps(dict(error=error, fix=fix)).encode()
+    await send(dict(type="http.response.start", status=status,
+                    headers=[(b"content-type", b"application/json"),
+                             (b"content-length", str(len(body)).encode()), *_SAFE_HEADERS,
+                             *extra]))
+    await send(dict(type="http.response.body", body=body))
+
+
+# ----------------------------------------------------------------------------- the app
+
+def create_app(index_dir, task: str | None = None, token: str | None = None, *,
+               max_k: int = 100, max_items: int = 64, max_body: int = 8 << 20,
+               max_text: int = 10_000, batch_window_ms: float = 2.0, max_batch: int = 32,
+               threads: int | None = None, allowed_hosts=None, verify: bool = True,
+               engine: Engine | None = None):
+    """Load the index, task and model once and return the FastAPI app that serves them.
+
+    ``task`` names the task file to run (default: the one the index records). Limits:
+    ``max_k`` results per direction, ``max_items`` examples per request, ``max_body`` bytes
+    per request body, ``max_text`` characters of query text. Requests that arrive within
+    ``batch_window_ms`` of each other are sketched and searched together (up to ``max_batch``
+    jobs). ``threads`` sets torch's and FAISS's thread count for this process (one batch runs
+    at a time; on a busy or small machine 1 thread is often fastest). ``allowed_hosts``
+    (e.g. ``["127.0.0.1", "localhost"]``) refuses requests whose Host header names anything
+    else; ``serve`` sets it when there is no token. A corrupted index raises ServeError with
+    verify's findings (``verify=False`` skips the check).
+    """
+    if threads is not None:
+        from grass_index.index.threads import configure_threads
+
+        configure_threads(threads, torch_too=True)
+    batch_friendly_search()
+    from .page import page_html
+
+    eng = engine or Engine(index_dir, task, verify=verify)
+    batcher = MicroBatcher(eng.run, window_ms=batch_window_ms, max_batch=max_batch)
+    limits = dict(max_k=max_k, max_items=max_items, max_body=max_body, max_text=max_text)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await batcher.aclose()
+        batcher.shutdown()
+
+    app = FastAPI(title="grass-index", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    app.state.engine, app.state.batcher = eng, batcher
+
+    def err(status, error, fix):
+        return JSONResponse(dict(error=error, fix=fix), status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return err(e.status, e.error, e.fix)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, e: HTTPException):
+        if e.status_code == 404:
+            return err(404, f"no such endpoint: {request.url.path}",
+                       "the API is GET /api/query, POST /api/query, GET /api/info, "
+                       "GET /api/examples, GET /api/train/{id}, GET /healthz and the page at /")
+        if e.status_code == 405:
+            return err(405, f"{request.method} is not allowed on {request.url.path}",
+                       "use GET, or POST for /api/query")
+        return err(e.status_code if 400 <= e.status_code < 500 else 400, str(e.detail),
+                   "check the request against GET /api/info")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e: RequestValidationError):
+        first = (e.errors() or [{}])[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return err(400, f"bad request: {where}: {first.get('msg', 'invalid')}",
+                   "check the parameter types (e.g. integer ids)")
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return err(500, f"internal error {type(e).__name__}",
+                   "this is a bug in grass-index serve; the server log has the details")
+
+    # -- parameters ---------------------------------------------------------------------------
+    def int_param(value, name, default, lo, hi, fix):
+        if value is None or value == "":
+            return default
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ApiError(400, f"{name}={value!r} is not an integer", fix)
+        try:
+            v = int(value)
+        except ValueError:
+            raise ApiError(400, f"{name}={value!r} is not an integer", fix) from None
+        if not lo <= v <= hi:
+            raise ApiError(400, f"{name}={v} is out of range", fix)
+        return v
+
+    def flag(value, name) -> bool:
+        if value is None or value is False or value == "":
+            return False
+        if value is True:
+            return True
+        s = str(value).lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise ApiError(400, f"{name}={value!r} is not a flag", f"use {name}=1 or {name}=0")
+
+    def k_param(value) -> int:
+        return int_param(value, "k", 10, 1, max_k, f"k must be between 1 and {max_k}")
+
+    def split_data(split):
+        if split not in ("query", "train"):
+            raise ApiError(400, f"split={split!r} is unknown", "use split=query or split=train")
+        data = eng.split(split)
+        if data is None:
+            raise ApiError(400, f"task {eng.task.ref} has no query data",
+                           "use split=train, POST a text or an input file, or add "
+                           "query_data() to the task")
+        return data
+
+    def example_job(example, split, k, opponents, images) -> Job:
+        data = split_data(split)
+        n = len(data)
+        i = int_param(example, "example", None, 0, n - 1,
+                      f"give an example number between 0 and {n - 1} ({split} data)")
+        if i is None:
+            raise ApiError(400, "no example given", "add ?example=I (see GET /api/examples), "
+                           "or POST a text or an input file")
+        return Job(items=[data[i]], ids=[i], source=f"{split}_data", k=k_param(k),
+                   opponents=flag(opponents, "opponents"), images=flag(images, "images"))
+
+    async def answer(job: Job) -> dict:
+        t0 = time.perf_counter()
+        res = await batcher.submit(job)
+        return dict(index=str(eng.path), task=eng.task.ref, k=job.k,
+                    ms_per_example=round(1000 * (time.perf_counter() - t0) / len(job.items), 3),
+                    batch=job.timing.get("batch"), results=res)
+
+    async def guarded(job: Job) -> dict:
+        try:
+            return await answer(job)
+        except ApiError:
+            raise
+        except ValueError as e:  # AttributionError, TaskError: the example does not fit
+            raise ApiError(400, str(e), "send examples shaped and typed like the task's "
+                           "training examples (GET /api/examples shows some)") from e
+
+    # -- endpoints ------------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz():
+        return dict(ok=True, n_train=eng.idx.n_train, task=eng.task.ref)
+
+    @app.get("/api/info")
+    async def info():
+        return dict(index=str(eng.path), task=eng.task.ref, n_train=eng.idx.n_train,
+                    n_query=len(eng.queries) if eng.queries is not None else 0,
+                    features=eng.features(), limits=limits,
+                    batching=dict(window_ms=batch_window_ms, max_batch=max_batch,
+                                  batches=batcher.batches, jobs=batcher.jobs),
+                    load_seconds=round(eng.load_seconds, 3), config=eng.idx.config)
+
+    @app.get("/api/query")
+    async def query_get(request: Request):
+        p = request.query_params
+        job = example_job(p.get("example"), p.get("split", "query"), p.get("k"),
+                          p.get("opponents"), p.get("images"))
+        return await guarded(job)
+
+    @app.post("/api/query")
+    async def query_post(request: Request):
+        p = dict(request.query_params)
+        p.pop("token", None)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "application/json":
+            raw = await request.body()
+            try:
+                body = json.loads(raw or b"null")
+            except ValueError as e:
+                raise ApiError(400, f"the body is not valid JSON ({e})",
+                               'send e.g. {"text": "...", "k": 10}') from None
+            if not isinstance(body, dict):
+                raise ApiError(400, "the JSON body must be an object",
+                               'send e.g. {"text": "...", "k": 10} or {"example": 3}')
+            p.update(body)
+            return await query_fields(p)
+        if ctype == "multipart/form-data":
+            try:
+                form = await request.form(max_files=1, max_fields=16)
+            except ApiError:
+                raise
+            except Exception as e:
+                raise ApiError(400, f"unreadable multipart body ({type(e).__name__}: {e})",
+                               "upload one file as a form field named 'file'") from None
+            upload = form.get("file")
+            fields = {k: v for k, v in form.items() if k != "file"}
+            p.update(fields)
+            if upload is None or isinstance(upload, str):
+                if "text" in fields or "example" in fields:
+                    return await query_fields(p)
+                raise ApiError(400, "no file in the upload", "send the examples file as a "
+                               "form field named 'file' (e.g. curl -F file=@q.npz ...)")
+            data = await upload.read()
+            return await query_file(data, upload.filename or "upload", p)
+        raise ApiError(415, f"unsupported content type {ctype or '(none)'!r}",
+                       'send JSON ({"text": ...} or {"example": I}) or multipart/form-data '
+                       "with a file field")
+
+    async def query_fields(p: dict):
+        extra = set(p) - {"text", "example", "split", "k", "opponents", "images"}
+        if extra:
+            raise ApiError(400, f"unknown fields {sorted(extra)}",
+                           "use text or example, with k, opponents, images, split")
+        if "text" in p and p["text"] is not None:
+            text = p["text"]
+            if "example" in p:
+                raise ApiError(400, "both text and example given", "send one of them")
+            if not isinstance(text, str) or not text.strip():
+                raise ApiError(400, "text must be a non-empty string", 'send {"text": "..."}')
+            if len(text) > max_text:
+                raise ApiError(413, f"text of {len(text)} characters is over the limit of "
+                               f"{max_text}", "send a shorter text")
+            if not eng.task.has("encode"):
+                raise ApiError(400, f"task {eng.task.ref} cannot turn text into an example",
+                               "define encode(text) -> item in the task file, or query by "
+                               "example id or an input file")
+            k, opponents = k_param(p.get("k")), flag(p.get("opponents"), "opponents")
+            try:
+                items = await batcher.run_now(eng.encode, text)
+            except ValueError as e:
+                raise ApiError(400, str(e), "change the text so the task's encode() "
+                               "accepts it") from e
+            return await guarded(Job(items=items, ids=[0], source="text", k=k,
+                                     opponents=opponents, images=flag(p.get("images"), "images")))
+        return await guarded(example_job(p.get("example"), p.get("split", "query"), p.get("k"),
+                                         p.get("opponents"), p.get("images")))
+
+    async def query_file(data: bytes, name: str, p: dict):
+        from grass_index.pipeline.inputs import InputError, load_examples
+
+        k, opponents = k_param(p.get("k")), flag(p.get("opponents"), "opponents")
+        images = flag(p.get("images"), "images")
+        try:
+            items = await asyncio.to_thread(load_examples, data, name=Path(name).name)
+        except InputError as e:
+            raise ApiError(400, str(e), "upload a .pt, .npy or .npz file of examples, as "
+                           "`grass-index query --input` reads") from None
+        if not items:
+            raise ApiError(400, f"{name} holds no examples", "upload at least one example")
+        if len(items) > max_items:
+            raise ApiError(413, f"{name} holds {len(items)} examples, over the limit of "
+                           f"{max_items} per request", "split the file into smaller ones")
+        return await guarded(Job(items=items, ids=list(range(len(items))), source=Path(name).name,
+                                 k=k, opponents=opponents, images=images))
+
+    @app.get("/api/examples")
+    async def examples(request: Request):
+        p = request.query_params
+        split = p.get("split", "query")
+        data = split_data(split)
+        offset = int_param(p.get("offset"), "offset", 0, 0, max(0, len(data) - 1),
+                           f"offset must be between 0 and {len(data) - 1}")
+        limit = int_param(p.get("limit"), "limit", 50, 1, 500, "limit must be between 1 "
+                          "and 500")
+        rows = await batcher.run_now(eng.list_examples, split, offset, limit)
+        return dict(split=split, total=len(data), offset=offset, examples=rows)
+
+    @app.get("/api/train/{train_id}")
+    async def train_example(train_id: str, request: Request):
+        n = eng.idx.n_train
+        i = int_param(train_id, "train id", None, 0, n - 1,
+                      f"give a training id between 0 and {n - 1}")
+        image = flag(request.query_params.get("image", "1"), "image")
+        return await batcher.run_now(eng.train_example, i, image)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        nonce = secrets.token_urlsafe(16)
+        return HTMLResponse(page_html(nonce), headers={
+            "content-security-policy": (f"default-src 'none'; script-src 'nonce-{nonce}'; "
+                                        f"style-src 'nonce-{nonce}'; img-src data:; "
+                                        "connect-src 'self'; base-uri 'none'; "
+                                        "form-action 'none'; frame-ancestors 'none'")})
+
+    app.add_middleware(_Guard, token=token, max_body=max_body, hosts=allowed_hosts)
+    return app
+
+
+def serve(index_dir, *, host: str = "127.0.0.1", port: int = 8000, task: str | None = None,
+          token: str | None = None, access_log: bool = False, **options) -> None:
+    """Check the bind, load everything, then run uvicorn until interrupted."""
+    import uvicorn
+
+    token = token or os.environ.get(TOKEN_ENV) or None
+    check_bind(host, token)
+    if not token:  # loopback only: also refuse other Host names (DNS rebinding)
+        options.setdefault("allowed_hosts", ["127.0.0.1", "localhost", "::1", host])
+    app = create_app(index_dir, task=task, token=token, **options)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {index_dir} on http://{shown}:{port}/"
+          + (" (token required)" if token else ""), file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=access_log)
