@@ -492,10 +492,21 @@ def info(directory: Path = typer.Argument(..., metavar="DIR"),
             ("seed", cfg["seed"]), ("hessian", cfg["hessian"]),
             ("damping", f"{cfg.get('damping') or 'default'} -> used {json.dumps(damp)}"),
             ("index", _index_summary(cfg)), ("batch size", cfg["batch_size"]),
+            *_tuned_rows(cfg),
             ("config hash", cfg["config_hash"]), ("created", cfg.get("created"))]
     for k, v in rows:
         err.print(f"[bold]{k:>15}[/]: {_escape(str(v))}")
     _layer_table(cfg)
+
+
+def _tuned_rows(cfg: dict) -> list:
+    """`tune`'s record: the chosen preconditioner and its LDS (absent for untuned indexes)."""
+    t = cfg.get("tune")
+    if not t:
+        return []
+    c = t["choice"]
+    return [("tuned", f"{c['name']} (LDS validation {c['val_lds']}, held-out {c['heldout_lds']}; "
+                      f"{len(t['grid'])} candidates, {t['n_subsets']} subsets)")]
 
 
 # ------------------------------------------------------------------------------- verify
@@ -525,10 +536,12 @@ def verify(directory: Path = typer.Argument(..., metavar="DIR"),
 
 
 # Sub-commands that live beside their stage: `eval` (LDS) and `selective-mask fit`.
-from . import eval_cmd, selective_cmd  # noqa: E402
+from . import eval_cmd, selective_cmd, self_influence_cmd, tune_cmd  # noqa: E402
 
 eval_cmd.register(app)
 selective_cmd.register(app)
+self_influence_cmd.register(app)
+tune_cmd.register(app)
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from .pipeline.config import (_check_index, _check_build_args, _check_damping, _
 from .pipeline.progress import _Progress
 from .pipeline.sharding import _merge, _sketch_shard, parse_worker, read_shard_fisher
 from .pipeline.sketching import _sketch_training_set
-from .pipeline.stored import _preconditioned_blocks, _state_from_array
+from .pipeline.stored import _chunks, _preconditioned_blocks, _state_from_array
 from .pipeline.indexing import _finish, _refit, load_faiss
 from .pipeline.querying import _check_model, _query_sketcher, _sketch_queries
 # Re-exported: public API (verify_index, describe_index) and names tests and tools import
@@ -351,6 +351,17 @@ class AttributionIndex:
         pre = self.preconditioner
         with self._reading() as store:
             yield from _preconditioned_blocks(store, pre)
+
+    def raw_sketches(self):
+        """Yield (start_id, raw rows ĝ_i [B, K] float32) from the store, in id order."""
+        with self._reading() as store:
+            yield from _chunks(store)
+
+    def self_influence(self) -> torch.Tensor:
+        """float64 [n_train]: ĝ_iᵀ (F + λI)⁻¹ ĝ_i per training example (grass_index.analysis)."""
+        from .analysis.self_influence import self_influence
+
+        return self_influence(self)
 
     def score(self, model, examples: Sequence, loss_fn, *, collate=None, batch_size=None,
               device=None) -> torch.Tensor:

@@ -56,7 +56,20 @@ def _finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damp
     return _commit(out, store, build, describe, pre=pre, key=key, vindex=vindex,
                    index=index, index_files=names, hessian=hessian, damping=damping,
                    task=task if task is not None else (old_config or {}).get("task"),
-                   item_signature=item_signature, progress=progress)
+                   item_signature=item_signature, progress=progress,
+                   extra=_tuned_record(old_config, hessian, damping))
+
+
+def _tuned_record(old_config, hessian: str, damping) -> dict:
+    """The ``tune`` record (grass_index.eval.tune) survives a refit only while the index keeps
+    the preconditioner it chose, e.g. through `verify --repair`; any other refit drops it."""
+    rec = (old_config or {}).get("tune")
+    if not rec:
+        return {}
+    choice = rec.get("choice", {})
+    same = choice.get("hessian") == hessian and (
+        hessian == "identity" or choice.get("damping") == _damping_key(damping))
+    return {"tune": rec} if same else {}
 
 
 def _pass2_key(build: dict, *, hessian, damping, index, nlist, nprobe) -> str:
@@ -79,9 +92,10 @@ def _remove_temp_files(out: Path) -> None:
 
 def _commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vindex,
             index: str, index_files: list[str], hessian: str, damping, task,
-            item_signature, progress) -> dict:
+            item_signature, progress, extra=None) -> dict:
     """Write config.json — the commit point of the whole build — then drop older variants."""
     cfg = dict(build)
+    cfg.update(extra or {})
     cfg.update(
         library="grass-index", version=__version__, torch=torch.__version__, task=task,
         hessian=hessian, damping=_damping_key(damping), damping_used=pre.damping_used,
