@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import grass_index as gi  # noqa: E402
 from benchmarks._table import markdown_table  # noqa: E402
-from grass_index.eval.tune import tune_index  # noqa: E402
+from grass_index.eval.tune import prepare, tune_index  # noqa: E402
 
 TASKS = {"digits": ROOT / "examples" / "digits.py",
          "digits, 10% labels flipped": ROOT / "examples" / "digits_noisy.py"}
@@ -36,12 +36,23 @@ def main() -> None:
     ap.add_argument("--subsets", type=int, default=50)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--split-seeds", default="0,1,2")
+    ap.add_argument("--tasks", default=",".join(p.stem for p in TASKS.values()),
+                    help="comma list of example stems (run them in separate processes to use "
+                         "more cores; each retrains its own ground truth)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny MLPs train "
+                    "fastest on one)")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    wanted = set(args.tasks.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
     split_seeds = [int(s) for s in args.split_seeds.split(",")]
     out = Path(args.out)
     summary, sweeps = [], {}
     for name, path in TASKS.items():
+        if path.stem not in wanted:
+            continue
         task = gi.load_task(path)
         d = out / path.stem
         if not (d / "config.json").is_file():
@@ -50,10 +61,14 @@ def main() -> None:
                            progress=False, batch_size=128)
         gt = out / f"gt-{path.stem}-m{args.subsets}"
         per_split = []
+        t0 = time.perf_counter()
+        prep = prepare(d, num_subsets=args.subsets, seeds=seeds, ground_truth=gt,
+                       progress=False)
+        print(f"{name}: ground truth + sweep sums in {time.perf_counter() - t0:.1f} s",
+              flush=True)
         for s in split_seeds:
             t0 = time.perf_counter()
-            res = tune_index(d, num_subsets=args.subsets, seeds=seeds, ground_truth=gt,
-                             split_seed=s, apply=False, progress=False)
+            res = tune_index(d, split_seed=s, apply=False, prepared=prep)
             per_split.append(res)
             print(f"{name}, split {s}: chose {res.choice.name} "
                   f"(val {res.choice.val_lds:.4f}, held-out {res.choice.heldout_lds:.4f}) "
@@ -82,8 +97,7 @@ def main() -> None:
                         "yes" if tuned >= goal else f"no ({tuned - goal + 0.01:+.3f})",
                         ", ".join(sorted({r.choice.name for r in per_split}))])
         # finally make the split-0 choice the index's default, as `grass-index tune` does
-        tune_index(d, num_subsets=args.subsets, seeds=seeds, ground_truth=gt, split_seed=0,
-                   progress=False)
+        tune_index(d, split_seed=0, prepared=prep, progress=False)
 
     print(f"\nheld-out LDS (mean over split seeds {split_seeds}; {args.subsets} subsets × "
           f"seeds {seeds}; half the queries choose, the other half report)\n")

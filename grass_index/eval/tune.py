@@ -188,15 +188,68 @@ def tune_index(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
                ground_truth: str | os.PathLike | None = None, val_fraction: float = 0.5,
                split_seed: int = 0, factors: Sequence[float] = DEFAULT_FACTORS,
                scopes: Sequence[str] = SCOPES, max_queries: int | None = None,
-               apply: bool = True, progress: bool = True) -> TuneResult:
+               apply: bool = True, progress: bool = True, prepared=None) -> TuneResult:
     """Sweep the grid, pick the best validation LDS, and (``apply``) make it the index's
     preconditioner, recording the sweep in ``config["tune"]``.
 
     Ground truth is ``eval``'s: trained once per (subset, seed) and cached (resumable), in the
     same default directory, so ``eval`` and ``tune`` with the same m / alpha / subset seed share
     it. The split is seeded; ``heldout_lds`` of the choice is an unbiased estimate, the
-    validation LDS of the winner is not.
+    validation LDS of the winner is not. ``prepared`` (from :func:`prepare`) reuses the ground
+    truth and the sweep's sums across calls, e.g. to compare split seeds.
     """
+    make_grid(factors, scopes)  # bad factors/scopes fail before any model is retrained
+    t0 = time.perf_counter()
+    p = prepared or prepare(index, task=task, num_subsets=num_subsets, alpha=alpha, seeds=seeds,
+                            subset_seed=subset_seed, ground_truth=ground_truth,
+                            max_queries=max_queries, progress=progress)
+    val_ids, held_ids = split_queries(p.losses.shape[1], val_fraction, split_seed)
+    t1 = time.perf_counter()
+    grid = make_grid(factors, scopes, p.sweep.global_mean_eig)
+    for c in grid:
+        pred = p.sweep.predicted(c)
+        c.val_lds = _lds_of(pred, p.losses, val_ids)
+        c.heldout_lds = _lds_of(pred, p.losses, held_ids)
+    ok = [c for c in grid if np.isfinite(c.val_lds)]
+    if not ok:
+        raise EvalError("no grid point has a defined validation LDS (scores or losses constant "
+                        "across subsets); check that the retrained models differ")
+    choice = max(ok, key=lambda c: c.val_lds)  # ties: the earlier (simpler) grid point
+    t2 = time.perf_counter()
+    res = TuneResult(grid=grid, choice=choice, n_val=len(val_ids), n_heldout=len(held_ids),
+                     n_subsets=p.n_subsets, alpha=p.alpha, seeds=list(p.seeds),
+                     split_seed=split_seed, ground_truth_dir=p.ground_truth_dir,
+                     seconds={"prepare": t1 - t0, "sweep": t2 - t1})
+    if apply:
+        # The record rides along in the config the refit writes (it is kept only while the
+        # index's hessian/damping are the tuned choice).
+        idx = p.index
+        idx.config = dict(idx.config, tune=res.record())
+        idx.reprecondition(damping=choice.damping, hessian=choice.hessian, progress=progress)
+        res.applied = True
+        res.seconds["reprecondition"] = time.perf_counter() - t2
+    return res
+
+
+@dataclass
+class Prepared:
+    """Ground truth and the sweep's sums for one index and task (see :func:`prepare`)."""
+
+    index: object
+    sweep: _Sweep
+    losses: np.ndarray          # [m, n_query] seed-averaged losses of the retrained models
+    n_subsets: int
+    alpha: float
+    seeds: list[int]
+    ground_truth_dir: str
+
+
+def prepare(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
+            seeds: Sequence[int] = (0, 1, 2), subset_seed: int = 0,
+            ground_truth: str | os.PathLike | None = None, max_queries: int | None = None,
+            progress: bool = True) -> Prepared:
+    """The expensive part of tune: ground truth (cached), query sketches, one pass over the
+    stored sketches and one eigendecomposition per layer."""
     from ..attribute import AttributionIndex, open_index
     from ..task import load_task
 
@@ -218,42 +271,17 @@ def tune_index(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
     if max_queries is not None and max_queries < 2:
         raise EvalError(f"max_queries={max_queries}; pass at least 2 or leave it out")
     n_q = len(query) if max_queries is None else min(max_queries, len(query))
-    val_ids, held_ids = split_queries(n_q, val_fraction, split_seed)
-    make_grid(factors, scopes)  # bad factors/scopes fail before any model is retrained
+    split_queries(n_q, 0.5, 0)  # too few queries: say so before retraining anything
 
     masks = make_subsets(len(train), num_subsets, alpha, subset_seed)
     gt_dir = Path(ground_truth) if ground_truth else default_ground_truth_dir(
         task.ref, num_subsets, alpha, subset_seed)
-    t0 = time.perf_counter()
     gt = train_ground_truth(train_fn, train, query, task.loss, masks, list(seeds), gt_dir,
                             progress, collate=task.collate, tag=task.ref)
-    losses = gt.losses[:, :n_q]
-    t1 = time.perf_counter()
     from torch.utils.data import Subset
 
     q_items = query if n_q == len(query) else Subset(query, list(range(n_q)))
     q = idx.query_sketches(task.model(), q_items, task.loss, collate=task.collate).numpy()
-    sweep = _Sweep(idx, masks, q)
-    grid = make_grid(factors, scopes, sweep.global_mean_eig)
-    for c in grid:
-        pred = sweep.predicted(c)
-        c.val_lds, c.heldout_lds = _lds_of(pred, losses, val_ids), _lds_of(pred, losses, held_ids)
-    ok = [c for c in grid if np.isfinite(c.val_lds)]
-    if not ok:
-        raise EvalError("no grid point has a defined validation LDS (scores or losses constant "
-                        "across subsets); check that the retrained models differ")
-    choice = max(ok, key=lambda c: c.val_lds)  # ties: the earlier (simpler) grid point
-    t2 = time.perf_counter()
-    res = TuneResult(grid=grid, choice=choice, n_val=len(val_ids), n_heldout=len(held_ids),
-                     n_subsets=num_subsets, alpha=alpha, seeds=list(gt.seeds),
-                     split_seed=split_seed, ground_truth_dir=str(gt_dir),
-                     seconds={"ground_truth": t1 - t0, "sweep": t2 - t1})
-    if apply:
-        # The record rides along in the config the refit writes (it is kept only while the
-        # index's hessian/damping are the tuned choice).
-        idx.config = dict(idx.config, tune=res.record())
-        idx.reprecondition(damping=choice.damping, hessian=choice.hessian,
-                           progress=progress)
-        res.applied = True
-        res.seconds["reprecondition"] = time.perf_counter() - t2
-    return res
+    return Prepared(index=idx, sweep=_Sweep(idx, masks, q), losses=gt.losses[:, :n_q],
+                    n_subsets=num_subsets, alpha=alpha, seeds=list(gt.seeds),
+                    ground_truth_dir=str(gt_dir))
