@@ -520,8 +520,12 @@ def _tuned_rows(cfg: dict) -> list:
     if not t:
         return []
     c = t["choice"]
-    return [("tuned", f"{c['name']} (LDS validation {c['val_lds']}, held-out {c['heldout_lds']}; "
-                      f"{len(t['grid'])} candidates, {t['n_subsets']} subsets)")]
+    def f(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    return [("tuned", f"{c['name']} (LDS validation {f(c['val_lds'])}, held-out "
+                      f"{f(c['heldout_lds'])}; {len(t['grid'])} candidates, {t['n_subsets']} "
+                      "subsets)")]
 
 
 # ------------------------------------------------------------------------------- verify
