@@ -382,6 +382,13 @@ class AttributionIndex:
 
         return self_influence(self)
 
+    def tune(self, **kwargs):
+        """Choose the preconditioner by LDS on a validation split of the task's queries and
+        make it this index's (grass_index.eval.tune.tune_index; the task needs train())."""
+        from .eval.tune import tune_index
+
+        return tune_index(self, **kwargs)
+
     def score(self, model, examples: Sequence, loss_fn, *, collate=None, batch_size=None,
               device=None, normalize: str | None = None) -> torch.Tensor:
         """Exact scores [n_examples, n_train]: g(z)^T (F + lambda I)^-1 g(z_i)

@@ -26,11 +26,11 @@ def built(tmp_path_factory):
 
 
 def _tune(d, **kw):
-    from grass_index.eval.tune import tune_index
+    import grass_index as gi
 
     kw = dict(num_subsets=12, seeds=[0], ground_truth=d / "gt", factors=FACTORS,
               progress=False) | kw
-    return tune_index(d / "idx", **kw)
+    return gi.open_index(d / "idx").tune(**kw)
 
 
 def test_sweep_matches_rescoring(built):
