@@ -28,7 +28,6 @@ import numpy as np
 
 from ..precondition import FisherAccumulator
 from .groundtruth import train_ground_truth
-from .lds import lds
 from .run import EvalError, default_ground_truth_dir, task_train_fn
 from .subsets import make_subsets
 
