@@ -520,6 +520,7 @@ def _tuned_rows(cfg: dict) -> list:
     if not t:
         return []
     c = t["choice"]
+
     def f(x):
         return "n/a" if x is None else f"{x:.4f}"
 
