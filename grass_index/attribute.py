@@ -114,6 +114,7 @@ class AttributionIndex:
         self._mmap = mmap
         self._vindex = None
         self._pre = None
+        self._cosine = None
 
     @classmethod
     def _from_result(cls, res: BuildResult) -> "AttributionIndex":
@@ -161,8 +162,17 @@ class AttributionIndex:
             self._pre = querying.load_preconditioner(self.path, self.config)
         return self._pre
 
+    def cosine_index(self):
+        """The exact FAISS index of unit-norm training vectors that cosine search uses
+        (built from the stored sketches on first use and saved beside the main index)."""
+        if self._cosine is None:
+            from .analysis.normalize import cosine_index
+
+            self._cosine = cosine_index(self)
+        return self._cosine
+
     def close(self) -> None:
-        self._vindex = self._pre = None
+        self._vindex = self._pre = self._cosine = None
 
     def __enter__(self):
         return self
@@ -183,28 +193,37 @@ class AttributionIndex:
                                        device=device)
 
     def query(self, model, examples: Sequence, loss_fn, k: int = 10, opponents: bool = False,
-              *, collate=None, batch_size=None, device=None,
-              nprobe: int | None = None) -> list[list[tuple[int, float]]]:
+              *, collate=None, batch_size=None, device=None, nprobe: int | None = None,
+              normalize: str | None = None) -> list[list[tuple[int, float]]]:
         """Per example, the k training examples with the largest (or, with opponents=True,
         the most negative) influence score, as (train_id, score) pairs, best first.
-        ``nprobe`` (IVF only) overrides the index's number of lists searched."""
+        ``nprobe`` (IVF only) overrides the index's number of lists searched.
+        ``normalize="cosine"`` ranks by cosine instead (grass_index.analysis.normalize)."""
         if not isinstance(k, int) or k < 1:
             raise AttributionError(f"k must be a positive integer, got {k!r}")
         q = self.query_sketches(model, examples, loss_fn, collate=collate,
                                 batch_size=batch_size, device=device)
-        return self.search(q, k, opponents=opponents, nprobe=nprobe)
+        return self.search(q, k, opponents=opponents, nprobe=nprobe, normalize=normalize)
 
     def search(self, q: torch.Tensor, k: int = 10, opponents: bool = False,
-               nprobe: int | None = None):
+               nprobe: int | None = None, normalize: str | None = None):
         """Top-k search with ready-made raw query sketches [n, K]."""
+        from .analysis.normalize import check_normalize
+
+        cosine = check_normalize(normalize) == "cosine"
         if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int)
                                    or nprobe < 1):
             raise AttributionError(f"nprobe must be a positive integer, got {nprobe!r}")
         if q.shape[0] == 0:
             return []
         k = min(k, self.n_train)
-        scores, ids = self.vindex.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k,
-                                         opponents=opponents, nprobe=nprobe)
+        if cosine:  # an exact flat index over unit-norm vectors; nprobe does not apply
+            from .analysis.normalize import unit_rows
+
+            scores, ids = self.cosine_index().search(unit_rows(q.numpy()), k, opponents=opponents)
+        else:
+            scores, ids = self.vindex.search(np.ascontiguousarray(q.numpy(), dtype=np.float32),
+                                             k, opponents=opponents, nprobe=nprobe)
         scores, ids = np.asarray(scores), np.asarray(ids)
         return [[(int(i), float(s)) for i, s in zip(ids[r], scores[r]) if i >= 0]
                 for r in range(len(ids))]
@@ -213,14 +232,36 @@ class AttributionIndex:
         """Yield (start_id, preconditioned rows) from the stored sketches, in id order."""
         yield from querying.train_vectors(self.path, self.preconditioner)
 
+    def raw_sketches(self):
+        """Yield (start_id, raw rows ĝ_i [B, K] float32) from the store, in id order."""
+        yield from querying.raw_sketches(self.path)
+
+    def self_influence(self) -> torch.Tensor:
+        """float64 [n_train]: ĝ_iᵀ (F + λI)⁻¹ ĝ_i per training example (grass_index.analysis)."""
+        from .analysis.self_influence import self_influence
+
+        return self_influence(self)
+
+    def tune(self, **kwargs):
+        """Choose the preconditioner by LDS on a validation split of the task's queries and
+        make it this index's (grass_index.eval.tune.tune_index; the task needs train())."""
+        from .eval.tune import tune_index
+
+        return tune_index(self, **kwargs)
+
     def score(self, model, examples: Sequence, loss_fn, *, collate=None, batch_size=None,
-              device=None) -> torch.Tensor:
-        """Exact scores [n_examples, n_train]: g(z)^T (F + lambda I)^-1 g(z_i)."""
+              device=None, normalize: str | None = None) -> torch.Tensor:
+        """Exact scores [n_examples, n_train]: g(z)^T (F + lambda I)^-1 g(z_i)
+        (``normalize="cosine"``: divided by both vectors' norms)."""
         q = self.query_sketches(model, examples, loss_fn, collate=collate,
                                 batch_size=batch_size, device=device)
-        return self.score_sketches(q)
+        return self.score_sketches(q, normalize=normalize)
 
-    def score_sketches(self, q: torch.Tensor) -> torch.Tensor:
+    def score_sketches(self, q: torch.Tensor, normalize: str | None = None) -> torch.Tensor:
+        from .analysis.normalize import check_normalize, cosine_scores
+
+        if check_normalize(normalize) == "cosine":
+            return torch.from_numpy(cosine_scores(self, q.numpy()))
         out = torch.empty(q.shape[0], self.n_train, dtype=torch.float32)
         for start, vec in self.train_vectors():
             out[:, start:start + len(vec)] = q @ torch.from_numpy(vec).T

@@ -170,6 +170,12 @@ def _examples(idx, t, example: Optional[List[int]], input_file: Optional[Path], 
     return ids, [data[i] for i in ids], f"{split}_data"
 
 
+def _check_normalize(mode: str) -> str:
+    from grass_index.analysis.normalize import check_normalize
+
+    return check_normalize(mode)
+
+
 def _open_with_task(directory: Path):
     import grass_index as gi
 
@@ -194,18 +200,23 @@ def query(
     nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF indexes: lists to "
                                          "search (more: higher recall, slower); default: the "
                                          "index's, whose recall `info` shows."),
+    normalize: str = typer.Option("none", "--normalize", help="none: influence scores; "
+                                  "cosine: unit-norm query and preconditioned training vectors "
+                                  "(relative influence; exact search over a second index)."),
     json_mode: bool = typer.Option(False, "--json"),
     png: Optional[Path] = typer.Option(None, "--png", help="Draw query + proponents/opponents "
                                        "(tasks with image(item))."),
 ):
     """Top-k training examples that most helped (proponents) or hurt (opponents) each example."""
+    normalize = _check_normalize(normalize)
     idx, t = _open_with_task(directory)
     ids, items, source = _examples(idx, t, example, input_file, split, all_default=False)
     model = t.model()
     t0 = time.perf_counter()
     q = idx.query_sketches(model, items, t.loss, collate=t.collate)
-    pro = idx.search(q, top_k, nprobe=nprobe)
-    opp = idx.search(q, top_k, opponents=True, nprobe=nprobe) if opponents else None
+    pro = idx.search(q, top_k, nprobe=nprobe, normalize=normalize)
+    opp = (idx.search(q, top_k, opponents=True, nprobe=nprobe, normalize=normalize)
+           if opponents else None)
     ms = 1000 * (time.perf_counter() - t0) / max(1, len(items))
     train = None
 
@@ -228,7 +239,7 @@ def query(
         _draw(png, t, items, results)
     if json_mode:
         _emit_json(dict(index=str(directory), task=idx.task, k=top_k, ms_per_example=round(ms, 3),
-                        results=results))
+                        normalize=normalize, results=results))
         return
     from rich.table import Table
 
@@ -281,18 +292,22 @@ def score(
     input_file: Optional[Path] = typer.Option(None, "--input", help="Examples file instead of "
                                               "the task's query data."),
     split: str = typer.Option("query", help="query or train data (without --input)."),
+    normalize: str = typer.Option("none", "--normalize", help="none: influence scores; "
+                                  "cosine: unit-norm query and preconditioned training vectors "
+                                  "(relative influence; exact search over a second index)."),
     json_mode: bool = typer.Option(False, "--json"),
 ):
     """All query examples x all training examples, as float32 [n_query, n_train] in a .npy."""
     import numpy as np
 
+    normalize = _check_normalize(normalize)
     idx, t = _open_with_task(directory)
     _, items, source = _examples(idx, t, None, input_file, split, all_default=True)
     from grass_index.fileio import atomic_save
 
     model = t.model()
     t0 = time.perf_counter()
-    s = idx.score(model, items, t.loss, collate=t.collate).numpy()
+    s = idx.score(model, items, t.loss, collate=t.collate, normalize=normalize).numpy()
     secs = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(out, lambda f: np.save(f, s))
@@ -352,12 +367,15 @@ def verify(directory: Path = typer.Argument(..., metavar="DIR"),
         raise typer.Exit(EXIT_ERROR)
 
 
-# Sub-commands that live beside their stage: `eval` (LDS), `selective-mask fit`, `serve`.
-from . import eval_cmd, selective_cmd, serve_cmd  # noqa: E402
+# Sub-commands in their own modules: `eval` (LDS), `selective-mask fit`, `serve`,
+# `self-influence`, `tune`.
+from . import eval_cmd, selective_cmd, self_influence_cmd, serve_cmd, tune_cmd  # noqa: E402
 
 eval_cmd.register(app)
 selective_cmd.register(app)
 serve_cmd.register(app)
+self_influence_cmd.register(app)
+tune_cmd.register(app)
 
 
 def main() -> None:

@@ -58,6 +58,21 @@ def layer_stages(desc: dict, dims: dict) -> str:
     return ", ".join(parts)
 
 
+def tuned_rows(cfg: dict) -> list:
+    """`tune`'s record: the chosen preconditioner and its LDS (absent for untuned indexes)."""
+    t = cfg.get("tune")
+    if not t:
+        return []
+    c = t["choice"]
+
+    def f(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    return [("tuned", f"{c['name']} (LDS validation {f(c['val_lds'])}, held-out "
+                      f"{f(c['heldout_lds'])}; {len(t['grid'])} candidates, {t['n_subsets']} "
+                      "subsets)")]
+
+
 def index_summary(cfg: IndexConfig) -> str:
     """e.g. 'ivf:fp16, 200000 vectors, nlist 1788 nprobe 224, recall@10 0.981 (100 queries)'."""
     ix = cfg.index
@@ -97,7 +112,8 @@ def print_index(err: Console, cfg: IndexConfig, *, directory, verb: str | None =
                 ("sparsification", cfg.sparsification), ("projection", cfg.projection),
                 ("seed", cfg.seed), ("hessian", cfg.hessian),
                 ("damping", f"{cfg.damping or 'default'} -> used {json.dumps(cfg.damping_used)}"),
-                ("batch size", cfg.batch_size), ("config hash", cfg.config_hash),
+                ("batch size", cfg.batch_size), *tuned_rows(cfg.raw),
+                ("config hash", cfg.config_hash),
                 ("created", cfg.created)]
         for k, v in rows:
             err.print(f"[bold]{k:>15}[/]: {escape(str(v))}")

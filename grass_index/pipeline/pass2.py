@@ -89,12 +89,25 @@ def finish(out: Path, store, build: dict, describe: dict, *, hessian: str, dampi
                      fisher=lambda: _fisher(store, layout, n_blocks, progress),
                      main_store=main_store, stored=store,
                      task=task if task is not None else (old_config or {}).get("task"),
-                     item_signature=item_signature, progress=progress)
+                     item_signature=item_signature, progress=progress,
+                     extra=tuned_record(old_config, hessian, damping))
+
+
+def tuned_record(old_config, hessian: str, damping) -> dict:
+    """The ``tune`` record (grass_index.eval.tune) survives a refit only while the index keeps
+    the preconditioner it chose, e.g. through `verify --repair`; any other refit drops it."""
+    rec = (old_config or {}).get("tune")
+    if not rec:
+        return {}
+    choice = rec.get("choice", {})
+    same = choice.get("hessian") == hessian and (
+        hessian == "identity" or choice.get("damping") == damping_key(damping))
+    return {"tune": rec} if same else {}
 
 
 def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, rows, fisher,
               main_store, task, item_signature, progress, ranks=ONE_PROCESS,
-              stored=None) -> dict:
+              stored=None, extra=None) -> dict:
     """Pass 2, the one implementation behind every build: preconditioner -> FAISS parts ->
     recall -> config.json.
 
@@ -180,7 +193,8 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
                 part.save(out / name)
             return commit(out, store, build, describe, pre=pre, key=key, vindex=vindex,
                           index=index, index_files=files, hessian=hessian, damping=damping,
-                          task=task, item_signature=item_signature, progress=progress)
+                          task=task, item_signature=item_signature, progress=progress,
+                          extra=extra)
     return ranks.step(lambda: rank0_commit() if ranks.rank == 0 else None)[0]
 
 
@@ -199,9 +213,11 @@ def remove_temp_files(out: Path) -> None:
 
 def commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vindex,
            index: str, index_files: list[str], hessian: str, damping, task,
-           item_signature, progress) -> dict:
-    """Write config.json — the commit point of the whole build — then drop older variants."""
+           item_signature, progress, extra=None) -> dict:
+    """Write config.json — the commit point of the whole build — then drop older variants.
+    ``extra``: records that outlive this pass 2 (e.g. `tune`'s choice)."""
     cfg = dict(build)
+    cfg.update(extra or {})
     cfg.update(
         library="grass-index", version=__version__, torch=torch.__version__, task=task,
         hessian=hessian, damping=damping_key(damping), damping_used=pre.damping_used,

@@ -21,7 +21,7 @@ from .files import MASK_FILE, STORE_DIR
 from .fingerprints import layer_dims, model_hash
 from .pass2 import load_faiss
 from .sketching import batch_len, batches
-from .stored import preconditioned_blocks, state_from_array
+from .stored import chunks, preconditioned_blocks, state_from_array
 
 log = logging.getLogger("grass_index")
 
@@ -165,3 +165,9 @@ def train_vectors(path: Path, pre: Preconditioner):
     """Yield (start_id, preconditioned rows) from the stored sketches, in id order."""
     with reading_store(path) as store:
         yield from preconditioned_blocks(store, pre)
+
+
+def raw_sketches(path: Path):
+    """Yield (start_id, raw rows ĝ_i [B, K] float32) from the stored sketches, in id order."""
+    with reading_store(path) as store:
+        yield from chunks(store)

@@ -1,0 +1,112 @@
+"""tune: the sweep's LDS equals the LDS of scores from the re-preconditioned index; the winner
+becomes the index's preconditioner, recorded in config (kept by verify --repair, dropped by
+another refit); clear errors without train(); `grass-index tune --json` and `info`."""
+import json
+
+import numpy as np
+import pytest
+
+from tests.test_eval_run import TASK  # a ridge task with a deterministic train()
+
+FACTORS = (1e-3, 0.1, 10.0)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    import grass_index as gi
+
+    d = tmp_path_factory.mktemp("tune")
+    (d / "ridge.py").write_text(TASK)
+    (d / "nolearn.py").write_text(TASK.replace("def train(", "def _train("))
+    task = gi.load_task(d / "ridge.py")
+    gi.build_index(task.model(), task.train_data(), task.loss, d / "idx",
+                   sparsification="identity", projection="identity", hessian="eFIM",
+                   damping=0.3, task=task.ref, progress=False, batch_size=16)
+    return d, task
+
+
+def _tune(d, **kw):
+    import grass_index as gi
+
+    kw = dict(num_subsets=12, seeds=[0], ground_truth=d / "gt", factors=FACTORS,
+              progress=False) | kw
+    return gi.open_index(d / "idx").tune(**kw)
+
+
+def test_sweep_matches_rescoring(built):
+    """Each grid point's LDS from subset sums equals lds() on idx.score after reprecondition."""
+    import grass_index as gi
+    from grass_index.eval import lds, load_ground_truth
+
+    d, task = built
+    res = _tune(d, apply=False)
+    assert [c.name for c in res.grid][0] == "identity" and len(res.grid) == 1 + 2 * len(FACTORS)
+    gt = load_ground_truth(d / "gt", seeds=[0])
+    from grass_index.eval.tune import split_queries
+
+    val, held = split_queries(6, 0.5, 0)
+    for c in (res.grid[0], res.grid[2], res.grid[-1]):  # identity, per-layer, global
+        idx = gi.open_index(d / "idx")
+        idx.reprecondition(hessian=c.hessian, damping=c.damping)
+        s = idx.score(task.model(), task.query_data(), task.loss).numpy()
+        want_val = lds(s[val], gt.subsets, gt.losses[:, val])[0]
+        want_held = lds(s[held], gt.subsets, gt.losses[:, held])[0]
+        assert c.val_lds == pytest.approx(want_val, abs=1e-9), c.name
+        assert c.heldout_lds == pytest.approx(want_held, abs=1e-9), c.name
+
+
+def test_apply_records_choice_and_info(built):
+    import grass_index as gi
+    from typer.testing import CliRunner
+
+    from grass_index.cli.main import app
+
+    d, _ = built
+    res = _tune(d)
+    assert res.applied and res.choice.val_lds == max(c.val_lds for c in res.grid)
+    idx = gi.open_index(d / "idx")
+    cfg = idx.config
+    assert cfg["hessian"] == res.choice.hessian
+    if res.choice.hessian == "eFIM":
+        assert cfg["damping"] == res.choice.damping
+    assert cfg["tune"]["choice"]["name"] == res.choice.name
+    assert len(cfg["tune"]["grid"]) == len(res.grid)
+    out = CliRunner().invoke(app, ["info", str(d / "idx")])
+    assert out.exit_code == 0 and "tuned" in out.output and res.choice.name in out.output
+    # verify --repair keeps the record; another damping drops it
+    rep = gi.verify_index(d / "idx", repair=True)
+    assert rep["ok"] and gi.open_index(d / "idx").config.get("tune")
+    gi.open_index(d / "idx").reprecondition(hessian="eFIM", damping=0.05)
+    assert "tune" not in gi.open_index(d / "idx").config
+
+
+def test_cli_json_and_errors(built):
+    from typer.testing import CliRunner
+
+    from grass_index.cli.main import app
+
+    d, _ = built
+    r = CliRunner()
+    res = r.invoke(app, ["tune", str(d / "idx"), "-m", "12", "--seeds", "0", "--ground-truth",
+                         str(d / "gt"), "--factors", "0.001,0.1,10", "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["choice"]["name"] in {c["name"] for c in doc["grid"]} and not doc["applied"]
+    assert set(doc["best_by_scope"]) == {"identity", "per-layer", "global"}
+    res = r.invoke(app, ["tune", str(d / "idx"), "--task", str(d / "nolearn.py"), "--json"])
+    assert res.exit_code == 1 and "defines no train(" in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    res = r.invoke(app, ["tune", str(d / "idx"), "--factors", "0,1", "-m", "12", "--seeds", "0",
+                         "--ground-truth", str(d / "gt")])
+    assert res.exit_code == 1 and "positive numbers" in res.output
+
+
+def test_split_is_disjoint_and_seeded():
+    from grass_index.eval.run import EvalError
+    from grass_index.eval.tune import split_queries
+
+    v, h = split_queries(11, 0.5, 3)
+    assert len(v) + len(h) == 11 and not set(v) & set(h)
+    assert np.array_equal(v, split_queries(11, 0.5, 3)[0])
+    with pytest.raises(EvalError, match="strictly between"):
+        split_queries(11, 1.0, 0)
