@@ -245,6 +245,7 @@ def test_small_resnet_convs_exact():
     assert sk.layout["grouped"] == 8 * 19
     sk = exact_check(model, (x, y), loss, layers, sparse="random_mask-8*2", proj="sjlt-12")
     assert sk.layout["grouped"] == 4 * 12 and sk.route["grouped"] == "batch_first"
+    exact_check(model, (x, y), loss, layers, sparse="random_mask-64*4", proj="sjlt-16")  # kept all
     # every parameter kind through the flat path, and no numpy crash on detached rows
     every = select_layers(model, ["*"])
     got = exact_check(model, (x, y), loss, every)

@@ -11,6 +11,8 @@ t (F.unfold), so C_in * kh * kw plays d_in; a grouped convolution is one block p
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -39,9 +41,75 @@ def _pair(v, n: int) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
-def conv_tokens(op: str, x: torch.Tensor, g: torch.Tensor, B: int, conv: tuple):
+_EVERY: dict[tuple, torch.Tensor] = {}
+
+
+def _input_mask(comp, groups: int):
+    """(kept input coordinates, scale) when the compressor's input stage is a coordinate
+    mask (random_mask / selective_mask) of a FactoredCompressor, else None."""
+    from ..compress.base import Identity
+    from ..compress.factored import FactoredCompressor
+    from ..compress.masks import RandomMask, SelectiveMask
+
+    stage = getattr(comp, "compress_in", None)
+    if groups != 1 or not isinstance(comp, FactoredCompressor):
+        return None
+    if isinstance(stage, Identity):  # every coordinate: still cheaper than F.unfold's im2col
+        return None, None
+    if not isinstance(stage, (RandomMask, SelectiveMask)):
+        return None
+    scale = stage.scale if isinstance(stage, RandomMask) and stage.k != stage.d else None
+    return stage.idx, scale
+
+
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _patch_plan(idx: torch.Tensor, kernel: tuple, d_in: int):
+    """For a mask over patch coordinates (c, i, j) (+ the bias coordinate d_in): the input
+    channels it touches, and per kept coordinate its position among them, i and j, and
+    whether it is the bias. Computed once per index buffer (torch.unique would sync a GPU)."""
+    key = (id(idx), idx._version, idx.device, tuple(kernel), d_in)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0]() is idx:
+        return hit[1]
+    kh, kw = kernel
+    is_bias = idx == d_in
+    real = idx.clamp(max=d_in - 1)
+    chans, local = torch.unique(real // (kh * kw), return_inverse=True)
+    rest = real % (kh * kw)
+    plan = (chans, local, rest // kw, rest % kw, is_bias if bool(is_bias.any()) else None)
+    if len(_PLANS) > 1024:
+        _PLANS.clear()
+    _PLANS[key] = (weakref.ref(idx), plan)
+    return plan
+
+
+def _masked_patches(x, kernel, dilation, padding, stride, idx, scale, d_in: int, out_hw):
+    """[B, P, k] = the kept coordinates of every input patch (bias coordinate d_in = 1),
+    read straight from the (padded) input with one gather: unfolding all C_in*kh*kw patch
+    coordinates costs more than the convolution itself, and a mask keeps a few of them."""
+    chans, local, ki, kj, is_bias = _patch_plan(idx, kernel, d_in)
+    (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
+    xs = x.index_select(1, chans)
+    if ph or pw:
+        xs = F.pad(xs, (pw, pw, ph, ph))
+    Ho, Wo = out_hw
+    rows = ki[:, None] * dh + sh * torch.arange(Ho, device=x.device)[None]   # [k, Ho]
+    cols = kj[:, None] * dw + sw * torch.arange(Wo, device=x.device)[None]   # [k, Wo]
+    kept = xs[:, local[:, None, None], rows[:, :, None], cols[:, None, :]]   # [B, k, Ho, Wo]
+    kept = kept.reshape(kept.shape[0], kept.shape[1], -1).float()
+    if is_bias is not None:
+        kept = kept.masked_fill(is_bias[None, :, None], 1.0)
+    kept = kept.transpose(1, 2)
+    return kept * scale if scale is not None else kept
+
+
+def conv_tokens(op: str, x: torch.Tensor, g: torch.Tensor, B: int, conv: tuple, mask=None,
+                d_in: int | None = None):
     """([B*groups, P, C_in/groups*kh*kw], [B*groups, P, C_out/groups]) or None (e.g. an
-    unbatched input)."""
+    unbatched input). With ``mask`` (idx, scale) the first item holds only the kept input
+    coordinates, already scaled: compress_in(x) rather than x."""
     stride, padding, dilation, groups, kernel = conv
     spatial = 1 if op == "conv1d" else 2
     if x.dim() != spatial + 2 or x.shape[0] != B:
@@ -61,6 +129,10 @@ def conv_tokens(op: str, x: torch.Tensor, g: torch.Tensor, B: int, conv: tuple):
                           total[0] // 2, total[0] - total[0] // 2))
             padding = (0, 0)
     padding = _pair(padding, 2)
+    if mask is not None:
+        xs = _masked_patches(x, kernel, dilation, padding, stride, mask[0], mask[1], d_in,
+                             tuple(g.shape[-2:]))
+        return xs, g.reshape(B, g.shape[1], -1).transpose(1, 2)
     U = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, C*kh*kw, P]
     P = U.shape[-1]
     if g.shape[-2] * g.shape[-1] != P:
@@ -76,7 +148,15 @@ def call_sketch(comp, call, g: torch.Tensor, B: int, layout: str, has_bias: bool
     if call.op == "linear":
         pair = linear_tokens(x, g, B, layout)
     else:
-        pair = None if layout != "batch_first" else conv_tokens(call.op, x, g, B, call.conv)
+        mask = _input_mask(comp, call.conv[3])
+        if mask is not None and mask[0] is None:  # all coordinates: one persistent index per size
+            key = (comp.d_in, x.device)
+            mask = (_EVERY.setdefault(key, torch.arange(comp.d_in, device=x.device)), None)
+        pair = None if layout != "batch_first" else conv_tokens(
+            call.op, x, g, B, call.conv, mask, comp.d_in - int(has_bias))
+        if pair is not None and mask is not None:
+            return comp.from_compressed_input(pair[0].to(device),
+                                              pair[1].to(device, _float(x.dtype))).reshape(B, -1)
     if pair is None:
         return None
     xs, gs = pair

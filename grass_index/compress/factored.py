@@ -54,7 +54,11 @@ class FactoredCompressor(nn.Module):
 
     def forward(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         x, g = check_pair(type(self).__name__, x, grad_out, self.d_in, self.d_out)
-        xs = self.compress_in(x)            # [B, T, k_in']
+        return self.from_compressed_input(self.compress_in(x), g)
+
+    def from_compressed_input(self, xs: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The sketch given xs = compress_in(x) [B, T, k_in'] already (a caller that can form
+        only the kept input coordinates, e.g. a convolution's masked patches, skips the rest)."""
         gs = self.compress_out(g)           # [B, T, k_out']
         outer = torch.bmm(gs.transpose(1, 2), xs)   # [B, k_out', k_in'], summed over tokens
         return self.project(outer.reshape(outer.shape[0], -1))
