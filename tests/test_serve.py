@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 import grass_index as gi  # noqa: E402
 from _tiny_task import write_task  # noqa: E402
 from grass_index.serve import Engine, ServeError, create_app  # noqa: E402
-from grass_index.serve.app import check_bind  # noqa: E402
+from grass_index.serve.guard import check_bind  # noqa: E402
 from grass_index.serve.batching import MicroBatcher  # noqa: E402
 from grass_index.task import load_task  # noqa: E402
 
@@ -472,7 +472,7 @@ def test_without_a_token_only_loopback_host_names_are_answered(built):
     """A page elsewhere cannot reach a loopback server by DNS rebinding: its requests carry
     the attacker's host name."""
     _, out = built
-    from grass_index.serve.app import host_name
+    from grass_index.serve.guard import host_name
 
     assert [host_name(h) for h in ("127.0.0.1:8000", "LOCALHOST", "[::1]:80", "::1")] == \
         ["127.0.0.1", "localhost", "::1", "::1"]

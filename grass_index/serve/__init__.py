@@ -4,7 +4,8 @@
     grass-index serve runs/digits               # the same, under uvicorn on 127.0.0.1:8000
 
 Modules: ``engine`` (what is loaded, and answering a batch of queries), ``batching`` (the
-async micro-batcher), ``app`` (routes, token, limits, errors), ``page`` (the HTML page).
+async micro-batcher), ``guard`` (bind check; Host, token and body-size checks), ``app``
+(routes, limits, errors), ``page`` (the HTML page).
 """
 from __future__ import annotations
 
