@@ -95,7 +95,8 @@ def layer_table(cfg: IndexConfig) -> Table:
         desc = described.get(d["name"], {})
         tab.add_row(escape(d["name"]), d["kind"], str(d["d_in"] if d["d_in"] is not None else "-"),
                     str(d["d_out"] if d["d_out"] is not None else "-"), str(d["numel"]),
-                    str(layout[d["name"]]), escape(layer_stages(desc, d)))
+                    str(layout[d["name"]]),
+                    escape(layer_stages(desc, d).replace(", ", "\n")))  # a stage per line
     return tab
 
 
