@@ -55,6 +55,7 @@ TASK = textwrap.dedent("""
     GATE = os.environ.get("FT_GATE")                 # while this file exists, block ...
     GATE_AFTER = int(os.environ.get("FT_GATE_AFTER", "0"))  # ... after this many batches
     _calls = 0
+    CHECK_CALLS = 2  # the first-batch capture check: one hooked pass, one vmapped pass on 2 examples
 
     def model():
         torch.manual_seed(0)
@@ -73,11 +74,11 @@ TASK = textwrap.dedent("""
 
     def loss(model, batch):
         global _calls
-        if torch.is_grad_enabled():  # once per sketched batch (check_loss runs under no_grad)
-            _calls += 1
+        if torch.is_grad_enabled():  # once per sketched batch (check_loss runs under no_grad),
+            _calls += 1              # plus CHECK_CALLS for the capture check before pass 1
             if SLEEP:
                 time.sleep(SLEEP)
-            if GATE and _calls > GATE_AFTER and os.path.exists(GATE):
+            if GATE and _calls > GATE_AFTER + CHECK_CALLS and os.path.exists(GATE):
                 open(GATE + ".waiting", "w").close()
                 t0 = time.time()
                 while os.path.exists(GATE) and time.time() - t0 < 120:
