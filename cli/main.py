@@ -19,7 +19,7 @@ from rich.console import Console
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Training-data attribution: which training examples made the model do this?")
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # a long path stays on one line
 EXIT_ERROR = 1
 
 
@@ -31,7 +31,8 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log detai
 
 
 def _fail(msg: str, code: int = EXIT_ERROR):
-    err.print(f"[bold red]error:[/] {msg}", markup=True, soft_wrap=True)
+    """One line on stderr (``msg`` is plain text: escaped here) and exit ``code``."""
+    err.print(f"[bold red]error:[/] {_escape(msg)}", markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -51,19 +52,30 @@ def _errors(fn):
                 raise
             known = _known_errors()
             if isinstance(e, known):
-                _fail(_escape(str(e)))
+                _fail(str(e))
             if isinstance(e, OSError):
-                _fail(_escape(f"{e.strerror or e} ({getattr(e, 'filename', '') or ''})"))
-            _fail(_escape(f"internal error {type(e).__name__}: {e} (set GRASS_INDEX_DEBUG=1 for "
-                          "a traceback and please report it)"))
+                _fail(f"{e.strerror or e} ({getattr(e, 'filename', '') or ''})")
+            _fail(f"internal error {type(e).__name__}: {e} (set GRASS_INDEX_DEBUG=1 for "
+                  "a traceback and please report it)")
 
     return wrapper
 
 
-def _escape(s: str) -> str:
+def _escape(s) -> str:
+    """A string for rich output: control characters made visible (a recorded string cannot
+    drive the terminal), then markup escaped (a path with [brackets] prints as itself)."""
     from rich.markup import escape
 
-    return escape(s)
+    from grass_index.untrusted import safe_text
+
+    return escape(safe_text(s))
+
+
+def _shell_arg(path) -> str:
+    """A path as a shell word for the 'next:' hints (quoted when it needs to be)."""
+    import shlex
+
+    return _escape(shlex.quote(str(path)))
 
 
 def _known_errors() -> tuple:
@@ -172,9 +184,9 @@ def build(
         if json_mode:
             _emit_json(dict(idx, seconds=round(secs, 3)))
             return
-        err.print(f"sketched shard {idx['shard']} of [bold]{out}[/]: {idx['batches']} of "
-                  f"{idx['n_batches']} batches ({idx['rows']} examples), {secs:.1f} s")
-        err.print(f"next, once every worker is done: grass-index merge {out}")
+        err.print(f"sketched shard {idx['shard']} of [bold]{_escape(out)}[/]: {idx['batches']} "
+                  f"of {idx['n_batches']} batches ({idx['rows']} examples), {secs:.1f} s")
+        err.print(f"next, once every worker is done: grass-index merge {_shell_arg(out)}")
         return
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
         return
@@ -187,12 +199,13 @@ def _report_index(verb: str, directory, cfg: dict, secs: float, json_mode: bool,
     if json_mode:
         _emit_json(dict(cfg, seconds=round(secs, 3)))
         return
-    err.print(f"{verb} [bold]{directory}[/]: {cfg['n_train']} training examples, sketch dim "
-              f"{cfg['dim']}, {len(cfg['layout'])} layers, {secs:.1f} s")
+    err.print(f"{verb} [bold]{_escape(directory)}[/]: {cfg['n_train']} training examples, "
+              f"sketch dim {cfg['dim']}, {len(cfg['layout'])} layers, {secs:.1f} s")
     if layers:
         _layer_table(cfg)
     err.print(f"index: {_escape(_index_summary(cfg))}")
-    err.print(f"next: grass-index query {directory} --example 0")
+    task = f" --task {_shell_arg(cfg['task'])}" if cfg.get("task") else ""
+    err.print(f"next: grass-index query {_shell_arg(directory)}{task} --example 0")
 
 
 def _index_summary(cfg: dict) -> str:
@@ -252,9 +265,10 @@ def _layer_table(cfg: dict) -> None:
         desc = described.get(d["name"], {})
         spec = " ".join(str(desc[k]) for k in ("sparsification", "projection") if desc.get(k))
         note = _clamp_note(desc)
-        tab.add_row(d["name"], d["kind"], str(d["d_in"] if d["d_in"] is not None else "-"),
-                    str(d["d_out"] if d["d_out"] is not None else "-"), str(d["numel"]),
-                    str(cfg["layout"][d["name"]]), " | ".join(x for x in (spec, note) if x))
+        cells = (d["name"], d["kind"], d["d_in"] if d["d_in"] is not None else "-",
+                 d["d_out"] if d["d_out"] is not None else "-", d["numel"],
+                 cfg["layout"][d["name"]], " | ".join(x for x in (spec, note) if x))
+        tab.add_row(*(_escape(c) for c in cells))
     err.print(tab)
 
 
@@ -330,15 +344,21 @@ def _examples(idx, t, example: Optional[List[int]], input_file: Optional[Path], 
     return ids, [data[i] for i in ids], f"{split}_data"
 
 
-def _open_with_task(directory: Path):
+_TASK_HELP = ("Task file (.py), module or module:attr to run: the one the index was built "
+              "from. Required: opening an index never runs code by itself (`info` shows the "
+              "task the index records).")
+
+
+def _open_with_task(directory: Path, task: Optional[str], command: str):
+    """The index and the task the user named (never the one the index records, unasked)."""
     import grass_index as gi
-    from grass_index.task import load_task
+    from grass_index.task import task_for_index
 
     idx = gi.open_index(directory)
-    if not idx.task:
-        _fail(f"index {directory} records no task (built from Python); query it with "
-              "grass_index.open_index(...).query(model, examples, loss_fn)")
-    t = load_task(idx.task)
+    t, note = task_for_index(task, recorded=idx.task, sha256=idx.config.get("task_sha256"),
+                             index_dir=directory, command=command)
+    if note:
+        err.print(f"[yellow]warning:[/] {_escape(note)}")
     return idx, t
 
 
@@ -346,6 +366,7 @@ def _open_with_task(directory: Path):
 @_errors
 def query(
     directory: Path = typer.Argument(..., metavar="DIR", help="Index directory."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help=_TASK_HELP),
     example: Optional[List[int]] = typer.Option(None, "--example", "-e",
                                                 help="Example number(s) in the task's query data."),
     input_file: Optional[Path] = typer.Option(None, "--input", help="Examples file (.pt/.npy/.npz)."),
@@ -360,7 +381,7 @@ def query(
                                        "(tasks with image(item))."),
 ):
     """Top-k training examples that most helped (proponents) or hurt (opponents) each example."""
-    idx, t = _open_with_task(directory)
+    idx, t = _open_with_task(directory, task, "query")
     ids, items, source = _examples(idx, t, example, input_file, split, all_default=False)
     model = t.model()
     t0 = time.perf_counter()
@@ -398,7 +419,7 @@ def query(
         for kind in ("proponents", "opponents"):
             if kind not in res:
                 continue
-            tab = Table(title=f"{title}: top {kind}")
+            tab = Table(title=_escape(f"{title}: top {kind}"))
             tab.add_column("rank")
             tab.add_column("train id")
             tab.add_column("score")
@@ -408,7 +429,7 @@ def query(
                 cells = [str(rank), str(row["train_id"]), f"{row['score']:+.4g}"]
                 if t.has("label"):
                     cells.append(str(row["label"]))
-                tab.add_row(*cells)
+                tab.add_row(*(_escape(c) for c in cells))
             err.print(tab)
     err.print(f"{ms:.1f} ms per example")
 
@@ -417,7 +438,8 @@ def _draw(path: Path, t, items, results) -> None:
     from .png import BLUE, GREEN, RED, fmt_score, render
 
     if not t.has("image"):
-        err.print(f"[yellow]warning:[/] task {t.ref} defines no image(item); --png skipped")
+        err.print(f"[yellow]warning:[/] task {_escape(t.ref)} defines no image(item); "
+                  "--png skipped")
         return
     train = t.train_data()
     rows = []
@@ -429,7 +451,7 @@ def _draw(path: Path, t, items, results) -> None:
             rows.append(("O", [(t.image(train[r["train_id"]]), fmt_score(r["score"]), RED)
                                for r in res["opponents"]]))
     render(rows, path)
-    err.print(f"wrote {path}")
+    err.print(f"wrote {_escape(path)}")
 
 
 # ------------------------------------------------------------------------------- score
@@ -439,6 +461,7 @@ def _draw(path: Path, t, items, results) -> None:
 def score(
     directory: Path = typer.Argument(..., metavar="DIR"),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the .npy matrix."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help=_TASK_HELP),
     input_file: Optional[Path] = typer.Option(None, "--input", help="Examples file instead of "
                                               "the task's query data."),
     split: str = typer.Option("query", help="query or train data (without --input)."),
@@ -447,7 +470,7 @@ def score(
     """All query examples x all training examples, as float32 [n_query, n_train] in a .npy."""
     import numpy as np
 
-    idx, t = _open_with_task(directory)
+    idx, t = _open_with_task(directory, task, "score")
     _, items, source = _examples(idx, t, None, input_file, split, all_default=True)
     model = t.model()
     bar, _ = _progress(json_mode)
@@ -461,7 +484,8 @@ def score(
     if json_mode:
         _emit_json(dict(out=str(out), shape=list(s.shape), source=source, seconds=round(secs, 3)))
     else:
-        err.print(f"wrote {out}: scores [{s.shape[0]} {source} x {s.shape[1]} train] in {secs:.1f} s")
+        err.print(_escape(f"wrote {out}: scores [{s.shape[0]} {source} x {s.shape[1]} train] "
+                          f"in {secs:.1f} s"))
 
 
 # ------------------------------------------------------------------------------- info
@@ -481,7 +505,8 @@ def info(directory: Path = typer.Argument(..., metavar="DIR"),
         b = d["build"]
         err.print(f"[yellow]build in progress or interrupted[/]: {d['committed_blocks']} of "
                   f"{d['n_blocks']} batches sketched ({b['n_train']} examples, "
-                  f"{b['sparsification']} / {b['projection']}); re-run the build to resume")
+                  f"{_escape(b['sparsification'])} / {_escape(b['projection'])}); re-run the "
+                  "build to resume")
         return
     cfg = d["config"]
     damp = cfg.get("damping_used")
@@ -504,12 +529,16 @@ def info(directory: Path = typer.Argument(..., metavar="DIR"),
 @_errors
 def verify(directory: Path = typer.Argument(..., metavar="DIR"),
            repair: bool = typer.Option(False, "--repair", help="Rebuild the preconditioner and "
-                                       "FAISS index from the stored sketches."),
+                                       "FAISS index from the stored sketches; restore "
+                                       "config.json/build.json from the store's records."),
+           task: Optional[str] = typer.Option(None, "--task", "-t", help="With --repair: the "
+                                              "task the index was built from, to recompute "
+                                              "sketch blocks damaged on disk."),
            json_mode: bool = typer.Option(False, "--json")):
     """Check counts, sketches, LMDB vs FAISS agreement, config hash, preconditioner."""
     from grass_index.attribute import verify_index
 
-    rep = verify_index(directory, repair=repair)
+    rep = verify_index(directory, repair=repair, task=task)
     if json_mode:
         _emit_json(rep)
     else:
@@ -519,7 +548,8 @@ def verify(directory: Path = typer.Argument(..., metavar="DIR"),
         for r in rep["repaired"]:
             err.print(f"[cyan]repair:[/] {_escape(r)}")
         err.print("[green]index is consistent[/]" if rep["ok"] else
-                  f"[red]index has problems[/]; try `grass-index verify {directory} --repair`")
+                  f"[red]index has problems[/]; try `grass-index verify {_shell_arg(directory)} "
+                  "--repair`")
     if not rep["ok"]:
         raise typer.Exit(EXIT_ERROR)
 

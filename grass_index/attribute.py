@@ -23,13 +23,13 @@ from .capture import GradientSketcher, select_layers
 from .compress import load_selective_mask
 from .precondition import Preconditioner
 from .store import SketchStore, StoreError
-from .task import check_loss, default_collate
+from .task import check_loss, default_collate, task_record
 from .pipeline.errors import AttributionError
 from .pipeline.files import FORMAT_VERSION, MASK_FILE, STORE_DIR, _atomic_write, _jsonable
 from .pipeline.fingerprints import _data_signature, _hash, _layer_dims, data_hash, model_hash
 from .pipeline import distributed as _distributed
 from .pipeline.config import (_check_index, _check_build_args, _check_damping, _claim_out_dir,
-                              _damping_key, _norm_hessian, _read_config)
+                              _claim_out_dir_locked, _damping_key, _norm_hessian, _read_config)
 from .pipeline.progress import _Progress
 from .pipeline.sharding import _merge, _sketch_shard, parse_worker, read_shard_fisher
 from .pipeline.sketching import _sketch_training_set
@@ -106,6 +106,7 @@ def _build(model, train_data, loss_fn, out: Path, *, sparsification, projection,
            damping, batch_size, seed, layers, collate, index, task, progress, device, nlist,
            nprobe, selective_mask, worker, group, remove_shards):
     n = len(train_data)
+    task = task_record(task) if task is not None else None  # reference + file sha256
     if isinstance(layers, str):
         layers = [p.strip() for p in layers.split(",") if p.strip()]
     collate = collate or default_collate
@@ -137,6 +138,16 @@ def _build(model, train_data, loss_fn, out: Path, *, sparsification, projection,
         if masks is not None:
             _atomic_write(out / MASK_FILE, Path(selective_mask).read_bytes())
 
+    def claim_locked():  # single process: build.json is written under the store's lock
+        lock = _claim_out_dir_locked(out, build)
+        try:
+            if masks is not None:
+                _atomic_write(out / MASK_FILE, Path(selective_mask).read_bytes())
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+
     if worker is not None or group is not None:
         records = dict(describe=describe, task=task, item_signature=_data_signature(train_data),
                        finish=dict(hessian=hessian, damping=_damping_key(damping), index=index,
@@ -166,10 +177,15 @@ def _build(model, train_data, loss_fn, out: Path, *, sparsification, projection,
             prog.close()
         return AttributionIndex(out, cfg)
 
-    claim()
+    lock = claim_locked()
     prog = _Progress(progress)
     try:
-        store = SketchStore.create(out / STORE_DIR, dim=sketcher.dim, meta=_jsonable(build))
+        try:
+            store = SketchStore.create(out / STORE_DIR, dim=sketcher.dim, meta=_jsonable(build),
+                                       lock=lock)
+        except BaseException:
+            lock.release()
+            raise
         with store:
             _sketch_training_set(store, sketcher, train_data, loss_fn, batch_size=batch_size,
                                  collate=collate, progress=prog)

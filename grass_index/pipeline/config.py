@@ -10,10 +10,12 @@ from typing import Any, Sequence
 from .. import __version__
 from ..precondition import parse_damping
 from ..index import SPECS, FaissIndexError, parse_spec
-from ..store import SketchStore
+from ..store import SketchStore, writer_lock
+from ..store._env import DATA_FILE
+from ..untrusted import UnsafeNameError, plain_file_name
 from .errors import AttributionError
-from .files import (_OUR_FILES, BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, STORE_DIR, _jsonable,
-                    _write_json)
+from .files import (_OUR_FILES, BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, MASK_FILE, STORE_DIR,
+                    _jsonable, _write_json)
 from .fingerprints import config_hash
 
 HESSIANS = {"efim": "eFIM", "identity": "identity"}
@@ -61,41 +63,72 @@ def _check_build_args(train_data: Sequence, *, hessian: str, index: str, batch_s
     return hessian
 
 
+def _check_out_dir_free(out: Path) -> None:
+    """``out`` is new, empty, or a grass-index build (checked before anything is written)."""
+    if out.exists() and not out.is_dir():
+        raise AttributionError(f"--out {out} is a file; pass a directory")
+    if out.is_dir() and not (out / BUILD_FILE).is_file() and any(
+            p.name not in _OUR_FILES and not p.name.startswith((".", "index-"))
+            and p.name != MASK_FILE for p in out.iterdir()):
+        raise AttributionError(f"output directory {out} is not empty and is not a grass-index "
+                               "build; choose a new or empty directory")
+
+
+def _claim_out_dir_locked(out: Path, build: dict):
+    """Take the store's writer lock, then claim ``out`` (build.json) while holding it: two
+    builds into one new directory cannot both claim it. Returns the held lock, for
+    ``SketchStore.create(..., lock=)``."""
+    _check_out_dir_free(out)
+    lock = writer_lock(out / STORE_DIR)
+    try:
+        _claim_out_dir(out, build)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _build_diff(old: dict, build: dict) -> str:
+    diff = sorted(k for k in set(old) | set(build)
+                  if _jsonable(old.get(k)) != _jsonable(build.get(k)))
+    if len(diff) > 1 and "sketch_fingerprint" in diff:  # derived: name the cause only
+        diff.remove("sketch_fingerprint")
+    hint = ""
+    if "model_hash" in diff:
+        hint = " (the model's weights differ)"
+    elif "data_hash" in diff or "n_train" in diff:
+        hint = " (the training data differs)"
+    return f"differs in: {', '.join(diff)}){hint}"
+
+
 def _claim_out_dir(out: Path, build: dict) -> None:
     """Refuse a directory holding something else; record what this build's sketches mean."""
     bfile = out / BUILD_FILE
-    if out.exists() and not out.is_dir():
-        raise AttributionError(f"--out {out} is a file; pass a directory")
+    _check_out_dir_free(out)
     if bfile.is_file():
         try:
             old = json.loads(bfile.read_text())
         except ValueError as e:
-            raise AttributionError(f"{bfile} is corrupted ({e}); delete {out} and rebuild") from e
+            raise AttributionError(f"{bfile} is corrupted ({e}); run `grass-index verify {out} "
+                                   "--repair` to restore it from the sketch store") from e
         if _jsonable(old) != _jsonable(build):
-            diff = sorted(k for k in set(old) | set(build)
-                          if _jsonable(old.get(k)) != _jsonable(build.get(k)))
-            if len(diff) > 1 and "sketch_fingerprint" in diff:  # derived: name the cause only
-                diff.remove("sketch_fingerprint")
-            hint = ""
-            if "model_hash" in diff:
-                hint = " (the model's weights differ)"
-            elif "data_hash" in diff or "n_train" in diff:
-                hint = " (the training data differs)"
             raise AttributionError(
-                f"output directory {out} holds a different build (differs in: {', '.join(diff)})"
-                f"{hint}; choose another --out or delete {out} to rebuild")
+                f"output directory {out} holds a different build ({_build_diff(old, build)}; "
+                f"choose another --out or delete {out} to rebuild")
         return
-    if out.is_dir() and any(p.name not in _OUR_FILES and not p.name.startswith(".")
-                            for p in out.iterdir()):
-        raise AttributionError(f"output directory {out} is not empty and is not a grass-index "
-                               "build; choose a new or empty directory")
-    if (out / STORE_DIR).exists():
-        raise AttributionError(f"{out} has sketches but no {BUILD_FILE}; it is corrupted: delete "
-                               "it and rebuild")
+    if (out / STORE_DIR / DATA_FILE).exists():  # build.json lost: the store's own record
+        try:
+            with SketchStore.open(out / STORE_DIR, readonly=True) as st:
+                created = st.meta
+        except Exception as e:
+            raise AttributionError(f"{out} has sketches but no {BUILD_FILE}, and its store is "
+                                   f"unreadable ({e}); delete {out} and rebuild") from e
+        if _jsonable(created) != _jsonable(build):
+            raise AttributionError(
+                f"output directory {out} holds a different build ({_build_diff(created, build)}"
+                f"; choose another --out or delete {out} to rebuild")
     out.mkdir(parents=True, exist_ok=True)
     _write_json(bfile, build)
-
-
 def _read_config(path: Path) -> dict:
     if not path.is_dir():
         raise AttributionError(f"index directory {path} not found; build one with "
@@ -131,5 +164,45 @@ def _read_config(path: Path) -> dict:
                                   "rebuild the index with this version"))
     if cfg.get("config_hash") != config_hash(cfg):
         raise AttributionError(f"{cfile} was modified after the build (config hash mismatch); "
-                               f"run `grass-index verify {path} --repair` or rebuild")
+                               f"run `grass-index verify {path} --repair` to restore it from "
+                               "the sketch store")
+    _check_file_names(path, cfg)
+    _check_against_store(path, cfg)
     return cfg
+
+
+def _check_file_names(path: Path, cfg: dict) -> None:
+    """File names a config points at are plain names inside the index directory."""
+    try:
+        for name in [cfg.get("index_file")] + list(cfg.get("index_files") or []):
+            plain_file_name(name, f"{path / CONFIG_FILE}: index file")
+    except UnsafeNameError as e:
+        raise AttributionError(str(e).replace("DIR", str(path))) from None
+
+
+# Fields of config.json that the store's own records fix for the life of a build (every refit
+# keeps them); the config hash is unkeyed, so anyone can edit config.json and re-hash it.
+_TASK_FIELDS = ("task", "task_sha256")
+
+
+def config_store_diff(path: Path, cfg: dict) -> list[str] | None:
+    """Fields where ``cfg`` disagrees with the sketch store's creation record (the build) and
+    its copy of the config (the task); None when the store cannot be read."""
+    try:
+        with SketchStore.open(path / STORE_DIR, readonly=True) as st:
+            created, stored = st.meta, st.get_meta("config", None)
+    except Exception:
+        return None
+    diff = [k for k in sorted(created) if _jsonable(created[k]) != _jsonable(cfg.get(k))]
+    if isinstance(stored, dict):
+        diff += [k for k in _TASK_FIELDS if stored.get(k) != cfg.get(k)]
+    return diff
+
+
+def _check_against_store(path: Path, cfg: dict) -> None:
+    diff = config_store_diff(path, cfg)
+    if diff:
+        raise AttributionError(
+            f"{path / CONFIG_FILE} disagrees with the sketch store's own record of this build "
+            f"(differs in: {', '.join(diff)}): it was edited, or belongs to another build; run "
+            f"`grass-index verify {path} --repair` to restore it from the store")

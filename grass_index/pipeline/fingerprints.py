@@ -1,9 +1,10 @@
-"""Fingerprints: of a config (what a build/index depends on), of the attributed parameters
-(a different model must not resume a build), of a training set, and of its items' shapes."""
+"""Fingerprints: of a config (what a build/index depends on), of the model (a different model
+must not resume a build), of a training set and each of its examples, and of their shapes."""
 from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from typing import Sequence
 
 import numpy as np
@@ -26,35 +27,70 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.view(torch.uint8).numpy().tobytes()
 
 
-def model_hash(model: torch.nn.Module, layers) -> str:
-    """Fingerprint of the attributed parameters (a different model must not resume a build)."""
-    params = dict(model.named_parameters())
+def model_hash(model: torch.nn.Module, layers=None) -> str:
+    """Fingerprint of every parameter and buffer (by name, dtype, shape and value): weights
+    outside the attributed layers change every gradient too, so a model that differs anywhere
+    must not resume a build. ``layers`` is accepted for callers that pass it; unused."""
     h = hashlib.sha256()
-    for layer in layers:
-        for name in layer.param_names:
-            h.update(name.encode())
-            h.update(_tensor_bytes(params[name]))
+    named = [("param:" + n, t) for n, t in model.named_parameters(remove_duplicate=False)]
+    named += [("buffer:" + n, t) for n, t in model.named_buffers(remove_duplicate=False)]
+    for name, t in named:
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(_tensor_bytes(t))
     return h.hexdigest()[:16]
 
 
 def _leaves(x, out):
     if isinstance(x, torch.Tensor):
+        out.append(f"t{x.dtype}{tuple(x.shape)}".encode())
         out.append(_tensor_bytes(x))
     elif isinstance(x, np.ndarray):
+        out.append(f"a{x.dtype}{x.shape}".encode())
         out.append(np.ascontiguousarray(x).tobytes())
     elif isinstance(x, dict):
+        out.append(b"{")
         for k in sorted(x, key=str):
+            out.append(repr(k).encode())
             _leaves(x[k], out)
+        out.append(b"}")
     elif isinstance(x, (list, tuple)):
+        out.append(b"(")
         for v in x:
             _leaves(v, out)
-    else:
+        out.append(b")")
+    elif x is None or isinstance(x, (str, bytes, int, float, bool, complex)):
         out.append(repr(x).encode())
+    else:  # other objects: their pickle (a default repr would hold a memory address)
+        try:
+            out.append(pickle.dumps(x, protocol=4))
+        except Exception:
+            out.append(type(x).__qualname__.encode())
     return out
 
 
+DIGEST_BYTES = 16  # per example: collisions need 2**64 work; 16 MB per million examples
+
+
+def example_digest(item) -> bytes:
+    """Fingerprint of one training example (every tensor's bytes, dtype and shape)."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    for b in _leaves(item, []):
+        h.update(b)
+    return h.digest()
+
+
+def first_difference(stored: bytes, now: bytes) -> int | None:
+    """Position (within a block) of the first example whose digest differs, or None."""
+    n = DIGEST_BYTES
+    for j in range(max(len(stored), len(now)) // n):
+        if stored[j * n:(j + 1) * n] != now[j * n:(j + 1) * n]:
+            return j
+    return None
+
+
 def data_hash(data: Sequence) -> str:
-    """Cheap fingerprint of a training set: its length and its first and last examples."""
+    """Cheap fingerprint of a training set: its length and its first and last examples (every
+    example is fingerprinted per block as pass 1 reads it, see ``example_digest``)."""
     n = len(data)
     h = hashlib.sha256(str(n).encode())
     for i in sorted({0, n - 1}):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..task import task_record
 from ..index import (ExactTopK, ShardedIndex, VectorIndex, parse_spec, part_ranges,
                      recall_at_k)
 from ..precondition import FisherAccumulator, Preconditioner
@@ -55,8 +56,14 @@ def _finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damp
                       else (old_config or {}).get("item_signature"))
     return _commit(out, store, build, describe, pre=pre, key=key, vindex=vindex,
                    index=index, index_files=names, hessian=hessian, damping=damping,
-                   task=task if task is not None else (old_config or {}).get("task"),
+                   task=task if task is not None else _old_task(old_config),
                    item_signature=item_signature, progress=progress)
+
+
+def _old_task(old_config) -> dict:
+    """The task record of the config a refit replaces (reference and file hash)."""
+    old = old_config or {}
+    return dict(task=old.get("task"), task_sha256=old.get("task_sha256"))
 
 
 def _pass2_key(build: dict, *, hessian, damping, index, nlist, nprobe) -> str:
@@ -82,8 +89,9 @@ def _commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vin
             item_signature, progress) -> dict:
     """Write config.json — the commit point of the whole build — then drop older variants."""
     cfg = dict(build)
+    cfg.update(task_record(task) if task is not None else dict(task=None, task_sha256=None))
     cfg.update(
-        library="grass-index", version=__version__, torch=torch.__version__, task=task,
+        library="grass-index", version=__version__, torch=torch.__version__,
         hessian=hessian, damping=_damping_key(damping), damping_used=pre.damping_used,
         preconditioner=_jsonable(pre.describe()), preconditioner_key=key,
         layers_described=describe, index=_jsonable(vindex.describe()), index_kind=index,

@@ -92,7 +92,8 @@ def _sketch_queries(path: Path, config: dict, model, examples: Sequence, loss_fn
     sk = _query_sketcher(path, config, model, device)
     collate = collate or default_collate
     out = []
-    for b, lo, batch in _batches(examples, batch_size or config["batch_size"], collate):
+    for b, lo, batch in _batches(examples, batch_size or config["batch_size"], collate,
+                                 what="query examples"):
         try:
             out.append(sk.sketch(batch, loss_fn))
         except CaptureError as e:

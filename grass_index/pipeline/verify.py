@@ -1,5 +1,6 @@
-"""verify_index: check an index directory against its stored sketches; repair what pass 2
-can rebuild from them (the preconditioner, the FAISS index, the store's config)."""
+"""verify_index: check an index directory against its stored sketches and the store's own
+records; repair what they can rebuild (config.json, build.json, the preconditioner, the FAISS
+index) and, given the task, the sketch blocks damaged on disk."""
 from __future__ import annotations
 
 import json
@@ -13,20 +14,27 @@ from ..precondition import Preconditioner
 from ..store import SketchStore
 from .config import _check_damping, _norm_hessian, _read_config
 from .errors import AttributionError
-from .files import BUILD_FILE, FORMAT_VERSION, STORE_DIR, _jsonable
-from .fingerprints import _hash
+from .files import BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, STORE_DIR, _jsonable, _write_json
+from .fingerprints import _hash, config_hash, model_hash
 from .indexing import _refit, load_faiss
+from .querying import _query_sketcher
+from .sketching import resketch_blocks
 from .stored import _state_from_array
 
 
-def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0) -> dict:
-    """Check an index directory; with repair=True rebuild FAISS from the stored sketches.
+def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0,
+                 task=None) -> dict:
+    """Check an index directory; with repair=True rebuild what the store can: config.json
+    (from the store's copy), build.json (from the store's creation record), the
+    preconditioner and FAISS (from the stored sketches) and — when ``task`` (the task the
+    index was built from: a reference or loaded task) is given — exactly the sketch blocks
+    that are damaged on disk.
 
     Returns {"ok": bool, "checks": [{"name", "ok", "detail"}], "repaired": [...]}.
     """
     path = Path(path)
     checks: list[dict] = []
-    repaired: list[str] = []
+    repaired: list[str] = _restore_records(path) if repair else []
 
     def check(name, ok, detail=""):
         checks.append(dict(name=name, ok=bool(ok), detail=str(detail)))
@@ -38,7 +46,8 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0)
 
     try:
         cfg = _read_config(path)
-        check("config", True, f"config.json readable, hash {cfg['config_hash']} matches")
+        check("config", True, f"config.json readable, hash {cfg['config_hash']} matches, "
+                              "agrees with the store's record")
     except AttributionError as e:
         check("config", False, e)
         return report()
@@ -47,12 +56,17 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0)
           f"this is {__version__} (format {FORMAT_VERSION})")
     try:
         build = json.loads((path / BUILD_FILE).read_text())
-        check("build record", _hash(build) == cfg.get("sketch_hash"),
-              "build.json matches config" if _hash(build) == cfg.get("sketch_hash")
-              else "build.json does not match config.json")
     except (OSError, ValueError) as e:
         check("build record", False, f"{BUILD_FILE}: {e}")
         return report()
+    created = _store_creation_record(path)
+    same_build = _hash(build) == cfg.get("sketch_hash")
+    same_store = created is None or _jsonable(build) == _jsonable(created)
+    check("build record", same_build and same_store,
+          "build.json matches config.json and the store's creation record" if same_build
+          and same_store else "build.json does not match config.json" if not same_build else
+          "build.json is not the record the sketch store was created with (another build "
+          "claimed the directory)")
 
     n, bs = int(cfg["n_train"]), int(cfg["batch_size"])
     try:
@@ -65,9 +79,15 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0)
         meta_ok = _jsonable(store.get_meta("config", None)) == cfg
         check("store config", meta_ok, "LMDB config equals config.json" if meta_ok
               else "LMDB config differs from config.json")
+        damaged = store.damaged_blocks()
+        check("sketch blocks", not damaged,
+              f"{store.committed_blocks} blocks pass their checksums" if not damaged else
+              f"{len(damaged)} blocks damaged on disk (checksum or header): {damaged[:20]}")
         seen = np.zeros(n, dtype=np.int32)
         bad_rows, bad_shape, count = 0, 0, 0
         try:
+            if damaged:
+                raise AttributionError(f"blocks {damaged[:20]} are unreadable")
             for start, rows in store.iter_blocks():
                 rows = np.asarray(rows)
                 if rows.ndim != 2 or rows.shape[1] != cfg["dim"] or start + len(rows) > n:
@@ -78,7 +98,9 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0)
                 count += len(rows)
             read_ok = True
         except Exception as e:
-            read_ok = check("sketch blocks", False, f"reading failed: {e}")
+            if not damaged:
+                check("sketch blocks", False, f"reading failed: {e}")
+            read_ok = False
         if read_ok:
             missing, dup = int((seen == 0).sum()), int((seen > 1).sum())
             check("counts", store.num_rows == n and store.committed_blocks == math.ceil(n / bs),
@@ -124,22 +146,95 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0)
         store.close()
 
     if repair and not all(c["ok"] for c in checks):
-        fixable = {"faiss vs lmdb", "preconditioner", "store config"}
         broken = {c["name"] for c in checks if not c["ok"]}
+        if "sketch blocks" in broken and task is not None:
+            repaired.append(_recompute_blocks(path, cfg, damaged, task))
+            broken -= {"sketch blocks", "counts", "every id has a sketch", "sketches finite"}
+        fixable = {"faiss vs lmdb", "preconditioner", "store config"}
         if broken <= fixable:
-            hessian = _norm_hessian(cfg["hessian"])  # what AttributionIndex.reprecondition does
-            damping = _parse_saved_damping(cfg.get("damping"))
-            _check_damping(damping)
-            _refit(path, cfg, hessian=hessian, damping=damping,
-                   index=cfg.get("index_kind", "flat"))
-            repaired.append("rebuilt the preconditioner and the FAISS index from the stored "
-                            "sketches")
+            if broken:
+                hessian = _norm_hessian(cfg["hessian"])  # as AttributionIndex.reprecondition
+                damping = _parse_saved_damping(cfg.get("damping"))
+                _check_damping(damping)
+                _refit(path, cfg, hessian=hessian, damping=damping,
+                       index=cfg.get("index_kind", "flat"))
+                repaired.append("rebuilt the preconditioner and the FAISS index from the "
+                                "stored sketches")
             again = verify_index(path, repair=False, sample=sample, seed=seed)
             again["repaired"] = repaired
             return again
-        repaired.append(f"cannot repair {sorted(broken - fixable)} from the stored sketches; "
-                        "re-run the build (it resumes from the last committed batch)")
+        if "sketch blocks" in broken:
+            repaired.append(f"sketch blocks {damaged[:20]} are damaged: run `grass-index verify "
+                            f"{path} --repair --task FILE` with the task the index was built "
+                            "from to recompute exactly those blocks")
+        else:
+            repaired.append(f"cannot repair {sorted(broken - fixable)} from the stored "
+                            "sketches; re-run the build (it resumes from the last committed "
+                            "batch)")
     return report()
+
+
+def _store_creation_record(path: Path):
+    """The build record the sketch store was created with (None when unreadable)."""
+    try:
+        with SketchStore.open(path / STORE_DIR, readonly=True) as st:
+            return st.meta
+    except Exception:
+        return None
+
+
+def _restore_records(path: Path) -> list[str]:
+    """Restore config.json and build.json from the store's own copies when they are missing,
+    damaged or edited. Holds the store's writer lock, so never while a build runs."""
+    done: list[str] = []
+    try:
+        store = SketchStore.open(path / STORE_DIR, readonly=False)
+    except Exception:  # no store, or a build holds it: verify reports what is wrong
+        return done
+    with store:
+        created, stored_cfg = store.meta, store.get_meta("config", None)
+        bfile = path / BUILD_FILE
+        try:
+            old = json.loads(bfile.read_text())
+        except (OSError, ValueError):
+            old = None
+        if _jsonable(old) != _jsonable(created):
+            _write_json(bfile, created)
+            done.append(f"restored {BUILD_FILE} from the sketch store's creation record")
+        try:
+            _read_config(path)
+            return done
+        except AttributionError:
+            pass
+        usable = (isinstance(stored_cfg, dict)
+                  and stored_cfg.get("config_hash") == config_hash(stored_cfg)
+                  and all(_jsonable(stored_cfg.get(k)) == _jsonable(v)
+                          for k, v in created.items()))
+        if usable:
+            _write_json(path / CONFIG_FILE, stored_cfg)
+            done.append(f"restored {CONFIG_FILE} from the sketch store's copy")
+    return done
+
+
+def _recompute_blocks(path: Path, cfg: dict, damaged: list[int], task) -> str:
+    """Sketch exactly the damaged blocks again from the task, after checking that its model
+    and data are the ones the index was built from."""
+    from ..task import Task, load_task
+
+    t = task if isinstance(task, Task) else load_task(task)
+    model, data = t.model(), t.train_data()
+    if len(data) != int(cfg["n_train"]):
+        raise AttributionError(f"task {t.ref} has {len(data)} training examples but the index "
+                               f"was built over {cfg['n_train']}; pass the task it was built "
+                               "from")
+    if model_hash(model) != cfg.get("model_hash"):
+        raise AttributionError(f"the model of task {t.ref} differs from the one the index was "
+                               "built with (model fingerprint); pass the task it was built from")
+    sketcher = _query_sketcher(path, cfg, model)
+    with SketchStore.open(path / STORE_DIR, readonly=False) as store:
+        resketch_blocks(store, sketcher, data, t.loss, damaged, batch_size=int(cfg["batch_size"]),
+                        collate=t.collate)
+    return f"recomputed sketch blocks {damaged[:20]} from task {t.ref}"
 
 
 def _parse_saved_damping(d):
