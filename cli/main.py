@@ -395,7 +395,7 @@ def query(
         nonlocal train
         if not t.has("label"):
             return None
-        train = train if train is not None else t.train_data()
+        train = train if train is not None else _train_data_of_index(t, idx)
         return t.label(train[i])
 
     results = []
@@ -407,7 +407,7 @@ def query(
         results.append(res)
 
     if png is not None:
-        _draw(png, t, items, results)
+        _draw(png, t, items, results, idx)
     if json_mode:
         _emit_json(dict(index=str(directory), task=idx.task, k=top_k, ms_per_example=round(ms, 3),
                         results=results))
@@ -434,14 +434,25 @@ def query(
     err.print(f"{ms:.1f} ms per example")
 
 
-def _draw(path: Path, t, items, results) -> None:
+def _train_data_of_index(t, idx):
+    """The task's training data, which train ids index into: it must be the indexed set."""
+    data = t.train_data()
+    if len(data) != idx.n_train:
+        _fail(f"task {t.ref} has {len(data)} training examples but index {idx.path} was built "
+              f"over {idx.n_train}: the training data changed since the build, so train ids "
+              "would point at other examples; pass the task the index was built from, or "
+              "rebuild the index")
+    return data
+
+
+def _draw(path: Path, t, items, results, idx) -> None:
     from .png import BLUE, GREEN, RED, fmt_score, render
 
     if not t.has("image"):
         err.print(f"[yellow]warning:[/] task {_escape(t.ref)} defines no image(item); "
                   "--png skipped")
         return
-    train = t.train_data()
+    train = _train_data_of_index(t, idx)
     rows = []
     for item, res in zip(items, results):
         rows.append(("Q", [(t.image(item), f"#{res['example']}", BLUE)]))

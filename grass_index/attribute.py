@@ -77,7 +77,7 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
     """
     out = Path(out)
     hessian = _check_build_args(train_data, hessian=hessian, index=index,
-                                batch_size=batch_size, damping=damping)
+                                batch_size=batch_size, damping=damping, device=device)
     worker = parse_worker(worker)
     if worker is not None and remove_shards:
         raise AttributionError("remove_shards applies to torchrun builds and merge; a --worker "
@@ -279,8 +279,30 @@ class AttributionIndex:
         finally:
             store.close()
 
+    def _reread_if_replaced(self) -> bool:
+        """A re-precondition (another process or handle) replaced this index's files after
+        we read config.json: adopt the new config (same sketches, new preconditioner and
+        FAISS) so the next read sees one consistent snapshot; False when nothing changed."""
+        try:
+            new = _read_config(self.path)
+        except AttributionError:
+            return False
+        if new.get("preconditioner_key") == self.config.get("preconditioner_key"):
+            return False
+        log.info("index %s was re-preconditioned while open; using its new files", self.path)
+        self.config, self._vindex, self._pre = new, None, None
+        return True
+
     @property
     def vindex(self):
+        try:
+            return self._load_vindex()
+        except AttributionError:
+            if not self._reread_if_replaced():
+                raise
+            return self._load_vindex()
+
+    def _load_vindex(self):
         if self._vindex is None:
             names = self.config.get("index_files") or [self.config["index_file"]]
             f = self.path / names[0] if len(names) == 1 else self.path
@@ -302,6 +324,14 @@ class AttributionIndex:
 
     @property
     def preconditioner(self):
+        try:
+            return self._load_preconditioner()
+        except AttributionError:
+            if not self._reread_if_replaced():
+                raise
+            return self._load_preconditioner()
+
+    def _load_preconditioner(self):
         if self._pre is None:
             name = f"precond/{self.config['preconditioner_key']}"
             with self._reading() as store:

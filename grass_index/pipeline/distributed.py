@@ -163,6 +163,7 @@ def merge_ranks(group, out: Path, *, fisher, progress, remove_shards: bool = Fal
             return _template(_preconditioned_blocks(st, pre), spec, dim, nlist, nprobe).to_bytes()
     template = VectorIndex.from_bytes(
         *group.step(lambda: make_template() if rank == 0 else None)[0])
+    template.build_key = key  # every part (and the joined index) carries this build's key
 
     qids, k = recall_queries(n_train)
     queries = np.zeros((len(qids), dim), np.float32)  # each rank reads the ones it holds

@@ -6,7 +6,6 @@ gradient (``_refit``).
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import math
 from pathlib import Path
@@ -16,13 +15,13 @@ import torch
 
 from .. import __version__
 from ..task import task_record
-from ..index import (ExactTopK, ShardedIndex, VectorIndex, parse_spec, part_ranges,
-                     recall_at_k)
+from ..index import (ExactTopK, ShardedIndex, VectorIndex, check_serves, parse_spec,
+                     part_ranges, recall_at_k)
 from ..precondition import FisherAccumulator, Preconditioner
 from ..store import SketchStore, StoreError
 from .config import _damping_key
 from .errors import AttributionError
-from .files import BUILD_FILE, CONFIG_FILE, STORE_DIR, _jsonable, _write_json
+from .files import CONFIG_FILE, STORE_DIR, _jsonable, _write_json
 from .fingerprints import _data_signature, _hash, config_hash
 from .progress import _Progress
 from .stored import _chunks, _preconditioned_blocks, _state_from_array, _state_to_array
@@ -48,6 +47,8 @@ def _finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damp
         store.put_array(f"precond/{key}", _state_to_array(pre.state_dict()))
 
     parts, vindex = _build_faiss(store, pre, build, index, nlist, nprobe, progress)
+    for v in (*parts, vindex):  # written into each file: a reader checks it before serving
+        v.build_key = key
     names = index_file_names(key, len(parts))
     _remove_temp_files(out)
     for part, name in zip(parts, names):
@@ -117,10 +118,12 @@ def _refit(path: Path, config: dict, *, hessian: str, damping, index: str,
            progress=False) -> dict:
     """Pass 2 again over a finished index's stored sketches (another damping, Hessian or
     index kind); the new config. ``hessian`` is canonical and ``damping`` already checked."""
-    build = json.loads((path / BUILD_FILE).read_text())
     prog = _Progress(progress)
     try:
         with SketchStore.open(path / STORE_DIR, readonly=False) as store:
+            # the store's own creation record, not build.json (which another build may have
+            # overwritten): it is what the stored sketches are
+            build = store.meta
             return _finish(path, store, build, config.get("layers_described", {}),
                            hessian=hessian, damping=damping, index=index, nlist=None,
                            nprobe=None, task=None, progress=prog, old_config=config)
@@ -256,8 +259,14 @@ def _measure_recall(vindex, exact: ExactTopK, qids, k: int, others=()) -> dict:
     return recall
 
 
-def load_faiss(path: Path, cfg: dict, *, mmap: bool = False, verify: bool = True):
-    """The finished index's FAISS index: its one file, or its parts searched as one."""
+def load_faiss(path: Path, cfg: dict, *, mmap: bool = False, verify: bool = True,
+               check: bool = True):
+    """The finished index's FAISS index: its one file, or its parts searched as one —
+    checked (``check``) to belong to this build (key, count, id range) before it serves."""
     names = cfg.get("index_files") or [cfg["index_file"]]
     parts = [VectorIndex.load(path / name, mmap=mmap, verify=verify) for name in names]
-    return parts[0] if len(parts) == 1 else ShardedIndex(parts)
+    vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
+    if check:
+        check_serves(vindex, cfg["preconditioner_key"], int(cfg["n_train"]),
+                     ", ".join(str(path / name) for name in names))
+    return vindex

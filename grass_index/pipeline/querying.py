@@ -11,6 +11,7 @@ import torch
 from ..capture import CaptureError, GradientSketcher, select_layers
 from ..compress import load_selective_mask
 from ..task import default_collate, item_signature, signature_mismatch
+from .config import _check_device
 from .errors import AttributionError
 from .files import MASK_FILE
 from .fingerprints import _layer_dims, model_hash
@@ -51,6 +52,7 @@ def _check_model(path: Path, config: dict, model: torch.nn.Module):
 
 def _query_sketcher(path: Path, config: dict, model, device=None) -> GradientSketcher:
     """A sketcher for ``model`` that draws the projections the index was built with."""
+    _check_device(device)
     infos = _check_model(path, config, model)
     masks = load_selective_mask(path / MASK_FILE) if config.get("selective_mask") else None
     sk = GradientSketcher(model, infos, sparsification=config["sparsification"],

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..index import FaissIndexError, check_serves
 from ..precondition import Preconditioner
 from ..store import SketchStore
 from .config import _check_damping, _norm_hessian, _read_config
@@ -124,7 +125,7 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0,
         names = cfg.get("index_files") or [cfg["index_file"]]
         faiss_ok, detail = False, ""
         try:
-            vindex = load_faiss(path, cfg)
+            vindex = load_faiss(path, cfg, check=False)
             if vindex.ntotal != n:
                 detail = f"FAISS holds {vindex.ntotal} vectors, expected {n}"
             elif pre is not None:
@@ -139,6 +140,10 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0,
                           if faiss_ok else f"FAISS vectors differ from LMDB (rel err {err:.1e})")
             else:
                 faiss_ok, detail = True, f"{n} vectors (not compared: no preconditioner)"
+            try:  # what a query checks before it answers: this build's key, ids 0..n-1
+                check_serves(vindex, cfg["preconditioner_key"], n, "the FAISS file")
+            except FaissIndexError as e:
+                faiss_ok, detail = False, f"{detail}; {e}"
         except Exception as e:
             detail = f"{', '.join(names)} missing or unreadable ({type(e).__name__}: {e})"
         check("faiss vs lmdb", faiss_ok, detail)

@@ -2,7 +2,7 @@
 damped inverse (Preconditioner, eFIM or identity)."""
 from .damping import DEFAULT_DAMPING, format_damping, parse_damping
 from .fisher import FisherAccumulator
-from .preconditioner import HESSIANS, Preconditioner
+from .preconditioner import HESSIANS, Preconditioner, unrepresentable_rows
 
 __all__ = ["DEFAULT_DAMPING", "FisherAccumulator", "HESSIANS", "Preconditioner", "format_damping",
-           "parse_damping"]
+           "parse_damping", "unrepresentable_rows"]
