@@ -335,7 +335,7 @@ def _examples(idx, t, example: Optional[List[int]], input_file: Optional[Path], 
         return list(range(len(items))), items, str(input_file)
     if split not in ("query", "train"):
         _fail(f"--split {split!r}: use query or train")
-    data = t.query_data() if split == "query" else t.train_data()
+    data = t.query_data() if split == "query" else _train_data_of_index(t, idx)
     ids = list(example) if example else (list(range(len(data))) if all_default else [0])
     for i in ids:
         if not 0 <= i < len(data):

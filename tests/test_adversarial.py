@@ -511,8 +511,9 @@ def test_training_data_that_shrank_after_the_build(copy, tmp_path):
     task, out = copy
     shrunk = write_task(tmp_path, "small.py", n_train=30)
     shrunk.write_text(shrunk.read_text() + "\ndef label(item):\n    return int(item[1])\n")
-    one_line_error(invoke("query", out, "--task", shrunk, "--example", 0),
-                   "30 training examples", "built over 40")
+    for split in ("query", "train"):  # labels of train ids / a train id as the query
+        one_line_error(invoke("query", out, "--task", shrunk, "--split", split, "--example", 0),
+                       "30 training examples", "built over 40")
 
 
 def test_edited_n_train_is_refused(copy):
@@ -539,3 +540,38 @@ def test_int32_input_is_reported_as_a_dtype_error(copy, tmp_path):
     np.savez(tmp_path / "q.npz", x=np.zeros((2, 6), np.int32), y=np.zeros(2, np.int64))
     one_line_error(invoke("query", out, "--task", task, "--input", tmp_path / "q.npz"),
                    "expected dtype float32, got int32")
+
+
+REPRECONDITION_LOOP = """
+import sys, grass_index as gi
+for i in range(int(sys.argv[2])):
+    gi.open_index(sys.argv[1]).reprecondition(damping=(0.3, 0.5)[i % 2])
+"""
+
+
+@pytest.mark.slow
+def test_queries_racing_repreconditions_in_another_process_all_answer(copy, tmp_path):
+    """The reported race: another process re-preconditions (deleting the old files) again and
+    again while this one opens the index and queries it; every query answers."""
+    import os
+    import subprocess
+    import sys
+
+    task, out = copy
+    t = gi.load_task(str(task))
+    model, q = t.model(), t.query_data()
+    script = tmp_path / "loop.py"
+    script.write_text(REPRECONDITION_LOOP)
+    proc = subprocess.Popen([sys.executable, str(script), str(out), "6"],
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    answered = 0
+    try:
+        while proc.poll() is None or answered < 3:  # ~20 queries race 6 repreconditions
+            idx = gi.open_index(out)
+            sk = idx.query_sketches(model, q, t.loss)  # time passes between open and search
+            assert len(idx.search(sk, 5)) == len(q)
+            answered += 1
+    finally:
+        proc.wait(timeout=120)
+    assert proc.returncode == 0
+    assert answered >= 3

@@ -47,7 +47,8 @@ def test_round_trip_build_info_query_score_verify(built, tmp_path):
     assert cfg["layout"] == {"0": 8, "2": 8}
     assert {d["name"] for d in cfg["layer_dims"]} == {"0", "2"}
 
-    q = invoke("query", out, "--task", task, "--example", 1, "--example", 4, "--top-k", 5, "--opponents", "--json")
+    q = invoke("query", out, "--task", task, "--example", 1, "--example", 4, "--top-k", 5,
+               "--opponents", "--json")
     assert q.exit_code == 0, q.output
     doc = json.loads(q.stdout)
     assert [r["example"] for r in doc["results"]] == [1, 4]
@@ -87,7 +88,8 @@ def test_index_options_recall_in_info_and_bad_index(built, tmp_path):
 
 def test_query_png(built, tmp_path):
     task, out = built
-    res = invoke("query", out, "--task", task, "--example", 0, "--opponents", "-k", 3, "--png", tmp_path / "q.png")
+    res = invoke("query", out, "--task", task, "--example", 0, "--opponents", "-k", 3, "--png",
+                 tmp_path / "q.png")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -140,7 +142,8 @@ def test_wrong_shaped_query_input(built, tmp_path):
     res = invoke("query", out, "--task", task, "--input", tmp_path / "q.npz")
     assert_clean_failure(res, "expected shape [6], got [5]")
     np.savez(tmp_path / "ok.npz", x=np.zeros((2, 6)), y=np.zeros(2, np.int64))
-    assert invoke("query", out, "--task", task, "--input", tmp_path / "ok.npz", "--json").exit_code == 0
+    ok = invoke("query", out, "--task", task, "--input", tmp_path / "ok.npz", "--json")
+    assert ok.exit_code == 0
 
 
 def test_example_out_of_range(built):

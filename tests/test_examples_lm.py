@@ -104,7 +104,8 @@ def test_tiny_gpt_build_query_self_influence(tiny, tmp_path):
     b = invoke("build", TINY_GPT, "--out", out, *SMALL)
     assert b.exit_code == 0, b.output
     ids = [0, 7, 50, 95]
-    q = invoke("query", out, "--task", TINY_GPT, "--split", "train", *sum((["--example", i] for i in ids), []),
+    q = invoke("query", out, "--task", TINY_GPT, "--split", "train",
+               *sum((["--example", i] for i in ids), []),
                "--top-k", 3, "--json")
     assert q.exit_code == 0, q.output
     doc = json.loads(q.stdout)

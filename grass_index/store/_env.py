@@ -107,7 +107,8 @@ class EnvHandle:
 def _open_env(path: str, *, readonly: bool, create: bool) -> lmdb.Environment:
     exists = os.path.exists(os.path.join(path, DATA_FILE))
     kwargs = dict(subdir=True, readonly=readonly, create=create and not readonly,
-                  map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES) + len(OPTIONAL_DB_NAMES) + 2, readahead=False,
+                  map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES) + len(OPTIONAL_DB_NAMES) + 2,
+                  readahead=False,
                   max_spare_txns=0)
     if not exists and not readonly:
         try:  # choose the on-disk format explicitly for new stores (lmdb >= 3)
