@@ -28,7 +28,7 @@ from .pipeline.errors import AttributionError
 from .pipeline.files import FORMAT_VERSION, MASK_FILE, STORE_DIR, _atomic_write, _jsonable
 from .pipeline.fingerprints import _data_signature, _hash, _layer_dims, data_hash, model_hash
 from .pipeline import distributed as _distributed
-from .pipeline.config import (_check_index, _check_build_args, _check_damping, _claim_out_dir,
+from .pipeline.config import (CLAIM_WAIT_S, _check_index, _check_build_args, _check_damping,
                               _claim_out_dir_locked, _damping_key, _norm_hessian, _read_config)
 from .pipeline.progress import _Progress
 from .pipeline.sharding import _merge, _sketch_shard, parse_worker, read_shard_fisher
@@ -133,8 +133,8 @@ def _build(model, train_data, loss_fn, out: Path, *, sparsification, projection,
     if masks is not None:  # only recorded when used, so other builds' hashes are unchanged
         build["selective_mask"] = _hash(masks)
 
-    def claim():
-        _claim_out_dir(out, build)
+    def claim():  # workers/ranks of one build claim in turn (milliseconds each)
+        _claim_out_dir_locked(out, build, wait_s=CLAIM_WAIT_S).release()
         if masks is not None:
             _atomic_write(out / MASK_FILE, Path(selective_mask).read_bytes())
 

@@ -19,6 +19,7 @@ from .files import (_OUR_FILES, BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, MASK_FI
 from .fingerprints import config_hash
 
 HESSIANS = {"efim": "eFIM", "identity": "identity"}
+CLAIM_WAIT_S = 30.0  # a worker waits this long for the lock another worker's claim holds
 INDEX_KINDS = SPECS  # flat, ivf, flat:fp16, ivf:fp16
 
 
@@ -102,12 +103,12 @@ def _check_out_dir_free(out: Path) -> None:
                                "build; choose a new or empty directory")
 
 
-def _claim_out_dir_locked(out: Path, build: dict):
+def _claim_out_dir_locked(out: Path, build: dict, *, wait_s: float = 0.0):
     """Take the store's writer lock, then claim ``out`` (build.json) while holding it: two
     builds into one new directory cannot both claim it. Returns the held lock, for
-    ``SketchStore.create(..., lock=)``."""
+    ``SketchStore.create(..., lock=)`` (a worker's claim releases it at once)."""
     _check_out_dir_free(out)
-    lock = writer_lock(out / STORE_DIR)
+    lock = writer_lock(out / STORE_DIR, wait_s=wait_s)
     try:
         _claim_out_dir(out, build)
     except BaseException:

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from . import _env, arrays, codec
-from .errors import StoreError
+from .errors import StoreError, WriterLockedError
 from .lock import LOCK_NAME, WriterLock
 
 FORMAT = 1
@@ -459,15 +459,23 @@ def _healthy(buf, block_no: int) -> bool:
     return True
 
 
-def writer_lock(path) -> WriterLock:
+def writer_lock(path, *, wait_s: float = 0.0) -> WriterLock:
     """Acquire the writer lock of the store at ``path`` (creating the directory) before the
     store exists, so a build can claim its output directory under the lock; hand it to
-    :meth:`SketchStore.create` (or release it)."""
+    :meth:`SketchStore.create` (or release it). ``wait_s``: keep trying that long (claims
+    that hold it for milliseconds, e.g. workers of one build, queue instead of failing)."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     lock = WriterLock(path)
-    lock.acquire()
-    return lock
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            lock.acquire()
+            return lock
+        except WriterLockedError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _engine(h) -> tuple:
