@@ -579,3 +579,19 @@ def test_queries_racing_repreconditions_in_another_process_all_answer(copy, tmp_
         proc.wait(timeout=120)
     assert proc.returncode == 0
     assert answered >= 3
+
+
+def test_rerunning_the_build_recomputes_a_damaged_block(copy):
+    from grass_index.store import SketchStore
+
+    task, out = copy
+    t = gi.load_task(str(task))
+    before = gi.open_index(out).score(t.model(), t.query_data(), t.loss)
+    rows = _damage_block(out, 4)
+    one_line_error(invoke("score", out, "--task", task, "--out", out.parent / "s.npy"),
+                   "failed its checksum", "--repair --task")
+    res = invoke("build", task, "--out", out, *SMALL)
+    assert res.exit_code == 0, res.output
+    with SketchStore.open(out / "sketches") as st:
+        assert np.array_equal([r for _, r in st.iter_blocks()][4], rows)
+    assert torch.equal(gi.open_index(out).score(t.model(), t.query_data(), t.loss), before)

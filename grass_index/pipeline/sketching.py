@@ -53,6 +53,11 @@ def _sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batc
     if start:
         log.info("resuming: %d of %d batches already sketched", start, len(blocks))
         _check_data_unchanged(store, train_data, blocks[:start], batch_size)
+        damaged = store.damaged_blocks()  # a re-run also recomputes blocks damaged on disk
+        if damaged:
+            log.warning("recomputing sketch blocks damaged on disk: %s", damaged[:20])
+            resketch_blocks(store, sketcher, train_data, loss_fn, damaged,
+                            batch_size=batch_size, collate=collate, blocks=blocks)
     progress("sketch", start, len(blocks))
     for j in range(start, len(blocks)):
         b = blocks[j]
@@ -102,15 +107,17 @@ def _check_data_unchanged(store, train_data: Sequence, blocks: Sequence[int],
                 "--out, or delete the old directory to rebuild over the new data")
 
 
-def resketch_blocks(store, sketcher, train_data: Sequence, loss_fn, blocks: Sequence[int], *,
-                    batch_size: int, collate) -> None:
-    """Sketch the given committed blocks again (repair of blocks damaged on disk): each
-    block's examples must still match the data fingerprint stored with it."""
+def resketch_blocks(store, sketcher, train_data: Sequence, loss_fn, damaged: Sequence[int], *,
+                    batch_size: int, collate, blocks: Sequence[int] | None = None) -> None:
+    """Sketch the given committed blocks again (blocks damaged on disk): each block's
+    examples must still match the data fingerprint stored with it. ``blocks`` maps a store's
+    block number to its global batch number (a worker's shard; default: the same)."""
     n = len(train_data)
-    for b in blocks:
+    for j in damaged:
+        b = j if blocks is None else blocks[j]
         lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
         items = [train_data[i] for i in range(lo, hi)]
-        stored = store.block_digest(b)
+        stored = store.block_digest(j)
         k = None if stored is None else first_difference(
             stored, b"".join(example_digest(x) for x in items))
         if k is not None:
@@ -118,4 +125,4 @@ def resketch_blocks(store, sketcher, train_data: Sequence, loss_fn, blocks: Sequ
                                    "was built over; pass the task and data it was built from")
         batch = collate_items(collate, items, f"training examples {lo}..{hi - 1}")
         rows = _sketch_batch(sketcher, batch, loss_fn, lo, hi, b)
-        store.replace_block(b, lo, rows.numpy())
+        store.replace_block(j, j * batch_size, rows.numpy())
