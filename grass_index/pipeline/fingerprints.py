@@ -22,9 +22,17 @@ def config_hash(cfg: dict) -> str:
     return _hash({k: v for k, v in cfg.items() if k not in ("config_hash", "created")})
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes()
+def _tensor_bytes(t: torch.Tensor):
+    """The tensor's bytes as a buffer (no copy for a contiguous CPU tensor)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    try:
+        return memoryview(t.numpy()).cast("B")
+    except (TypeError, RuntimeError, ValueError):  # dtypes numpy lacks (bfloat16, ...)
+        return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def model_hash(model: torch.nn.Module, layers=None) -> str:
@@ -32,40 +40,41 @@ def model_hash(model: torch.nn.Module, layers=None) -> str:
     outside the attributed layers change every gradient too, so a model that differs anywhere
     must not resume a build. ``layers`` is accepted for callers that pass it; unused."""
     h = hashlib.sha256()
-    named = [("param:" + n, t) for n, t in model.named_parameters(remove_duplicate=False)]
-    named += [("buffer:" + n, t) for n, t in model.named_buffers(remove_duplicate=False)]
+    named = [("param:" + n, t) for n, t in model.named_parameters()]
+    named += [("buffer:" + n, t) for n, t in model.named_buffers()]
     for name, t in named:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(_tensor_bytes(t))
     return h.hexdigest()[:16]
 
 
-def _leaves(x, out):
+def _feed(h, x) -> None:
+    """Update hash ``h`` with one example's structure and leaf values."""
     if isinstance(x, torch.Tensor):
-        out.append(f"t{x.dtype}{tuple(x.shape)}".encode())
-        out.append(_tensor_bytes(x))
+        h.update(f"t{x.dtype}{tuple(x.shape)}".encode())
+        h.update(_tensor_bytes(x))
     elif isinstance(x, np.ndarray):
-        out.append(f"a{x.dtype}{x.shape}".encode())
-        out.append(np.ascontiguousarray(x).tobytes())
+        h.update(f"a{x.dtype}{x.shape}".encode())
+        h.update(np.ascontiguousarray(x).tobytes() if x.dtype.hasobject else
+                 memoryview(np.ascontiguousarray(x)).cast("B"))
     elif isinstance(x, dict):
-        out.append(b"{")
+        h.update(b"{")
         for k in sorted(x, key=str):
-            out.append(repr(k).encode())
-            _leaves(x[k], out)
-        out.append(b"}")
+            h.update(repr(k).encode())
+            _feed(h, x[k])
+        h.update(b"}")
     elif isinstance(x, (list, tuple)):
-        out.append(b"(")
+        h.update(b"(")
         for v in x:
-            _leaves(v, out)
-        out.append(b")")
+            _feed(h, v)
+        h.update(b")")
     elif x is None or isinstance(x, (str, bytes, int, float, bool, complex)):
-        out.append(repr(x).encode())
+        h.update(repr(x).encode())
     else:  # other objects: their pickle (a default repr would hold a memory address)
         try:
-            out.append(pickle.dumps(x, protocol=4))
+            h.update(pickle.dumps(x, protocol=4))
         except Exception:
-            out.append(type(x).__qualname__.encode())
-    return out
+            h.update(type(x).__qualname__.encode())
 
 
 DIGEST_BYTES = 16  # per example: collisions need 2**64 work; 16 MB per million examples
@@ -73,14 +82,26 @@ DIGEST_BYTES = 16  # per example: collisions need 2**64 work; 16 MB per million 
 
 def example_digest(item) -> bytes:
     """Fingerprint of one training example (every tensor's bytes, dtype and shape)."""
-    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
-    for b in _leaves(item, []):
-        h.update(b)
-    return h.digest()
+    h = hashlib.sha256()
+    _feed(h, item)
+    return h.digest()[:DIGEST_BYTES]
+
+
+DIGEST_TAG = b"gi-sha256-16:"  # prefixes a block's digests: names how they were computed
+
+
+def block_digest(items) -> bytes:
+    """The data fingerprint stored with a block: one example_digest per example."""
+    return DIGEST_TAG + b"".join(example_digest(x) for x in items)
 
 
 def first_difference(stored: bytes, now: bytes) -> int | None:
-    """Position (within a block) of the first example whose digest differs, or None."""
+    """Position (within a block) of the first example whose digest differs, or None (also
+    when ``stored`` was computed another way, e.g. by another grass-index version: it cannot
+    be compared, and the check is skipped)."""
+    if not (stored.startswith(DIGEST_TAG) and now.startswith(DIGEST_TAG)):
+        return None
+    stored, now = stored[len(DIGEST_TAG):], now[len(DIGEST_TAG):]
     n = DIGEST_BYTES
     for j in range(max(len(stored), len(now)) // n):
         if stored[j * n:(j + 1) * n] != now[j * n:(j + 1) * n]:
@@ -94,8 +115,7 @@ def data_hash(data: Sequence) -> str:
     n = len(data)
     h = hashlib.sha256(str(n).encode())
     for i in sorted({0, n - 1}):
-        for b in _leaves(data[i], []):
-            h.update(b)
+        _feed(h, data[i])
     return h.hexdigest()[:16]
 
 

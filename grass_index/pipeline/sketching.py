@@ -12,7 +12,7 @@ from ..capture import CaptureError
 from ..store import StoreError
 from ..task import TaskError, collate_items
 from .errors import AttributionError
-from .fingerprints import example_digest, first_difference
+from .fingerprints import block_digest, first_difference
 
 log = logging.getLogger("grass_index")
 
@@ -63,7 +63,7 @@ def _sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batc
         b = blocks[j]
         lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
         items = [train_data[i] for i in range(lo, hi)]
-        digest = b"".join(example_digest(x) for x in items)
+        digest = block_digest(items)
         batch = collate_items(collate, items, f"training examples {lo}..{hi - 1}")
         rows = _sketch_batch(sketcher, batch, loss_fn, lo, hi, b)
         store.put_block(j, j * batch_size, rows.numpy(), digest=digest)
@@ -97,7 +97,7 @@ def _check_data_unchanged(store, train_data: Sequence, blocks: Sequence[int],
         if stored is None:
             continue
         lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
-        now = b"".join(example_digest(train_data[i]) for i in range(lo, hi))
+        now = block_digest(train_data[i] for i in range(lo, hi))
         k = first_difference(stored, now)
         if k is not None:
             raise AttributionError(
@@ -118,8 +118,7 @@ def resketch_blocks(store, sketcher, train_data: Sequence, loss_fn, damaged: Seq
         lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
         items = [train_data[i] for i in range(lo, hi)]
         stored = store.block_digest(j)
-        k = None if stored is None else first_difference(
-            stored, b"".join(example_digest(x) for x in items))
+        k = None if stored is None else first_difference(stored, block_digest(items))
         if k is not None:
             raise AttributionError(f"training example {lo + k} differs from the one the index "
                                    "was built over; pass the task and data it was built from")
