@@ -426,14 +426,19 @@ def test_verify_detects_tampered_config(field, value, broken, ref):
     cfg = json.loads(cfile.read_text())
     cfg[field] = value
     cfile.write_text(json.dumps(cfg))
-    for extra in ((), ("--repair",)):  # not repairable from the sketches: still non-zero
-        code, msg = cli_verify(broken, *extra)
-        assert code != 0
-        assert "FAIL config:" in msg and "config hash mismatch" in msg, msg
+    code, msg = cli_verify(broken)
+    assert code != 0
+    assert "FAIL config:" in msg and "config hash mismatch" in msg, msg
     with pytest.raises(AttributionError, match="config hash mismatch"):
         gi.open_index(broken)
     res = runner.invoke(app, ["query", str(broken), "--example", "0"])
     assert res.exit_code != 0 and "config hash mismatch" in one_line(res.stderr)
+    # the store keeps a copy of the config: repair restores it (no gradients needed)
+    with no_gradients():
+        code, msg = cli_verify(broken, "--repair")
+    assert code == 0 and "restored config.json" in msg, msg
+    assert json.loads(cfile.read_text())["config_hash"] == ref["config"]["config_hash"]
+    assert_same_index(broken, ref)
 
 
 # ----------------------------------------------------------------------------- versions, configs

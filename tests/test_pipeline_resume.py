@@ -48,7 +48,8 @@ def test_resume_after_exception_is_identical(tmp_path, reference):
         return loss_fn(model, batch)
 
     out = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="injected"):
+    # the user's loss failed: a TaskError naming the training ids, chained to the RuntimeError
+    with pytest.raises(gi.task.TaskError, match="training examples 24..31.*injected"):
         build(out, loss=flaky)
     with SketchStore.open(out / "sketches", readonly=True) as st:
         assert st.committed_blocks == 3  # three batches committed before the failure

@@ -52,12 +52,13 @@ def test_fisher_bad_input():
 
 @pytest.mark.parametrize("damping,mode,value", [
     (None, "relative", DEFAULT_DAMPING), (0.5, "relative", 0.5), ("0.01", "relative", 0.01),
-    ("abs:1e-3", "absolute", 1e-3), ("rel:2", "relative", 2.0), (0, "relative", 0.0)])
+    ("abs:1e-3", "absolute", 1e-3), ("rel:2", "relative", 2.0), (1e-8, "relative", 1e-8)])
 def test_parse_damping(damping, mode, value):
     assert parse_damping(damping) == (mode, value)
 
 
-@pytest.mark.parametrize("bad", ["abs:", "fast", -0.1, "abs:-1", float("nan"), True, [0.1]])
+@pytest.mark.parametrize("bad", ["abs:", "fast", -0.1, "abs:-1", float("nan"), True, [0.1],
+                                 0, "abs:0", 1e300, "abs:1e300", "inf"])
 def test_parse_damping_rejects_with_syntax(bad):
     with pytest.raises(ValueError, match=r"abs:1e-3"):
         parse_damping(bad)

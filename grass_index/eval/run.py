@@ -1,6 +1,7 @@
 """`run_eval`: LDS of an index directory against (cached) retrained-model ground truth.
 
-This is what ``grass-index eval DIR`` calls. The index records its task; the task must
+This is what ``grass-index eval DIR --task FILE`` calls (the task the index was built from;
+an index's recorded task is never run unasked). The task must
 define ``train(train_data_subset, seed)`` (see groundtruth.py) so subsets can be retrained.
 """
 from __future__ import annotations
@@ -69,19 +70,22 @@ def run_eval(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
     """Train (or reuse) ground truth for the index's task, score its query data, return LDS.
 
     index: a directory or an opened AttributionIndex. task: a task reference or loaded task
-    (default: the one recorded in the index). max_queries: score only the first N query
-    examples (the ground truth covers all of them, since retraining dominates the cost).
+    (required: the task the index records is never run unasked). max_queries: score only
+    the first N query examples (the ground truth covers all of them, since retraining
+    dominates the cost).
     """
     from ..attribute import AttributionIndex, open_index
-    from ..task import load_task
+    from ..task import TaskError, task_for_index
 
     idx = index if isinstance(index, AttributionIndex) else open_index(index)
-    if task is None:
-        if not idx.task:
-            raise EvalError(f"index {idx.path} records no task; pass the task file (--task FILE)")
-        task = idx.task
-    if isinstance(task, (str, os.PathLike)):
-        task = load_task(task)
+    if task is None or isinstance(task, (str, os.PathLike)):
+        # never the task the index records unless the caller names it (an index is data)
+        try:
+            task, _ = task_for_index(None if task is None else str(task), recorded=idx.task,
+                                     sha256=idx.config.get("task_sha256"), index_dir=idx.path,
+                                     command="eval")
+        except TaskError as e:
+            raise EvalError(str(e)) from e
     train_fn = task_train_fn(task)
     train, query = task.train_data(), task.query_data()
     if len(train) != idx.n_train:
