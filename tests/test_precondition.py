@@ -106,10 +106,11 @@ def test_bad_hessian_and_singular():
     assert not out[:, :3].any() and np.allclose(out[:, 3:], 1 / 1.1)
     back = Preconditioner.from_state_dict(P.state_dict(), LAYOUT)
     assert back.dropped == ["a"] and np.array_equal(back.apply(np.ones((2, 8))), out)
-    # a rank-deficient block without damping names the layer and a per-layer remedy
-    deficient = {"a": np.diag([1.0, 0.0, 0.0]), "b": np.eye(5)}
+    # a block still not positive definite at the smallest accepted damping (0 is refused when
+    # parsed) names the layer and a per-layer remedy
+    deficient = {"a": np.diag([1.0, 0.0, -1e-3]), "b": np.eye(5)}
     with pytest.raises(ValueError, match=r"layer 'a'.*singular.*--layers '!a\.\*'"):
-        Preconditioner.fit(deficient, LAYOUT, damping=0)
+        Preconditioner.fit(deficient, LAYOUT, damping=1e-8)
     P = Preconditioner.fit(zero, LAYOUT, damping="abs:2")  # training rows there are zero anyway
     np.testing.assert_allclose(P.apply(np.ones((1, 8)))[0], [0] * 3 + [1 / 3] * 5, rtol=1e-6)
     with pytest.raises(ValueError, match="no Fisher matrix"):
