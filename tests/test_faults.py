@@ -77,7 +77,10 @@ TASK = textwrap.dedent("""
             _calls += 1
             if SLEEP:
                 time.sleep(SLEEP)
-            if GATE and _calls > GATE_AFTER and os.path.exists(GATE):
+            # block on batch GATE_AFTER (by content: the first-batch capture check also
+            # calls the loss with gradients, so counting calls would gate earlier)
+            if GATE and _calls > GATE_AFTER and os.path.exists(GATE) and torch.equal(
+                    batch[0][0], train_data()[GATE_AFTER * 16][0]):
                 open(GATE + ".waiting", "w").close()
                 t0 = time.time()
                 while os.path.exists(GATE) and time.time() - t0 < 120:
