@@ -521,7 +521,11 @@ def info(directory: Path = typer.Argument(..., metavar="DIR"),
         return
     cfg = d["config"]
     damp = cfg.get("damping_used")
-    rows = [("task", cfg.get("task")), ("built with", f"grass-index {cfg['version']}, torch "
+    from grass_index.task import task_file_status
+
+    rows = [("task", cfg.get("task")),  # shown, never run; and whether that file still matches
+            ("task file", task_file_status(cfg.get("task"), cfg.get("task_sha256"), directory)),
+            ("built with", f"grass-index {cfg['version']}, torch "
                                                       f"{cfg.get('torch')}"),
             ("train examples", cfg["n_train"]), ("sketch dim", cfg["dim"]),
             ("sparsification", cfg["sparsification"]), ("projection", cfg["projection"]),
