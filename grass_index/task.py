@@ -268,32 +268,39 @@ def task_record(task) -> dict:
 
 # -- consent: which task an index may run ---------------------------------------------------
 
-def recorded_task_status(recorded: str | None, sha256: str | None, index_dir) -> str:
-    """How the task an index records compares with the file there now (for messages; reads
-    the file's bytes, never runs them)."""
-    from .untrusted import safe_text
-
+def task_file_status(recorded: str | None, sha256: str | None, index_dir) -> str:
+    """How the task file an index records compares with the file there now: a short phrase
+    for messages and `info` (reads the file's bytes, never runs them)."""
     if not recorded:
-        return "the index records no task (built from Python)"
+        return "no task recorded (built from Python)"
     path = _file_part(str(recorded))
-    shown = f"the index was built with task {safe_text(recorded)}"
     if not os.path.isabs(path):
-        return shown + " (a module or relative path: it is never run unless named with --task)"
+        return "a module or relative path: never run unless named with --task"
     p = Path(path)
     try:
         inside = p.resolve().is_relative_to(Path(index_dir).resolve())
     except OSError:
         inside = False
     if inside:
-        return shown + (" — a path inside the index directory: an index directory is data "
-                        "and never supplies code; do not run it")
+        return ("a path inside the index directory: an index directory is data and never "
+                "supplies code; do not run it")
     if not p.is_file():
-        return shown + " (that file no longer exists)"
+        return "that file no longer exists"
     if sha256 is None:
-        return shown + " (no content hash was recorded)"
-    now = file_sha256(p.read_bytes())
-    return shown + (" (that file is unchanged since the build: sha256 matches)" if now == sha256
-                    else " (that file has CHANGED since the build: sha256 differs)")
+        return "no content hash was recorded"
+    return ("that file is unchanged since the build: sha256 matches"
+            if file_sha256(p.read_bytes()) == sha256 else
+            "that file has CHANGED since the build: sha256 differs")
+
+
+def recorded_task_status(recorded: str | None, sha256: str | None, index_dir) -> str:
+    """The task an index records, with :func:`task_file_status`, as one clause."""
+    from .untrusted import safe_text
+
+    status = task_file_status(recorded, sha256, index_dir)
+    if not recorded:
+        return "the index records no task (built from Python)"
+    return f"the index was built with task {safe_text(recorded)} ({status})"
 
 
 def task_for_index(given, *, recorded: str | None, sha256: str | None, index_dir,

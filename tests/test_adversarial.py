@@ -164,6 +164,12 @@ def test_info_records_and_shows_the_task_identity_without_running_it(copy):
     doc = json.loads(invoke("info", out, "--json").stdout)["config"]
     assert doc["task"] == str(task.resolve())
     assert doc["task_sha256"] == hashlib.sha256(task.read_bytes()).hexdigest()
+    assert "unchanged since the build" in " ".join(invoke("info", out).stderr.split())
+    task.write_text(task.read_text() + "\n# edited\n")
+    try:
+        assert "CHANGED since the build" in " ".join(invoke("info", out).stderr.split())
+    finally:
+        task.write_text(task.read_text().replace("\n# edited\n", ""))
 
 
 @pytest.mark.parametrize("field,value", [

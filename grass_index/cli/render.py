@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import IndexConfig, parse_spec
+from ..task import task_file_status
 from .errors import safe, shell_arg
 
 
@@ -92,7 +93,8 @@ def print_index(err: Console, cfg: IndexConfig, *, directory, verb: str | None =
         err.print(f"{verb} [bold]{safe(str(directory))}[/]: {cfg.n_train} training examples, "
                   f"sketch dim {cfg.dim}, {len(cfg.layout)} layers, {secs:.1f} s", soft_wrap=True)
     if details:
-        rows = [("task", cfg.task),
+        rows = [("task", cfg.task),  # shown, never run; and whether that file still matches
+                ("task file", task_file_status(cfg.task, cfg.task_sha256, directory)),
                 ("built with", f"grass-index {cfg.version}, torch {cfg.torch_version}"),
                 ("train examples", cfg.n_train), ("sketch dim", cfg.dim),
                 ("sparsification", cfg.sparsification), ("projection", cfg.projection),
