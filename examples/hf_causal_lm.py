@@ -4,7 +4,7 @@
     export GRASS_INDEX_TEXT_FILE=corpus.txt            # training data: one example per line
     export GRASS_INDEX_QUERY_FILE=questions.txt        # optional; default: the training lines
     grass-index build examples/hf_causal_lm.py --out runs/my-llama --layers 'model.layers.*'
-    grass-index query runs/my-llama --example 0        # prints the top proponent lines
+    grass-index query runs/my-llama --task examples/hf_causal_lm.py --example 0  # top lines
 
 A task file takes no command-line arguments, so the model path and data come from environment
 variables (read when the functions are called, so the query/score commands must see the same

@@ -2,8 +2,8 @@
 
     grass-index build examples/tiny_gpt.py --out runs/tiny_gpt \
         --sparsification random_mask-32*32 --projection sjlt-1024   # layers are only 64-256 wide
-    grass-index query runs/tiny_gpt --example 0          # top proponent training TEXTS
-    grass-index eval runs/tiny_gpt --subsets 8 --seeds 0   # LDS (retrains on subsets)
+    grass-index query runs/tiny_gpt --task examples/tiny_gpt.py --example 0   # proponent TEXTS
+    grass-index eval runs/tiny_gpt --task examples/tiny_gpt.py --subsets 8 --seeds 0   # LDS
     python examples/tiny_gpt.py                          # build + print proponents of a few queries
 
 The corpus is made here, no download: N_FACTS made-up people, each living in a made-up town,

@@ -6,6 +6,7 @@ flow and the layout of an index directory. verify_index and describe_index are r
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,6 +23,8 @@ from .pipeline import querying
 from .pipeline import (BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, HESSIANS, INDEX_KINDS,  # noqa: F401
                        config_hash, describe_index, state_from_array, state_to_array,
                        verify_index)
+
+log = logging.getLogger("grass_index")
 
 
 # ------------------------------------------------------------------------------- build
@@ -150,14 +153,44 @@ class AttributionIndex:
                 f"hessian={self.config['hessian']})")
 
     # -- lazily opened parts ------------------------------------------------------------
+    def _reread_if_replaced(self) -> bool:
+        """A re-precondition (another process or handle) replaced this index's files after
+        we read config.json: adopt the new config (same sketches, new preconditioner and
+        FAISS) so the next read sees one consistent snapshot; False when nothing changed."""
+        try:
+            new = read_config(self.path)
+        except AttributionError:
+            return False
+        if new.get("preconditioner_key") == self.config.get("preconditioner_key"):
+            return False
+        log.info("index %s was re-preconditioned while open; using its new files", self.path)
+        self.config, self._vindex, self._pre = new, None, None
+        return True
+
+    def _with_snapshot(self, load):
+        """``load()``, retried once on the current config when a re-precondition replaced
+        the files the config we hold names."""
+        try:
+            return load()
+        except AttributionError:
+            if not self._reread_if_replaced():
+                raise
+            return load()
+
     @property
     def vindex(self):
+        return self._with_snapshot(self._load_vindex)
+
+    def _load_vindex(self):
         if self._vindex is None:
             self._vindex = querying.open_vector_index(self.path, self.config, mmap=self._mmap)
         return self._vindex
 
     @property
     def preconditioner(self):
+        return self._with_snapshot(self._load_preconditioner)
+
+    def _load_preconditioner(self):
         if self._pre is None:
             self._pre = querying.load_preconditioner(self.path, self.config)
         return self._pre

@@ -69,10 +69,12 @@ def signature_mismatch(expected, got, path: str = "example") -> str | None:
         if "tensor" not in got:
             return f"{path}: expected a tensor {_fmt(expected)}, got {_fmt(got)}"
         es, gs = expected["tensor"], got["tensor"]
+        if expected["dtype"] != got["dtype"]:  # first: an int array's sizes are left open
+            return (f"{path}: expected dtype {expected['dtype']}, got {got['dtype']} (convert "
+                    f"it, e.g. x.astype('{expected['dtype']}') in numpy or "
+                    f"x.to(torch.{expected['dtype']}))")
         if len(es) != len(gs) or any(e is not None and e != g for e, g in zip(es, gs)):
             return f"{path}: expected shape {_shape(es)}, got {_shape(gs)}"
-        if expected["dtype"] != got["dtype"]:
-            return f"{path}: expected dtype {expected['dtype']}, got {got['dtype']}"
         return None
     if "seq" in expected:
         if "seq" not in got or len(got["seq"]) != len(expected["seq"]):

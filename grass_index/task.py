@@ -12,7 +12,9 @@ attribute of one (``pkg.mod:obj`` / ``task.py:obj``) exposing::
     encode(text) -> item            (optional; turns typed text into an example, e.g. token ids,
                                      so `grass-index serve` can attribute free text)
 
-The reference string is recorded in the index so `query`/`score` need only the directory.
+The reference string and, for a file, its sha256 are recorded in the index. An index
+directory is data: opening one never imports the recorded task by itself; the user names the
+task to run (``--task FILE``), and :func:`task_for_index` compares it with the record.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class Task:
     ref: str
     source: Any
     _fns: dict = field(default_factory=dict)
+    sha256: str | None = None  # of the file's bytes that were executed (file tasks only)
 
     def has(self, name: str) -> bool:
         return self._fns.get(name) is not None
@@ -89,10 +92,10 @@ class Task:
 
     # -- optional -------------------------------------------------------------------
     def image(self, item):
-        return self._fns["image"](item) if self.has("image") else None
+        return _call_on(self, "image", item) if self.has("image") else None
 
     def label(self, item) -> str | None:
-        return str(self._fns["label"](item)) if self.has("label") else None
+        return str(_call_on(self, "label", item)) if self.has("label") else None
 
     def encode(self, text: str):
         """The example for a piece of text (tasks that define ``encode(text) -> item``)."""
@@ -123,6 +126,28 @@ def _call(task: Task, name: str):
         raise TaskError(f"task {task.ref}: {name}() raised {type(e).__name__}: {e}") from e
 
 
+def _call_on(task: Task, name: str, item):
+    try:
+        return task._fns[name](item)
+    except TaskError:
+        raise
+    except Exception as e:  # the user's code failed on one example: name the function
+        raise TaskError(f"task {task.ref}: {name}(item) raised {type(e).__name__}: {e}; fix "
+                        f"{name}() in the task file") from e
+
+
+def collate_items(collate, items: list, what: str):
+    """``collate(items)``, with the user's data named when it fails (e.g. examples of
+    different lengths, which torch's default_collate cannot stack)."""
+    try:
+        return (collate or default_collate)(items)
+    except Exception as e:
+        hint = ("; examples of different sizes need a collate(items) function in the task "
+                "that pads them" if collate in (None, default_collate) else
+                "; fix the task's collate()")
+        raise TaskError(f"collating {what} failed ({type(e).__name__}: {e}){hint}") from e
+
+
 def _as_sequence(task: Task, name: str, data) -> Sequence:
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         raise TaskError(f"task {task.ref}: {name}() returned {type(data).__name__}, expected an "
@@ -134,9 +159,8 @@ def _as_sequence(task: Task, name: str, data) -> Sequence:
 
 def check_loss(model, data, loss_fn, collate=None, *, n: int = 2, where: str = "loss_fn") -> None:
     """Fail early (before any gradient work) when the loss is reduced or mis-shaped."""
-    collate = collate or default_collate
     b = min(n, len(data))
-    batch = collate([data[i] for i in range(b)])
+    batch = collate_items(collate, [data[i] for i in range(b)], f"examples 0..{b - 1}")
     try:
         with torch.no_grad():
             out = loss_fn(model, batch)
@@ -164,7 +188,7 @@ def load_task(ref: str | os.PathLike | None = None) -> Task:
     if missing:
         raise TaskError(f"task {canonical} is missing {', '.join(f'{m}()' for m in missing)}; "
                         "a task file must define model(), train_data() and loss(model, batch)")
-    return Task(ref=canonical, source=source, _fns=fns)
+    return Task(ref=canonical, source=source, _fns=fns, sha256=_LOADED.get(_file_part(canonical)))
 
 
 def _resolve(ref: str):
@@ -199,12 +223,21 @@ def _resolve(ref: str):
     return mod, canonical
 
 
+_LOADED: dict[str, str] = {}  # resolved task file path -> sha256 of the bytes executed
+
+
 def _load_file(p: Path):
+    """Import a task file by executing exactly the bytes whose sha256 is recorded (read once,
+    so the file cannot change between hashing and running)."""
     name = "grass_index_task_" + hashlib.sha1(str(p).encode()).hexdigest()[:12]
-    if name in sys.modules:
+    if name in sys.modules and str(p) in _LOADED:
         return sys.modules[name]
+    try:
+        src = p.read_bytes()
+    except OSError as e:
+        raise TaskError(f"task file {p} is unreadable: {e}") from e
     spec = importlib.util.spec_from_file_location(name, p)
-    if spec is None or spec.loader is None:
+    if spec is None:
         raise TaskError(f"task file {p} cannot be imported as Python")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
@@ -212,8 +245,114 @@ def _load_file(p: Path):
     if str(p.parent) not in sys.path:
         sys.path.insert(0, str(p.parent))
     try:
-        spec.loader.exec_module(mod)
+        exec(compile(src, str(p), "exec"), mod.__dict__)
     except Exception as e:
         del sys.modules[name]
         raise TaskError(f"task file {p} failed to load: {type(e).__name__}: {e}") from e
+    _LOADED[str(p)] = file_sha256(src)
     return mod
+
+
+def file_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_part(ref: str) -> str:
+    """The file of a canonical file reference ('/abs/task.py' or '/abs/task.py:attr')."""
+    path_part = ref
+    if ":" in ref and not (len(ref) > 1 and ref[1] == ":" and ref.count(":") == 1):
+        path_part = ref.rsplit(":", 1)[0]
+    return path_part
+
+
+def task_record(task) -> dict:
+    """What an index records about the task it was built from: the reference and, for a task
+    file, its resolved absolute path and the sha256 of its bytes (None for a module)."""
+    if isinstance(task, dict):  # already a record (e.g. read back from a shard's store)
+        return dict(task=task.get("task"), task_sha256=task.get("task_sha256"))
+    ref = task.ref if isinstance(task, Task) else str(task)
+    sha = task.sha256 if isinstance(task, Task) else _LOADED.get(_file_part(ref))
+    path = _file_part(ref)
+    if sha is None and os.path.isabs(path) and os.path.isfile(path):
+        sha = file_sha256(Path(path).read_bytes())
+    return dict(task=ref, task_sha256=sha)
+
+
+# -- consent: which task an index may run ---------------------------------------------------
+
+def task_file_status(recorded: str | None, sha256: str | None, index_dir) -> str:
+    """How the task file an index records compares with the file there now: a short phrase
+    for messages and `info` (reads the file's bytes, never runs them)."""
+    if not recorded:
+        return "no task recorded (built from Python)"
+    path = _file_part(str(recorded))
+    if not os.path.isabs(path):
+        return "a module or relative path: never run unless named with --task"
+    p = Path(path)
+    try:
+        inside = p.resolve().is_relative_to(Path(index_dir).resolve())
+    except OSError:
+        inside = False
+    if inside:
+        return ("a path inside the index directory: an index directory is data and never "
+                "supplies code; do not run it")
+    if not p.is_file():
+        return "that file no longer exists"
+    if sha256 is None:
+        return "no content hash was recorded"
+    return ("that file is unchanged since the build: sha256 matches"
+            if file_sha256(p.read_bytes()) == sha256 else
+            "that file has CHANGED since the build: sha256 differs")
+
+
+def recorded_task_status(recorded: str | None, sha256: str | None, index_dir) -> str:
+    """The task an index records, with :func:`task_file_status`, as one clause."""
+    from .untrusted import safe_text
+
+    status = task_file_status(recorded, sha256, index_dir)
+    if not recorded:
+        return "the index records no task (built from Python)"
+    return f"the index was built with task {safe_text(recorded)} ({status})"
+
+
+BUILTIN_TASK_MODULES = ("grass_index.examples.digits",)
+
+
+def is_builtin_task(ref: str | None) -> bool:
+    """Whether ``ref`` names a task shipped inside this package (the bundled digits example):
+    code the user installed with grass-index, so an index built from it may run it without
+    --task. Only exact module names, or a path that resolves to the bundled file itself."""
+    if not ref or not isinstance(ref, str):
+        return False
+    if ref in BUILTIN_TASK_MODULES:
+        return True
+    try:
+        return Path(ref).resolve() == Path(default_task_ref()) and Path(ref).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def task_for_index(given, *, recorded: str | None, sha256: str | None, index_dir,
+                   command: str = "query") -> tuple[Task, str | None]:
+    """Load the task the user named on the command line for an index; (task, note).
+
+    Opening an index never runs the task it records: ``given`` is required (unless the record
+    names a task shipped inside this package, :func:`is_builtin_task`), and the record is only
+    shown (with whether that file is unchanged). ``note`` is a warning to print when
+    the named file differs from the one the index was built with."""
+    from .untrusted import safe_text
+
+    if given is None and is_builtin_task(recorded):
+        given = recorded  # installed with grass-index itself, not supplied by the directory
+    if given is None:
+        status = recorded_task_status(recorded, sha256, index_dir)
+        raise TaskError(f"{command} runs the task's code, and opening an index never runs code "
+                        f"by itself: {status}. Name the task to run with --task FILE (the task "
+                        "file or module the index was built from)")
+    t = load_task(given)
+    note = None
+    if sha256 is not None and t.sha256 is not None and t.sha256 != sha256:
+        note = (f"task {safe_text(t.ref)} differs from the task file the index was built with "
+                f"(sha256 {t.sha256[:12]} now, {sha256[:12]} at build); scores are meaningful "
+                "only if its model(), train_data() and loss() are unchanged")
+    return t, note

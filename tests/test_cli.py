@@ -47,11 +47,12 @@ def test_round_trip_build_info_query_score_verify(built, tmp_path):
     assert cfg["layout"] == {"0": 8, "2": 8}
     assert {d["name"] for d in cfg["layer_dims"]} == {"0", "2"}
 
-    q = invoke("query", out, "--example", 1, "--example", 4, "--top-k", 5, "--opponents", "--json")
+    q = invoke("query", out, "--task", task, "--example", 1, "--example", 4, "--top-k", 5,
+               "--opponents", "--json")
     assert q.exit_code == 0, q.output
     doc = json.loads(q.stdout)
     assert [r["example"] for r in doc["results"]] == [1, 4]
-    s = invoke("score", out, "--out", tmp_path / "s.npy")
+    s = invoke("score", out, "--task", task, "--out", tmp_path / "s.npy")
     assert s.exit_code == 0, s.output
     scores = np.load(tmp_path / "s.npy")
     assert scores.shape == (6, 40)
@@ -86,8 +87,9 @@ def test_index_options_recall_in_info_and_bad_index(built, tmp_path):
 
 
 def test_query_png(built, tmp_path):
-    _, out = built
-    res = invoke("query", out, "--example", 0, "--opponents", "-k", 3, "--png", tmp_path / "q.png")
+    task, out = built
+    res = invoke("query", out, "--task", task, "--example", 0, "--opponents", "-k", 3, "--png",
+                 tmp_path / "q.png")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -135,17 +137,18 @@ def test_out_dir_not_ours(tmp_path):
 
 
 def test_wrong_shaped_query_input(built, tmp_path):
-    _, out = built
+    task, out = built
     np.savez(tmp_path / "q.npz", x=np.zeros((2, 5), np.float32), y=np.zeros(2, np.int64))
-    res = invoke("query", out, "--input", tmp_path / "q.npz")
+    res = invoke("query", out, "--task", task, "--input", tmp_path / "q.npz")
     assert_clean_failure(res, "expected shape [6], got [5]")
     np.savez(tmp_path / "ok.npz", x=np.zeros((2, 6)), y=np.zeros(2, np.int64))
-    assert invoke("query", out, "--input", tmp_path / "ok.npz", "--json").exit_code == 0
+    ok = invoke("query", out, "--task", task, "--input", tmp_path / "ok.npz", "--json")
+    assert ok.exit_code == 0
 
 
 def test_example_out_of_range(built):
-    _, out = built
-    assert_clean_failure(invoke("query", out, "--example", 99), "out of range")
+    task, out = built
+    assert_clean_failure(invoke("query", out, "--task", task, "--example", 99), "out of range")
 
 
 def test_not_an_index(tmp_path):
@@ -159,18 +162,18 @@ def test_corrupted_and_truncated_index_dir(tmp_path):
     assert invoke("build", task, "--out", out, *SMALL).exit_code == 0
     faiss_file = next(out.glob("index-*.faiss"))
     faiss_file.write_bytes(faiss_file.read_bytes()[:100])  # truncated
-    assert_clean_failure(invoke("query", out), "verify", "--repair")
+    assert_clean_failure(invoke("query", out, "--task", task), "verify", "--repair")
     assert_clean_failure(invoke("verify", out), "faiss vs lmdb")
     fixed = invoke("verify", out, "--repair")
     assert fixed.exit_code == 0, fixed.output
-    assert invoke("query", out, "--json").exit_code == 0
+    assert invoke("query", out, "--task", task, "--json").exit_code == 0
 
     cfg = out / "config.json"
     cfg.write_text(cfg.read_text().replace('"seed": 0', '"seed": 1'))  # tampered
-    assert_clean_failure(invoke("query", out), "config hash mismatch")
+    assert_clean_failure(invoke("query", out, "--task", task), "config hash mismatch")
     cfg.write_text(cfg.read_text()[:50])  # truncated JSON
     assert_clean_failure(invoke("info", out), "corrupted")
     cfg.unlink()  # an unfinished build
-    assert_clean_failure(invoke("query", out), "not finished", "re-run")
+    assert_clean_failure(invoke("query", out, "--task", task), "not finished", "re-run")
     info = invoke("info", out, "--json")
     assert info.exit_code == 0 and json.loads(info.stdout)["complete"] is False

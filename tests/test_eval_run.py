@@ -61,11 +61,13 @@ def built(tmp_path_factory):
 def test_run_eval_scores_ridge_well_and_caches(built):
     from grass_index.eval import run_eval
 
-    res = run_eval(built / "idx", num_subsets=12, seeds=[0], ground_truth=built / "gt", progress=False)
+    res = run_eval(built / "idx", task=str(built / "ridge.py"), num_subsets=12, seeds=[0],
+                   ground_truth=built / "gt", progress=False)
     assert res.n_query == 6 and res.per_query.shape == (6,)
     assert res.lds > 0.5  # influence is close to exact for ridge regression
     assert (built / "gt" / "meta.json").is_file()
-    again = run_eval(built / "idx", num_subsets=12, seeds=[0], ground_truth=built / "gt",
+    again = run_eval(built / "idx", task=str(built / "ridge.py"), num_subsets=12, seeds=[0],
+                     ground_truth=built / "gt",
                      progress=False, max_queries=3)
     assert again.n_query == 3 and np.allclose(again.per_query, res.per_query[:3])
     assert again.seconds["ground_truth"] < res.seconds["ground_truth"] + 1.0  # cache reused
@@ -94,7 +96,8 @@ def test_cli_eval_json_and_errors(built):
     def _noop():
         pass
 
-    r = CliRunner().invoke(app, ["eval", str(built / "idx"), "--subsets", "12", "--seeds", "0",
+    r = CliRunner().invoke(app, ["eval", str(built / "idx"), "--task", str(built / "ridge.py"),
+                                 "--subsets", "12", "--seeds", "0",
                                  "--ground-truth", str(built / "gt"), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output.strip().splitlines()[-1])["lds"] > 0.5

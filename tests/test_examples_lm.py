@@ -104,7 +104,8 @@ def test_tiny_gpt_build_query_self_influence(tiny, tmp_path):
     b = invoke("build", TINY_GPT, "--out", out, *SMALL)
     assert b.exit_code == 0, b.output
     ids = [0, 7, 50, 95]
-    q = invoke("query", out, "--split", "train", *sum((["--example", i] for i in ids), []),
+    q = invoke("query", out, "--task", TINY_GPT, "--split", "train",
+               *sum((["--example", i] for i in ids), []),
                "--top-k", 3, "--json")
     assert q.exit_code == 0, q.output
     doc = json.loads(q.stdout)
@@ -117,7 +118,7 @@ def test_tiny_gpt_build_query_self_influence(tiny, tmp_path):
         assert [p["label"] for p in res["proponents"]] == \
             [train.texts[p["train_id"]] for p in res["proponents"]]
     # the human table shows the texts too
-    h = invoke("query", out, "--split", "train", "--example", 7, "--top-k", 2)
+    h = invoke("query", out, "--task", TINY_GPT, "--split", "train", "--example", 7, "--top-k", 2)
     assert h.exit_code == 0 and train.texts[7] in h.output
 
 
@@ -182,7 +183,8 @@ def test_hf_causal_lm_local_round_trip(kind, tmp_path, monkeypatch):
     b = invoke("build", HF_LM, "--out", out, "--sparsification", "random_mask-16*16",
                "--projection", "sjlt-128", "--batch-size", 4)
     assert b.exit_code == 0, b.output
-    q = invoke("query", out, "--example", 1, "--example", 4, "--top-k", 3, "--json")
+    q = invoke("query", out, "--task", HF_LM, "--example", 1, "--example", 4, "--top-k", 3,
+               "--json")
     assert q.exit_code == 0, q.output
     doc = json.loads(q.stdout)
     for i, res in zip((1, 4), doc["results"]):  # queries default to the training lines
@@ -193,7 +195,7 @@ def test_hf_causal_lm_local_round_trip(kind, tmp_path, monkeypatch):
     qf = tmp_path / "q.txt"
     qf.write_text("note 99: the sky is blue.\n")
     monkeypatch.setenv("GRASS_INDEX_QUERY_FILE", str(qf))
-    s = invoke("score", out, "--out", tmp_path / "s.npy")
+    s = invoke("score", out, "--task", HF_LM, "--out", tmp_path / "s.npy")
     assert s.exit_code == 0, s.output
     assert np.load(tmp_path / "s.npy").shape == (1, len(LINES))
 

@@ -55,7 +55,6 @@ TASK = textwrap.dedent("""
     GATE = os.environ.get("FT_GATE")                 # while this file exists, block ...
     GATE_AFTER = int(os.environ.get("FT_GATE_AFTER", "0"))  # ... after this many batches
     _calls = 0
-    CHECK_CALLS = 2  # the first-batch capture check: one hooked pass, one vmapped pass on 2 examples
 
     def model():
         torch.manual_seed(0)
@@ -74,11 +73,14 @@ TASK = textwrap.dedent("""
 
     def loss(model, batch):
         global _calls
-        if torch.is_grad_enabled():  # once per sketched batch (check_loss runs under no_grad),
-            _calls += 1              # plus CHECK_CALLS for the capture check before pass 1
+        if torch.is_grad_enabled():  # sketched batches and the first-batch capture check
+            _calls += 1              # (check_loss runs under no_grad)
             if SLEEP:
                 time.sleep(SLEEP)
-            if GATE and _calls > GATE_AFTER + CHECK_CALLS and os.path.exists(GATE):
+            # block on batch GATE_AFTER (by content: the first-batch capture check also
+            # calls the loss with gradients, so counting calls would gate earlier)
+            if GATE and _calls > GATE_AFTER and os.path.exists(GATE) and torch.equal(
+                    batch[0][0], train_data()[GATE_AFTER * 16][0]):
                 open(GATE + ".waiting", "w").close()
                 t0 = time.time()
                 while os.path.exists(GATE) and time.time() - t0 < 120:
@@ -427,14 +429,19 @@ def test_verify_detects_tampered_config(field, value, broken, ref):
     cfg = json.loads(cfile.read_text())
     cfg[field] = value
     cfile.write_text(json.dumps(cfg))
-    for extra in ((), ("--repair",)):  # not repairable from the sketches: still non-zero
-        code, msg = cli_verify(broken, *extra)
-        assert code != 0
-        assert "FAIL config:" in msg and "config hash mismatch" in msg, msg
+    code, msg = cli_verify(broken)
+    assert code != 0
+    assert "FAIL config:" in msg and "config hash mismatch" in msg, msg
     with pytest.raises(AttributionError, match="config hash mismatch"):
         gi.open_index(broken)
     res = runner.invoke(app, ["query", str(broken), "--example", "0"])
     assert res.exit_code != 0 and "config hash mismatch" in one_line(res.stderr)
+    # the store keeps a copy of the config: repair restores it (no gradients needed)
+    with no_gradients():
+        code, msg = cli_verify(broken, "--repair")
+    assert code == 0 and "restored config.json" in msg, msg
+    assert json.loads(cfile.read_text())["config_hash"] == ref["config"]["config_hash"]
+    assert_same_index(broken, ref)
 
 
 # ----------------------------------------------------------------------------- versions, configs

@@ -38,17 +38,16 @@ def reference(tmp_path_factory):
 
 def test_resume_after_exception_is_identical(tmp_path, reference):
     ref_sk, ref_scores = reference
-    calls = {"n": 0}
+    x24 = make_data(N, 1)[24][0]
 
-    def flaky(model, batch):
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] == 4 + 2:  # 2: the capture check's passes on the first batch
-                raise RuntimeError("injected failure")
+    def flaky(model, batch):  # fails on batch 3 (examples 24..31), whatever calls came before
+        if torch.is_grad_enabled() and torch.equal(batch[0][0], x24):
+            raise RuntimeError("injected failure")
         return loss_fn(model, batch)
 
     out = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="injected"):
+    # the user's loss failed: a TaskError naming the training ids, chained to the RuntimeError
+    with pytest.raises(gi.task.TaskError, match="training examples 24..31.*injected"):
         build(out, loss=flaky)
     with SketchStore.open(out / "sketches", readonly=True) as st:
         assert st.committed_blocks == 3  # three batches committed before the failure

@@ -52,12 +52,13 @@ def test_fisher_bad_input():
 
 @pytest.mark.parametrize("damping,mode,value", [
     (None, "relative", DEFAULT_DAMPING), (0.5, "relative", 0.5), ("0.01", "relative", 0.01),
-    ("abs:1e-3", "absolute", 1e-3), ("rel:2", "relative", 2.0), (0, "relative", 0.0)])
+    ("abs:1e-3", "absolute", 1e-3), ("rel:2", "relative", 2.0), (1e-8, "relative", 1e-8)])
 def test_parse_damping(damping, mode, value):
     assert parse_damping(damping) == (mode, value)
 
 
-@pytest.mark.parametrize("bad", ["abs:", "fast", -0.1, "abs:-1", float("nan"), True, [0.1]])
+@pytest.mark.parametrize("bad", ["abs:", "fast", -0.1, "abs:-1", float("nan"), True, [0.1],
+                                 0, "abs:0", 1e300, "abs:1e300", "inf"])
 def test_parse_damping_rejects_with_syntax(bad):
     with pytest.raises(ValueError, match=r"abs:1e-3"):
         parse_damping(bad)
@@ -105,10 +106,11 @@ def test_bad_hessian_and_singular():
     assert not out[:, :3].any() and np.allclose(out[:, 3:], 1 / 1.1)
     back = Preconditioner.from_state_dict(P.state_dict(), LAYOUT)
     assert back.dropped == ["a"] and np.array_equal(back.apply(np.ones((2, 8))), out)
-    # a rank-deficient block without damping names the layer and a per-layer remedy
-    deficient = {"a": np.diag([1.0, 0.0, 0.0]), "b": np.eye(5)}
+    # a block still not positive definite at the smallest accepted damping (0 is refused when
+    # parsed) names the layer and a per-layer remedy
+    deficient = {"a": np.diag([1.0, 0.0, -1e-3]), "b": np.eye(5)}
     with pytest.raises(ValueError, match=r"layer 'a'.*singular.*--layers '!a\.\*'"):
-        Preconditioner.fit(deficient, LAYOUT, damping=0)
+        Preconditioner.fit(deficient, LAYOUT, damping=1e-8)
     P = Preconditioner.fit(zero, LAYOUT, damping="abs:2")  # training rows there are zero anyway
     np.testing.assert_allclose(P.apply(np.ones((1, 8)))[0], [0] * 3 + [1 / 3] * 5, rtol=1e-6)
     with pytest.raises(ValueError, match="no Fisher matrix"):

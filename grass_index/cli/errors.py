@@ -5,20 +5,34 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from ..errors import GrassIndexError
+from ..untrusted import safe_text
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # a long path stays on one line
 EXIT_ERROR = 1
 
 
+def safe(s) -> str:
+    """A string for rich output: control characters made visible (a string recorded in an
+    index cannot drive the terminal), then markup escaped (a path with [brackets] prints as
+    itself)."""
+    return escape(safe_text(s))
+
+
+def shell_arg(path) -> str:
+    """A path as a shell word for the 'next:' hints (quoted when it needs to be), for rich."""
+    return safe(shlex.quote(str(path)))
+
+
 def fail(msg: str, code: int = EXIT_ERROR):
-    """Print ``error: msg`` (rich markup allowed) and exit."""
-    err.print(f"[bold red]error:[/] {msg}", markup=True, soft_wrap=True)
+    """Print ``error: msg`` (plain text: escaped here) and exit."""
+    err.print(f"[bold red]error:[/] {safe(msg)}", markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -37,10 +51,10 @@ def errors(fn):
             if os.environ.get("GRASS_INDEX_DEBUG"):
                 raise
             if isinstance(e, GrassIndexError):
-                fail(escape(str(e)))
+                fail(str(e))
             if isinstance(e, OSError):
-                fail(escape(f"{e.strerror or e} ({getattr(e, 'filename', '') or ''})"))
-            fail(escape(f"internal error {type(e).__name__}: {e} (set GRASS_INDEX_DEBUG=1 for "
-                        "a traceback and please report it)"))
+                fail(f"{e.strerror or e} ({getattr(e, 'filename', '') or ''})")
+            fail(f"internal error {type(e).__name__}: {e} (set GRASS_INDEX_DEBUG=1 for "
+                 "a traceback and please report it)")
 
     return wrapper

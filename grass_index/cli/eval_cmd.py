@@ -15,8 +15,9 @@ from .errors import errors, fail
 
 def eval_command(
     index_dir: Path = typer.Argument(..., help="Index directory made by `grass-index build`."),
-    task: Optional[str] = typer.Option(None, "--task", help="Task file/module (default: the one "
-                                       "recorded in the index). It must define train(subset, seed)."),
+    task: Optional[str] = typer.Option(None, "--task", help="Task file/module the index was built "
+                                       "from (required: opening an index never runs code by "
+                                       "itself). It must define train(subset, seed)."),
     num_subsets: int = typer.Option(50, "--subsets", "-m", help="Number of random training subsets M."),
     alpha: float = typer.Option(0.5, "--alpha", help="Fraction of the training set in each subset."),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Training seeds per subset (comma list); "

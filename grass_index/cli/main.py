@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
-
-from .errors import EXIT_ERROR, err, errors, fail
+from .errors import EXIT_ERROR, err, errors, fail, safe, shell_arg
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Training-data attribution: which training examples made the model do this?")
@@ -95,9 +93,9 @@ def build(
         if json_mode:
             _emit_json(dict(info.to_dict(), seconds=round(secs, 3)))
             return
-        err.print(f"sketched shard {info.shard} of [bold]{escape(str(out))}[/]: {info.batches} "
+        err.print(f"sketched shard {info.shard} of [bold]{safe(out)}[/]: {info.batches} "
                   f"of {info.n_batches} batches ({info.rows} examples), {secs:.1f} s")
-        err.print(f"next, once every worker is done: grass-index merge {escape(str(out))}")
+        err.print(f"next, once every worker is done: grass-index merge {shell_arg(out)}")
         return
     idx = gi.build_index(model, data, t.loss, out, sparsification=options.sparsification,
                          projection=options.projection, hessian=index_options.hessian,
@@ -161,7 +159,7 @@ def _examples(idx, t, example: Optional[List[int]], input_file: Optional[Path], 
         return list(range(len(items))), items, str(input_file)
     if split not in ("query", "train"):
         fail(f"--split {split!r}: use query or train")
-    data = t.query_data() if split == "query" else t.train_data()
+    data = t.query_data() if split == "query" else _train_data_of_index(t, idx)
     ids = list(example) if example else (list(range(len(data))) if all_default else [0])
     for i in ids:
         if not 0 <= i < len(data):
@@ -176,14 +174,21 @@ def _check_normalize(mode: str) -> str:
     return check_normalize(mode)
 
 
-def _open_with_task(directory: Path):
+_TASK_HELP = ("Task file (.py), module or module:attr to run: the one the index was built "
+              "from. Required: opening an index never runs code by itself (`info` shows the "
+              "task the index records).")
+
+
+def _open_with_task(directory: Path, task: Optional[str], command: str):
+    """The index and the task the user named (never the one the index records, unasked)."""
     import grass_index as gi
+    from grass_index.task import task_for_index
 
     idx = gi.open_index(directory)
-    if not idx.task:
-        fail(f"index {directory} records no task (built from Python); query it with "
-             "grass_index.open_index(...).query(model, examples, loss_fn)")
-    t = gi.load_task(idx.task)
+    t, note = task_for_index(task, recorded=idx.task, sha256=idx.config.get("task_sha256"),
+                             index_dir=directory, command=command)
+    if note:
+        err.print(f"[yellow]warning:[/] {safe(note)}")
     return idx, t
 
 
@@ -191,6 +196,7 @@ def _open_with_task(directory: Path):
 @errors
 def query(
     directory: Path = typer.Argument(..., metavar="DIR", help="Index directory."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help=_TASK_HELP),
     example: Optional[List[int]] = typer.Option(None, "--example", "-e",
                                                 help="Example number(s) in the task's query data."),
     input_file: Optional[Path] = typer.Option(None, "--input", help="Examples file (.pt/.npy/.npz)."),
@@ -209,7 +215,7 @@ def query(
 ):
     """Top-k training examples that most helped (proponents) or hurt (opponents) each example."""
     normalize = _check_normalize(normalize)
-    idx, t = _open_with_task(directory)
+    idx, t = _open_with_task(directory, task, "query")
     ids, items, source = _examples(idx, t, example, input_file, split, all_default=False)
     model = t.model()
     t0 = time.perf_counter()
@@ -224,7 +230,7 @@ def query(
         nonlocal train
         if not t.has("label"):
             return None
-        train = train if train is not None else t.train_data()
+        train = train if train is not None else _train_data_of_index(t, idx)
         return t.label(train[i])
 
     results = []
@@ -236,7 +242,7 @@ def query(
         results.append(res)
 
     if png is not None:
-        _draw(png, t, items, results)
+        _draw(png, t, items, results, idx)
     if json_mode:
         _emit_json(dict(index=str(directory), task=idx.task, k=top_k, ms_per_example=round(ms, 3),
                         normalize=normalize, results=results))
@@ -248,7 +254,7 @@ def query(
         for kind in ("proponents", "opponents"):
             if kind not in res:
                 continue
-            tab = Table(title=f"{title}: top {kind}")
+            tab = Table(title=safe(f"{title}: top {kind}"))
             tab.add_column("rank")
             tab.add_column("train id")
             tab.add_column("score")
@@ -258,18 +264,30 @@ def query(
                 cells = [str(rank), str(row["train_id"]), f"{row['score']:+.4g}"]
                 if t.has("label"):
                     cells.append(str(row["label"]))
-                tab.add_row(*cells)
+                tab.add_row(*(safe(c) for c in cells))
             err.print(tab)
     err.print(f"{ms:.1f} ms per example")
 
 
-def _draw(path: Path, t, items, results) -> None:
+def _train_data_of_index(t, idx):
+    """The task's training data, which train ids index into: it must be the indexed set."""
+    data = t.train_data()
+    if len(data) != idx.n_train:
+        fail(f"task {t.ref} has {len(data)} training examples but index {idx.path} was built "
+              f"over {idx.n_train}: the training data changed since the build, so train ids "
+              "would point at other examples; pass the task the index was built from, or "
+              "rebuild the index")
+    return data
+
+
+def _draw(path: Path, t, items, results, idx) -> None:
     from ..images import BLUE, GREEN, RED, fmt_score, render
 
     if not t.has("image"):
-        err.print(f"[yellow]warning:[/] task {t.ref} defines no image(item); --png skipped")
+        err.print(f"[yellow]warning:[/] task {safe(t.ref)} defines no image(item); "
+                  "--png skipped")
         return
-    train = t.train_data()
+    train = _train_data_of_index(t, idx)
     rows = []
     for item, res in zip(items, results):
         rows.append(("Q", [(t.image(item), f"#{res['example']}", BLUE)]))
@@ -279,7 +297,7 @@ def _draw(path: Path, t, items, results) -> None:
             rows.append(("O", [(t.image(train[r["train_id"]]), fmt_score(r["score"]), RED)
                                for r in res["opponents"]]))
     render(rows, path)
-    err.print(f"wrote {path}")
+    err.print(f"wrote {safe(path)}")
 
 
 # ------------------------------------------------------------------------------- score
@@ -289,6 +307,7 @@ def _draw(path: Path, t, items, results) -> None:
 def score(
     directory: Path = typer.Argument(..., metavar="DIR"),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the .npy matrix."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help=_TASK_HELP),
     input_file: Optional[Path] = typer.Option(None, "--input", help="Examples file instead of "
                                               "the task's query data."),
     split: str = typer.Option("query", help="query or train data (without --input)."),
@@ -301,7 +320,7 @@ def score(
     import numpy as np
 
     normalize = _check_normalize(normalize)
-    idx, t = _open_with_task(directory)
+    idx, t = _open_with_task(directory, task, "score")
     _, items, source = _examples(idx, t, None, input_file, split, all_default=True)
     from grass_index.fileio import atomic_save
 
@@ -314,7 +333,8 @@ def score(
     if json_mode:
         _emit_json(dict(out=str(out), shape=list(s.shape), source=source, seconds=round(secs, 3)))
     else:
-        err.print(f"wrote {out}: scores [{s.shape[0]} {source} x {s.shape[1]} train] in {secs:.1f} s")
+        err.print(safe(f"wrote {out}: scores [{s.shape[0]} {source} x {s.shape[1]} train] "
+                          f"in {secs:.1f} s"))
 
 
 # ------------------------------------------------------------------------------- info
@@ -334,7 +354,8 @@ def info(directory: Path = typer.Argument(..., metavar="DIR"),
         b = d["build"]
         err.print(f"[yellow]build in progress or interrupted[/]: {d['committed_blocks']} of "
                   f"{d['n_blocks']} batches sketched ({b['n_train']} examples, "
-                  f"{b['sparsification']} / {b['projection']}); re-run the build to resume")
+                  f"{safe(b['sparsification'])} / {safe(b['projection'])}); re-run the "
+                  "build to resume")
         return
     from .render import print_index
 
@@ -347,22 +368,27 @@ def info(directory: Path = typer.Argument(..., metavar="DIR"),
 @errors
 def verify(directory: Path = typer.Argument(..., metavar="DIR"),
            repair: bool = typer.Option(False, "--repair", help="Rebuild the preconditioner and "
-                                       "FAISS index from the stored sketches."),
+                                       "FAISS index from the stored sketches; restore "
+                                       "config.json/build.json from the store's records."),
+           task: Optional[str] = typer.Option(None, "--task", "-t", help="With --repair: the "
+                                              "task the index was built from, to recompute "
+                                              "sketch blocks damaged on disk."),
            json_mode: bool = typer.Option(False, "--json")):
     """Check counts, sketches, LMDB vs FAISS agreement, config hash, preconditioner."""
     import grass_index as gi
 
-    rep = gi.verify_index(directory, repair=repair)
+    rep = gi.verify_index(directory, repair=repair, task=task)
     if json_mode:
         _emit_json(rep)
     else:
         for c in rep["checks"]:
             mark = "[green]ok[/]  " if c["ok"] else "[red]FAIL[/]"
-            err.print(f"{mark} {c['name']}: {escape(c['detail'])}")
+            err.print(f"{mark} {c['name']}: {safe(c['detail'])}")
         for r in rep["repaired"]:
-            err.print(f"[cyan]repair:[/] {escape(r)}")
+            err.print(f"[cyan]repair:[/] {safe(r)}")
         err.print("[green]index is consistent[/]" if rep["ok"] else
-                  f"[red]index has problems[/]; try `grass-index verify {directory} --repair`")
+                  f"[red]index has problems[/]; try `grass-index verify {shell_arg(directory)} "
+                  "--repair`")
     if not rep["ok"]:
         raise typer.Exit(EXIT_ERROR)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from .. import IndexConfig, parse_spec
+from ..task import task_file_status
+from .errors import safe, shell_arg
 
 
 def _spec(text):
@@ -93,10 +94,10 @@ def layer_table(cfg: IndexConfig) -> Table:
     described, layout = cfg.layers_described, cfg.layout
     for d in cfg.layer_dims:
         desc = described.get(d["name"], {})
-        tab.add_row(escape(d["name"]), d["kind"], str(d["d_in"] if d["d_in"] is not None else "-"),
-                    str(d["d_out"] if d["d_out"] is not None else "-"), str(d["numel"]),
-                    str(layout[d["name"]]),
-                    escape(layer_stages(desc, d).replace(", ", "\n")))  # a stage per line
+        cells = (d["name"], d["kind"], d["d_in"] if d["d_in"] is not None else "-",
+                 d["d_out"] if d["d_out"] is not None else "-", d["numel"], layout[d["name"]],
+                 layer_stages(desc, d).replace(", ", "\n"))  # a stage per line
+        tab.add_row(*(safe(c) for c in cells))
     return tab
 
 
@@ -104,10 +105,11 @@ def print_index(err: Console, cfg: IndexConfig, *, directory, verb: str | None =
                 secs: float | None = None, details: bool = False) -> None:
     """`build`/`merge` (verb + seconds) and `info` (details): the same lines, the same table."""
     if verb is not None:
-        err.print(f"{verb} [bold]{escape(str(directory))}[/]: {cfg.n_train} training examples, "
+        err.print(f"{verb} [bold]{safe(str(directory))}[/]: {cfg.n_train} training examples, "
                   f"sketch dim {cfg.dim}, {len(cfg.layout)} layers, {secs:.1f} s", soft_wrap=True)
     if details:
-        rows = [("task", cfg.task),
+        rows = [("task", cfg.task),  # shown, never run; and whether that file still matches
+                ("task file", task_file_status(cfg.task, cfg.task_sha256, directory)),
                 ("built with", f"grass-index {cfg.version}, torch {cfg.torch_version}"),
                 ("train examples", cfg.n_train), ("sketch dim", cfg.dim),
                 ("sparsification", cfg.sparsification), ("projection", cfg.projection),
@@ -117,8 +119,9 @@ def print_index(err: Console, cfg: IndexConfig, *, directory, verb: str | None =
                 ("config hash", cfg.config_hash),
                 ("created", cfg.created)]
         for k, v in rows:
-            err.print(f"[bold]{k:>15}[/]: {escape(str(v))}")
+            err.print(f"[bold]{k:>15}[/]: {safe(str(v))}")
     err.print(layer_table(cfg))
-    err.print(f"index: {escape(index_summary(cfg))}")
+    err.print(f"index: {safe(index_summary(cfg))}")
     if verb is not None:
-        err.print(f"next: grass-index query {escape(str(directory))} --example 0")
+        task = f" --task {shell_arg(cfg.task)}" if cfg.task else ""
+        err.print(f"next: grass-index query {shell_arg(directory)}{task} --example 0")

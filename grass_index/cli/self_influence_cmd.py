@@ -5,6 +5,7 @@ Kept in its own module; the main CLI wires it with ``self_influence_cmd.register
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -12,14 +13,17 @@ import typer
 
 from .errors import errors, fail
 
+log = logging.getLogger("grass_index")
+
 
 def self_influence_command(
     index_dir: Path = typer.Argument(..., metavar="DIR", help="Index directory made by "
                                      "`grass-index build`."),
     top_k: Optional[int] = typer.Option(20, "--top-k", "-k", help="How many to list (highest "
                                         "first); 0 lists every training example."),
-    task: Optional[str] = typer.Option(None, "--task", help="Task file for labels (default: the "
-                                       "one recorded in the index)."),
+    task: Optional[str] = typer.Option(None, "--task", help="Task file for labels (the task the "
+                                       "index was built from; without it, labels only for a "
+                                       "task shipped with grass-index)."),
     labels: bool = typer.Option(True, "--labels/--no-labels", help="Look up each example's "
                                 "label with the task's label(item)."),
     as_json: bool = typer.Option(False, "--json", help='Print {"results": [{"train_id", '
@@ -46,15 +50,20 @@ def self_influence_command(
 def _ranked(index_dir: Path, top_k, task_ref, want_labels):
     import grass_index as gi
     from grass_index.analysis import rank_self_influence
+    from grass_index.task import is_builtin_task, task_for_index
 
     if top_k is not None and top_k < 0:
         fail(f"--top-k {top_k}: give a positive number, or 0 for every example")
     idx = gi.open_index(index_dir)
     ranked = rank_self_influence(idx.self_influence().numpy(), top_k or None)
     t = None
-    ref = task_ref or idx.task
-    if want_labels and ref:
-        t = gi.load_task(ref)
+    if want_labels and (task_ref or is_builtin_task(idx.task)):
+        # labels run the task's code: only a task named here (or shipped with grass-index)
+        t, note = task_for_index(task_ref, recorded=idx.task,
+                                 sha256=idx.config.get("task_sha256"), index_dir=idx.path,
+                                 command="self-influence")
+        if note:
+            log.warning("%s", note)
         if len(t.train_data()) != idx.n_train:
             fail(f"task {t.ref} has {len(t.train_data())} training examples, index "
                              f"{index_dir} {idx.n_train}; pass the task it was built from "

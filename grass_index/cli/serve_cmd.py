@@ -17,8 +17,9 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Anything but "
                              "loopback needs a token."),
     port: int = typer.Option(8000, "--port", min=0, max=65535),
-    task: Optional[str] = typer.Option(None, "--task", help="Task file to run (default: the "
-                                       "one the index records)."),
+    task: Optional[str] = typer.Option(None, "--task", help="Task file to run: the one the "
+                                       "index was built from (required unless it ships with "
+                                       "grass-index; `info` shows the recorded one)."),
     token: Optional[str] = typer.Option(None, "--token", envvar="GRASS_INDEX_TOKEN",
                                         show_envvar=True, help="Require this token on every "
                                         "request (Authorization: Bearer T, or ?token=T)."),

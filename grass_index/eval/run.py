@@ -1,6 +1,7 @@
 """`run_eval`: LDS of an index directory against (cached) retrained-model ground truth.
 
-This is what ``grass-index eval DIR`` calls. The index records its task; the task must
+This is what ``grass-index eval DIR --task FILE`` calls (the task the index was built from;
+an index's recorded task is never run unasked). The task must
 define ``train(train_data_subset, seed)`` (see groundtruth.py) so subsets can be retrained.
 """
 from __future__ import annotations
@@ -54,6 +55,23 @@ def task_train_fn(task) -> Callable:
     return fn
 
 
+def task_of_index(idx, task, command: str):
+    """The task to run for index ``idx``: a loaded task as given, or the one named by ``task``
+    (a reference). Never the task the index records unless the caller names it or it ships
+    with grass-index (an index directory is data; see task.task_for_index)."""
+    from ..task import TaskError, task_for_index
+
+    if task is not None and not isinstance(task, (str, os.PathLike)):
+        return task
+    try:
+        t, _ = task_for_index(None if task is None else str(task), recorded=idx.task,
+                              sha256=idx.config.get("task_sha256"), index_dir=idx.path,
+                              command=command)
+    except TaskError as e:
+        raise EvalError(str(e)) from e
+    return t
+
+
 def default_ground_truth_dir(task_ref: str, m: int, alpha: float, subset_seed: int) -> Path:
     """Per-task cache under $GRASS_INDEX_CACHE (shared by every index of the same task)."""
     root = Path(os.environ.get("GRASS_INDEX_CACHE", Path.home() / ".cache" / "grass-index"))
@@ -69,19 +87,13 @@ def run_eval(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
     """Train (or reuse) ground truth for the index's task, score its query data, return LDS.
 
     index: a directory or an opened AttributionIndex. task: a task reference or loaded task
-    (default: the one recorded in the index). max_queries: score only the first N query
-    examples (the ground truth covers all of them, since retraining dominates the cost).
+    (required: the task the index records is never run unasked). max_queries: score only
+    the first N query examples (the ground truth covers all of them, since retraining
+    dominates the cost).
     """
     from ..attribute import AttributionIndex, open_index
-    from ..task import load_task
-
     idx = index if isinstance(index, AttributionIndex) else open_index(index)
-    if task is None:
-        if not idx.task:
-            raise EvalError(f"index {idx.path} records no task; pass the task file (--task FILE)")
-        task = idx.task
-    if isinstance(task, (str, os.PathLike)):
-        task = load_task(task)
+    task = task_of_index(idx, task, "eval")
     train_fn = task_train_fn(task)
     train, query = task.train_data(), task.query_data()
     if len(train) != idx.n_train:

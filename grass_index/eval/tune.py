@@ -28,7 +28,7 @@ import numpy as np
 
 from ..precondition import FisherAccumulator
 from .groundtruth import train_ground_truth
-from .run import EvalError, default_ground_truth_dir, task_train_fn
+from .run import EvalError, default_ground_truth_dir, task_of_index, task_train_fn
 from .subsets import make_subsets
 
 DEFAULT_FACTORS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -253,15 +253,9 @@ def prepare(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
     """The expensive part of tune: ground truth (cached), query sketches, one pass over the
     stored sketches and one eigendecomposition per layer."""
     from ..attribute import AttributionIndex, open_index
-    from ..task import load_task
 
     idx = index if isinstance(index, AttributionIndex) else open_index(index)
-    if task is None:
-        if not idx.task:
-            raise EvalError(f"index {idx.path} records no task; pass the task file (--task FILE)")
-        task = idx.task
-    if isinstance(task, (str, os.PathLike)):
-        task = load_task(task)
+    task = task_of_index(idx, task, "tune")
     train_fn = task_train_fn(task)
     if not task.has("query_data"):
         raise EvalError(f"task {task.ref} defines no query_data(); tune scores queries against "

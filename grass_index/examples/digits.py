@@ -1,7 +1,7 @@
 """Default grass-index task: a small MLP on scikit-learn's bundled 8x8 digits (no download).
 
     grass-index build              # uses this file (grass_index/examples/digits.py)
-    grass-index query runs/digits --example 0 --png q0.png
+    grass-index query runs/digits --task grass_index.examples.digits --example 0 --png q0.png
 
 The model trains itself in about a second the first time (fixed seed) and the weights are
 cached under $GRASS_INDEX_CACHE (default ~/.cache/grass-index), so every process that loads

@@ -43,7 +43,8 @@ class ShardedIndex(VectorIndex):
             shards.add_shard(p._index)
         super().__init__(shards, kind=first.kind, dim=first.dim, nlist=first.nlist,
                          nprobe=first.nprobe, readonly=True, dtype=first.dtype,
-                         exponents=first.exponents, recall=first.recall)
+                         exponents=first.exponents, recall=first.recall,
+                         build_key=first.build_key)
         self.parts = parts  # IndexShards does not own its sub-indexes: keep them alive
 
     def add(self, vectors, ids) -> None:

@@ -83,8 +83,12 @@ def default_nprobe(nlist: int) -> int:
 
 class VectorIndex:
     def __init__(self, index, *, kind: str, dim: int, nlist=None, nprobe=None, readonly=False,
-                 dtype: str = "float32", exponents=None, recall: dict | None = None):
+                 dtype: str = "float32", exponents=None, recall: dict | None = None,
+                 build_key: str | None = None):
         self._index = index
+        # which build's vectors these are (written into the file): a reader checks it before
+        # serving, so a file copied from another index under the expected name is refused
+        self.build_key = build_key
         self.kind = kind
         self.dim = dim
         self.dtype = dtype
@@ -168,7 +172,7 @@ class VectorIndex:
             raise FaissIndexError("the IVF index must be trained first: call train(sample)")
         return VectorIndex(faiss.clone_index(self._index), kind=self.kind, dim=self.dim,
                            nlist=self.nlist, nprobe=self.nprobe, dtype=self.dtype,
-                           exponents=self.exponents)
+                           exponents=self.exponents, build_key=self.build_key)
 
     def merge_from(self, other: "VectorIndex") -> None:
         """Move ``other``'s vectors (disjoint ids) into this index; both must come from one
@@ -195,7 +199,7 @@ class VectorIndex:
         return cls(faiss.deserialize_index(np.asarray(data, np.uint8)), kind=meta["kind"],
                    dim=meta["dim"], nlist=meta.get("nlist"), nprobe=meta.get("nprobe"),
                    dtype=meta.get("dtype", "float32"), exponents=meta.get("exponents"),
-                   recall=meta.get("recall"))
+                   recall=meta.get("recall"), build_key=meta.get("build_key"))
 
     # -- data -----------------------------------------------------------------------------------
     @property
@@ -317,7 +321,7 @@ class VectorIndex:
                 "nlist": self.nlist, "nprobe": self.nprobe, "trained": not self.needs_training,
                 "dtype": self.dtype, "recall": self.recall,
                 "exponents": None if self.exponents is None else self.exponents.tolist(),
-                "faiss_version": faiss.__version__}
+                "build_key": self.build_key, "faiss_version": faiss.__version__}
 
     def __repr__(self) -> str:
         return (f"VectorIndex(kind={self.kind!r}, dtype={self.dtype!r}, dim={self.dim}, "
@@ -354,10 +358,29 @@ class VectorIndex:
                                   f"disagrees with its metadata; rebuild the index.")
         self = cls(index, kind=kind, dim=meta["dim"], nlist=meta.get("nlist"),
                    nprobe=meta.get("nprobe"), readonly=mmap, dtype=meta.get("dtype", "float32"),
-                   exponents=meta.get("exponents"), recall=meta.get("recall"))
+                   exponents=meta.get("exponents"), recall=meta.get("recall"),
+                   build_key=meta.get("build_key"))
         if kind == "ivf":
             index.nprobe = self.nprobe
         return self
+
+
+def check_serves(vindex: VectorIndex, build_key: str, n: int, where: str) -> None:
+    """The cheap invariants a reader relies on before answering from ``vindex``: written for
+    this build, ``n`` vectors, ids exactly 0..n-1 (no duplicates, none out of range)."""
+    keys = {getattr(p, "build_key", None) for p in getattr(vindex, "parts", [vindex])}
+    if keys != {build_key}:
+        raise FaissIndexError(f"{where} was written for another build (build key "
+                              f"{', '.join(sorted(map(str, keys)))}; this index's config expects "
+                              f"{build_key})")
+    if vindex.ntotal != n:
+        raise FaissIndexError(f"{where} holds {vindex.ntotal} vectors, the config says {n}")
+    ids = vindex.ids()
+    if len(ids) and (ids.min() < 0 or ids.max() >= n):
+        bad = int(ids.min() if ids.min() < 0 else ids.max())
+        raise FaissIndexError(f"{where} holds id {bad}, outside the training ids 0..{n - 1}")
+    if len(np.unique(ids)) != len(ids):
+        raise FaissIndexError(f"{where} holds duplicated ids")
 
 
 def _same(a, b) -> bool:

@@ -14,15 +14,18 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from .. import __version__
+from ..store import SketchStore
+from ..untrusted import UnsafeNameError, plain_file_name
 from .errors import AttributionError
-from .files import BUILD_FILE, CONFIG_FILE, FORMAT_VERSION
+from .files import BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, STORE_DIR, jsonable
 from .fingerprints import config_hash
 from .record import sketched_batches
 
 
 def read_config(path: Path) -> dict:
-    """config.json of the index in ``path``, checked (format, hash); clear errors for a
-    missing, unfinished, corrupted, modified or foreign directory."""
+    """config.json of the index in ``path``, checked (format, hash, plain file names, and
+    agreement with the sketch store's own record); clear errors for a missing, unfinished,
+    corrupted, modified or foreign directory."""
     path = Path(path)
     if not path.is_dir():
         raise AttributionError(f"index directory {path} not found; build one with "
@@ -40,7 +43,7 @@ def read_config(path: Path) -> dict:
         cfg = json.loads(cfile.read_text())
     except ValueError as e:
         raise AttributionError(f"{cfile} is corrupted ({e}); run `grass-index verify {path} "
-                               "--repair` or rebuild") from e
+                               "--repair` to restore it from the sketch store") from e
     if not isinstance(cfg, dict) or cfg.get("library") != "grass-index":
         raise AttributionError(f"{cfile} is not a grass-index config; rebuild the index")
     fmt = cfg.get("format")
@@ -52,8 +55,48 @@ def read_config(path: Path) -> dict:
                                   "rebuild the index with this version"))
     if cfg.get("config_hash") != config_hash(cfg):
         raise AttributionError(f"{cfile} was modified after the build (config hash mismatch); "
-                               f"run `grass-index verify {path} --repair` or rebuild")
+                               f"run `grass-index verify {path} --repair` to restore it from "
+                               "the sketch store")
+    check_file_names(path, cfg)
+    _check_against_store(path, cfg)
     return cfg
+
+
+def check_file_names(path: Path, cfg: dict) -> None:
+    """File names a config points at are plain names inside the index directory."""
+    try:
+        for name in [cfg.get("index_file")] + list(cfg.get("index_files") or []):
+            plain_file_name(name, f"{path / CONFIG_FILE}: index file")
+    except UnsafeNameError as e:
+        raise AttributionError(str(e).replace("DIR", str(path))) from None
+
+
+# Fields of config.json that the store's own records fix for the life of a build (every refit
+# keeps them); the config hash is unkeyed, so anyone can edit config.json and re-hash it.
+TASK_FIELDS = ("task", "task_sha256")
+
+
+def config_store_diff(path: Path, cfg: dict) -> list[str] | None:
+    """Fields where ``cfg`` disagrees with the sketch store's creation record (the build) and
+    its copy of the config (the task); None when the store cannot be read."""
+    try:
+        with SketchStore.open(Path(path) / STORE_DIR, readonly=True) as st:
+            created, stored = st.meta, st.get_meta("config", None)
+    except Exception:
+        return None
+    diff = [k for k in sorted(created) if jsonable(created[k]) != jsonable(cfg.get(k))]
+    if isinstance(stored, dict):
+        diff += [k for k in TASK_FIELDS if stored.get(k) != cfg.get(k)]
+    return diff
+
+
+def _check_against_store(path: Path, cfg: dict) -> None:
+    diff = config_store_diff(path, cfg)
+    if diff:
+        raise AttributionError(
+            f"{path / CONFIG_FILE} disagrees with the sketch store's own record of this build "
+            f"(differs in: {', '.join(diff)}): it was edited, or belongs to another build; run "
+            f"`grass-index verify {path} --repair` to restore it from the store")
 
 
 class IndexConfig:
@@ -78,6 +121,7 @@ class IndexConfig:
     batch_size = property(lambda self: int(self.raw["batch_size"]))
     n_blocks = property(lambda self: self._get("n_blocks"))
     task = property(lambda self: self._get("task"))
+    task_sha256 = property(lambda self: self._get("task_sha256"))
     # what pass 2 did
     hessian = property(lambda self: self.raw["hessian"])
     damping = property(lambda self: self._get("damping"))

@@ -1,9 +1,10 @@
-"""Fingerprints: of a config (what a build/index depends on), of the attributed parameters
-(a different model must not resume a build), of a training set, and of its items' shapes."""
+"""Fingerprints: of a config (what a build/index depends on), of the model (a different model
+must not resume a build), of a training set and each of its examples, and of their shapes."""
 from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from typing import Sequence
 
 import numpy as np
@@ -21,45 +22,100 @@ def config_hash(cfg: dict) -> str:
     return hash_json({k: v for k, v in cfg.items() if k not in ("config_hash", "created")})
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes()
+def _tensor_bytes(t: torch.Tensor):
+    """The tensor's bytes as a buffer (no copy for a contiguous CPU tensor)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    try:
+        return memoryview(t.numpy()).cast("B")
+    except (TypeError, RuntimeError, ValueError):  # dtypes numpy lacks (bfloat16, ...)
+        return t.reshape(-1).view(torch.uint8).numpy()
 
 
-def model_hash(model: torch.nn.Module, layers) -> str:
-    """Fingerprint of the attributed parameters (a different model must not resume a build)."""
-    params = dict(model.named_parameters())
+def model_hash(model: torch.nn.Module, layers=None) -> str:
+    """Fingerprint of every parameter and buffer (by name, dtype, shape and value): weights
+    outside the attributed layers change every gradient too, so a model that differs anywhere
+    must not resume a build. ``layers`` is accepted for callers that pass it; unused."""
     h = hashlib.sha256()
-    for layer in layers:
-        for name in layer.param_names:
-            h.update(name.encode())
-            h.update(_tensor_bytes(params[name]))
+    named = [("param:" + n, t) for n, t in model.named_parameters()]
+    named += [("buffer:" + n, t) for n, t in model.named_buffers()]
+    for name, t in named:
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(_tensor_bytes(t))
     return h.hexdigest()[:16]
 
 
-def _leaves(x, out):
+def _feed(h, x) -> None:
+    """Update hash ``h`` with one example's structure and leaf values."""
     if isinstance(x, torch.Tensor):
-        out.append(_tensor_bytes(x))
+        h.update(f"t{x.dtype}{tuple(x.shape)}".encode())
+        h.update(_tensor_bytes(x))
     elif isinstance(x, np.ndarray):
-        out.append(np.ascontiguousarray(x).tobytes())
+        h.update(f"a{x.dtype}{x.shape}".encode())
+        h.update(np.ascontiguousarray(x).tobytes() if x.dtype.hasobject else
+                 memoryview(np.ascontiguousarray(x)).cast("B"))
     elif isinstance(x, dict):
+        h.update(b"{")
         for k in sorted(x, key=str):
-            _leaves(x[k], out)
+            h.update(repr(k).encode())
+            _feed(h, x[k])
+        h.update(b"}")
     elif isinstance(x, (list, tuple)):
+        h.update(b"(")
         for v in x:
-            _leaves(v, out)
-    else:
-        out.append(repr(x).encode())
-    return out
+            _feed(h, v)
+        h.update(b")")
+    elif x is None or isinstance(x, (str, bytes, int, float, bool, complex)):
+        h.update(repr(x).encode())
+    else:  # other objects: their pickle (a default repr would hold a memory address)
+        try:
+            h.update(pickle.dumps(x, protocol=4))
+        except Exception:
+            h.update(type(x).__qualname__.encode())
+
+
+DIGEST_BYTES = 16  # per example: collisions need 2**64 work; 16 MB per million examples
+
+
+def example_digest(item) -> bytes:
+    """Fingerprint of one training example (every tensor's bytes, dtype and shape)."""
+    h = hashlib.sha256()
+    _feed(h, item)
+    return h.digest()[:DIGEST_BYTES]
+
+
+DIGEST_TAG = b"gi-sha256-16:"  # prefixes a block's digests: names how they were computed
+
+
+def block_digest(items) -> bytes:
+    """The data fingerprint stored with a block: one example_digest per example."""
+    return DIGEST_TAG + b"".join(example_digest(x) for x in items)
+
+
+def first_difference(stored: bytes, now: bytes) -> int | None:
+    """Position (within a block) of the first example whose digest differs, or None (also
+    when ``stored`` was computed another way, e.g. by another grass-index version: it cannot
+    be compared, and the check is skipped)."""
+    if not (stored.startswith(DIGEST_TAG) and now.startswith(DIGEST_TAG)):
+        return None
+    stored, now = stored[len(DIGEST_TAG):], now[len(DIGEST_TAG):]
+    n = DIGEST_BYTES
+    for j in range(max(len(stored), len(now)) // n):
+        if stored[j * n:(j + 1) * n] != now[j * n:(j + 1) * n]:
+            return j
+    return None
 
 
 def data_hash(data: Sequence) -> str:
-    """Cheap fingerprint of a training set: its length and its first and last examples."""
+    """Cheap fingerprint of a training set: its length and its first and last examples (every
+    example is fingerprinted per block as pass 1 reads it, see ``example_digest``)."""
     n = len(data)
     h = hashlib.sha256(str(n).encode())
     for i in sorted({0, n - 1}):
-        for b in _leaves(data[i], []):
-            h.update(b)
+        _feed(h, data[i])
     return h.hexdigest()[:16]
 
 

@@ -15,16 +15,17 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..index import (ExactTopK, ShardedIndex, VectorIndex, parse_spec, part_ranges,
-                     recall_at_k)
+from ..index import (ExactTopK, ShardedIndex, VectorIndex, check_serves, parse_spec,
+                     part_ranges, recall_at_k)
 from ..precondition import FisherAccumulator, Preconditioner
 from ..store import SketchStore, StoreError
+from ..task import task_record
 from .errors import AttributionError
 from .files import CONFIG_FILE, STORE_DIR, index_file_names, jsonable, write_json
 from .fingerprints import config_hash, data_signature, hash_json
 from .options import IndexOptions, damping_key
 from .progress import Progress
-from .record import n_batches, read_build_record
+from .record import n_batches
 from .stored import chunks, preconditioned_blocks, state_from_array, state_to_array
 
 log = logging.getLogger("grass_index")
@@ -88,7 +89,7 @@ def finish(out: Path, store, build: dict, describe: dict, *, hessian: str, dampi
     return run_pass2(out, build, describe, opts, rows=StoreRows(store),
                      fisher=lambda: _fisher(store, layout, n_blocks, progress),
                      main_store=main_store, stored=store,
-                     task=task if task is not None else (old_config or {}).get("task"),
+                     task=task if task is not None else old_task(old_config),
                      item_signature=item_signature, progress=progress,
                      extra=tuned_record(old_config, hessian, damping))
 
@@ -103,6 +104,12 @@ def tuned_record(old_config, hessian: str, damping) -> dict:
     same = choice.get("hessian") == hessian and (
         hessian == "identity" or choice.get("damping") == damping_key(damping))
     return {"tune": rec} if same else {}
+
+
+def old_task(old_config) -> dict:
+    """The task record of the config a refit replaces (reference and file hash)."""
+    old = old_config or {}
+    return dict(task=old.get("task"), task_sha256=old.get("task_sha256"))
 
 
 def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, rows, fisher,
@@ -142,6 +149,7 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
             return make_template(preconditioned_blocks(st, pre), spec, dim, nlist, nprobe)
     template = ranks.share(rank0_template, encode=lambda t: t.to_bytes(),
                            decode=lambda b: VectorIndex.from_bytes(*b))
+    template.build_key = key  # written into every part's file: a reader checks it before serving
 
     qids, k = recall_queries(n)
     queries = np.zeros((len(qids), dim), np.float32)  # each rank reads the ones it holds
@@ -181,6 +189,8 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
                 for p in parts[1:]:
                     parts[0].merge_from(p)
                 parts, files = parts[:1], index_file_names(key, 1)
+            for p in parts:
+                p.build_key = key
             vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
             check_count(vindex, n)
             if k >= 1:
@@ -218,8 +228,9 @@ def commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vind
     ``extra``: records that outlive this pass 2 (e.g. `tune`'s choice)."""
     cfg = dict(build)
     cfg.update(extra or {})
+    cfg.update(task_record(task) if task is not None else dict(task=None, task_sha256=None))
     cfg.update(
-        library="grass-index", version=__version__, torch=torch.__version__, task=task,
+        library="grass-index", version=__version__, torch=torch.__version__,
         hessian=hessian, damping=damping_key(damping), damping_used=pre.damping_used,
         preconditioner=jsonable(pre.describe()), preconditioner_key=key,
         layers_described=describe, index=jsonable(vindex.describe()), index_kind=index,
@@ -245,10 +256,12 @@ def refit(path: Path, config: dict, *, hessian: str, damping, index: str,
           progress=False) -> dict:
     """Pass 2 again over a finished index's stored sketches (another damping, Hessian or
     index kind); the new config. ``hessian`` is canonical and ``damping`` already checked."""
-    build = read_build_record(path)
     prog = Progress(progress)
     try:
         with SketchStore.open(path / STORE_DIR, readonly=False) as store:
+            # the store's own creation record, not build.json (which another build may have
+            # overwritten): it is what the stored sketches are
+            build = store.meta
             return finish(path, store, build, config.get("layers_described", {}),
                           hessian=hessian, damping=damping, index=index, nlist=None,
                           nprobe=None, task=None, progress=prog, old_config=config)
@@ -357,8 +370,14 @@ def measure_recall(vindex, exact: ExactTopK, qids, k: int, others=()) -> dict:
     return recall
 
 
-def load_faiss(path: Path, cfg: dict, *, mmap: bool = False, verify: bool = True):
-    """The finished index's FAISS index: its one file, or its parts searched as one."""
+def load_faiss(path: Path, cfg: dict, *, mmap: bool = False, verify: bool = True,
+               check: bool = True):
+    """The finished index's FAISS index: its one file, or its parts searched as one —
+    checked (``check``) to belong to this build (key, count, id range) before it serves."""
     names = cfg.get("index_files") or [cfg["index_file"]]
     parts = [VectorIndex.load(path / name, mmap=mmap, verify=verify) for name in names]
-    return parts[0] if len(parts) == 1 else ShardedIndex(parts)
+    vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
+    if check:
+        check_serves(vindex, cfg["preconditioner_key"], int(cfg["n_train"]),
+                     ", ".join(str(path / name) for name in names))
+    return vindex

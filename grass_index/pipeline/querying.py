@@ -19,6 +19,7 @@ from ..task import default_collate
 from .errors import AttributionError
 from .files import MASK_FILE, STORE_DIR
 from .fingerprints import layer_dims, model_hash
+from .options import check_device
 from .pass2 import load_faiss
 from .sketching import batch_len, batches
 from .stored import chunks, preconditioned_blocks, state_from_array
@@ -58,6 +59,7 @@ def check_model(path: Path, config: dict, model: torch.nn.Module):
 
 def query_sketcher(path: Path, config: dict, model, device=None) -> GradientSketcher:
     """A sketcher for ``model`` that draws the projections the index was built with."""
+    check_device(device)
     infos = check_model(path, config, model)
     masks = load_selective_mask(path / MASK_FILE) if config.get("selective_mask") else None
     sk = GradientSketcher(model, infos, sparsification=config["sparsification"],
@@ -101,7 +103,8 @@ def sketch_queries(path: Path, config: dict, model, examples: Sequence, loss_fn,
     sk = query_sketcher(path, config, model, device)
     collate = collate or default_collate
     out = []
-    for b, lo, batch in batches(examples, batch_size or config["batch_size"], collate):
+    for b, lo, batch in batches(examples, batch_size or config["batch_size"], collate,
+                                what="query examples"):
         try:
             out.append(sk.sketch(batch, loss_fn))
         except CaptureError as e:

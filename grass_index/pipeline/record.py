@@ -12,9 +12,14 @@ import json
 import math
 from pathlib import Path
 
+from ..store import writer_lock
+from ..store._env import DATA_FILE
 from .errors import AttributionError
-from .files import BUILD_FILE, FORMAT_VERSION, OUR_FILES, STORE_DIR, jsonable, write_json
+from .files import (BUILD_FILE, FORMAT_VERSION, MASK_FILE, OUR_FILES, STORE_DIR, jsonable,
+                    write_json)
 from .fingerprints import data_hash, hash_json, layer_dims, model_hash
+
+CLAIM_WAIT_S = 30.0  # a worker waits this long for the lock another worker's claim holds
 
 
 def make_build_record(options, *, model, infos, sketcher, train_data, masks=None) -> dict:
@@ -50,37 +55,74 @@ def read_build_record(out: Path, *, missing: str | None = None) -> dict:
     try:
         return json.loads(bfile.read_text())
     except ValueError as e:
-        raise AttributionError(f"{bfile} is corrupted ({e}); delete {out} and rebuild") from e
+        raise AttributionError(f"{bfile} is corrupted ({e}); run `grass-index verify {out} "
+                               "--repair` to restore it from the sketch store") from e
+
+
+def check_out_dir_free(out: Path) -> None:
+    """``out`` is new, empty, or a grass-index build (checked before anything is written)."""
+    if out.exists() and not out.is_dir():
+        raise AttributionError(f"--out {out} is a file; pass a directory")
+    if out.is_dir() and not (out / BUILD_FILE).is_file() and any(
+            p.name not in OUR_FILES and not p.name.startswith((".", "index-"))
+            and p.name != MASK_FILE for p in out.iterdir()):
+        raise AttributionError(f"output directory {out} is not empty and is not a grass-index "
+                               "build; choose a new or empty directory")
+
+
+def claim_out_dir_locked(out: Path, build: dict, *, wait_s: float = 0.0):
+    """Take the store's writer lock, then claim ``out`` (build.json) while holding it: two
+    builds into one new directory cannot both claim it. Returns the held lock, for
+    ``SketchStore.create(..., lock=)`` (a worker's claim releases it at once)."""
+    check_out_dir_free(out)
+    lock = writer_lock(out / STORE_DIR, wait_s=wait_s)
+    try:
+        claim_out_dir(out, build)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def build_diff(old: dict, build: dict) -> str:
+    """Which keys two build records differ in, and the likely cause."""
+    diff = sorted(k for k in set(old) | set(build)
+                  if jsonable(old.get(k)) != jsonable(build.get(k)))
+    if len(diff) > 1 and "sketch_fingerprint" in diff:  # derived: name the cause only
+        diff.remove("sketch_fingerprint")
+    hint = ""
+    if "model_hash" in diff:
+        hint = " (the model's weights differ)"
+    elif "data_hash" in diff or "n_train" in diff:
+        hint = " (the training data differs)"
+    return f"differs in: {', '.join(diff)}){hint}"
 
 
 def claim_out_dir(out: Path, build: dict) -> None:
-    """Refuse a directory holding something else; record what this build's sketches mean."""
+    """Refuse a directory holding something else; record what this build's sketches mean.
+    Builds call it under the store's writer lock (``claim_out_dir_locked``)."""
     bfile = out / BUILD_FILE
-    if out.exists() and not out.is_dir():
-        raise AttributionError(f"--out {out} is a file; pass a directory")
+    check_out_dir_free(out)
     if bfile.is_file():
         old = read_build_record(out)
         if jsonable(old) != jsonable(build):
-            diff = sorted(k for k in set(old) | set(build)
-                          if jsonable(old.get(k)) != jsonable(build.get(k)))
-            if len(diff) > 1 and "sketch_fingerprint" in diff:  # derived: name the cause only
-                diff.remove("sketch_fingerprint")
-            hint = ""
-            if "model_hash" in diff:
-                hint = " (the model's weights differ)"
-            elif "data_hash" in diff or "n_train" in diff:
-                hint = " (the training data differs)"
             raise AttributionError(
-                f"output directory {out} holds a different build (differs in: {', '.join(diff)})"
-                f"{hint}; choose another --out or delete {out} to rebuild")
+                f"output directory {out} holds a different build ({build_diff(old, build)}; "
+                f"choose another --out or delete {out} to rebuild")
         return
-    if out.is_dir() and any(p.name not in OUR_FILES and not p.name.startswith(".")
-                            for p in out.iterdir()):
-        raise AttributionError(f"output directory {out} is not empty and is not a grass-index "
-                               "build; choose a new or empty directory")
-    if (out / STORE_DIR).exists():
-        raise AttributionError(f"{out} has sketches but no {BUILD_FILE}; it is corrupted: delete "
-                               "it and rebuild")
+    if (out / STORE_DIR / DATA_FILE).exists():  # build.json lost: the store's own record
+        from ..store import SketchStore
+
+        try:
+            with SketchStore.open(out / STORE_DIR, readonly=True) as st:
+                created = st.meta
+        except Exception as e:
+            raise AttributionError(f"{out} has sketches but no {BUILD_FILE}, and its store is "
+                                   f"unreadable ({e}); delete {out} and rebuild") from e
+        if jsonable(created) != jsonable(build):
+            raise AttributionError(
+                f"output directory {out} holds a different build ({build_diff(created, build)}"
+                f"; choose another --out or delete {out} to rebuild")
     out.mkdir(parents=True, exist_ok=True)
     write_json(bfile, build)
 

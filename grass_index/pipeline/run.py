@@ -19,16 +19,17 @@ from pathlib import Path
 from ..capture import GradientSketcher, select_layers
 from ..compress import load_selective_mask
 from ..store import SketchStore
-from ..task import check_loss, default_collate
+from ..task import check_loss, default_collate, task_record
 from . import distributed as dist_build
 from .errors import AttributionError
 from .files import MASK_FILE, STORE_DIR, atomic_write, jsonable
 from .fingerprints import data_signature
-from .options import (BuildOptions, IndexOptions, check_damping, check_index, check_train_data,
-                      damping_key, norm_hessian)
+from .options import (BuildOptions, IndexOptions, check_damping, check_device, check_index,
+                      check_train_data, damping_key, norm_hessian)
 from .pass2 import finish, refit
 from .progress import Progress
-from .record import claim_out_dir, make_build_record
+from . import record
+from .record import claim_out_dir_locked, make_build_record
 from .sharding import merge, parse_worker, read_shard_fisher, sketch_shard
 from .sketching import sketch_training_set
 
@@ -64,6 +65,7 @@ class _Prepared:
 
     def __init__(self, model, train_data, loss_fn, options: BuildOptions, *, collate, device):
         check_train_data(train_data)
+        check_device(device)
         self.collate = collate or default_collate
         model.eval()
         # Everything that can be checked without writing is checked first.
@@ -89,7 +91,23 @@ class _Prepared:
         self.train_data, self.loss_fn, self.batch_size = train_data, loss_fn, options.batch_size
 
     def claim(self, out: Path) -> None:
-        claim_out_dir(out, self.build)
+        """Workers/ranks of one build claim in turn (milliseconds each, under the lock)."""
+        claim_out_dir_locked(out, self.build, wait_s=record.CLAIM_WAIT_S).release()
+        self._copy_mask(out)
+
+    def claim_locked(self, out: Path):
+        """A single process claims ``out`` (build.json) under the store's writer lock and keeps
+        the lock for ``SketchStore.create``: two builds into one new directory cannot both
+        claim it."""
+        lock = claim_out_dir_locked(out, self.build)
+        try:
+            self._copy_mask(out)
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+
+    def _copy_mask(self, out: Path) -> None:
         if self.masks is not None:
             atomic_write(out / MASK_FILE, Path(self.mask_file).read_bytes())
 
@@ -114,6 +132,7 @@ def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
     out = Path(out)
     options, index_options = options or BuildOptions(), index_options or IndexOptions()
     check_train_data(train_data)
+    task = task_record(task) if task is not None else None  # reference + file sha256
     group = None
     if dist_build.wanted(distributed):
         group = dist_build.Group()
@@ -128,9 +147,13 @@ def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
         try:
             if group is not None:
                 return _build_ranks(group, prep, out, index_options, task, prog, remove_shards)
-            prep.claim(out)
-            store = SketchStore.create(out / STORE_DIR, dim=prep.sketcher.dim,
-                                       meta=jsonable(prep.build))
+            lock = prep.claim_locked(out)
+            try:
+                store = SketchStore.create(out / STORE_DIR, dim=prep.sketcher.dim,
+                                           meta=jsonable(prep.build), lock=lock)
+            except BaseException:
+                lock.release()
+                raise
             with store:
                 sketch_training_set(store, prep.sketcher, train_data, loss_fn,
                                     batch_size=options.batch_size, collate=prep.collate,
@@ -179,6 +202,7 @@ def build_shard(model, train_data, loss_fn, out, worker, options: BuildOptions |
     if worker is None:
         raise AttributionError("build_shard needs worker=(i, n) or 'i/n'")
     options, index_options = options or BuildOptions(), index_options or IndexOptions()
+    task = task_record(task) if task is not None else None  # reference + file sha256
     prep = _Prepared(model, train_data, loss_fn, options, collate=collate, device=device)
     prog = Progress(progress)
     try:

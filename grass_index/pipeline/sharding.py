@@ -222,7 +222,7 @@ def copy_shards(store, build: dict, n: int, shards: dict[int, Path], progress) -
                 raise AttributionError(
                     f"shard {shard_name(b % n, n)} holds {len(rows)} rows for batch {b}, "
                     f"expected {want}; delete {shards[b % n]} and re-run its worker")
-            store.put_block(b, b * B, rows)
+            store.put_block(b, b * B, rows, digest=readers[b % n].block_digest(b // n))
             progress("merge", b + 1, n_blocks)
     finally:
         for r in readers:

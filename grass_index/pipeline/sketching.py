@@ -8,18 +8,23 @@ from typing import Sequence
 import torch
 
 from ..capture import CaptureError
+from ..store import StoreError
+from ..task import TaskError, collate_items
 from .errors import AttributionError
+from .fingerprints import block_digest, first_difference
 from .record import batch_count
 
 log = logging.getLogger("grass_index")
 
 
-def batches(data: Sequence, batch_size: int, collate, start_block: int = 0):
+def batches(data: Sequence, batch_size: int, collate, start_block: int = 0,
+            what: str = "examples"):
     """Fixed block boundaries [b*B, (b+1)*B): a resumed build sees exactly the same batches."""
     n = len(data)
     for b in range(start_block, batch_count(n, batch_size)):
         lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
-        yield b, lo, collate([data[i] for i in range(lo, hi)])
+        yield b, lo, collate_items(collate, [data[i] for i in range(lo, hi)],
+                                   f"{what} {lo}..{hi - 1}")
 
 
 def batch_len(batch) -> int:
@@ -47,17 +52,76 @@ def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch
     start = store.committed_blocks
     if start:
         log.info("resuming: %d of %d batches already sketched", start, len(blocks))
+        _check_data_unchanged(store, train_data, blocks[:start], batch_size)
+        damaged = store.damaged_blocks()  # a re-run also recomputes blocks damaged on disk
+        if damaged:
+            log.warning("recomputing sketch blocks damaged on disk: %s", damaged[:20])
+            resketch_blocks(store, sketcher, train_data, loss_fn, damaged,
+                            batch_size=batch_size, collate=collate, blocks=blocks)
     progress("sketch", start, len(blocks))
     for j in range(start, len(blocks)):
         b = blocks[j]
         lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
-        batch = collate([train_data[i] for i in range(lo, hi)])
-        try:
-            rows = sketcher.sketch(batch, loss_fn)
-        except CaptureError as e:
-            if e.example is not None:
-                raise AttributionError(
-                    f"training example {lo + e.example} (train id; batch {b}): {e}") from e
-            raise
-        store.put_block(j, j * batch_size, rows.numpy())
+        items = [train_data[i] for i in range(lo, hi)]
+        digest = block_digest(items)
+        batch = collate_items(collate, items, f"training examples {lo}..{hi - 1}")
+        rows = _sketch_batch(sketcher, batch, loss_fn, lo, hi, b)
+        store.put_block(j, j * batch_size, rows.numpy(), digest=digest)
         progress("sketch", j + 1, len(blocks))
+
+
+def _sketch_batch(sketcher, batch, loss_fn, lo: int, hi: int, b: int):
+    """One batch's sketches; a failure names the training ids and whose code failed."""
+    try:
+        return sketcher.sketch(batch, loss_fn)
+    except CaptureError as e:
+        if e.example is not None:
+            raise AttributionError(
+                f"training example {lo + e.example} (train id; batch {b}): {e}") from e
+        raise
+    except (StoreError, AttributionError, TaskError):
+        raise
+    except Exception as e:  # the user's loss (or model) raised on these examples
+        raise TaskError(f"the loss raised {type(e).__name__} on training examples {lo}..{hi - 1} "
+                        f"(batch {b}): {e}; fix the loss or the data (every batch before this "
+                        "one is saved: re-running the build resumes here)") from e
+
+
+def _check_data_unchanged(store, train_data: Sequence, blocks: Sequence[int],
+                          batch_size: int) -> None:
+    """Refuse to reuse sketches of examples that changed: every committed block's stored data
+    fingerprint must equal the examples' fingerprint now (blocks without one are skipped)."""
+    n = len(train_data)
+    for j, b in enumerate(blocks):
+        stored = store.block_digest(j)
+        if stored is None:
+            continue
+        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
+        now = block_digest(train_data[i] for i in range(lo, hi))
+        k = first_difference(stored, now)
+        if k is not None:
+            raise AttributionError(
+                f"training example {lo + k} differs from the one already sketched into "
+                f"{store.path} (the first that differs: the training data changed since this "
+                "build started, and its stored sketches would be stale); build into a new "
+                "--out, or delete the old directory to rebuild over the new data")
+
+
+def resketch_blocks(store, sketcher, train_data: Sequence, loss_fn, damaged: Sequence[int], *,
+                    batch_size: int, collate, blocks: Sequence[int] | None = None) -> None:
+    """Sketch the given committed blocks again (blocks damaged on disk): each block's
+    examples must still match the data fingerprint stored with it. ``blocks`` maps a store's
+    block number to its global batch number (a worker's shard; default: the same)."""
+    n = len(train_data)
+    for j in damaged:
+        b = j if blocks is None else blocks[j]
+        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
+        items = [train_data[i] for i in range(lo, hi)]
+        stored = store.block_digest(j)
+        k = None if stored is None else first_difference(stored, block_digest(items))
+        if k is not None:
+            raise AttributionError(f"training example {lo + k} differs from the one the index "
+                                   "was built over; pass the task and data it was built from")
+        batch = collate_items(collate, items, f"training examples {lo}..{hi - 1}")
+        rows = _sketch_batch(sketcher, batch, loss_fn, lo, hi, b)
+        store.replace_block(j, j * batch_size, rows.numpy())

@@ -6,6 +6,9 @@ import io
 
 import numpy as np
 
+from ..precondition import unrepresentable_rows
+from .errors import AttributionError
+
 
 def state_to_array(state: dict) -> np.ndarray:
     """A preconditioner state (dict of arrays, some of them strings) as one uint8 array (.npz)."""
@@ -35,6 +38,18 @@ def chunks(store, rows_per_chunk: int = 2048):
 
 
 def preconditioned_blocks(store, pre):
+    """(start id, preconditioned rows); refuses vectors that float32 cannot represent."""
     for start, rows in chunks(store):
         vec = np.asarray(pre.apply(np.asarray(rows, dtype=np.float32)), dtype=np.float32)
+        under, over = unrepresentable_rows(rows, vec)
+        if len(under) or len(over):
+            ids = (start + (under if len(under) else over)[:5]).tolist()
+            raise AttributionError(
+                f"the preconditioned vectors of training examples {ids} "
+                + ("underflow float32 (every entry below 1e-30 although their sketches are "
+                   "not zero): the damping is too large for these gradients"
+                   if len(under) else "overflow float32: the damping is too small")
+                + f" (λ used per layer: {pre.damping_used}); rebuild or reprecondition with "
+                "another --damping (the default is relative: 0.3 × each layer's mean "
+                "eigenvalue)")
         yield start, np.ascontiguousarray(vec)

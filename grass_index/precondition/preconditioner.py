@@ -14,6 +14,20 @@ from .fisher import as_float64, layer_slices
 from .errors import PreconditionError
 
 HESSIANS = ("eFIM", "identity")
+# A preconditioned vector whose largest |entry| is below this (while its sketch is not zero)
+# has lost its precision to float32 underflow: its scores would be 0.0 and its ranking arbitrary.
+UNDERFLOW = 1e-30
+
+
+def unrepresentable_rows(raw, vec) -> tuple[np.ndarray, np.ndarray]:
+    """Row positions whose preconditioned vector underflowed (non-zero sketch, vector below
+    UNDERFLOW) and whose vector overflowed (inf/NaN)."""
+    raw_max = np.abs(np.asarray(raw)).max(axis=1) if len(raw) else np.zeros(0)
+    vec = np.asarray(vec)
+    finite = np.isfinite(vec).all(axis=1)
+    vec_max = np.where(finite, np.abs(np.where(np.isfinite(vec), vec, 0)).max(axis=1), 0) \
+        if len(vec) else np.zeros(0)
+    return np.flatnonzero((raw_max > 0) & finite & (vec_max < UNDERFLOW)), np.flatnonzero(~finite)
 
 
 def canonical_hessian(hessian: str) -> str:

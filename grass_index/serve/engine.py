@@ -17,7 +17,7 @@ import torch
 
 import grass_index as gi
 from grass_index.errors import GrassIndexError
-from grass_index.task import Task, load_task
+from grass_index.task import Task, TaskError, task_for_index
 
 log = logging.getLogger("grass_index.serve")
 
@@ -29,15 +29,17 @@ class ServeError(GrassIndexError, ValueError):
 
 
 def resolve_task(idx, task: str | None) -> Task:
-    """The task whose code the server runs: the one named on the command line, else the one
-    the index records. The ONLY place serve decides what code to import, so how a recorded
-    task is trusted can change here alone."""
-    if task is not None:
-        return load_task(task)
-    if not idx.task:
-        raise ServeError(f"index {idx.path} records no task (built from Python); pass the task "
-                         "file with --task FILE")
-    return load_task(idx.task)
+    """The task whose code the server runs: the one named on the command line (the index's
+    recorded task only when it ships with grass-index: an index directory is data). The ONLY
+    place serve decides what code to import."""
+    try:
+        t, note = task_for_index(task, recorded=idx.task, sha256=idx.config.get("task_sha256"),
+                                 index_dir=idx.path, command="serve")
+    except TaskError as e:
+        raise ServeError(str(e)) from e
+    if note:
+        log.warning("%s", note)
+    return t
 
 
 def verify_or_refuse(path: Path, sample: int = 8) -> None:

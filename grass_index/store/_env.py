@@ -18,6 +18,8 @@ T = TypeVar("T")
 
 DATA_FILE = "data.mdb"
 DB_NAMES = ("info", "kv", "blocks", "starts", "arrays", "chunks")
+# Tables added after the first release: stores written before them open without them.
+OPTIONAL_DB_NAMES = ("digests",)  # block number -> the data fingerprint of its examples
 INITIAL_MAP_SIZE = 1 << 30  # grows by doubling; on 64-bit this is only reserved address space
 # New stores use the LMDB 0.9 on-disk format so they stay readable by lmdb 1.x/2.x (pyproject
 # allows lmdb>=1.4). lmdb 3 bundles 0.9 and 1.0 engines whose formats cannot read each other.
@@ -39,6 +41,11 @@ class EnvHandle:
         try:
             for name in DB_NAMES:
                 self.dbs[name] = env.open_db(name.encode(), create=not readonly)
+            for name in OPTIONAL_DB_NAMES:
+                try:
+                    self.dbs[name] = env.open_db(name.encode(), create=not readonly)
+                except lmdb.NotFoundError:
+                    self.dbs[name] = None
         except lmdb.NotFoundError:
             env.close()
             raise StoreError(f"{path} is an LMDB database but not a grass-index sketch store "
@@ -100,7 +107,8 @@ class EnvHandle:
 def _open_env(path: str, *, readonly: bool, create: bool) -> lmdb.Environment:
     exists = os.path.exists(os.path.join(path, DATA_FILE))
     kwargs = dict(subdir=True, readonly=readonly, create=create and not readonly,
-                  map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES) + 2, readahead=False,
+                  map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES) + len(OPTIONAL_DB_NAMES) + 2,
+                  readahead=False,
                   max_spare_txns=0)
     if not exists and not readonly:
         try:  # choose the on-disk format explicitly for new stores (lmdb >= 3)

@@ -45,7 +45,9 @@ def decode_block(buf, *, where: str, verify: bool = True) -> tuple[int, np.ndarr
         raise StoreError(f"{where} has a bad header or length; the store is corrupted — rebuild it.")
     body = memoryview(buf)[HEADER_SIZE:]
     if verify and zlib.crc32(body) != crc:
-        raise StoreError(f"{where} failed its checksum (data corrupted on disk); rebuild the store.")
+        raise StoreError(f"{where} failed its checksum (data corrupted on disk); recompute it "
+                         "with `grass-index verify DIR --repair --task TASK` or by re-running "
+                         "the build command.")
     return start, np.frombuffer(body, dtype=np.float32).reshape(n, dim)
 
 

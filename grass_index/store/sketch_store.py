@@ -18,8 +18,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from . import _env, arrays, codec
-from .errors import StoreError
-from .lock import WriterLock
+from .errors import StoreError, WriterLockedError
+from .lock import LOCK_NAME, WriterLock
 
 FORMAT = 1
 _PROGRESS = struct.Struct("<QQ")  # committed_blocks, num_rows
@@ -63,8 +63,13 @@ class SketchStore:
 
     # -- opening --------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path, *, dim: int, meta: dict) -> "SketchStore":
-        """Create a store, or reopen an existing one for resuming if its dim and meta match."""
+    def create(cls, path, *, dim: int, meta: dict, lock: WriterLock | None = None
+               ) -> "SketchStore":
+        """Create a store, or reopen an existing one for resuming if its dim and meta match.
+
+        ``lock``: this store's writer lock, already acquired by the caller (see
+        :func:`writer_lock`) so it can claim the directory before the store exists; the
+        store then owns it and releases it on close."""
         path = os.fspath(path)
         dim = _int(dim, "dim")
         if dim == 0:
@@ -75,8 +80,12 @@ class SketchStore:
         if os.path.exists(path) and not os.path.isdir(path):
             raise StoreError(f"{path} exists and is not a directory; a store is a directory.")
         os.makedirs(path, exist_ok=True)
-        lock = WriterLock(path)
-        lock.acquire()
+        if lock is None:
+            lock = WriterLock(path)
+            lock.acquire()
+        elif not lock.held or os.path.realpath(lock.path) != os.path.realpath(
+                os.path.join(path, LOCK_NAME)):
+            raise StoreError(f"the lock passed to create({path!r}) is not this store's held lock")
         h = None
         try:
             h = _env.acquire(path, readonly=False, create=True)
@@ -192,9 +201,12 @@ class SketchStore:
         return f"{b} blocks, {n} rows"
 
     # -- rows -----------------------------------------------------------------------------------
-    def put_block(self, block_no: int, start_id: int, rows) -> None:
+    def put_block(self, block_no: int, start_id: int, rows, digest: bytes | None = None
+                  ) -> None:
         """Append block ``block_no`` (rows with ids start_id..) atomically with the counter.
 
+        ``digest`` is the data fingerprint of the block's examples (bytes), committed in the
+        same transaction so a resumed build can check that the data it skips is unchanged.
         Re-putting an already committed identical block is a no-op (resume); different contents
         are refused, since a resumed build must reproduce the same batches.
         """
@@ -202,6 +214,8 @@ class SketchStore:
         block_no, start_id = _int(block_no, "block_no"), _int(start_id, "start_id")
         rows = self._check_rows(rows, start_id)
         value = codec.encode_block(start_id, rows)
+        if digest is not None and h.dbs.get("digests") is None:
+            raise StoreError(f"the store at {self.path} predates data fingerprints; rebuild it")
 
         def put(txn):
             committed, nrows = _read_progress(txn, h)
@@ -225,8 +239,47 @@ class SketchStore:
                                  f"{nrows} rows; ids must be contiguous (start_id={nrows}).")
             txn.put(codec.key(block_no), value, db=h.dbs["blocks"], append=True)
             txn.put(codec.key(start_id), codec.key(block_no), db=h.dbs["starts"], append=True)
+            if digest is not None:
+                txn.put(codec.key(block_no), bytes(digest), db=h.dbs["digests"])
             txn.put(b"progress", _PROGRESS.pack(committed + 1, nrows + len(rows)),
                     db=h.dbs["info"])
+
+        h.write(put, state=self._state, need_bytes=len(value))
+
+    def block_digest(self, block_no: int) -> bytes | None:
+        """The data fingerprint committed with block ``block_no`` (None when none was)."""
+        h = self._handle()
+        if h.dbs.get("digests") is None:
+            return None
+        return h.read(lambda txn: (lambda v: None if v is None else bytes(v))(
+            txn.get(codec.key(_int(block_no, "block_no")), db=h.dbs["digests"])))
+
+    def damaged_blocks(self) -> list[int]:
+        """Committed blocks whose bytes fail their checksum or header (damaged on disk)."""
+        h = self._handle()
+        end, bad = self.committed_blocks, []
+        for b in range(end):
+            if not h.read(lambda txn, b=b: _healthy(txn.get(codec.key(b), db=h.dbs["blocks"]), b)):
+                bad.append(b)
+        return bad
+
+    def replace_block(self, block_no: int, start_id: int, rows) -> None:
+        """Rewrite a committed block that is damaged on disk with recomputed rows (same ids,
+        same shape); used by repair. A healthy block is never replaced."""
+        h = self._writable()
+        block_no, start_id = _int(block_no, "block_no"), _int(start_id, "start_id")
+        rows = self._check_rows(rows, start_id)
+        value = codec.encode_block(start_id, rows)
+
+        def put(txn):
+            if block_no >= _read_progress(txn, h)[0]:
+                raise StoreError(f"block {block_no} is not committed; nothing to replace")
+            if _healthy(txn.get(codec.key(block_no), db=h.dbs["blocks"]), block_no):
+                raise StoreError(f"block {block_no} is healthy; it is never replaced")
+            start = txn.get(codec.key(start_id), db=h.dbs["starts"])
+            if start is None or codec.unkey(start) != block_no:
+                raise StoreError(f"block {block_no} does not start at id {start_id}")
+            txn.put(codec.key(block_no), value, db=h.dbs["blocks"])
 
         h.write(put, state=self._state, need_bytes=len(value))
 
@@ -396,6 +449,35 @@ class SketchStore:
             except StoreError as e:
                 problems.append(str(e))
         return problems
+
+
+def _healthy(buf, block_no: int) -> bool:
+    if buf is None:
+        return False
+    try:
+        codec.decode_block(buf, where=f"block {block_no}")
+    except StoreError:
+        return False
+    return True
+
+
+def writer_lock(path, *, wait_s: float = 0.0) -> WriterLock:
+    """Acquire the writer lock of the store at ``path`` (creating the directory) before the
+    store exists, so a build can claim its output directory under the lock; hand it to
+    :meth:`SketchStore.create` (or release it). ``wait_s``: keep trying that long (claims
+    that hold it for milliseconds, e.g. workers of one build, queue instead of failing)."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    lock = WriterLock(path)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            lock.acquire()
+            return lock
+        except WriterLockedError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _engine(h) -> tuple:

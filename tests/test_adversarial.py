@@ -1,0 +1,603 @@
+"""An index directory is data; stale data is never reused; races and repairs that hold; errors
+that blame the user's input. Each test reproduces one way a careful user or an attacker got a
+wrong or unsafe result, through the public API and the command line."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import grass_index as gi
+from _tiny_task import write_task
+from grass_index.cli.main import app
+
+runner = CliRunner()
+SMALL = ["--sparsification", "random_mask-4*3", "--projection", "sjlt-8", "--batch-size", "8"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(res, *needles):
+    """Exit != 0, no traceback, not an internal error, and the message names every needle."""
+    assert res.exit_code not in (0, None), res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    err = " ".join(res.stderr.split())
+    assert "internal error" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def rehash(cfg_file: Path, **changes) -> dict:
+    """Edit config.json the way an attacker can: change fields and recompute the (unkeyed)
+    config hash the library exports."""
+    cfg = json.loads(cfg_file.read_text())
+    cfg.update(changes)
+    cfg["config_hash"] = gi.attribute.config_hash(cfg)
+    cfg_file.write_text(json.dumps(cfg))
+    return cfg
+
+
+def forge(out: Path, **changes) -> dict:
+    """An attacker controls the whole directory: edit config.json and the sketch store's copy
+    of it alike, so only the consent rule stands between the index and the user's machine."""
+    from grass_index.store import SketchStore
+
+    cfg = rehash(out / "config.json", **changes)
+    with SketchStore.open(out / "sketches", readonly=False) as st:
+        st.put_meta("config", cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    d = tmp_path_factory.mktemp("adv")
+    task = write_task(d)
+    out = d / "idx"
+    res = invoke("build", task, "--out", out, *SMALL)
+    assert res.exit_code == 0, res.output
+    return task, out
+
+
+@pytest.fixture
+def copy(built, tmp_path):
+    """A private copy of the built index (tests may damage it)."""
+    task, out = built
+    dst = tmp_path / "idx"
+    shutil.copytree(out, dst)
+    return task, dst
+
+
+PAYLOAD = """
+import pathlib
+pathlib.Path({marker!r}).write_text("ran")
+from torch import nn
+import torch
+def model(): return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+def train_data(): return [(torch.zeros(6), torch.tensor(0))] * 40
+def query_data(): return train_data()
+def loss(m, b): return torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+def train(subset, seed): return model()
+"""
+
+
+# ------------------------------------------------------------------ code execution (worst)
+
+@pytest.mark.parametrize("where", ["relative", "inside", "absolute"])
+@pytest.mark.parametrize("command", ["query", "score", "eval"])
+def test_opening_an_index_never_runs_a_planted_task(copy, tmp_path, monkeypatch, where, command):
+    """config.json edited (and re-hashed) to name a payload: a relative path next to the index,
+    an absolute path inside it, or an absolute path elsewhere with its correct sha256. Without
+    --task nothing is imported; the error shows what the index records."""
+    _, out = copy
+    marker = tmp_path / "ran.txt"
+    payload = (out / "evil.py") if where != "absolute" else (tmp_path / "elsewhere.py")
+    payload.write_text(PAYLOAD.format(marker=str(marker)))
+    monkeypatch.chdir(out)
+    ref = "evil.py" if where == "relative" else str(payload)
+    forge(out, task=ref,
+           task_sha256=hashlib.sha256(payload.read_bytes()).hexdigest())
+    args = {"query": ["query", out, "--example", 0], "score": ["score", out, "--out",
+                                                               tmp_path / "s.npy"],
+            "eval": ["eval", out, "--subsets", 2, "--seeds", 0]}[command]
+    res = invoke(*args)
+    assert res.exit_code != 0
+    assert not marker.exists(), "the planted task ran"
+    err = " ".join(res.stderr.split())
+    assert "--task" in err and "never runs code" in err, err
+    if where == "inside":
+        assert "inside the index directory" in err
+
+
+def test_python_eval_api_refuses_the_recorded_task_unasked(copy, tmp_path):
+    from grass_index.eval.run import EvalError, run_eval
+
+    _, out = copy
+    marker = tmp_path / "ran.txt"
+    payload = tmp_path / "p.py"
+    payload.write_text(PAYLOAD.format(marker=str(marker)))
+    forge(out, task=str(payload),
+           task_sha256=hashlib.sha256(payload.read_bytes()).hexdigest())
+    with pytest.raises(EvalError, match="--task"):
+        run_eval(out, num_subsets=2, seeds=[0], progress=False)
+    assert not marker.exists()
+
+
+def test_an_edited_config_is_caught_by_the_stores_own_record_and_repaired(copy, tmp_path):
+    """The config hash is unkeyed (anyone can re-hash an edit): config.json is also checked
+    against the sketch store's record, and `verify --repair` restores it from there."""
+    task, out = copy
+    good = json.loads((out / "config.json").read_text())
+    rehash(out / "config.json", task=str(tmp_path / "x.py"), n_train=30)
+    one_line_error(invoke("query", out, "--task", task), "differs in: n_train, task", "--repair")
+    v = invoke("verify", out)
+    assert v.exit_code != 0 and "FAIL config" in v.stderr
+    r = invoke("verify", out, "--repair")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text()) == good
+    assert invoke("query", out, "--task", task, "--example", 0).exit_code == 0
+
+
+def test_query_with_named_task_works_and_a_changed_task_is_flagged(copy, tmp_path):
+    task, out = copy
+    q = invoke("query", out, "--task", task, "--example", 1, "--json")
+    assert q.exit_code == 0, q.output
+    assert "differs" not in q.stderr
+    changed = tmp_path / "task2.py"
+    changed.write_text(task.read_text() + "\n# edited after the build\n")
+    q2 = invoke("query", out, "--task", changed, "--example", 1, "--json")
+    assert q2.exit_code == 0, q2.output
+    assert "differs from the task file the index was built with" in " ".join(q2.stderr.split())
+    assert json.loads(q2.stdout)["results"] == json.loads(q.stdout)["results"]
+
+
+def test_info_records_and_shows_the_task_identity_without_running_it(copy):
+    task, out = copy
+    doc = json.loads(invoke("info", out, "--json").stdout)["config"]
+    assert doc["task"] == str(task.resolve())
+    assert doc["task_sha256"] == hashlib.sha256(task.read_bytes()).hexdigest()
+    assert "unchanged since the build" in " ".join(invoke("info", out).stderr.split())
+    task.write_text(task.read_text() + "\n# edited\n")
+    try:
+        assert "CHANGED since the build" in " ".join(invoke("info", out).stderr.split())
+    finally:
+        task.write_text(task.read_text().replace("\n# edited\n", ""))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("index_file", "../../etc/passwd"), ("index_files", ["/etc/passwd"]),
+    ("index_files", ["..", "x.faiss"]), ("index_file", ".hidden.faiss")])
+def test_index_file_names_from_config_are_plain_names_inside_the_directory(copy, field, value):
+    task, out = copy
+    cfg = json.loads((out / "config.json").read_text())
+    changes = {field: value}
+    if field == "index_file":
+        changes["index_files"] = [value]
+    rehash(out / "config.json", **changes)
+    res = invoke("query", out, "--task", task, "--example", 0)
+    one_line_error(res, "plain file name")
+    assert cfg  # the original config is what repair restores
+    v = invoke("verify", out, "--repair", "--json")
+    assert v.exit_code == 0, v.output
+    assert invoke("query", out, "--task", task, "--example", 0).exit_code == 0
+
+
+def test_terminal_escapes_in_recorded_strings_are_not_printed_raw(tmp_path):
+    """A task path holding an OSC/clear-screen sequence: info, query and the build summary show
+    it escaped; an edited config naming one is refused without printing it raw."""
+    task = write_task(tmp_path, name="t\x1b]0;pwned\x07\x1b[2J.py")
+    out = tmp_path / "idx"
+    b = invoke("build", task, "--out", out, *SMALL)
+    assert b.exit_code == 0, b.output
+    for res in (b, invoke("info", out), invoke("query", out, "--example", 0)):
+        assert "\x1b" not in res.stderr and "\x07" not in res.stderr, res.stderr
+        assert "\\x1b" in res.stderr
+    rehash(out / "config.json", task="\x1b[31m/tmp/t.py")
+    for cmd in ("info", "query"):
+        res = invoke(cmd, out)
+        assert res.exit_code != 0 and "\x1b" not in res.stderr
+        one_line_error(res, "verify", "--repair", "task")
+
+
+@pytest.mark.parametrize("name", ["run[1]", "a[bold]b[/bold]", "x]["])
+def test_paths_with_brackets_print_as_themselves(tmp_path, name):
+    """rich markup in a path neither crashes the output (after the index is written) nor
+    changes the 'next:' command it prints."""
+    task = write_task(tmp_path)
+    out = tmp_path / name / "idx"
+    res = invoke("build", task, "--out", out, *SMALL)
+    assert res.exit_code == 0, res.output
+    err = " ".join(res.stderr.split())
+    assert str(out) in err
+    nxt = next(line for line in res.stderr.splitlines() if line.startswith("next:"))
+    import shlex
+    words = shlex.split(nxt[len("next:"):])
+    assert words[:3] == ["grass-index", "query", str(out)], nxt
+    assert words[words.index("--task") + 1] == str(task.resolve())
+    q = invoke(*words[1:])
+    assert q.exit_code == 0, q.output
+
+
+# ------------------------------------------------------- silently wrong results: data, model
+
+def api_build(out, task_file, *, data=None, model=None, loss=None, **kw):
+    t = gi.load_task(str(task_file))
+    kw = dict(dict(sparsification="random_mask-4*3", projection="sjlt-8", batch_size=8,
+                   progress=False, task=t.ref), **kw)
+    return gi.build_index(model or t.model(), data if data is not None else t.train_data(),
+                          loss or t.loss, out, **kw)
+
+
+def changed(data, ids):
+    """The training set with examples ``ids`` changed (same length, same first/last)."""
+    items = [data[i] for i in range(len(data))]
+    for i in ids:
+        x, y = items[i]
+        items[i] = (x + 1.0, y)
+    return items
+
+
+def test_rebuild_over_changed_examples_refuses_with_the_first_changed_id(built, tmp_path):
+    task, _ = built
+    out = tmp_path / "idx"
+    api_build(out, task)
+    data = gi.load_task(str(task)).train_data()
+    with pytest.raises(gi.AttributionError, match="training example 10 differs"):
+        api_build(out, task, data=changed(data, [10, 25]))
+    res = invoke("build", write_task(tmp_path, "t2.py",
+                                     poison="x[10] += 1.0 if n == 40 else 0.0"),
+                 "--out", out, *SMALL)
+    one_line_error(res, "training example 10 differs")
+    api_build(out, task)  # the same data still re-runs (re-preconditions) fine
+
+
+def test_resumed_build_over_changed_data_refuses_before_reusing_sketches(built, tmp_path):
+    task, _ = built
+    t = gi.load_task(str(task))
+    x24 = t.train_data()[24][0]
+
+    def flaky(model, batch):  # killed on batch 3 (examples 24..31): batches 0..2 are committed
+        if torch.is_grad_enabled() and torch.equal(batch[0][0], x24):
+            raise RuntimeError("killed")
+        return t.loss(model, batch)
+
+    out = tmp_path / "idx"
+    with pytest.raises(ValueError, match="killed"):
+        api_build(out, task, loss=flaky)
+    with gi.store.SketchStore.open(out / "sketches", readonly=True) as st:
+        assert st.committed_blocks == 3  # examples 0..23: example 17 was sketched
+    with pytest.raises(gi.AttributionError, match="training example 17 differs"):
+        api_build(out, task, data=changed(t.train_data(), [17, 30]))
+    idx = api_build(out, task)  # the original data resumes and finishes
+    assert idx.n_train == 40
+
+
+def test_weights_outside_the_attributed_layers_are_part_of_the_model_fingerprint(built,
+                                                                                 tmp_path):
+    task, _ = built
+    t = gi.load_task(str(task))
+    out = tmp_path / "idx"
+    api_build(out, task, layers="2.*")
+    m = t.model()
+    with torch.no_grad():
+        m[0].weight[0, 0] += 0.5  # not attributed, but it changes every gradient of layer 2
+    with pytest.raises(gi.AttributionError, match="model's weights differ"):
+        api_build(out, task, model=m, layers="2.*")
+    m2 = t.model()
+    m2.register_buffer("temperature", torch.tensor(2.0))  # buffers count too
+    with pytest.raises(gi.AttributionError, match="model_hash"):
+        api_build(out, task, model=m2, layers="2.*")
+
+
+# ------------------------------------------------------------------------------ claim race
+
+def test_build_json_is_written_only_under_the_stores_writer_lock(built, tmp_path):
+    """Build B into a directory that build A is claiming (A holds the store's lock): B must
+    leave A's directory alone — no build.json of B's is ever written there."""
+    from grass_index.store import StoreError, writer_lock
+
+    task, _ = built
+    out = tmp_path / "idx"
+    lock = writer_lock(out / "sketches")  # build A, between taking the lock and build.json
+    try:
+        with pytest.raises(StoreError, match="already being written"):
+            api_build(out, task, seed=1)
+        with pytest.MonkeyPatch.context() as mp:  # a worker's claim waits for it, then gives up
+            mp.setattr(gi.pipeline.record, "CLAIM_WAIT_S", 0.3)
+            with pytest.raises(StoreError, match="already being written"):
+                api_build(out, task, seed=1, worker="0/2")
+        assert not (out / "build.json").exists()
+    finally:
+        lock.release()
+    api_build(out, task)
+    assert json.loads((out / "build.json").read_text())["seed"] == 0
+
+
+def test_verify_compares_build_json_with_the_stores_creation_record(copy, tmp_path):
+    """A build.json that another build overwrote: verify fails it, reprecondition ignores it
+    (it uses the store's own record), repair restores it."""
+    task, out = copy
+    good = json.loads((out / "build.json").read_text())
+    other = dict(good, seed=1, sketch_fingerprint="0" * 16)
+    (out / "build.json").write_text(json.dumps(other))
+    rep = gi.verify_index(out)
+    assert not rep["ok"]
+    assert any(c["name"] == "build record" and not c["ok"] for c in rep["checks"]), rep
+    t = gi.load_task(str(task))
+    before = gi.open_index(out).score(t.model(), t.query_data(), t.loss)
+    after = gi.open_index(out).reprecondition(damping=0.3).score(t.model(), t.query_data(),
+                                                                  t.loss)
+    assert torch.equal(before, after)
+    fixed = gi.verify_index(out, repair=True)
+    assert fixed["ok"], fixed
+    assert json.loads((out / "build.json").read_text()) == good
+
+
+# ------------------------------------------------------------------------- degenerate damping
+
+@pytest.mark.parametrize("damping", ["1e300", "0", "-1", "nan", "abs:0", "abs:1e300", "inf"])
+def test_degenerate_damping_is_refused_at_parse_time(built, tmp_path, damping):
+    task, _ = built
+    out = tmp_path / "idx"
+    res = invoke("build", task, "--out", out, *SMALL, "--damping", damping)
+    one_line_error(res, "bad damping", "Accepted")
+    assert not out.exists()
+    with pytest.raises(gi.AttributionError, match="Accepted"):
+        gi.open_index(built[1]).reprecondition(damping=damping)
+
+
+def test_a_preconditioned_index_whose_vectors_underflow_is_refused(built, tmp_path):
+    task, _ = built
+    res = invoke("build", task, "--out", tmp_path / "idx", *SMALL, "--damping", "abs:1e30")
+    one_line_error(res, "underflow float32", "--damping")
+
+
+# ------------------------------------------------------- FAISS file that is not this build's
+
+def faiss_file(out: Path) -> Path:
+    return out / json.loads((out / "config.json").read_text())["index_file"]
+
+
+def test_faiss_file_from_another_build_is_refused_before_answering(built, copy, tmp_path):
+    task, out = copy
+    other = tmp_path / "other"
+    api_build(other, task, seed=3)
+    shutil.copy(faiss_file(other), faiss_file(out))
+    one_line_error(invoke("query", out, "--task", task), "written for another build",
+                   "--repair")
+    assert invoke("verify", out, "--repair").exit_code == 0
+    assert invoke("query", out, "--task", task).exit_code == 0
+
+
+@pytest.mark.parametrize("ids,needle", [
+    (lambda n: [np.arange(n - 1), [0]], "duplicated ids"),
+    (lambda n: [np.arange(1, n + 1)], "outside the training ids")])
+def test_faiss_ids_out_of_range_or_duplicated_are_refused(copy, ids, needle):
+    from grass_index.index import VectorIndex
+
+    task, out = copy
+    f = faiss_file(out)
+    v = VectorIndex.load(f)
+    n = v.ntotal
+    vec = v.reconstruct(np.arange(n, dtype=np.int64))
+    w = VectorIndex.create(vec.shape[1], "flat")
+    start = 0
+    for part in ids(n):  # one add() per part: add() itself refuses duplicates within a call
+        w.add(np.ascontiguousarray(vec[start:start + len(part)]), np.asarray(part, np.int64))
+        start += len(part)
+    w.build_key = v.build_key  # the right key: only the ids are wrong
+    w.save(f)
+    one_line_error(invoke("query", out, "--task", task), needle)
+
+
+# ------------------------------------------------------------------------------- concurrency
+
+def test_reprecondition_while_a_reader_holds_the_old_config(copy):
+    """A reader opened before a re-precondition (which deletes the old files) answers from
+    the new files instead of failing with 'index file is missing'."""
+    task, out = copy
+    t = gi.load_task(str(task))
+    reader = gi.open_index(out)  # holds the old config
+    old_file = faiss_file(out)
+    fresh = gi.open_index(out).reprecondition(damping=0.5)
+    assert not old_file.exists()
+    q = t.query_data()
+    assert reader.query(t.model(), q, t.loss, k=5) == fresh.query(t.model(), q, t.loss, k=5)
+    reader2 = gi.open_index(out)
+    gi.open_index(out).reprecondition(damping=0.3)
+    assert torch.equal(reader2.score(t.model(), q, t.loss),
+                       gi.open_index(out).score(t.model(), q, t.loss))
+
+
+# ----------------------------------------------------------------------- recovery that works
+
+def test_deleted_build_json_is_restored_by_repair(copy):
+    task, out = copy
+    good = (out / "build.json").read_text()
+    (out / "build.json").unlink()
+    assert invoke("verify", out).exit_code != 0
+    r = invoke("verify", out, "--repair")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "build.json").read_text()) == json.loads(good)
+    assert "restored build.json" in r.stderr
+
+
+def test_damaged_config_json_is_restored_by_repair(copy):
+    task, out = copy
+    good = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text((out / "config.json").read_text()[:40])
+    one_line_error(invoke("query", out, "--task", task), "corrupted", "--repair")
+    r = invoke("verify", out, "--repair")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text()) == good
+
+
+def _damage_block(out: Path, block: int) -> np.ndarray:
+    """Flip bytes of one stored block inside the LMDB file; the block's rows before that."""
+    from grass_index.store import SketchStore
+
+    with SketchStore.open(out / "sketches") as st:
+        rows = [r for _, r in st.iter_blocks()][block]
+    data = out / "sketches" / "data.mdb"
+    raw = bytearray(data.read_bytes())
+    pat = rows.tobytes()
+    at = raw.find(pat)
+    assert at >= 0
+    while at >= 0:
+        raw[at + len(pat) // 2] ^= 0x55
+        at = raw.find(pat, at + 1)
+    data.write_bytes(bytes(raw))
+    return rows
+
+
+def test_corrupted_sketch_block_is_recomputed_exactly_by_repair_with_the_task(copy):
+    from grass_index.store import SketchStore
+
+    task, out = copy
+    t = gi.load_task(str(task))
+    q = t.query_data()
+    before = gi.open_index(out).score(t.model(), q, t.loss)
+    rows = _damage_block(out, 2)
+    v = invoke("verify", out)
+    assert v.exit_code != 0 and "damaged on disk" in v.stderr and "[2]" in v.stderr
+    r = invoke("verify", out, "--repair")
+    assert r.exit_code != 0 and "--task" in " ".join(r.stderr.split())
+    r = invoke("verify", out, "--repair", "--task", task)
+    assert r.exit_code == 0, r.output
+    assert "recomputed sketch blocks [2]" in " ".join(r.stderr.split())
+    with SketchStore.open(out / "sketches") as st:
+        assert np.array_equal([r for _, r in st.iter_blocks()][2], rows)
+    assert torch.equal(gi.open_index(out).score(t.model(), q, t.loss), before)
+
+
+# --------------------------------------------------------- errors that blame the user's input
+
+VARLEN = '''
+import torch
+from torch import nn
+def model(): return nn.Sequential(nn.EmbeddingBag(10, 4), nn.Linear(4, 2))
+def train_data(): return [(torch.arange(1 + i % 3), torch.tensor(i % 2)) for i in range(12)]
+def loss(m, b):
+    x, y = b
+    return torch.nn.functional.cross_entropy(m[1](m[0](x)), y, reduction="none")
+'''
+
+
+def test_examples_of_different_lengths_without_collate(tmp_path):
+    p = tmp_path / "varlen.py"
+    p.write_text(VARLEN)
+    res = invoke("build", p, "--out", tmp_path / "o", "--projection", "sjlt-8",
+                 "--sparsification", "random_mask-4*2")
+    one_line_error(res, "collating examples", "collate(items)")
+
+
+def test_label_raising_is_blamed_on_the_task(copy, tmp_path):
+    task, out = copy
+    bad = tmp_path / "t.py"
+    bad.write_text(task.read_text() + "\ndef label(item):\n    raise KeyError('no such class')\n")
+    one_line_error(invoke("query", out, "--task", bad, "--example", 0), "label(item) raised",
+                   "no such class")
+
+
+@pytest.mark.parametrize("device,needle", [("foo", "unknown device 'foo'"),
+                                           ("cuda" if not torch.cuda.is_available() else
+                                            "cuda:99", "cuda")])
+def test_bad_device_is_one_line(built, tmp_path, device, needle):
+    task, _ = built
+    res = invoke("build", task, "--out", tmp_path / "o", *SMALL, "--device", device)
+    one_line_error(res, needle, "use cpu" if device == "foo" else "device")
+    assert not (tmp_path / "o").exists()
+
+
+def test_training_data_that_shrank_after_the_build(copy, tmp_path):
+    task, out = copy
+    shrunk = write_task(tmp_path, "small.py", n_train=30)
+    shrunk.write_text(shrunk.read_text() + "\ndef label(item):\n    return int(item[1])\n")
+    for split in ("query", "train"):  # labels of train ids / a train id as the query
+        one_line_error(invoke("query", out, "--task", shrunk, "--split", split, "--example", 0),
+                       "30 training examples", "built over 40")
+
+
+def test_edited_n_train_is_refused(copy):
+    task, out = copy
+    forge(out, n_train=30)
+    for cmd in (["query", out, "--task", task], ["info", out]):
+        one_line_error(invoke(*cmd), "differs in: n_train", "--repair")
+
+
+def test_a_loss_raising_mid_build_names_the_examples_and_the_loss(tmp_path):
+    task = write_task(tmp_path)
+    src = task.read_text().replace(
+        "    x, y = batch\n",
+        "    x, y = batch\n    if torch.is_grad_enabled() and float(x[0, 0]) == float(_data(40, 1)"
+        "[16][0][0]):\n        raise ValueError('corrupt record')\n", 1)
+    task.write_text(src)
+    res = invoke("build", task, "--out", tmp_path / "o", *SMALL)
+    one_line_error(res, "the loss raised ValueError on training examples 16..23",
+                   "corrupt record", "resumes")
+
+
+def test_int32_input_is_reported_as_a_dtype_error(copy, tmp_path):
+    task, out = copy
+    np.savez(tmp_path / "q.npz", x=np.zeros((2, 6), np.int32), y=np.zeros(2, np.int64))
+    one_line_error(invoke("query", out, "--task", task, "--input", tmp_path / "q.npz"),
+                   "expected dtype float32, got int32")
+
+
+REPRECONDITION_LOOP = """
+import sys, grass_index as gi
+for i in range(int(sys.argv[2])):
+    gi.open_index(sys.argv[1]).reprecondition(damping=(0.3, 0.5)[i % 2])
+"""
+
+
+@pytest.mark.slow
+def test_queries_racing_repreconditions_in_another_process_all_answer(copy, tmp_path):
+    """The reported race: another process re-preconditions (deleting the old files) again and
+    again while this one opens the index and queries it; every query answers."""
+    import os
+    import subprocess
+    import sys
+
+    task, out = copy
+    t = gi.load_task(str(task))
+    model, q = t.model(), t.query_data()
+    script = tmp_path / "loop.py"
+    script.write_text(REPRECONDITION_LOOP)
+    proc = subprocess.Popen([sys.executable, str(script), str(out), "6"],
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    answered = 0
+    try:
+        while proc.poll() is None or answered < 3:  # ~20 queries race 6 repreconditions
+            idx = gi.open_index(out)
+            sk = idx.query_sketches(model, q, t.loss)  # time passes between open and search
+            assert len(idx.search(sk, 5)) == len(q)
+            answered += 1
+    finally:
+        proc.wait(timeout=120)
+    assert proc.returncode == 0
+    assert answered >= 3
+
+
+def test_rerunning_the_build_recomputes_a_damaged_block(copy):
+    from grass_index.store import SketchStore
+
+    task, out = copy
+    t = gi.load_task(str(task))
+    before = gi.open_index(out).score(t.model(), t.query_data(), t.loss)
+    rows = _damage_block(out, 4)
+    one_line_error(invoke("score", out, "--task", task, "--out", out.parent / "s.npy"),
+                   "failed its checksum", "--repair --task")
+    res = invoke("build", task, "--out", out, *SMALL)
+    assert res.exit_code == 0, res.output
+    with SketchStore.open(out / "sketches") as st:
+        assert np.array_equal([r for _, r in st.iter_blocks()][4], rows)
+    assert torch.equal(gi.open_index(out).score(t.model(), t.query_data(), t.loss), before)
