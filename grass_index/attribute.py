@@ -21,7 +21,7 @@ import torch
 
 from .capture import GradientSketcher, select_layers
 from .compress import load_selective_mask
-from .precondition import Preconditioner
+from .precondition import has_preconditioner, load_preconditioner
 from .store import SketchStore, StoreError
 from .task import check_loss, default_collate
 from .pipeline.errors import AttributionError
@@ -33,8 +33,8 @@ from .pipeline.config import (_check_index, _check_build_args, _check_damping, _
 from .pipeline.progress import _Progress
 from .pipeline.sharding import _merge, _sketch_shard, parse_worker, read_shard_fisher
 from .pipeline.sketching import _sketch_training_set
-from .pipeline.stored import _preconditioned_blocks, _state_from_array
-from .pipeline.indexing import _finish, _refit, load_faiss
+from .pipeline.stored import _preconditioned_blocks
+from .pipeline.indexing import _finish, _refit, load_faiss, pass1_fisher
 from .pipeline.querying import _check_model, _query_sketcher, _sketch_queries
 # Re-exported: public API (verify_index, describe_index) and names tests and tools import
 # from here (the directory layout, the config hash, the preconditioner state codec).
@@ -43,7 +43,7 @@ from .pipeline.describe import describe_index  # noqa: F401
 from .pipeline.files import BUILD_FILE, CONFIG_FILE  # noqa: F401
 from .pipeline.fingerprints import config_hash  # noqa: F401
 from .pipeline.config import HESSIANS, INDEX_KINDS  # noqa: F401
-from .pipeline.stored import _state_to_array  # noqa: F401
+from .pipeline.stored import _state_from_array, _state_to_array  # noqa: F401
 
 log = logging.getLogger("grass_index")
 
@@ -171,11 +171,12 @@ def _build(model, train_data, loss_fn, out: Path, *, sparsification, projection,
     try:
         store = SketchStore.create(out / STORE_DIR, dim=sketcher.dim, meta=_jsonable(build))
         with store:
+            fisher = pass1_fisher(store, sketcher.layout, hessian, n)  # streaming pass 2
             _sketch_training_set(store, sketcher, train_data, loss_fn, batch_size=batch_size,
-                                 collate=collate, progress=prog)
+                                 collate=collate, progress=prog, fisher=fisher)
             cfg = _finish(out, store, build, describe, hessian=hessian, damping=damping,
                           index=index, nlist=nlist, nprobe=nprobe, task=task, progress=prog,
-                          data=train_data)
+                          data=train_data, fisher=fisher)
     finally:
         prog.close()
     return AttributionIndex(out, cfg)
@@ -287,13 +288,12 @@ class AttributionIndex:
     @property
     def preconditioner(self):
         if self._pre is None:
-            name = f"precond/{self.config['preconditioner_key']}"
+            key = self.config["preconditioner_key"]
             with self._reading() as store:
-                if not store.has_array(name):
+                if not has_preconditioner(store, key):
                     raise AttributionError(f"the preconditioner is missing from {self.path}; run "
                                            f"`grass-index verify {self.path} --repair`")
-                state = _state_from_array(store.get_array(name))
-            self._pre = Preconditioner.from_state_dict(state, self.layout)
+                self._pre = load_preconditioner(store, key, self.layout)
         return self._pre
 
     def close(self) -> None:

@@ -17,21 +17,25 @@ import torch
 from .. import __version__
 from ..index import (ExactTopK, ShardedIndex, VectorIndex, parse_spec, part_ranges,
                      recall_at_k)
-from ..precondition import FisherAccumulator, Preconditioner
+from ..precondition import (ChunkedFisher, FisherAccumulator, Preconditioner, dense_layers,
+                            load_preconditioner, save_preconditioner,
+                            stale_preconditioner_arrays)
 from ..store import SketchStore, StoreError
 from .config import _damping_key
 from .errors import AttributionError
 from .files import BUILD_FILE, CONFIG_FILE, STORE_DIR, _jsonable, _write_json
 from .fingerprints import _data_signature, _hash, config_hash
 from .progress import _Progress
-from .stored import _chunks, _preconditioned_blocks, _state_from_array, _state_to_array
+from .stored import _preconditioned_blocks
 
 log = logging.getLogger("grass_index")
 
 
 def _finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damping,
-            index: str, nlist, nprobe, task, progress, data=None, old_config=None) -> dict:
-    """Pass 2: Fisher from stored sketches -> preconditioner -> FAISS -> config.json."""
+            index: str, nlist, nprobe, task, progress, data=None, old_config=None,
+            fisher: ChunkedFisher | None = None) -> dict:
+    """Pass 2: Fisher from stored sketches -> preconditioner -> FAISS -> config.json.
+    ``fisher``: the sums pass 1 accumulated (:func:`pass1_fisher`), so the store is not re-read."""
     n, layout = build["n_train"], build["layout"]
     index = str(parse_spec(index))  # canonical: the same index under any spelling
     n_blocks = math.ceil(n / build["batch_size"])
@@ -42,9 +46,8 @@ def _finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damp
                      nprobe=nprobe)
     pre = _stored_preconditioner(store, key, layout)  # a resumed pass 2 reuses the inverses
     if pre is None:
-        fisher = _fisher(store, layout, n_blocks, progress) if hessian == "eFIM" else {}
-        pre = Preconditioner.fit(fisher, layout, hessian=hessian, damping=damping)
-        store.put_array(f"precond/{key}", _state_to_array(pre.state_dict()))
+        pre = _fit(store, layout, hessian, damping, progress, fisher)
+        save_preconditioner(store, key, pre)
 
     parts, vindex = _build_faiss(store, pre, build, index, nlist, nprobe, progress)
     names = index_file_names(key, len(parts))
@@ -98,9 +101,8 @@ def _commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vin
     for p in out.glob("index-*.faiss"):  # older preconditioning variants
         if p.name not in index_files:
             p.unlink(missing_ok=True)
-    for name in store.array_names():  # their preconditioners (k×k float64 per layer)
-        if name.startswith("precond/") and name != f"precond/{key}":
-            store.delete_array(name)
+    for name in stale_preconditioner_arrays(store.array_names(), key):  # theirs (k×k per layer)
+        store.delete_array(name)
     progress("done", 1, 1)
     return cfg
 
@@ -124,27 +126,69 @@ def _stored_preconditioner(store, key: str, layout: dict):
     """The preconditioner pass 2 already stored under ``key``, or None when there is none or it
     is damaged (non-finite, unreadable): then it is fitted again from the cached Fisher."""
     name = f"precond/{key}"
-    if not store.has_array(name):
-        return None
     try:
-        state = _state_from_array(store.get_array(name))
-        pre = Preconditioner.from_state_dict(state, layout)
+        pre = load_preconditioner(store, key, layout)
+    except KeyError:
+        return None
     except (StoreError, ValueError) as e:
         log.warning("stored preconditioner %s is unreadable (%s); refitting it", name, e)
         return None
-    if not all(np.isfinite(v).all() for v in state.values() if v.dtype.kind == "f"):
+    state = pre.state_dict()
+    if not all(np.isfinite(v).all() for v in state.values() if np.asarray(v).dtype.kind == "f"):
         log.warning("stored preconditioner %s has NaN/inf entries; refitting it", name)
         return None
     return pre
 
 
-def _fisher(store, layout, n_blocks, progress) -> dict:
-    """F_l from the stored sketches, cached in the store (float64, deterministic order)."""
-    if _has_fisher(store, layout):
-        return {k: np.asarray(store.get_array(f"fisher/{k}"), dtype=np.float64) for k in layout}
-    acc = _accumulate(store, layout, lambda done: progress("fisher", done, store.num_rows))
-    _put_fisher(store, acc)
-    return acc.fishers()
+# --- streaming Fisher -> preconditioner (one set of k×k sums at most) ---------------------
+
+def pass1_fisher(store, layout, hessian: str, n: int) -> ChunkedFisher | None:
+    """The accumulator pass 1 feeds (every sketch is in hand there, so pass 2 need not re-read
+    the store), or None when pass 2 needs no dense Fisher (identity; all layers low-rank) or
+    finds it cached."""
+    dense = dense_layers(layout, n)
+    if hessian != "eFIM" or not dense or _has_fisher(store, dense):
+        return None
+    return ChunkedFisher(layout, only=dense)
+
+
+def _fit(store, layout, hessian: str, damping, progress, fisher: ChunkedFisher | None):
+    """The preconditioner, one layer at a time: layers with n < k/2 by Woodbury from the stored
+    rows, the others from Σ ĝĝᵀ — pass 1's sums, the cached Fisher, or a re-read of the store
+    — cached as each is taken, then factored in place."""
+    if hessian != "eFIM":
+        return Preconditioner.fit({}, layout, hessian=hessian)
+    n = store.num_rows
+    dense = dense_layers(layout, n)
+    if fisher is not None and fisher.next_id != n:  # pass 1 had nothing left to sketch
+        fisher = None
+    tick = lambda done, total: progress("fisher", done, total)  # noqa: E731
+    rows = lambda: store.get_rows(np.arange(n))  # noqa: E731  (only when n < k/2: small)
+    if dense and fisher is None and _has_fisher(store, dense):
+        def take(name):
+            return np.array(store.get_array(f"fisher/{name}"), dtype=np.float64)
+        return Preconditioner.fit_layers(layout, damping=damping, n=n, take_fisher=take,
+                                         rows=rows, progress=tick)
+    acc = None
+    if dense:
+        acc = fisher.finish() if fisher is not None else _accumulate(
+            store, layout, lambda done: progress("fisher", done, n), only=dense)
+        if acc.n != n:
+            raise AttributionError(f"the Fisher sums cover {acc.n} rows but the store holds "
+                                   f"{n}; re-run the build")
+        store.put_meta("fisher_done", False)
+
+    def take_and_cache(name):
+        f = acc.take_sum(name)
+        f /= n
+        store.put_array(f"fisher/{name}", f)
+        return f
+    pre = Preconditioner.fit_layers(layout, damping=damping, n=n, rows=rows, progress=tick,
+                                    take_fisher=take_and_cache if acc is not None else None)
+    if acc is not None:
+        store.put_meta("fisher_n", int(n))
+        store.put_meta("fisher_done", True)  # last: a pass killed half-way recomputes
+    return pre
 
 
 def _has_fisher(store, layout) -> bool:
@@ -152,23 +196,21 @@ def _has_fisher(store, layout) -> bool:
         store.has_array(f"fisher/{k}") for k in layout)
 
 
-def _accumulate(store, layout, progress=None) -> FisherAccumulator:
-    """Σ ĝĝᵀ and n over every row of a store, in id order."""
-    acc = FisherAccumulator(layout)
-    done = 0
-    for _, rows in _chunks(store):
-        acc.update(np.asarray(rows, dtype=np.float32))
-        done += len(rows)
+def _accumulate(store, layout, progress=None, only=None) -> FisherAccumulator:
+    """Σ ĝĝᵀ and n over every row of a store, in id order (the chunks pass 1 would use)."""
+    acc = ChunkedFisher(layout, only=only)
+    for start, rows in store.iter_blocks():
+        acc.add(start, rows)
         if progress is not None:
-            progress(done)
-    return acc
+            progress(acc.next_id)
+    return acc.finish()
 
 
-def _put_fisher(store, acc: FisherAccumulator) -> None:
-    """Cache F_l (e.g. summed from shards) where pass 2 looks first; the flag goes last, so a
-    pass killed half-way recomputes instead of trusting a partial cache."""
-    for k, f in acc.fishers().items():
-        store.put_array(f"fisher/{k}", np.asarray(f, dtype=np.float64))
+def _put_fisher(store, acc) -> None:
+    """Cache F_l (e.g. summed from shards) where pass 2 looks first, one layer at a time; the
+    flag goes last, so a pass killed half-way recomputes instead of trusting a partial cache."""
+    for k in acc.names:
+        store.put_array(f"fisher/{k}", acc.fisher(k))
     store.put_meta("fisher_n", int(acc.n))
     store.put_meta("fisher_done", True)
 

@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..precondition import Preconditioner
+from ..precondition import load_preconditioner
 from ..store import SketchStore
 from .config import _check_damping, _norm_hessian, _read_config
 from .errors import AttributionError
 from .files import BUILD_FILE, FORMAT_VERSION, STORE_DIR, _jsonable
 from .fingerprints import _hash
 from .indexing import _refit, load_faiss
-from .stored import _state_from_array
 
 
 def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0) -> dict:
@@ -87,10 +86,8 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0)
             check("every id has a sketch", missing == 0 and dup == 0 and bad_shape == 0,
                   f"{missing} missing, {dup} duplicated, {bad_shape} malformed blocks")
             check("sketches finite", bad_rows == 0, f"{bad_rows} rows with NaN/inf")
-        name = f"precond/{cfg['preconditioner_key']}"
         try:
-            pre = Preconditioner.from_state_dict(_state_from_array(store.get_array(name)),
-                                                 cfg["layout"])
+            pre = load_preconditioner(store, cfg["preconditioner_key"], cfg["layout"])
             finite = all(bool(np.isfinite(v).all()) for v in pre.state_dict().values()
                          if np.asarray(v).dtype.kind == "f")
             check("preconditioner", finite, "finite" if finite else "contains NaN/inf")

@@ -1,8 +1,11 @@
 """Preconditioning in sketch space: per-layer empirical Fisher (FisherAccumulator) and its
 damped inverse (Preconditioner, eFIM or identity)."""
 from .damping import DEFAULT_DAMPING, format_damping, parse_damping
-from .fisher import FisherAccumulator
-from .preconditioner import HESSIANS, Preconditioner
+from .fisher import ChunkedFisher, FisherAccumulator
+from .persist import (has_preconditioner, load_preconditioner, save_preconditioner,
+                      stale_preconditioner_arrays)
+from .preconditioner import HESSIANS, Preconditioner, dense_layers, uses_low_rank
 
-__all__ = ["DEFAULT_DAMPING", "FisherAccumulator", "HESSIANS", "Preconditioner", "format_damping",
-           "parse_damping"]
+__all__ = ["DEFAULT_DAMPING", "ChunkedFisher", "FisherAccumulator", "HESSIANS", "Preconditioner",
+           "dense_layers", "format_damping", "has_preconditioner", "load_preconditioner",
+           "parse_damping", "save_preconditioner", "stale_preconditioner_arrays", "uses_low_rank"]
