@@ -25,6 +25,7 @@ from .precondition import has_preconditioner, load_preconditioner
 from .store import SketchStore, StoreError
 from .task import check_loss, default_collate
 from .pipeline.errors import AttributionError
+from . import plan as _plan
 from .pipeline.files import FORMAT_VERSION, MASK_FILE, STORE_DIR, _atomic_write, _jsonable
 from .pipeline.fingerprints import _data_signature, _hash, _layer_dims, data_hash, model_hash
 from .pipeline import distributed as _distributed
@@ -34,7 +35,8 @@ from .pipeline.progress import _Progress
 from .pipeline.sharding import _merge, _sketch_shard, parse_worker, read_shard_fisher
 from .pipeline.sketching import _sketch_training_set
 from .pipeline.stored import _preconditioned_blocks
-from .pipeline.indexing import _finish, _refit, load_faiss, pass1_fisher
+from .pipeline.indexing import _finish, _refit, load_faiss, pass1_fisher, store_rerank
+from .index import SketchedIndex
 from .pipeline.querying import _check_model, _query_sketcher, _sketch_queries
 # Re-exported: public API (verify_index, describe_index) and names tests and tools import
 # from here (the directory layout, the config hash, the preconditioner state codec).
@@ -131,6 +133,12 @@ def _build(model, train_data, loss_fn, out: Path, *, sparsification, projection,
                  sketch_fingerprint=sketcher.fingerprint())
     if masks is not None:  # only recorded when used, so other builds' hashes are unchanged
         build["selective_mask"] = _hash(masks)
+    # -- the plan: refuse before pass 1 what will not fit (RAM now, disk at out) --
+    the_plan = _plan.estimate(layer_dims=build["layer_dims"], layout=sketcher.layout, n=n,
+                              batch_size=batch_size, hessian=hessian,
+                              index_width=_plan_index_width(sketcher.dim, index),
+                              index_bytes=2 if "fp16" in str(index) else 4)
+    _plan.check_fits(the_plan, out, K_per_layer=max(sketcher.layout.values()), index=str(index))
 
     def claim():
         _claim_out_dir(out, build)
@@ -168,18 +176,27 @@ def _build(model, train_data, loss_fn, out: Path, *, sparsification, projection,
 
     claim()
     prog = _Progress(progress)
+    run = _plan.WithEta(prog, the_plan, sketcher.layout, hessian, log)  # logs plan + ETA
     try:
         store = SketchStore.create(out / STORE_DIR, dim=sketcher.dim, meta=_jsonable(build))
         with store:
             fisher = pass1_fisher(store, sketcher.layout, hessian, n)  # streaming pass 2
             _sketch_training_set(store, sketcher, train_data, loss_fn, batch_size=batch_size,
-                                 collate=collate, progress=prog, fisher=fisher)
+                                 collate=collate, progress=run, fisher=fisher)
             cfg = _finish(out, store, build, describe, hessian=hessian, damping=damping,
-                          index=index, nlist=nlist, nprobe=nprobe, task=task, progress=prog,
+                          index=index, nlist=nlist, nprobe=nprobe, task=task, progress=run,
                           data=train_data, fisher=fisher)
     finally:
         prog.close()
     return AttributionIndex(out, cfg)
+
+
+def _plan_index_width(K: int, index) -> int:
+    """Floats per vector FAISS will hold for this index spec."""
+    from .index import default_search_sketch, parse_spec
+    spec = parse_spec(index)
+    dim = default_search_sketch(K) if spec.sketch < 0 else spec.sketch
+    return K if not dim or dim >= K else dim
 
 
 def merge_shards(out, *, shards: int | None = None, hessian: str | None = None, damping=None,
@@ -340,8 +357,14 @@ class AttributionIndex:
         if q.shape[0] == 0:
             return []
         k = min(k, self.n_train)
-        scores, ids = self.vindex.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k,
-                                         opponents=opponents, nprobe=nprobe)
+        q = np.ascontiguousarray(q.numpy(), dtype=np.float32)
+        if isinstance(self.vindex, SketchedIndex):  # two-stage: exact re-rank from the store
+            pre = self.preconditioner
+            with self._reading() as store:
+                scores, ids = self.vindex.with_rerank(store_rerank(store, pre)).search(
+                    q, k, opponents=opponents, nprobe=nprobe)
+        else:
+            scores, ids = self.vindex.search(q, k, opponents=opponents, nprobe=nprobe)
         scores, ids = np.asarray(scores), np.asarray(ids)
         return [[(int(i), float(s)) for i, s in zip(ids[r], scores[r]) if i >= 0]
                 for r in range(len(ids))]

@@ -41,10 +41,14 @@ class IndexSpec(NamedTuple):
     kind: str
     dtype: str = "float32"
     shards: int = 1
+    sketch: int = -1  # search sketch width: -1 = by K (search_sketch.py), 0 = none ("exact")
+    rerank: int = 10  # two-stage search: candidates per result
 
     def __str__(self) -> str:
         opts = (["fp16"] if self.dtype == "float16" else []) + (
-            [f"shards={self.shards}"] if self.shards > 1 else [])
+            [f"shards={self.shards}"] if self.shards > 1 else []) + (
+            ["exact"] if self.sketch == 0 else [f"sketch={self.sketch}"] if self.sketch > 0
+            else []) + ([f"rerank={self.rerank}"] if self.rerank != 10 else [])
         return self.kind + (":" + ",".join(opts) if opts else "")
 
 
@@ -54,20 +58,29 @@ def parse_spec(spec) -> IndexSpec:
         return spec
     kind, _, options = str(spec).partition(":")
     dtype, shards, bad = "float32", 1, kind not in KINDS
+    sketch, rerank = -1, 10
     for opt in filter(None, options.split(",")) if options else []:
         key, eq, value = opt.strip().partition("=")
         if key in ("fp16", "fp32") and not eq:
             dtype = "float16" if key == "fp16" else "float32"
         elif key == "shards" and value.isdigit() and int(value) >= 1:
             shards = int(value)
+        elif key == "exact" and not eq:
+            sketch = 0
+        elif key == "sketch" and value.isdigit():
+            sketch = int(value)
+        elif key == "rerank" and value.isdigit() and int(value) >= 1:
+            rerank = int(value)
         else:
             bad = True
     if bad or (options == "" and ":" in str(spec)):
         raise FaissIndexError(f"unknown index {spec!r}; use flat or ivf, optionally with :fp16 "
                               "and/or shards=N, e.g. flat, ivf, flat:fp16, ivf:fp16,shards=4 "
                               "(flat is exact; ivf approximate; fp16 halves memory and disk; "
-                              "shards=N writes N files searched as one)")
-    return IndexSpec(kind, dtype, shards)
+                              "shards=N writes N files searched as one; sketch=D searches a "
+                              "D-wide sketch and re-ranks R·k candidates exactly, rerank=R; "
+                              "exact: never sketch)")
+    return IndexSpec(kind, dtype, shards, sketch, rerank)
 
 
 def default_nlist(n_train: int) -> int:

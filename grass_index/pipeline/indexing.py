@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..index import (ExactTopK, ShardedIndex, VectorIndex, parse_spec, part_ranges,
-                     recall_at_k)
+from ..index import (ExactTopK, SearchSketch, ShardedIndex, SketchedIndex, VectorIndex,
+                     default_search_sketch, parse_spec, part_ranges, recall_at_k)
 from ..precondition import (ChunkedFisher, FisherAccumulator, Preconditioner, dense_layers,
                             load_preconditioner, save_preconditioner,
                             stale_preconditioner_arrays)
@@ -225,9 +225,14 @@ def _build_faiss(store, pre, build, spec, nlist, nprobe, progress):
     recall@10, recorded in every part."""
     spec = parse_spec(spec)
     n = build["n_train"]
-    template = _template(_preconditioned_blocks(store, pre), spec, build["dim"], nlist, nprobe)
+    sk = search_sketch(spec, build["dim"], build["seed"])  # -- two-stage search (wide K) --
+    blocks = _preconditioned_blocks(store, pre)
+    template = _template(blocks if sk is None else ((s, sk(v)) for s, v in blocks), spec,
+                         build["dim"] if sk is None else sk.dim, nlist, nprobe)
     ranges = part_ranges(n, spec.shards)
     parts = [template.empty_like() for _ in ranges]
+    if sk is not None:
+        parts = [SketchedIndex(p, sk, spec.rerank) for p in parts]
     qids, k = recall_queries(n)
     exact = ExactTopK(store.get_rows(qids), k + 1) if k >= 1 else None
     for start, vec in _preconditioned_blocks(store, pre):
@@ -239,11 +244,37 @@ def _build_faiss(store, pre, build, spec, nlist, nprobe, progress):
         if exact is not None:
             exact.add(vec, ids)
         progress("index", start + len(vec), n)
-    vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
+    if sk is None:
+        vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
+    else:
+        vindex = parts[0] if len(parts) == 1 else SketchedIndex(
+            ShardedIndex([p.inner for p in parts]), sk, spec.rerank)
+        vindex = vindex.with_rerank(store_rerank(store, pre))
     _check_count(vindex, n)
     if exact is not None:
         _measure_recall(vindex, exact, qids, k, others=parts)
     return parts, vindex
+
+
+def search_sketch(spec, K: int, seed: int) -> SearchSketch | None:
+    """The search sketch an index spec asks for over K-wide vectors (by default: one when K is
+    large, see grass_index/index/search_sketch.py), or None for exact FAISS search."""
+    dim = default_search_sketch(K) if spec.sketch < 0 else spec.sketch
+    return None if not dim or dim >= K else SearchSketch(K, dim, seed)
+
+
+def store_rerank(store, pre):
+    """Exact scores of candidate ids: ⟨(F+λI)^{-1} q, ĝ_i⟩ from the stored raw rows (the
+    inverse is symmetric, so preconditioning the query once equals preconditioning each row).
+    Candidate rows are read without re-checking their block checksums (a query reads R·k rows,
+    each from a block of batch_size rows); `grass-index verify` checks every block."""
+    def rerank(queries, ids):
+        pq = pre.apply(queries)
+        out = np.empty(ids.shape, np.float32)
+        for r in range(len(ids)):
+            out[r] = store.get_rows(ids[r], verify=False) @ pq[r]
+        return out
+    return rerank
 
 
 def _template(blocks, spec, dim: int, nlist, nprobe) -> VectorIndex:
@@ -294,4 +325,5 @@ def load_faiss(path: Path, cfg: dict, *, mmap: bool = False, verify: bool = True
     """The finished index's FAISS index: its one file, or its parts searched as one."""
     names = cfg.get("index_files") or [cfg["index_file"]]
     parts = [VectorIndex.load(path / name, mmap=mmap, verify=verify) for name in names]
-    return parts[0] if len(parts) == 1 else ShardedIndex(parts)
+    return SketchedIndex.wrap(parts[0] if len(parts) == 1 else ShardedIndex(parts),
+                              cfg.get("index"))
