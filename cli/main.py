@@ -144,6 +144,18 @@ def build(
                                        "DIR/shards once rank 0 has merged them (they double "
                                        "the disk)."),
     json_mode: bool = typer.Option(False, "--json", help="Print the config as JSON on stdout."),
+    hf_model: Optional[Path] = typer.Option(None, "--hf-model", help="A local Hugging Face "
+                                            "causal LM directory (save_pretrained) instead of "
+                                            "a task file; needs --data."),
+    data: Optional[Path] = typer.Option(None, "--data", help="With --hf-model: .txt (one "
+                                        "example per line), .jsonl (--text-field) or a "
+                                        "datasets.save_to_disk directory."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="JSON/datasets field "
+                                             "holding the text (default: text)."),
+    max_length: int = typer.Option(128, "--max-length", help="With --hf-model: tokens per "
+                                   "example (longer ones are truncated)."),
+    dtype: str = typer.Option("float32", "--dtype", help="With --hf-model: float32, bfloat16 "
+                              "or float16."),
 ):
     """Sketch every training example's gradient, precondition, and index (resumable).
 
@@ -152,7 +164,15 @@ def build(
     import grass_index as gi
     from grass_index.task import load_task
 
-    t = load_task(task)
+    if hf_model is not None or data is not None:  # -- language models, no task file --
+        if task is not None or hf_model is None or data is None:
+            _fail("--hf-model DIR and --data FILE go together, instead of a TASK")
+        from grass_index.tasks import hf_lm_task
+        t = hf_lm_task(hf_model, data, text_field=text_field, max_length=max_length,
+                       dtype=dtype)
+        out = out or Path("runs") / Path(hf_model).name
+    else:
+        t = load_task(task)
     if out is None:
         stem = Path(t.ref.split(":")[0]).stem if task else "digits"
         out = Path("runs") / stem
@@ -358,10 +378,20 @@ def query(
     json_mode: bool = typer.Option(False, "--json"),
     png: Optional[Path] = typer.Option(None, "--png", help="Draw query + proponents/opponents "
                                        "(tasks with image(item))."),
+    text: Optional[List[str]] = typer.Option(None, "--text", help="Query text (repeatable; "
+                                             "indexes built with --hf-model)."),
 ):
     """Top-k training examples that most helped (proponents) or hurt (opponents) each example."""
     idx, t = _open_with_task(directory)
-    ids, items, source = _examples(idx, t, example, input_file, split, all_default=False)
+    if text:  # -- raw text queries (--hf-model indexes) --
+        if example or input_file is not None:
+            _fail("pass --text, --example or --input, not several")
+        if not t.has("from_text"):
+            _fail(f"index {directory} was not built from --hf-model; --text needs a language "
+                  "model index (or give --example / --input)")
+        ids, items, source = list(range(len(text))), [t._fns["from_text"](s) for s in text], "text"
+    else:
+        ids, items, source = _examples(idx, t, example, input_file, split, all_default=False)
     model = t.model()
     t0 = time.perf_counter()
     q = idx.query_sketches(model, items, t.loss, collate=t.collate)

@@ -140,6 +140,9 @@ def check_loss(model, data, loss_fn, collate=None, *, n: int = 2, where: str = "
 def load_task(ref: str | os.PathLike | None = None) -> Task:
     """Load a task from a file path, ``module``, or ``module:attr`` (None: bundled digits)."""
     ref = str(ref) if ref is not None else default_task_ref()
+    if ref.startswith("hf-lm:"):  # recorded by `build --hf-model` (grass_index/tasks/hf_lm.py)
+        from .tasks.hf_lm import task_from_ref
+        return task_from_ref(ref)
     source, canonical = _resolve(ref)
     fns = {}
     for name in REQUIRED + OPTIONAL:
