@@ -193,10 +193,7 @@ def _build(model, train_data, loss_fn, out: Path, *, sparsification, projection,
 
 def _plan_index_width(K: int, index) -> int:
     """Floats per vector FAISS will hold for this index spec."""
-    from .index import default_search_sketch, parse_spec
-    spec = parse_spec(index)
-    dim = default_search_sketch(K) if spec.sketch < 0 else spec.sketch
-    return K if not dim or dim >= K else dim
+    return _plan.index_width(K, index)
 
 
 def merge_shards(out, *, shards: int | None = None, hessian: str | None = None, damping=None,

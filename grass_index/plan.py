@@ -181,3 +181,41 @@ class WithEta:
             self._told = True
             self.log.info("ETA: pass 1 %.0f s more (%.1f s per batch), pass 2 about %.0f s",
                           left, per, self.pass2)
+
+
+# --- `grass-index plan`: the same table for several spec choices ------------------------------
+
+def index_width(K: int, index: str = "flat") -> int:
+    """Floats per vector FAISS holds for an index spec (the search sketch's width when used)."""
+    from .index import default_search_sketch, parse_spec
+
+    spec = parse_spec(index)
+    dim = default_search_sketch(K) if spec.sketch < 0 else spec.sketch
+    return K if not dim or dim >= K else dim
+
+
+def plan_for(model, n: int, *, sparsification: str = "random_mask-128*128",
+             projection: str = "sjlt-4096", layers=None, batch_size: int = 32,
+             index: str = "flat", hessian: str = "eFIM", tokens: int = 1, seed: int = 0) -> Plan:
+    """The plan of building ``model`` over n examples with these specs (no gradient is taken)."""
+    from .capture import GradientSketcher, select_layers
+
+    if isinstance(layers, str):
+        layers = [p.strip() for p in layers.split(",") if p.strip()]
+    infos = select_layers(model, layers)
+    sk = GradientSketcher(model, infos, sparsification=sparsification, projection=projection,
+                          seed=seed, clamp=True)
+    dims = [dict(d_in=i.d_in, d_out=i.d_out) for i in infos]
+    return estimate(layer_dims=dims, layout=sk.layout, n=n, batch_size=batch_size,
+                    tokens=tokens, index_width=index_width(sk.dim, index),
+                    index_bytes=2 if "fp16" in str(index) else 4, hessian=hessian,
+                    model_bytes=sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+def variants(projection: str) -> list[str]:
+    """The given projection and two narrower ones (same type), for a side-by-side plan."""
+    kind, _, dim = projection.rpartition("-")
+    if not dim.isdigit() or "*" in dim:
+        return [projection]
+    d = int(dim)
+    return [projection] + [f"{kind}-{d // f}" for f in (2, 4) if d // f >= 1]

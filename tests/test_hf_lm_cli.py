@@ -68,3 +68,17 @@ def test_bad_data_gets_one_line(gpt2_dir, tmp_path):
         assert "Traceback" not in r.output
     r = invoke("build", "--hf-model", tmp_path, "--data", empty, "--out", tmp_path / "o")
     assert r.exit_code != 0 and "no config.json" in r.output
+
+
+def test_plan_command_side_by_side(gpt2_dir, tmp_path):
+    data = tmp_path / "c.txt"
+    data.write_text("\n".join(LINES))
+    r = invoke("plan", "--hf-model", gpt2_dir, "--data", data, "--projection", "sjlt-64",
+               "--sparsification", "random_mask-8*8", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert list(doc["plans"]) == ["sjlt-64", "sjlt-32", "sjlt-16"] and doc["n"] == len(LINES)
+    ks = [p["K"] for p in doc["plans"].values()]
+    assert ks[0] == 2 * ks[1] == 4 * ks[2]  # 64 per layer, then 32, 16
+    r = invoke("plan", "--hf-model", gpt2_dir, "--data", data)
+    assert r.exit_code == 0 and "RAM peak" in r.output and "fits here" in r.output
