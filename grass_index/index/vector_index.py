@@ -22,7 +22,7 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
-from . import _file
+from . import _file, gpu
 from ._file import FaissIndexError
 
 KINDS = ("flat", "ivf")
@@ -108,6 +108,7 @@ class VectorIndex:
         self.nprobe = nprobe
         self.metric = "ip"
         self.readonly = readonly
+        self._gpu = None  # False: no GPU copy possible; else the GPU copy of _index (gpu.py)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -296,13 +297,23 @@ class VectorIndex:
             params = faiss.SearchParametersIVF(nprobe=int(min(nprobe, self.nlist)))
         scores = np.empty((len(q), kk), np.float32)
         ids = np.empty((len(q), kk), np.int64)
+        searcher = self._searcher(kk) if params is None else self._index
         for lo in range(0, len(q), SEARCH_CHUNK):
-            s, i = self._index.search(q[lo: lo + SEARCH_CHUNK], kk, params=params)
+            s, i = searcher.search(q[lo: lo + SEARCH_CHUNK], kk, params=params)
             scores[lo: lo + len(s)], ids[lo: lo + len(s)] = s, i
         if opponents:
             np.negative(scores, out=scores)
         scores[ids < 0] = np.inf if opponents else -np.inf
         return scores, ids
+
+    def _searcher(self, k: int):
+        """The GPU copy of the index when FAISS has a GPU (gpu.py), else the CPU index."""
+        if k > gpu.GPU_MAX_K:
+            return self._index
+        if self._gpu is None or (self._gpu is not False and self._gpu[0] != self._index.ntotal):
+            copy = gpu.gpu_copy(self._index)
+            self._gpu = False if copy is None else (self._index.ntotal, copy)
+        return self._index if self._gpu is False else self._gpu[1]
 
     def reconstruct(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
