@@ -179,6 +179,8 @@ def build(
     model = t.model()
     data = t.train_data()
     bar, cb = _progress(json_mode)
+    if not json_mode:  # the plan (RAM/disk) and, after the first batch, the ETA
+        logging.getLogger("grass_index.plan").setLevel(logging.INFO)
     t0 = time.perf_counter()
     with bar:
         idx = gi.build_index(model, data, t.loss, out, sparsification=sparsification,

@@ -12,6 +12,7 @@ What dominates at LM size (GPT-2 small, 48 layers × sjlt-4096, K = 196,608):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 
@@ -157,8 +158,9 @@ class WithEta:
     """A progress callback that logs the plan once and, after pass 1's first timed batch, the
     ETA of both passes (a log can read it; the bars are unchanged)."""
 
-    def __init__(self, progress, plan: Plan, layout: dict[str, int], hessian: str, log):
-        self.progress, self.plan, self.log = progress, plan, log
+    def __init__(self, progress, plan: Plan, layout: dict[str, int], hessian: str, log=None):
+        self.progress, self.plan = progress, plan
+        self.log = log = logging.getLogger("grass_index.plan")  # the CLI shows it at INFO
         self.pass2 = pass2_seconds(layout, plan.n, hessian)
         self._first = None
         self._told = False
