@@ -105,6 +105,15 @@ def free_disk(path) -> float:
     return float(shutil.disk_usage(p).free)
 
 
+def _bytes_under(path) -> float:
+    """Bytes already written under ``path`` (a resumed build needs only the rest)."""
+    from pathlib import Path
+
+    p = Path(path)
+    return float(sum(f.stat().st_blocks * 512 for f in p.rglob("*") if f.is_file())) \
+        if p.is_dir() else 0.0
+
+
 def shortfall(plan: Plan, *, ram: float | None, disk: float | None, K_per_layer: int,
               index: str = "flat") -> str | None:
     """None when the plan fits, else one line: what does not fit and what to change."""
@@ -148,8 +157,8 @@ def check_fits(plan: Plan, out, *, K_per_layer: int, index: str = "flat") -> Non
     at ``out`` — one line with the fix — instead of meeting the OOM killer hours later."""
     from .pipeline.errors import AttributionError
 
-    msg = shortfall(plan, ram=available_ram(), disk=free_disk(out), K_per_layer=K_per_layer,
-                    index=index)
+    msg = shortfall(plan, ram=available_ram(), disk=free_disk(out) + _bytes_under(out),
+                    K_per_layer=K_per_layer, index=index)
     if msg:
         raise AttributionError(msg)
 
