@@ -203,8 +203,10 @@ class AttributionIndex:
         if q.shape[0] == 0:
             return []
         k = min(k, self.n_train)
-        scores, ids = self.vindex.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k,
-                                         opponents=opponents, nprobe=nprobe)
+        # a two-stage index (wide sketches) re-ranks its candidates exactly from the store
+        scores, ids = querying.search(self.path, self.vindex, lambda: self.preconditioner,
+                                      np.ascontiguousarray(q.numpy(), dtype=np.float32), k,
+                                      opponents=opponents, nprobe=nprobe)
         scores, ids = np.asarray(scores), np.asarray(ids)
         return [[(int(i), float(s)) for i, s in zip(ids[r], scores[r]) if i >= 0]
                 for r in range(len(ids))]

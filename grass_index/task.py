@@ -92,6 +92,14 @@ class Task:
     def label(self, item) -> str | None:
         return str(self._fns["label"](item)) if self.has("label") else None
 
+    def from_text(self, text: str):
+        """A query example from raw text (`query --text`), for tasks that define from_text
+        (the --hf-model language-model tasks, grass_index/tasks/hf_lm.py)."""
+        if not self.has("from_text"):
+            raise TaskError(f"task {self.ref} cannot make examples from text; give --example "
+                            "or --input instead")
+        return self._fns["from_text"](text)
+
     @property
     def train(self) -> Callable | None:
         """``train(subset, seed) -> nn.Module`` when the task defines it (LDS needs it)."""
@@ -141,6 +149,9 @@ def check_loss(model, data, loss_fn, collate=None, *, n: int = 2, where: str = "
 def load_task(ref: str | os.PathLike | None = None) -> Task:
     """Load a task from a file path, ``module``, or ``module:attr`` (None: bundled digits)."""
     ref = str(ref) if ref is not None else default_task_ref()
+    if ref.startswith("hf-lm:"):  # recorded by `build --hf-model` (grass_index/tasks/hf_lm.py)
+        from .tasks.hf_lm import task_from_ref
+        return task_from_ref(ref)
     source, canonical = _resolve(ref)
     fns = {}
     for name in REQUIRED + OPTIONAL:

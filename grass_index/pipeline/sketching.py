@@ -33,13 +33,17 @@ def batch_len(batch) -> int:
 
 
 def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch_size: int,
-                        collate, progress, blocks: Sequence[int] | None = None) -> None:
+                        collate, progress, blocks: Sequence[int] | None = None,
+                        fisher=None) -> None:
     """Sketch every batch not yet committed to ``store``; one block per batch.
 
     ``blocks`` are the global batch numbers this store holds, in order (default: all of them).
     A worker's shard holds ``range(i, n_batches, n)``: its local block j is global batch
     ``blocks[j]`` (same fixed boundaries, so the same rows), stored at local id ``j * batch_size``
     (every batch but the globally last one is full, and that one comes last).
+
+    ``fisher`` (a ChunkedFisher) gets every committed block's rows: on a resume it first
+    re-reads the blocks already committed, so its sums always match the store's blocks.
     """
     n = len(train_data)
     if blocks is None:
@@ -47,6 +51,9 @@ def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch
     start = store.committed_blocks
     if start:
         log.info("resuming: %d of %d batches already sketched", start, len(blocks))
+    if fisher is not None and start < len(blocks):  # -- Fisher in pass 1 (streaming pass 2)
+        for s, rows in store.iter_blocks():
+            fisher.add(s, rows)
     progress("sketch", start, len(blocks))
     for j in range(start, len(blocks)):
         b = blocks[j]
@@ -59,5 +66,8 @@ def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch
                 raise AttributionError(
                     f"training example {lo + e.example} (train id; batch {b}): {e}") from e
             raise
-        store.put_block(j, j * batch_size, rows.numpy())
+        rows = rows.numpy()
+        store.put_block(j, j * batch_size, rows)
+        if fisher is not None:
+            fisher.add(j * batch_size, rows)
         progress("sketch", j + 1, len(blocks))
