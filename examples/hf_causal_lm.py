@@ -131,6 +131,11 @@ def label(item) -> str:
     return tokenizer().decode(item)
 
 
+def encode(text: str):
+    """Token ids of typed text, like a train_data() item (lets `query --text` query text)."""
+    return _texts([text])[0]
+
+
 def model() -> nn.Module:
     path = _model_dir()
     try:

@@ -9,6 +9,8 @@ attribute of one (``pkg.mod:obj`` / ``task.py:obj``) exposing::
     image(item) -> 2-D array        (optional; lets `query --png` draw examples)
     label(item) -> str              (optional; shown next to train ids)
     train(subset, seed) -> nn.Module (optional; retrains from scratch, for LDS evaluation)
+    encode(text) -> item            (optional; turns typed text into an example, e.g. token ids,
+                                     so `query --text` can attribute free text)
 
 The reference string is recorded in the index so `query`/`score` need only the directory.
 """
@@ -29,7 +31,7 @@ from .errors import GrassIndexError
 from .signature import item_signature, merge_signatures, signature_mismatch  # noqa: F401
 
 REQUIRED = ("model", "train_data", "loss")
-OPTIONAL = ("query_data", "collate", "image", "label", "train")
+OPTIONAL = ("query_data", "collate", "image", "label", "train", "encode")
 
 
 class TaskError(GrassIndexError, ValueError):
@@ -92,13 +94,17 @@ class Task:
     def label(self, item) -> str | None:
         return str(self._fns["label"](item)) if self.has("label") else None
 
-    def from_text(self, text: str):
-        """A query example from raw text (`query --text`), for tasks that define from_text
-        (the --hf-model language-model tasks, grass_index/tasks/hf_lm.py)."""
-        if not self.has("from_text"):
-            raise TaskError(f"task {self.ref} cannot make examples from text; give --example "
-                            "or --input instead")
-        return self._fns["from_text"](text)
+    def encode(self, text: str):
+        """The example for a piece of text (tasks that define ``encode(text) -> item``)."""
+        if not self.has("encode"):
+            raise TaskError(f"task {self.ref} defines no encode(text); add one that returns an "
+                            "example like train_data()[i] to query by text")
+        try:
+            return self._fns["encode"](text)
+        except Exception as e:  # the user's code rejected the text: name the function
+            if isinstance(e, TaskError):
+                raise
+            raise TaskError(f"task {self.ref}: encode(text) raised {type(e).__name__}: {e}") from e
 
     @property
     def train(self) -> Callable | None:

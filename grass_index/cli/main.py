@@ -292,10 +292,11 @@ def query(
     if text:  # -- raw text queries (--hf-model indexes) --
         if example or input_file is not None:
             fail("pass --text, --example or --input, not several")
-        if not t.has("from_text"):
-            fail(f"index {directory} was not built from --hf-model; --text needs a language "
-                 "model index (or give --example / --input)")
-        ids, items, source = list(range(len(text))), [t.from_text(s) for s in text], "text"
+        if not t.has("encode"):
+            fail(f"the task of index {directory} cannot turn text into examples; --text needs an "
+                 "index built with --hf-model (or a task with encode(text)); or give --example "
+                 "/ --input")
+        ids, items, source = list(range(len(text))), [t.encode(s) for s in text], "text"
     else:
         ids, items, source = _examples(idx, t, example, input_file, split, all_default=False)
     model = t.model()

@@ -253,7 +253,7 @@ class HFCausalLM:
         return TokenizedTexts(read_texts(self.query_path, self.text_field, "--query-data"),
                               self.tok, self.max_length, "--query-data")
 
-    def from_text(self, text: str) -> torch.Tensor:
+    def encode(self, text: str) -> torch.Tensor:
         """A query example from raw text (``query --text``)."""
         return TokenizedTexts([text], self.tok, self.max_length, "--text")[0]
 
@@ -271,7 +271,7 @@ def hf_lm_task(model_dir, data, *, text_field: str | None = None, max_length: in
     src = HFCausalLM(model_dir, data, text_field=text_field, max_length=max_length, dtype=dtype,
                      query_data=query_data)
     fns = dict(model=src.model, train_data=src.train_data, query_data=src.query_data,
-               loss=src.loss, collate=src.collate, label=src.label, from_text=src.from_text)
+               loss=src.loss, collate=src.collate, label=src.label, encode=src.encode)
     return Task(ref=src.ref(), source=src, _fns=fns)
 
 
