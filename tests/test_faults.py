@@ -53,8 +53,9 @@ TASK = textwrap.dedent("""
     N = 256
     SLEEP = float(os.environ.get("FT_SLEEP", "0"))   # seconds per sketched batch
     GATE = os.environ.get("FT_GATE")                 # while this file exists, block ...
-    GATE_AFTER = int(os.environ.get("FT_GATE_AFTER", "0"))  # ... after this many loss calls
+    GATE_AFTER = int(os.environ.get("FT_GATE_AFTER", "0"))  # ... after this many batches
     _calls = 0
+    CHECK_CALLS = 2  # the first-batch capture check: one hooked pass, one vmapped pass on 2 examples
 
     def model():
         torch.manual_seed(0)
@@ -73,12 +74,11 @@ TASK = textwrap.dedent("""
 
     def loss(model, batch):
         global _calls
-        if torch.is_grad_enabled():  # per sketched batch, and the capture check's (not check_loss:
-                                     # that runs under no_grad)
-            _calls += 1
+        if torch.is_grad_enabled():  # once per sketched batch (check_loss runs under no_grad),
+            _calls += 1              # plus CHECK_CALLS for the capture check before pass 1
             if SLEEP:
                 time.sleep(SLEEP)
-            if GATE and _calls > GATE_AFTER and os.path.exists(GATE):
+            if GATE and _calls > GATE_AFTER + CHECK_CALLS and os.path.exists(GATE):
                 open(GATE + ".waiting", "w").close()
                 t0 = time.time()
                 while os.path.exists(GATE) and time.time() - t0 < 120:
@@ -87,7 +87,6 @@ TASK = textwrap.dedent("""
         return F.cross_entropy(model(x), y, reduction="none")
 """)
 N, BS = 256, 16
-CHECK_CALLS = 2  # loss calls with grad before pass 1: the first-batch capture check (sketcher.check)
 NB = math.ceil(N / BS)
 ARGS = ["--sparsification", "random_mask-32*64", "--projection", "sjlt-1024",
         "--batch-size", str(BS)]
@@ -284,9 +283,7 @@ def test_info_while_building_and_second_writer_refused(task, ref, tmp_path):
     out = tmp_path / "idx"
     gate = tmp_path / "gate"
     gate.write_text("")
-    # the gate counts loss calls with grad: 5 batches plus the first-batch capture check's 2
-    a = spawn(*build_cmd(task, out), env={"FT_GATE": str(gate),
-                                         "FT_GATE_AFTER": str(5 + CHECK_CALLS)})
+    a = spawn(*build_cmd(task, out), env={"FT_GATE": str(gate), "FT_GATE_AFTER": "5"})
     try:
         assert wait_for(lambda: Path(str(gate) + ".waiting").exists(), a, timeout=90,
                         what="the first build to reach its gate"), a.communicate()[1]
