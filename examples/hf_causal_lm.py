@@ -15,32 +15,32 @@ ones as the build; the index records the model and data hashes and refuses a mis
     GRASS_INDEX_QUERY_FILE   UTF-8 text, one query per non-empty line (optional)
     GRASS_INDEX_MAX_LENGTH   truncate each example to this many tokens (default 128)
 
-Nothing is downloaded: the model is loaded with AutoModelForCausalLM.from_pretrained(path,
-local_files_only=True) in float32, and the tokenizer from the same directory when it has
-tokenizer files; otherwise a byte-level fallback is used (token id = UTF-8 byte, which needs a
-vocabulary of at least 256). The loss is the next-token cross-entropy summed over each line's
-real tokens (padding masked out), one value per line. There is no train(): retraining a
-pretrained LM from scratch on subsets is not what LDS on this task would mean.
+The same task without environment variables or a task file:
+
+    grass-index build --hf-model /models/my-llama --data corpus.txt --out runs/my-llama
+    grass-index query runs/my-llama --text "a question"
+
+This file is a thin wrapper over that library task (grass_index/tasks/hf_lm.py: loading,
+tokenizer or byte-level fallback, padding, the summed next-token loss). There is no train():
+retraining a pretrained LM from scratch on subsets is not what LDS on this task would mean.
 """
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from torch import nn
+
+from grass_index.task import TaskError
+from grass_index.tasks import hf_lm
 
 ENV_MODEL = "GRASS_INDEX_MODEL_PATH"
 ENV_TEXT = "GRASS_INDEX_TEXT_FILE"
 ENV_QUERY = "GRASS_INDEX_QUERY_FILE"
 ENV_MAX_LEN = "GRASS_INDEX_MAX_LENGTH"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model",
-                   "spiece.model")
 
 
-class HFTaskError(ValueError):
+class HFTaskError(TaskError):
     """The environment does not describe a usable model/data; the message says what to set."""
 
 
@@ -91,146 +91,54 @@ def _max_length() -> int:
     return n
 
 
-# ----------------------------------------------------------------------------- tokenizer
-
-class ByteTokenizer:
-    """Fallback when the model directory has no tokenizer: token id = UTF-8 byte."""
-
-    pad_token_id = 0
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
-
-
-class _HFTokenizer:
-    def __init__(self, tok):
-        self.tok = tok
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.pad_token_id = int(pad) if pad is not None else 0
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok(text)["input_ids"])
-
-    def decode(self, ids) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer_for(path: str):
-    p = Path(path)
-    if any((p / f).is_file() for f in TOKENIZER_FILES):
-        from transformers import AutoTokenizer
-
-        try:
-            return _HFTokenizer(AutoTokenizer.from_pretrained(p, local_files_only=True))
-        except Exception as e:
-            raise HFTaskError(f"{ENV_MODEL}={path}: the tokenizer files there cannot be loaded "
-                              f"({type(e).__name__}: {e}); fix or remove them to use the "
-                              "byte-level fallback") from e
-    return ByteTokenizer()
-
+# ----------------------------------------------------------------------------- the task
 
 def tokenizer():
     """The model directory's tokenizer, or the byte-level fallback."""
-    return _tokenizer_for(str(_model_dir().resolve()))
+    try:
+        return hf_lm.tokenizer_for(str(_model_dir().resolve()), f"{ENV_MODEL}=")
+    except TaskError as e:
+        raise HFTaskError(str(e)) from e
 
 
-def _vocab_size(path: Path) -> int | None:
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-    v = getattr(cfg, "vocab_size", None)
-    if v is None and hasattr(cfg, "get_text_config"):
-        v = getattr(cfg.get_text_config(), "vocab_size", None)
-    return v
-
-
-# ----------------------------------------------------------------------------- data
-
-class TextLines(torch.utils.data.Dataset):
-    """Item i: LongTensor of the token ids of line i (truncated to the max length)."""
-
-    def __init__(self, lines: list[str]):
-        tok, n = tokenizer(), _max_length()
-        if isinstance(tok, ByteTokenizer):
-            v = _vocab_size(_model_dir())
-            if v is not None and v < 256:
-                raise HFTaskError(f"{ENV_MODEL}={os.environ[ENV_MODEL]} has no tokenizer files "
-                                  f"and a vocabulary of {v} < 256, too small for the byte-level "
-                                  "fallback; save the model's tokenizer into that directory "
-                                  "(tokenizer.save_pretrained(path))")
-        self.lines = lines
-        self._items = []
-        for i, ln in enumerate(lines):
-            ids = tok.encode(ln)[:n]
-            if len(ids) < 2:
-                raise HFTaskError(f"line {i + 1} ({ln!r}) has fewer than 2 tokens; a causal LM "
-                                  "loss needs at least one predicted token")
-            self._items.append(torch.tensor(ids, dtype=torch.long))
-
-    def __len__(self):
-        return len(self._items)
-
-    def __getitem__(self, i):
-        return self._items[i]
+def _texts(lines: list[str]) -> hf_lm.TokenizedTexts:
+    try:
+        return hf_lm.TokenizedTexts(lines, tokenizer(), _max_length(), "line")
+    except HFTaskError:
+        raise
+    except TaskError as e:
+        raise HFTaskError(str(e)) from e
 
 
-def train_data() -> TextLines:
-    return TextLines(_lines(ENV_TEXT, required=True))
+def train_data() -> hf_lm.TokenizedTexts:
+    return _texts(_lines(ENV_TEXT, required=True))
 
 
-def query_data() -> TextLines:
+def query_data() -> hf_lm.TokenizedTexts:
     q = _lines(ENV_QUERY, required=False)
-    return TextLines(q if q is not None else _lines(ENV_TEXT, required=True))
+    return _texts(q if q is not None else _lines(ENV_TEXT, required=True))
 
 
 def collate(items):
     """Right-pad with the tokenizer's pad id: (input_ids [B, T], attention_mask [B, T])."""
-    pad = tokenizer().pad_token_id
-    T = max(len(x) for x in items)
-    ids = torch.full((len(items), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(items), T), dtype=torch.long)
-    for r, x in enumerate(items):
-        ids[r, :len(x)] = x
-        mask[r, :len(x)] = 1
-    return ids, mask
+    return hf_lm.collate_with(tokenizer().pad_token_id)(items)
 
 
-def loss(model: nn.Module, batch) -> torch.Tensor:
-    """Next-token cross-entropy summed over each sequence's real tokens: Tensor[B]."""
-    ids, mask = batch
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    tgt = ids[:, 1:]
-    per_tok = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                              tgt.reshape(-1), reduction="none").view_as(tgt)
-    return (per_tok * mask[:, 1:].to(per_tok.dtype)).sum(dim=1)
+loss = hf_lm.causal_lm_loss
 
 
 def label(item) -> str:
     return tokenizer().decode(item)
 
 
-def encode(text: str) -> torch.Tensor:
-    """Token ids of typed text, like a train_data() item (lets `grass-index serve` query text)."""
-    ids = tokenizer().encode(text)[:_max_length()]
-    if len(ids) < 2:
-        raise HFTaskError(f"{text!r} has fewer than 2 tokens; a causal LM loss needs at least "
-                          "one predicted token")
-    return torch.tensor(ids, dtype=torch.long)
+def encode(text: str):
+    """Token ids of typed text, like a train_data() item (lets `query --text` query text)."""
+    return _texts([text])[0]
 
-
-# ----------------------------------------------------------------------------- model
 
 def model() -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
     path = _model_dir()
     try:
-        m = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    except Exception as e:
-        raise HFTaskError(f"{ENV_MODEL}={path}: cannot load a causal LM from it "
-                          f"({type(e).__name__}: {e})") from e
-    return m.eval()
+        return hf_lm.load_causal_lm(path, "float32", f"{ENV_MODEL}=")
+    except TaskError as e:
+        raise HFTaskError(str(e)) from e

@@ -38,6 +38,7 @@ _LAZY = {
     "verify_index": "grass_index.attribute",
     "describe_index": "grass_index.attribute",
     "load_task": "grass_index.task",
+    "hf_lm_task": "grass_index.tasks",
     "load_examples": "grass_index.pipeline",
     "save_selective_mask": "grass_index.compress",
     "fit_selective_mask": "grass_index.maskfit",

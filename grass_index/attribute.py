@@ -254,9 +254,10 @@ class AttributionIndex:
             from .analysis.normalize import unit_rows
 
             scores, ids = self.cosine_index().search(unit_rows(q.numpy()), k, opponents=opponents)
-        else:
-            scores, ids = self.vindex.search(np.ascontiguousarray(q.numpy(), dtype=np.float32),
-                                             k, opponents=opponents, nprobe=nprobe)
+        else:  # a two-stage index (wide sketches) re-ranks its candidates exactly from the store
+            scores, ids = querying.search(self.path, self.vindex, lambda: self.preconditioner,
+                                          np.ascontiguousarray(q.numpy(), dtype=np.float32), k,
+                                          opponents=opponents, nprobe=nprobe)
         scores, ids = np.asarray(scores), np.asarray(ids)
         return [[(int(i), float(s)) for i, s in zip(ids[r], scores[r]) if i >= 0]
                 for r in range(len(ids))]

@@ -10,7 +10,7 @@ attribute of one (``pkg.mod:obj`` / ``task.py:obj``) exposing::
     label(item) -> str              (optional; shown next to train ids)
     train(subset, seed) -> nn.Module (optional; retrains from scratch, for LDS evaluation)
     encode(text) -> item            (optional; turns typed text into an example, e.g. token ids,
-                                     so `grass-index serve` can attribute free text)
+                                     so `serve` and `query --text` can attribute text)
 
 The reference string and, for a file, its sha256 are recorded in the index. An index
 directory is data: opening one never imports the recorded task by itself; the user names the
@@ -107,6 +107,18 @@ class Task:
         except Exception as e:  # the user's code rejected the text: name the function
             raise TaskError(f"task {self.ref}: encode(text) raised {type(e).__name__}: {e}") from e
 
+    def encode(self, text: str):
+        """The example for a piece of text (tasks that define ``encode(text) -> item``)."""
+        if not self.has("encode"):
+            raise TaskError(f"task {self.ref} defines no encode(text); add one that returns an "
+                            "example like train_data()[i] to query by text")
+        try:
+            return self._fns["encode"](text)
+        except Exception as e:  # the user's code rejected the text: name the function
+            if isinstance(e, TaskError):
+                raise
+            raise TaskError(f"task {self.ref}: encode(text) raised {type(e).__name__}: {e}") from e
+
     @property
     def train(self) -> Callable | None:
         """``train(subset, seed) -> nn.Module`` when the task defines it (LDS needs it)."""
@@ -177,6 +189,9 @@ def check_loss(model, data, loss_fn, collate=None, *, n: int = 2, where: str = "
 def load_task(ref: str | os.PathLike | None = None) -> Task:
     """Load a task from a file path, ``module``, or ``module:attr`` (None: bundled digits)."""
     ref = str(ref) if ref is not None else default_task_ref()
+    if ref.startswith("hf-lm:"):  # recorded by `build --hf-model` (grass_index/tasks/hf_lm.py)
+        from .tasks.hf_lm import task_from_ref
+        return task_from_ref(ref)
     source, canonical = _resolve(ref)
     fns = {}
     for name in REQUIRED + OPTIONAL:
@@ -319,13 +334,15 @@ BUILTIN_TASK_MODULES = ("grass_index.examples.digits",)
 
 
 def is_builtin_task(ref: str | None) -> bool:
-    """Whether ``ref`` names a task shipped inside this package (the bundled digits example):
-    code the user installed with grass-index, so an index built from it may run it without
-    --task. Only exact module names, or a path that resolves to the bundled file itself."""
+    """Whether ``ref`` names a task shipped inside this package (the bundled digits example,
+    or an ``hf-lm:`` task: a local HF causal LM over a text file, data only): code the user
+    installed with grass-index, so an index built from it may run it without --task. Only exact module names, or a path that resolves to the bundled file itself."""
     if not ref or not isinstance(ref, str):
         return False
     if ref in BUILTIN_TASK_MODULES:
         return True
+    if ref.startswith("hf-lm:"):  # `build --hf-model`: weights, tokenizer and text files read
+        return True               # locally as data (no remote code), no user code imported
     try:
         return Path(ref).resolve() == Path(default_task_ref()) and Path(ref).is_file()
     except (OSError, ValueError):

@@ -132,6 +132,31 @@ def test_progress_without_a_terminal_prints_periodic_lines():
     assert seen == [("index", 1, 2)]
 
 
+def test_build_plan_and_eta_lines_go_through_progress(task, tmp_path, caplog):
+    """The plan line (before pass 1) and the first-batch ETA are lines of the one Progress:
+    among the log lines without a terminal, the logger at INFO behind a caller's callback."""
+    from grass_index.pipeline import Progress
+
+    stream = io.StringIO()
+    prog = Progress(True, stream=stream)  # no terminal: lines, ~10 s apart (none here)
+    prog.note("plan: RAM peak 1.00 GB")
+    prog.eta_after_first("sketch", 5.0, "pass 2")
+    for done in range(0, 4):
+        prog("sketch", done, 4)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "plan: RAM peak 1.00 GB"
+    assert len(lines) == 2 and lines[1].startswith("ETA: pass 1: sketching gradients ")
+    assert lines[1].endswith("pass 2 about 5.0 s")
+    seen = []
+    with caplog.at_level("INFO", logger="grass_index"):
+        gi.build_index(task.model(), task.train_data(), task.loss, tmp_path / "idx",
+                       **dict(SMALL, progress=lambda *a: seen.append(a)))
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("plan: RAM peak ") and "disk" in m for m in msgs)
+    assert any(m.startswith("ETA: pass 1") for m in msgs)
+    assert seen and seen[-1][0] == "done"
+
+
 def test_layer_table_says_one_phrase_per_stage():
     from grass_index.cli.render import layer_stages
 

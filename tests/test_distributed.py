@@ -66,16 +66,18 @@ def assert_same_index(a, b, task, *, exact=True):
               "item_signature", "layers_described", "hessian", "index_kind", "n_blocks"):
         assert ca[k] == cb[k], k
     for layer, lam in ca["damping_used"].items():
-        assert lam == pytest.approx(cb["damping_used"][layer], rel=1e-12)
+        # float32 GEMMs per chunk (or Woodbury from the rows when n < k/2) sum differently
+        assert lam == pytest.approx(cb["damping_used"][layer], rel=1e-6)
     fa, fb = fisher_cache(a.path), fisher_cache(b.path)
-    assert fa.keys() == fb.keys() == set(ca["layout"])
-    for layer in fa:
-        np.testing.assert_allclose(fa[layer], fb[layer], rtol=1e-12, atol=1e-15)
+    for layer in fa.keys() & fb.keys():  # a single build with n < k/2 caches no Fisher
+        np.testing.assert_allclose(fa[layer], fb[layer], rtol=1e-5, atol=1e-9)
 
 
 def fisher_cache(path):
     with SketchStore.open(Path(path) / "sketches") as st:
-        assert st.get_meta("fisher_done") and st.get_meta("fisher_n") == 45
+        if not st.get_meta("fisher_done"):
+            return {}
+        assert st.get_meta("fisher_n") == 45
         return {n[len("fisher/"):]: st.get_array(n) for n in st.array_names()
                 if n.startswith("fisher/")}
 

@@ -394,13 +394,12 @@ def disagree_count(out):
 
 def nan_preconditioner(out):
     cfg = json.loads((Path(out) / "config.json").read_text())
-    name = f"precond/{cfg['preconditioner_key']}"
+    layer = next(iter(cfg["layout"]))
+    name = f"precond/{cfg['preconditioner_key']}/inverse/{layer}"  # one array per layer
     with SketchStore.open(Path(out) / "sketches", readonly=False) as st:
-        state = attribute.state_from_array(st.get_array(name))
-        key = next(k for k, v in state.items() if v.dtype.kind == "f" and v.size > 1)
-        state[key] = state[key].copy()
-        state[key].flat[3] = np.nan
-        st.put_array(name, attribute.state_to_array(state))
+        inverse = st.get_array(name).copy()
+        inverse.flat[3] = np.nan
+        st.put_array(name, inverse)
     return "contains NaN/inf"
 
 

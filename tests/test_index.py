@@ -251,11 +251,14 @@ def test_fp16_indexes_roundtrip_and_halve_the_file(tmp_path, mmap):
 
 def test_index_specs():
     from grass_index.index import parse_spec
-    assert parse_spec("flat") == ("flat", "float32", 1)
-    assert parse_spec("ivf:fp16") == ("ivf", "float16", 1)
+    assert parse_spec("flat")[:3] == ("flat", "float32", 1)
+    assert parse_spec("ivf:fp16")[:3] == ("ivf", "float16", 1)
+    assert parse_spec("flat").sketch == -1 and parse_spec("flat:exact").sketch == 0
+    assert str(parse_spec("flat:rerank=5,sketch=1024")) == "flat:sketch=1024,rerank=5"
     assert str(parse_spec("flat:shards=4,fp16")) == "flat:fp16,shards=4"  # canonical order
     assert str(parse_spec("ivf:shards=1")) == "ivf"
-    for bad in ("hnsw", "flat:fp8", "IVF", "", "flat:", "flat:shards=0", "ivf:shards=x"):
+    for bad in ("hnsw", "flat:fp8", "IVF", "", "flat:", "flat:shards=0", "ivf:shards=x",
+                "flat:sketch=x", "flat:rerank=0"):
         with pytest.raises(FaissIndexError, match="flat:fp16"):
             parse_spec(bad)
 

@@ -63,6 +63,18 @@ def build(
                                        "DIR/shards once rank 0 has merged them (they double "
                                        "the disk)."),
     json_mode: bool = typer.Option(False, "--json", help="Print the config as JSON on stdout."),
+    hf_model: Optional[Path] = typer.Option(None, "--hf-model", help="A local Hugging Face "
+                                            "causal LM directory (save_pretrained) instead of "
+                                            "a task file; needs --data."),
+    data: Optional[Path] = typer.Option(None, "--data", help="With --hf-model: .txt (one "
+                                        "example per line), .jsonl (--text-field) or a "
+                                        "datasets.save_to_disk directory."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="JSON/datasets field "
+                                             "holding the text (default: text)."),
+    max_length: int = typer.Option(128, "--max-length", help="With --hf-model: tokens per "
+                                   "example (longer ones are truncated)."),
+    dtype: str = typer.Option("float32", "--dtype", help="With --hf-model: float32, bfloat16 "
+                              "or float16."),
 ):
     """Sketch every training example's gradient, precondition, and index (resumable).
 
@@ -70,7 +82,14 @@ def build(
     every rank sketches its share and the ranks finish the index together; rank 0 reports."""
     import grass_index as gi
 
-    t = gi.load_task(task)
+    if hf_model is not None or data is not None:  # -- language models, no task file --
+        if task is not None or hf_model is None or data is None:
+            fail("--hf-model DIR and --data FILE go together, instead of a TASK")
+        t = gi.hf_lm_task(hf_model, data, text_field=text_field, max_length=max_length,
+                          dtype=dtype)
+        out = out or Path("runs") / Path(hf_model).name
+    else:
+        t = gi.load_task(task)
     if out is None:
         stem = Path(t.ref.split(":")[0]).stem if task else "digits"
         out = Path("runs") / stem
@@ -105,6 +124,74 @@ def build(
                          remove_shards=remove_shards)
     if idx.reporting:  # torchrun: rank 0 reports
         _report_index("built", out, idx.config, time.perf_counter() - t0, json_mode)
+
+
+@app.command()
+@errors
+def plan(
+    task: Optional[str] = typer.Argument(None, help="Task file (.py), module or module:attr."),
+    hf_model: Optional[Path] = typer.Option(None, "--hf-model", help="A local HF causal LM "
+                                            "directory instead of a task file (with --data)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="With --hf-model: the corpus."),
+    text_field: Optional[str] = typer.Option(None, "--text-field"),
+    max_length: int = typer.Option(128, "--max-length"),
+    n: Optional[int] = typer.Option(None, "--n", min=1, help="Examples (default: the task's "
+                                    "training set size)."),
+    sparsification: str = typer.Option("random_mask-128*128"),
+    projection: str = typer.Option("sjlt-4096"),
+    layers: Optional[List[str]] = typer.Option(None, "--layers"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    index: str = typer.Option("flat"),
+    out: Path = typer.Option(Path("runs"), "--out", help="Where the index would go (free disk "
+                             "is checked there)."),
+    json_mode: bool = typer.Option(False, "--json"),
+):
+    """RAM and disk a build would need, for the given projection and two narrower ones side by
+    side — without building (no gradients)."""
+    import grass_index as gi
+    from grass_index import plan as plan_mod
+
+    if hf_model is not None:
+        if data is None:
+            fail("--hf-model DIR needs --data FILE")
+        t = gi.hf_lm_task(hf_model, data, text_field=text_field, max_length=max_length)
+    else:
+        t = gi.load_task(task)
+    options = gi.BuildOptions(sparsification=sparsification, projection=projection,
+                              layers=layers or None, batch_size=batch_size)
+    model = t.model()
+    train = t.train_data() if n is None or hf_model is not None else None
+    count = n or len(train)
+    tokens = max_length if hf_model is not None else 1
+    if hf_model is not None:
+        tokens = max(len(train[i]) for i in range(min(len(train), 256)))
+    cols = {p: plan_mod.plan_for(model, count, sparsification=options.sparsification,
+                                 projection=p, layers=options.layers,
+                                 batch_size=options.batch_size, index=index, tokens=tokens)
+            for p in plan_mod.variants(projection)}
+    ram, disk = plan_mod.available_ram(), plan_mod.free_disk(out)
+    if json_mode:
+        _emit_json(dict(n=count, available_ram=ram, free_disk=disk,
+                        plans={p: dict(ram_peak=c.ram_peak, disk=c.disk, K=c.K,
+                                       store=c.store_disk, fisher=c.fisher_disk,
+                                       preconditioner=c.precond_disk, index=c.index_disk)
+                               for p, c in cols.items()}))
+        return
+    from rich.table import Table
+
+    tab = Table(title=f"plan: {count:,} examples, --index {index}")
+    tab.add_column("")
+    for p in cols:
+        tab.add_column(f"--projection {p}", justify="right")
+    rows = [c.rows() for c in cols.values()]
+    for i, (name, _) in enumerate(rows[0]):
+        tab.add_row(name, *[r[i][1] for r in rows])
+    fits = ["yes" if plan_mod.shortfall(c, ram=ram, disk=disk, K_per_layer=1) is None else "no"
+            for c in cols.values()]
+    tab.add_row("fits here", *fits)
+    err.print(tab)
+    err.print(f"available now: RAM {ram / 1e9 if ram else float('nan'):.1f} GB, disk at {out} "
+              f"{disk / 1e9:.1f} GB")
 
 
 def _report_index(verb: str, directory, cfg: dict, secs: float, json_mode: bool) -> None:
@@ -212,11 +299,22 @@ def query(
     json_mode: bool = typer.Option(False, "--json"),
     png: Optional[Path] = typer.Option(None, "--png", help="Draw query + proponents/opponents "
                                        "(tasks with image(item))."),
+    text: Optional[List[str]] = typer.Option(None, "--text", help="Query text (repeatable; "
+                                             "indexes built with --hf-model)."),
 ):
     """Top-k training examples that most helped (proponents) or hurt (opponents) each example."""
     normalize = _check_normalize(normalize)
     idx, t = _open_with_task(directory, task, "query")
-    ids, items, source = _examples(idx, t, example, input_file, split, all_default=False)
+    if text:  # -- raw text queries (--hf-model indexes) --
+        if example or input_file is not None:
+            fail("pass --text, --example or --input, not several")
+        if not t.has("encode"):
+            fail(f"the task of index {directory} cannot turn text into examples; --text needs an "
+                 "index built with --hf-model (or a task with encode(text)); or give --example "
+                 "/ --input")
+        ids, items, source = list(range(len(text))), [t.encode(s) for s in text], "text"
+    else:
+        ids, items, source = _examples(idx, t, example, input_file, split, all_default=False)
     model = t.model()
     t0 = time.perf_counter()
     q = idx.query_sketches(model, items, t.loss, collate=t.collate)

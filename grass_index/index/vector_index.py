@@ -22,7 +22,7 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
-from . import _file
+from . import _file, gpu
 from ._file import FaissIndexError
 
 KINDS = ("flat", "ivf")
@@ -41,10 +41,14 @@ class IndexSpec(NamedTuple):
     kind: str
     dtype: str = "float32"
     shards: int = 1
+    sketch: int = -1  # search sketch width: -1 = by K (search_sketch.py), 0 = none ("exact")
+    rerank: int = 10  # two-stage search: candidates per result
 
     def __str__(self) -> str:
         opts = (["fp16"] if self.dtype == "float16" else []) + (
-            [f"shards={self.shards}"] if self.shards > 1 else [])
+            [f"shards={self.shards}"] if self.shards > 1 else []) + (
+            ["exact"] if self.sketch == 0 else [f"sketch={self.sketch}"] if self.sketch > 0
+            else []) + ([f"rerank={self.rerank}"] if self.rerank != 10 else [])
         return self.kind + (":" + ",".join(opts) if opts else "")
 
 
@@ -54,20 +58,29 @@ def parse_spec(spec) -> IndexSpec:
         return spec
     kind, _, options = str(spec).partition(":")
     dtype, shards, bad = "float32", 1, kind not in KINDS
+    sketch, rerank = -1, 10
     for opt in filter(None, options.split(",")) if options else []:
         key, eq, value = opt.strip().partition("=")
         if key in ("fp16", "fp32") and not eq:
             dtype = "float16" if key == "fp16" else "float32"
         elif key == "shards" and value.isdigit() and int(value) >= 1:
             shards = int(value)
+        elif key == "exact" and not eq:
+            sketch = 0
+        elif key == "sketch" and value.isdigit():
+            sketch = int(value)
+        elif key == "rerank" and value.isdigit() and int(value) >= 1:
+            rerank = int(value)
         else:
             bad = True
     if bad or (options == "" and ":" in str(spec)):
         raise FaissIndexError(f"unknown index {spec!r}; use flat or ivf, optionally with :fp16 "
                               "and/or shards=N, e.g. flat, ivf, flat:fp16, ivf:fp16,shards=4 "
                               "(flat is exact; ivf approximate; fp16 halves memory and disk; "
-                              "shards=N writes N files searched as one)")
-    return IndexSpec(kind, dtype, shards)
+                              "shards=N writes N files searched as one; sketch=D searches a "
+                              "D-wide sketch and re-ranks R·k candidates exactly, rerank=R; "
+                              "exact: never sketch)")
+    return IndexSpec(kind, dtype, shards, sketch, rerank)
 
 
 def default_nlist(n_train: int) -> int:
@@ -99,6 +112,7 @@ class VectorIndex:
         self.nprobe = nprobe
         self.metric = "ip"
         self.readonly = readonly
+        self._gpu = None  # False: no GPU copy possible; else the GPU copy of _index (gpu.py)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -287,13 +301,23 @@ class VectorIndex:
             params = faiss.SearchParametersIVF(nprobe=int(min(nprobe, self.nlist)))
         scores = np.empty((len(q), kk), np.float32)
         ids = np.empty((len(q), kk), np.int64)
+        searcher = self._searcher(kk) if params is None else self._index
         for lo in range(0, len(q), SEARCH_CHUNK):
-            s, i = self._index.search(q[lo: lo + SEARCH_CHUNK], kk, params=params)
+            s, i = searcher.search(q[lo: lo + SEARCH_CHUNK], kk, params=params)
             scores[lo: lo + len(s)], ids[lo: lo + len(s)] = s, i
         if opponents:
             np.negative(scores, out=scores)
         scores[ids < 0] = np.inf if opponents else -np.inf
         return scores, ids
+
+    def _searcher(self, k: int):
+        """The GPU copy of the index when FAISS has a GPU (gpu.py), else the CPU index."""
+        if k > gpu.GPU_MAX_K:
+            return self._index
+        if self._gpu is None or (self._gpu is not False and self._gpu[0] != self._index.ntotal):
+            copy = gpu.gpu_copy(self._index)
+            self._gpu = False if copy is None else (self._index.ntotal, copy)
+        return self._index if self._gpu is False else self._gpu[1]
 
     def reconstruct(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)

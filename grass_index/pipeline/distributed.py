@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..precondition import save_preconditioner
 from ..store import SketchStore
 from .errors import AttributionError
 from .files import SHARDS_DIR, STORE_DIR, jsonable
 from .options import IndexOptions
-from .pass2 import run_pass2
+from .pass2 import fit_from_sums, run_pass2
 from .sharding import cache_fisher, copy_shards, merge_setup
-from .stored import state_to_array
 
 # Rank 0's merge + pass 2 can take long while the others wait in a collective.
 _TIMEOUT = _dt.timedelta(hours=24)
@@ -179,13 +179,15 @@ def merge_ranks(group, out: Path, *, fisher, progress, remove_shards: bool = Fal
             copy_shards(store, build, world, shards, progress)
             if opts["hessian"] == "eFIM":
                 cache_fisher(store, build, world, shards, fisher)
-            store.put_array(f"precond/{key}", state_to_array(pre.state_dict()))
+            save_preconditioner(store, key, pre)
             yield store
         if remove_shards:
             shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
 
-    return run_pass2(out, build, rec.get("describe") or {}, IndexOptions.from_record(opts),
-                     rows=rows, ranks=group, fisher=lambda: fisher.fishers(),
+    index_options = IndexOptions.from_record(opts)
+    return run_pass2(out, build, rec.get("describe") or {}, index_options, rows=rows, ranks=group,
+                     fit=lambda: fit_from_sums(fisher, build["layout"], index_options.hessian,
+                                               index_options.damping),
                      main_store=main_store, task=rec.get("task"),
                      item_signature=rec.get("item_signature"), progress=progress)
 

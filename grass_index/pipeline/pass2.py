@@ -2,7 +2,12 @@
 (``run_pass2``) for a single process, a merge of worker shards and torchrun.
 
 Pass 2 reads pass 1's blocks back, so changing the damping or the Hessian never recomputes a
-gradient (``refit``).
+gradient (``refit``). It streams: a single-process build hands over the Fisher sums pass 1
+accumulated (``pass1_fisher``), so the store is not re-read for them; the preconditioner is
+fitted one layer at a time, each layer's sums factored in place; a layer with n < k/2 is
+fitted from the stored rows (Woodbury) and needs no k×k Fisher at all. For wide sketches
+(LMs), FAISS holds a seeded search sketch of each vector and a query's candidates are re-ranked
+exactly from the stored rows (``search_sketch``, ``store_rerank``).
 """
 from __future__ import annotations
 
@@ -15,9 +20,11 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..index import (ExactTopK, ShardedIndex, VectorIndex, check_serves, parse_spec,
-                     part_ranges, recall_at_k)
-from ..precondition import FisherAccumulator, Preconditioner
+from ..index import (ExactTopK, SearchSketch, ShardedIndex, SketchedIndex, VectorIndex,
+                     check_serves, default_search_sketch, parse_spec, part_ranges, recall_at_k)
+from ..precondition import (ChunkedFisher, FisherAccumulator, Preconditioner, dense_layers,
+                            load_preconditioner, save_preconditioner,
+                            stale_preconditioner_arrays)
 from ..store import SketchStore, StoreError
 from ..task import task_record
 from .errors import AttributionError
@@ -26,7 +33,7 @@ from .fingerprints import config_hash, data_signature, hash_json
 from .options import IndexOptions, damping_key
 from .progress import Progress
 from .record import n_batches
-from .stored import chunks, preconditioned_blocks, state_from_array, state_to_array
+from .stored import preconditioned_blocks
 
 log = logging.getLogger("grass_index")
 
@@ -69,10 +76,11 @@ class StoreRows:
 
 
 def finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damping,
-           index: str, nlist, nprobe, task, progress, data=None, old_config=None) -> dict:
-    """Pass 2 over the main store (a single-process build, a merge, a refit): Fisher from the
-    stored sketches (cached) -> preconditioner (reused when this variant was already fitted)
-    -> FAISS -> config.json."""
+           index: str, nlist, nprobe, task, progress, data=None, old_config=None,
+           fisher: ChunkedFisher | None = None) -> dict:
+    """Pass 2 over the main store (a single-process build, a merge, a refit): Fisher (the sums
+    pass 1 accumulated, ``fisher``; else the cache, else a re-read of the store) ->
+    preconditioner (reused when this variant was already fitted) -> FAISS -> config.json."""
     layout = build["layout"]
     n_blocks = n_batches(build)
     if store.committed_blocks < n_blocks:
@@ -87,7 +95,7 @@ def finish(out: Path, store, build: dict, describe: dict, *, hessian: str, dampi
         yield store  # the preconditioner is stored already (right after fitting)
 
     return run_pass2(out, build, describe, opts, rows=StoreRows(store),
-                     fisher=lambda: _fisher(store, layout, n_blocks, progress),
+                     fit=lambda: fit_streaming(store, layout, hessian, damping, progress, fisher),
                      main_store=main_store, stored=store,
                      task=task if task is not None else old_task(old_config),
                      item_signature=item_signature, progress=progress,
@@ -112,14 +120,14 @@ def old_task(old_config) -> dict:
     return dict(task=old.get("task"), task_sha256=old.get("task_sha256"))
 
 
-def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, rows, fisher,
+def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, rows, fit,
               main_store, task, item_signature, progress, ranks=ONE_PROCESS,
               stored=None, extra=None) -> dict:
     """Pass 2, the one implementation behind every build: preconditioner -> FAISS parts ->
     recall -> config.json.
 
-    Every rank (one, or each torchrun rank) fits the same preconditioner from ``fisher()``
-    (the summed F_l per layer), preconditions the ``rows`` it holds into its own FAISS part(s)
+    Every rank (one, or each torchrun rank) fits the same preconditioner with ``fit()`` (from
+    the summed F_l per layer), preconditions the ``rows`` it holds into its own FAISS part(s)
     copied from one template (rank 0's IVF quantizer / float16 scales) and computes the exact
     top lists of the recall queries over them. Rank 0 then gets the main store from
     ``main_store(pre, key)`` (a context manager: the open store, or for torchrun one it
@@ -127,7 +135,9 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
     ``shards=N`` contiguous parts; torchrun keeps one part per rank, or merges them into one
     file — measures recall and commits config.json. Every rank returns the config.
     ``stored`` (a single process's main store) is where a preconditioner fitted by an
-    interrupted run of the same variant is looked up and the new one is kept."""
+    interrupted run of the same variant is looked up and the new one is kept.
+    For wide sketches the parts hold a search sketch of each vector (``search_sketch``) and
+    the joined index re-ranks its candidates exactly from the main store."""
     layout, n, dim = build["layout"], build["n_train"], build["dim"]
     hessian, damping, nlist, nprobe = opts.hessian, opts.damping, opts.nlist, opts.nprobe
     spec = parse_spec(opts.index)
@@ -139,14 +149,18 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
     # a resumed pass 2 reuses the inverses
     pre = _stored_preconditioner(stored, key, layout) if stored is not None else None
     if pre is None:
-        pre = Preconditioner.fit(fisher() if hessian == "eFIM" else {}, layout,
-                                 hessian=hessian, damping=damping)
+        pre = fit()
         if stored is not None:
-            stored.put_array(f"precond/{key}", state_to_array(pre.state_dict()))
+            save_preconditioner(stored, key, pre)
+    sk = search_sketch(spec, dim, build["seed"])  # two-stage search (wide K), or None
+
+    def stored_form(vec):
+        return vec if sk is None else sk(vec)
 
     def rank0_template():
         with rows.open() as st:
-            return make_template(preconditioned_blocks(st, pre), spec, dim, nlist, nprobe)
+            blocks = ((s, stored_form(v)) for s, v in preconditioned_blocks(st, pre))
+            return make_template(blocks, spec, dim if sk is None else sk.dim, nlist, nprobe)
     template = ranks.share(rank0_template, encode=lambda t: t.to_bytes(),
                            decode=lambda b: VectorIndex.from_bytes(*b))
     template.build_key = key  # written into every part's file: a reader checks it before serving
@@ -167,10 +181,11 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
             total = st.num_rows
             for start, vec in preconditioned_blocks(st, pre):
                 ids = rows.global_ids(start, len(vec))
+                held_form = stored_form(vec)
                 for part, (lo, hi) in zip(parts, ranges):
                     mine = (ids >= lo) & (ids < hi)
                     if mine.any():
-                        part.add(vec[mine], ids[mine])
+                        part.add(held_form[mine], ids[mine])
                 if exact is not None:
                     exact.add(vec, ids)
                 progress("index", start + len(vec), total)
@@ -192,6 +207,9 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
             for p in parts:
                 p.build_key = key
             vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
+            if sk is not None:
+                vindex = SketchedIndex(vindex, sk, spec.rerank).with_rerank(
+                    store_rerank(store, pre))
             check_count(vindex, n)
             if k >= 1:
                 exact = ExactTopK(queries, k + 1)
@@ -245,9 +263,8 @@ def commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vind
     for p in out.glob("index-*.faiss"):  # older preconditioning variants
         if p.name not in index_files:
             p.unlink(missing_ok=True)
-    for name in store.array_names():  # their preconditioners (k×k float64 per layer)
-        if name.startswith("precond/") and name != f"precond/{key}":
-            store.delete_array(name)
+    for name in stale_preconditioner_arrays(store.array_names(), key):  # theirs (k×k per layer)
+        store.delete_array(name)
     progress("done", 1, 1)
     return cfg
 
@@ -273,27 +290,78 @@ def _stored_preconditioner(store, key: str, layout: dict):
     """The preconditioner pass 2 already stored under ``key``, or None when there is none or it
     is damaged (non-finite, unreadable): then it is fitted again from the cached Fisher."""
     name = f"precond/{key}"
-    if not store.has_array(name):
-        return None
     try:
-        state = state_from_array(store.get_array(name))
-        pre = Preconditioner.from_state_dict(state, layout)
+        pre = load_preconditioner(store, key, layout)
+    except KeyError:
+        return None
     except (StoreError, ValueError) as e:
         log.warning("stored preconditioner %s is unreadable (%s); refitting it", name, e)
         return None
-    if not all(np.isfinite(v).all() for v in state.values() if v.dtype.kind == "f"):
+    state = pre.state_dict()
+    if not all(np.isfinite(v).all() for v in state.values() if np.asarray(v).dtype.kind == "f"):
         log.warning("stored preconditioner %s has NaN/inf entries; refitting it", name)
         return None
     return pre
 
 
-def _fisher(store, layout, n_blocks, progress) -> dict:
-    """F_l from the stored sketches, cached in the store (float64, deterministic order)."""
-    if has_fisher(store, layout):
-        return {k: np.asarray(store.get_array(f"fisher/{k}"), dtype=np.float64) for k in layout}
-    acc = accumulate(store, layout, lambda done: progress("fisher", done, store.num_rows))
-    put_fisher(store, acc)
-    return acc.fishers()
+# --- streaming Fisher -> preconditioner (one set of k×k sums at most) ---------------------
+
+def pass1_fisher(store, layout, hessian: str, n: int) -> ChunkedFisher | None:
+    """The accumulator pass 1 feeds (every sketch is in hand there, so pass 2 need not re-read
+    the store), or None when pass 2 needs no dense Fisher (identity; all layers low-rank) or
+    finds it cached."""
+    dense = dense_layers(layout, n)
+    if hessian != "eFIM" or not dense or has_fisher(store, dense):
+        return None
+    return ChunkedFisher(layout, only=dense)
+
+
+def fit_from_sums(acc: FisherAccumulator, layout, hessian: str, damping) -> Preconditioner:
+    """The preconditioner from Fisher sums every layer has (torchrun's all-reduced sums), one
+    layer's F_l at a time."""
+    if hessian != "eFIM":
+        return Preconditioner.fit({}, layout, hessian=hessian)
+    return Preconditioner.fit_layers(layout, damping=damping, n=0, take_fisher=acc.fisher)
+
+
+def fit_streaming(store, layout, hessian: str, damping, progress,
+                  fisher: ChunkedFisher | None = None) -> Preconditioner:
+    """The preconditioner, one layer at a time: layers with n < k/2 by Woodbury from the stored
+    rows, the others from Σ ĝĝᵀ — pass 1's sums, the cached Fisher, or a re-read of the store
+    — cached as each is taken, then factored in place."""
+    if hessian != "eFIM":
+        return Preconditioner.fit({}, layout, hessian=hessian)
+    n = store.num_rows
+    dense = dense_layers(layout, n)
+    if fisher is not None and fisher.next_id != n:  # pass 1 had nothing left to sketch
+        fisher = None
+    tick = lambda done, total: progress("fisher", done, total)  # noqa: E731
+    rows = lambda: store.get_rows(np.arange(n))  # noqa: E731  (only when n < k/2: small)
+    if dense and fisher is None and has_fisher(store, dense):
+        def take(name):
+            return np.array(store.get_array(f"fisher/{name}"), dtype=np.float64)
+        return Preconditioner.fit_layers(layout, damping=damping, n=n, take_fisher=take,
+                                         rows=rows, progress=tick)
+    acc = None
+    if dense:
+        acc = fisher.finish() if fisher is not None else accumulate(
+            store, layout, lambda done: progress("fisher", done, n), only=dense)
+        if acc.n != n:
+            raise AttributionError(f"the Fisher sums cover {acc.n} rows but the store holds "
+                                   f"{n}; re-run the build")
+        store.put_meta("fisher_done", False)
+
+    def take_and_cache(name):
+        f = acc.take_sum(name)
+        f /= n
+        store.put_array(f"fisher/{name}", f)
+        return f
+    pre = Preconditioner.fit_layers(layout, damping=damping, n=n, rows=rows, progress=tick,
+                                    take_fisher=take_and_cache if acc is not None else None)
+    if acc is not None:
+        store.put_meta("fisher_n", int(n))
+        store.put_meta("fisher_done", True)  # last: a pass killed half-way recomputes
+    return pre
 
 
 def has_fisher(store, layout) -> bool:
@@ -301,25 +369,47 @@ def has_fisher(store, layout) -> bool:
         store.has_array(f"fisher/{k}") for k in layout)
 
 
-def accumulate(store, layout, progress=None) -> FisherAccumulator:
-    """Σ ĝĝᵀ and n over every row of a store, in id order."""
-    acc = FisherAccumulator(layout)
-    done = 0
-    for _, rows in chunks(store):
-        acc.update(np.asarray(rows, dtype=np.float32))
-        done += len(rows)
+def accumulate(store, layout, progress=None, only=None) -> FisherAccumulator:
+    """Σ ĝĝᵀ and n over every row of a store, in id order (the chunks pass 1 would use, so the
+    sums are bit-identical to pass 1's)."""
+    acc = ChunkedFisher(layout, only=only)
+    for start, rows in store.iter_blocks():
+        acc.add(start, rows)
         if progress is not None:
-            progress(done)
-    return acc
+            progress(acc.next_id)
+    return acc.finish()
 
 
 def put_fisher(store, acc: FisherAccumulator) -> None:
-    """Cache F_l (e.g. summed from shards) where pass 2 looks first; the flag goes last, so a
-    pass killed half-way recomputes instead of trusting a partial cache."""
-    for k, f in acc.fishers().items():
-        store.put_array(f"fisher/{k}", np.asarray(f, dtype=np.float64))
+    """Cache F_l (e.g. summed from shards) where pass 2 looks first, one layer at a time; the
+    flag goes last, so a pass killed half-way recomputes instead of trusting a partial cache."""
+    for k in acc.names:
+        store.put_array(f"fisher/{k}", acc.fisher(k))
     store.put_meta("fisher_n", int(acc.n))
     store.put_meta("fisher_done", True)
+
+
+# --- two-stage search ------------------------------------------------------------------------
+
+def search_sketch(spec, K: int, seed: int) -> SearchSketch | None:
+    """The search sketch an index spec asks for over K-wide vectors (by default: one when K is
+    large, see grass_index/index/search_sketch.py), or None for exact FAISS search."""
+    dim = default_search_sketch(K) if spec.sketch < 0 else spec.sketch
+    return None if not dim or dim >= K else SearchSketch(K, dim, seed)
+
+
+def store_rerank(store, pre):
+    """Exact scores of candidate ids: ⟨(F+λI)^{-1} q, ĝ_i⟩ from the stored raw rows (the
+    inverse is symmetric, so preconditioning the query once equals preconditioning each row).
+    Candidate rows are read without re-checking their block checksums (a query reads R·k rows,
+    each from a block of batch_size rows); `grass-index verify` checks every block."""
+    def rerank(queries, ids):
+        pq = pre.apply(queries)
+        out = np.empty(ids.shape, np.float32)
+        for r in range(len(ids)):
+            out[r] = store.get_rows(ids[r], verify=False) @ pq[r]
+        return out
+    return rerank
 
 
 RECALL_QUERIES, RECALL_K = 100, 10
@@ -380,4 +470,4 @@ def load_faiss(path: Path, cfg: dict, *, mmap: bool = False, verify: bool = True
     if check:
         check_serves(vindex, cfg["preconditioner_key"], int(cfg["n_train"]),
                      ", ".join(str(path / name) for name in names))
-    return vindex
+    return SketchedIndex.wrap(vindex, cfg.get("index"))

@@ -8,11 +8,18 @@
 
 Phases: sketch, merge, fisher, index, and done (1/1 once config.json is written); `eval`
 draws its ground-truth retraining with the same component.
+
+A build's plan (RAM/disk, before pass 1) and its ETA (after pass 1's first timed batch) are
+``note`` lines of the same component: printed above the bars or among the log lines, and
+logged at INFO when the caller draws nothing itself (a callback, or progress=False).
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
+
+log = logging.getLogger("grass_index")
 
 LABELS = {"sketch": "pass 1: sketching gradients", "merge": "merging shards",
           "fisher": "pass 2: Fisher", "index": "pass 2: preconditioning + FAISS",
@@ -38,6 +45,8 @@ class Progress:
         self.bar = None
         self.tasks = {}
         self.lines = None
+        self.stream = stream
+        self._eta = None  # (stage, seconds after it, what follows it, first (time, done) seen)
         if progress is True:
             from rich.console import Console
 
@@ -53,6 +62,37 @@ class Progress:
             else:
                 self.lines = _Lines(stream if stream is not None else sys.stderr, every)
 
+    def note(self, text: str) -> None:
+        """One line for whoever reads this build: above the bars, among the log lines, or (when
+        nothing is drawn here) the log at INFO."""
+        if self.inner is not None:
+            self.inner.note(text)
+            return
+        if self.bar is not None:
+            self.bar.console.print(text, markup=False, highlight=False)
+        elif self.lines is not None:
+            print(text, file=self.lines.stream, flush=True)
+        else:
+            log.info("%s", text)
+
+    def eta_after_first(self, stage: str, then_seconds: float, then: str) -> None:
+        """Note the ETA once ``stage`` has timed one step past its first: the rest of it at
+        that rate, plus ``then_seconds`` (an estimate) for ``then``."""
+        self._eta = (stage, float(then_seconds), then, None)
+
+    def _check_eta(self, stage: str, done: int, total: int) -> None:
+        want, extra, then, first = self._eta
+        if stage != want:
+            return
+        now = time.perf_counter()
+        if first is None:
+            self._eta = (want, extra, then, (now, done))
+        elif done > first[1]:
+            per = (now - first[0]) / (done - first[1])
+            self._eta = None
+            self.note(f"ETA: {LABELS.get(stage, stage)} {_eta(per * (total - done))} more "
+                      f"({per:.1f} s per step), {then} about {_eta(extra)}")
+
     def __call__(self, stage: str, done: int, total: int) -> None:
         if self.inner is not None:
             self.inner(stage, done, total)
@@ -60,6 +100,8 @@ class Progress:
             self.cb(stage, done, total)
         if stage == "done":
             return
+        if self._eta is not None:
+            self._check_eta(stage, done, total)
         if self.bar is not None:
             if stage not in self.tasks:
                 self.tasks[stage] = self.bar.add_task(LABELS.get(stage, stage), total=total)

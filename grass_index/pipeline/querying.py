@@ -12,7 +12,9 @@ import torch
 
 from ..capture import CaptureError, GradientSketcher, select_layers
 from ..compress import load_selective_mask
-from ..precondition import Preconditioner
+from ..index import SketchedIndex
+from ..precondition import Preconditioner, has_preconditioner
+from ..precondition import load_preconditioner as load_stored_preconditioner
 from ..store import SketchStore, StoreError
 from ..signature import item_signature, signature_mismatch
 from ..task import default_collate
@@ -20,9 +22,9 @@ from .errors import AttributionError
 from .files import MASK_FILE, STORE_DIR
 from .fingerprints import layer_dims, model_hash
 from .options import check_device
-from .pass2 import load_faiss
+from .pass2 import load_faiss, store_rerank
 from .sketching import batch_len, batches
-from .stored import chunks, preconditioned_blocks, state_from_array
+from .stored import chunks, preconditioned_blocks
 
 log = logging.getLogger("grass_index")
 
@@ -155,13 +157,25 @@ def open_vector_index(path: Path, config: dict, *, mmap: bool = False):
 
 def load_preconditioner(path: Path, config: dict) -> Preconditioner:
     """The preconditioner pass 2 stored for this config."""
-    name = f"precond/{config['preconditioner_key']}"
+    key = config["preconditioner_key"]
     with reading_store(path) as store:
-        if not store.has_array(name):
+        if not has_preconditioner(store, key):
             raise AttributionError(f"the preconditioner is missing from {path}; run "
                                    f"`grass-index verify {path} --repair`")
-        state = state_from_array(store.get_array(name))
-    return Preconditioner.from_state_dict(state, dict(config["layout"]))
+        return load_stored_preconditioner(store, key, dict(config["layout"]))
+
+
+def search(path: Path, vindex, preconditioner, queries, k: int, *, opponents: bool = False,
+           nprobe: int | None = None):
+    """Top-k (scores, ids) of raw query sketches [n, K]. A two-stage index (a search sketch in
+    FAISS) re-ranks its candidates exactly from the stored sketches; ``preconditioner`` is
+    called only then."""
+    if isinstance(vindex, SketchedIndex):
+        pre = preconditioner()
+        with reading_store(path) as store:
+            return vindex.with_rerank(store_rerank(store, pre)).search(
+                queries, k, opponents=opponents, nprobe=nprobe)
+    return vindex.search(queries, k, opponents=opponents, nprobe=nprobe)
 
 
 def train_vectors(path: Path, pre: Preconditioner):

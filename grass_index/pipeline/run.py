@@ -16,6 +16,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .. import plan as build_plan
 from ..capture import GradientSketcher, select_layers
 from ..compress import load_selective_mask
 from ..store import SketchStore
@@ -26,7 +27,7 @@ from .files import MASK_FILE, STORE_DIR, atomic_write, jsonable
 from .fingerprints import data_signature
 from .options import (BuildOptions, IndexOptions, check_damping, check_device, check_index,
                       check_train_data, damping_key, norm_hessian)
-from .pass2 import finish, refit
+from .pass2 import finish, pass1_fisher, refit
 from .progress import Progress
 from . import record
 from .record import claim_out_dir_locked, make_build_record
@@ -90,6 +91,25 @@ class _Prepared:
         self.mask_file = mask_file
         self.train_data, self.loss_fn, self.batch_size = train_data, loss_fn, options.batch_size
 
+    def plan(self, index_options: IndexOptions) -> build_plan.Plan:
+        """RAM and disk this build needs (grass_index/plan.py), from the layer sizes and specs."""
+        index = str(index_options.index)
+        return build_plan.estimate(
+            layer_dims=self.build["layer_dims"], layout=self.sketcher.layout,
+            n=len(self.train_data), batch_size=self.batch_size, hessian=index_options.hessian,
+            index_width=build_plan.index_width(self.sketcher.dim, index),
+            index_bytes=2 if "fp16" in index else 4)
+
+    def check_fits(self, out: Path, index_options: IndexOptions) -> build_plan.Plan:
+        """The plan, or one error line with the fix when it does not fit this machine now."""
+        the_plan = self.plan(index_options)
+        short = build_plan.shortfall_here(the_plan, out,
+                                          K_per_layer=max(self.sketcher.layout.values()),
+                                          index=str(index_options.index))
+        if short:
+            raise AttributionError(short)
+        return the_plan
+
     def claim(self, out: Path) -> None:
         """Workers/ranks of one build claim in turn (milliseconds each, under the lock)."""
         claim_out_dir_locked(out, self.build, wait_s=record.CLAIM_WAIT_S).release()
@@ -147,7 +167,12 @@ def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
         try:
             if group is not None:
                 return _build_ranks(group, prep, out, index_options, task, prog, remove_shards)
+            # the plan: refuse before pass 1 what will not fit (RAM now, disk at out)
+            the_plan = prep.check_fits(out, index_options)
             lock = prep.claim_locked(out)
+            prog.note(build_plan.summary(the_plan))
+            prog.eta_after_first("sketch", build_plan.pass2_seconds(
+                prep.sketcher.layout, the_plan.n, index_options.hessian), "pass 2")
             try:
                 store = SketchStore.create(out / STORE_DIR, dim=prep.sketcher.dim,
                                            meta=jsonable(prep.build), lock=lock)
@@ -155,14 +180,17 @@ def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
                 lock.release()
                 raise
             with store:
+                # pass 1 accumulates the Fisher sums pass 2 needs (no re-read of the store)
+                fisher = pass1_fisher(store, prep.sketcher.layout, index_options.hessian,
+                                      len(train_data))
                 sketch_training_set(store, prep.sketcher, train_data, loss_fn,
                                     batch_size=options.batch_size, collate=prep.collate,
-                                    progress=prog)
+                                    progress=prog, fisher=fisher)
                 cfg = finish(out, store, prep.build, prep.describe,
                              hessian=index_options.hessian, damping=index_options.damping,
                              index=index_options.index, nlist=index_options.nlist,
                              nprobe=index_options.nprobe, task=task, progress=prog,
-                             data=train_data)
+                             data=train_data, fisher=fisher)
             return BuildResult(out, cfg)
         finally:
             prog.close()

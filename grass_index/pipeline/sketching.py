@@ -38,13 +38,17 @@ def batch_len(batch) -> int:
 
 
 def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch_size: int,
-                        collate, progress, blocks: Sequence[int] | None = None) -> None:
+                        collate, progress, blocks: Sequence[int] | None = None,
+                        fisher=None) -> None:
     """Sketch every batch not yet committed to ``store``; one block per batch.
 
     ``blocks`` are the global batch numbers this store holds, in order (default: all of them).
     A worker's shard holds ``range(i, n_batches, n)``: its local block j is global batch
     ``blocks[j]`` (same fixed boundaries, so the same rows), stored at local id ``j * batch_size``
     (every batch but the globally last one is full, and that one comes last).
+
+    ``fisher`` (a ChunkedFisher) gets every committed block's rows: on a resume it first
+    re-reads the blocks already committed, so its sums always match the store's blocks.
     """
     n = len(train_data)
     if blocks is None:
@@ -58,6 +62,9 @@ def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch
             log.warning("recomputing sketch blocks damaged on disk: %s", damaged[:20])
             resketch_blocks(store, sketcher, train_data, loss_fn, damaged,
                             batch_size=batch_size, collate=collate, blocks=blocks)
+    if fisher is not None and start < len(blocks):  # -- Fisher in pass 1 (streaming pass 2)
+        for s, rows in store.iter_blocks():
+            fisher.add(s, rows)
     progress("sketch", start, len(blocks))
     for j in range(start, len(blocks)):
         b = blocks[j]
@@ -65,8 +72,10 @@ def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch
         items = [train_data[i] for i in range(lo, hi)]
         digest = block_digest(items)
         batch = collate_items(collate, items, f"training examples {lo}..{hi - 1}")
-        rows = _sketch_batch(sketcher, batch, loss_fn, lo, hi, b)
-        store.put_block(j, j * batch_size, rows.numpy(), digest=digest)
+        rows = _sketch_batch(sketcher, batch, loss_fn, lo, hi, b).numpy()
+        store.put_block(j, j * batch_size, rows, digest=digest)
+        if fisher is not None:
+            fisher.add(j * batch_size, rows)
         progress("sketch", j + 1, len(blocks))
 
 

@@ -22,8 +22,13 @@ def state_from_array(arr) -> dict:
         return {k: z[k] for k in z.files}
 
 
+CHUNK_BYTES = 256 << 20  # a chunk of a 196,608-wide LM store is ~340 rows, not 2048 (1.6 GB)
+
+
 def chunks(store, rows_per_chunk: int = 2048):
-    """Stored blocks regrouped into ~2k-row chunks (id order): big matmuls instead of many small."""
+    """Stored blocks regrouped into ~2k-row chunks (id order): big matmuls instead of many small;
+    at most ``CHUNK_BYTES`` of rows (wide sketches get fewer rows per chunk)."""
+    rows_per_chunk = max(1, min(rows_per_chunk, CHUNK_BYTES // (4 * store.dim)))
     buf, start, n = [], 0, 0
     for s, rows in store.iter_blocks():
         if not buf:

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import __version__
 from ..index import FaissIndexError, check_serves
-from ..precondition import Preconditioner
+from ..precondition import load_preconditioner
 from ..store import SketchStore
 from .config import IndexConfig, read_config
 from .errors import AttributionError
@@ -21,7 +21,6 @@ from .pass2 import load_faiss, refit
 from .querying import query_sketcher
 from .record import batch_count, read_build_record
 from .sketching import resketch_blocks
-from .stored import state_from_array
 
 
 def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0,
@@ -95,10 +94,8 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0,
                   f"{len(damaged)} blocks damaged on disk (checksum or header): {damaged[:20]}")
             if not damaged:
                 _all_rows(check, store, view.dim, n, bs)
-        name = f"precond/{view.preconditioner_key}"
         try:
-            pre = Preconditioner.from_state_dict(state_from_array(store.get_array(name)),
-                                                 view.layout)
+            pre = load_preconditioner(store, view.preconditioner_key, view.layout)
             finite = all(bool(np.isfinite(v).all()) for v in pre.state_dict().values()
                          if np.asarray(v).dtype.kind == "f")
             check("preconditioner", finite, "finite" if finite else "contains NaN/inf")
@@ -117,6 +114,7 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0,
                 rng = np.random.default_rng(seed)
                 ids = np.unique(np.concatenate([[0, n - 1], rng.integers(0, n, min(sample, n))]))
                 want = np.asarray(pre.apply(np.asarray(store.get_rows(ids), dtype=np.float32)))
+                want = getattr(vindex, "stored_form", lambda v: v)(want)  # search sketch
                 got = np.asarray(vindex.reconstruct(ids.astype(np.int64)))
                 err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-30))
                 # float16 storage rounds to 11 significant bits (relative 4.9e-4)

@@ -1,9 +1,13 @@
-"""Named ndarrays (preconditioners, Fisher sums) stored as checksummed chunks.
+"""Named ndarrays (preconditioners, Fisher sums) stored as checksummed chunks or files.
 
-Chunks are written in their own transactions (bounded memory for GB-sized arrays) under a fresh
-random generation tag; one final transaction switches the header to the new generation and drops
-the old chunks. Readers therefore see the old array or the new one, never a mix; chunks orphaned
-by a crash are removed the next time a writer opens the store.
+Small arrays are chunks in LMDB, written in their own transactions under a fresh random
+generation tag; one final transaction switches the header to the new generation and drops the
+old chunks. Arrays of ``FILE_BYTES`` or more (a 4096² float64 Fisher block is 134 MB) go to a
+``.npy`` file in ``arrays/`` beside the LMDB data instead — LMDB values that large cost a copy
+in the map and another on every read — written to a temp name, fsynced and renamed to the
+generation's name before the same header switch. Either way readers see the old array or the
+new one, never a mix; chunks and files orphaned by a crash are removed the next time a writer
+opens the store.
 """
 from __future__ import annotations
 
@@ -13,10 +17,12 @@ import struct
 
 import numpy as np
 
-from .codec import crc32
+from .codec import crc32, crc32_update
 from .errors import StoreError
 
 CHUNK_BYTES = 64 << 20
+FILE_BYTES = 16 << 20  # arrays at least this large are .npy files, not LMDB values
+FILE_DIR = "arrays"
 _GEN_IDX = struct.Struct(">QQ")
 
 
@@ -42,6 +48,8 @@ def put_array(h, name: str, arr, *, state) -> None:
                          "(convert it, e.g. with .astype(np.float64)).")
     flat = _as_bytes(arr)
     gen = int.from_bytes(os.urandom(8), "big")
+    if flat.nbytes >= FILE_BYTES:
+        return _put_file(h, name_b, arr, gen, state=state)
     crcs = []
     for i, lo in enumerate(range(0, flat.nbytes, CHUNK_BYTES)):
         part = flat[lo: lo + CHUNK_BYTES]
@@ -51,13 +59,75 @@ def put_array(h, name: str, arr, *, state) -> None:
     header = {"dtype": arr.dtype.str, "shape": list(arr.shape), "nbytes": int(flat.nbytes),
               "gen": gen, "chunk": CHUNK_BYTES, "crcs": crcs}
 
+    _switch(h, name_b, header, state=state)
+
+
+def _switch(h, name_b: bytes, header: dict, *, state) -> None:
+    """Point ``name`` at its new generation and drop the old one (chunks in the same
+    transaction; an old file right after it commits)."""
     def switch(txn):
         old = txn.get(name_b, db=h.dbs["arrays"])
         txn.put(name_b, json.dumps(header).encode(), db=h.dbs["arrays"])
-        if old is not None:
-            _delete_chunks(txn, h, name_b, json.loads(bytes(old)))
+        if old is None:
+            return None
+        old = json.loads(bytes(old))
+        _delete_chunks(txn, h, name_b, old)
+        return old
 
-    h.write(switch, state=state)
+    _unlink_file(h, h.write(switch, state=state))
+
+
+def _file_path(h, fname: str) -> str:
+    return os.path.join(h.path, FILE_DIR, fname)
+
+
+def _put_file(h, name_b: bytes, arr: np.ndarray, gen: int, *, state) -> None:
+    """Write ``arr`` as ``arrays/<gen>.npy`` (temp name, fsync, rename), then switch to it."""
+    os.makedirs(os.path.join(h.path, FILE_DIR), exist_ok=True)
+    fname = f"{gen:016x}.npy"
+    final = _file_path(h, fname)
+    tmp = final + ".tmp"
+    arr = np.ascontiguousarray(arr)
+    flat = _as_bytes(arr)
+    crc = 0
+    with open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(arr))
+        for lo in range(0, flat.nbytes, CHUNK_BYTES):
+            part = flat[lo: lo + CHUNK_BYTES]
+            crc = crc32_update(part, crc)
+            f.write(part)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    header = {"dtype": arr.dtype.str, "shape": list(arr.shape), "nbytes": int(flat.nbytes),
+              "gen": gen, "file": fname, "crc": crc, "crcs": []}
+    _switch(h, name_b, header, state=state)
+
+
+def _unlink_file(h, header) -> None:
+    if header and header.get("file"):
+        try:
+            os.unlink(_file_path(h, header["file"]))
+        except FileNotFoundError:
+            pass
+
+
+def _read_file(h, name: str, header: dict) -> np.ndarray:
+    path = _file_path(h, header["file"])
+    try:
+        out = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"array {name!r} file {path} is missing or unreadable ({e}); re-run the "
+                         "step that wrote it (or rebuild the store).") from None
+    flat = _as_bytes(out)
+    crc = 0
+    for lo in range(0, flat.nbytes, CHUNK_BYTES):
+        crc = crc32_update(flat[lo: lo + CHUNK_BYTES], crc)
+    if (out.dtype.str != header["dtype"] or list(out.shape) != header["shape"]
+            or crc != header["crc"]):
+        raise StoreError(f"array {name!r} file {path} is corrupted (checksum mismatch); re-run "
+                         "the step that wrote it (or rebuild the store).")
+    return out
 
 
 def delete_array(h, name: str, *, state) -> bool:
@@ -67,12 +137,15 @@ def delete_array(h, name: str, *, state) -> bool:
     def drop(txn):
         old = txn.get(name_b, db=h.dbs["arrays"])
         if old is None:
-            return False
+            return None
         txn.delete(name_b, db=h.dbs["arrays"])
-        _delete_chunks(txn, h, name_b, json.loads(bytes(old)))
-        return True
+        old = json.loads(bytes(old))
+        _delete_chunks(txn, h, name_b, old)
+        return old
 
-    return h.write(drop, state=state)
+    old = h.write(drop, state=state)
+    _unlink_file(h, old)
+    return old is not None
 
 
 def _delete_chunks(txn, h, name_b: bytes, header: dict) -> None:
@@ -92,6 +165,8 @@ def get_array(h, name: str) -> np.ndarray:
         header = read_header(txn, h, name)
         if header is None:
             raise KeyError(f"the store has no array named {name!r} (has: {array_names_txn(txn, h)})")
+        if header.get("file"):
+            return header
         out = np.empty(header["nbytes"], dtype=np.uint8)
         step = header["chunk"]
         for i, want in enumerate(header["crcs"]):
@@ -103,7 +178,8 @@ def get_array(h, name: str) -> np.ndarray:
             out[lo: lo + len(buf)] = np.frombuffer(buf, dtype=np.uint8)
         return out.view(np.dtype(header["dtype"])).reshape(header["shape"])
 
-    return h.read(read)
+    got = h.read(read)
+    return _read_file(h, name, got) if isinstance(got, dict) else got
 
 
 def array_names_txn(txn, h) -> list[str]:
@@ -111,11 +187,16 @@ def array_names_txn(txn, h) -> list[str]:
 
 
 def collect_orphans(h, *, state) -> int:
-    """Delete chunks no header points to (left by a put_array that was interrupted)."""
+    """Delete chunks and files no header points to (left by an interrupted put_array)."""
+    files = set()
+
     def gc(txn):
         live = {}
         for k, v in txn.cursor(db=h.dbs["arrays"]).iternext():
-            live[bytes(k)] = json.loads(bytes(v))["gen"]
+            header = json.loads(bytes(v))
+            live[bytes(k)] = header["gen"]
+            if header.get("file"):
+                files.add(header["file"])
         dead = []
         for k in txn.cursor(db=h.dbs["chunks"]).iternext(values=False):
             k = bytes(k)
@@ -127,4 +208,10 @@ def collect_orphans(h, *, state) -> int:
             txn.delete(k, db=h.dbs["chunks"])
         return len(dead)
 
-    return h.write(gc, state=state)
+    n = h.write(gc, state=state)
+    fdir = os.path.join(h.path, FILE_DIR)
+    for fname in (os.listdir(fdir) if os.path.isdir(fdir) else []):
+        if fname not in files:
+            os.unlink(os.path.join(fdir, fname))
+            n += 1
+    return n

@@ -53,3 +53,8 @@ def decode_block(buf, *, where: str, verify: bool = True) -> tuple[int, np.ndarr
 
 def crc32(buf) -> int:
     return zlib.crc32(buf)
+
+
+def crc32_update(buf, crc: int) -> int:
+    """Running CRC32 (``crc`` from the previous part), for arrays written in parts."""
+    return zlib.crc32(buf, crc)

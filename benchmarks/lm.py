@@ -1,0 +1,159 @@
+"""GPT-2 small (random init, nothing downloaded) at the default specs: does the build fit?
+
+    PYTHONPATH=$PWD python3 benchmarks/lm.py [--n 64] [--tokens 64] [--dense]
+
+One build per run, in a child process so its peak RSS (VmHWM) is its own. Prints the plan's
+prediction beside the measured peak, pass 1 vs pass 2 time, and (with ``--dense``) forces the
+dense-Fisher path (pass-1 accumulation + in-place Cholesky per layer) that builds with n ≥ k/2
+take, where the default n=64 < k/2 uses the exact low-rank (Woodbury) form. ``--dense`` also
+compares float32 inverses with float64 ones on the scores of the stored sketches.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the index answers which training examples made the model behave this way on this "
+         "input and it builds an attribution index over a training corpus once then answers "
+         "queries in milliseconds with sketches of gradients and a preconditioner").split()
+
+
+def _rss_peak() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) * 1024
+    return float("nan")
+
+
+def child(args) -> dict:
+    import numpy as np
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import grass_index as gi
+    from grass_index import plan as plan_mod
+    from grass_index.precondition import preconditioner as pre_mod
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 2)
+    if args.dense:
+        pre_mod.uses_low_rank = lambda n, k: False
+    work = Path(args.work)
+    model_dir = work / "gpt2"
+    if not (model_dir / "config.json").exists():
+        GPT2LMHeadModel(GPT2Config()).save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(WORDS, 40)) for _ in range(args.n)]
+    (work / "train.txt").write_text("\n".join(lines) + "\n")
+    os.environ.update(GRASS_INDEX_MODEL_PATH=str(model_dir),
+                      GRASS_INDEX_TEXT_FILE=str(work / "train.txt"),
+                      GRASS_INDEX_MAX_LENGTH=str(args.tokens))
+    sys.path.insert(0, str(ROOT / "examples"))
+    import hf_causal_lm as task
+
+    model, data = task.model(), task.train_data()
+    marks, t0 = {}, time.time()
+
+    def progress(stage, done, total):
+        marks.setdefault(stage, time.time() - t0)
+        marks[stage + "_end"] = time.time() - t0
+
+    out = work / ("idx-dense" if args.dense else "idx")
+    idx = gi.build_index(model, data, task.loss, out, collate=task.collate, progress=progress,
+                         batch_size=args.batch_size)
+    total = time.time() - t0
+    cfg = idx.config
+    p = plan_mod.estimate(layer_dims=cfg["layer_dims"],
+                          layout=cfg["layout"], n=len(data), batch_size=args.batch_size,
+                          tokens=args.tokens, index_width=cfg["index"]["dim"],
+                          model_bytes=sum(x.numel() * 4 for x in model.parameters()))
+    pass2_start = marks["sketch_end"]
+    res = dict(n=len(data), tokens=args.tokens, K=cfg["dim"], layers=len(cfg["layout"]),
+               dense=args.dense, plan_ram_gb=p.ram_peak / 1e9, plan_disk_gb=p.disk / 1e9,
+               peak_rss_gb=_rss_peak() / 1e9, pass1_s=pass2_start, pass2_s=total - pass2_start,
+               total_s=total, recall=cfg["index"].get("recall"), marks=marks,
+               index_dim=cfg["index"]["dim"],
+               disk_gb=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e9)
+    if args.dense:
+        res.update(_float32_vs_float64(out, cfg))
+    return res
+
+
+def _float32_vs_float64(out: Path, cfg: dict, layers: int = 2) -> dict:
+    """Scores of stored sketches (as queries) against stored sketches, through float32 and
+    float64 inverses of the first ``layers`` layers: the largest relative difference."""
+    import numpy as np
+
+    from grass_index.precondition.preconditioner import _inverse_in_place
+    from grass_index.precondition import parse_damping
+    from grass_index.store import SketchStore
+
+    mode, value = parse_damping(None)
+    worst, start = 0.0, 0
+    with SketchStore.open(out / "sketches") as st:
+        G = st.get_rows(np.arange(min(st.num_rows, 64)))
+        for name, k in list(cfg["layout"].items())[:layers]:
+            g = G[:, start:start + k].astype(np.float64)
+            start += k
+            F = np.array(st.get_array(f"fisher/{name}"), dtype=np.float64)
+            lam = value * np.trace(F) / k
+            A = F.copy()
+            A.flat[:: k + 1] += lam
+            s64 = g @ np.linalg.solve(A, g.T)
+            inv32, _ = _inverse_in_place(name, F, mode, value)
+            s32 = (g.astype(np.float32) @ inv32 @ g.astype(np.float32).T).astype(np.float64)
+            worst = max(worst, float(np.abs(s32 - s64).max() / np.abs(s64).max()))
+    return {"float32_inverse_rel_err": worst}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--dense", action="store_true")
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--keep", default=None, help="build here and keep it (default: a temp dir)")
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        work = args.keep or tmp
+        cmd = [sys.executable, __file__, "--child", "--work", work, "--n", str(args.n),
+               "--tokens", str(args.tokens), "--batch-size", str(args.batch_size)]
+        if args.dense:
+            cmd.append("--dense")
+        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+        if not line:
+            sys.exit(f"build failed:\n{p.stderr[-4000:]}")
+        r = json.loads(line[0][7:])
+    path = "dense Fisher (forced)" if r["dense"] else "default (Woodbury: n < k/2)"
+    print(f"GPT-2 small, {r['layers']} layers, K = {r['K']:,}, n = {r['n']} × T = {r['tokens']}"
+          f", pass-2 path: {path}")
+    print(f"{'':28}{'plan':>10}{'measured':>12}")
+    print(f"{'peak RSS (GB)':28}{r['plan_ram_gb']:>10.2f}{r['peak_rss_gb']:>12.2f}")
+    print(f"{'disk at --out (GB)':28}{r['plan_disk_gb']:>10.2f}{r['disk_gb']:>12.2f}")
+    m = r["marks"]
+    print("pass 2 stages (s from start): " + ", ".join(f"{k} {v:.0f}" for k, v in m.items()))
+    print(f"pass 1 {r['pass1_s']:.1f} s, pass 2 {r['pass2_s']:.1f} s "
+          f"(ratio {r['pass2_s'] / r['pass1_s']:.2f}), total {r['total_s']:.1f} s")
+    if "float32_inverse_rel_err" in r:
+        print(f"float32 vs float64 inverse: max relative score difference "
+              f"{r['float32_inverse_rel_err']:.2e}")
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""A build's memory and disk, estimated before pass 1 from the model's layer sizes, the sketch
+layout, n and the index spec — a pure function, so `grass-index plan` can show several spec
+choices side by side and a build can refuse what will not fit before it starts.
+
+What dominates at LM size (GPT-2 small, 48 layers × sjlt-4096, K = 196,608):
+  * the float64 Fisher sums of the layers that need them (n ≥ k/2): 8·Σk² = 6.4 GB, held once
+    (pass 1 accumulates them; pass 2 factors them in place, layer by layer);
+  * the float32 inverses: 4·Σk² = 3.2 GB (in RAM for pass 2 and on disk);
+  * the sketch store: 4·n·K bytes; the FAISS index: n × index width × 4 (or 2 for fp16);
+  * per batch: every hooked layer's inputs and output gradients, B·T·Σ(d_in + d_out) floats.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+from .precondition import uses_low_rank
+
+GB = 1e9
+CHUNK_BYTES = 256 << 20  # rows read back per chunk in pass 2 (pipeline/stored.py)
+RECALL_QUERIES = 100
+ACT_FACTOR = 3.0  # activations + their gradients + autograd's own saved tensors, per hooked float
+BASE_BYTES = 0.6 * GB  # the interpreter, torch, faiss and LMDB mappings before any data
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Bytes a build needs (peak RAM and each file), plus what each part is."""
+    n: int
+    K: int
+    dense_layers: int
+    ram_pass1: float
+    ram_pass2: float
+    store_disk: float
+    fisher_disk: float
+    precond_disk: float
+    index_disk: float
+
+    @property
+    def ram_peak(self) -> float:
+        return max(self.ram_pass1, self.ram_pass2)
+
+    @property
+    def disk(self) -> float:
+        return self.store_disk + self.fisher_disk + self.precond_disk + self.index_disk
+
+    def rows(self) -> list[tuple[str, str]]:
+        g = lambda b: f"{b / GB:.2f} GB"  # noqa: E731
+        return [("sketch width K", f"{self.K:,}"), ("examples n", f"{self.n:,}"),
+                ("layers with a dense Fisher", str(self.dense_layers)),
+                ("RAM peak", g(self.ram_peak)), ("  pass 1", g(self.ram_pass1)),
+                ("  pass 2", g(self.ram_pass2)), ("disk total", g(self.disk)),
+                ("  sketch store", g(self.store_disk)), ("  Fisher cache", g(self.fisher_disk)),
+                ("  preconditioner", g(self.precond_disk)), ("  FAISS index", g(self.index_disk))]
+
+
+def estimate(*, layer_dims: list[dict], layout: dict[str, int], n: int, batch_size: int,
+             tokens: int = 1, index_width: int | None = None, index_bytes: int = 4,
+             hessian: str = "eFIM", model_bytes: int = 0) -> Plan:
+    """The plan of one build. ``layer_dims``: [{d_in, d_out}] of the hooked layers;
+    ``tokens``: positions per example (T for a sequence model, 1 otherwise); ``index_width``:
+    floats per vector in FAISS (K for flat, the search sketch's width otherwise)."""
+    ks = [int(k) for k in layout.values()]
+    K = sum(ks)
+    dense = [k for k in ks if hessian == "eFIM" and not uses_low_rank(n, k)]
+    fisher = 8.0 * sum(k * k for k in dense)
+    inverses = 4.0 * sum(k * k for k in ks) if hessian == "eFIM" else 0.0
+    B = min(batch_size, max(n, 1))
+    acts = ACT_FACTOR * 4.0 * B * tokens * sum(int(d["d_in"]) + int(d["d_out"])
+                                               for d in layer_dims)
+    chunk_rows = max(1, min(4096, CHUNK_BYTES // (4 * K)))
+    base = BASE_BYTES + 2.0 * model_bytes  # weights + what loading them keeps around
+    pass1 = base + acts + 3.0 * 4 * B * K + fisher + (4.0 * chunk_rows * K if dense else 0.0)
+    width = K if index_width is None else int(index_width)
+    index_ram = float(n) * width * index_bytes
+    low_rank_rows = 4.0 * n * K if len(dense) < len(ks) and hessian == "eFIM" else 0.0
+    fit = max(fisher, inverses + low_rank_rows + (8.0 * max(ks) ** 2 if ks else 0.0))
+    apply = inverses + 3.0 * min(CHUNK_BYTES, 4.0 * n * K) + index_ram \
+        + 4.0 * min(RECALL_QUERIES, n) * K
+    pass2 = base + max(fit, apply)
+    return Plan(n=n, K=K, dense_layers=len(dense), ram_pass1=pass1, ram_pass2=pass2,
+                store_disk=4.0 * n * K * 1.02, fisher_disk=fisher, precond_disk=inverses,
+                index_disk=index_ram)
+
+
+def available_ram() -> float | None:
+    """MemAvailable from /proc/meminfo (Linux), else None (then RAM is not checked)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def free_disk(path) -> float:
+    """Free bytes on the filesystem that will hold ``path`` (its nearest existing parent)."""
+    p = os.path.abspath(os.fspath(path))
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    return float(shutil.disk_usage(p).free)
+
+
+def _bytes_under(path) -> float:
+    """Bytes already written under ``path`` (a resumed build needs only the rest)."""
+    from pathlib import Path
+
+    p = Path(path)
+    return float(sum(f.stat().st_blocks * 512 for f in p.rglob("*") if f.is_file())) \
+        if p.is_dir() else 0.0
+
+
+def shortfall(plan: Plan, *, ram: float | None, disk: float | None, K_per_layer: int,
+              index: str = "flat") -> str | None:
+    """None when the plan fits, else one line: what does not fit and what to change."""
+    if ram is not None and plan.ram_peak > ram:
+        fix = (f"--projection sjlt-{max(K_per_layer // 2, 1)} (the Fisher and inverses shrink "
+               "4x)" if plan.fisher_disk + plan.precond_disk > plan.ram_peak / 2
+               else "fewer --layers or a smaller --batch-size")
+        return (f"this build needs about {plan.ram_peak / GB:.1f} GB of RAM but "
+                f"{ram / GB:.1f} GB is available; use {fix}")
+    if disk is not None and plan.disk > disk:
+        if plan.index_disk > plan.disk / 3 and "fp16" not in index:
+            fix = "--index flat:fp16 (half the index)"
+        else:
+            fix = f"--projection sjlt-{max(K_per_layer // 2, 1)} or fewer --layers"
+        return (f"this build needs about {plan.disk / GB:.1f} GB of disk at --out but "
+                f"{disk / GB:.1f} GB is free; use {fix}")
+    return None
+
+
+# --- used by a build ---------------------------------------------------------------------------
+
+F64_FLOPS = 10e9  # float64 LAPACK/BLAS rate assumed for the pass-2 estimate (2-core CPU)
+F32_FLOPS = 40e9  # float32 GEMM rate
+DISK_RATE = 300e6  # bytes/s written
+
+
+def pass2_seconds(layout: dict[str, int], n: int, hessian: str = "eFIM") -> float:
+    """A rough pass-2 time: factoring each layer (k³ dense, 2nk² low-rank), applying the
+    inverses to every row, writing the Fisher/preconditioner files."""
+    ks = [int(k) for k in layout.values()]
+    if hessian != "eFIM":
+        return 0.0
+    fit = sum((k ** 3 if not uses_low_rank(n, k) else 2.0 * n * k * k) for k in ks) / F64_FLOPS
+    apply = 2.0 * n * sum(k * k for k in ks) / F32_FLOPS
+    files = sum(12.0 * k * k for k in ks if not uses_low_rank(n, k)) / DISK_RATE
+    return fit + apply + files
+
+
+def shortfall_here(plan: Plan, out, *, K_per_layer: int, index: str = "flat") -> str | None:
+    """``shortfall`` against the RAM available now and the free disk at ``out`` (what a resumed
+    build already wrote there counts as free): a build refuses, before pass 1, what this says
+    will not fit — one line with the fix — instead of meeting the OOM killer hours later."""
+    return shortfall(plan, ram=available_ram(), disk=free_disk(out) + _bytes_under(out),
+                     K_per_layer=K_per_layer, index=index)
+
+
+def summary(plan: Plan) -> str:
+    """The plan as the one line a build prints before pass 1."""
+    return (f"plan: RAM peak {plan.ram_peak / GB:.2f} GB, disk {plan.disk / GB:.2f} GB (store "
+            f"{plan.store_disk / GB:.2f}, Fisher {plan.fisher_disk / GB:.2f}, preconditioner "
+            f"{plan.precond_disk / GB:.2f}, index {plan.index_disk / GB:.2f})")
+
+
+# --- `grass-index plan`: the same table for several spec choices ------------------------------
+
+def index_width(K: int, index: str = "flat") -> int:
+    """Floats per vector FAISS holds for an index spec (the search sketch's width when used)."""
+    from .index import default_search_sketch, parse_spec
+
+    spec = parse_spec(index)
+    dim = default_search_sketch(K) if spec.sketch < 0 else spec.sketch
+    return K if not dim or dim >= K else dim
+
+
+def plan_for(model, n: int, *, sparsification: str = "random_mask-128*128",
+             projection: str = "sjlt-4096", layers=None, batch_size: int = 32,
+             index: str = "flat", hessian: str = "eFIM", tokens: int = 1, seed: int = 0) -> Plan:
+    """The plan of building ``model`` over n examples with these specs (no gradient is taken)."""
+    from .capture import GradientSketcher, select_layers
+
+    if isinstance(layers, str):
+        layers = [p.strip() for p in layers.split(",") if p.strip()]
+    infos = select_layers(model, layers)
+    sk = GradientSketcher(model, infos, sparsification=sparsification, projection=projection,
+                          seed=seed, clamp=True)
+    dims = [dict(d_in=i.d_in, d_out=i.d_out) for i in infos]
+    return estimate(layer_dims=dims, layout=sk.layout, n=n, batch_size=batch_size,
+                    tokens=tokens, index_width=index_width(sk.dim, index),
+                    index_bytes=2 if "fp16" in str(index) else 4, hessian=hessian,
+                    model_bytes=sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+def variants(projection: str) -> list[str]:
+    """The given projection and two narrower ones (same type), for a side-by-side plan."""
+    kind, _, dim = projection.rpartition("-")
+    if not dim.isdigit() or "*" in dim:
+        return [projection]
+    d = int(dim)
+    return [projection] + [f"{kind}-{d // f}" for f in (2, 4) if d // f >= 1]

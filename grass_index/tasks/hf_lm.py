@@ -1,0 +1,288 @@
+"""A task for any Hugging Face causal LM on local disk over a text corpus, built in code:
+
+    t = hf_lm_task("/models/gpt2", "corpus.txt")                 # one example per line
+    t = hf_lm_task(model_dir, "data.jsonl", text_field="text")    # JSON lines
+    t = hf_lm_task(model_dir, "ds_dir", text_field="text")        # datasets.save_to_disk dir
+
+What `grass-index build --hf-model DIR --data FILE` uses. The index records a reference
+``hf-lm:{json of these arguments}`` so `query`/`score` rebuild the same task without a task file
+or environment variables.
+
+Nothing is downloaded: the model is loaded with ``from_pretrained(dir, local_files_only=True)``
+in ``dtype``; the tokenizer from the same directory when it has tokenizer files, else a byte
+fallback (token id = UTF-8 byte; needs a vocabulary of at least 256). The loss is the
+next-token cross-entropy summed over each example's real tokens (padding masked), in float32.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..task import Task, TaskError
+
+REF_PREFIX = "hf-lm:"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model",
+                   "spiece.model")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ByteTokenizer:
+    """Fallback when the model directory has no tokenizer: token id = UTF-8 byte."""
+
+    pad_token_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+class _HFTokenizer:
+    def __init__(self, tok):
+        self.tok = tok
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_token_id = int(pad) if pad is not None else 0
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(text)["input_ids"])
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def check_model_dir(path, what: str = "--hf-model") -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise TaskError(f"{what} {path} is not a directory; point it at a local model "
+                        "directory written by save_pretrained() (nothing is downloaded)")
+    if not (p / "config.json").is_file():
+        raise TaskError(f"{what} {path} has no config.json; it must be a directory written by "
+                        "model.save_pretrained(...)")
+    return p
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer_for(path: str, what: str = "--hf-model"):
+    """The directory's tokenizer, or the byte fallback (checked against the vocabulary)."""
+    p = Path(path)
+    if any((p / f).is_file() for f in TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        try:
+            return _HFTokenizer(AutoTokenizer.from_pretrained(p, local_files_only=True))
+        except Exception as e:
+            raise TaskError(f"{what} {path}: the tokenizer files there cannot be loaded "
+                            f"({type(e).__name__}: {e}); fix or remove them to use the "
+                            "byte-level fallback") from e
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(p, local_files_only=True)
+    v = getattr(cfg, "vocab_size", None)
+    if v is None and hasattr(cfg, "get_text_config"):
+        v = getattr(cfg.get_text_config(), "vocab_size", None)
+    if v is not None and v < 256:
+        raise TaskError(f"{what} {path} has no tokenizer files and a vocabulary of {v} < 256, "
+                        "too small for the byte-level fallback; save the model's tokenizer "
+                        "into that directory (tokenizer.save_pretrained(path))")
+    return ByteTokenizer()
+
+
+# ----------------------------------------------------------------------------- data
+
+def read_texts(path, text_field: str | None = None, what: str = "--data") -> list[str]:
+    """The examples of a .txt (one per non-empty line), .jsonl (``text_field`` of each line) or
+    ``datasets.save_to_disk`` directory; one clear error line for anything else."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return _dataset_texts(p, text_field or "text", what)
+    if not p.is_file():
+        raise TaskError(f"{what} {path}: file not found")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskError(f"{what} {path} is not UTF-8 text ({e}); convert it to UTF-8") from None
+    lines = [ln.strip() for ln in raw.splitlines()]
+    if p.suffix == ".jsonl" or text_field is not None:
+        field = text_field or "text"
+        texts = []
+        for i, ln in enumerate(lines, 1):
+            if not ln:
+                continue
+            try:
+                obj = json.loads(ln)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{what} {path} line {i} is not JSON ({e.msg}); give one JSON "
+                                "object per line") from None
+            if not isinstance(obj, dict) or field not in obj:
+                raise TaskError(f"{what} {path} line {i} has no field {field!r}; name the text "
+                                "field with --text-field")
+            if not isinstance(obj[field], str):
+                raise TaskError(f"{what} {path} line {i}: field {field!r} is "
+                                f"{type(obj[field]).__name__}, not text")
+            texts.append(obj[field].strip())
+        lines = texts
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        raise TaskError(f"{what} {path} is empty (no non-empty lines); give one example per line")
+    return lines
+
+
+def _dataset_texts(p: Path, field: str, what: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise TaskError(f"{what} {p} is a directory, read as a datasets.save_to_disk dataset, "
+                        "but the `datasets` package is not installed; pip install datasets or "
+                        "give a .txt/.jsonl file") from None
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:
+        raise TaskError(f"{what} {p} is not a datasets.save_to_disk directory ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise TaskError(f"{what} {p} holds splits {list(ds)} but no 'train'; save one split")
+        ds = ds["train"]
+    if field not in ds.column_names:
+        raise TaskError(f"{what} {p} has no column {field!r} (columns: {ds.column_names}); name "
+                        "the text column with --text-field")
+    texts = [str(t).strip() for t in ds[field] if str(t).strip()]
+    if not texts:
+        raise TaskError(f"{what} {p} is empty (no non-empty {field!r} values)")
+    return texts
+
+
+class TokenizedTexts(torch.utils.data.Dataset):
+    """Item i: LongTensor of the token ids of text i (truncated to ``max_length``)."""
+
+    def __init__(self, texts: list[str], tok, max_length: int, what: str = "--data"):
+        self.texts, self._items = texts, []
+        for i, t in enumerate(texts):
+            ids = tok.encode(t)[:max_length]
+            if len(ids) < 2:
+                raise TaskError(f"{what}: example {i + 1} ({t!r}) has fewer than 2 tokens; a "
+                                "causal LM loss needs at least one predicted token")
+            self._items.append(torch.tensor(ids, dtype=torch.long))
+
+    def __len__(self):
+        return len(self._items)
+
+    def __getitem__(self, i):
+        return self._items[i]
+
+
+def collate_with(pad: int):
+    """Right-pad with ``pad``: (input_ids [B, T], attention_mask [B, T])."""
+    def collate(items):
+        T = max(len(x) for x in items)
+        ids = torch.full((len(items), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(items), T), dtype=torch.long)
+        for r, x in enumerate(items):
+            ids[r, :len(x)] = x
+            mask[r, :len(x)] = 1
+        return ids, mask
+    return collate
+
+
+def causal_lm_loss(model: nn.Module, batch) -> torch.Tensor:
+    """Next-token cross-entropy summed over each sequence's real tokens: Tensor[B]."""
+    ids, mask = batch
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    tgt = ids[:, 1:]
+    per_tok = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                              tgt.reshape(-1), reduction="none").view_as(tgt)
+    return (per_tok * mask[:, 1:].to(per_tok.dtype)).sum(dim=1)
+
+
+def load_causal_lm(path: Path, dtype: str = "float32", what: str = "--hf-model") -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        m = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                 dtype=DTYPES[dtype])
+    except Exception as e:
+        raise TaskError(f"{what} {path}: cannot load a causal LM from it "
+                        f"({type(e).__name__}: {e})") from e
+    return m.eval()
+
+
+# ----------------------------------------------------------------------------- the task
+
+class HFCausalLM:
+    """The functions of a task file, as an object (what :class:`grass_index.task.Task` wraps)."""
+
+    def __init__(self, model_dir, data, *, text_field: str | None = None, max_length: int = 128,
+                 dtype: str = "float32", query_data=None):
+        if dtype not in DTYPES:
+            raise TaskError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        if not isinstance(max_length, int) or max_length < 2:
+            raise TaskError(f"--max-length {max_length!r}: give an integer >= 2 (tokens per "
+                            "example)")
+        self.model_dir = check_model_dir(model_dir).resolve()
+        self.data_path = Path(data).expanduser().resolve()
+        self.query_path = None if query_data is None else Path(query_data).expanduser().resolve()
+        self.text_field, self.max_length, self.dtype = text_field, max_length, dtype
+        self.tok = tokenizer_for(str(self.model_dir))
+        self.collate = collate_with(self.tok.pad_token_id)
+        self._train = None
+
+    def ref(self) -> str:
+        args = dict(model=str(self.model_dir), data=str(self.data_path),
+                    text_field=self.text_field, max_length=self.max_length, dtype=self.dtype)
+        if self.query_path is not None:
+            args["query"] = str(self.query_path)
+        return REF_PREFIX + json.dumps(args, sort_keys=True)
+
+    def model(self) -> nn.Module:
+        return load_causal_lm(self.model_dir, self.dtype)
+
+    def train_data(self) -> TokenizedTexts:
+        if self._train is None:
+            self._train = TokenizedTexts(read_texts(self.data_path, self.text_field), self.tok,
+                                         self.max_length)
+        return self._train
+
+    def query_data(self) -> TokenizedTexts:
+        if self.query_path is None:
+            return self.train_data()
+        return TokenizedTexts(read_texts(self.query_path, self.text_field, "--query-data"),
+                              self.tok, self.max_length, "--query-data")
+
+    def encode(self, text: str) -> torch.Tensor:
+        """A query example from raw text (``query --text``)."""
+        return TokenizedTexts([text], self.tok, self.max_length, "--text")[0]
+
+    @staticmethod
+    def loss(model, batch) -> torch.Tensor:
+        return causal_lm_loss(model, batch)
+
+    def label(self, item) -> str:
+        return self.tok.decode(item)
+
+
+def hf_lm_task(model_dir, data, *, text_field: str | None = None, max_length: int = 128,
+               dtype: str = "float32", query_data=None) -> Task:
+    """A :class:`Task` for a local causal LM over a text corpus (see the module docstring)."""
+    src = HFCausalLM(model_dir, data, text_field=text_field, max_length=max_length, dtype=dtype,
+                     query_data=query_data)
+    fns = dict(model=src.model, train_data=src.train_data, query_data=src.query_data,
+               loss=src.loss, collate=src.collate, label=src.label, encode=src.encode)
+    return Task(ref=src.ref(), source=src, _fns=fns)
+
+
+def task_from_ref(ref: str) -> Task:
+    """The task an index recorded as ``hf-lm:{...}``."""
+    try:
+        args = json.loads(ref[len(REF_PREFIX):])
+        return hf_lm_task(args["model"], args["data"], text_field=args.get("text_field"),
+                          max_length=int(args.get("max_length", 128)),
+                          dtype=args.get("dtype", "float32"), query_data=args.get("query"))
+    except (ValueError, KeyError, TypeError) as e:
+        if isinstance(e, TaskError):
+            raise
+        raise TaskError(f"task reference {ref[:200]!r} is not a valid hf-lm reference ({e})")
