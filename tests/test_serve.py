@@ -55,7 +55,7 @@ def built(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(built):
     _, out = built
-    with TestClient(create_app(out), raise_server_exceptions=False) as c:
+    with TestClient(create_app(out, task=str(built[0])), raise_server_exceptions=False) as c:
         yield c
 
 
@@ -217,7 +217,7 @@ def test_wrong_examples_are_refused_without_breaking_the_batch(built, client):
 
 def test_limits_on_body_and_examples(built):
     _, out = built
-    eng = Engine(out)
+    eng = Engine(out, task=str(built[0]))
     with TestClient(create_app(out, engine=eng, max_body=4096, max_items=2),
                     raise_server_exceptions=False) as c:
         big = _npy(np.zeros((200, 6), np.float32))
@@ -231,7 +231,7 @@ def test_limits_on_body_and_examples(built):
 
 def test_token_is_required_on_every_request(built):
     _, out = built
-    with TestClient(create_app(out, token=TOKEN), raise_server_exceptions=False) as c:
+    with TestClient(create_app(out, task=str(built[0]), token=TOKEN), raise_server_exceptions=False) as c:
         for path in ("/healthz", "/", "/api/info", "/api/query?example=1"):
             r = c.get(path)
             assert r.status_code == 401 and "token" in r.json()["error"], path
@@ -256,7 +256,7 @@ def test_non_loopback_bind_needs_a_token(built):
 
     from grass_index.cli.main import app
 
-    res = CliRunner().invoke(app, ["serve", str(built[1]), "--host", "0.0.0.0"],
+    res = CliRunner().invoke(app, ["serve", str(built[1]), "--task", str(built[0]), "--host", "0.0.0.0"],
                              env={"GRASS_INDEX_TOKEN": ""})
     assert res.exit_code == 1 and "refusing to serve on 0.0.0.0" in res.output, res.output
 
@@ -296,7 +296,7 @@ def test_a_corrupted_index_is_refused_with_verifys_message(built, tmp_path):
     raw[-64:] = bytes(64)  # zero the tail: the last stored vectors change
     faiss_file.write_bytes(bytes(raw))
     with pytest.raises(ServeError, match=r"failed verification \(faiss vs lmdb: .*--repair"):
-        create_app(copy)
+        create_app(copy, task=str(built[0]))
     with pytest.raises(ServeError, match="not a directory"):
         create_app(tmp_path / "missing")
 
@@ -326,7 +326,7 @@ def test_micro_batcher_groups_concurrent_jobs_and_isolates_errors():
 
 def test_concurrent_requests_share_a_batch_and_get_their_own_answers(built):
     _, out = built
-    eng = Engine(out, verify=False)
+    eng = Engine(out, task=str(built[0]), verify=False)
     sizes = []
     real = eng.run
 
@@ -374,7 +374,7 @@ def live_server(built):
     uvicorn = pytest.importorskip("uvicorn")
     _, out = built
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(out, token=TOKEN), host="127.0.0.1",
+    server = uvicorn.Server(uvicorn.Config(create_app(out, task=str(built[0]), token=TOKEN), host="127.0.0.1",
                                            port=port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
@@ -476,7 +476,7 @@ def test_without_a_token_only_loopback_host_names_are_answered(built):
 
     assert [host_name(h) for h in ("127.0.0.1:8000", "LOCALHOST", "[::1]:80", "::1")] == \
         ["127.0.0.1", "localhost", "::1", "::1"]
-    eng = Engine(out, verify=False)
+    eng = Engine(out, task=str(built[0]), verify=False)
     app = create_app(out, engine=eng, allowed_hosts=["127.0.0.1", "localhost", "::1"])
     with TestClient(app, base_url="http://127.0.0.1:8000") as c:
         assert c.get("/healthz").status_code == 200

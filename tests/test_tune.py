@@ -28,8 +28,8 @@ def built(tmp_path_factory):
 def _tune(d, **kw):
     import grass_index as gi
 
-    kw = dict(num_subsets=12, seeds=[0], ground_truth=d / "gt", factors=FACTORS,
-              progress=False) | kw
+    kw = dict(task=str(d / "ridge.py"), num_subsets=12, seeds=[0], ground_truth=d / "gt",
+              factors=FACTORS, progress=False) | kw
     return gi.open_index(d / "idx").tune(**kw)
 
 
@@ -87,7 +87,7 @@ def test_cli_json_and_errors(built):
 
     d, _ = built
     r = CliRunner()
-    res = r.invoke(app, ["tune", str(d / "idx"), "-m", "12", "--seeds", "0", "--ground-truth",
+    res = r.invoke(app, ["tune", str(d / "idx"), "--task", str(d / "ridge.py"), "-m", "12", "--seeds", "0", "--ground-truth",
                          str(d / "gt"), "--factors", "0.001,0.1,10", "--dry-run", "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
@@ -96,7 +96,7 @@ def test_cli_json_and_errors(built):
     res = r.invoke(app, ["tune", str(d / "idx"), "--task", str(d / "nolearn.py"), "--json"])
     assert res.exit_code == 1 and "defines no train(" in res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
-    res = r.invoke(app, ["tune", str(d / "idx"), "--factors", "0,1", "-m", "12", "--seeds", "0",
+    res = r.invoke(app, ["tune", str(d / "idx"), "--task", str(d / "ridge.py"), "--factors", "0,1", "-m", "12", "--seeds", "0",
                          "--ground-truth", str(d / "gt")])
     assert res.exit_code == 1 and "positive numbers" in res.output
 
