@@ -601,3 +601,22 @@ def test_rerunning_the_build_recomputes_a_damaged_block(copy):
     with SketchStore.open(out / "sketches") as st:
         assert np.array_equal([r for _, r in st.iter_blocks()][4], rows)
     assert torch.equal(gi.open_index(out).score(t.model(), t.query_data(), t.loss), before)
+
+
+def test_only_tasks_shipped_with_grass_index_run_without_being_named(tmp_path):
+    """The bundled example (module or its own file) and hf-lm references are installed code or
+    data; anything else a directory records - lookalike paths, other attributes of the bundled
+    module, files elsewhere - is refused unless named with --task."""
+    from grass_index.task import TaskError, default_task_ref, is_builtin_task, task_for_index
+
+    assert is_builtin_task("grass_index.examples.digits")
+    assert is_builtin_task(default_task_ref())
+    assert is_builtin_task('hf-lm:{"model_dir": "m", "data": "d"}')
+    lookalike = tmp_path / "grass_index" / "examples" / "digits.py"
+    lookalike.parent.mkdir(parents=True)
+    lookalike.write_text("raise SystemExit('planted')\n")
+    for ref in (str(lookalike), "grass_index.examples.digits:os", "os:system",
+                "grass_index.examples", None, ""):
+        assert not is_builtin_task(ref), ref
+        with pytest.raises(TaskError, match="--task"):
+            task_for_index(None, recorded=ref, sha256=None, index_dir=tmp_path)
