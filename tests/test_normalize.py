@@ -82,16 +82,18 @@ def test_bad_mode_and_cli(built):
     with pytest.raises(AttributionError, match="'none'.*'cosine'"):
         idx.search(torch.zeros(1, idx.dim), 3, normalize="l2")
     r = CliRunner()
-    res = r.invoke(app, ["query", str(d / "idx"), "--example", "0", "--normalize", "cosine",
-                         "--json", "-k", "4"])
+    named = ["--task", task.ref]  # the task the index was built from (never run unasked)
+    res = r.invoke(app, ["query", str(d / "idx"), *named, "--example", "0", "--normalize",
+                         "cosine", "--json", "-k", "4"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["normalize"] == "cosine"
     assert all(abs(p["score"]) <= 1 + 1e-5 for p in doc["results"][0]["proponents"])
-    res = r.invoke(app, ["query", str(d / "idx"), "--normalize", "l2"])
+    res = r.invoke(app, ["query", str(d / "idx"), *named, "--normalize", "l2"])
     assert res.exit_code == 1 and "unknown normalize mode" in res.output
     out = d / "cos.npy"
-    res = r.invoke(app, ["score", str(d / "idx"), "--out", str(out), "--normalize", "cosine"])
+    res = r.invoke(app, ["score", str(d / "idx"), *named, "--out", str(out), "--normalize",
+                         "cosine"])
     assert res.exit_code == 0, res.output
     s = np.load(out)
     want = idx.score(task.model(), task.query_data(), task.loss, normalize="cosine").numpy()
