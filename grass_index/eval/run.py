@@ -92,6 +92,7 @@ def run_eval(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
     dominates the cost).
     """
     from ..attribute import AttributionIndex, open_index
+
     idx = index if isinstance(index, AttributionIndex) else open_index(index)
     task = task_of_index(idx, task, "eval")
     train_fn = task_train_fn(task)

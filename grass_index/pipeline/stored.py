@@ -1,25 +1,12 @@
 """Reading back what the sketch store holds: raw rows in id-ordered chunks, the preconditioned
-vectors, and preconditioner states (stored as one .npz byte array)."""
+vectors; the preconditioner-state codec lives in precondition/persist.py (re-exported here)."""
 from __future__ import annotations
-
-import io
 
 import numpy as np
 
 from ..precondition import unrepresentable_rows
+from ..precondition.persist import state_from_array, state_to_array  # noqa: F401  (re-exported)
 from .errors import AttributionError
-
-
-def state_to_array(state: dict) -> np.ndarray:
-    """A preconditioner state (dict of arrays, some of them strings) as one uint8 array (.npz)."""
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in state.items()})
-    return np.frombuffer(buf.getvalue(), dtype=np.uint8).copy()
-
-
-def state_from_array(arr) -> dict:
-    with np.load(io.BytesIO(np.asarray(arr, dtype=np.uint8).tobytes()), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
 
 
 CHUNK_BYTES = 256 << 20  # a chunk of a 196,608-wide LM store is ~340 rows, not 2048 (1.6 GB)

@@ -13,13 +13,14 @@ from .preconditioner import Preconditioner
 PREFIX = "precond/"
 
 
-def _npz(state: dict) -> np.ndarray:
+def state_to_array(state: dict) -> np.ndarray:
+    """A preconditioner state (dict of arrays, some of them strings) as one uint8 array (.npz)."""
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v) for k, v in state.items()})
     return np.frombuffer(buf.getvalue(), dtype=np.uint8).copy()
 
 
-def _unnpz(arr) -> dict:
+def state_from_array(arr) -> dict:
     with np.load(io.BytesIO(np.asarray(arr, dtype=np.uint8).tobytes()), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
@@ -40,7 +41,7 @@ def save_preconditioner(store, key: str, pre: Preconditioner) -> None:
             store.put_array(_inverse_name(key, name[len("inverse/"):]), value)
         else:
             small[name] = value
-    store.put_array(_state_name(key), _npz(small))
+    store.put_array(_state_name(key), state_to_array(small))
     if store.has_array(f"{PREFIX}{key}"):  # the same variant in the older layout (a repair)
         store.delete_array(f"{PREFIX}{key}")
 
@@ -52,8 +53,8 @@ def has_preconditioner(store, key: str) -> bool:
 def load_preconditioner(store, key: str, layout: dict) -> Preconditioner:
     """The stored variant ``key``; KeyError when absent, ValueError/StoreError when damaged."""
     if store.has_array(f"{PREFIX}{key}"):  # older layout: one .npz byte array
-        return Preconditioner.from_state_dict(_unnpz(store.get_array(f"{PREFIX}{key}")), layout)
-    state = _unnpz(store.get_array(_state_name(key)))
+        return Preconditioner.from_state_dict(state_from_array(store.get_array(f"{PREFIX}{key}")), layout)
+    state = state_from_array(store.get_array(_state_name(key)))
     if str(np.asarray(state.get("hessian"))) == "eFIM":
         for name in layout:
             state[f"inverse/{name}"] = store.get_array(_inverse_name(key, name))
