@@ -218,12 +218,18 @@ class AttributionIndex:
         """The model must have the layers (names and shapes) the index was built on."""
         return querying.check_model(self.path, self.config, model)
 
+    def query_sketcher(self, model, device=None):
+        """A sketcher bound to ``model``, checked against this index once; pass it as
+        ``query_sketches(..., sketcher=)`` to sketch many query batches with one model."""
+        return querying.query_sketcher(self.path, self.config, model, device)
+
     def query_sketches(self, model, examples: Sequence, loss_fn, *, collate=None,
-                       batch_size: int | None = None, device=None) -> torch.Tensor:
+                       batch_size: int | None = None, device=None,
+                       sketcher=None) -> torch.Tensor:
         """Raw sketches g(z) [n, K] of the query examples (not preconditioned)."""
         return querying.sketch_queries(self.path, self.config, model, examples, loss_fn,
                                        collate=collate, batch_size=batch_size,
-                                       device=device)
+                                       device=device, sketcher=sketcher)
 
     def query(self, model, examples: Sequence, loss_fn, k: int = 10, opponents: bool = False,
               *, collate=None, batch_size=None, device=None, nprobe: int | None = None,

@@ -87,6 +87,28 @@ def test_query_by_example_equals_the_library(built, client):
     assert set(res["proponents"][0]) == {"train_id", "score", "label"}
 
 
+def test_self_influence_ranking_equals_the_library_and_pages(built, client):
+    task, out = built
+    want = gi.open_index(out).self_influence().numpy()
+    order = sorted(range(len(want)), key=lambda i: (-want[i], i))
+    r = client.get("/api/self-influence", params=dict(limit=7))
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["total"] == len(want) and doc["offset"] == 0
+    assert [row["train_id"] for row in doc["results"]] == order[:7]
+    assert [row["rank"] for row in doc["results"]] == list(range(1, 8))
+    assert [row["score"] for row in doc["results"]] == pytest.approx(want[order[:7]], rel=1e-6)
+    train = load_task(task).train_data()
+    assert doc["results"][0]["label"] == load_task(task).label(train[order[0]])
+    page2 = client.get("/api/self-influence", params=dict(offset=5, limit=4, images=1)).json()
+    assert [row["train_id"] for row in page2["results"]] == order[5:9]
+    assert [row["rank"] for row in page2["results"]] == [6, 7, 8, 9]
+    for bad, needle in ((dict(limit=0), "limit"), (dict(offset=-1), "offset"),
+                        (dict(offset=len(want)), "offset"), (dict(images="maybe"), "images")):
+        r = client.get("/api/self-influence", params=bad)
+        assert r.status_code == 400 and needle in r.json()["error"] and r.json()["fix"], r.text
+
+
 def test_query_train_split_text_json_and_upload(built, client):
     task, out = built
     t = load_task(task)
@@ -423,6 +445,10 @@ def test_page_in_a_headless_browser(live_server, tmp_path):
             assert "out of range" in page.inner_text("#error")
             assert "fix:" in page.inner_text("#error")
             assert not [e for e in errors if "status of 400" not in e], errors
+            # the self-influence ranking opens on demand, highest first
+            page.click("#selfbox summary")
+            page.wait_for_selector("#selfinf li.hit", timeout=15000)
+            assert page.locator("#selfinf li.hit").count() == 5
         finally:
             browser.close()
 

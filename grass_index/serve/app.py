@@ -306,6 +306,20 @@ def create_app(index_dir, task: str | None = None, token: str | None = None, *,
         image = flag(request.query_params.get("image", "1"), "image")
         return await batcher.run_now(eng.train_example, i, image)
 
+    @app.get("/api/self-influence")
+    async def self_influence(request: Request):
+        """Training examples ranked by self-influence (highest first: mislabelled and atypical
+        examples), paged with ?offset=&limit=."""
+        p = request.query_params
+        n = eng.idx.n_train
+        offset = int_param(p.get("offset"), "offset", 0, 0, max(0, n - 1),
+                           f"offset must be between 0 and {n - 1}")
+        limit = int_param(p.get("limit"), "limit", 20, 1, 500, "limit must be between 1 "
+                          "and 500")
+        images = flag(p.get("images"), "images")
+        out = await batcher.run_now(eng.self_influence, offset, limit, images)
+        return dict(index=str(eng.path), **out)
+
     @app.get("/", response_class=HTMLResponse)
     async def page():
         nonce = secrets.token_urlsafe(16)

@@ -95,7 +95,8 @@ class Engine:
         self.idx = gi.open_index(path)
         self.task = resolve_task(self.idx, task)
         self.model = self.task.model()
-        self.idx.check_model(self.model)
+        # checked and bound once: a per-request check would hash the whole model every time
+        self.sketcher = self.idx.query_sketcher(self.model)
         self.train = self.task.train_data()
         if len(self.train) != self.idx.n_train:
             raise ServeError(f"task {self.task.ref} has {len(self.train)} training examples but "
@@ -104,6 +105,7 @@ class Engine:
         self.queries = self.task.query_data() if self.task.has("query_data") else None
         self.idx.vindex  # load FAISS now, not on the first request
         self._labels: dict[int, Any] = {}
+        self._self_influence: list | None = None  # (train_id, score), highest first
         self.load_seconds = time.perf_counter() - t0
 
     # -- what the task offers ---------------------------------------------------------------
@@ -157,10 +159,32 @@ class Engine:
         hi = min(len(data), offset + limit)
         return [dict(id=i, label=self.label(data[i])) for i in range(offset, hi)]
 
+    def self_influence(self, offset: int, limit: int, images: bool) -> dict:
+        """Training examples ranked by self-influence, rows ``offset..offset+limit-1``.
+
+        Computed from the stored sketches on the first request (one pass over the store, no
+        gradient) and kept: the ranking depends only on the index, which serving never changes.
+        """
+        if self._self_influence is None:
+            from grass_index.analysis import rank_self_influence
+
+            t0 = time.perf_counter()
+            self._self_influence = rank_self_influence(self.idx.self_influence().numpy())
+            log.info("self-influence of %d training examples ranked in %.2f s",
+                     len(self._self_influence), time.perf_counter() - t0)
+        rows = []
+        for rank, (i, s) in enumerate(self._self_influence[offset:offset + limit], offset + 1):
+            row = dict(rank=rank, train_id=i, score=s, label=self.train_label(i))
+            if images:
+                row["image"] = self.image_url(self.train[i])
+            rows.append(row)
+        return dict(total=len(self._self_influence), offset=offset, results=rows)
+
     # -- the batched work ---------------------------------------------------------------------
     def _sketch(self, items: list):
         return self.idx.query_sketches(self.model, items, self.task.loss,
-                                       collate=self.task.collate, batch_size=max(1, len(items)))
+                                       collate=self.task.collate, batch_size=max(1, len(items)),
+                                       sketcher=self.sketcher)
 
     def run(self, jobs: list[Job]) -> list:
         """One reply (list of per-example dicts) or one Exception per job."""

@@ -27,7 +27,8 @@ li.hit { display: grid; grid-template-columns: 2.2em auto 1fr; gap: .6em; align-
 .rank { color: #888; text-align: right; } img.thumb { width: 48px; height: 48px;
         image-rendering: pixelated; border: 1px solid #ccc; }
 .bar { height: 8px; border-radius: 4px; margin: 2px 0; }
-.pro .bar { background: #2a8a3a; } .opp .bar { background: #c0392b; }
+.pro .bar { background: #2a8a3a; } #selfbox .bar { background: #7a5ab8; }
+details { margin: 1.5em 0; } summary { cursor: pointer; font-weight: 600; } .opp .bar { background: #c0392b; }
 .text { white-space: pre-wrap; overflow-wrap: anywhere; } .score { font-variant-numeric: tabular-nums; }
 a { color: #2456a8; }
 </style></head>
@@ -49,6 +50,8 @@ a { color: #2456a8; }
   <section class="pro"><h2>proponents <span class="muted">(helped)</span></h2><ol id="proponents"></ol></section>
   <section class="opp"><h2>opponents <span class="muted">(hurt)</span></h2><ol id="opponents"></ol></section>
 </div>
+<details id="selfbox"><summary>most self-influential training examples
+  <span class="muted">(mislabelled or atypical first)</span></summary><ol id="selfinf"></ol></details>
 <script nonce="__NONCE__">
 "use strict";
 const token = new URLSearchParams(location.search).get("token");
@@ -130,6 +133,15 @@ async function run(ev) {
     $("error").textContent = e.message;
   }
 }
+async function showSelfInfluence() {
+  if (!$("selfbox").open || $("selfinf").childElementCount) return;
+  try {
+    const res = await api("/api/self-influence?limit=" + encodeURIComponent($("k").value || "10") + "&images=1");
+    renderHits($("selfinf"), res.results);
+  } catch (e) {
+    $("error").textContent = e.message;
+  }
+}
 async function init() {
   try {
     const info = await api("/api/info");
@@ -145,6 +157,7 @@ async function init() {
       }
     }
     $("form").addEventListener("submit", run);
+    $("selfbox").addEventListener("toggle", showSelfInfluence);
     document.body.dataset.ready = "1";
   } catch (e) {
     $("about").textContent = "";
