@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
 from .. import IndexConfig, parse_spec
 from ..task import task_file_status
-from .errors import safe, shell_arg
+from .errors import err, safe, shell_arg
 
 
 def _spec(text):
@@ -125,3 +126,17 @@ def print_index(err: Console, cfg: IndexConfig, *, directory, verb: str | None =
     if verb is not None:
         task = f" --task {shell_arg(cfg.task)}" if cfg.task else ""
         err.print(f"next: grass-index query {shell_arg(directory)}{task} --example 0")
+
+
+
+def emit_json(obj) -> None:
+    """``--json`` output: one document on stdout (everything else goes to stderr)."""
+    typer.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+def report_index(verb: str, directory, cfg: dict, secs: float, json_mode: bool) -> None:
+    """What `build` and `merge` print for a finished index: the config as JSON, or a summary."""
+    if json_mode:
+        emit_json(dict(cfg, seconds=round(secs, 3)))
+        return
+    print_index(err, IndexConfig(cfg), directory=directory, verb=verb, secs=secs)

@@ -1,0 +1,200 @@
+"""`grass-index build`, `plan` and `merge`: make an index (in one process, or as shards
+merged afterwards) and see beforehand what it will cost."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import err, errors, fail, safe, shell_arg
+from .render import emit_json, report_index
+
+
+def build(
+    task: Optional[str] = typer.Argument(None, help="Task file (.py), module or module:attr. "
+                                         "Default: the bundled digits example."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Index directory "
+                                       "(default runs/<task name>)."),
+    sparsification: str = typer.Option("random_mask-128*128", help="Sparsification spec."),
+    projection: str = typer.Option("sjlt-4096", help="Projection spec."),
+    hessian: str = typer.Option("eFIM", help="eFIM or identity."),
+    damping: Optional[str] = typer.Option(None, help="Relative damping (x mean eigenvalue), or "
+                                          "abs:VALUE. Default: the library default."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    layers: Optional[List[str]] = typer.Option(None, "--layers", help="Parameter-name globs "
+                                               "(repeatable or comma-separated)."),
+    seed: int = typer.Option(0),
+    index: str = typer.Option("flat", help="flat (exact) or ivf (approximate, large corpora), "
+                              "optionally :fp16 (half the memory and disk) and/or shards=N (N "
+                              "files searched as one), e.g. ivf:fp16,shards=4."),
+    device: Optional[str] = typer.Option(None, help="torch device for gradients, e.g. cuda."),
+    selective_mask: Optional[Path] = typer.Option(
+        None, "--selective-mask", help="Mask file from `grass-index selective-mask fit`; "
+        "needed by selective_mask-... specs."),
+    worker: Optional[str] = typer.Option(
+        None, "--worker", help="I/N: sketch only worker I's share of the batches (I = 0..N-1, "
+        "e.g. one SLURM array task each) into DIR/shards/; then `grass-index merge DIR`."),
+    remove_shards: bool = typer.Option(False, "--remove-shards", help="Under torchrun: delete "
+                                       "DIR/shards once rank 0 has merged them (they double "
+                                       "the disk)."),
+    json_mode: bool = typer.Option(False, "--json", help="Print the config as JSON on stdout."),
+    hf_model: Optional[Path] = typer.Option(None, "--hf-model", help="A local Hugging Face "
+                                            "causal LM directory (save_pretrained) instead of "
+                                            "a task file; needs --data."),
+    data: Optional[Path] = typer.Option(None, "--data", help="With --hf-model: .txt (one "
+                                        "example per line), .jsonl (--text-field) or a "
+                                        "datasets.save_to_disk directory."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="JSON/datasets field "
+                                             "holding the text (default: text)."),
+    max_length: int = typer.Option(128, "--max-length", help="With --hf-model: tokens per "
+                                   "example (longer ones are truncated)."),
+    dtype: str = typer.Option("float32", "--dtype", help="With --hf-model: float32, bfloat16 "
+                              "or float16."),
+):
+    """Sketch every training example's gradient, precondition, and index (resumable).
+
+    Under torchrun (e.g. torchrun --nproc_per_node=4 -m grass_index build TASK --out DIR)
+    every rank sketches its share and the ranks finish the index together; rank 0 reports."""
+    import grass_index as gi
+
+    if hf_model is not None or data is not None:  # -- language models, no task file --
+        if task is not None or hf_model is None or data is None:
+            fail("--hf-model DIR and --data FILE go together, instead of a TASK")
+        t = gi.hf_lm_task(hf_model, data, text_field=text_field, max_length=max_length,
+                          dtype=dtype)
+        out = out or Path("runs") / Path(hf_model).name
+    else:
+        t = gi.load_task(task)
+    if out is None:
+        stem = Path(t.ref.split(":")[0]).stem if task else "digits"
+        out = Path("runs") / stem
+    options = gi.BuildOptions(sparsification=sparsification, projection=projection, seed=seed,
+                              layers=layers or None, batch_size=batch_size,
+                              selective_mask=selective_mask)
+    if layers and not options.layers:
+        fail("--layers is empty; pass globs such as --layers '0.*' or --layers 'fc1.*,fc2.*'")
+    index_options = gi.IndexOptions(hessian=hessian, damping=damping, index=index)
+    model = t.model()
+    data = t.train_data()
+    t0 = time.perf_counter()
+    if worker is not None:  # a shard, not an index
+        if remove_shards:
+            fail("--remove-shards applies to torchrun builds and merge; a --worker build's "
+                 "shard is what merge needs")
+        info = gi.build_shard(model, data, t.loss, out, worker, options, index_options,
+                              task=t.ref, collate=t.collate, device=device)
+        secs = time.perf_counter() - t0
+        if json_mode:
+            emit_json(dict(info.to_dict(), seconds=round(secs, 3)))
+            return
+        err.print(f"sketched shard {info.shard} of [bold]{safe(out)}[/]: {info.batches} "
+                  f"of {info.n_batches} batches ({info.rows} examples), {secs:.1f} s")
+        err.print(f"next, once every worker is done: grass-index merge {shell_arg(out)}")
+        return
+    idx = gi.build_index(model, data, t.loss, out, sparsification=options.sparsification,
+                         projection=options.projection, hessian=index_options.hessian,
+                         damping=damping, batch_size=options.batch_size, seed=options.seed,
+                         layers=options.layers, collate=t.collate, index=index_options.index,
+                         task=t.ref, device=device, selective_mask=selective_mask,
+                         remove_shards=remove_shards)
+    if idx.reporting:  # torchrun: rank 0 reports
+        report_index("built", out, idx.config, time.perf_counter() - t0, json_mode)
+
+
+def plan(
+    task: Optional[str] = typer.Argument(None, help="Task file (.py), module or module:attr."),
+    hf_model: Optional[Path] = typer.Option(None, "--hf-model", help="A local HF causal LM "
+                                            "directory instead of a task file (with --data)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="With --hf-model: the corpus."),
+    text_field: Optional[str] = typer.Option(None, "--text-field"),
+    max_length: int = typer.Option(128, "--max-length"),
+    n: Optional[int] = typer.Option(None, "--n", min=1, help="Examples (default: the task's "
+                                    "training set size)."),
+    sparsification: str = typer.Option("random_mask-128*128"),
+    projection: str = typer.Option("sjlt-4096"),
+    layers: Optional[List[str]] = typer.Option(None, "--layers"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    index: str = typer.Option("flat"),
+    out: Path = typer.Option(Path("runs"), "--out", help="Where the index would go (free disk "
+                             "is checked there)."),
+    json_mode: bool = typer.Option(False, "--json"),
+):
+    """RAM and disk a build would need, for the given projection and two narrower ones side by
+    side — without building (no gradients)."""
+    import grass_index as gi
+    from grass_index import plan as plan_mod
+
+    if hf_model is not None:
+        if data is None:
+            fail("--hf-model DIR needs --data FILE")
+        t = gi.hf_lm_task(hf_model, data, text_field=text_field, max_length=max_length)
+    else:
+        t = gi.load_task(task)
+    options = gi.BuildOptions(sparsification=sparsification, projection=projection,
+                              layers=layers or None, batch_size=batch_size)
+    model = t.model()
+    train = t.train_data() if n is None or hf_model is not None else None
+    count = n or len(train)
+    tokens = max_length if hf_model is not None else 1
+    if hf_model is not None:
+        tokens = max(len(train[i]) for i in range(min(len(train), 256)))
+    cols = {p: plan_mod.plan_for(model, count, sparsification=options.sparsification,
+                                 projection=p, layers=options.layers,
+                                 batch_size=options.batch_size, index=index, tokens=tokens)
+            for p in plan_mod.variants(projection)}
+    ram, disk = plan_mod.available_ram(), plan_mod.free_disk(out)
+    if json_mode:
+        emit_json(dict(n=count, available_ram=ram, free_disk=disk,
+                        plans={p: dict(ram_peak=c.ram_peak, disk=c.disk, K=c.K,
+                                       store=c.store_disk, fisher=c.fisher_disk,
+                                       preconditioner=c.precond_disk, index=c.index_disk)
+                               for p, c in cols.items()}))
+        return
+    from rich.table import Table
+
+    tab = Table(title=f"plan: {count:,} examples, --index {index}")
+    tab.add_column("")
+    for p in cols:
+        tab.add_column(f"--projection {p}", justify="right")
+    rows = [c.rows() for c in cols.values()]
+    for i, (name, _) in enumerate(rows[0]):
+        tab.add_row(name, *[r[i][1] for r in rows])
+    fits = ["yes" if plan_mod.shortfall(c, ram=ram, disk=disk, K_per_layer=1) is None else "no"
+            for c in cols.values()]
+    tab.add_row("fits here", *fits)
+    err.print(tab)
+    err.print(f"available now: RAM {ram / 1e9 if ram else float('nan'):.1f} GB, disk at {out} "
+              f"{disk / 1e9:.1f} GB")
+
+
+def merge(
+    directory: Path = typer.Argument(..., help="The --out DIR of `build --worker I/N`."),
+    shards: Optional[int] = typer.Option(None, "--shards", min=1, help="Merge the I-of-N shards "
+                                         "with this N (default: the only split present)."),
+    hessian: Optional[str] = typer.Option(None, help="eFIM or identity (default: as the "
+                                          "workers were given)."),
+    damping: Optional[str] = typer.Option(None, help="Damping (default: as the workers were "
+                                          "given)."),
+    index: Optional[str] = typer.Option(None, help="e.g. flat, ivf, ivf:fp16, "
+                                        "flat:fp16,shards=4 (default: as the workers were "
+                                        "given)."),
+    remove_shards: bool = typer.Option(False, "--remove-shards", help="Delete DIR/shards once "
+                                       "the index is written."),
+    json_mode: bool = typer.Option(False, "--json", help="Print the config as JSON on stdout."),
+):
+    """Finish a `build --worker I/N` build once all N shards exist: precondition and index."""
+    import grass_index as gi
+
+    t0 = time.perf_counter()
+    idx = gi.merge_shards(directory, shards=shards, hessian=hessian, damping=damping,
+                          index=index, remove_shards=remove_shards)
+    report_index("merged", directory, idx.config, time.perf_counter() - t0, json_mode)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `build`, `plan`, `merge` to the grass-index typer app."""
+    app.command("build")(errors(build))
+    app.command("plan")(errors(plan))
+    app.command("merge")(errors(merge))
