@@ -105,16 +105,6 @@ class Task:
         try:
             return self._fns["encode"](text)
         except Exception as e:  # the user's code rejected the text: name the function
-            raise TaskError(f"task {self.ref}: encode(text) raised {type(e).__name__}: {e}") from e
-
-    def encode(self, text: str):
-        """The example for a piece of text (tasks that define ``encode(text) -> item``)."""
-        if not self.has("encode"):
-            raise TaskError(f"task {self.ref} defines no encode(text); add one that returns an "
-                            "example like train_data()[i] to query by text")
-        try:
-            return self._fns["encode"](text)
-        except Exception as e:  # the user's code rejected the text: name the function
             if isinstance(e, TaskError):
                 raise
             raise TaskError(f"task {self.ref}: encode(text) raised {type(e).__name__}: {e}") from e
