@@ -99,7 +99,7 @@ def build(
     if layers and not options.layers:
         fail("--layers is empty; pass globs such as --layers '0.*' or --layers 'fc1.*,fc2.*'")
     index_options = gi.IndexOptions(hessian=hessian, damping=damping, index=index)
-    model = t.model()
+    model = t.index_model()
     data = t.train_data()
     t0 = time.perf_counter()
     if worker is not None:  # a shard, not an index
@@ -159,7 +159,7 @@ def plan(
         t = gi.load_task(task)
     options = gi.BuildOptions(sparsification=sparsification, projection=projection,
                               layers=layers or None, batch_size=batch_size)
-    model = t.model()
+    model = t.index_model()
     train = t.train_data() if n is None or hf_model is not None else None
     count = n or len(train)
     tokens = max_length if hf_model is not None else 1
@@ -315,7 +315,7 @@ def query(
         ids, items, source = list(range(len(text))), [t.encode(s) for s in text], "text"
     else:
         ids, items, source = _examples(idx, t, example, input_file, split, all_default=False)
-    model = t.model()
+    model = t.index_model()
     t0 = time.perf_counter()
     q = idx.query_sketches(model, items, t.loss, collate=t.collate)
     pro = idx.search(q, top_k, nprobe=nprobe, normalize=normalize)
@@ -422,7 +422,7 @@ def score(
     _, items, source = _examples(idx, t, None, input_file, split, all_default=True)
     from grass_index.fileio import atomic_save
 
-    model = t.model()
+    model = t.index_model()
     t0 = time.perf_counter()
     s = idx.score(model, items, t.loss, collate=t.collate, normalize=normalize).numpy()
     secs = time.perf_counter() - t0

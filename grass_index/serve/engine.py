@@ -94,7 +94,7 @@ class Engine:
         self.path = path
         self.idx = gi.open_index(path)
         self.task = resolve_task(self.idx, task)
-        self.model = self.task.model()
+        self.model = self.task.index_model()  # an ensemble: its checkpoints
         self.idx.check_model(self.model)
         self.train = self.task.train_data()
         if len(self.train) != self.idx.n_train:
