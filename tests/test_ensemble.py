@@ -328,3 +328,93 @@ def test_cli_build_info_query_score_self_influence(tmp_path):
     res = invoke("build", bad, "--out", tmp_path / "bad", *small)
     assert res.exit_code != 0 and "Traceback" not in res.output
     assert "same architecture" in " ".join(res.output.split())
+
+
+@pytest.mark.slow  # two torchrun ranks start torch and grass_index (about a minute under load)
+def test_torchrun_two_ranks_build_the_same_ensemble_index(tmp_path):
+    import socket
+    from pathlib import Path
+
+    task = write_ensemble_task(tmp_path)
+    small = ["--sparsification", SPARS, "--projection", PROJ, "--batch-size", "8"]
+    ref = tmp_path / "ref"
+    res = CliRunner().invoke(__import__("grass_index.cli.main", fromlist=["app"]).app,
+                             ["build", str(task), "--out", str(ref), *small])
+    assert res.exit_code == 0, res.output
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(gi.__file__).resolve().parent.parent
+    out = tmp_path / "ranks"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_addr=127.0.0.1", f"--master_port={port}", "-m",
+                          "grass_index", "build", str(task), "--out", str(out), *small],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout + run.stderr
+    np.testing.assert_array_equal(sketches(out), sketches(ref))
+    t = gi.load_task(task)
+    q = t.query_data()
+    a, b = gi.open_index(out), gi.open_index(ref)
+    assert a.config["checkpoints"] == CKPTS
+    torch.testing.assert_close(a.score(t.index_model(), q, t.loss),
+                               b.score(t.index_model(), q, t.loss), rtol=1e-5, atol=1e-6)
+
+
+def test_serve_answers_from_the_ensemble(tmp_path):
+    pytest.importorskip("fastapi", reason="the serve extra (FastAPI, uvicorn) is not installed")
+    from fastapi.testclient import TestClient
+
+    from grass_index.serve import create_app
+
+    task = write_ensemble_task(tmp_path)
+    t = gi.load_task(task)
+    out = tmp_path / "idx"
+    idx = gi.build_index(t.index_model(), t.train_data(), t.loss, out, sparsification=SPARS,
+                         projection=PROJ, batch_size=8, task=t.ref, progress=False)
+    want = idx.query(t.index_model(), [t.query_data()[2]], t.loss, k=4)[0]
+    with TestClient(create_app(out, task=str(task)), raise_server_exceptions=False) as c:
+        r = c.get("/api/query", params=dict(example=2, k=4))
+    assert r.status_code == 200, r.text
+    got = r.json()["results"][0]["proponents"]
+    assert [h["train_id"] for h in got] == [i for i, _ in want]
+    np.testing.assert_allclose([h["score"] for h in got], [s for _, s in want], rtol=1e-5)
+
+
+def test_eval_and_tune_work_on_an_ensemble(tmp_path):
+    """tune's sweep (subset sums of the stored raw sketches, per-block eigenbases) predicts the
+    LDS of the ensemble's own scores after reprecondition; eval scores with every checkpoint."""
+    from grass_index.eval import lds, load_ground_truth, run_eval
+    from grass_index.eval.tune import split_queries
+    from test_eval_run import TASK
+
+    src = TASK + textwrap.dedent('''
+        def checkpoints():
+            a, b = model(), model()
+            with torch.no_grad():
+                b.weight.mul_(0.5)  # a second, different checkpoint of the same architecture
+            return [a, b]
+    ''')
+    (tmp_path / "ridge_ens.py").write_text(src)
+    task = gi.load_task(tmp_path / "ridge_ens.py")
+    out = tmp_path / "idx"
+    gi.build_index(task.index_model(), task.train_data(), task.loss, out,
+                   sparsification="identity", projection="identity", task=task.ref,
+                   progress=False, batch_size=16)
+    idx = gi.open_index(out)
+    assert idx.config["checkpoints"] == 2
+    res = idx.tune(task=str(tmp_path / "ridge_ens.py"), num_subsets=12, seeds=[0],
+                   ground_truth=tmp_path / "gt", factors=(1e-3, 10.0), progress=False,
+                   apply=False)
+    gt = load_ground_truth(tmp_path / "gt", seeds=[0])
+    val, _ = split_queries(6, 0.5, 0)
+    for c in res.grid:
+        again = gi.open_index(out)
+        again.reprecondition(hessian=c.hessian, damping=c.damping)
+        s = again.score(task.index_model(), task.query_data(), task.loss).numpy()
+        assert c.val_lds == pytest.approx(lds(s[val], gt.subsets, gt.losses[:, val])[0],
+                                          abs=1e-9), c.name
+    ev = run_eval(out, task=task, num_subsets=12, seeds=[0], ground_truth=tmp_path / "gt",
+                  progress=False)
+    s = gi.open_index(out).score(task.index_model(), task.query_data(), task.loss).numpy()
+    assert ev.lds == pytest.approx(lds(s, gt.subsets, gt.losses)[0], abs=1e-9)

@@ -128,6 +128,13 @@ class EnsembleSketcher:
         self.layers = self.members[0].layers
         self.device = self.members[0].device
 
+    def __getattr__(self, name: str):
+        """Any other sketcher attribute (per-layer notes, left-out parameters, ...) is
+        checkpoint 0's: every checkpoint has the same layers and specs."""
+        if name.startswith("__") or name == "members":
+            raise AttributeError(name)
+        return getattr(self.members[0], name)
+
     @property
     def checkpoints(self) -> int:
         return len(self.members)
@@ -140,10 +147,6 @@ class EnsembleSketcher:
     @property
     def dim(self) -> int:
         return sum(sk.dim for sk in self.members)
-
-    @property
-    def left_out(self) -> dict[str, str]:
-        return self.members[0].left_out
 
     @property
     def checked(self) -> bool:
