@@ -418,3 +418,26 @@ def test_eval_and_tune_work_on_an_ensemble(tmp_path):
                   progress=False)
     s = gi.open_index(out).score(task.index_model(), task.query_data(), task.loss).numpy()
     assert ev.lds == pytest.approx(lds(s, gt.subsets, gt.losses)[0], abs=1e-9)
+
+
+def test_verify_repair_recomputes_a_damaged_block_with_every_checkpoint(tmp_path):
+    from test_adversarial import _damage_block
+
+    from grass_index.pipeline.verify import _recompute_blocks
+
+    task = write_ensemble_task(tmp_path)
+    t = gi.load_task(task)
+    out = tmp_path / "idx"
+    gi.build_index(t.index_model(), t.train_data(), t.loss, out, sparsification=SPARS,
+                   projection=PROJ, batch_size=8, task=t.ref, progress=False)
+    before = sketches(out)
+    _damage_block(out, 2)
+    assert not gi.verify_index(out)["ok"]
+    other = tmp_path / "other.py"  # checkpoint 2 differs: refused by the model fingerprint
+    other.write_text(ENSEMBLE_TASK.format(n_ckpt=CKPTS, hidden=5,
+                                          extra="torch.nn.init.zeros_(out[2][0].bias)"))
+    with pytest.raises(gi.AttributionError, match="model fingerprint"):
+        _recompute_blocks(out, gi.open_index(out).config, [2], gi.load_task(other))
+    rep = gi.verify_index(out, repair=True, task=t)
+    assert any("recomputed sketch blocks [2]" in r for r in rep["repaired"]), rep
+    np.testing.assert_array_equal(sketches(out), before)
