@@ -1,19 +1,24 @@
-"""Checkpoint ensembles, measured before the feature exists: LDS of scores averaged over
-1, 2, 5 independently trained seeds of the digits MLP (TRAK-style).
+"""Checkpoint ensembles (TRAK-style): LDS of one index over 1, 2, 5 independently trained
+seeds of the digits MLP, and what the ensemble costs to build.
 
-    python benchmarks/ensemble.py [--subsets 30] [--seeds 0]
+    python benchmarks/ensemble.py [--subsets 30] [--seeds 0] [--checkpoints 5]
 
-Each checkpoint (examples/digits.py's recipe, init seed s) gets its own index (own sketches,
-own preconditioner); the ensemble score is the mean of the per-checkpoint score matrices
-(AttributionIndex.score). Ground truth is the same as benchmarks/tune.py's (cached under --out).
-Sparsification/projection default to FactGraSS-1024 (random_mask-64*64 -> sjlt-1024), which is
-within 0.003 LDS of the default specs on digits (see README) and faster to build.
+Checkpoint s is examples/digits.py's recipe with init seed s. For C = 1, 2, 5 every window of
+C consecutive checkpoints gets ONE ensemble index (``build_index([m_s, ..., m_{s+C-1}], ...)``:
+per-checkpoint sketches and preconditioner blocks, scores = mean over checkpoints), timed (the
+fastest of --repeats builds from scratch: the machine is shared) and scored by LDS. Beside it,
+the mean of the separately built single-model indexes' score matrices (what the ensemble
+computes, so the two columns must agree to float rounding), and the build time of the ensemble
+over the single-model build. Ground truth is the same as
+benchmarks/tune.py's (cached under --out). Specs default to FactGraSS-1024 (random_mask-64*64
+-> sjlt-1024), within 0.003 LDS of the default specs on digits (see README), faster to build.
 """
 from __future__ import annotations
 
 import argparse
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +43,7 @@ def main() -> None:
     ap.add_argument("--sparsification", default="random_mask-64*64")
     ap.add_argument("--projection", default="sjlt-1024")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2, help="builds timed per index (min)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     task = gi.load_task(TASK)
@@ -50,28 +56,48 @@ def main() -> None:
                             out / f"gt-digits-m{args.subsets}", progress=False,
                             collate=task.collate, tag=task.ref)
     x, y = D.split("train")
-    scores = []
-    for s in range(args.checkpoints):
-        model = D.train_model(x, y, seed=s)
-        d = out / f"ensemble-ckpt{s}"
-        shutil.rmtree(d, ignore_errors=True)
-        idx = gi.build_index(model, train, task.loss, out=d, sparsification=args.sparsification,
-                             projection=args.projection, progress=False, batch_size=128)
-        scores.append(idx.score(model, query, task.loss).double().numpy())
-        print(f"checkpoint {s}: single-model LDS {lds(scores[-1], gt.subsets, gt.losses)[0]:.4f}",
-              flush=True)
+    models = [D.train_model(x, y, seed=s) for s in range(args.checkpoints)]
+
+    def build(ms, name):
+        d = out / name
+        times = []
+        for _ in range(args.repeats):  # from scratch each time; the fastest (a shared machine)
+            shutil.rmtree(d, ignore_errors=True)
+            t0 = time.perf_counter()
+            idx = gi.build_index(ms if len(ms) > 1 else ms[0], train, task.loss, out=d,
+                                 sparsification=args.sparsification,
+                                 projection=args.projection, progress=False, batch_size=128)
+            times.append(time.perf_counter() - t0)
+        secs = min(times)
+        scores = idx.score(ms if len(ms) > 1 else ms[0], query, task.loss).double().numpy()
+        return scores, secs
+
+    singles = [build([m], f"ensemble-single{s}") for s, m in enumerate(models)]
+    single_secs = float(np.mean([secs for _, secs in singles]))
     rows = []
     for c in (1, 2, 5):
-        if c > len(scores):
+        if c > len(models):
             break
-        # every window of c consecutive checkpoints (so c=1 is the mean single-model LDS)
-        vals = [lds(np.mean(scores[i:i + c], axis=0), gt.subsets, gt.losses)[0]
-                for i in range(len(scores) - c + 1)]
-        rows.append([c, f"{np.mean(vals):.4f}", f"{min(vals):.4f}–{max(vals):.4f}", len(vals)])
+        ens, sep, secs = [], [], []
+        for i in range(len(models) - c + 1):  # every window of c consecutive checkpoints
+            if c == 1:
+                s, t = singles[i]
+            else:
+                s, t = build(models[i:i + c], f"ensemble-c{c}-w{i}")
+            ens.append(lds(s, gt.subsets, gt.losses)[0])
+            secs.append(t)
+            mean = np.mean([singles[j][0] for j in range(i, i + c)], axis=0)
+            sep.append(lds(mean, gt.subsets, gt.losses)[0])
+        rows.append([c, f"{np.mean(ens):.4f}", f"{min(ens):.4f}–{max(ens):.4f}",
+                     f"{np.mean(sep):.4f}", len(ens), f"{np.mean(secs):.1f}",
+                     f"{np.mean(secs) / single_secs:.2f}×"])
+        print(f"{c} checkpoint(s): LDS {np.mean(ens):.4f}", flush=True)
     print(f"\nLDS on {len(query)} digits queries, {args.subsets} subsets × seeds {args.seeds}; "
-          f"{args.sparsification} -> {args.projection}, eFIM 0.3\n")
-    print(markdown_table(["checkpoints averaged", "LDS (mean over windows)", "range",
-                          "windows"], rows))
+          f"{args.sparsification} -> {args.projection}, eFIM 0.3, {len(train)} training "
+          f"examples, {torch.get_num_threads()} thread(s)\n")
+    print(markdown_table(["checkpoints", "LDS, one ensemble index (mean over windows)",
+                          "range", "LDS, mean of single indexes' scores", "windows",
+                          "build s", "build time vs 1"], rows))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,10 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
     Re-running with the same ``out`` resumes an interrupted build; with another ``damping``,
     ``hessian`` or ``index`` it re-preconditions from the stored sketches (no gradients).
 
+    ``model`` may be a list of checkpoints of one architecture (a task's ``checkpoints()``):
+    a checkpoint ensemble, whose scores are the mean over checkpoints of each one's influence
+    (grass_index/capture/ensemble.py); query and score it with the same list, in order.
+
     ``worker=(i, n)`` is kept for compatibility: it is :func:`build_shard` and returns that
     shard's description as a dict.
     """
@@ -226,7 +230,9 @@ class AttributionIndex:
     def query_sketches(self, model, examples: Sequence, loss_fn, *, collate=None,
                        batch_size: int | None = None, device=None,
                        sketcher=None) -> torch.Tensor:
-        """Raw sketches g(z) [n, K] of the query examples (not preconditioned)."""
+        """Raw sketches g(z) [n, K] of the query examples (not preconditioned). For an
+        ensemble index ``model`` is the list of its checkpoints and the sketch is their
+        concatenation divided by C, so ``search``/``score_sketches`` give the mean score."""
         return querying.sketch_queries(self.path, self.config, model, examples, loss_fn,
                                        collate=collate, batch_size=batch_size,
                                        device=device, sketcher=sketcher)

@@ -180,19 +180,29 @@ def index_width(K: int, index: str = "flat") -> int:
 def plan_for(model, n: int, *, sparsification: str = "random_mask-128*128",
              projection: str = "sjlt-4096", layers=None, batch_size: int = 32,
              index: str = "flat", hessian: str = "eFIM", tokens: int = 1, seed: int = 0) -> Plan:
-    """The plan of building ``model`` over n examples with these specs (no gradient is taken)."""
-    from .capture import GradientSketcher, select_layers
+    """The plan of building ``model`` over n examples with these specs (no gradient is taken).
+
+    ``model`` may be a list of C checkpoints (an ensemble): the sketch width, Fisher blocks,
+    inverses, store and index scale with C, and all C models are held; the activations do not
+    (checkpoints are sketched one after another)."""
+    from .capture import GradientSketcher, as_checkpoints, select_layers
+    from .capture.ensemble import block_name, single_model
 
     if isinstance(layers, str):
         layers = [p.strip() for p in layers.split(",") if p.strip()]
-    infos = select_layers(model, layers)
-    sk = GradientSketcher(model, infos, sparsification=sparsification, projection=projection,
-                          seed=seed, clamp=True)
+    models = as_checkpoints(model) or [single_model(model)]
+    infos = select_layers(models[0], layers)
+    sk = GradientSketcher(models[0], infos, sparsification=sparsification,
+                          projection=projection, seed=seed, clamp=True)
+    layout = sk.layout if len(models) == 1 else {
+        block_name(c, name): k for c in range(len(models)) for name, k in sk.layout.items()}
+    K = sum(layout.values())
     dims = [dict(d_in=i.d_in, d_out=i.d_out) for i in infos]
-    return estimate(layer_dims=dims, layout=sk.layout, n=n, batch_size=batch_size,
-                    tokens=tokens, index_width=index_width(sk.dim, index),
+    return estimate(layer_dims=dims, layout=layout, n=n, batch_size=batch_size,
+                    tokens=tokens, index_width=index_width(K, index),
                     index_bytes=2 if "fp16" in str(index) else 4, hessian=hessian,
-                    model_bytes=sum(p.numel() * p.element_size() for p in model.parameters()))
+                    model_bytes=sum(p.numel() * p.element_size()
+                                    for m in models for p in m.parameters()))
 
 
 def variants(projection: str) -> list[str]:

@@ -11,6 +11,9 @@ attribute of one (``pkg.mod:obj`` / ``task.py:obj``) exposing::
     train(subset, seed) -> nn.Module (optional; retrains from scratch, for LDS evaluation)
     encode(text) -> item            (optional; turns typed text into an example, e.g. token ids,
                                      so `serve` and `query --text` can attribute text)
+    checkpoints() -> [nn.Module]    (optional; several models of one architecture, e.g. seeds or
+                                     training steps: the index sketches each and scores by the
+                                     mean over them; takes precedence over model() for indexing)
 
 The reference string and, for a file, its sha256 are recorded in the index. An index
 directory is data: opening one never imports the recorded task by itself; the user names the
@@ -33,7 +36,7 @@ from .errors import GrassIndexError
 from .signature import item_signature, merge_signatures, signature_mismatch  # noqa: F401
 
 REQUIRED = ("model", "train_data", "loss")
-OPTIONAL = ("query_data", "collate", "image", "label", "train", "encode")
+OPTIONAL = ("query_data", "collate", "image", "label", "train", "encode", "checkpoints")
 
 
 class TaskError(GrassIndexError, ValueError):
@@ -66,12 +69,43 @@ class Task:
 
     # -- required -------------------------------------------------------------------
     def model(self) -> torch.nn.Module:
+        """The model (a task that defines only checkpoints(): its first checkpoint)."""
+        if not self.has("model"):
+            return self.checkpoints()[0]
         m = _call(self, "model")
         if not isinstance(m, torch.nn.Module):
             raise TaskError(f"task {self.ref}: model() returned {type(m).__name__}, "
                             "expected a torch.nn.Module")
         m.eval()  # attribution uses the model in eval mode (no dropout); we set it, not the task
         return m
+
+    def checkpoints(self) -> list[torch.nn.Module]:
+        """The task's checkpoints (eval mode), or ``[model()]`` when it defines none."""
+        if not self.has("checkpoints"):
+            return [self.model()]
+        got = _call(self, "checkpoints")
+        if isinstance(got, torch.nn.Module) or not isinstance(got, (list, tuple)):
+            raise TaskError(f"task {self.ref}: checkpoints() returned {type(got).__name__}, "
+                            "expected a list of torch.nn.Module (one per checkpoint)")
+        if not got:
+            raise TaskError(f"task {self.ref}: checkpoints() returned an empty list; return "
+                            "at least one model")
+        for c, m in enumerate(got):
+            if not isinstance(m, torch.nn.Module):
+                raise TaskError(f"task {self.ref}: checkpoints()[{c}] is {type(m).__name__}, "
+                                "expected a torch.nn.Module")
+            m.eval()
+        return list(got)
+
+    def index_model(self):
+        """What an index is built and queried with: the model, or, when the task defines
+        checkpoints() with more than one, a Checkpoints ensemble of them (build order)."""
+        models = self.checkpoints()
+        if len(models) == 1:
+            return models[0]
+        from .capture import Checkpoints
+
+        return Checkpoints(models)
 
     def train_data(self) -> Sequence:
         return _as_sequence(self, "train_data", _call(self, "train_data"))
@@ -189,10 +223,12 @@ def load_task(ref: str | os.PathLike | None = None) -> Task:
         if fn is not None and not callable(fn):
             raise TaskError(f"task {canonical}: {name} must be a function, got {type(fn).__name__}")
         fns[name] = fn
-    missing = [n for n in REQUIRED if fns[n] is None]
+    missing = [n for n in REQUIRED if fns[n] is None
+               and not (n == "model" and fns["checkpoints"] is not None)]
     if missing:
         raise TaskError(f"task {canonical} is missing {', '.join(f'{m}()' for m in missing)}; "
-                        "a task file must define model(), train_data() and loss(model, batch)")
+                        "a task file must define model() (or checkpoints()), train_data() and "
+                        "loss(model, batch)")
     return Task(ref=canonical, source=source, _fns=fns, sha256=_LOADED.get(_file_part(canonical)))
 
 

@@ -6,7 +6,10 @@ Unit-norm preconditioned training vectors stop a few large-gradient examples (ou
 mislabelled items) from topping every query's list, which is what data selection wants.
 The norm is over the whole concatenated vector (all layers), on the query side of the raw
 sketch: so the cosine ranking for one query is the influence ranking with each training
-example's score divided by the norm of its preconditioned vector.
+example's score divided by the norm of its preconditioned vector. For a checkpoint ensemble
+both vectors are concatenations over checkpoints, so cosine is the ensemble's (mean) score
+divided by the norms over every checkpoint's layers: the cosine in the joint space, not the
+mean of per-checkpoint cosines (the 1/C on the query cancels).
 
 Searching stays exact: the main FAISS index holds unnormalised vectors, whose top-k by inner
 product is not the top-k by cosine, so cosine search uses a second, flat (exact) FAISS index

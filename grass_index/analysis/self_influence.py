@@ -19,7 +19,8 @@ def self_influence(idx) -> torch.Tensor:
     """float64 [n_train]: ĝ_iᵀ (F + λI)⁻¹ ĝ_i for every training example, in train-id order.
 
     Summed over layers (the preconditioner is block-diagonal, so this is the per-layer
-    quadratic forms added up). With ``hessian="identity"`` it is the squared sketch norm.
+    quadratic forms added up). With ``hessian="identity"`` it is the squared sketch norm. For
+    a checkpoint ensemble it is the mean over checkpoints, like its query scores.
     """
     pre = idx.preconditioner
     out = np.empty(idx.n_train, dtype=np.float64)
@@ -29,6 +30,9 @@ def self_influence(idx) -> torch.Tensor:
         vec = np.asarray(pre.apply(raw), dtype=np.float64)
         out[start:start + len(raw)] = np.einsum("ij,ij->i", raw.astype(np.float64), vec)
         seen += len(raw)
+    C = int(idx.config.get("checkpoints") or 1)
+    if C > 1:  # an ensemble: the mean over checkpoints of each one's g_iᵀ(F_c + λ_c I)⁻¹g_i
+        out /= C
     if seen != idx.n_train:
         from ..pipeline.errors import AttributionError
 

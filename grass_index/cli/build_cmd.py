@@ -76,7 +76,7 @@ def build(
     if layers and not options.layers:
         fail("--layers is empty; pass globs such as --layers '0.*' or --layers 'fc1.*,fc2.*'")
     index_options = gi.IndexOptions(hessian=hessian, damping=damping, index=index)
-    model = t.model()
+    model = t.index_model()
     data = t.train_data()
     t0 = time.perf_counter()
     if worker is not None:  # a shard, not an index
@@ -134,7 +134,7 @@ def plan(
         t = gi.load_task(task)
     options = gi.BuildOptions(sparsification=sparsification, projection=projection,
                               layers=layers or None, batch_size=batch_size)
-    model = t.model()
+    model = t.index_model()
     train = t.train_data() if n is None or hf_model is not None else None
     count = n or len(train)
     tokens = max_length if hf_model is not None else 1

@@ -91,7 +91,7 @@ def query(
         ids, items, source = list(range(len(text))), [t.encode(s) for s in text], "text"
     else:
         ids, items, source = _examples(idx, t, example, input_file, split, all_default=False)
-    model = t.model()
+    model = t.index_model()
     t0 = time.perf_counter()
     q = idx.query_sketches(model, items, t.loss, collate=t.collate)
     pro = idx.search(q, top_k, nprobe=nprobe, normalize=normalize)
@@ -194,7 +194,7 @@ def score(
     _, items, source = _examples(idx, t, None, input_file, split, all_default=True)
     from grass_index.fileio import atomic_save
 
-    model = t.model()
+    model = t.index_model()
     t0 = time.perf_counter()
     s = idx.score(model, items, t.loss, collate=t.collate, normalize=normalize).numpy()
     secs = time.perf_counter() - t0

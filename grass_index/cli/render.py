@@ -88,15 +88,26 @@ def index_summary(cfg: IndexConfig) -> str:
     return ", ".join(parts)
 
 
+def checkpoint_rows(cfg: IndexConfig) -> list[tuple[str, str]]:
+    """An ensemble's `info` row: how many checkpoints its scores average over."""
+    if cfg.checkpoints == 1:
+        return []
+    return [("checkpoints", f"{cfg.checkpoints} (scores are the mean over checkpoints; "
+                            f"sketch dim {cfg.dim // cfg.checkpoints} each)")]
+
+
 def layer_table(cfg: IndexConfig) -> Table:
     tab = Table(title="layers", show_lines=False)
     for col in ("layer", "kind", "d_in", "d_out", "numel", "k", "compression"):
         tab.add_column(col)
     described, layout = cfg.layers_described, cfg.layout
     for d in cfg.layer_dims:
-        desc = described.get(d["name"], {})
+        # an ensemble: every checkpoint's block of a layer has the same k (shown once, per
+        # checkpoint), its description is checkpoint 0's
+        key = d["name"] if cfg.checkpoints == 1 else f"c0/{d['name']}"
+        desc = described.get(key, {})
         cells = (d["name"], d["kind"], d["d_in"] if d["d_in"] is not None else "-",
-                 d["d_out"] if d["d_out"] is not None else "-", d["numel"], layout[d["name"]],
+                 d["d_out"] if d["d_out"] is not None else "-", d["numel"], layout[key],
                  layer_stages(desc, d).replace(", ", "\n"))  # a stage per line
         tab.add_row(*(safe(c) for c in cells))
     return tab
@@ -107,14 +118,16 @@ def print_index(err: Console, cfg: IndexConfig, *, directory, verb: str | None =
     """`build`/`merge` (verb + seconds) and `info` (details): the same lines, the same table."""
     if verb is not None:
         err.print(f"{verb} [bold]{safe(str(directory))}[/]: {cfg.n_train} training examples, "
-                  f"sketch dim {cfg.dim}, {len(cfg.layout)} layers, {secs:.1f} s", soft_wrap=True)
+                  f"sketch dim {cfg.dim}, {len(cfg.layout) // cfg.checkpoints} layers"
+                  f"{f' × {cfg.checkpoints} checkpoints' if cfg.checkpoints > 1 else ''}, "
+                  f"{secs:.1f} s", soft_wrap=True)
     if details:
         rows = [("task", cfg.task),  # shown, never run; and whether that file still matches
                 ("task file", task_file_status(cfg.task, cfg.task_sha256, directory)),
                 ("built with", f"grass-index {cfg.version}, torch {cfg.torch_version}"),
                 ("train examples", cfg.n_train), ("sketch dim", cfg.dim),
                 ("sparsification", cfg.sparsification), ("projection", cfg.projection),
-                ("seed", cfg.seed), ("hessian", cfg.hessian),
+                ("seed", cfg.seed), *checkpoint_rows(cfg), ("hessian", cfg.hessian),
                 ("damping", f"{cfg.damping or 'default'} -> used {json.dumps(cfg.damping_used)}"),
                 ("batch size", cfg.batch_size), *tuned_rows(cfg.raw),
                 ("config hash", cfg.config_hash),

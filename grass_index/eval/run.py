@@ -114,7 +114,7 @@ def run_eval(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
     from torch.utils.data import Subset
 
     q_items = query if n_q == len(query) else Subset(query, list(range(n_q)))
-    scores = idx.score(task.model(), q_items, task.loss, collate=task.collate)
+    scores = idx.score(task.index_model(), q_items, task.loss, collate=task.collate)
     t2 = time.perf_counter()
     mean, per_query = lds(scores, gt.subsets, gt.losses[:, :n_q])
     return EvalResult(lds=mean, per_query=per_query, n_query=n_q, n_subsets=num_subsets,

@@ -277,7 +277,8 @@ def prepare(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
     from torch.utils.data import Subset
 
     q_items = query if n_q == len(query) else Subset(query, list(range(n_q)))
-    q = idx.query_sketches(task.model(), q_items, task.loss, collate=task.collate).numpy()
+    q = idx.query_sketches(task.index_model(), q_items, task.loss,
+                           collate=task.collate).numpy()
     return Prepared(index=idx, sweep=_Sweep(idx, masks, q), losses=gt.losses[:, :n_q],
                     n_subsets=num_subsets, alpha=alpha, seeds=list(gt.seeds),
                     ground_truth_dir=str(gt_dir))

@@ -119,6 +119,8 @@ class IndexConfig:
     projection = property(lambda self: self.raw["projection"])
     seed = property(lambda self: self.raw["seed"])
     batch_size = property(lambda self: int(self.raw["batch_size"]))
+    # an ensemble's scores average over this many checkpoints (its layout keys: c{c}/{layer})
+    checkpoints = property(lambda self: int(self._get("checkpoints") or 1))
     n_blocks = property(lambda self: self._get("n_blocks"))
     task = property(lambda self: self._get("task"))
     task_sha256 = property(lambda self: self._get("task_sha256"))

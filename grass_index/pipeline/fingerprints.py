@@ -48,6 +48,18 @@ def model_hash(model: torch.nn.Module, layers=None) -> str:
     return h.hexdigest()[:16]
 
 
+def model_fingerprint(model) -> str:
+    """``model_hash`` of one model; of an ensemble (a list of checkpoints), one hash over every
+    checkpoint's, in order: a build or query must not mix in another checkpoint either."""
+    from ..capture import as_checkpoints
+    from ..capture.ensemble import single_model
+
+    models = as_checkpoints(model)
+    if models is None:
+        return model_hash(single_model(model))
+    return hash_json(["checkpoints", *(model_hash(m) for m in models)])
+
+
 def _feed(h, x) -> None:
     """Update hash ``h`` with one example's structure and leaf values."""
     if isinstance(x, torch.Tensor):

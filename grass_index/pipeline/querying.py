@@ -10,7 +10,9 @@ from typing import Sequence
 
 import torch
 
-from ..capture import CaptureError, GradientSketcher, select_layers
+from ..capture import (CaptureError, EnsembleSketcher, GradientSketcher, as_checkpoints,
+                       select_layers)
+from ..capture.ensemble import single_model, split_block
 from ..compress import load_selective_mask
 from ..index import SketchedIndex
 from ..precondition import Preconditioner, has_preconditioner
@@ -29,8 +31,51 @@ from .stored import chunks, preconditioned_blocks
 log = logging.getLogger("grass_index")
 
 
-def check_model(path: Path, config: dict, model: torch.nn.Module):
-    """The model must have the layers (names and shapes) the index was built on."""
+def index_checkpoints(config: dict) -> int:
+    """How many checkpoints an index averages over (1: a single-model index)."""
+    return int(config.get("checkpoints") or 1)
+
+
+def query_models(path: Path, config: dict, model) -> list[torch.nn.Module]:
+    """The models queries are sketched with: ``[model]`` for a single-model index, the C
+    checkpoints (a list, in build order) for an ensemble; a count that differs is an error."""
+    want = index_checkpoints(config)
+    try:
+        models = as_checkpoints(model)
+    except CaptureError as e:
+        raise AttributionError(f"{e}; pass the model index {path} was built from") from e
+    got = 1 if models is None else len(models)
+    if got != want:
+        need = (f"the list of its {want} checkpoints (the task's checkpoints(), in build order)"
+                if want > 1 else "the one model it was built from")
+        raise AttributionError(f"index {path} was built from {want} checkpoint(s) but "
+                               f"{got} model(s) were given; pass {need}")
+    return models or [single_model(model)]
+
+
+def check_model(path: Path, config: dict, model):
+    """The model must have the layers (names and shapes) the index was built on; for an
+    ensemble, every checkpoint (a list of models). Returns the (first) model's layers."""
+    models = query_models(path, config, model)
+    hashes = config.get("checkpoint_hashes") or [config.get("model_hash")]
+    found = []
+    for c, m in enumerate(models):
+        which = f"checkpoint {c}: " if len(models) > 1 else ""
+        try:
+            infos = _check_one_model(path, config, m)
+        except AttributionError as e:
+            if not which:
+                raise
+            raise AttributionError(f"{which}{e}") from e
+        found.append(infos)
+        if model_hash(m, infos) != (hashes[c] if c < len(hashes) else None):
+            log.warning("%sthe model's weights differ from the ones index %s was built with; "
+                        "scores mix two models", which, path)
+    return found[0]
+
+
+def _check_one_model(path: Path, config: dict, model: torch.nn.Module):
+    """One model's layers against the index's (names and shapes)."""
     try:
         infos = select_layers(model, config.get("layers"))
     except CaptureError as e:
@@ -53,22 +98,30 @@ def check_model(path: Path, config: dict, model: torch.nn.Module):
     if extra:
         raise AttributionError(f"the model has layers {extra} that index {path} does not "
                                "have; query with the model the index was built from")
-    if model_hash(model, infos) != config.get("model_hash"):
-        log.warning("the model's weights differ from the ones index %s was built with; "
-                    "scores mix two models", path)
     return infos
 
 
-def query_sketcher(path: Path, config: dict, model, device=None) -> GradientSketcher:
-    """A sketcher for ``model`` that draws the projections the index was built with."""
+def query_sketcher(path: Path, config: dict, model, device=None):
+    """A sketcher for ``model`` (an ensemble: its checkpoints) that draws the projections the
+    index was built with. Its sketches are what the store holds (no 1/C)."""
     check_device(device)
-    infos = check_model(path, config, model)
+    check_model(path, config, model)
+    models = query_models(path, config, model)
     masks = load_selective_mask(path / MASK_FILE) if config.get("selective_mask") else None
-    sk = GradientSketcher(model, infos, sparsification=config["sparsification"],
-                          projection=config["projection"], seed=config["seed"],
-                          clamp=True, device=device, selective_masks=masks,
-                          routes={n: d.get("capture") for n, d in
-                                  (config.get("layers_described") or {}).items()})
+    described = config.get("layers_described") or {}
+    sketchers = []
+    for c, m in enumerate(models):
+        if len(models) == 1:
+            routes = {n: d.get("capture") for n, d in described.items()}
+        else:  # an ensemble describes each checkpoint's layers as c{c}/{layer}
+            routes = {split_block(n)[1]: d.get("capture") for n, d in described.items()
+                      if split_block(n)[0] == c}
+        sketchers.append(GradientSketcher(m, select_layers(m, config.get("layers")),
+                                          sparsification=config["sparsification"],
+                                          projection=config["projection"], seed=config["seed"],
+                                          clamp=True, device=device, selective_masks=masks,
+                                          routes=routes))
+    sk = sketchers[0] if len(sketchers) == 1 else EnsembleSketcher(sketchers)
     layout = dict(config["layout"])
     if {k: int(v) for k, v in sk.layout.items()} != layout:
         raise AttributionError(f"this grass-index builds sketches of layout {sk.layout} for "
@@ -89,7 +142,8 @@ def query_sketcher(path: Path, config: dict, model, device=None) -> GradientSket
 def sketch_queries(path: Path, config: dict, model, examples: Sequence, loss_fn, *,
                    collate=None, batch_size: int | None = None, device=None,
                    sketcher: GradientSketcher | None = None) -> torch.Tensor:
-    """Raw sketches g(z) [n, K] of the query examples (not preconditioned).
+    """Raw sketches g(z) [n, K] of the query examples (not preconditioned); for an ensemble of
+    C checkpoints, the concatenation over checkpoints of g_c(z), divided by C.
 
     ``sketcher`` is one made by ``query_sketcher`` for this model, reused across calls by a
     long-lived caller (the server): checking the model and drawing the projections then
@@ -106,7 +160,8 @@ def sketch_queries(path: Path, config: dict, model, examples: Sequence, loss_fn,
             if msg:
                 raise AttributionError(f"{msg}; query examples must look like the training "
                                        "examples")
-    model.eval()
+    for m in query_models(path, config, model):
+        m.eval()
     sk = sketcher if sketcher is not None else query_sketcher(path, config, model, device)
     collate = collate or default_collate
     out = []
@@ -122,7 +177,11 @@ def sketch_queries(path: Path, config: dict, model, examples: Sequence, loss_fn,
             raise AttributionError(f"the loss failed on query examples {lo}..."
                                    f"{lo + batch_len(batch) - 1} ({type(e).__name__}: {e}); are "
                                    "they shaped and typed like the training examples?") from e
-    return torch.cat(out)
+    q = torch.cat(out)
+    C = index_checkpoints(config)
+    # an ensemble scores by the MEAN over checkpoints: 1/C once, on the query side, so every
+    # inner product with the stored training vectors (FAISS, re-rank, score) is averaged
+    return q / C if C > 1 else q
 
 
 @contextlib.contextmanager

@@ -4,7 +4,8 @@ claims its output directory, so a re-run can resume it or refuse a different bui
 Its keys: ``format``, the BuildOptions (``sparsification``, ``projection``, ``seed``,
 ``layers``, ``batch_size``), what the model and data give (``layer_dims``, ``layout``, ``dim``,
 ``n_train``, ``model_hash``, ``data_hash``, ``sketch_fingerprint``) and, only when a mask file
-is used, ``selective_mask`` (its hash). The one reader and writer of the file.
+is used, ``selective_mask`` (its hash); only for a checkpoint ensemble, ``checkpoints`` (C) and
+``checkpoint_hashes`` (each checkpoint's model hash; ``model_hash`` covers them all). The one reader and writer of the file.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from ..store._env import DATA_FILE
 from .errors import AttributionError
 from .files import (BUILD_FILE, FORMAT_VERSION, MASK_FILE, OUR_FILES, STORE_DIR, jsonable,
                     write_json)
-from .fingerprints import data_hash, hash_json, layer_dims, model_hash
+from ..capture import as_checkpoints
+from .fingerprints import data_hash, hash_json, layer_dims, model_fingerprint, model_hash
 
 CLAIM_WAIT_S = 30.0  # a worker waits this long for the lock another worker's claim holds
 
@@ -28,8 +30,12 @@ def make_build_record(options, *, model, infos, sketcher, train_data, masks=None
                  projection=options.projection, seed=options.seed, layers=options.layers,
                  layer_dims=layer_dims(infos), layout=sketcher.layout, dim=sketcher.dim,
                  batch_size=options.batch_size, n_train=len(train_data),
-                 model_hash=model_hash(model, infos), data_hash=data_hash(train_data),
+                 model_hash=model_fingerprint(model), data_hash=data_hash(train_data),
                  sketch_fingerprint=sketcher.fingerprint())
+    models = as_checkpoints(model)
+    if models is not None:  # an ensemble; only recorded then, so other builds' hashes stay
+        build["checkpoints"] = len(models)
+        build["checkpoint_hashes"] = [model_hash(m) for m in models]
     if masks is not None:  # only recorded when used, so other builds' hashes are unchanged
         build["selective_mask"] = hash_json(masks)
     return build

@@ -17,14 +17,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import plan as build_plan
-from ..capture import GradientSketcher, select_layers
+from ..capture import EnsembleSketcher, GradientSketcher, as_checkpoints, select_layers
+from ..capture.ensemble import different_architecture, single_model
 from ..compress import load_selective_mask
 from ..store import SketchStore
 from ..task import check_loss, default_collate, task_record
 from . import distributed as dist_build
 from .errors import AttributionError
 from .files import MASK_FILE, STORE_DIR, atomic_write, jsonable
-from .fingerprints import data_signature
+from .fingerprints import data_signature, layer_dims
 from .options import (BuildOptions, IndexOptions, check_damping, check_device, check_index,
                       check_train_data, damping_key, norm_hessian)
 from .pass2 import finish, pass1_fisher, refit
@@ -68,16 +69,27 @@ class _Prepared:
         check_train_data(train_data)
         check_device(device)
         self.collate = collate or default_collate
-        model.eval()
-        # Everything that can be checked without writing is checked first.
-        check_loss(model, train_data, loss_fn, self.collate, where="loss_fn")
-        infos = select_layers(model, options.layers)
         mask_file = options.selective_mask
         self.masks = load_selective_mask(mask_file) if mask_file is not None else None
-        self.sketcher = GradientSketcher(model, infos, sparsification=options.sparsification,
-                                         projection=options.projection, seed=options.seed,
-                                         clamp=True, device=device,
-                                         selective_masks=self.masks)
+        models = as_checkpoints(model)  # an ensemble: every checkpoint, sketched per batch
+        sketchers, infos = [], None
+        for c, m in enumerate(models or [single_model(model)]):
+            m.eval()
+            where = "loss_fn" if models is None else f"loss_fn on checkpoint {c}"
+            # Everything that can be checked without writing is checked first.
+            check_loss(m, train_data, loss_fn, self.collate, where=where)
+            infos_c = select_layers(m, options.layers)
+            if infos is not None:
+                differs = different_architecture(c, layer_dims(infos_c), layer_dims(infos))
+                if differs:
+                    raise AttributionError(differs)
+            infos = infos or infos_c
+            sketchers.append(GradientSketcher(m, infos_c,
+                                              sparsification=options.sparsification,
+                                              projection=options.projection, seed=options.seed,
+                                              clamp=True, device=device,
+                                              selective_masks=self.masks))
+        self.sketcher = sketchers[0] if models is None else EnsembleSketcher(sketchers)
         # verify every layer's capture on the first batch (routes + notes land in describe)
         first = [train_data[i] for i in range(min(options.batch_size, len(train_data)))]
         self.sketcher.check(self.collate(first), loss_fn)

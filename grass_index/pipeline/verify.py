@@ -15,7 +15,7 @@ from ..store import SketchStore
 from .config import IndexConfig, read_config
 from .errors import AttributionError
 from .files import BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, STORE_DIR, jsonable, write_json
-from .fingerprints import config_hash, hash_json, model_hash
+from .fingerprints import config_hash, hash_json, model_fingerprint
 from .options import check_damping, norm_hessian
 from .pass2 import load_faiss, refit
 from .querying import query_sketcher
@@ -210,12 +210,12 @@ def _recompute_blocks(path: Path, cfg: dict, damaged: list[int], task) -> str:
     from ..task import Task, load_task
 
     t = task if isinstance(task, Task) else load_task(task)
-    model, data = t.model(), t.train_data()
+    model, data = t.index_model(), t.train_data()  # an ensemble: its checkpoints
     if len(data) != int(cfg["n_train"]):
         raise AttributionError(f"task {t.ref} has {len(data)} training examples but the index "
                                f"was built over {cfg['n_train']}; pass the task it was built "
                                "from")
-    if model_hash(model) != cfg.get("model_hash"):
+    if model_fingerprint(model) != cfg.get("model_hash"):
         raise AttributionError(f"the model of task {t.ref} differs from the one the index was "
                                "built with (model fingerprint); pass the task it was built from")
     sketcher = query_sketcher(path, cfg, model)

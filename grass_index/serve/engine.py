@@ -94,7 +94,7 @@ class Engine:
         self.path = path
         self.idx = gi.open_index(path)
         self.task = resolve_task(self.idx, task)
-        self.model = self.task.model()
+        self.model = self.task.index_model()  # an ensemble: its checkpoints
         # checked and bound once: a per-request check would hash the whole model every time
         self.sketcher = self.idx.query_sketcher(self.model)
         self.train = self.task.train_data()
