@@ -3,7 +3,8 @@ claims its output directory, so a re-run can resume it or refuse a different bui
 
 Its keys: ``format``, the BuildOptions (``sparsification``, ``projection``, ``seed``,
 ``layers``, ``batch_size``), what the model and data give (``layer_dims``, ``layout``, ``dim``,
-``n_train``, ``model_hash``, ``data_hash``, ``sketch_fingerprint``) and, only when a mask file
+``n_train``, ``model_hash``, ``data_hash``, ``sketch_fingerprint``, ``left_out``: trainable
+parameters the layer selection leaves out and why) and, only when a mask file
 is used, ``selective_mask`` (its hash). The one reader and writer of the file.
 """
 from __future__ import annotations
@@ -29,7 +30,9 @@ def make_build_record(options, *, model, infos, sketcher, train_data, masks=None
                  layer_dims=layer_dims(infos), layout=sketcher.layout, dim=sketcher.dim,
                  batch_size=options.batch_size, n_train=len(train_data),
                  model_hash=model_hash(model, infos), data_hash=data_hash(train_data),
-                 sketch_fingerprint=sketcher.fingerprint())
+                 sketch_fingerprint=sketcher.fingerprint(),
+                 # trainable parameters the layer selection leaves out, and why
+                 left_out=dict(sketcher.left_out))
     if masks is not None:  # only recorded when used, so other builds' hashes are unchanged
         build["selective_mask"] = hash_json(masks)
     return build
