@@ -179,9 +179,10 @@ def main():
                    for _ in range(2 if args.quick else 4)]
         rows += run("ResNet-9, 32x32, B=32", model, batches, cls_loss,
                     "random_mask-32*32", "sjlt-256", repeat)
-    print()
-    print(markdown_table(["workload", "what", "seconds", "examples/s", "speed vs training"],
-                         rows))
+    if rows:
+        print()
+        print(markdown_table(["workload", "what", "seconds", "examples/s", "speed vs training"],
+                             rows))
 
 
 if __name__ == "__main__":

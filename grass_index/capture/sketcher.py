@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..compress import layer_seed, make_compressor, parse_spec
-from ._batch import batch_size, check_losses, per_example_grads
+from ._batch import batch_size, check_loss_shape, check_losses, per_example_grads
 from ._intercept import Recorder, recording
 from ._taps import LAYOUTS, call_sketch
 from .errors import CaptureError
@@ -358,7 +358,7 @@ class GradientSketcher:
         A few examples suffice: a missed use of the weight, a sequence-first layout or a loss
         that couples examples shows on any of them, and the check's backward (the only one that
         forms weight gradients) then costs a fraction of one batch's."""
-        n = batch_size(batch)
+        whole, n = batch, batch_size(batch)
         if n and n > CHECK_EXAMPLES:
             batch = _first(batch, n, CHECK_EXAMPLES)
             n = CHECK_EXAMPLES
@@ -371,7 +371,14 @@ class GradientSketcher:
                      "; ".join(f"{k}: {v}" for k, v in self.left_out.items()))
         # hooked capture and the batch gradient of every selected parameter, one backward
         targets = [params[p] for p in names]
-        calls, grads, batch_grads, B = self._forward_backward(batch, loss_fn, factored, targets)
+        try:
+            calls, grads, batch_grads, B = self._forward_backward(batch, loss_fn, factored,
+                                                                  targets)
+        except CaptureError:
+            if whole is not batch:  # a wrong loss shape, said for the batch the user passed
+                with torch.no_grad():
+                    check_loss_shape(loss_fn(self.model, whole), batch_size(whole))
+            raise
         whole = {p: (torch.zeros_like(params[p]) if g is None else g.detach())[None]
                  for p, g in zip(names, batch_grads)}
         del batch_grads
