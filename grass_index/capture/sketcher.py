@@ -256,13 +256,17 @@ class GradientSketcher:
                     parts[layer.name] = s
         if exact:
             parts.update(self._exact_sketches(batch, loss_fn, exact))
+        out = torch.cat([parts[layer.name] for layer in self.layers], dim=1)
+        out = out.detach().to(device="cpu", dtype=torch.float32)
+        # checked on the host copy: no device sync per layer
+        start = 0
         for layer in self.layers:
-            s = parts[layer.name]
+            s = out[:, start:start + self._width(layer)]
+            start += s.shape[1]
             _check_finite(s, layer.name)
             if self.zero[layer.name] and bool((s != 0).any()):
                 self.zero[layer.name] = False
-        out = torch.cat([parts[layer.name] for layer in self.layers], dim=1)
-        return out.detach().to(device="cpu", dtype=torch.float32)
+        return out
 
     def _forward_backward(self, batch, loss_fn, layers, extra: list[nn.Parameter] = ()):
         """One forward recording every use of the layers' weights, one backward to the
