@@ -3,6 +3,7 @@
     python benchmarks/capture.py              # GPT-2-style small, GPT-2 small, ResNet-9 CNN
     python benchmarks/capture.py --only gpt2s # pick workloads: small, gpt2s, resnet
     python benchmarks/capture.py --quick      # fewer batches, smoke run
+    python benchmarks/capture.py --only check # the first-batch check's cost, GPT-2 small
 
 Per workload: a plain training epoch (forward + backward with weight gradients, no optimizer
 step), forward only (no_grad), and pass 1 of a build (GradientSketcher.sketch over the same
@@ -109,6 +110,42 @@ def run(name, model, batches, loss_fn, sparsification, projection, repeat):
                             (f"pass 1 ({sparsification} -> {projection})", t_pass1))]
 
 
+def check_cost(repeat: int):
+    """The first-batch capture check on GPT-2 small (T=64, the default batch size 32 and
+    specs), on the whole batch (how it ran before) and on its first CHECK_EXAMPLES examples
+    (now), against one pass-1 batch; each timed on a fresh sketcher, interleaved, best of
+    ``repeat``."""
+    from grass_index.capture import GradientSketcher, select_layers
+    from grass_index.capture import sketcher as sketcher_mod
+
+    model, V = gpt2(False)
+    batch = torch.randint(0, V, (32, 64), generator=torch.Generator().manual_seed(0))
+    layers = select_layers(model)
+    specs = dict(sparsification="random_mask-128*128", projection="sjlt-4096")
+    now = sketcher_mod.CHECK_EXAMPLES
+    best = {"whole": float("inf"), "now": float("inf"), "batch": float("inf")}
+    checked = None
+    for _ in range(repeat):
+        for what, m in (("whole", 32), ("now", now)):
+            sk = GradientSketcher(model, layers, **specs)
+            sketcher_mod.CHECK_EXAMPLES = m
+            t0 = time.perf_counter()
+            sk.check(batch, lm_loss)
+            best[what] = min(best[what], time.perf_counter() - t0)
+            sketcher_mod.CHECK_EXAMPLES = now
+            checked = sk
+        t0 = time.perf_counter()
+        checked.sketch(batch, lm_loss)
+        best["batch"] = min(best["batch"], time.perf_counter() - t0)
+    print(f"GPT-2 small check: {len(layers)} layers, routes {sorted(set(checked.route.values()))}",
+          flush=True)
+    name = "GPT-2 small, T=64, B=32"
+    return [(name, what, f"{best[key]:.2f}", "", f"{best[key] / best['batch']:.2f} batches")
+            for what, key in (("check on the whole first batch (before)", "whole"),
+                              (f"check on {now} examples (now)", "now"),
+                              ("one pass-1 batch", "batch"))]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="small,gpt2s,resnet")
@@ -132,15 +169,20 @@ def main():
         rows += run("GPT-2 small, T=64, B=8", model, batches, lm_loss,
                     "random_mask-64*64", "sjlt-4096", 1)
         del model
+    if "check" in only:
+        check_rows = check_cost(1 if args.quick else 2)
+        print()
+        print(markdown_table(["workload", "what", "seconds", "", "cost"], check_rows))
     if "resnet" in only:
         model = resnet9()
         batches = [(torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g))
                    for _ in range(2 if args.quick else 4)]
         rows += run("ResNet-9, 32x32, B=32", model, batches, cls_loss,
                     "random_mask-32*32", "sjlt-256", repeat)
-    print()
-    print(markdown_table(["workload", "what", "seconds", "examples/s", "speed vs training"],
-                         rows))
+    if rows:
+        print()
+        print(markdown_table(["workload", "what", "seconds", "examples/s", "speed vs training"],
+                             rows))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ _LAZY = {
     "GraSS": "grass_index.compress",
     "build_index": "grass_index.attribute",
     "build_shard": "grass_index.attribute",
+    "check_capture": "grass_index.attribute",
     "BuildOptions": "grass_index.pipeline",
     "IndexOptions": "grass_index.pipeline",
     "IndexConfig": "grass_index.pipeline",

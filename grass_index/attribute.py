@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from .errors import GrassIndexError  # noqa: F401  (the base of AttributionError and the rest)
-from .pipeline import (AttributionError, BuildOptions, BuildResult, IndexConfig, IndexOptions,
-                       ShardInfo, read_config)
+from .pipeline import (AttributionError, BuildOptions, BuildResult, CaptureCheck, IndexConfig,
+                       IndexOptions, ShardInfo, read_config)
 from .pipeline import run as pipeline_run
 from .pipeline import querying
 # Re-exported: public API and names tools import from here (the directory layout, the config
@@ -36,8 +36,11 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
                 index: str = "flat", task: str | None = None, progress=True, device=None,
                 nlist: int | None = None, nprobe: int | None = None,
                 selective_mask=None, worker=None, distributed: bool | None = None,
-                remove_shards: bool = False):
+                remove_shards: bool = False, check_only: bool = False):
     """Sketch every training example (pass 1, resumable), precondition (pass 2), index.
+
+    ``check_only=True`` builds nothing: it runs the first-batch capture check for these
+    layers and specs and returns its report (:func:`check_capture`).
 
     ``distributed`` (default: when torchrun's environment or an initialised process group has
     more than one rank) makes every rank sketch its shard and sum its Fisher, the sums are
@@ -63,6 +66,8 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
                                  nprobe=nprobe)
     options = BuildOptions(sparsification=sparsification, projection=projection, seed=seed,
                            layers=layers, batch_size=batch_size, selective_mask=selective_mask)
+    if check_only:
+        return check_capture(model, train_data, loss_fn, options, collate=collate, device=device)
     if worker is not None:
         if remove_shards:
             raise AttributionError("remove_shards applies to torchrun builds and merge; a "
@@ -74,6 +79,18 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
                              collate=collate, progress=progress, device=device,
                              distributed=distributed, remove_shards=remove_shards)
     return AttributionIndex._from_result(res)
+
+
+def check_capture(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
+                  options: BuildOptions | None = None, *, collate: Callable | None = None,
+                  device=None) -> CaptureCheck:
+    """`grass-index build --check`: check how every selected layer is captured on the first
+    examples, without building anything. The report's ``layers`` rows say each layer's route
+    (factored, flat, moved-to-flat) and status; ``ok`` is False when a layer cannot be
+    captured exactly by any route, and ``failed`` names it with the --layers glob that
+    excludes it."""
+    return pipeline_run.check_capture(model, train_data, loss_fn, options, collate=collate,
+                                      device=device)
 
 
 def build_shard(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable, out, worker,

@@ -63,7 +63,8 @@ def assert_same_index(a, b, task, *, exact=True):
     np.testing.assert_allclose(scores(a, task), scores(b, task), rtol=1e-5, atol=1e-6)
     ca, cb = a.config, b.config
     for k in ("n_train", "dim", "layout", "sketch_hash", "task",
-              "item_signature", "layers_described", "hessian", "index_kind", "n_blocks"):
+              "item_signature", "layers_described", "hessian", "index_kind", "n_blocks",
+              "capture", "left_out"):
         assert ca[k] == cb[k], k
     for layer, lam in ca["damping_used"].items():
         # float32 GEMMs per chunk (or Woodbury from the rows when n < k/2) sum differently

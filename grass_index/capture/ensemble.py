@@ -163,13 +163,18 @@ class EnsembleSketcher:
         return {block_name(c, name): d for c, sk in enumerate(self.members)
                 for name, d in sk.describe().items()}
 
-    def check(self, batch, loss_fn) -> None:
+    def check(self, batch, loss_fn, *, strict: bool = True) -> None:
         for c, sk in enumerate(self.members):
             try:
-                sk.check(batch, loss_fn)
+                sk.check(batch, loss_fn, strict=strict)
             except CaptureError as e:
                 raise CaptureError(f"checkpoint {c}: {e}", example=e.example,
                                    layer=e.layer) from e
+
+    def check_report(self) -> list[dict]:
+        """Every checkpoint's rows of the capture check, layers named ``c{c}/{layer}``."""
+        return [dict(r, layer=block_name(c, r["layer"])) for c, sk in enumerate(self.members)
+                for r in sk.check_report()]
 
     def sketch(self, batch, loss_fn) -> torch.Tensor:
         """[B, C·K] float32: each checkpoint's sketch of the batch, in checkpoint order."""

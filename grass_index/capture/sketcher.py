@@ -13,11 +13,11 @@ Flat layers (embeddings, norms, lone biases, ...) and any factored layer whose h
 fails the check below: per-sample gradients via torch.func (functional_call + vmap(grad)),
 then the layer's own compressor (a factored one sketches the formed gradient the same way).
 
-The first batch is checked (``check``): per layer, the sum over the batch of the per-example
-sketches must equal the sketch of autograd's batch gradient, and the sketches of 2 examples
-must equal the sketches of their exact torch.func gradients (which catches sequence-first
-layouts even when T == B). A layer that fails on every layout moves to the exact path with a
-note in ``describe()``; it is never sketched wrong.
+The first few examples of the first batch are checked (``check``): per layer, the sum over
+them of the per-example sketches must equal the sketch of autograd's batch gradient, and the
+sketches of 2 examples must equal the sketches of their exact torch.func gradients (which
+catches sequence-first layouts even when T == B). A layer that fails on every layout moves to
+the exact path with a note in ``describe()``; it is never sketched wrong.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..compress import layer_seed, make_compressor, parse_spec
-from ._batch import batch_size, check_losses, per_example_grads
+from ._batch import batch_size, check_loss_shape, check_losses, per_example_grads
 from ._intercept import Recorder, recording
 from ._taps import LAYOUTS, call_sketch
 from .errors import CaptureError
@@ -41,6 +41,8 @@ from .layers import LayerInfo, left_out, linear_dims
 log = logging.getLogger(__name__)
 
 EXACT = "exact"  # route of a layer sketched from torch.func per-example gradients
+CHECK_EXAMPLES = 4  # examples of the first batch the capture check runs on
+MOVED_NOTE = "the weight's uses are not all seen by the factored capture"
 _ROUTE_TEXT = {"batch_first": "hooks", "seq_first": "hooks (sequence-first input)",
                EXACT: "torch.func (exact per-example gradients)"}
 
@@ -254,13 +256,17 @@ class GradientSketcher:
                     parts[layer.name] = s
         if exact:
             parts.update(self._exact_sketches(batch, loss_fn, exact))
+        out = torch.cat([parts[layer.name] for layer in self.layers], dim=1)
+        out = out.detach().to(device="cpu", dtype=torch.float32)
+        # checked on the host copy: no device sync per layer
+        start = 0
         for layer in self.layers:
-            s = parts[layer.name]
+            s = out[:, start:start + self._width(layer)]
+            start += s.shape[1]
             _check_finite(s, layer.name)
             if self.zero[layer.name] and bool((s != 0).any()):
                 self.zero[layer.name] = False
-        out = torch.cat([parts[layer.name] for layer in self.layers], dim=1)
-        return out.detach().to(device="cpu", dtype=torch.float32)
+        return out
 
     def _forward_backward(self, batch, loss_fn, layers, extra: list[nn.Parameter] = ()):
         """One forward recording every use of the layers' weights, one backward to the
@@ -342,24 +348,41 @@ class GradientSketcher:
         return out
 
     # ---------------------------------------------------------------- the check
-    def check(self, batch, loss_fn) -> dict[str, str]:
-        """Verify every layer's capture on ``batch`` and fix its route; returns {layer: how it
-        is captured}. Per factored layer, each layout that fits is tried until the sum of the
-        per-example sketches equals the sketch of autograd's batch gradient and the first 2
-        examples equal the sketches of their torch.func gradients; if none passes the layer
-        is captured from torch.func gradients. A layer whose per-example gradients (exact or
-        not) cannot add up to the batch gradient is an error naming the layer. Layers with a
-        zero gradient for every example get a note."""
-        n = batch_size(batch)
+    def check(self, batch, loss_fn, *, strict: bool = True) -> dict[str, str]:
+        """Verify every layer's capture on the first ``CHECK_EXAMPLES`` examples of ``batch``
+        and fix its route; returns {layer: how it is captured}. Per factored layer, each
+        layout that fits is tried until the sum of the per-example sketches equals the sketch
+        of autograd's batch gradient and the first 2 examples equal the sketches of their
+        torch.func gradients; if none passes the layer is captured from torch.func gradients.
+        A layer whose per-example gradients (exact or not) cannot add up to the batch gradient
+        cannot be captured exactly by any route: an error naming it and the --layers glob that
+        excludes it (with ``strict=False`` it is recorded in ``failed`` instead, for a report).
+        Layers with a zero gradient for every checked example get a note.
+
+        A few examples suffice: a missed use of the weight, a sequence-first layout or a loss
+        that couples examples shows on any of them, and the check's backward (the only one that
+        forms weight gradients) then costs a fraction of one batch's."""
+        whole, n = batch, batch_size(batch)
+        if n and n > CHECK_EXAMPLES:
+            batch = _first(batch, n, CHECK_EXAMPLES)
+            n = CHECK_EXAMPLES
         params = dict(self.model.named_parameters())
         names = [p for layer in self.layers for p in layer.param_names]
         factored = [layer for layer in self.layers if layer.kind != "flat"]
+        self.failed: dict[str, str] = {}
         if self.left_out:
             log.info("not attributed (%d trainable parameters): %s", len(self.left_out),
                      "; ".join(f"{k}: {v}" for k, v in self.left_out.items()))
         # hooked capture and the batch gradient of every selected parameter, one backward
         targets = [params[p] for p in names]
-        calls, grads, batch_grads, B = self._forward_backward(batch, loss_fn, factored, targets)
+        try:
+            calls, grads, batch_grads, B = self._forward_backward(batch, loss_fn, factored,
+                                                                  targets)
+        except CaptureError:
+            if whole is not batch:  # a wrong loss shape, said for the batch the user passed
+                with torch.no_grad():
+                    check_loss_shape(loss_fn(self.model, whole), batch_size(whole))
+            raise
         whole = {p: (torch.zeros_like(params[p]) if g is None else g.detach())[None]
                  for p, g in zip(names, batch_grads)}
         del batch_grads
@@ -367,7 +390,7 @@ class GradientSketcher:
             layer, flatten_layer(self.model, layer, whole))[0] for layer in self.layers}
         del whole
 
-        # exact references: 2 examples, every layer
+        # exact references: 2 examples, every layer, one torch.func call
         m = min(2, n) if n else 0
         ref: dict[str, torch.Tensor] = {}
         if m:
@@ -416,8 +439,8 @@ class GradientSketcher:
             seen = len(calls.get(layer.name, []))
             why = ("no F.linear/F.conv call with this weight was seen" if seen == 0
                    else "; ".join(failures) or "its inputs fit no batch layout")
-            note = (f"the weight's uses are not all seen by the factored capture ({why}); "
-                    "captured exactly from torch.func per-example gradients instead (slower)")
+            note = (f"{MOVED_NOTE} ({why}); captured exactly from torch.func per-example "
+                    "gradients instead (slower)")
             self.notes[layer.name].append(note)
             log.warning("layer %s: %s", layer.name, note)
             exact_needed.append(layer)
@@ -432,22 +455,55 @@ class GradientSketcher:
                 rms = float(S.double().norm()) / max(1, B) ** 0.5
                 err = _rel_err(S.sum(0), batch_sketch[layer.name], floor=rms)
                 if err > tol:
-                    raise CaptureError(
+                    self.failed[layer.name] = (
                         f"layer {layer.name} cannot be captured exactly: its per-example "
                         f"gradients do not add up to the batch gradient (rel. err {err:.2g}), so "
                         "one example's loss depends on other examples of the batch (BatchNorm "
                         "in train mode? in-batch negatives?). Exclude it with --layers "
-                        f"'{_glob(layer)}' or make the loss per-example", layer=layer.name)
+                        f"'{_glob(layer)}' or make the loss per-example")
+                    continue
                 if bool((S != 0).any()):
                     self.zero[layer.name] = False
         for layer in self.layers:
-            if self.zero[layer.name]:
-                note = ("zero gradient for every example of the first batch: the loss does not "
-                        "reach this layer, so it adds nothing to any score")
+            if self.zero[layer.name] and layer.name not in self.failed:
+                note = (f"zero gradient for every one of the {n} examples checked: the loss "
+                        "may not reach this layer (the build reports the layers whose "
+                        "gradient is zero for every training example)")
                 self.notes[layer.name].append(note)
                 log.warning("layer %s: %s", layer.name, note)
         self.checked = True
+        if self.failed and strict:
+            first, *more = self.failed
+            extra = (f" (also: {', '.join(more)}: exclude with "
+                     + " ".join(f"--layers '{self.exclude_glob(x)}'" for x in more) + ")"
+                     if more else "")
+            raise CaptureError(self.failed[first] + extra, layer=first)
         return {layer.name: _ROUTE_TEXT[self.route[layer.name]] for layer in self.layers}
+
+    def exclude_glob(self, name: str) -> str:
+        """The --layers pattern that removes layer ``name``."""
+        return _glob(next(layer for layer in self.layers if layer.name == name))
+
+    def check_report(self) -> list[dict]:
+        """One row per layer after ``check``: layer, kind, route ("factored", "flat",
+        "moved-to-flat" when the check moved a factored layer to torch.func, "none" when no
+        route is exact), status ("ok",
+        "zero-gradient" or "failed"), note, and for a failed layer the glob excluding it."""
+        rows = []
+        for layer in self.layers:
+            moved = layer.kind != "flat" and self.route[layer.name] == EXACT
+            route = "moved-to-flat" if moved else ("flat" if layer.kind == "flat" else "factored")
+            failed = getattr(self, "failed", {}).get(layer.name)
+            if failed:
+                route = "none"
+            status = "failed" if failed else ("zero-gradient" if self.zero[layer.name] else "ok")
+            row = dict(layer=layer.name, kind=layer.kind, route=route,
+                       capture=_ROUTE_TEXT[self.route[layer.name]], status=status,
+                       note=failed or "; ".join(self.notes[layer.name]))
+            if failed:
+                row["exclude"] = f"--layers '{_glob(layer)}'"
+            rows.append(row)
+        return rows
 
 
 def _check_finite(s: torch.Tensor, layer: str, what: str = "gradient sketch"):

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import err, errors, fail, safe, shell_arg
+from .errors import EXIT_ERROR, err, errors, fail, safe, shell_arg
 from .render import emit_json, report_index
 
 
@@ -40,6 +40,9 @@ def build(
                                        "DIR/shards once rank 0 has merged them (they double "
                                        "the disk)."),
     json_mode: bool = typer.Option(False, "--json", help="Print the config as JSON on stdout."),
+    check: bool = typer.Option(False, "--check", help="Build nothing: check how each selected "
+                               "layer is captured on the first examples, print the table; exit "
+                               "1 (naming the --layers glob to exclude) if one is not exact."),
     hf_model: Optional[Path] = typer.Option(None, "--hf-model", help="A local Hugging Face "
                                             "causal LM directory (save_pretrained) instead of "
                                             "a task file; needs --data."),
@@ -79,6 +82,17 @@ def build(
     model = t.index_model()
     data = t.train_data()
     t0 = time.perf_counter()
+    if check:
+        from .render import print_capture_check
+
+        rep = gi.check_capture(model, data, t.loss, options, collate=t.collate, device=device)
+        if json_mode:
+            emit_json(dict(rep.to_dict(), seconds=round(time.perf_counter() - t0, 3)))
+        else:
+            print_capture_check(err, rep)
+        if not rep.ok:
+            raise typer.Exit(EXIT_ERROR)
+        return
     if worker is not None:  # a shard, not an index
         if remove_shards:
             fail("--remove-shards applies to torchrun builds and merge; a --worker build's "

@@ -75,6 +75,27 @@ def tuned_rows(cfg: dict) -> list:
                       "subsets)")]
 
 
+def capture_rows(cfg: dict, shown: int = 6) -> list:
+    """What the build's capture left out or changed (config.json ``capture``): parameters the
+    layer selection left out (the first few, with why), layers the first-batch check moved
+    to torch.func, and layers dropped for a zero gradient on every training example."""
+    cap = cfg.get("capture") or {}
+    rows = []
+    left = cap.get("left_out") or {}
+    if left:
+        items = [f"{k} ({v})" for k, v in list(left.items())[:shown]]
+        more = f"; and {len(left) - shown} more (info --json)" if len(left) > shown else ""
+        rows.append(("not attributed", f"{len(left)} trainable parameters: "
+                     + "; ".join(items) + more))
+    for name, note in (cap.get("moved_to_flat") or {}).items():
+        rows.append(("moved to flat", f"{name}: {note}"))
+    zero = cap.get("zero_gradient") or []
+    if zero:
+        rows.append(("dropped", f"{', '.join(zero)}: zero gradient for every training example "
+                     "(not in the preconditioner; adds nothing to any score)"))
+    return rows
+
+
 def index_summary(cfg: IndexConfig) -> str:
     """e.g. 'ivf:fp16, 200000 vectors, nlist 1788 nprobe 224, recall@10 0.981 (100 queries)'."""
     ix = cfg.index
@@ -129,7 +150,7 @@ def print_index(err: Console, cfg: IndexConfig, *, directory, verb: str | None =
                 ("sparsification", cfg.sparsification), ("projection", cfg.projection),
                 ("seed", cfg.seed), *checkpoint_rows(cfg), ("hessian", cfg.hessian),
                 ("damping", f"{cfg.damping or 'default'} -> used {json.dumps(cfg.damping_used)}"),
-                ("batch size", cfg.batch_size), *tuned_rows(cfg.raw),
+                ("batch size", cfg.batch_size), *tuned_rows(cfg.raw), *capture_rows(cfg.raw),
                 ("config hash", cfg.config_hash),
                 ("created", cfg.created)]
         for k, v in rows:
@@ -153,3 +174,22 @@ def report_index(verb: str, directory, cfg: dict, secs: float, json_mode: bool) 
         emit_json(dict(cfg, seconds=round(secs, 3)))
         return
     print_index(err, IndexConfig(cfg), directory=directory, verb=verb, secs=secs)
+
+
+def print_capture_check(err: Console, rep) -> None:
+    """`build --check`: a row per layer (route, status, note), then one line per layer that
+    no route captures exactly, with the --layers glob that excludes it."""
+    tab = Table(title=f"capture check ({rep.examples} examples of the first batch)")
+    for col in ("layer", "kind", "route", "status", "note"):
+        tab.add_column(col)
+    for r in rep.layers:
+        tab.add_row(*(safe(r[c]) for c in ("layer", "kind", "route", "status", "note")))
+    err.print(tab)
+    if rep.left_out:
+        err.print(f"not attributed ({len(rep.left_out)} trainable parameters): "
+                  + safe("; ".join(f"{k}: {v}" for k, v in rep.left_out.items())))
+    for r in rep.failed:
+        err.print(f"[bold red]failed:[/] layer {safe(r['layer'])} cannot be captured exactly; "
+                  f"exclude it with {safe(r['exclude'])}")
+    if rep.ok:
+        err.print("every selected layer is captured exactly")

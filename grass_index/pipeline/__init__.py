@@ -49,13 +49,15 @@ from .inputs import load_examples
 from .options import (HESSIANS, INDEX_KINDS, BuildOptions, IndexOptions, check_damping,
                       check_index, norm_hessian)
 from .progress import Progress
-from .run import BuildResult, ShardInfo, build, build_shard, merge_shards, refit_index
+from .run import (BuildResult, CaptureCheck, ShardInfo, build, build_shard, check_capture,
+                  merge_shards, refit_index)
 from .sharding import parse_worker
 from .stored import state_from_array, state_to_array
 from .verify import verify_index
 
 __all__ = [
-    "AttributionError", "BUILD_FILE", "BuildOptions", "BuildResult", "CONFIG_FILE",
+    "AttributionError", "BUILD_FILE", "BuildOptions", "BuildResult", "CaptureCheck",
+    "CONFIG_FILE", "check_capture",
     "FORMAT_VERSION", "HESSIANS", "INDEX_KINDS", "IndexConfig", "IndexOptions", "MASK_FILE",
     "Progress", "SHARDS_DIR", "STORE_DIR", "ShardInfo", "build", "build_shard", "check_damping",
     "check_index", "config_hash", "describe_index", "load_examples", "merge_shards",

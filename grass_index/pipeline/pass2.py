@@ -22,9 +22,11 @@ import torch
 from .. import __version__
 from ..index import (ExactTopK, SearchSketch, ShardedIndex, SketchedIndex, VectorIndex,
                      check_serves, default_search_sketch, parse_spec, part_ranges, recall_at_k)
+from ..capture.sketcher import MOVED_NOTE
 from ..precondition import (ChunkedFisher, FisherAccumulator, Preconditioner, dense_layers,
                             load_preconditioner, save_preconditioner,
                             stale_preconditioner_arrays)
+from ..precondition.fisher import layer_slices
 from ..store import SketchStore, StoreError
 from ..task import task_record
 from .errors import AttributionError
@@ -174,12 +176,17 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
     names = index_file_names(key, len(ranges) * ranks.world)
     held = {}
 
+    slices = layer_slices(layout)
+
     def fill():
         parts = [template.empty_like() for _ in ranges]
         exact = ExactTopK(queries, k + 1) if k >= 1 else None
+        reached = dict.fromkeys(layout, False)  # a layer with a nonzero vector among these rows
         with rows.open() as st:
             total = st.num_rows
             for start, vec in preconditioned_blocks(st, pre):
+                for name, sl in slices.items():
+                    reached[name] = reached[name] or bool(vec[:, sl].any())
                 ids = rows.global_ids(start, len(vec))
                 held_form = stored_form(vec)
                 for part, (lo, hi) in zip(parts, ranges):
@@ -192,8 +199,12 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
         if ranks.rank != 0:  # rank 0 keeps its part in memory; the others hand theirs over on disk
             parts[0].save(out / names[ranks.rank])
         held["parts"] = parts
-        return None if exact is None else (exact.scores, exact.ids)
-    tops = ranks.step(fill)
+        return reached, (None if exact is None else (exact.scores, exact.ids))
+    filled = ranks.step(fill)
+    tops = [top for _, top in filled]
+    # preconditioning maps zero rows to zero and nonzero rows to nonzero, so these are the
+    # layers whose gradient is zero for every training example (on every rank)
+    zero = [name for name in layout if not any(r[name] for r, _ in filled)]
 
     def rank0_commit():
         with main_store(pre, key) as store:
@@ -222,8 +233,23 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
             return commit(out, store, build, describe, pre=pre, key=key, vindex=vindex,
                           index=index, index_files=files, hessian=hessian, damping=damping,
                           task=task, item_signature=item_signature, progress=progress,
-                          extra=extra)
+                          extra=dict(extra or {}, capture=capture_record(build, describe,
+                                                                         zero)))
     return ranks.step(lambda: rank0_commit() if ranks.rank == 0 else None)[0]
+
+
+def capture_record(build: dict, describe: dict, zero: list[str]) -> dict:
+    """config.json's ``capture``: the trainable parameters the layer selection left out (and
+    why), the layers the first-batch check moved to torch.func (with its note), and the
+    layers whose gradient is zero for every training example (dropped from the
+    preconditioner: they add nothing to any score)."""
+    moved = {}
+    for name, d in describe.items():
+        notes = [str(n) for n in d.get("notes") or [] if str(n).startswith(MOVED_NOTE)]
+        if notes and d.get("kind") != "flat":
+            moved[name] = notes[0]
+    return dict(left_out=dict(build.get("left_out") or {}), moved_to_flat=moved,
+                zero_gradient=list(zero))
 
 
 def pass2_key(build: dict, *, hessian, damping, index, nlist, nprobe) -> str:

@@ -3,9 +3,11 @@ claims its output directory, so a re-run can resume it or refuse a different bui
 
 Its keys: ``format``, the BuildOptions (``sparsification``, ``projection``, ``seed``,
 ``layers``, ``batch_size``), what the model and data give (``layer_dims``, ``layout``, ``dim``,
-``n_train``, ``model_hash``, ``data_hash``, ``sketch_fingerprint``) and, only when a mask file
-is used, ``selective_mask`` (its hash); only for a checkpoint ensemble, ``checkpoints`` (C) and
-``checkpoint_hashes`` (each checkpoint's model hash; ``model_hash`` covers them all). The one reader and writer of the file.
+``n_train``, ``model_hash``, ``data_hash``, ``sketch_fingerprint``, ``left_out``: trainable
+parameters the layer selection leaves out and why) and, only when a mask file is used,
+``selective_mask`` (its hash); only for a checkpoint ensemble, ``checkpoints`` (C) and
+``checkpoint_hashes`` (each checkpoint's model hash; ``model_hash`` covers them all). The one
+reader and writer of the file.
 """
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ def make_build_record(options, *, model, infos, sketcher, train_data, masks=None
                  layer_dims=layer_dims(infos), layout=sketcher.layout, dim=sketcher.dim,
                  batch_size=options.batch_size, n_train=len(train_data),
                  model_hash=model_fingerprint(model), data_hash=data_hash(train_data),
-                 sketch_fingerprint=sketcher.fingerprint())
+                 sketch_fingerprint=sketcher.fingerprint(),
+                 # trainable parameters the layer selection leaves out, and why
+                 left_out=dict(sketcher.left_out))
     models = as_checkpoints(model)
     if models is not None:  # an ensemble; only recorded then, so other builds' hashes stay
         build["checkpoints"] = len(models)

@@ -6,6 +6,7 @@
     build_shard    `build --worker I/N`: pass 1 over worker I's batches into shards/I-of-N
     merge_shards   once all N shards exist: copy them into sketches/, then the same pass 2
     refit_index    pass 2 again over a finished index's stored sketches (no gradients)
+    check_capture  `build --check`: the first-batch capture check alone, as a report
 
 Everything that can be checked without writing is checked before the output directory is
 claimed (build.json). Options travel as ``BuildOptions`` / ``IndexOptions``.
@@ -19,9 +20,10 @@ from pathlib import Path
 from .. import plan as build_plan
 from ..capture import EnsembleSketcher, GradientSketcher, as_checkpoints, select_layers
 from ..capture.ensemble import different_architecture, single_model
+from ..capture.sketcher import CHECK_EXAMPLES
 from ..compress import load_selective_mask
 from ..store import SketchStore
-from ..task import check_loss, default_collate, task_record
+from ..task import check_loss, collate_items, default_collate, task_record
 from . import distributed as dist_build
 from .errors import AttributionError
 from .files import MASK_FILE, STORE_DIR, atomic_write, jsonable
@@ -62,37 +64,86 @@ class ShardInfo:
         return asdict(self)
 
 
+def _capture_setup(model, train_data, loss_fn, options: BuildOptions, *, collate, device):
+    """What pass 1 and the capture check share: the inputs checked, the layers, the sketcher
+    (not yet checked) and the examples its check runs on (the first of the first batch).
+    An ensemble (a list of checkpoints) gets one sketcher per checkpoint behind an
+    EnsembleSketcher, every checkpoint checked to have checkpoint 0's layers."""
+    check_train_data(train_data)
+    check_device(device)
+    collate = collate or default_collate
+    masks = (load_selective_mask(options.selective_mask)
+             if options.selective_mask is not None else None)
+    models = as_checkpoints(model)  # an ensemble: every checkpoint, sketched per batch
+    sketchers, infos = [], None
+    for c, m in enumerate(models or [single_model(model)]):
+        m.eval()
+        where = "loss_fn" if models is None else f"loss_fn on checkpoint {c}"
+        # Everything that can be checked without writing is checked first.
+        check_loss(m, train_data, loss_fn, collate, where=where)
+        infos_c = select_layers(m, options.layers)
+        if infos is not None:
+            differs = different_architecture(c, layer_dims(infos_c), layer_dims(infos))
+            if differs:
+                raise AttributionError(differs)
+        infos = infos or infos_c
+        sketchers.append(GradientSketcher(m, infos_c, sparsification=options.sparsification,
+                                          projection=options.projection, seed=options.seed,
+                                          clamp=True, device=device, selective_masks=masks))
+    sketcher = sketchers[0] if models is None else EnsembleSketcher(sketchers)
+    n = min(options.batch_size, CHECK_EXAMPLES, len(train_data))
+    first = collate_items(collate, [train_data[i] for i in range(n)],
+                          f"training examples 0..{n - 1}")
+    return collate, infos, masks, sketcher, first
+
+
+@dataclass(frozen=True)
+class CaptureCheck:
+    """`build --check`: how each selected layer is captured, checked on the first examples
+    without building anything. ``ok`` when every layer is captured exactly (hooks, or
+    torch.func where the check moved it); ``failed`` holds the layers no route captures
+    exactly, each with the --layers glob that excludes it."""
+
+    layers: list
+    left_out: dict
+    examples: int
+
+    @property
+    def failed(self) -> list:
+        return [r for r in self.layers if r["status"] == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def to_dict(self) -> dict:
+        return dict(ok=self.ok, examples=self.examples, layers=list(self.layers),
+                    failed=[dict(layer=r["layer"], exclude=r["exclude"], note=r["note"])
+                            for r in self.failed], left_out=dict(self.left_out))
+
+
+def check_capture(model, train_data, loss_fn, options: BuildOptions | None = None, *,
+                  collate=None, device=None) -> CaptureCheck:
+    """Run the build's first-batch capture check for ``options``' layers and specs, and
+    nothing else (no directory is written); a layer that fails is reported, not raised."""
+    options = options or BuildOptions()
+    _, _, _, sketcher, first = _capture_setup(model, train_data, loss_fn, options,
+                                              collate=collate, device=device)
+    sketcher.check(first, loss_fn, strict=False)
+    return CaptureCheck(layers=jsonable(sketcher.check_report()),
+                        left_out=dict(sketcher.left_out),
+                        examples=int(min(options.batch_size, CHECK_EXAMPLES, len(train_data))))
+
+
 class _Prepared:
     """Pass 1's inputs, checked: the layers, the sketcher, the build record, the layer notes."""
 
     def __init__(self, model, train_data, loss_fn, options: BuildOptions, *, collate, device):
-        check_train_data(train_data)
-        check_device(device)
-        self.collate = collate or default_collate
-        mask_file = options.selective_mask
-        self.masks = load_selective_mask(mask_file) if mask_file is not None else None
-        models = as_checkpoints(model)  # an ensemble: every checkpoint, sketched per batch
-        sketchers, infos = [], None
-        for c, m in enumerate(models or [single_model(model)]):
-            m.eval()
-            where = "loss_fn" if models is None else f"loss_fn on checkpoint {c}"
-            # Everything that can be checked without writing is checked first.
-            check_loss(m, train_data, loss_fn, self.collate, where=where)
-            infos_c = select_layers(m, options.layers)
-            if infos is not None:
-                differs = different_architecture(c, layer_dims(infos_c), layer_dims(infos))
-                if differs:
-                    raise AttributionError(differs)
-            infos = infos or infos_c
-            sketchers.append(GradientSketcher(m, infos_c,
-                                              sparsification=options.sparsification,
-                                              projection=options.projection, seed=options.seed,
-                                              clamp=True, device=device,
-                                              selective_masks=self.masks))
-        self.sketcher = sketchers[0] if models is None else EnsembleSketcher(sketchers)
-        # verify every layer's capture on the first batch (routes + notes land in describe)
-        first = [train_data[i] for i in range(min(options.batch_size, len(train_data)))]
-        self.sketcher.check(self.collate(first), loss_fn)
+        self.collate, infos, self.masks, self.sketcher, first = _capture_setup(
+            model, train_data, loss_fn, options, collate=collate, device=device)
+        # verify every layer's capture on the first examples (routes + notes land in
+        # describe); a layer no route captures exactly is one error line, before pass 1
+        self.sketcher.check(first, loss_fn)
         self.describe = jsonable(self.sketcher.describe())
         for name, d in self.describe.items():
             note = "; ".join(map(str, d.get("clamped") or []))
@@ -100,7 +151,7 @@ class _Prepared:
                 log.info("layer %s: %s", name, note)
         self.build = make_build_record(options, model=model, infos=infos, sketcher=self.sketcher,
                                        train_data=train_data, masks=self.masks)
-        self.mask_file = mask_file
+        self.mask_file = options.selective_mask
         self.train_data, self.loss_fn, self.batch_size = train_data, loss_fn, options.batch_size
 
     def plan(self, index_options: IndexOptions) -> build_plan.Plan:

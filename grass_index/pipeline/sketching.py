@@ -13,6 +13,7 @@ from ..task import TaskError, collate_items
 from .errors import AttributionError
 from .fingerprints import block_digest, first_difference
 from .record import batch_count
+from ..precondition.fisher import layer_slices
 
 log = logging.getLogger("grass_index")
 
@@ -66,6 +67,8 @@ def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch
         for s, rows in store.iter_blocks():
             fisher.add(s, rows)
     progress("sketch", start, len(blocks))
+    slices = layer_slices(sketcher.layout)
+    reached = dict.fromkeys(slices, False)  # layers with a nonzero sketch so far
     for j in range(start, len(blocks)):
         b = blocks[j]
         lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
@@ -74,9 +77,34 @@ def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch
         batch = collate_items(collate, items, f"training examples {lo}..{hi - 1}")
         rows = _sketch_batch(sketcher, batch, loss_fn, lo, hi, b).numpy()
         store.put_block(j, j * batch_size, rows, digest=digest)
+        for name, sl in slices.items():
+            reached[name] = reached[name] or bool(rows[:, sl].any())
         if fisher is not None:
             fisher.add(j * batch_size, rows)
         progress("sketch", j + 1, len(blocks))
+    report_zero_layers(store, sketcher, reached, resumed=start > 0,
+                       whose="" if len(blocks) == batch_count(n, batch_size)
+                       else " of this worker's batches")
+
+
+def report_zero_layers(store, sketcher, reached: dict, *, resumed: bool, whose: str = ""):
+    """End of pass 1: one line naming the selected layers whose gradient was zero for every
+    example (a resumed build also reads the blocks an earlier run committed). Pass 2 drops
+    them from the preconditioner and config.json records them (``capture.zero_gradient``)."""
+    slices = layer_slices(sketcher.layout)
+    if resumed and not all(reached.values()):
+        for _, rows in store.iter_blocks():
+            for name, sl in slices.items():
+                reached[name] = reached[name] or bool(rows[:, sl].any())
+            if all(reached.values()):
+                break
+    zero = [name for name, r in reached.items() if not r]
+    if zero:
+        log.warning("pass 1: %d selected layer(s) had a zero gradient for every training "
+                    "example%s: %s; they are dropped from the preconditioner and add nothing "
+                    "to any score (exclude them with %s)", len(zero), whose, ", ".join(zero),
+                    " ".join(f"--layers '{sketcher.exclude_glob(z)}'" for z in zero))
+    return zero
 
 
 def _sketch_batch(sketcher, batch, loss_fn, lo: int, hi: int, b: int):

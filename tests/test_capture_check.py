@@ -1,0 +1,214 @@
+"""The capture check on demand (`build --check`, check_capture), what a build records about its
+capture (parameters left out, layers moved to torch.func, zero-gradient layers dropped), and
+the one-line error before pass 1 for a layer no route captures exactly."""
+from __future__ import annotations
+
+import json
+import logging
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import grass_index as gi
+from grass_index.capture import per_sample_gradients, select_layers
+from grass_index.cli.main import app
+from test_capture_exact import IssueModel, ids_batch, token_loss
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+class Matmul(nn.Module):
+    """fc's weight is also used through a matmul: hooks see part of its gradient, so the check
+    moves fc to torch.func."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.fc(x) + x @ self.fc.weight)
+
+
+def sq_loss(model, batch):
+    return model(batch).pow(2).sum(1)
+
+
+def centred_loss(model, batch):
+    """Couples the examples of a batch: no route gives per-example gradients."""
+    y = model(batch)
+    return (y - y.mean(0)).pow(2).sum(1)
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+def test_check_capture_reports_routes_without_building(tmp_path):
+    torch.manual_seed(0)
+    data = list(torch.randn(10, 4))
+    rep = gi.check_capture(Matmul().eval(), data, sq_loss)
+    rows = {r["layer"]: r for r in rep.layers}
+    assert rep.ok and rep.examples == 4 and not rep.failed
+    assert rows["fc"]["route"] == "moved-to-flat" and rows["fc"]["status"] == "ok"
+    assert "not all seen" in rows["fc"]["note"]
+    assert rows["out"]["route"] == "factored" and rows["out"]["note"] == ""
+    # the keyword on build_index is the same check, and writes nothing
+    same = gi.build_index(Matmul().eval(), data, sq_loss, tmp_path / "ix", check_only=True)
+    assert [(r["layer"], r["route"], r["status"]) for r in same.layers] == \
+        [(r["layer"], r["route"], r["status"]) for r in rep.layers]
+    assert not (tmp_path / "ix").exists()
+
+
+def test_check_capture_names_failing_layers_and_their_globs():
+    rep = gi.check_capture(mlp(), list(torch.randn(8, 3)), centred_loss)
+    assert not rep.ok
+    failed = {r["layer"]: r["exclude"] for r in rep.failed}
+    assert failed == {"0": "--layers '!0.*'", "2": "--layers '!2.*'"}
+    doc = rep.to_dict()
+    assert doc["ok"] is False and [r["status"] for r in doc["layers"]] == ["failed", "failed"]
+    assert [r["route"] for r in doc["layers"]] == ["none", "none"]
+    json.dumps(doc)  # plain JSON
+
+
+def test_build_refuses_uncapturable_layer_before_pass_1(tmp_path):
+    """Bad input: one error naming the layer and the glob, and no directory claimed."""
+    with pytest.raises(gi.GrassIndexError) as info:
+        gi.build_index(mlp(), list(torch.randn(8, 3)), centred_loss, tmp_path / "ix",
+                       progress=False)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "layer 0 cannot be captured exactly" in msg and "--layers '!0.*'" in msg
+    assert "--layers '!2.*'" in msg  # the other failing layer is named too
+    assert not (tmp_path / "ix").exists()
+
+
+TASK = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+    def train_data():
+        return list(torch.randn(12, 3, generator=torch.Generator().manual_seed(0)))
+
+    def loss(model, batch):
+        y = model(batch)
+        return {expr}
+""")
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_cli_build_check_exit_code_table_and_json(tmp_path, coupled):
+    task = tmp_path / "task.py"
+    expr = "(y - y.mean(0)).pow(2).sum(1)" if coupled else "y.pow(2).sum(1)"
+    task.write_text(TASK.format(expr=expr))
+    out = tmp_path / "ix"
+    res = invoke("build", task, "--out", out, "--check")
+    err = " ".join(res.stderr.split())
+    assert "Traceback" not in res.output
+    assert "capture check" in err and "route" in err and "status" in err
+    if coupled:
+        assert res.exit_code == 1, res.output
+        assert "failed: layer 0 cannot be captured exactly; exclude it with --layers '!0.*'" in err
+        assert "failed: layer 2" in err
+    else:
+        assert res.exit_code == 0, res.output
+        assert "every selected layer is captured exactly" in err and "factored" in err
+    res = invoke("build", task, "--out", out, "--check", "--json")
+    doc = json.loads(res.stdout)
+    assert res.exit_code == (1 if coupled else 0)
+    assert doc["ok"] is (not coupled) and len(doc["layers"]) == 2
+    if coupled:
+        assert [f["exclude"] for f in doc["failed"]] == ["--layers '!0.*'", "--layers '!2.*'"]
+    assert not out.exists()  # --check builds nothing
+
+
+# ---------------------------------------------------------------- what a build records
+def issue_data(n=10):
+    return [ids_batch(1, 6, seed=i)[0] for i in range(n)]
+
+
+def test_unreached_head_dropped_recorded_and_shown(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = IssueModel().eval()
+    data = issue_data()
+    with caplog.at_level(logging.WARNING, logger="grass_index"):
+        idx = gi.build_index(model, data, token_loss, tmp_path / "ix", projection="sjlt-16",
+                             sparsification="identity", batch_size=4, progress=False)
+    ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pass 1:")]
+    assert len(ends) == 1 and "unused" in ends[0] and "--layers '!unused.*'" in ends[0]
+    cap = idx.config["capture"]
+    assert cap["zero_gradient"] == ["unused"] == list(idx.config["preconditioner"]["dropped"])
+    assert cap["left_out"]["emb.weight"].startswith("Embedding")
+    assert cap["moved_to_flat"] == {}
+    res = invoke("info", tmp_path / "ix")
+    err = " ".join(res.stderr.split())
+    assert res.exit_code == 0 and "dropped: unused: zero gradient" in err
+    assert "not attributed: 5 trainable parameters:" in err and "emb.weight (Embedding" in err
+    doc = json.loads(invoke("info", tmp_path / "ix", "--json").stdout)
+    assert doc["config"]["capture"] == cap
+
+    # scores equal exact dot products over the layers the loss reaches
+    ih = gi.build_index(model, data, token_loss, tmp_path / "id", sparsification="identity",
+                        projection="identity", hessian="identity", batch_size=4,
+                        progress=False)
+    assert ih.config["capture"]["zero_gradient"] == ["unused"]
+    layers = [la for la in select_layers(model) if la.name != "unused"]
+    g = per_sample_gradients(model, torch.stack(data), token_loss, layers)
+    g = torch.cat(list(g.values()), 1).double()
+    want = g[:3] @ g.T
+    got = ih.score(model, data[:3], token_loss).double()
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+
+
+def test_moved_layer_recorded_and_shown(tmp_path):
+    torch.manual_seed(0)
+    idx = gi.build_index(Matmul().eval(), list(torch.randn(10, 4)), sq_loss, tmp_path / "ix",
+                         sparsification="identity", projection="identity", batch_size=4,
+                         progress=False)
+    moved = idx.config["capture"]["moved_to_flat"]
+    assert list(moved) == ["fc"] and "not all seen" in moved["fc"]
+    err = " ".join(invoke("info", tmp_path / "ix").stderr.split())
+    assert "moved to flat: fc: the weight's uses are not all seen" in err
+
+
+def test_resumed_and_merged_builds_record_the_same(tmp_path):
+    torch.manual_seed(0)
+    model = IssueModel().eval()
+    data = issue_data(12)
+    kw = dict(sparsification="identity", projection="sjlt-16", batch_size=4, progress=False)
+    ref = gi.build_index(model, data, token_loss, tmp_path / "ref", **kw).config
+    # interrupted after the first batch, then resumed by a fresh run
+    x4 = data[4]
+
+    def flaky(m, batch):
+        if torch.is_grad_enabled() and any(torch.equal(b, x4) for b in batch):
+            raise RuntimeError("injected")
+        return token_loss(m, batch)
+
+    with pytest.raises(gi.task.TaskError):
+        gi.build_index(model, data, flaky, tmp_path / "res", **kw)
+    res = gi.build_index(model, data, token_loss, tmp_path / "res", **kw).config
+    # two workers, then a merge
+    for i in range(2):
+        gi.build_index(model, data, token_loss, tmp_path / "mrg", worker=(i, 2), **kw)
+    mrg = gi.merge_shards(tmp_path / "mrg", progress=False).config
+    for cfg in (res, mrg):
+        assert cfg["capture"] == ref["capture"]
+        assert cfg["capture"]["zero_gradient"] == ["unused"]
+        assert list(cfg["preconditioner"]["dropped"]) == ["unused"]
+        assert cfg["left_out"] == ref["left_out"]
+    assert np.isfinite(np.asarray(gi.open_index(tmp_path / "mrg").score(
+        model, data[:2], token_loss))).all()
