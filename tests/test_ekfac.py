@@ -169,7 +169,9 @@ def test_ekfac_refused_on_other_specs(tmp_path):
 def test_resume_keeps_bit_identical_factors(tmp_path, monkeypatch):
     _build(tmp_path, name="full", hessian="identity", damping=None)
     # interrupted after block 2 of 5, with the factor checkpoint one block behind
+    import grass_index.pipeline.factors as fa
     import grass_index.pipeline.sketching as sk
+    monkeypatch.setattr(fa, "SAVE_EVERY_S", 0.0)  # checkpoint after every block
     real = sk.Pass1Factors.committed
     calls = {"n": 0}
 

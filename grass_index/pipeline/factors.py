@@ -19,8 +19,10 @@ from ..precondition.fisher import layer_slices
 from ..store import SketchStore
 from .errors import AttributionError
 
-SAVE_EVERY_S = 30.0     # larger factor states are checkpointed at most this often in pass 1
-SMALL_STATE = 1 << 20   # states up to this many bytes are checkpointed after every block
+# Pass 1 checkpoints the factor sums at most this often (and after its last block): a write
+# costs about as much as committing a block, so per-block checkpoints would double the store
+# traffic of a small model; a resume recomputes the factors of at most this much work.
+SAVE_EVERY_S = 10.0
 
 
 def factor_shapes(sketcher) -> dict[str, tuple[int, int]] | None:
@@ -78,7 +80,6 @@ class Pass1Factors:
         fresh = saved is None or saved.shapes != KroneckerFactors(shapes).shapes \
             or saved.blocks > committed
         self.factors = KroneckerFactors(shapes) if fresh else saved
-        self._small = sum(a * a + b * b for a, b in shapes.values()) * 8 <= SMALL_STATE
         self._saved_at = time.monotonic()
 
     @property
@@ -93,8 +94,8 @@ class Pass1Factors:
         return out
 
     def committed(self, last: bool = False) -> None:
-        """A block was committed: checkpoint (every block when the state is small)."""
-        if last or self._small or time.monotonic() - self._saved_at >= SAVE_EVERY_S:
+        """A block was committed: checkpoint now and then, and after the last one."""
+        if last or time.monotonic() - self._saved_at >= SAVE_EVERY_S:
             save_factors(self.store, self.factors)
             self._saved_at = time.monotonic()
 
