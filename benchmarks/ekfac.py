@@ -146,7 +146,9 @@ def lds_table(name: str, cfg: dict, out: Path, split_seeds, with_kf: bool) -> li
                 if sc is not None:
                     masks = make_subsets(sc.shape[1], cfg["subsets"], 0.5, 0)
                     pred = masks.astype(np.float64) @ sc[:n_q].T
-                    kf[i] = f"{np.mean([_lds_of(pred, prep.losses, split_queries(n_q, 0.5, s)[1]) for s in split_seeds]):.3f}"
+                    held_lds = [_lds_of(pred, prep.losses, split_queries(n_q, 0.5, s)[1])
+                                for s in split_seeds]
+                    kf[i] = f"{np.mean(held_lds):.3f}"
         tuned = np.mean([r.choice.heldout_lds for r in res])
         ek01 = at(lambda c: c.hessian == "ekfac" and c.factor == 0.1)
         goal = max(held[0], max(held[j] for j, c in enumerate(grid) if c.scope != "identity"))
@@ -237,8 +239,9 @@ def main() -> None:
     if not args.lds_only:
         cost = dict(tasks)
         if not args.no_lm:
-            cost["GPT-2 2×256, T=128 (8 layers)"] = dict(specs=("random_mask-64*64",), batch=16,
-                                                         layers="transformer.h.*.attn.*,transformer.h.*.mlp.*")
+            cost["GPT-2 2×256, T=128 (8 layers)"] = dict(
+                specs=("random_mask-64*64",), batch=16,
+                layers="transformer.h.*.attn.*,transformer.h.*.mlp.*")
         rows = [r for name, cfg in cost.items() for r in cost_table(name, cfg, out, args.reps)]
         print("\npass 1 + FAISS (hessian identity), seconds, best of", args.reps, "\n")
         print(markdown_table(["task", "spec", "factors off", "factors on", "ratio"], rows))

@@ -68,8 +68,11 @@ def estimate(*, layer_dims: list[dict], layout: dict[str, int], n: int, batch_si
     # EK-FAC keeps the same dense k×k inverse per layer (and fits each from a k×k float64 Q)
     inverses = 4.0 * sum(k * k for k in ks) if hessian in ("eFIM", "ekfac") else 0.0
     B = min(batch_size, max(n, 1))
-    acts = ACT_FACTOR * 4.0 * B * tokens * sum(int(d["d_in"]) + int(d["d_out"])
-                                               for d in layer_dims)
+    # a flat layer (norm, embedding, lone bias) has no d_in/d_out: its exact per-example
+    # gradients hold numel floats per example instead
+    acts = ACT_FACTOR * 4.0 * B * tokens * sum(
+        int(d["d_in"]) + int(d["d_out"]) if d.get("d_in") is not None else int(d.get("numel") or 0)
+        for d in layer_dims)
     chunk_rows = max(1, min(4096, CHUNK_BYTES // (4 * K)))
     base = BASE_BYTES + 2.0 * model_bytes  # weights + what loading them keeps around
     pass1 = base + acts + 3.0 * 4 * B * K + fisher + (4.0 * chunk_rows * K if dense else 0.0)

@@ -61,8 +61,8 @@ def _reference(model, data, damping):
     model.zero_grad()
     out = {}
     for name, (inp, o) in acts.items():
-        X = torch.cat([inp.detach(), torch.ones(*inp.shape[:-1], 1)], -1).double()  # [n,T,d_in+1]
-        Dy = o.grad.detach().double()                                                   # [n,T,d_out]
+        X = torch.cat([inp.detach(), torch.ones(*inp.shape[:-1], 1)], -1).double()  # +bias col
+        Dy = o.grad.detach().double()
         A = torch.einsum("nti,ntj->ij", X, X)
         G = torch.einsum("nti,ntj->ij", Dy, Dy)
         grads = torch.einsum("nto,nti->noi", Dy, X).reshape(len(x), -1)                # row-major
@@ -232,3 +232,58 @@ def test_factor_state_round_trip():
     f2.end_batch()
     assert "b" in f2.missing and "a" in f2.missing
     assert Pass1Factors is not None
+
+
+class WithNorm(nn.Module):
+    """Linear, LayerNorm (a flat parameter: no Kronecker factors), Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.norm, self.l2 = nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.norm(self.l1(x))))
+
+
+def test_layers_without_factors_get_efim(tmp_path):
+    from grass_index.precondition import load_preconditioner
+
+    model, data = WithNorm().eval(), _data()
+    kw = dict(sparsification="identity-8*8", projection="identity", damping=0.1,
+              progress=False, batch_size=8, layers="*")  # every parameter, the norm's too
+    ek = gi.build_index(model, data, _loss, out=tmp_path / "ek", hessian="ekfac", **kw)
+    ef = gi.build_index(model, data, _loss, out=tmp_path / "ef", hessian="eFIM", **kw)
+    flat = [n for n in ek.layout if n.startswith("norm")]
+    assert flat and set(ek.config["preconditioner"]["efim_layers"]) == set(flat)
+    pres = []
+    for d, idx in (("ek", ek), ("ef", ef)):
+        with SketchStore.open(tmp_path / d / "sketches") as st:
+            pres.append(load_preconditioner(st, idx.config["preconditioner_key"], idx.layout))
+    for n in flat:  # the same eFIM inverse as an eFIM build's
+        np.testing.assert_allclose(pres[0].inverses[n], pres[1].inverses[n], rtol=1e-5,
+                                   atol=1e-6 * np.abs(pres[1].inverses[n]).max())
+    ref = _reference_layer(model, data, 0.1)
+    np.testing.assert_allclose(pres[0].inverses["l2"], ref, rtol=1e-3,
+                               atol=1e-4 * np.abs(ref).max())
+
+
+def _reference_layer(model, data, damping):
+    """Dense EK-FAC inverse of l2 (inputs with the bias column) from per-token tensors."""
+    x, y = data.tensors
+    kept = {}
+
+    def hook(mod, inp, out):
+        out.retain_grad()
+        kept["x"], kept["o"] = inp[0], out
+    h = model.l2.register_forward_hook(hook)
+    _loss(model, (x, y)).sum().backward()
+    h.remove()
+    model.zero_grad()
+    X = torch.cat([kept["x"].detach(), torch.ones(*kept["x"].shape[:-1], 1)], -1).double()
+    Dy = kept["o"].grad.detach().double()
+    QA = torch.linalg.eigh(torch.einsum("nti,ntj->ij", X, X))[1]
+    QG = torch.linalg.eigh(torch.einsum("nti,ntj->ij", Dy, Dy))[1]
+    Q = torch.kron(QG, QA)
+    lam = ((torch.einsum("nto,nti->noi", Dy, X).reshape(len(x), -1) @ Q) ** 2).mean(0)
+    return (Q @ torch.diag(1.0 / (lam + damping * lam.mean())) @ Q.T).numpy()

@@ -48,7 +48,7 @@ def tune_command(
     as_json: bool = typer.Option(False, "--json", help="Print the sweep as JSON."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """Sweep identity, eFIM and EK-FAC dampings (1e-3…10 × mean eigenvalue) from the stored sketches,
+    """Sweep identity, eFIM and EK-FAC dampings (1e-3…10 × mean eigenvalue) from the sketches,
     keep the best validation LDS, report it on held-out queries and record it in the index."""
     from grass_index.eval.tune import tune_index
 

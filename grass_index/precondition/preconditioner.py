@@ -303,6 +303,8 @@ class Preconditioner:
                 raise PreconditionError(f"preconditioner state for {name!r} has shape "
                                  f"{inverses[name].shape}, but the layout says k={k}")
         dropped = [str(x) for x in np.asarray(d["dropped"]).reshape(-1)] if "dropped" in d else []
-        efim_layers = dict(str(x).split("\t", 1) for x in np.asarray(d["efim_layers"]).reshape(-1)) \
-            if "efim_layers" in d else {}
+        efim_layers = {}
+        if "efim_layers" in d:
+            efim_layers = dict(str(x).split("\t", 1)
+                               for x in np.asarray(d["efim_layers"]).reshape(-1))
         return cls(layout, hessian, inverses, used, damping, dropped, efim_layers)
