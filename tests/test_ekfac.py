@@ -287,3 +287,28 @@ def _reference_layer(model, data, damping):
     Q = torch.kron(QG, QA)
     lam = ((torch.einsum("nto,nti->noi", Dy, X).reshape(len(x), -1) @ Q) ** 2).mean(0)
     return (Q @ torch.diag(1.0 / (lam + damping * lam.mean())) @ Q.T).numpy()
+
+
+def test_cli_build_ekfac(tmp_path):
+    """`build --hessian ekfac`: one error line with the fix on a spec without factors; a build
+    with a factored identity spec records hessian ekfac."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from _tiny_task import write_task
+    from grass_index.cli.main import app
+
+    task = write_task(tmp_path)
+    run = CliRunner().invoke
+    bad = run(app, ["build", str(task), "--out", str(tmp_path / "bad"), "--hessian", "ekfac",
+                    "--sparsification", "random_mask-4*3", "--projection", "sjlt-8"])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output
+    err = bad.stderr.strip()
+    assert "--projection identity" in err and len(err.splitlines()) == 1, err
+    ok = run(app, ["build", str(task), "--out", str(tmp_path / "ok"), "--hessian", "EKFAC",
+                   "--sparsification", "identity-8*8", "--projection", "identity",
+                   "--batch-size", "8"])
+    assert ok.exit_code == 0, ok.output
+    info = run(app, ["info", str(tmp_path / "ok"), "--json"])
+    assert json.loads(info.stdout)["config"]["hessian"] == "ekfac"
