@@ -65,10 +65,14 @@ def estimate(*, layer_dims: list[dict], layout: dict[str, int], n: int, batch_si
     K = sum(ks)
     dense = [k for k in ks if hessian == "eFIM" and not uses_low_rank(n, k)]
     fisher = 8.0 * sum(k * k for k in dense)
-    inverses = 4.0 * sum(k * k for k in ks) if hessian == "eFIM" else 0.0
+    # EK-FAC keeps the same dense k×k inverse per layer (and fits each from a k×k float64 Q)
+    inverses = 4.0 * sum(k * k for k in ks) if hessian in ("eFIM", "ekfac") else 0.0
     B = min(batch_size, max(n, 1))
-    acts = ACT_FACTOR * 4.0 * B * tokens * sum(int(d["d_in"]) + int(d["d_out"])
-                                               for d in layer_dims)
+    # a flat layer (norm, embedding, lone bias) has no d_in/d_out: its exact per-example
+    # gradients hold numel floats per example instead
+    acts = ACT_FACTOR * 4.0 * B * tokens * sum(
+        int(d["d_in"]) + int(d["d_out"]) if d.get("d_in") is not None else int(d.get("numel") or 0)
+        for d in layer_dims)
     chunk_rows = max(1, min(4096, CHUNK_BYTES // (4 * K)))
     base = BASE_BYTES + 2.0 * model_bytes  # weights + what loading them keeps around
     pass1 = base + acts + 3.0 * 4 * B * K + fisher + (4.0 * chunk_rows * K if dense else 0.0)
@@ -143,7 +147,7 @@ def pass2_seconds(layout: dict[str, int], n: int, hessian: str = "eFIM") -> floa
     """A rough pass-2 time: factoring each layer (k³ dense, 2nk² low-rank), applying the
     inverses to every row, writing the Fisher/preconditioner files."""
     ks = [int(k) for k in layout.values()]
-    if hessian != "eFIM":
+    if hessian not in ("eFIM", "ekfac"):
         return 0.0
     fit = sum((k ** 3 if not uses_low_rank(n, k) else 2.0 * n * k * k) for k in ks) / F64_FLOPS
     apply = 2.0 * n * sum(k * k for k in ks) / F32_FLOPS

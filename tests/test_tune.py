@@ -110,3 +110,38 @@ def test_split_is_disjoint_and_seeded():
     assert np.array_equal(v, split_queries(11, 0.5, 3)[0])
     with pytest.raises(EvalError, match="strictly between"):
         split_queries(11, 1.0, 0)
+
+
+def test_ekfac_candidates_match_rescoring(tmp_path):
+    """A factored identity build keeps Kronecker factors: tune's grid gets EK-FAC points whose
+    sweep LDS equals lds() on the index re-preconditioned with hessian ekfac; --scopes ekfac on
+    an index without factors says what is missing."""
+    import grass_index as gi
+    from grass_index.eval import lds, load_ground_truth
+    from grass_index.eval.tune import split_queries
+
+    (tmp_path / "ridge.py").write_text(TASK)
+    task = gi.load_task(tmp_path / "ridge.py")
+    gi.build_index(task.model(), task.train_data(), task.loss, tmp_path / "idx",
+                   sparsification="identity-8*8", projection="identity", task=task.ref,
+                   progress=False, batch_size=16)
+    res = _tune(tmp_path, apply=False)
+    ek = [c for c in res.grid if c.hessian == "ekfac"]
+    assert len(ek) == len(FACTORS) and res.best("ekfac") in ek
+    gt = load_ground_truth(tmp_path / "gt", seeds=[0])
+    val, held = split_queries(6, 0.5, 0)
+    for c in (ek[0], ek[-1]):
+        idx = gi.open_index(tmp_path / "idx")
+        idx.reprecondition(hessian=c.hessian, damping=c.damping)
+        s = idx.score(task.model(), task.query_data(), task.loss).numpy()
+        assert c.val_lds == pytest.approx(lds(s[val], gt.subsets, gt.losses[:, val])[0], abs=1e-6)
+        assert c.heldout_lds == pytest.approx(lds(s[held], gt.subsets, gt.losses[:, held])[0],
+                                              abs=1e-6)
+
+
+def test_ekfac_scope_without_factors(built):
+    from grass_index.errors import GrassIndexError
+
+    d, _ = built
+    with pytest.raises(GrassIndexError, match="no Kronecker factors"):
+        _tune(d, apply=False, scopes=["ekfac"])

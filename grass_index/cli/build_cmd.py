@@ -19,7 +19,8 @@ def build(
                                        "(default runs/<task name>)."),
     sparsification: str = typer.Option("random_mask-128*128", help="Sparsification spec."),
     projection: str = typer.Option("sjlt-4096", help="Projection spec."),
-    hessian: str = typer.Option("eFIM", help="eFIM or identity."),
+    hessian: str = typer.Option("eFIM", help="eFIM, ekfac (a factored sparsification with "
+                                "--projection identity) or identity."),
     damping: Optional[str] = typer.Option(None, help="Relative damping (x mean eigenvalue), or "
                                           "abs:VALUE. Default: the library default."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
@@ -187,7 +188,7 @@ def merge(
     directory: Path = typer.Argument(..., help="The --out DIR of `build --worker I/N`."),
     shards: Optional[int] = typer.Option(None, "--shards", min=1, help="Merge the I-of-N shards "
                                          "with this N (default: the only split present)."),
-    hessian: Optional[str] = typer.Option(None, help="eFIM or identity (default: as the "
+    hessian: Optional[str] = typer.Option(None, help="eFIM, ekfac or identity (default: as the "
                                           "workers were given)."),
     damping: Optional[str] = typer.Option(None, help="Damping (default: as the workers were "
                                           "given)."),

@@ -37,8 +37,10 @@ def tune_command(
     factors: str = typer.Option(",".join(f"{f:g}" for f in (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1,
                                                              3, 10)),
                                 "--factors", help="Damping factors × mean eigenvalue (comma list)."),
-    scopes: str = typer.Option("per-layer,global", "--scopes", help="per-layer (λ_l from each "
-                               "layer's mean eigenvalue) and/or global (one λ for all layers)."),
+    scopes: Optional[str] = typer.Option(None, "--scopes", help="per-layer (eFIM, λ_l from each "
+                                         "layer's mean eigenvalue), global (eFIM, one λ for all "
+                                         "layers), ekfac (needs a factored spec with projection "
+                                         "identity). Default: all that the index supports."),
     max_queries: Optional[int] = typer.Option(None, "--max-queries", help="Use only the first N "
                                               "query examples."),
     apply: bool = typer.Option(True, "--apply/--dry-run", help="Make the winner the index's "
@@ -46,13 +48,13 @@ def tune_command(
     as_json: bool = typer.Option(False, "--json", help="Print the sweep as JSON."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """Sweep identity and eFIM dampings (1e-3…10 × mean eigenvalue) from the stored sketches,
+    """Sweep identity, eFIM and EK-FAC dampings (1e-3…10 × mean eigenvalue) from the sketches,
     keep the best validation LDS, report it on held-out queries and record it in the index."""
     from grass_index.eval.tune import tune_index
 
     seed_list = _numbers(seeds, "--seeds", int)
     factor_list = _numbers(factors, "--factors", float)
-    scope_list = [s.strip() for s in scopes.split(",") if s.strip()]
+    scope_list = None if scopes is None else [s.strip() for s in scopes.split(",") if s.strip()]
     if not Path(index_dir).is_dir():
         fail(f"{index_dir} is not a directory; pass an index made by `grass-index build`")
     res = tune_index(index_dir, task=task, num_subsets=num_subsets, alpha=alpha,

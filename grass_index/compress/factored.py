@@ -51,6 +51,9 @@ class FactoredCompressor(nn.Module):
         self.compress_in, self.compress_out, self.project = compress_in, compress_out, project
         self.d_in, self.d_out, self.k = compress_in.d, compress_out.d, project.k
         self.notes = list(notes)
+        # observer(xs, gs), when set, sees every call's compressed factors (e.g. to accumulate
+        # the Kronecker factors EK-FAC needs); it must not modify them
+        self.observer = None
 
     def forward(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         x, g = check_pair(type(self).__name__, x, grad_out, self.d_in, self.d_out)
@@ -60,6 +63,8 @@ class FactoredCompressor(nn.Module):
         """The sketch given xs = compress_in(x) [B, T, k_in'] already (a caller that can form
         only the kept input coordinates, e.g. a convolution's masked patches, skips the rest)."""
         gs = self.compress_out(g)           # [B, T, k_out']
+        if self.observer is not None:
+            self.observer(xs, gs)
         outer = torch.bmm(gs.transpose(1, 2), xs)   # [B, k_out', k_in'], summed over tokens
         return self.project(outer.reshape(outer.shape[0], -1))
 

@@ -13,8 +13,11 @@ eigendecomposition F_l = U_l diag(e_l) U_lᵀ per layer, each grid point is a [n
 ``AttributionIndex.reprecondition``.
 
 Candidates: ``identity`` (raw inner products), ``eFIM`` with per-layer relative damping
-(λ_l = f × mean eigenvalue of F_l: the library's ``damping=f``), and ``eFIM`` with one global
-damping (λ = f × mean eigenvalue over all layers: ``damping="abs:λ"``), f over a log grid.
+(λ_l = f × mean eigenvalue of F_l: the library's ``damping=f``), ``eFIM`` with one global
+damping (λ = f × mean eigenvalue over all layers: ``damping="abs:λ"``), and — when pass 1 kept
+Kronecker factors (a factored spec with an identity projection) — ``ekfac`` with per-layer
+relative damping (its eigenvalues are corrected from the same pass over the sketches), f over
+a log grid.
 """
 from __future__ import annotations
 
@@ -26,13 +29,15 @@ from typing import Sequence
 
 import numpy as np
 
-from ..precondition import FisherAccumulator
+from ..precondition import FisherAccumulator, load_factors
+from ..precondition.ekfac import rotate
+from ..precondition.fisher import layer_slices
 from .groundtruth import train_ground_truth
 from .run import EvalError, default_ground_truth_dir, task_of_index, task_train_fn
 from .subsets import make_subsets
 
 DEFAULT_FACTORS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
-SCOPES = ("per-layer", "global")
+SCOPES = ("per-layer", "global", "ekfac")
 
 
 @dataclass
@@ -42,7 +47,7 @@ class Candidate:
     name: str
     hessian: str
     damping: str | None          # the reprecondition argument (relative factor or "abs:λ")
-    scope: str                   # identity | per-layer | global
+    scope: str                   # identity | per-layer | global | ekfac
     factor: float | None         # × mean eigenvalue (per layer or global)
     val_lds: float = float("nan")
     heldout_lds: float = float("nan")
@@ -111,6 +116,9 @@ def make_grid(factors: Sequence[float] = DEFAULT_FACTORS, scopes: Sequence[str] 
             if scope == "per-layer":
                 grid.append(Candidate(f"eFIM {f:g} × mean eig per layer", "eFIM", repr(f),
                                       scope, f))
+            elif scope == "ekfac":
+                grid.append(Candidate(f"EK-FAC {f:g} × mean eig per layer", "ekfac", repr(f),
+                                      scope, f))
             else:
                 lam = f * float(global_mean_eig if global_mean_eig is not None else 1.0)
                 grid.append(Candidate(f"eFIM {f:g} × mean eig (global)", "eFIM",
@@ -140,11 +148,22 @@ class _Sweep:
         acc = FisherAccumulator(layout)
         G = np.zeros((masks.shape[0], idx.dim))
         w = masks.astype(np.float64)
+        factors = stored_factors(idx)
+        usable = [n for n in factors.usable() if n in layout] if factors is not None else []
+        bases = {name: factors.eigenbases(name) for name in usable}
+        slices = layer_slices(layout)
+        eig_sums = {name: np.zeros(layout[name]) for name in usable}
         for start, raw in idx.raw_sketches():
             raw = np.asarray(raw, dtype=np.float32)
             acc.update(raw)  # same rows, same order as pass 2: the same Fisher
             G += w[:, start:start + len(raw)] @ raw.astype(np.float64)
+            for name, (qg, qa) in bases.items():  # EK-FAC's corrected eigenvalues
+                r = rotate(raw[:, slices[name]], qg, qa)
+                eig_sums[name] += np.einsum("ij,ij->j", r, r)
         self.q, self.G = np.asarray(q, dtype=np.float64), G
+        # per EK-FAC layer: (Λ, rotated queries, rotated subset sums)
+        self.ekfac = {name: (eig_sums[name] / acc.n, rotate(self.q[:, slices[name]], *bases[name]),
+                             rotate(G[:, slices[name]], *bases[name])) for name in usable}
         self.layers = []
         total_trace, total_k, start = 0.0, 0, 0
         for name, k in layout.items():
@@ -152,7 +171,8 @@ class _Sweep:
             F = (F + F.T) / 2
             e, U = np.linalg.eigh(F)
             sl = slice(start, start + k)
-            self.layers.append((e, self.q[:, sl] @ U, self.G[:, sl] @ U, float(np.trace(F)) / k))
+            self.layers.append((name, e, self.q[:, sl] @ U, self.G[:, sl] @ U,
+                                float(np.trace(F)) / k))
             total_trace += float(np.trace(F))
             total_k += k
             start += k
@@ -162,10 +182,23 @@ class _Sweep:
         if c.hessian == "identity":
             return self.G @ self.q.T
         out = np.zeros((self.G.shape[0], self.q.shape[0]))
-        for e, qU, GU, mean_eig in self.layers:
-            lam = c.factor * (mean_eig if c.scope == "per-layer" else self.global_mean_eig)
+        for name, e, qU, GU, mean_eig in self.layers:
+            if c.hessian == "ekfac" and name in self.ekfac:
+                lam_diag, qR, GR = self.ekfac[name]
+                out += GR @ (qR / (lam_diag + c.factor * lam_diag.mean())).T
+                continue  # (layers without factors: eFIM, as Preconditioner.fit_ekfac does)
+            lam = c.factor * (mean_eig if c.scope != "global" else self.global_mean_eig)
             out += GU @ (qU / (e + lam)).T
         return out
+
+
+def stored_factors(idx):
+    """The Kronecker factors pass 1 kept in the index's store (None when there are none)."""
+    from ..pipeline.querying import reading_store
+
+    with reading_store(idx.path) as store:
+        f = load_factors(store)
+        return f if f is not None and f.blocks == store.committed_blocks else None
 
 
 def _lds_of(pred: np.ndarray, losses: np.ndarray, ids: np.ndarray) -> float:
@@ -189,7 +222,7 @@ def tune_index(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
                seeds: Sequence[int] = (0, 1, 2), subset_seed: int = 0,
                ground_truth: str | os.PathLike | None = None, val_fraction: float = 0.5,
                split_seed: int = 0, factors: Sequence[float] = DEFAULT_FACTORS,
-               scopes: Sequence[str] = SCOPES, max_queries: int | None = None,
+               scopes: Sequence[str] | None = None, max_queries: int | None = None,
                apply: bool = True, progress: bool = True, prepared=None) -> TuneResult:
     """Sweep the grid, pick the best validation LDS, and (``apply``) make it the index's
     preconditioner, recording the sweep in ``config["tune"]``.
@@ -200,6 +233,8 @@ def tune_index(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
     validation LDS of the winner is not. ``prepared`` (from :func:`prepare`) reuses the ground
     truth and the sweep's sums across calls, e.g. to compare split seeds.
     """
+    scopes_given = scopes is not None  # the default tries EK-FAC only where it exists
+    scopes = list(SCOPES if scopes is None else scopes)
     make_grid(factors, scopes)  # bad factors/scopes fail before any model is retrained
     t0 = time.perf_counter()
     p = prepared or prepare(index, task=task, num_subsets=num_subsets, alpha=alpha, seeds=seeds,
@@ -207,6 +242,12 @@ def tune_index(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
                             max_queries=max_queries, progress=progress)
     val_ids, held_ids = split_queries(p.losses.shape[1], val_fraction, split_seed)
     t1 = time.perf_counter()
+    if "ekfac" in scopes and not p.sweep.ekfac:
+        if list(scopes) == ["ekfac"] or scopes_given:
+            raise EvalError(f"index {p.index.path} holds no Kronecker factors, so EK-FAC cannot "
+                            "be tried: build it with a factored sparsification and --projection "
+                            "identity (e.g. random_mask-32*32), or leave ekfac out of --scopes")
+        scopes = [s for s in scopes if s != "ekfac"]
     grid = make_grid(factors, scopes, p.sweep.global_mean_eig)
     for c in grid:
         pred = p.sweep.predicted(c)

@@ -146,6 +146,9 @@ fixes the size.
         h = canonical_hessian(hessian)
     except PreconditionError:
         raise MaskFitError(f"hessian={hessian!r}; use 'eFIM' or 'identity' (as for build_index)") from None
+    if h == "ekfac":
+        raise MaskFitError("the mask fit has no EK-FAC objective; fit it with hessian='eFIM' "
+                           "(the Fisher EK-FAC approximates) and build with --hessian ekfac")
     if h == "identity":
         damp = None
     else:

@@ -34,6 +34,7 @@ from ..store import SketchStore
 from .errors import AttributionError
 from .files import SHARDS_DIR, STORE_DIR, jsonable
 from .options import IndexOptions
+from .factors import merge_shard_factors
 from .pass2 import fit_from_sums, run_pass2
 from .sharding import cache_fisher, copy_shards, merge_setup
 
@@ -177,6 +178,7 @@ def merge_ranks(group, out: Path, *, fisher, progress, remove_shards: bool = Fal
         and the preconditioner, as a single process's build would hold them."""
         with SketchStore.create(out / STORE_DIR, dim=build["dim"], meta=jsonable(build)) as store:
             copy_shards(store, build, world, shards, progress)
+            merge_shard_factors(store, shards, world)  # so EK-FAC can be fitted later
             if opts["hessian"] == "eFIM":
                 cache_fisher(store, build, world, shards, fisher)
             save_preconditioner(store, key, pre)

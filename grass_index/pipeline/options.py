@@ -26,7 +26,8 @@ def norm_hessian(hessian: str) -> str:
     try:
         return canonical_hessian(str(hessian))
     except PreconditionError:
-        raise AttributionError(f"unknown hessian {hessian!r}; use 'eFIM' or 'identity'") from None
+        raise AttributionError(f"unknown hessian {hessian!r}; use 'eFIM', 'ekfac' or "
+                               "'identity'") from None
 
 
 def damping_key(damping) -> Any:

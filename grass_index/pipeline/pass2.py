@@ -30,6 +30,7 @@ from ..precondition.fisher import layer_slices
 from ..store import SketchStore, StoreError
 from ..task import task_record
 from .errors import AttributionError
+from .factors import fit_ekfac
 from .files import CONFIG_FILE, STORE_DIR, index_file_names, jsonable, write_json
 from .fingerprints import config_hash, data_signature, hash_json
 from .options import IndexOptions, damping_key
@@ -354,7 +355,10 @@ def fit_streaming(store, layout, hessian: str, damping, progress,
                   fisher: ChunkedFisher | None = None) -> Preconditioner:
     """The preconditioner, one layer at a time: layers with n < k/2 by Woodbury from the stored
     rows, the others from Σ ĝĝᵀ — pass 1's sums, the cached Fisher, or a re-read of the store
-    — cached as each is taken, then factored in place."""
+    — cached as each is taken, then factored in place. EK-FAC: from the Kronecker factors pass 1
+    kept (``factors.fit_ekfac``)."""
+    if hessian == "ekfac":
+        return fit_ekfac(store, layout, damping, progress)
     if hessian != "eFIM":
         return Preconditioner.fit({}, layout, hessian=hessian)
     n = store.num_rows

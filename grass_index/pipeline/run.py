@@ -30,6 +30,7 @@ from .files import MASK_FILE, STORE_DIR, atomic_write, jsonable
 from .fingerprints import data_signature, layer_dims
 from .options import (BuildOptions, IndexOptions, check_damping, check_device, check_index,
                       check_train_data, damping_key, norm_hessian)
+from .factors import check_ekfac, factor_shapes
 from .pass2 import finish, pass1_fisher, refit
 from .progress import Progress
 from . import record
@@ -226,6 +227,7 @@ def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
             device = group.device(device)
     try:
         prep = _Prepared(model, train_data, loss_fn, options, collate=collate, device=device)
+        check_ekfac(index_options.hessian, prep.sketcher)
         prog = Progress(progress)
         try:
             if group is not None:
@@ -248,7 +250,8 @@ def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
                                       len(train_data))
                 sketch_training_set(store, prep.sketcher, train_data, loss_fn,
                                     batch_size=options.batch_size, collate=prep.collate,
-                                    progress=prog, fisher=fisher)
+                                    progress=prog, fisher=fisher,
+                                    factors=factor_shapes(prep.sketcher))
                 cfg = finish(out, store, prep.build, prep.describe,
                              hessian=index_options.hessian, damping=index_options.damping,
                              index=index_options.index, nlist=index_options.nlist,
@@ -265,6 +268,10 @@ def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
 def _build_ranks(group, prep: _Prepared, out: Path, index_options: IndexOptions, task, prog,
                  remove_shards: bool) -> BuildResult:
     """torchrun: every rank is worker rank/world of pass 1, then pass 2 spread over the ranks."""
+    if index_options.hessian == "ekfac":
+        raise AttributionError("--hessian ekfac is not fitted under torchrun (its eigenvalue "
+                               "correction reads every sketch); build with --hessian eFIM, then "
+                               "re-precondition the index with hessian ekfac in one process")
     # rank 0 claims the directory first, so the others only compare with its build.json
     group.step(lambda: prep.claim(out) if group.rank == 0 else None)
     group.step(lambda: prep.shard(out, (group.rank, group.world), index_options, task, prog))
@@ -295,6 +302,7 @@ def build_shard(model, train_data, loss_fn, out, worker, options: BuildOptions |
     options, index_options = options or BuildOptions(), index_options or IndexOptions()
     task = task_record(task) if task is not None else None  # reference + file sha256
     prep = _Prepared(model, train_data, loss_fn, options, collate=collate, device=device)
+    check_ekfac(index_options.hessian, prep.sketcher)
     prog = Progress(progress)
     try:
         return prep.shard(out, worker, index_options, task, prog)

@@ -30,6 +30,7 @@ from ..store import SketchStore, StoreError
 from .errors import AttributionError
 from .files import BUILD_FILE, SHARDS_DIR, STORE_DIR, jsonable
 from .options import check_damping, norm_hessian
+from .factors import factor_shapes, merge_shard_factors
 from .pass2 import accumulate, finish, has_fisher, put_fisher
 from .record import n_batches, read_build_record
 from .sketching import sketch_training_set
@@ -77,7 +78,8 @@ def sketch_shard(out: Path, worker: tuple[int, int], sketcher, build: dict, *, t
             if store.get_meta(key, None) != jsonable(value):
                 store.put_meta(key, jsonable(value))
         sketch_training_set(store, sketcher, train_data, loss_fn, batch_size=batch_size,
-                            collate=collate, progress=progress, blocks=blocks)
+                            collate=collate, progress=progress, blocks=blocks,
+                            factors=factor_shapes(sketcher))
         if (records.get("finish") or {}).get("hessian", "eFIM") == "eFIM":
             shard_fisher(store, build["layout"], progress)
         return dict(shard=f"{i}/{n}", path=str(path), batches=len(blocks),
@@ -254,6 +256,7 @@ def merge(out: Path, *, n: int | None = None, hessian=None, damping=None, index=
         hessian=hessian, damping=damping, index=index, nlist=nlist, nprobe=nprobe))
     with SketchStore.create(out / STORE_DIR, dim=build["dim"], meta=jsonable(build)) as store:
         copy_shards(store, build, n, shards, progress)
+        merge_shard_factors(store, shards, n)
         if opts["hessian"] == "eFIM":
             cache_fisher(store, build, n, shards, None)
         cfg = finish(out, store, build, rec.get("describe") or {}, hessian=opts["hessian"],

@@ -11,6 +11,7 @@ from ..capture import CaptureError
 from ..store import StoreError
 from ..task import TaskError, collate_items
 from .errors import AttributionError
+from .factors import Pass1Factors
 from .fingerprints import block_digest, first_difference
 from .record import batch_count
 from ..precondition.fisher import layer_slices
@@ -40,7 +41,7 @@ def batch_len(batch) -> int:
 
 def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch_size: int,
                         collate, progress, blocks: Sequence[int] | None = None,
-                        fisher=None) -> None:
+                        fisher=None, factors: dict | None = None) -> None:
     """Sketch every batch not yet committed to ``store``; one block per batch.
 
     ``blocks`` are the global batch numbers this store holds, in order (default: all of them).
@@ -50,6 +51,9 @@ def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch
 
     ``fisher`` (a ChunkedFisher) gets every committed block's rows: on a resume it first
     re-reads the blocks already committed, so its sums always match the store's blocks.
+
+    ``factors`` ({layer: (k_in, k_out)}, see factors.factor_shapes) makes pass 1 also keep
+    those layers' Kronecker factors for EK-FAC in the store, resumed like the sketches.
     """
     n = len(train_data)
     if blocks is None:
@@ -66,6 +70,10 @@ def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch
     if fisher is not None and start < len(blocks):  # -- Fisher in pass 1 (streaming pass 2)
         for s, rows in store.iter_blocks():
             fisher.add(s, rows)
+    kfac = Pass1Factors(store, factors) if factors else None
+    if kfac is not None and kfac.blocks < start:  # committed after the last checkpoint
+        _recapture_factors(kfac, sketcher, train_data, loss_fn, blocks, kfac.blocks, start,
+                           batch_size=batch_size, collate=collate)
     progress("sketch", start, len(blocks))
     slices = layer_slices(sketcher.layout)
     reached = dict.fromkeys(slices, False)  # layers with a nonzero sketch so far
@@ -75,10 +83,16 @@ def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch
         items = [train_data[i] for i in range(lo, hi)]
         digest = block_digest(items)
         batch = collate_items(collate, items, f"training examples {lo}..{hi - 1}")
-        rows = _sketch_batch(sketcher, batch, loss_fn, lo, hi, b).numpy()
+        if kfac is not None:
+            rows = kfac.capture(sketcher, lambda: _sketch_batch(sketcher, batch, loss_fn, lo,
+                                                                hi, b)).numpy()
+        else:
+            rows = _sketch_batch(sketcher, batch, loss_fn, lo, hi, b).numpy()
         store.put_block(j, j * batch_size, rows, digest=digest)
         for name, sl in slices.items():
             reached[name] = reached[name] or bool(rows[:, sl].any())
+        if kfac is not None:
+            kfac.committed(last=j == len(blocks) - 1)
         if fisher is not None:
             fisher.add(j * batch_size, rows)
         progress("sketch", j + 1, len(blocks))
@@ -105,6 +119,20 @@ def report_zero_layers(store, sketcher, reached: dict, *, resumed: bool, whose: 
                     "to any score (exclude them with %s)", len(zero), whose, ", ".join(zero),
                     " ".join(f"--layers '{sketcher.exclude_glob(z)}'" for z in zero))
     return zero
+
+
+def _recapture_factors(kfac, sketcher, train_data, loss_fn, blocks, first: int, end: int, *,
+                       batch_size: int, collate) -> None:
+    """Factors of committed blocks first..end-1 (an interrupted pass 1 committed them after
+    its last factor checkpoint): the same batches captured again, their rows discarded."""
+    n = len(train_data)
+    for j in range(first, end):
+        b = blocks[j]
+        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
+        batch = collate_items(collate, [train_data[i] for i in range(lo, hi)],
+                              f"training examples {lo}..{hi - 1}")
+        kfac.capture(sketcher, lambda: _sketch_batch(sketcher, batch, loss_fn, lo, hi, b))
+    kfac.committed(last=True)
 
 
 def _sketch_batch(sketcher, batch, loss_fn, lo: int, hi: int, b: int):

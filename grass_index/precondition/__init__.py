@@ -1,6 +1,9 @@
 """Preconditioning in sketch space: per-layer empirical Fisher (FisherAccumulator, ChunkedFisher)
-and its damped inverse (Preconditioner, eFIM or identity), stored per layer (persist)."""
+or Kronecker factors (KroneckerFactors, for EK-FAC) and the damped inverse (Preconditioner:
+eFIM, EK-FAC or identity), stored per layer (persist)."""
 from .damping import DEFAULT_DAMPING, format_damping, parse_damping
+from .ekfac import (KroneckerFactors, corrected_eigenvalues, ekfac_unsupported, load_factors,
+                    save_factors)
 from .errors import PreconditionError
 from .fisher import ChunkedFisher, FisherAccumulator
 from .persist import (has_preconditioner, load_preconditioner, save_preconditioner,
@@ -8,7 +11,8 @@ from .persist import (has_preconditioner, load_preconditioner, save_precondition
 from .preconditioner import (HESSIANS, Preconditioner, canonical_hessian, dense_layers,
                              unrepresentable_rows, uses_low_rank)
 
-__all__ = ["DEFAULT_DAMPING", "ChunkedFisher", "FisherAccumulator", "HESSIANS", "Preconditioner",
+__all__ = ["DEFAULT_DAMPING", "ChunkedFisher", "KroneckerFactors", "corrected_eigenvalues",
+           "ekfac_unsupported", "load_factors", "save_factors", "FisherAccumulator", "HESSIANS", "Preconditioner",
            "PreconditionError", "canonical_hessian", "dense_layers", "format_damping",
            "has_preconditioner", "load_preconditioner", "parse_damping", "save_preconditioner",
            "stale_preconditioner_arrays", "unrepresentable_rows", "uses_low_rank"]

@@ -55,7 +55,7 @@ def load_preconditioner(store, key: str, layout: dict) -> Preconditioner:
     if store.has_array(f"{PREFIX}{key}"):  # older layout: one .npz byte array
         return Preconditioner.from_state_dict(state_from_array(store.get_array(f"{PREFIX}{key}")), layout)
     state = state_from_array(store.get_array(_state_name(key)))
-    if str(np.asarray(state.get("hessian"))) == "eFIM":
+    if str(np.asarray(state.get("hessian"))) != "identity":
         for name in layout:
             state[f"inverse/{name}"] = store.get_array(_inverse_name(key, name))
     return Preconditioner.from_state_dict(state, layout)

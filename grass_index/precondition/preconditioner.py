@@ -1,4 +1,5 @@
-"""Per-layer preconditioner in sketch space: eFIM (F_l + λ_l I)^{-1} or identity.
+"""Per-layer preconditioner in sketch space: eFIM (F_l + λ_l I)^{-1}, EK-FAC (an
+eigenvalue-corrected Kronecker approximation of F_l, see ekfac.py) or identity.
 
 Index vectors are the concatenation of (F_l + λ_l I)^{-1} ĝ_l; queries stay raw, so the inner
 product is score(z, z_i) = ĝ(z)ᵀ (F + λI)^{-1} ĝ(z_i) (positive = proponent).
@@ -35,7 +36,8 @@ def dense_layers(layout: dict[str, int], n: int) -> list[str]:
     return [name for name, k in layout.items() if not uses_low_rank(n, k)]
 
 
-HESSIANS = ("eFIM", "identity")
+HESSIANS = ("eFIM", "identity", "ekfac")
+_ALIASES = {"ek-fac": "ekfac"}
 # A preconditioned vector whose largest |entry| is below this (while its sketch is not zero)
 # has lost its precision to float32 underflow: its scores would be 0.0 and its ranking arbitrary.
 UNDERFLOW = 1e-30
@@ -54,9 +56,11 @@ def unrepresentable_rows(raw, vec) -> tuple[np.ndarray, np.ndarray]:
 
 def canonical_hessian(hessian: str) -> str:
     """The canonical spelling of a Hessian name ('efim' -> 'eFIM'); the one home of the names."""
-    for h in HESSIANS:
-        if isinstance(hessian, str) and hessian.lower() == h.lower():
-            return h
+    if isinstance(hessian, str):
+        name = _ALIASES.get(hessian.lower(), hessian.lower())
+        for h in HESSIANS:
+            if name == h.lower():
+                return h
     raise PreconditionError(f"unknown hessian {hessian!r}; choose one of {', '.join(HESSIANS)}")
 
 
@@ -128,17 +132,20 @@ class Preconditioner:
 
     A layer whose Fisher is exactly zero (no training example's gradient reaches it) is
     ``dropped``: its inverse is zero, so it adds nothing to any score, instead of failing the
-    whole build after pass 1."""
+    whole build after pass 1. An EK-FAC preconditioner keeps the dense form of its inverse per
+    layer (applied like eFIM's); ``efim_layers`` ({layer: why}) are the layers it fitted
+    with eFIM because they have no Kronecker factors."""
 
     def __init__(self, layout: dict[str, int], hessian: str, inverses: dict[str, np.ndarray] | None,
                  damping_used: dict[str, float], damping: tuple[str, float] | None,
-                 dropped: list[str] | None = None):
+                 dropped: list[str] | None = None, efim_layers: dict[str, str] | None = None):
         self.layout = {str(k): int(v) for k, v in layout.items()}
         self._slices = layer_slices(self.layout)
         self.dim = sum(self.layout.values())
         self.hessian, self.inverses = hessian, inverses
         self.damping_used, self.damping = damping_used, damping
         self.dropped = list(dropped or [])
+        self.efim_layers = dict(efim_layers or {})
 
     @classmethod
     def fit(cls, fisher: dict[str, np.ndarray], layout: dict[str, int], *, hessian: str = "eFIM",
@@ -148,6 +155,9 @@ class Preconditioner:
         hessian = _check_hessian(hessian)
         if hessian == "identity":
             return cls(layout, hessian, None, {name: 0.0 for name in layout}, None)
+        if hessian == "ekfac":
+            raise PreconditionError("an EK-FAC preconditioner is fitted from Kronecker factors "
+                                    "and the stored sketches: use Preconditioner.fit_ekfac")
         mode, value = parse_damping(damping)
         missing = [name for name in layout if name not in fisher]
         if missing:
@@ -205,6 +215,41 @@ class Preconditioner:
                 progress(i + 1, len(layout))
         return cls(layout, "eFIM", inverses, used, (mode, value), dropped)
 
+    @classmethod
+    def fit_ekfac(cls, layout: dict[str, int], bases: dict, eigenvalues: dict, *, damping=None,
+                  efim: "Preconditioner | None" = None,
+                  efim_layers: dict[str, str] | None = None) -> "Preconditioner":
+        """EK-FAC for the layers of ``bases`` ({name: (Q_G, Q_A)}) with corrected eigenvalues
+        ``eigenvalues`` ({name: Λ [k]}); the other layers' inverses come from ``efim`` (an
+        eFIM preconditioner over them, the reason per layer in ``efim_layers``)."""
+        from .ekfac import ekfac_inverse
+
+        mode, value = parse_damping(damping)
+        layout = {str(k): int(v) for k, v in layout.items()}
+        inverses, used, dropped = {}, {}, []
+        for name, k in layout.items():
+            if name in bases:
+                qg, qa = bases[name]
+                lam_diag = np.asarray(eigenvalues[name], dtype=np.float64)
+                if qg.shape[0] * qa.shape[0] != k or lam_diag.shape != (k,):
+                    raise PreconditionError(
+                        f"layer {name!r}: Kronecker factors {qg.shape[0]} x {qa.shape[0]} do not "
+                        f"match its sketch width {k}; rebuild the index")
+                if not lam_diag.any():
+                    inverses[name], used[name] = np.zeros((k, k), INVERSE_DTYPE), 0.0
+                    dropped.append(name)
+                    continue
+                inverses[name], used[name] = ekfac_inverse(qg, qa, lam_diag, mode, value)
+            else:
+                if efim is None or name not in efim.layout:
+                    raise PreconditionError(f"no Kronecker factors and no eFIM fit for layer "
+                                            f"{name!r}")
+                inverses[name], used[name] = efim.inverses[name], efim.damping_used[name]
+                if name in efim.dropped:
+                    dropped.append(name)
+        return cls(layout, "ekfac", inverses, used, (mode, value), dropped,
+                   {n: w for n, w in (efim_layers or {}).items() if n in layout})
+
     def apply(self, g) -> np.ndarray:
         """[B, K] -> float32 [B, K], each layer's block multiplied by its inverse (float32
         GEMMs: no float64 copy of a chunk of rows)."""
@@ -221,7 +266,8 @@ class Preconditioner:
                 "damping": None if self.damping is None else format_damping(*self.damping),
                 "damping_used": dict(self.damping_used), "layout": dict(self.layout),
                 "dropped": {name: "zero gradient for every training example; contributes "
-                                  "nothing to scores" for name in self.dropped}}
+                                  "nothing to scores" for name in self.dropped},
+                **({"efim_layers": dict(self.efim_layers)} if self.efim_layers else {})}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         d = {"hessian": np.array(self.hessian)}
@@ -230,6 +276,8 @@ class Preconditioner:
             d["damping_value"] = np.array(self.damping[1], dtype=np.float64)
         if self.dropped:
             d["dropped"] = np.array(self.dropped)
+        if self.efim_layers:
+            d["efim_layers"] = np.array([f"{k}\t{v}" for k, v in self.efim_layers.items()])
         for name in self.layout:
             d[f"damping_used/{name}"] = np.array(self.damping_used[name], dtype=np.float64)
             if self.inverses is not None:
@@ -243,7 +291,7 @@ class Preconditioner:
             used = {name: float(np.asarray(d[f"damping_used/{name}"])) for name in layout}
             damping = None
             inverses = None
-            if hessian == "eFIM":
+            if hessian != "identity":
                 damping = (str(np.asarray(d["damping_mode"])), float(np.asarray(d["damping_value"])))
                 inverses = {name: np.asarray(d[f"inverse/{name}"], dtype=INVERSE_DTYPE)
                             for name in layout}
@@ -255,4 +303,8 @@ class Preconditioner:
                 raise PreconditionError(f"preconditioner state for {name!r} has shape "
                                  f"{inverses[name].shape}, but the layout says k={k}")
         dropped = [str(x) for x in np.asarray(d["dropped"]).reshape(-1)] if "dropped" in d else []
-        return cls(layout, hessian, inverses, used, damping, dropped)
+        efim_layers = {}
+        if "efim_layers" in d:
+            efim_layers = dict(str(x).split("\t", 1)
+                               for x in np.asarray(d["efim_layers"]).reshape(-1))
+        return cls(layout, hessian, inverses, used, damping, dropped, efim_layers)
