@@ -441,3 +441,14 @@ def test_verify_repair_recomputes_a_damaged_block_with_every_checkpoint(tmp_path
     rep = gi.verify_index(out, repair=True, task=t)
     assert any("recomputed sketch blocks [2]" in r for r in rep["repaired"]), rep
     np.testing.assert_array_equal(sketches(out), before)
+
+
+def test_ekfac_on_an_ensemble_is_refused_and_the_capture_check_covers_every_checkpoint(tmp_path):
+    with pytest.raises(gi.AttributionError) as e:
+        build(make_models(2), tmp_path / "x", "random_mask-4*3", "identity", hessian="ekfac")
+    assert "\n" not in str(e.value) and "ensemble" in str(e.value) and "eFIM" in str(e.value)
+    assert not (tmp_path / "x").exists()
+    rep = gi.check_capture(make_models(2), make_data(N, 1), loss_fn,
+                           gi.BuildOptions(sparsification=SPARS, projection=PROJ, batch_size=8))
+    assert rep.ok
+    assert [r["layer"] for r in rep.layers] == ["c0/0", "c0/2", "c1/0", "c1/2"]

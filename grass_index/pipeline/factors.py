@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from ..capture import EnsembleSketcher
 from ..precondition import (KroneckerFactors, Preconditioner, corrected_eigenvalues,
                             dense_layers, ekfac_unsupported, load_factors, save_factors)
 from ..precondition.fisher import layer_slices
@@ -28,7 +29,10 @@ SAVE_EVERY_S = 10.0
 def factor_shapes(sketcher) -> dict[str, tuple[int, int]] | None:
     """{layer: (k_in, k_out)} of the layers whose sketch is a Kronecker-factored gradient
     (factored spec, identity projection, hooked capture, one group), or None when the spec is
-    not factored-with-identity."""
+    not factored-with-identity, or for a checkpoint ensemble (its blocks are per checkpoint;
+    factors are not kept for them)."""
+    if isinstance(sketcher, EnsembleSketcher):
+        return None
     if ekfac_unsupported(sketcher.sparsification, sketcher.projection) is not None:
         return None
     out = {}
@@ -47,6 +51,9 @@ def check_ekfac(hessian: str, sketcher) -> None:
     if hessian != "ekfac":
         return
     why = ekfac_unsupported(sketcher.sparsification, sketcher.projection)
+    if why is None and isinstance(sketcher, EnsembleSketcher):
+        why = ("--hessian ekfac is not available for a checkpoint ensemble (its Kronecker "
+               "factors would be per checkpoint); use --hessian eFIM")
     if why is None and factor_shapes(sketcher) is None:
         why = ("--hessian ekfac needs layers whose gradient is captured in factored form "
                "(linear or convolution layers on the hooked route); every selected layer here "
