@@ -12,7 +12,6 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 

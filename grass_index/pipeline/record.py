@@ -5,7 +5,8 @@ Its keys: ``format``, the BuildOptions (``sparsification``, ``projection``, ``se
 ``layers``, ``batch_size``), what the model and data give (``layer_dims``, ``layout``, ``dim``,
 ``n_train``, ``model_hash``, ``data_hash``, ``sketch_fingerprint``) and, only when a mask file
 is used, ``selective_mask`` (its hash); only for a checkpoint ensemble, ``checkpoints`` (C) and
-``checkpoint_hashes`` (each checkpoint's model hash; ``model_hash`` covers them all). The one reader and writer of the file.
+``checkpoint_hashes`` (each checkpoint's model hash; ``model_hash`` covers them all). The one
+reader and writer of the file.
 """
 from __future__ import annotations
 
