@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from grass_index.examples.digits import (  # noqa: F401  (the rest of the task, unchanged)
+from grass_index.examples.digits import (  # noqa: F401  (the rest of the task, as is)
     _cache_path, image, label, loss, query_data, split, train, train_data, train_model)
 
 SEEDS = (0, 1, 2, 3, 4)

@@ -12,7 +12,6 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
@@ -303,6 +302,10 @@ def test_cli_build_info_query_score_self_influence(tmp_path):
     task = write_ensemble_task(tmp_path)
     out = tmp_path / "idx"
     small = ["--sparsification", SPARS, "--projection", PROJ, "--batch-size", "8"]
+    plan = invoke("plan", task, "--sparsification", SPARS, "--projection", PROJ, "--json")
+    assert plan.exit_code == 0, plan.output
+    assert json.loads(plan.stdout)["plans"][PROJ]["K"] == CKPTS * 16
+    assert "3 checkpoints" in invoke("plan", task, *small).output
     res = invoke("build", task, "--out", out, *small)
     assert res.exit_code == 0, res.output
     assert "3 checkpoints" in " ".join(res.output.split())

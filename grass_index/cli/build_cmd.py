@@ -169,7 +169,8 @@ def plan(
         return
     from rich.table import Table
 
-    tab = Table(title=f"plan: {count:,} examples, --index {index}")
+    ens = f", {len(model)} checkpoints" if isinstance(model, gi.Checkpoints) else ""
+    tab = Table(title=f"plan: {count:,} examples{ens}, --index {index}")
     tab.add_column("")
     for p in cols:
         tab.add_column(f"--projection {p}", justify="right")
