@@ -442,7 +442,6 @@ class GradientSketcher:
             note = (f"{MOVED_NOTE} ({why}); captured exactly from torch.func per-example "
                     "gradients instead (slower)")
             self.notes[layer.name].append(note)
-            log.warning("layer %s: %s", layer.name, note)
             exact_needed.append(layer)
         # the exact route must itself add up to the batch gradient (a loss whose examples
         # depend on each other, e.g. BatchNorm in train mode, has no per-example gradient)
@@ -465,7 +464,11 @@ class GradientSketcher:
                 if bool((S != 0).any()):
                     self.zero[layer.name] = False
         for layer in self.layers:
-            if self.zero[layer.name] and layer.name not in self.failed:
+            if layer.name in self.failed:
+                continue
+            for note in self.notes[layer.name]:  # the route changes that stand
+                log.warning("layer %s: %s", layer.name, note)
+            if self.zero[layer.name]:
                 note = (f"zero gradient for every one of the {n} examples checked: the loss "
                         "may not reach this layer (the build reports the layers whose "
                         "gradient is zero for every training example)")

@@ -33,7 +33,8 @@ Modules, in data-flow order (each imports only from the ones above it):
     sharding.py     split builds: one worker's shard (pass 1 on its batches); merge + pass 2
     distributed.py  torch.distributed (torchrun) builds: every rank a worker and a pass-2 part
     querying.py     the query side: model check, query sketches, opening store/FAISS/preconditioner
-    run.py          a build end to end: build, build_shard, merge_shards, refit_index
+    run.py          a build end to end: build, build_shard, merge_shards, refit_index;
+                    check_capture (`build --check`: the capture check alone)
     verify.py       verify_index (and repair)
     describe.py     describe_index (finished config or build progress)
     inputs.py       load_examples: example files for query/score

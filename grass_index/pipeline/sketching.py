@@ -8,13 +8,13 @@ from typing import Sequence
 import torch
 
 from ..capture import CaptureError
+from ..precondition.fisher import layer_slices
 from ..store import StoreError
 from ..task import TaskError, collate_items
 from .errors import AttributionError
 from .factors import Pass1Factors
 from .fingerprints import block_digest, first_difference
 from .record import batch_count
-from ..precondition.fisher import layer_slices
 
 log = logging.getLogger("grass_index")
 
