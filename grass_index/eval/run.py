@@ -72,6 +72,22 @@ def task_of_index(idx, task, command: str):
     return t
 
 
+def retraining_inputs(idx, task, command: str, verb: str):
+    """(task, its train(), training data, query data) for LDS against retrained models on
+    index ``idx``, each checked: the task must define train() and query_data(), and its
+    training data must be the index's (``verb`` says what to redo with the right task)."""
+    task = task_of_index(idx, task, command)
+    train_fn = task_train_fn(task)
+    if not task.has("query_data"):
+        raise EvalError(f"task {task.ref} defines no query_data(); {command} scores queries "
+                        "against retrained models, so add query_data() to the task file")
+    train, query = task.train_data(), task.query_data()
+    if len(train) != idx.n_train:
+        raise EvalError(f"task {task.ref} has {len(train)} training examples but index "
+                        f"{idx.path} has {idx.n_train}; {verb} with the task the index was "
+                        "built from")
+    return task, train_fn, train, query
+
 def default_ground_truth_dir(task_ref: str, m: int, alpha: float, subset_seed: int) -> Path:
     """Per-task cache under $GRASS_INDEX_CACHE (shared by every index of the same task)."""
     root = Path(os.environ.get("GRASS_INDEX_CACHE", Path.home() / ".cache" / "grass-index"))
@@ -94,12 +110,7 @@ def run_eval(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
     from ..attribute import AttributionIndex, open_index
 
     idx = index if isinstance(index, AttributionIndex) else open_index(index)
-    task = task_of_index(idx, task, "eval")
-    train_fn = task_train_fn(task)
-    train, query = task.train_data(), task.query_data()
-    if len(train) != idx.n_train:
-        raise EvalError(f"task {task.ref} has {len(train)} training examples but index {idx.path} "
-                        f"has {idx.n_train}; evaluate with the task the index was built from")
+    task, train_fn, train, query = retraining_inputs(idx, task, "eval", "evaluate")
     if max_queries is not None and max_queries < 1:
         raise EvalError(f"max_queries={max_queries}; pass a positive number or leave it out")
 

@@ -33,7 +33,7 @@ from ..precondition import FisherAccumulator, load_factors
 from ..precondition.ekfac import rotate
 from ..precondition.fisher import layer_slices
 from .groundtruth import train_ground_truth
-from .run import EvalError, default_ground_truth_dir, task_of_index, task_train_fn
+from .run import EvalError, default_ground_truth_dir, retraining_inputs
 from .subsets import make_subsets
 
 DEFAULT_FACTORS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -296,15 +296,7 @@ def prepare(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
     from ..attribute import AttributionIndex, open_index
 
     idx = index if isinstance(index, AttributionIndex) else open_index(index)
-    task = task_of_index(idx, task, "tune")
-    train_fn = task_train_fn(task)
-    if not task.has("query_data"):
-        raise EvalError(f"task {task.ref} defines no query_data(); tune scores queries against "
-                        "retrained models, so add query_data() to the task file")
-    train, query = task.train_data(), task.query_data()
-    if len(train) != idx.n_train:
-        raise EvalError(f"task {task.ref} has {len(train)} training examples but index "
-                        f"{idx.path} has {idx.n_train}; tune with the task the index was built from")
+    task, train_fn, train, query = retraining_inputs(idx, task, "tune", "tune")
     if max_queries is not None and max_queries < 2:
         raise EvalError(f"max_queries={max_queries}; pass at least 2 or leave it out")
     n_q = len(query) if max_queries is None else min(max_queries, len(query))

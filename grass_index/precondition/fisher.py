@@ -27,17 +27,6 @@ def layer_slices(layout: dict[str, int]) -> dict[str, slice]:
     return out
 
 
-def as_float64(x, K: int, what: str = "sketches") -> np.ndarray:
-    """[B, K] array from a Tensor/ndarray, with a clear error for the wrong width."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim != 2 or a.shape[1] != K:
-        raise PreconditionError(f"{what} must have shape [B, {K}] (the layout's total width); "
-                         f"got {a.shape}")
-    return a
-
-
 def as_float32(x, K: int, what: str = "sketches") -> np.ndarray:
     """[B, K] float32 array (no copy when it already is one), clear error for the wrong width."""
     if isinstance(x, torch.Tensor):
