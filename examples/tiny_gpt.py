@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grass_index.tasks.hf_lm import collate_with
+
 SEED = 0
 N_FACTS = 32
 N_LAYER = 2
@@ -156,15 +158,8 @@ def query_facts() -> list[int]:
     return [f for _, f in _sentences("query")]
 
 
-def collate(items) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest item: (input_ids [B, T], attention_mask [B, T])."""
-    T = max(len(x) for x in items)
-    ids = torch.full((len(items), T), PAD, dtype=torch.long)
-    mask = torch.zeros((len(items), T), dtype=torch.long)
-    for r, x in enumerate(items):
-        ids[r, :len(x)] = x
-        mask[r, :len(x)] = 1
-    return ids, mask
+# right-pad to the longest item: (input_ids [B, T], attention_mask [B, T])
+collate = collate_with(PAD)
 
 
 def sequence_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
