@@ -112,11 +112,22 @@ def test_cli_fit_writes_a_mask_file(tmp_path):
                                  str(tmp_path / "m.pt"), "--k", "2*2", "--steps", "5"])
     assert r.exit_code == 0, r.output
     assert "keeps 2*2" in r.output
-    (entry,) = load_selective_mask(tmp_path / "m.pt").values()
+    ((entry_name, entry),) = load_selective_mask(tmp_path / "m.pt").items()
     assert len(entry["in"]) == 2 and len(entry["out"]) == 2
     r = CliRunner().invoke(app, ["selective-mask", "fit", str(tmp_path / "t.py"), "--out",
                                  str(tmp_path / "m.pt"), "--k", "x"])
     assert r.exit_code == 1 and "selective mask size" in " ".join(r.output.split())
+    r = CliRunner().invoke(app, ["selective-mask", "fit", str(tmp_path / "t.py"), "--out",
+                                 str(tmp_path / "m2.pt"), "--k", "2*2", "--steps", "3",
+                                 "--batch-size", "5", "--memory-gb", "0.5", "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+    doc = json.loads(r.stdout)
+    assert doc == {"out": str(tmp_path / "m2.pt"), "layers": {entry_name: {"in": 2, "out": 2}},
+                   "passes": 1}
+    r = CliRunner().invoke(app, ["selective-mask", "fit", str(tmp_path / "t.py"), "--out",
+                                 str(tmp_path / "m2.pt"), "--k", "2", "--memory-gb", "0"])
+    assert r.exit_code == 1 and "memory_gb" in r.output and len(r.output.strip().splitlines()) == 1
 
 
 # --- the per-layer factored fit (linear layers from per-token factors, streamed) ---------------

@@ -169,7 +169,7 @@ def fit_selective_mask(model: torch.nn.Module, train_data: Sequence, loss_fn: Ca
     if capture not in ("factors", "exact"):
         raise MaskFitError(f"capture={capture!r}; use 'factors' (default) or 'exact'")
     if not memory_gb > 0:
-        raise MaskFitError(f"memory_gb={memory_gb}; give a positive budget in GiB, e.g. 2")
+        raise MaskFitError(f"memory_gb={memory_gb} (--memory-gb): give a positive budget in GiB, e.g. 2")
     if batch_size < 1:
         raise MaskFitError(f"batch_size={batch_size}; use a positive batch size, e.g. 16")
     try:

@@ -59,12 +59,14 @@ class LayerGrads:
         self.scale = 1.0
         # buffers of one block: about 8 live at once in the backward pass
         self.chunk = max(1, min(self.n, budget // (8 * row)))
+        keep = self.n * row <= budget // 2     # every formed gradient fits: form them once
+        whole = self.block(0, self.n) if keep else None
         ss = 0.0
         for lo, hi in self.chunks(0, self.n):
-            ss += float(self.block(lo, hi).double().pow(2).sum())
+            ss += float((whole[lo:hi] if keep else self.block(lo, hi)).double().pow(2).sum())
         self.scale = 1.0 / max((ss / (self.n * self.numel)) ** 0.5, 1e-300)
-        if self.n * row <= budget // 2:
-            self.full = self.block(0, self.n)
+        if keep:
+            self.full = whole.mul_(self.scale)
 
     def _finite(self, t: torch.Tensor) -> None:
         if not torch.isfinite(t).all():
