@@ -46,11 +46,12 @@ reference code does for factored masks), T·(d_in + d_out) numbers per example i
 d_out·d_in, and K(w) is accumulated from gradients formed block by block inside the
 ``memory_gb`` budget (grass_index/maskfit/gram.py). The examples are streamed: each pass
 over the sample runs forward+backward batch by batch and keeps the factors of only as many
-layers as fit in the budget, so the peak is about 2.5 × memory_gb plus the model and one
-batch's forward/backward, whatever the number of layers. Convolutions and flat parameters
+layers as fit in the budget (at least one), so the peak is about 2.5 × memory_gb plus the
+model and one batch's forward/backward, whatever the number of layers (a single layer whose
+factors alone exceed the budget gets a pass of its own and goes over it by that much). Convolutions and flat parameters
 use formed exact per-sample gradients (one group of layers at a time). Each step costs
-O(n · N · numel) per layer (as before), so large layers want a GPU or a smaller sample;
-benchmarks/selective_lm.py measures GPT-2 small.
+O(n · N · numel) per layer (as before), so large layers want a fast machine or a smaller
+sample; benchmarks/selective_lm.py measures GPT-2 small (README: Selective Mask).
 """
 from __future__ import annotations
 
