@@ -157,7 +157,7 @@ def test_factored_fit_equals_the_exact_fit(hessian):
     kw = dict(n_samples=48, steps=40, hessian=hessian, batch_size=10)
     s_exact, s_fact = {}, {}
     exact = fit_selective_mask(model, data, loss, "3*2", capture="exact", stats=s_exact, **kw)
-    fact = fit_selective_mask(model, data, loss, "3*2", stats=s_fact,
+    fact = fit_selective_mask(model, data, loss, "3*2", capture="factors", stats=s_fact,
                               memory_gb=18000 / 2 ** 30, **kw)   # a pass per layer, blocks of 11
     assert s_fact["passes"] == 2 and s_fact["0"]["route"] == "factors"
     assert s_exact["0"]["route"] == "exact"
@@ -200,3 +200,12 @@ def test_factored_fit_bad_options():
         fit_selective_mask(model, data, loss, 4, capture="fast")
     with pytest.raises(ValueError, match="memory_gb"):
         fit_selective_mask(model, data, loss, 4, memory_gb=0)
+
+
+def test_auto_capture_picks_factors_only_over_budget():
+    model, data, loss = _seq_setup()
+    small, big = {}, {}
+    fit_selective_mask(model, data, loss, "3*2", n_samples=48, steps=1, stats=small)
+    fit_selective_mask(model, data, loss, "3*2", n_samples=48, steps=1, stats=big,
+                       memory_gb=10000 / 2 ** 30)   # formed: 48 × (49 + 24) × 4 = 14016 bytes
+    assert small["0"]["route"] == "exact" and big["0"]["route"] == "factors"

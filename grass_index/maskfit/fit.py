@@ -141,7 +141,7 @@ def fit_selective_mask(model: torch.nn.Module, train_data: Sequence, loss_fn: Ca
                        layers=None, n_samples: int = 768, steps: int = 300, lr: float = 0.05,
                        l1: float = 0.1, hessian: str = "eFIM", damping=None, seed: int = 0,
                        collate: Callable | None = None, batch_size: int = 64,
-                       memory_gb: float = 2.0, capture: str = "factors",
+                       memory_gb: float = 2.0, capture: str = "auto",
                        stats: dict | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Learned mask indices per layer, ready for save_selective_mask (the module docstring
     says what is optimised).
@@ -153,8 +153,10 @@ def fit_selective_mask(model: torch.nn.Module, train_data: Sequence, loss_fn: Ca
     grass_index's DEFAULT_DAMPING); ``"identity"`` matches raw inner products.
     memory_gb: budget for the held gradients/factors of a pass and a layer's fit (peak about
     2.5 × this plus the model and one batch). capture: ``"factors"`` (linear layers from
-    their per-token factors, streamed) or ``"exact"`` (formed per-example gradients, one
-    group of layers at a time: the reference the factored fit is tested against).
+    their per-token factors, streamed), ``"exact"`` (formed per-example gradients, one
+    group of layers at a time: the reference the factored fit is tested against) or
+    ``"auto"``: exact when every selected layer's formed gradients fit in the budget (small
+    models keep exactly the masks they always got), factors otherwise.
     stats: a dict to fill with {layer: {"route", "n", "held_bytes", "seconds", "fit"}} and
     {"passes": number of passes over the sample}.
     """
@@ -167,8 +169,8 @@ def fit_selective_mask(model: torch.nn.Module, train_data: Sequence, loss_fn: Ca
     if n_samples < 3:
         raise MaskFitError(f"n_samples={n_samples}; the mask is fit on scores between sampled "
                          "examples, so use at least 3 (several hundred is typical)")
-    if capture not in ("factors", "exact"):
-        raise MaskFitError(f"capture={capture!r}; use 'factors' (default) or 'exact'")
+    if capture not in ("auto", "factors", "exact"):
+        raise MaskFitError(f"capture={capture!r}; use 'auto' (default), 'factors' or 'exact'")
     if not memory_gb > 0:
         raise MaskFitError(f"memory_gb={memory_gb} (--memory-gb): give a positive budget in GiB, e.g. 2")
     if batch_size < 1:
@@ -199,6 +201,8 @@ def fit_selective_mask(model: torch.nn.Module, train_data: Sequence, loss_fn: Ca
     def load(part):
         return collate([train_data[i] for i in part])
 
+    if capture == "auto":
+        capture = "exact" if 4 * n * sum(layer.numel for layer in infos) <= budget else "factors"
     if capture == "factors":
         cap = FactorCapture(model, infos)
         cap.check(load(batches[0] if len(batches[0]) >= 2 else ids[:2]), loss_fn)
