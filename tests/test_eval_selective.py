@@ -112,8 +112,100 @@ def test_cli_fit_writes_a_mask_file(tmp_path):
                                  str(tmp_path / "m.pt"), "--k", "2*2", "--steps", "5"])
     assert r.exit_code == 0, r.output
     assert "keeps 2*2" in r.output
-    (entry,) = load_selective_mask(tmp_path / "m.pt").values()
+    ((entry_name, entry),) = load_selective_mask(tmp_path / "m.pt").items()
     assert len(entry["in"]) == 2 and len(entry["out"]) == 2
     r = CliRunner().invoke(app, ["selective-mask", "fit", str(tmp_path / "t.py"), "--out",
                                  str(tmp_path / "m.pt"), "--k", "x"])
     assert r.exit_code == 1 and "selective mask size" in " ".join(r.output.split())
+    r = CliRunner().invoke(app, ["selective-mask", "fit", str(tmp_path / "t.py"), "--out",
+                                 str(tmp_path / "m2.pt"), "--k", "2*2", "--steps", "3",
+                                 "--batch-size", "5", "--memory-gb", "0.5", "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+    doc = json.loads(r.stdout)
+    assert doc == {"out": str(tmp_path / "m2.pt"), "layers": {entry_name: {"in": 2, "out": 2}},
+                   "passes": 1}
+    r = CliRunner().invoke(app, ["selective-mask", "fit", str(tmp_path / "t.py"), "--out",
+                                 str(tmp_path / "m2.pt"), "--k", "2", "--memory-gb", "0"])
+    assert r.exit_code == 1 and "memory_gb" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+# --- the per-layer factored fit (linear layers from per-token factors, streamed) ---------------
+
+def _seq_setup(n=48, T=5):
+    """A tiny 2-layer MLP applied per token: its weight gradients are sums over T tokens, so the
+    factored route has T > 1 (the tiny digits-style MLP above has T = 1)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, T, 6, generator=g)
+    x[..., 2] *= 5.0
+    y = torch.randint(0, 3, (n,), generator=g)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3))
+
+    def loss(m, batch):
+        return nn.functional.cross_entropy(m(batch[0]).mean(1), batch[1], reduction="none")
+
+    return model, list(zip(x, y)), loss
+
+
+@pytest.mark.parametrize("hessian", ["eFIM", "identity"])
+def test_factored_fit_equals_the_exact_fit(hessian):
+    """Same sample, same init, same objective: the factored route (gradients formed from
+    per-token factors, block by block, streamed in several passes under a tiny budget) gives
+    the masks and final objective of the exact route (formed per-example gradients)."""
+    model, data, loss = _seq_setup()
+    kw = dict(n_samples=48, steps=40, hessian=hessian, batch_size=10)
+    s_exact, s_fact = {}, {}
+    exact = fit_selective_mask(model, data, loss, "3*2", capture="exact", stats=s_exact, **kw)
+    fact = fit_selective_mask(model, data, loss, "3*2", capture="factors", stats=s_fact,
+                              memory_gb=18000 / 2 ** 30, **kw)   # a pass per layer, blocks of 11
+    assert s_fact["passes"] == 2 and s_fact["0"]["route"] == "factors"
+    assert s_exact["0"]["route"] == "exact"
+    for name in ("0", "2"):
+        assert torch.equal(exact[name]["in"], fact[name]["in"])
+        assert torch.equal(exact[name]["out"], fact[name]["out"])
+        assert s_fact[name]["fit"] == pytest.approx(s_exact[name]["fit"], rel=1e-3, abs=1e-5)
+    # factors hold T·(d_in+1 + d_out) numbers per example, the exact route d_out·(d_in+1)
+    assert s_fact["0"]["held_bytes"] == 48 * 5 * (7 + 7) * 4
+    assert s_exact["0"]["held_bytes"] == 48 * 7 * 7 * 4
+
+
+def test_blockwise_gram_and_its_gradient_match_autograd():
+    """The streamed Gram (custom backward, blocks re-formed from factors) against plain
+    autograd on the formed gradients."""
+    from grass_index.capture.factors import LayerBatch
+    from grass_index.maskfit.gram import LayerGrads
+
+    g = torch.Generator().manual_seed(0)
+    parts = [LayerBatch(x=torch.randn(b, 4, 5, generator=g), dy=torch.randn(b, 4, 3, generator=g))
+             for b in (3, 4, 2)]
+    formed = torch.cat([torch.einsum("bto,bti->boi", p.dy, p.x).reshape(p.size, -1) for p in parts])
+    lg = LayerGrads("L", parts, (3, 5), budget=8 * 15 * 4 * 2)     # blocks of 2 examples
+    assert lg.chunk == 2 and lg.full is None
+    ref = formed.double() * lg.scale
+    w2 = torch.rand(15, generator=g, dtype=torch.float32, requires_grad=True)
+    w2d = w2.detach().double().requires_grad_(True)
+    K = lg.gram(w2, 9, 3)
+    Kd = ref[:9] @ (ref[3:] * w2d).T
+    assert torch.allclose(K.double(), Kd, rtol=1e-4, atol=1e-4)
+    gamma = torch.randn(9, 6, generator=g)
+    (K * gamma).sum().backward()
+    (Kd * gamma.double()).sum().backward()
+    assert torch.allclose(w2.grad.double(), w2d.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_factored_fit_bad_options():
+    model, data, loss = _setup()
+    with pytest.raises(ValueError, match="capture"):
+        fit_selective_mask(model, data, loss, 4, capture="fast")
+    with pytest.raises(ValueError, match="memory_gb"):
+        fit_selective_mask(model, data, loss, 4, memory_gb=0)
+
+
+def test_auto_capture_picks_factors_only_over_budget():
+    model, data, loss = _seq_setup()
+    small, big = {}, {}
+    fit_selective_mask(model, data, loss, "3*2", n_samples=48, steps=1, stats=small)
+    fit_selective_mask(model, data, loss, "3*2", n_samples=48, steps=1, stats=big,
+                       memory_gb=10000 / 2 ** 30)   # formed: 48 × (49 + 24) × 4 = 14016 bytes
+    assert small["0"]["route"] == "exact" and big["0"]["route"] == "factors"

@@ -34,17 +34,33 @@ def fit_command(
     damping: Optional[float] = typer.Option(None, "--damping", help="Relative damping the index "
                                             "will use (default: grass-index's default, 0.3)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the example sample and init."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Examples per forward/backward "
+                                   "while collecting gradients (lower it for large models)."),
+    memory_gb: float = typer.Option(2.0, "--memory-gb", help="Budget (GiB) for the gradients "
+                                    "held while fitting; the peak is about 2.5x this plus the "
+                                    "model and one batch. Layers are fitted one at a time."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"out", "layers": {name: {"in", '
+                                 '"out"} or {"flat"}: kept sizes}, "passes"} on stdout.'),
 ) -> None:
     """Fit a sigmoid mask so masked-gradient attribution scores match the full ones; keep top-k."""
     from .. import fit_selective_mask, load_task, save_selective_mask
 
     t = load_task(task)
     lay = [p.strip() for p in layers.split(",")] if layers else None
+    stats: dict = {}
     masks = fit_selective_mask(t.model(), t.train_data(), t.loss, k, layers=lay,
                                n_samples=n_samples, steps=steps, l1=l1, seed=seed,
-                               hessian=hessian, damping=damping, collate=t.collate)
+                               hessian=hessian, damping=damping, collate=t.collate,
+                               batch_size=batch_size, memory_gb=memory_gb, stats=stats)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_selective_mask(out, masks)
+    if as_json:
+        import json
+
+        layers_out = {name: {key: len(v) for key, v in d.items()} for name, d in masks.items()}
+        typer.echo(json.dumps({"out": str(out), "layers": layers_out,
+                               "passes": stats.get("passes")}))
+        return
     for name, d in masks.items():
         sizes = "*".join(str(len(d[key])) for key in ("in", "out") if key in d) or str(len(d["flat"]))
         typer.echo(f"layer {name}: keeps {sizes}")

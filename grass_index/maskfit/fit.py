@@ -2,49 +2,70 @@
 
 Per layer, a sigmoid mask w = σ(s) over gradient coordinates is trained so that the
 *attribution scores computed from masked gradients* preserve the ones computed from the full
-gradients, plus an ℓ1 penalty ``l1 · mean σ(s)`` that pushes unneeded coordinates to zero;
-the k largest logits are kept at the end. For a linear layer the mask is factored,
-σ(s_out) ⊗ σ(s_in) over the [d_out, d_in(+bias)] gradient, and gives the ``{"in", "out"}``
-indices a factored ``selective_mask-A*B`` spec needs; other parameters get a flat mask
-(``{"flat"}``). Write the result with grass_index.compress.save_selective_mask.
+gradients, plus an ℓ1 penalty ``l1 · mean σ(s)`` (summed over the mask's factors) that pushes
+unneeded coordinates to zero; the k largest logits are kept at the end. For a linear layer
+the mask is factored, σ(s_out) ⊗ σ(s_in) over the [d_out, d_in(+bias)] gradient, and gives the
+``{"in", "out"}`` indices a factored ``selective_mask-A*B`` spec needs; other parameters get a
+flat mask (``{"flat"}``). Write the result with grass_index.compress.save_selective_mask.
 
-What is matched (and why). The index ranks training examples by the *preconditioned* score
-``g_qᵀ (F + λI)⁻¹ g_i`` (eFIM, relative damping λ = damping × mean eigenvalue of F), not by the
-raw inner product ``g_qᵀ g_i``. Matching raw inner products favours high-magnitude
-coordinates, which are highly redundant (the same hidden unit or input pixel across many
-weights); after whitening by F they add little, and such masks scored *below* random masks
-on digits. So the fit matches preconditioned scores, in closed form on a sample:
+The sample: ``n_samples`` training examples (seeded), split into a "query" part A (the first
+third; training examples playing queries, so no test data is touched) and a disjoint "F/train"
+part G (N examples). Every objective is a function of the masked Gram matrix
+``K_XY(w) = Σ_c w_c² x_c y_c`` between those examples' gradients of the layer.
 
-* the sampled examples are split into an "F/train" part G (N examples) and a disjoint
-  "query" part A (training examples playing queries, so no test data is touched);
-* with masked gradients w ⊙ g, F_w = G_wᵀG_w / N and Woodbury give
-  ``S_w = N · K_AG(w) (N λ_w I + K_GG(w))⁻¹`` where ``K_XY(w) = Σ_j w_j² x_j y_j`` — only
-  N×N matrices, differentiable in w. Down-weighting a coordinate acts as a large ridge on it
-  (``(W F W + λ I)⁻¹ = W⁻¹ (F + λ W⁻²)⁻¹ W⁻¹``), i.e. it smoothly removes it;
-* the loss is ``1 − mean_a corr(S_w[a, :], S_full[a, :])``: each query's row of scores only
-  needs the right *shape* — LDS ranks equal-size subsets by summed scores, which is invariant
-  to a per-query scale and shift.
+``hessian="eFIM"`` (default) — what is matched, and why. The index ranks training examples by
+the *preconditioned* score ``g_qᵀ (F + λI)⁻¹ g_i`` (eFIM, relative damping λ = damping × mean
+eigenvalue of F), not by the raw inner product ``g_qᵀ g_i``. Matching raw inner products
+favours high-magnitude coordinates, which are highly redundant (the same hidden unit or input
+pixel across many weights); after whitening by F they add little, and such masks scored
+*below* random masks on digits. So the fit matches preconditioned scores, in closed form on
+the sample: with masked gradients w ⊙ g, F_w = G_wᵀG_w / N and Woodbury give
+``S_w = N · K_AG(w) (N λ_w I + K_GG(w))⁻¹`` (λ_w = damping × tr(F_w) / k, k the size the mask
+will keep) — only N×N matrices, differentiable in w. Down-weighting a coordinate acts as a
+large ridge on it (``(W F W + λ I)⁻¹ = W⁻¹ (F + λ W⁻²)⁻¹ W⁻¹``), i.e. it smoothly removes it.
+The loss minimised is ``1 − mean_a corr(S_w[a, :], S_1[a, :]) + l1 · Σ mean σ(s)``: each
+query's row of scores only needs the right *shape* — LDS ranks equal-size subsets by summed
+scores, which is invariant to a per-query scale and shift. On digits (k=256 per layer) this
+lifts the learned mask from below a random mask (0.432 vs 0.44-0.45 LDS, raw inner-product
+matching) to ~0.49 (benchmarks/quality.py has the table). The preconditioned scores do not
+change under a common scale of w, so the ℓ1 term mostly lowers all logits together; the
+selection comes from the fit term's differences, and top-k fixes the size.
 
-On digits (k=256 per layer) this lifts the learned mask from below a random mask (0.432 vs
-0.44-0.45 LDS, raw inner-product matching) to ~0.49 (benchmarks/quality.py has the table).
-The preconditioned scores do not change under a common scale of w, so the ℓ1 term mostly
-lowers all logits together; the selection comes from the fit term's differences, and top-k
-fixes the size.
+``hessian="identity"`` — for indexes built without preconditioning, whose scores are the raw
+inner products S_w = K_AG(w). The loss minimised is the relative squared error
+``‖K_AG(w) − K_AG(1)‖²_F / ‖K_AG(1)‖²_F + l1 · Σ mean σ(s)``: the masked inner products must
+keep their *values*, scale included, not only their per-query order. This is not the paper's
+objective: GraSS (and its reference code) maximise the mean per-query Pearson correlation of
+masked against full inner products with an ℓ1 penalty on σ(s); the two agree on which
+coordinates carry the inner products, but the squared error also penalises a mask that
+shrinks every score by a common factor.
 
-``hessian="identity"`` matches raw inner products instead (S = K_AG(w), relative squared
-error — the paper's objective), for indexes built without preconditioning.
-
-Fitting materialises exact per-sample gradients of ``n_samples`` examples and costs
-O(steps · N² · numel) per layer, so it is meant for layers up to a few million coordinates.
+Memory and time. Layers are fitted one at a time, in model order. A linear layer's sampled
+gradients are held as factors (per token: its input x_t and output gradient Dy_t, as the
+reference code does for factored masks), T·(d_in + d_out) numbers per example instead of
+d_out·d_in, and K(w) is accumulated from gradients formed block by block inside the
+``memory_gb`` budget (grass_index/maskfit/gram.py). The examples are streamed: each pass
+over the sample runs forward+backward batch by batch and keeps the factors of only as many
+layers as fit in the budget (at least one), so the peak is about 2.5 × memory_gb plus the
+model and one batch's forward/backward, whatever the number of layers (a single layer whose
+factors alone exceed the budget gets a pass of its own and goes over it by that much). Convolutions and flat parameters
+use formed exact per-sample gradients (one group of layers at a time). Each step costs
+O(n · N · numel) per layer (as before), so large layers want a fast machine or a smaller
+sample; benchmarks/selective_lm.py measures GPT-2 small (README: Selective Mask).
 """
 from __future__ import annotations
 
 
+import logging
+import time
 from typing import Callable, Sequence
 
 import torch
 
 from .errors import MaskFitError
+from .gram import LayerGrads
+
+log = logging.getLogger(__name__)
 
 
 def _parse_k(k) -> tuple[int, ...]:
@@ -63,19 +84,18 @@ def _parse_k(k) -> tuple[int, ...]:
     return dims
 
 
-def _scores(ga: torch.Tensor, gg: torch.Tensor, w2: torch.Tensor, damping: float | None,
-            dim: int) -> torch.Tensor:
-    """Scores of queries ``ga`` against ``gg`` with coordinate weights ``w2`` (= w²).
+def _scores(K: torch.Tensor, n_a: int, damping: float | None, dim: int) -> torch.Tensor:
+    """Scores of the query part against the F part from ``K`` = K(w)[:rows, n_a:] (rows =
+    n_a for raw inner products, every example otherwise).
 
-    damping None: raw inner products. Otherwise eFIM F = Σ (w⊙g)(w⊙g)ᵀ / N over ``gg`` with
-    λ = damping × tr(F) / dim (dim = the kept size), through the N×N (Woodbury) form.
+    damping None: raw inner products K_AG. Otherwise eFIM F = Σ (w⊙g)(w⊙g)ᵀ / N over the F
+    part with λ = damping × tr(F) / dim (dim = the kept size), through the N×N (Woodbury) form.
     """
-    gw = gg * w2
-    ka = ga @ gw.T                                   # [n_a, N]
+    ka = K[:n_a]                                     # [n_a, N]
     if damping is None:
         return ka
-    n = gg.shape[0]
-    k = gw @ gg.T                                    # [N, N]
+    k = K[n_a:]                                      # [N, N]
+    n = k.shape[0]
     lam = damping * k.diagonal().sum() / (n * dim)   # relative: damping × tr(F_w) / dim
     eye = torch.eye(n, dtype=k.dtype)
     return torch.linalg.solve(n * lam.clamp_min(1e-30) * eye + k, ka.T).T * n
@@ -87,23 +107,25 @@ def _row_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)).mean()
 
 
-def _fit_one(gg: torch.Tensor, ga: torch.Tensor, shape: tuple[int, ...], keep: int,
+def _fit_one(lg: LayerGrads, n_a: int, shape: tuple[int, ...], keep: int,
              damping: float | None, steps: int, lr: float, l1: float,
-             gen: torch.Generator) -> list[torch.Tensor]:
-    """Logits for one layer. gg/ga: [N|n_a, numel] gradients; shape: (numel,) or (d_out, d_in);
-    keep: how many coordinates the final mask keeps (sets the relative damping's scale)."""
-    numel = gg.shape[1]
+             gen: torch.Generator) -> tuple[list[torch.Tensor], float]:
+    """Logits for one layer and the final fit term. lg: the layer's sampled gradients (the
+    first n_a play queries); shape: (numel,) or (d_out, d_in); keep: how many coordinates
+    the final mask keeps (sets the relative damping's scale)."""
+    rows = lg.n if damping is not None else n_a
     with torch.no_grad():
-        target = _scores(ga, gg, torch.ones(numel), damping, numel)
+        target = _scores(lg.gram(torch.ones(lg.numel), rows, n_a), n_a, damping, lg.numel)
     logits = [torch.full((d,), 2.0, dtype=torch.float32) + 0.01 * torch.randn(d, generator=gen)
               for d in shape]
     for t in logits:
         t.requires_grad_(True)
     opt = torch.optim.Adam(logits, lr=lr)
+    fit = torch.tensor(float("nan"))
     for _ in range(steps):
         masks = [torch.sigmoid(t) for t in logits]
         w = masks[0] if len(masks) == 1 else torch.outer(masks[0], masks[1]).reshape(-1)
-        s = _scores(ga, gg, w * w, damping, keep)
+        s = _scores(lg.gram(w * w, rows, n_a), n_a, damping, keep)
         if damping is None:   # raw inner products (identity Hessian): their scale matters too
             fit = (s - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-30)
         else:
@@ -112,29 +134,34 @@ def _fit_one(gg: torch.Tensor, ga: torch.Tensor, shape: tuple[int, ...], keep: i
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return [t.detach() for t in logits]
+    return [t.detach() for t in logits], float(fit.detach())
 
 
 def fit_selective_mask(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable, k, *,
                        layers=None, n_samples: int = 768, steps: int = 300, lr: float = 0.05,
                        l1: float = 0.1, hessian: str = "eFIM", damping=None, seed: int = 0,
-                       collate: Callable | None = None,
-                       batch_size: int = 64) -> dict[str, dict[str, torch.Tensor]]:
-    """Learned mask indices per layer, ready for save_selective_mask.
+                       collate: Callable | None = None, batch_size: int = 64,
+                       memory_gb: float = 2.0, capture: str = "auto",
+                       stats: dict | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Learned mask indices per layer, ready for save_selective_mask (the module docstring
+    says what is optimised).
 
     k: ``k`` (flat masks everywhere) or ``"k_in*k_out"`` (factored for linear layers; other
     parameters get a flat mask of k_in*k_out). Sizes larger than a layer are clamped to it.
     n_samples training examples are drawn (seeded); a third play queries, the rest estimate F.
     hessian/damping: those the index will be built with (relative damping; default
-    grass_index's DEFAULT_DAMPING); On digits (k=256 per layer) this lifts the learned mask from below a random mask (0.432 vs
-0.44-0.45 LDS, raw inner-product matching) to ~0.49 (benchmarks/quality.py has the table).
-The preconditioned scores do not change under a common scale of w, so the ℓ1 term mostly
-lowers all logits together; the selection comes from the fit term's differences, and top-k
-fixes the size.
-
-``hessian="identity"`` matches raw inner products.
+    grass_index's DEFAULT_DAMPING); ``"identity"`` matches raw inner products.
+    memory_gb: budget for the held gradients/factors of a pass and a layer's fit (peak about
+    2.5 × this plus the model and one batch). capture: ``"factors"`` (linear layers from
+    their per-token factors, streamed), ``"exact"`` (formed per-example gradients, one
+    group of layers at a time: the reference the factored fit is tested against) or
+    ``"auto"``: exact when every selected layer's formed gradients fit in the budget (small
+    models keep exactly the masks they always got), factors otherwise.
+    stats: a dict to fill with {layer: {"route", "n", "held_bytes", "seconds", "fit"}} and
+    {"passes": number of passes over the sample}.
     """
     from ..capture import per_sample_gradients, select_layers
+    from ..capture.factors import FactorCapture, LayerBatch
     from ..precondition import DEFAULT_DAMPING, PreconditionError, canonical_hessian, parse_damping
     from ..task import default_collate
 
@@ -142,6 +169,12 @@ fixes the size.
     if n_samples < 3:
         raise MaskFitError(f"n_samples={n_samples}; the mask is fit on scores between sampled "
                          "examples, so use at least 3 (several hundred is typical)")
+    if capture not in ("auto", "factors", "exact"):
+        raise MaskFitError(f"capture={capture!r}; use 'auto' (default), 'factors' or 'exact'")
+    if not memory_gb > 0:
+        raise MaskFitError(f"memory_gb={memory_gb} (--memory-gb): give a positive budget in GiB, e.g. 2")
+    if batch_size < 1:
+        raise MaskFitError(f"batch_size={batch_size}; use a positive batch size, e.g. 16")
     try:
         h = canonical_hessian(hessian)
     except PreconditionError:
@@ -165,29 +198,67 @@ fixes the size.
     ids = torch.randperm(len(train_data), generator=gen)[:n].tolist()
     n_a = max(1, n // 3)                      # queries: disjoint from the F sample
     model.eval()
-    grads: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in infos}
-    for s in range(0, n, batch_size):
-        batch = collate([train_data[i] for i in ids[s:s + batch_size]])
-        for name, g in per_sample_gradients(model, batch, loss_fn, infos).items():
-            grads[name].append(g.detach().cpu())
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for layer in infos:
-        g = torch.cat(grads[layer.name]).double()
-        if not torch.isfinite(g).all():
-            raise MaskFitError(f"layer {layer.name}: NaN/inf per-sample gradients; fix the model or "
-                             "loss before fitting a mask")
-        # one global scale (scores are compared by correlation, damping is relative): float32-safe
-        g = (g / g.pow(2).mean().sqrt().clamp_min(1e-300)).float()
-        ga, gg = g[:n_a], g[n_a:]
-        if len(dims) == 2 and layer.kind == "linear":
-            d_in, d_out = layer.d_in_eff, layer.d_out
-            k_in, k_out = min(dims[0], d_in), min(dims[1], d_out)
-            s_out, s_in = _fit_one(gg, ga, (d_out, d_in), k_in * k_out, damp, steps, lr, l1, gen)
-            out[layer.name] = {"in": _topk(s_in, k_in), "out": _topk(s_out, k_out)}
+    budget = int(memory_gb * 2 ** 30)
+    batches = [ids[s:s + batch_size] for s in range(0, n, batch_size)]
+
+    def load(part):
+        return collate([train_data[i] for i in part])
+
+    if capture == "auto":
+        capture = "exact" if 4 * n * sum(layer.numel for layer in infos) <= budget else "factors"
+    if capture == "factors":
+        cap = FactorCapture(model, infos)
+        cap.check(load(batches[0] if len(batches[0]) >= 2 else ids[:2]), loss_fn)
+        probe = cap.capture(load(ids[:2]), loss_fn, infos)   # bytes per example, per layer
+        per_example = {name: lb.nbytes / 2 for name, lb in probe.items()}
+        del probe
+
+        def grab(batch, group):
+            return cap.capture(batch, loss_fn, group)
+    else:
+        per_example = {layer.name: 4 * layer.numel for layer in infos}
+
+        def grab(batch, group):
+            return {name: LayerBatch(grads=g.detach().float().cpu()) for name, g in
+                    per_sample_gradients(model, batch, loss_fn, group).items()}
+
+    groups: list[list] = []
+    for layer in infos:     # consecutive layers whose held data fit in the budget: one pass
+        need = n * per_example[layer.name]
+        if groups and sum(n * per_example[x.name] for x in groups[-1]) + need <= budget:
+            groups[-1].append(layer)
         else:
-            kk = min(dims[0] * (dims[1] if len(dims) == 2 else 1), g.shape[1])
-            (s,) = _fit_one(gg, ga, (g.shape[1],), kk, damp, steps, lr, l1, gen)
-            out[layer.name] = {"flat": _topk(s, kk)}
+            groups.append([layer])
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    if stats is not None:
+        stats["passes"] = len(groups)
+    for group in groups:
+        parts: dict[str, list] = {layer.name: [] for layer in group}
+        for part in batches:
+            for name, lb in grab(load(part), group).items():
+                parts[name].append(lb)
+        for layer in group:
+            t0 = time.perf_counter()
+            factored = len(dims) == 2 and layer.kind == "linear"
+            shape = (layer.d_out, layer.d_in_eff) if layer.kind == "linear" else (layer.numel,)
+            held = sum(lb.nbytes for lb in parts[layer.name])
+            lg = LayerGrads(layer.name, parts.pop(layer.name), shape, budget)
+            route = "exact" if lg.plain else "factors"
+            if factored:
+                d_out, d_in = shape
+                k_in, k_out = min(dims[0], d_in), min(dims[1], d_out)
+                (s_out, s_in), fit = _fit_one(lg, n_a, shape, k_in * k_out, damp, steps, lr, l1, gen)
+                out[layer.name] = {"in": _topk(s_in, k_in), "out": _topk(s_out, k_out)}
+            else:
+                kk = min(dims[0] * (dims[1] if len(dims) == 2 else 1), lg.numel)
+                (s,), fit = _fit_one(lg, n_a, (lg.numel,), kk, damp, steps, lr, l1, gen)
+                out[layer.name] = {"flat": _topk(s, kk)}
+            del lg
+            if stats is not None:
+                stats[layer.name] = dict(route=route, n=n, held_bytes=held, fit=fit,
+                                         seconds=time.perf_counter() - t0)
+            log.info("selective mask: layer %s fitted (%s, %.1fs)", layer.name, route,
+                     time.perf_counter() - t0)
     return out
 
 
