@@ -16,28 +16,16 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the index answers which training examples made the model behave this way on this "
-         "input and it builds an attribution index over a training corpus once then answers "
-         "queries in milliseconds with sketches of gradients and a preconditioner").split()
-
-
-def _rss_peak() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1]) * 1024
-    return float("nan")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _gpt2_task import gpt2_task, peak_rss_bytes  # noqa: E402
 
 
 def child(args) -> dict:
-    import numpy as np
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     import grass_index as gi
     from grass_index import plan as plan_mod
@@ -48,17 +36,7 @@ def child(args) -> dict:
     if args.dense:
         pre_mod.uses_low_rank = lambda n, k: False
     work = Path(args.work)
-    model_dir = work / "gpt2"
-    if not (model_dir / "config.json").exists():
-        GPT2LMHeadModel(GPT2Config()).save_pretrained(model_dir)
-    rng = np.random.default_rng(0)
-    lines = [" ".join(rng.choice(WORDS, 40)) for _ in range(args.n)]
-    (work / "train.txt").write_text("\n".join(lines) + "\n")
-    os.environ.update(GRASS_INDEX_MODEL_PATH=str(model_dir),
-                      GRASS_INDEX_TEXT_FILE=str(work / "train.txt"),
-                      GRASS_INDEX_MAX_LENGTH=str(args.tokens))
-    sys.path.insert(0, str(ROOT / "examples"))
-    import hf_causal_lm as task
+    task = gpt2_task(work, args.n, args.tokens)
 
     model, data = task.model(), task.train_data()
     marks, t0 = {}, time.time()
@@ -79,7 +57,7 @@ def child(args) -> dict:
     pass2_start = marks["sketch_end"]
     res = dict(n=len(data), tokens=args.tokens, K=cfg["dim"], layers=len(cfg["layout"]),
                dense=args.dense, plan_ram_gb=p.ram_peak / 1e9, plan_disk_gb=p.disk / 1e9,
-               peak_rss_gb=_rss_peak() / 1e9, pass1_s=pass2_start, pass2_s=total - pass2_start,
+               peak_rss_gb=peak_rss_bytes() / 1e9, pass1_s=pass2_start, pass2_s=total - pass2_start,
                total_s=total, recall=cfg["index"].get("recall"), marks=marks,
                index_dim=cfg["index"]["dim"],
                disk_gb=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e9)

@@ -23,25 +23,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from _gpt2_task import gpt2_task, peak_rss_bytes  # noqa: E402
 from _table import markdown_table  # noqa: E402
-
-WORDS = ("the index answers which training examples made the model behave this way on this "
-         "input and it builds an attribution index over a training corpus once then answers "
-         "queries in milliseconds with sketches of gradients and a preconditioner").split()
-
-
-def _rss_peak() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1]) * 1024
-    return float("nan")
 
 
 def child(args) -> dict:
-    import numpy as np
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     from grass_index.capture import select_layers
     from grass_index.maskfit import fit_selective_mask
@@ -49,17 +36,7 @@ def child(args) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 2)
     work = Path(args.work)
-    model_dir = work / "gpt2"
-    if not (model_dir / "config.json").exists():
-        GPT2LMHeadModel(GPT2Config()).save_pretrained(model_dir)
-    rng = np.random.default_rng(0)
-    lines = [" ".join(rng.choice(WORDS, 40)) for _ in range(args.n)]
-    (work / "train.txt").write_text("\n".join(lines) + "\n")
-    os.environ.update(GRASS_INDEX_MODEL_PATH=str(model_dir),
-                      GRASS_INDEX_TEXT_FILE=str(work / "train.txt"),
-                      GRASS_INDEX_MAX_LENGTH=str(args.tokens))
-    sys.path.insert(0, str(ROOT / "examples"))
-    import hf_causal_lm as task
+    task = gpt2_task(work, args.n, args.tokens)
 
     model, data = task.model(), task.train_data()
     layers = [p.strip() for p in args.layers.split(",")] if args.layers else None
@@ -73,7 +50,7 @@ def child(args) -> dict:
     per_layer = {layer.name: dict(numel=layer.numel, **stats[layer.name]) for layer in infos}
     return dict(n=len(data), tokens=args.tokens, steps=args.steps, k=args.k,
                 memory_gb=args.memory_gb, layers=len(infos), passes=stats["passes"],
-                total_s=total, peak_rss_gb=_rss_peak() / 1e9, per_layer=per_layer,
+                total_s=total, peak_rss_gb=peak_rss_bytes() / 1e9, per_layer=per_layer,
                 model_bytes=sum(p.numel() * 4 for p in model.parameters()),
                 kept={name: {key: len(v) for key, v in d.items()} for name, d in masks.items()})
 

@@ -1,0 +1,43 @@
+"""The real-size language-model setup the LM benchmarks share: GPT-2 small from its config with
+random weights (nothing downloaded), saved once under a work directory, a generated text
+corpus, and examples/hf_causal_lm.py as the task; plus the process's peak RSS."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the index answers which training examples made the model behave this way on this "
+         "input and it builds an attribution index over a training corpus once then answers "
+         "queries in milliseconds with sketches of gradients and a preconditioner").split()
+
+
+def peak_rss_bytes() -> float:
+    """This process's peak resident set (VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) * 1024
+    return float("nan")
+
+
+def gpt2_task(work: Path, n: int, tokens: int):
+    """The examples/hf_causal_lm.py task over a random-init GPT-2 small saved in ``work`` and
+    ``n`` generated lines of 40 words, truncated to ``tokens`` tokens."""
+    import numpy as np
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model_dir = work / "gpt2"
+    if not (model_dir / "config.json").exists():
+        GPT2LMHeadModel(GPT2Config()).save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(WORDS, 40)) for _ in range(n)]
+    (work / "train.txt").write_text("\n".join(lines) + "\n")
+    os.environ.update(GRASS_INDEX_MODEL_PATH=str(model_dir),
+                      GRASS_INDEX_TEXT_FILE=str(work / "train.txt"),
+                      GRASS_INDEX_MAX_LENGTH=str(tokens))
+    sys.path.insert(0, str(ROOT / "examples"))
+    import hf_causal_lm as task
+
+    return task
