@@ -125,3 +125,21 @@ def test_second_writer_is_refused(tmp_path):
     with SketchStore.open(out / "sketches", readonly=False):
         with pytest.raises(WriterLockedError):
             build(out, damping=0.5)
+
+
+def test_a_build_started_by_an_earlier_version_is_named_as_such(tmp_path):
+    """build.json gains keys over versions (e.g. left_out): resuming a directory whose record
+    lacks one says an earlier version started it, not that the user changed something."""
+    import json
+
+    out = tmp_path / "run"
+    gi.build_index(make_model(), make_data(16, 1), loss_fn, out, sparsification=SPARS,
+                   projection=PROJ, batch_size=8, progress=False)
+    rec = json.loads((out / "build.json").read_text())
+    del rec["left_out"]
+    (out / "build.json").write_text(json.dumps(rec))
+    (out / "config.json").unlink()  # an unfinished build, to be resumed
+    with pytest.raises(gi.AttributionError, match="differs in: left_out.*earlier grass-index "
+                       "version"):
+        gi.build_index(make_model(), make_data(16, 1), loss_fn, out, sparsification=SPARS,
+                       projection=PROJ, batch_size=8, progress=False)

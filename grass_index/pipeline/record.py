@@ -101,7 +101,10 @@ def build_diff(old: dict, build: dict) -> str:
     if len(diff) > 1 and "sketch_fingerprint" in diff:  # derived: name the cause only
         diff.remove("sketch_fingerprint")
     hint = ""
-    if "model_hash" in diff:
+    if diff and all(k not in old for k in diff):  # keys this version records, that one did not
+        hint = (" (it was started by an earlier grass-index version, whose build record lacks "
+                "them; its sketches cannot be resumed by this one)")
+    elif "model_hash" in diff:
         hint = " (the model's weights differ)"
     elif "data_hash" in diff or "n_train" in diff:
         hint = " (the training data differs)"
