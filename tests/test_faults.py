@@ -238,9 +238,31 @@ def ref(task, tmp_path_factory):
 
 def test_kill_9_at_random_points_of_both_passes_resumes_identically(task, ref, tmp_path):
     rng = random.Random(20250605)
-    out = tmp_path / "idx"
     env = {"FT_SLEEP": "0.03"}  # pass 1 takes ~0.5 s, so a kill lands between commits too
     plan = ["pass1", "pass1", "pass2", "pass2", "anywhere"]
+    # A kill timed into pass 2 can miss it on a loaded machine (the build finishes first);
+    # then the whole sequence is tried again in a fresh directory, up to 3 times.
+    for attempt in range(3):
+        out = tmp_path / f"idx{attempt}"
+        seen = _kill_sequence(task, ref, out, plan, rng, env)
+        if any(ph.startswith("pass 2") for _, ph in seen):
+            break
+    print("kills:", seen, "pass 2 of the reference took", round(ref["pass2_s"], 3), "s")
+    assert any(ph.startswith("pass 1") for _, ph in seen), seen
+    assert any(ph.startswith("pass 2") for _, ph in seen), seen
+    # a killed build is reported as unfinished, with its progress
+    if not (out / "config.json").exists():
+        with pytest.raises(AttributionError, match="not finished"):
+            gi.open_index(out)
+    rc, so, se = run_build(task, out)
+    assert rc == 0, se
+    assert_same_index(out, ref)
+
+
+def _kill_sequence(task, ref, out, plan, rng, env) -> list:
+    """Start the build and kill -9 it once per entry of ``plan``; after every kill, nothing
+    committed is lost and what is stored is a prefix of the reference. Returns (what, phase)
+    per kill."""
     seen = []
     for what in plan:
         before = max(committed(out), 0)
@@ -267,16 +289,9 @@ def test_kill_9_at_random_points_of_both_passes_resumes_identically(task, ref, t
         assert committed(out) >= before  # nothing committed is ever lost
         assert_prefix_of_reference(out, ref["rows"])
         assert not (out / "config.json").exists() or seen[-1][1].startswith("finished")
-    print("kills:", seen, "pass 2 of the reference took", round(ref["pass2_s"], 3), "s")
-    assert any(ph.startswith("pass 1") for _, ph in seen), seen
-    assert any(ph.startswith("pass 2") for _, ph in seen), seen
-    # a killed build is reported as unfinished, with its progress
-    if not (out / "config.json").exists():
-        with pytest.raises(AttributionError, match="not finished"):
-            gi.open_index(out)
-    rc, so, se = run_build(task, out)
-    assert rc == 0, se
-    assert_same_index(out, ref)
+        if seen[-1][1].startswith("finished"):
+            break  # nothing left to kill in this directory
+    return seen
 
 
 # ----------------------------------------------------------------------------- concurrency
