@@ -212,3 +212,18 @@ def test_resumed_and_merged_builds_record_the_same(tmp_path):
         assert cfg["left_out"] == ref["left_out"]
     assert np.isfinite(np.asarray(gi.open_index(tmp_path / "mrg").score(
         model, data[:2], token_loss))).all()
+
+
+def test_an_ensemble_with_an_unreached_head_names_each_checkpoints_block(tmp_path, caplog):
+    models = []
+    for s in range(2):
+        torch.manual_seed(s)
+        models.append(IssueModel().eval())
+    with caplog.at_level(logging.WARNING, logger="grass_index"):
+        idx = gi.build_index(models, issue_data(), token_loss, tmp_path / "ix",
+                             projection="sjlt-16", sparsification="identity", batch_size=4,
+                             progress=False)
+    ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pass 1:")]
+    assert len(ends) == 1 and "c0/unused, c1/unused" in ends[0]
+    assert "--layers '!unused.*'" in ends[0]
+    assert idx.config["capture"]["zero_gradient"] == ["c0/unused", "c1/unused"]

@@ -171,6 +171,12 @@ class EnsembleSketcher:
                 raise CaptureError(f"checkpoint {c}: {e}", example=e.example,
                                    layer=e.layer) from e
 
+    def exclude_glob(self, name: str) -> str:
+        """The --layers pattern that removes block ``c{c}/{layer}`` (from every checkpoint:
+        they share their layers)."""
+        c, layer = split_block(name)
+        return self.members[c or 0].exclude_glob(layer)
+
     def check_report(self) -> list[dict]:
         """Every checkpoint's rows of the capture check, layers named ``c{c}/{layer}``."""
         return [dict(r, layer=block_name(c, r["layer"])) for c, sk in enumerate(self.members)
