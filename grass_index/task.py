@@ -87,15 +87,12 @@ class Task:
         if isinstance(got, torch.nn.Module) or not isinstance(got, (list, tuple)):
             raise TaskError(f"task {self.ref}: checkpoints() returned {type(got).__name__}, "
                             "expected a list of torch.nn.Module (one per checkpoint)")
-        if not got:
-            raise TaskError(f"task {self.ref}: checkpoints() returned an empty list; return "
-                            "at least one model")
-        for c, m in enumerate(got):
-            if not isinstance(m, torch.nn.Module):
-                raise TaskError(f"task {self.ref}: checkpoints()[{c}] is {type(m).__name__}, "
-                                "expected a torch.nn.Module")
-            m.eval()
-        return list(got)
+        from .capture import CaptureError, Checkpoints
+
+        try:  # the one check of what a checkpoint list holds (non-empty, every item a model)
+            return list(Checkpoints(got, where=f"task {self.ref}: checkpoints()").eval())
+        except CaptureError as e:
+            raise TaskError(str(e)) from None
 
     def index_model(self):
         """What an index is built and queried with: the model, or, when the task defines
