@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from ..precondition import FisherAccumulator, load_factors
-from ..precondition.ekfac import rotate
+from ..precondition.ekfac import corrected_eigenvalues, rotate
 from ..precondition.fisher import layer_slices
 from .groundtruth import train_ground_truth
 from .run import EvalError, default_ground_truth_dir, retraining_inputs
@@ -152,17 +152,18 @@ class _Sweep:
         usable = [n for n in factors.usable() if n in layout] if factors is not None else []
         bases = {name: factors.eigenbases(name) for name in usable}
         slices = layer_slices(layout)
-        eig_sums = {name: np.zeros(layout[name]) for name in usable}
-        for start, raw in idx.raw_sketches():
-            raw = np.asarray(raw, dtype=np.float32)
-            acc.update(raw)  # same rows, same order as pass 2: the same Fisher
-            G += w[:, start:start + len(raw)] @ raw.astype(np.float64)
-            for name, (qg, qa) in bases.items():  # EK-FAC's corrected eigenvalues
-                r = rotate(raw[:, slices[name]], qg, qa)
-                eig_sums[name] += np.einsum("ij,ij->j", r, r)
+
+        def rows():  # one read of the store feeds the Fisher, the subset sums and EK-FAC's Λ
+            nonlocal G
+            for start, raw in idx.raw_sketches():
+                raw = np.asarray(raw, dtype=np.float32)
+                acc.update(raw)  # same rows, same order as pass 2: the same Fisher
+                G += w[:, start:start + len(raw)] @ raw.astype(np.float64)
+                yield start, raw
+        eig = corrected_eigenvalues(rows(), layout, bases)
         self.q, self.G = np.asarray(q, dtype=np.float64), G
         # per EK-FAC layer: (Λ, rotated queries, rotated subset sums)
-        self.ekfac = {name: (eig_sums[name] / acc.n, rotate(self.q[:, slices[name]], *bases[name]),
+        self.ekfac = {name: (eig[name], rotate(self.q[:, slices[name]], *bases[name]),
                              rotate(G[:, slices[name]], *bases[name])) for name in usable}
         self.layers = []
         total_trace, total_k, start = 0.0, 0, 0
