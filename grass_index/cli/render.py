@@ -162,7 +162,6 @@ def print_index(err: Console, cfg: IndexConfig, *, directory, verb: str | None =
         err.print(f"next: grass-index query {shell_arg(directory)}{task} --example 0")
 
 
-
 def emit_json(obj) -> None:
     """``--json`` output: one document on stdout (everything else goes to stderr)."""
     typer.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
