@@ -354,12 +354,6 @@ def test_degenerate_damping_is_refused_at_parse_time(built, tmp_path, damping):
         gi.open_index(built[1]).reprecondition(damping=damping)
 
 
-def test_a_preconditioned_index_whose_vectors_underflow_is_refused(built, tmp_path):
-    task, _ = built
-    res = invoke("build", task, "--out", tmp_path / "idx", *SMALL, "--damping", "abs:1e30")
-    one_line_error(res, "underflow float32", "--damping")
-
-
 # ------------------------------------------------------- FAISS file that is not this build's
 
 def faiss_file(out: Path) -> Path:
@@ -620,3 +614,151 @@ def test_only_tasks_shipped_with_grass_index_run_without_being_named(tmp_path):
         assert not is_builtin_task(ref), ref
         with pytest.raises(TaskError, match="--task"):
             task_for_index(None, recorded=ref, sha256=None, index_dir=tmp_path)
+
+
+# ============================================================================================
+# Real data is never refused (issue 20 §1, "realdata"): a saturated example is stored as 0,
+# an index that can say nothing is refused, a damping pass 2 refuses leaves pass 1 re-usable.
+# ============================================================================================
+
+SATURATED = """
+import torch, torch.nn.functional as F
+from torch import nn
+
+SATURATED = 8   # training examples 0..7 sit at a logit margin of 90: loss 0, gradient ~1e-38
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+def margins(m, x):
+    top = m(x).topk(2, dim=1).values
+    return top[:, 0] - top[:, 1]
+
+def _data(n, seed, saturated):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    m = model()
+    with torch.no_grad():
+        for _ in range(20):  # a ReLU net without bias is 1-homogeneous: scale up to margin 90
+            x[:saturated] *= (90.0 / margins(m, x[:saturated]))[:, None]
+        y[:saturated] = m(x[:saturated]).argmax(1)
+    return torch.utils.data.TensorDataset(x, y)
+
+def train_data():
+    return _data(40, 1, SATURATED)
+
+def query_data():
+    return _data(6, 2, 0)
+
+def loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y, reduction="none") * SCALE
+"""
+
+
+def saturated_task(directory: Path, scale: str = "1.0") -> Path:
+    p = directory / f"saturated_{scale.replace('.', '_').replace('-', 'm')}.py"
+    p.write_text(SATURATED.replace("SCALE", scale))
+    return p
+
+
+def test_the_saturated_task_is_saturated(tmp_path):
+    """The fixture's premise: margins >= 90, loss exactly 0, gradients float32 subnormals."""
+    t = gi.load_task(str(saturated_task(tmp_path)))
+    m, (x, y) = t.model(), t.train_data().tensors
+    top = m(x[:8]).topk(2, dim=1).values
+    assert ((top[:, 0] - top[:, 1]) >= 89.9).all()
+    losses = t.loss(m, (x, y))
+    assert (losses[:8] == 0).all() and (losses[8:] > 0).all()
+    losses[0].backward()
+    biggest = max(p.grad.abs().max().item() for p in m.parameters())
+    assert 0 < biggest < 1e-36
+
+
+@pytest.mark.parametrize("hessian", ["eFIM", "identity"])
+def test_a_saturated_classifier_builds_and_its_saturated_examples_score_zero(tmp_path,
+                                                                             hessian):
+    task = saturated_task(tmp_path)
+    out = tmp_path / "idx"
+    res = invoke("build", task, "--out", out, *SMALL, "--hessian", hessian)
+    assert res.exit_code == 0, res.output
+    res = invoke("query", out, "--task", task, "--example", 0, "-k", 40, "--json")
+    assert res.exit_code == 0, res.output
+    t = gi.load_task(str(task))
+    scores = gi.open_index(out).score(t.model(), t.query_data(), t.loss)
+    assert scores.shape == (6, 40) and torch.isfinite(scores).all()
+    assert (scores[:, :8] == 0).all()          # no influence: the right answer
+    assert (scores[:, 8:] != 0).double().mean() > 0.9  # everyone else ranks as usual
+
+
+def test_saturated_examples_store_the_same_with_flush_to_zero_on_and_off(tmp_path):
+    task = saturated_task(tmp_path)
+    t = gi.load_task(str(task))
+    scores = {}
+    for ftz in (False, True):
+        old = torch.set_flush_denormal(ftz)
+        assert old is True or ftz is False  # the CPU supports it (x86 / arm64)
+        try:
+            api_build(tmp_path / f"ftz{ftz}", task)
+            scores[ftz] = gi.open_index(tmp_path / f"ftz{ftz}").score(
+                t.model(), t.query_data(), t.loss)
+        finally:
+            torch.set_flush_denormal(False)
+    assert (scores[False][:, :8] == 0).all()
+    assert torch.equal(scores[False], scores[True])
+
+
+@pytest.mark.parametrize("hessian", ["eFIM", "identity"])
+def test_an_index_whose_every_gradient_is_zero_is_refused(tmp_path, hessian):
+    task = write_task(tmp_path, reduction="none")
+    task.write_text(task.read_text().replace("reduction='none')", "reduction='none') * 0.0"))
+    out = tmp_path / "idx"
+    res = invoke("build", task, "--out", out, *SMALL, "--hessian", hessian)
+    one_line_error(res, "gradient is zero", "every selected layer", "not written", "--check")
+    assert not (out / "config.json").exists()
+    with pytest.raises(gi.AttributionError, match=r"check_capture\(") as e:
+        api_build(tmp_path / "api", task, hessian=hessian)
+    assert "--check" not in str(e.value)
+
+
+def test_a_damping_that_destroys_signals_is_refused_and_only_pass_2_reruns(tmp_path):
+    """Gradients ~1e-10 (well within float32) times abs:1e30's inverse ~1e-30 underflow: the
+    damping destroyed them. The message names the exact command; it re-runs only pass 2."""
+    task = saturated_task(tmp_path, "1e-9")
+    out = tmp_path / "idx"
+    res = invoke("build", task, "--out", out, *SMALL, "--damping", "abs:1e30")
+    err = one_line_error(res, "underflow float32", "damping is too large",
+                         f"--out {out} --damping 0.3", "only pass 2 runs again")
+    assert "Pass 1's sketches are kept" in err
+    one_line_error(invoke("query", out, "--task", task), "pass 1 is complete",
+                   "only pass 2 runs again", "--damping 0.3")
+    from grass_index.store import SketchStore
+    with SketchStore.open(out / "sketches", readonly=True) as st:
+        before = [rows.copy() for _, rows in st.iter_blocks()]
+    res = invoke("build", task, "--out", out, *SMALL, "--damping", "0.3")
+    assert res.exit_code == 0, res.output
+    with SketchStore.open(out / "sketches", readonly=True) as st:
+        assert all(np.array_equal(a, b) for a, (_, b) in zip(before, st.iter_blocks()))
+    fresh = tmp_path / "fresh"
+    assert invoke("build", task, "--out", fresh, *SMALL, "--damping", "0.3").exit_code == 0
+    t = gi.load_task(str(task))
+    assert torch.equal(gi.open_index(out).score(t.model(), t.query_data(), t.loss),
+                       gi.open_index(fresh).score(t.model(), t.query_data(), t.loss))
+
+
+def test_a_refused_damping_is_spelled_for_python_callers(tmp_path):
+    task = saturated_task(tmp_path, "1e-9")
+    with pytest.raises(gi.AttributionError) as e:
+        api_build(tmp_path / "idx", task, damping="abs:1e30")
+    msg = str(e.value)
+    assert "build_index(..., damping='0.3')" in msg and "hessian='identity'" in msg, msg
+    assert "--damping" not in msg and "grass-index build" not in msg, msg
+    idx = api_build(tmp_path / "idx", task, damping=0.3)  # pass 2 again, as the message says
+    assert idx.n_train == 40
+    with pytest.raises(gi.AttributionError, match=r"reprecondition\(damping='0.3'\)|"
+                                                  r"keeps its current preconditioner"):
+        idx.reprecondition(damping="abs:1e30")
+    assert gi.open_index(tmp_path / "idx").config["damping"] == "0.3"  # still serving
+

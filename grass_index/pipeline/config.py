@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from .. import __version__
 from ..store import SketchStore
+from ..errors import spelled
 from ..untrusted import UnsafeNameError, plain_file_name
 from .errors import AttributionError
 from .files import BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, STORE_DIR, jsonable
@@ -33,10 +34,7 @@ def read_config(path: Path) -> dict:
     cfile = path / CONFIG_FILE
     if not cfile.is_file():
         if (path / BUILD_FILE).is_file():
-            done = sketched_batches(path)
-            progress = f" ({done[0]} of {done[1]} batches sketched)" if done else ""
-            raise AttributionError(f"the build in {path} is not finished{progress}; re-run the "
-                                   "same build command to resume it")
+            raise AttributionError(unfinished(path))
         raise AttributionError(f"{path} is not a grass-index index (no {CONFIG_FILE}); pass the "
                                "--out directory of `grass-index build`")
     try:
@@ -60,6 +58,20 @@ def read_config(path: Path) -> dict:
     check_file_names(path, cfg)
     _check_against_store(path, cfg)
     return cfg
+
+
+def unfinished(path: Path) -> str:
+    """What to do about a build directory without config.json."""
+    done = sketched_batches(path)
+    if done and done[0] >= done[1]:
+        return (f"the build in {path} is not finished: pass 1 is complete ({done[0]} of "
+                f"{done[1]} batches sketched) but pass 2 did not finish; re-run the build "
+                "command: only pass 2 runs again (if it refused the damping, give another: "
+                + spelled("add --damping 0.3 or --hessian identity",
+                          "damping=0.3 or hessian='identity'") + ")")
+    progress = f" ({done[0]} of {done[1]} batches sketched)" if done else ""
+    return (f"the build in {path} is not finished{progress}; re-run the same build "
+            + spelled("command", "call") + " to resume it")
 
 
 def check_file_names(path: Path, cfg: dict) -> None:

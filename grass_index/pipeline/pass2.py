@@ -12,6 +12,7 @@ exactly from the stored rows (``search_sketch``, ``store_rerank``).
 from __future__ import annotations
 
 import contextlib
+import shlex
 import datetime as _dt
 import logging
 from pathlib import Path
@@ -23,9 +24,11 @@ from .. import __version__
 from ..index import (ExactTopK, SearchSketch, ShardedIndex, SketchedIndex, VectorIndex,
                      check_serves, default_search_sketch, parse_spec, part_ranges, recall_at_k)
 from ..capture.sketcher import MOVED_NOTE
-from ..precondition import (ChunkedFisher, FisherAccumulator, Preconditioner, dense_layers,
+from ..errors import spelled
+from ..precondition import (DEFAULT_DAMPING, ChunkedFisher, DampingError, FisherAccumulator, Preconditioner, dense_layers,
                             load_preconditioner, save_preconditioner,
                             stale_preconditioner_arrays)
+from ..precondition.damping import RELATIVE_RANGE, format_damping, parse_damping
 from ..precondition.fisher import layer_slices
 from ..store import SketchStore, StoreError
 from ..task import task_record
@@ -80,10 +83,24 @@ class StoreRows:
 
 def finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damping,
            index: str, nlist, nprobe, task, progress, data=None, old_config=None,
-           fisher: ChunkedFisher | None = None) -> dict:
+           fisher: ChunkedFisher | None = None, again: str = "build") -> dict:
     """Pass 2 over the main store (a single-process build, a merge, a refit): Fisher (the sums
     pass 1 accumulated, ``fisher``; else the cache, else a re-read of the store) ->
-    preconditioner (reused when this variant was already fitted) -> FAISS -> config.json."""
+    preconditioner (reused when this variant was already fitted) -> FAISS -> config.json.
+    A damping that does not fit these gradients is refused with the exact way to run pass 2
+    again (``again``: "build", "merge" or "refit"); pass 1's sketches stay."""
+    try:
+        return _finish(out, store, build, describe, hessian=hessian, damping=damping,
+                       index=index, nlist=nlist, nprobe=nprobe, task=task, progress=progress,
+                       data=data, old_config=old_config, fisher=fisher)
+    except DampingError as e:
+        ref = (task or {}).get("task") if isinstance(task, dict) else task
+        raise AttributionError(f"{e}. {rerun_with_damping(out, ref, damping, e.needs, again)}"
+                               ) from None
+
+
+def _finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damping,
+            index: str, nlist, nprobe, task, progress, data, old_config, fisher) -> dict:
     layout = build["layout"]
     n_blocks = n_batches(build)
     if store.committed_blocks < n_blocks:
@@ -103,6 +120,39 @@ def finish(out: Path, store, build: dict, describe: dict, *, hessian: str, dampi
                      task=task if task is not None else old_task(old_config),
                      item_signature=item_signature, progress=progress,
                      extra=tuned_record(old_config, hessian, damping))
+
+
+def suggested_damping(damping, needs: str) -> str | None:
+    """A damping to try instead of ``damping`` ("larger" or "smaller"), or None (then only
+    --hessian identity, which has no damping, is left)."""
+    mode, value = parse_damping(damping)
+    if mode == "absolute" or (value < DEFAULT_DAMPING if needs == "larger"
+                              else value > DEFAULT_DAMPING):
+        return format_damping("relative", DEFAULT_DAMPING)
+    if needs == "larger" and value * 10 <= RELATIVE_RANGE[1]:
+        return format_damping("relative", value * 10)
+    return None
+
+
+def rerun_with_damping(out: Path, task_ref, damping, needs: str, again: str) -> str:
+    """The exact way to run pass 2 again with another damping, in the caller's spelling."""
+    x = suggested_damping(damping, needs)
+    if again == "refit":
+        return ("The index keeps its current preconditioner; re-precondition it with " +
+                (spelled(f"--damping {x}", f"reprecondition(damping={x!r})") + " or "
+                 if x else "") + spelled("--hessian identity", "hessian='identity'"))
+    if again == "merge":
+        cli, py, other = f"`grass-index merge {shlex.quote(str(out))} " + "{}`", \
+            f"merge_shards({str(out)!r}, " + "{})", ""
+    else:
+        cli = (f"`grass-index build {shlex.quote(str(task_ref)) if task_ref else 'TASK'} --out "
+               f"{shlex.quote(str(out))} " + "{}`")
+        py, other = "build_index(..., {})", spelled(" (with the build's other options)",
+                                                   " (the other arguments as before)")
+    fixes = ([spelled(cli.format(f"--damping {x}"), py.format(f"damping={x!r}"))] if x else [])
+    fixes.append(spelled(cli.format("--hessian identity"), py.format("hessian='identity'")))
+    return (f"Pass 1's sketches are kept in {out}: re-run " + " or ".join(fixes) + other +
+            "; only pass 2 runs again")
 
 
 def tuned_record(old_config, hessian: str, damping) -> dict:
@@ -206,6 +256,8 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
     # preconditioning maps zero rows to zero and nonzero rows to nonzero, so these are the
     # layers whose gradient is zero for every training example (on every rank)
     zero = [name for name in layout if not any(r[name] for r, _ in filled)]
+    if zero and len(zero) == len(layout):
+        raise AttributionError(says_nothing(layout))
 
     def rank0_commit():
         with main_store(pre, key) as store:
@@ -237,6 +289,17 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
                           extra=dict(extra or {}, capture=capture_record(build, describe,
                                                                          zero)))
     return ranks.step(lambda: rank0_commit() if ranks.rank == 0 else None)[0]
+
+
+def says_nothing(layout: dict) -> str:
+    """Why an index whose every vector is zero is not written."""
+    layers = ", ".join(list(layout)[:6]) + (", ..." if len(layout) > 6 else "")
+    return ("every training example's gradient is zero (or below float32's range) in every "
+            f"selected layer ({layers}): the index could only give every example the score 0.0 "
+            "and an arbitrary top-k, so it is not written. Check that the loss depends on these "
+            "layers' parameters (" + spelled("`grass-index build TASK --check`",
+                                             "check_capture(...)") + " shows how each is "
+            "captured) and that the model is not saturated on every example (loss 0 everywhere)")
 
 
 def capture_record(build: dict, describe: dict, zero: list[str]) -> dict:
@@ -308,7 +371,8 @@ def refit(path: Path, config: dict, *, hessian: str, damping, index: str,
             build = store.meta
             return finish(path, store, build, config.get("layers_described", {}),
                           hessian=hessian, damping=damping, index=index, nlist=None,
-                          nprobe=None, task=None, progress=prog, old_config=config)
+                          nprobe=None, task=None, progress=prog, old_config=config,
+                          again="refit")
     finally:
         prog.close()
 

@@ -263,7 +263,8 @@ def merge(out: Path, *, n: int | None = None, hessian=None, damping=None, index=
                      damping=opts.get("damping"), index=opts["index"],
                      nlist=opts.get("nlist"), nprobe=opts.get("nprobe"),
                      task=rec.get("task"), progress=progress,
-                     old_config=dict(item_signature=rec.get("item_signature")))
+                     old_config=dict(item_signature=rec.get("item_signature")),
+                     again="merge")
     if remove_shards:
         shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
     return cfg
