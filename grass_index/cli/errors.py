@@ -14,7 +14,9 @@ from rich.markup import escape
 from ..errors import GrassIndexError, cli_spelling
 from ..untrusted import safe_text
 
+# results go to stdout (`> file` captures them), progress, warnings and errors to stderr
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # a long path stays on one line
+out = Console(highlight=False, soft_wrap=True)
 EXIT_ERROR = 1
 
 

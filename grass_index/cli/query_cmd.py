@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import err, errors, fail, safe
+from .errors import err, errors, fail, out, safe
 from .render import emit_json
 
 
@@ -80,6 +80,8 @@ def query(
 ):
     """Top-k training examples that most helped (proponents) or hurt (opponents) each example."""
     normalize = _check_normalize(normalize)
+    if png is not None:
+        _check_writable_file(png, "--png")  # before the work, not after
     idx, t = _open_with_task(directory, task, "query")
     if text:  # -- raw text queries (--hf-model indexes) --
         if example or input_file is not None:
@@ -118,7 +120,7 @@ def query(
     if png is not None:
         _draw(png, t, items, results, idx)
     if json_mode:
-        emit_json(dict(index=str(directory), task=idx.task, k=top_k, ms_per_example=round(ms, 3),
+        emit_json(dict(index=str(directory), task=t.ref, recorded_task=idx.task, k=top_k, ms_per_example=round(ms, 3),
                         normalize=normalize, results=results))
         return
     from rich.table import Table
@@ -139,8 +141,18 @@ def query(
                 if t.has("label"):
                     cells.append(str(row["label"]))
                 tab.add_row(*(safe(c) for c in cells))
-            err.print(tab)
+            out.print(tab)
     err.print(f"{ms:.1f} ms per example")
+
+
+def _check_writable_file(path: Path, flag: str) -> None:
+    """An output file's folder exists and the path is not a folder, checked before the work."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        fail(f"{flag} {path}: the folder {parent} does not exist; create it first or choose "
+             "another path")
+    if path.is_dir():
+        fail(f"{flag} {path} is a folder; give a file name, e.g. {path / 'query.png'}")
 
 
 def _train_data_of_index(t, idx):
