@@ -762,3 +762,42 @@ def test_a_refused_damping_is_spelled_for_python_callers(tmp_path):
         idx.reprecondition(damping="abs:1e30")
     assert gi.open_index(tmp_path / "idx").config["damping"] == "0.3"  # still serving
 
+
+
+# --- issue 20 §5 ("realdata"): merge refuses shards sketched from different training data ----
+
+def relabelled(data, ids):
+    """The training set with the labels of examples ``ids`` changed (x, length, first and
+    last example unchanged: build.json's cheap data hash cannot tell)."""
+    items = [data[i] for i in range(len(data))]
+    for i in ids:
+        x, y = items[i]
+        items[i] = (x, (y + 1) % 3)
+    return items
+
+
+def test_merge_refuses_workers_that_read_different_training_data(built, tmp_path):
+    task, _ = built
+    t = gi.load_task(str(task))
+    out = tmp_path / "idx"
+    opts = gi.BuildOptions(sparsification="random_mask-4*3", projection="sjlt-8", batch_size=8)
+    gi.build_shard(t.model(), t.train_data(), t.loss, out, "0/2", opts, task=t.ref,
+                   progress=False)
+    gi.build_shard(t.model(), relabelled(t.train_data(), [5, 17]), t.loss, out, "1/2", opts,
+                   task=t.ref, progress=False)
+    with pytest.raises(gi.AttributionError, match=r"shard 1-of-2 read other training data than "
+                                                  r"shard 0-of-2 \(examples 5, 17 differ\)"):
+        gi.merge_shards(out, progress=False)
+    one_line_error(invoke("merge", out), "read other training data", "examples 5, 17",
+                   "re-run them with the right data")
+    assert not (out / "config.json").exists()
+    # a worker resumed over other data is refused too, before it sketches anything
+    with pytest.raises(gi.AttributionError, match=r"training data changed since this worker "
+                                                  r"started \(examples 5, 17 differ\)"):
+        gi.build_shard(t.model(), t.train_data(), t.loss, out, "1/2", opts, task=t.ref,
+                       progress=False)
+    # the fix the message names: re-run the wrong worker with the right data
+    shutil.rmtree(out / "shards" / "1-of-2")
+    gi.build_shard(t.model(), t.train_data(), t.loss, out, "1/2", opts, task=t.ref,
+                   progress=False)
+    assert gi.merge_shards(out, progress=False).n_train == 40
