@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from . import arguments
 from .errors import GrassIndexError  # noqa: F401  (the base of AttributionError and the rest)
 from .pipeline import (AttributionError, BuildOptions, BuildResult, CaptureCheck, IndexConfig,
                        IndexOptions, ShardInfo, read_config)
@@ -124,7 +125,7 @@ def merge_shards(out, *, shards: int | None = None, hessian: str | None = None, 
 
 def open_index(path, *, mmap: bool = False) -> "AttributionIndex":
     """Open a finished index directory (read-only) for query/score/info."""
-    path = Path(path)
+    path = arguments.directory(path, "open_index")
     return AttributionIndex(path, read_config(path), mmap=mmap)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import arguments
 from .config import read_config
 from .files import BUILD_FILE, CONFIG_FILE
 from .record import n_batches, read_build_record, sketched_batches
@@ -11,7 +12,7 @@ from .record import n_batches, read_build_record, sketched_batches
 def describe_index(path) -> dict:
     """What `info` shows: the config of a finished index, or the progress of a running /
     interrupted build (readable from another process while the build writes)."""
-    path = Path(path)
+    path = arguments.directory(path, "describe_index")
     cfile = path / CONFIG_FILE
     if cfile.is_file():
         cfg = read_config(path)

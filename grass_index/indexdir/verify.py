@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, arguments
+from ..errors import spelled
 from ..index import FaissIndexError, check_serves
 from ..precondition import load_preconditioner
 from ..store import SketchStore
@@ -37,7 +38,7 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0,
 
     Returns {"ok": bool, "checks": [{"name", "ok", "detail"}], "repaired": [...]}.
     """
-    path = Path(path)
+    path = arguments.directory(path, "verify_index")
     checks: list[dict] = []
     repaired: list[str] = _restore_records(path) if repair else []
 
@@ -152,9 +153,10 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0,
             again["repaired"] = repaired
             return again
         if "sketch blocks" in broken:
-            repaired.append(f"sketch blocks {damaged[:20]} are damaged: run `grass-index verify "
-                            f"{path} --repair --task FILE` with the task the index was built "
-                            "from to recompute exactly those blocks")
+            rerun = spelled(f"`grass-index verify {path} --repair --task FILE`",
+                            f"verify_index({str(path)!r}, repair=True, task='FILE')")
+            repaired.append(f"sketch blocks {damaged[:20]} are damaged: run {rerun} with the "
+                            "task the index was built from to recompute exactly those blocks")
         else:
             repaired.append(f"cannot repair {sorted(broken - fixable)} from the stored "
                             "sketches; re-run the build (it resumes from the last committed "
