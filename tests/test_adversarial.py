@@ -126,7 +126,7 @@ def test_python_eval_api_refuses_the_recorded_task_unasked(copy, tmp_path):
     payload.write_text(PAYLOAD.format(marker=str(marker)))
     forge(out, task=str(payload),
            task_sha256=hashlib.sha256(payload.read_bytes()).hexdigest())
-    with pytest.raises(EvalError, match="--task"):
+    with pytest.raises(EvalError, match="task='FILE'"):  # Python spelling
         run_eval(out, num_subsets=2, seeds=[0], progress=False)
     assert not marker.exists()
 
@@ -139,7 +139,7 @@ def test_an_edited_config_is_caught_by_the_stores_own_record_and_repaired(copy, 
     rehash(out / "config.json", task=str(tmp_path / "x.py"), n_train=30)
     one_line_error(invoke("query", out, "--task", task), "differs in: n_train, task", "--repair")
     v = invoke("verify", out)
-    assert v.exit_code != 0 and "FAIL config" in v.stderr
+    assert v.exit_code != 0 and "FAIL config" in v.stdout
     r = invoke("verify", out, "--repair")
     assert r.exit_code == 0, r.output
     assert json.loads((out / "config.json").read_text()) == good
@@ -164,10 +164,10 @@ def test_info_records_and_shows_the_task_identity_without_running_it(copy):
     doc = json.loads(invoke("info", out, "--json").stdout)["config"]
     assert doc["task"] == str(task.resolve())
     assert doc["task_sha256"] == hashlib.sha256(task.read_bytes()).hexdigest()
-    assert "unchanged since the build" in " ".join(invoke("info", out).stderr.split())
+    assert "unchanged since the build" in " ".join(invoke("info", out).stdout.split())
     task.write_text(task.read_text() + "\n# edited\n")
     try:
-        assert "CHANGED since the build" in " ".join(invoke("info", out).stderr.split())
+        assert "CHANGED since the build" in " ".join(invoke("info", out).stdout.split())
     finally:
         task.write_text(task.read_text().replace("\n# edited\n", ""))
 
@@ -198,8 +198,9 @@ def test_terminal_escapes_in_recorded_strings_are_not_printed_raw(tmp_path):
     b = invoke("build", task, "--out", out, *SMALL)
     assert b.exit_code == 0, b.output
     for res in (b, invoke("info", out), invoke("query", out, "--example", 0)):
-        assert "\x1b" not in res.stderr and "\x07" not in res.stderr, res.stderr
-        assert "\\x1b" in res.stderr
+        shown = res.stdout + res.stderr  # results on stdout, the rest on stderr
+        assert "\x1b" not in shown and "\x07" not in shown, shown
+        assert "\\x1b" in shown
     rehash(out / "config.json", task="\x1b[31m/tmp/t.py")
     for cmd in ("info", "query"):
         res = invoke(cmd, out)
@@ -421,7 +422,7 @@ def test_deleted_build_json_is_restored_by_repair(copy):
     r = invoke("verify", out, "--repair")
     assert r.exit_code == 0, r.output
     assert json.loads((out / "build.json").read_text()) == json.loads(good)
-    assert "restored build.json" in r.stderr
+    assert "restored build.json" in r.stdout
 
 
 def test_damaged_config_json_is_restored_by_repair(copy):
@@ -461,12 +462,12 @@ def test_corrupted_sketch_block_is_recomputed_exactly_by_repair_with_the_task(co
     before = gi.open_index(out).score(t.model(), q, t.loss)
     rows = _damage_block(out, 2)
     v = invoke("verify", out)
-    assert v.exit_code != 0 and "damaged on disk" in v.stderr and "[2]" in v.stderr
+    assert v.exit_code != 0 and "damaged on disk" in v.stdout and "[2]" in v.stdout
     r = invoke("verify", out, "--repair")
-    assert r.exit_code != 0 and "--task" in " ".join(r.stderr.split())
+    assert r.exit_code != 0 and "--task" in " ".join(r.stdout.split())
     r = invoke("verify", out, "--repair", "--task", task)
     assert r.exit_code == 0, r.output
-    assert "recomputed sketch blocks [2]" in " ".join(r.stderr.split())
+    assert "recomputed sketch blocks [2]" in " ".join(r.stdout.split())
     with SketchStore.open(out / "sketches") as st:
         assert np.array_equal([r for _, r in st.iter_blocks()][2], rows)
     assert torch.equal(gi.open_index(out).score(t.model(), q, t.loss), before)
@@ -612,7 +613,7 @@ def test_only_tasks_shipped_with_grass_index_run_without_being_named(tmp_path):
     for ref in (str(lookalike), "grass_index.examples.digits:os", "os:system",
                 "grass_index.examples", None, ""):
         assert not is_builtin_task(ref), ref
-        with pytest.raises(TaskError, match="--task"):
+        with pytest.raises(TaskError, match="task='FILE'"):  # Python spelling
             task_for_index(None, recorded=ref, sha256=None, index_dir=tmp_path)
 
 

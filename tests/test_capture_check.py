@@ -116,7 +116,7 @@ def test_cli_build_check_exit_code_table_and_json(tmp_path, coupled):
     task.write_text(TASK.format(expr=expr))
     out = tmp_path / "ix"
     res = invoke("build", task, "--out", out, "--check")
-    err = " ".join(res.stderr.split())
+    err = " ".join(res.stdout.split())
     assert "Traceback" not in res.output
     assert "capture check" in err and "route" in err and "status" in err
     if coupled:
@@ -154,7 +154,7 @@ def test_unreached_head_dropped_recorded_and_shown(tmp_path, caplog):
     assert cap["left_out"]["emb.weight"].startswith("Embedding")
     assert cap["moved_to_flat"] == {}
     res = invoke("info", tmp_path / "ix")
-    err = " ".join(res.stderr.split())
+    err = " ".join(res.stdout.split())
     assert res.exit_code == 0 and "dropped: unused: zero gradient" in err
     assert "not attributed: 5 trainable parameters:" in err and "emb.weight (Embedding" in err
     doc = json.loads(invoke("info", tmp_path / "ix", "--json").stdout)
@@ -180,7 +180,7 @@ def test_moved_layer_recorded_and_shown(tmp_path):
                          progress=False)
     moved = idx.config["capture"]["moved_to_flat"]
     assert list(moved) == ["fc"] and "not all seen" in moved["fc"]
-    err = " ".join(invoke("info", tmp_path / "ix").stderr.split())
+    err = " ".join(invoke("info", tmp_path / "ix").stdout.split())
     assert "moved to flat: fc: the weight's uses are not all seen" in err
 
 

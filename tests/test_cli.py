@@ -67,7 +67,7 @@ def test_round_trip_build_info_query_score_verify(built, tmp_path):
     assert v.exit_code == 0, v.output
     assert json.loads(v.stdout)["ok"]
     human = invoke("info", out)
-    assert human.exit_code == 0 and "sjlt-8" in human.stderr
+    assert human.exit_code == 0 and "sjlt-8" in human.stdout
 
 
 def test_index_options_recall_in_info_and_bad_index(built, tmp_path):
@@ -78,7 +78,7 @@ def test_index_options_recall_in_info_and_bad_index(built, tmp_path):
     res = invoke("build", task, "--out", out, *SMALL, "--index", "ivf:fp16,shards=2")
     assert res.exit_code == 0, res.output
     assert len(list(out.glob("index-*-of-2.faiss"))) == 2
-    human = " ".join(invoke("info", out).stderr.split())
+    human = " ".join(invoke("info", out).stdout.split())
     assert "ivf:fp16,shards=2, 40 vectors in 2 files" in human and "recall@10" in human, human
     assert json.loads(invoke("verify", out, "--json").stdout)["ok"]
     bad = invoke("build", task, "--out", tmp_path / "bad", *SMALL, "--index", "hnsw")
@@ -163,7 +163,8 @@ def test_corrupted_and_truncated_index_dir(tmp_path):
     faiss_file = next(out.glob("index-*.faiss"))
     faiss_file.write_bytes(faiss_file.read_bytes()[:100])  # truncated
     assert_clean_failure(invoke("query", out, "--task", task), "verify", "--repair")
-    assert_clean_failure(invoke("verify", out), "faiss vs lmdb")
+    v = invoke("verify", out)  # the report on stdout, exit 1
+    assert v.exit_code == 1 and "faiss vs lmdb" in " ".join(v.stdout.split()), v.output
     fixed = invoke("verify", out, "--repair")
     assert fixed.exit_code == 0, fixed.output
     assert invoke("query", out, "--task", task, "--json").exit_code == 0
