@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..precondition import DampingError, zero_saturated_blocks, unrepresentable_rows
+from ..precondition import DampingError, guard_precision
 from ..precondition.fisher import layer_slices
 from ..precondition.persist import state_from_array, state_to_array  # noqa: F401  (re-exported)
 
@@ -30,18 +30,18 @@ def chunks(store, rows_per_chunk: int = 2048):
 
 
 def preconditioned_blocks(store, pre):
-    """(start id, preconditioned rows). A layer block that is below float32's normal range
-    (a saturated example: loss 0, gradient ~1e-38) is stored as 0; a signal float32 held that
+    """(start id, preconditioned rows). A layer block whose sketch is below 1e-30 (a saturated
+    example: loss 0, gradient ~1e-38) is stored as 0; a signal float32 held that
     the damping destroyed (underflow, judged per layer against the row's own sketch, or
     overflow) is refused: the scores would be 0.0 or inf and the ranking arbitrary."""
     slices = layer_slices(pre.layout)
     for start, rows in chunks(store):
         vec = np.asarray(pre.apply(np.asarray(rows, dtype=np.float32)), dtype=np.float32)
-        under, over = unrepresentable_rows(rows, vec, slices)
+        vec, under, over = guard_precision(rows, vec, slices)
         if len(under) or len(over):
             raise damping_refused(pre, (start + (under if len(under) else over)[:5]).tolist(),
                                   "under" if len(under) else "over")
-        yield start, np.ascontiguousarray(zero_saturated_blocks(rows, vec, slices))
+        yield start, np.ascontiguousarray(vec)
 
 
 def damping_refused(pre, ids: list, way: str) -> DampingError:

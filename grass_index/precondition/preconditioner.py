@@ -67,28 +67,34 @@ def unrepresentable_rows(raw, vec, slices) -> tuple[np.ndarray, np.ndarray]:
     at least REPRESENTABLE but its preconditioned block fell below FLOAT32_TINY, rows whose
     preconditioned vector is not finite). Identity preconditioning (vec == raw) never has
     either; a saturated example's tiny sketch is not a casualty."""
-    raw, vec = np.asarray(raw), np.asarray(vec)
-    if not len(raw):
-        return np.zeros(0, np.intp), np.zeros(0, np.intp)
-    starts = _starts(slices)
-    finite = np.isfinite(vec).all(axis=1)
-    lost = (_block_max(raw, starts) >= REPRESENTABLE) & (_block_max(vec, starts) < FLOAT32_TINY)
-    return np.flatnonzero(finite & lost.any(axis=1)), np.flatnonzero(~finite)
+    return guard_precision(raw, np.array(vec, dtype=np.float32), slices)[1:]
 
 
 def zero_saturated_blocks(raw, vec: np.ndarray, slices) -> np.ndarray:
     """``vec`` with the layer blocks whose sketch (in ``raw``) is below REPRESENTABLE set to
     exactly 0, in place: a saturated example adds nothing to any score, and the index holds
     the same bytes with flush-to-zero on or off. Every other block is untouched."""
-    if not vec.size:
-        return vec
-    tiny = _block_max(np.asarray(raw), _starts(slices)) < REPRESENTABLE
+    return guard_precision(raw, vec, slices)[0]
+
+
+def guard_precision(raw, vec: np.ndarray, slices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Both rules over one chunk with one read of each array: (``vec`` with its saturated
+    blocks zeroed in place, the rows the damping underflowed, the rows that overflowed)."""
+    raw = np.asarray(raw)
+    if not len(raw):
+        return vec, np.zeros(0, np.intp), np.zeros(0, np.intp)
+    starts = _starts(slices)
+    raw_max = _block_max(raw, starts)
+    finite = np.isfinite(vec).all(axis=1)
+    lost = (raw_max >= REPRESENTABLE) & (_block_max(vec, starts) < FLOAT32_TINY)
+    under, over = np.flatnonzero(finite & lost.any(axis=1)), np.flatnonzero(~finite)
+    tiny = raw_max < REPRESENTABLE
     if tiny.any():
         for j, sl in enumerate(slices.values()):
             rows = np.flatnonzero(tiny[:, j])
             if len(rows):
                 vec[rows, sl] = 0
-    return vec
+    return vec, under, over
 
 
 def canonical_hessian(hessian: str) -> str:
