@@ -13,7 +13,7 @@ class GrassIndexError(Exception):
     """Bad input or a broken index directory; the message names the problem and the fix."""
 
 
-__all__ = ["GrassIndexError", "cli_spelling", "spelled"]
+__all__ = ["GrassIndexError", "cli_spelling", "option", "spelled"]
 
 
 # --- how a fix is spelled: the CLI's flags on the command line, Python's arguments elsewhere ---
@@ -26,6 +26,17 @@ _SPELLING = ["python"]
 def spelled(cli: str, python: str) -> str:
     """The fix ``cli`` (flags, a command line) while a CLI command runs, else ``python``."""
     return cli if _SPELLING[-1] == "cli" else python
+
+
+def option(name: str, value=None) -> str:
+    """An option as the caller writes it: ``--layers '!fc.*'`` on the command line (the value
+    shell-quoted when it needs it), ``layers='!fc.*'`` in Python (the value's repr)."""
+    import shlex
+
+    cli, py = "--" + name.replace("_", "-"), name.replace("-", "_")
+    if value is None:
+        return spelled(cli, py)
+    return spelled(f"{cli} {shlex.quote(str(value))}", f"{py}={value!r}")
 
 
 class cli_spelling:

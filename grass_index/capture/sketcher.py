@@ -34,6 +34,7 @@ from ..compress import layer_seed, make_compressor, parse_spec
 from ._batch import batch_size, check_loss_shape, check_losses, per_example_grads
 from ._intercept import Recorder, recording
 from ._taps import LAYOUTS, call_sketch
+from ..errors import option
 from .errors import CaptureError
 from .exact import flatten_layer
 from .layers import LayerInfo, left_out, linear_dims
@@ -458,8 +459,8 @@ class GradientSketcher:
                         f"layer {layer.name} cannot be captured exactly: its per-example "
                         f"gradients do not add up to the batch gradient (rel. err {err:.2g}), so "
                         "one example's loss depends on other examples of the batch (BatchNorm "
-                        "in train mode? in-batch negatives?). Exclude it with --layers "
-                        f"'{_glob(layer)}' or make the loss per-example")
+                        "in train mode? in-batch negatives?). Exclude it with "
+                        f"{option('layers', _glob(layer))} or make the loss per-example")
                     continue
                 if bool((S != 0).any()):
                     self.zero[layer.name] = False
@@ -478,7 +479,7 @@ class GradientSketcher:
         if self.failed and strict:
             first, *more = self.failed
             extra = (f" (also: {', '.join(more)}: exclude with "
-                     + " ".join(f"--layers '{self.exclude_glob(x)}'" for x in more) + ")"
+                     + " ".join(option("layers", self.exclude_glob(x)) for x in more) + ")"
                      if more else "")
             raise CaptureError(self.failed[first] + extra, layer=first)
         return {layer.name: _ROUTE_TEXT[self.route[layer.name]] for layer in self.layers}
