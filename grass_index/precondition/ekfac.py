@@ -22,7 +22,10 @@ import dataclasses
 import numpy as np
 import torch
 
+from ..compress import parse_spec
 from .errors import PreconditionError
+from .fisher import layer_slices
+from .state import state_from_array, state_to_array
 
 STATE_ARRAY = "kfac/state"  # the store array that holds a KroneckerFactors state (.npz bytes)
 
@@ -37,7 +40,6 @@ def ekfac_spec_fix(sparsification: str | None = None) -> tuple[str, str]:
     """A (sparsification, projection) pair that EK-FAC fits: ``sparsification``'s kind and
     options with each factor capped at EKFAC_SUGGESTED_FACTOR (random_mask when it is not a
     factorable kind), and projection 'identity'."""
-    from ..compress import parse_spec
     from ..compress.spec import FACTORABLE
 
     sp = parse_spec(sparsification) if sparsification else None
@@ -50,7 +52,6 @@ def ekfac_spec_fix(sparsification: str | None = None) -> tuple[str, str]:
 def ekfac_unsupported(sparsification: str, projection: str) -> str | None:
     """Why a spec pair has no Kronecker-factored sketch (None when it has one), with a pair
     that has one (``ekfac_spec_fix``), spelled for the caller (CLI flags or arguments)."""
-    from ..compress import parse_spec
     from ..errors import spelled
 
     sp, pr = parse_spec(sparsification), parse_spec(projection)
@@ -160,15 +161,11 @@ class KroneckerFactors:
 
 
 def save_factors(store, factors: KroneckerFactors) -> None:
-    from .persist import state_to_array
-
     store.put_array(STATE_ARRAY, state_to_array(factors.state_dict()))
 
 
 def load_factors(store) -> KroneckerFactors | None:
     """The factors a store holds, or None when pass 1 accumulated none."""
-    from .persist import state_from_array
-
     if not store.has_array(STATE_ARRAY):
         return None
     return KroneckerFactors.from_state_dict(state_from_array(store.get_array(STATE_ARRAY)))
@@ -184,8 +181,6 @@ def rotate(rows: np.ndarray, qg: np.ndarray, qa: np.ndarray) -> np.ndarray:
 def corrected_eigenvalues(blocks, layout: dict[str, int], bases: dict) -> dict[str, np.ndarray]:
     """Λ per layer in ``bases`` ({name: (Q_G, Q_A)}): the mean over every stored row (``blocks``
     yields (start, [B, K] rows)) of the squared rotated gradient, row-major [k_out*k_in]."""
-    from .fisher import layer_slices
-
     slices = layer_slices(layout)
     sums = {n: np.zeros(layout[n]) for n in bases}
     n_rows = 0
