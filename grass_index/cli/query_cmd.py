@@ -123,6 +123,13 @@ def query(
         emit_json(dict(index=str(directory), task=t.ref, recorded_task=idx.task, k=top_k, ms_per_example=round(ms, 3),
                         normalize=normalize, results=results))
         return
+    print_results(results, with_labels=t.has("label"))
+    err.print(f"{ms:.1f} ms per example")
+
+
+def print_results(results: list, *, with_labels: bool) -> None:
+    """The proponents (and opponents) of each query example as tables, on stdout; every
+    label is training data, shown as text (never markup or terminal control)."""
     from rich.table import Table
 
     for res in results:
@@ -131,18 +138,14 @@ def query(
             if kind not in res:
                 continue
             tab = Table(title=safe(f"{title}: top {kind}"))
-            tab.add_column("rank")
-            tab.add_column("train id")
-            tab.add_column("score")
-            if t.has("label"):
-                tab.add_column("label")
+            for col in ("rank", "train id", "score", *(["label"] if with_labels else [])):
+                tab.add_column(col)
             for rank, row in enumerate(res[kind], 1):
                 cells = [str(rank), str(row["train_id"]), f"{row['score']:+.4g}"]
-                if t.has("label"):
+                if with_labels:
                     cells.append(str(row["label"]))
                 tab.add_row(*(safe(c) for c in cells))
             out.print(tab)
-    err.print(f"{ms:.1f} ms per example")
 
 
 def _check_writable_file(path: Path, flag: str) -> None:

@@ -255,11 +255,7 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
         return reached, (None if exact is None else (exact.scores, exact.ids))
     filled = ranks.step(fill)
     tops = [top for _, top in filled]
-    # preconditioning maps zero rows to zero and nonzero rows to nonzero, so these are the
-    # layers whose gradient is zero for every training example (on every rank)
-    zero = [name for name in layout if not any(r[name] for r, _ in filled)]
-    if zero and len(zero) == len(layout):
-        raise AttributionError(says_nothing(layout))
+    zero = zero_layers(layout, [reached for reached, _ in filled])
 
     def rank0_commit():
         with main_store(pre, key) as store:
@@ -291,6 +287,16 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
                           extra=dict(extra or {}, capture=capture_record(build, describe,
                                                                          zero)))
     return ranks.step(lambda: rank0_commit() if ranks.rank == 0 else None)[0]
+
+
+def zero_layers(layout: dict, reached: list[dict]) -> list[str]:
+    """The layers whose preconditioned vector is zero for every training example on every rank
+    (preconditioning maps zero rows to zero, and a saturated block is stored as 0), refusing
+    an index where that is every layer: it could say nothing."""
+    zero = [name for name in layout if not any(r[name] for r in reached)]
+    if zero and len(zero) == len(layout):
+        raise AttributionError(says_nothing(layout))
+    return zero
 
 
 def says_nothing(layout: dict) -> str:
