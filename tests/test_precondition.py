@@ -214,3 +214,27 @@ def test_unrepresentable_rows_judge_each_layer_against_its_own_sketch():
     assert not out[2, 3:].any() and (out[2, :3] == 1).all()
     assert np.array_equal(out[3], vec[3], equal_nan=True)
 
+
+
+def test_a_saturated_block_is_stored_as_zero_whatever_its_preconditioned_value():
+    """A fully saturated model's Fisher is ~1e-44: 1/λ overflows float32, so a saturated
+    block's vector may be inf/NaN; it is stored as 0 and never blamed on the damping, while a
+    representable block that overflows is (and, λ being below float32's range, the fix named
+    is the identity Hessian: no relative damping fits)."""
+    from grass_index.indexdir.stored import damping_refused
+    from grass_index.precondition import guard_precision
+    from grass_index.precondition.fisher import layer_slices
+
+    slices = layer_slices(LAYOUT)
+    raw = np.full((2, 8), 1e-20, np.float32)
+    raw[0] = 1e-39                       # saturated everywhere
+    vec = np.full((2, 8), np.inf, np.float32)
+    vec[1, 3:] = 1.0                     # row 1: layer a overflowed, layer b fine
+    out, under, over = guard_precision(raw, vec, slices)
+    assert under.tolist() == [] and over.tolist() == [1]
+    assert not out[0].any()              # the saturated row: exactly 0, no inf/NaN left
+
+    class Pre:
+        damping_used = {"a": 3e-45, "b": 0.3}
+    err = damping_refused(Pre, [1], "over")
+    assert err.needs == "identity" and "below float32's range" in str(err)

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..index import ShardedIndex, SketchedIndex, VectorIndex, check_serves
 from ..precondition import DampingError, guard_precision
+from ..precondition.preconditioner import FLOAT32_TINY
 from ..precondition.fisher import layer_slices
 from ..precondition.persist import state_from_array, state_to_array  # noqa: F401  (re-exported)
 from .errors import AttributionError  # noqa: F401
@@ -57,9 +58,15 @@ def damping_refused(pre, ids: list, way: str) -> DampingError:
             "preconditioning took a layer's block below it (every entry < 1.2e-38), so the "
             "damping is too large for these gradients" if way == "under" else
             "overflow float32 (inf/NaN): the damping is too small for these gradients")
+    needs = "smaller" if way == "under" else "larger"
+    tiny = [name for name, lam in pre.damping_used.items() if 0 < lam < FLOAT32_TINY]
+    if way == "over" and tiny:  # 1/λ itself is beyond float32: the Fisher is, not the damping
+        needs = "identity"
+        what += (f"; layer(s) {', '.join(tiny[:4])} have a Fisher below float32's range (λ = "
+                 "factor × mean eigenvalue < 1.2e-38: nearly every example is saturated, its "
+                 "gradient ~0), so no relative damping fits them")
     return DampingError(f"the preconditioned vectors of training examples {ids} {what} (λ used "
-                        f"per layer: {pre.damping_used})",
-                        needs="smaller" if way == "under" else "larger")
+                        f"per layer: {pre.damping_used})", needs=needs)
 
 
 def store_rerank(store, pre):

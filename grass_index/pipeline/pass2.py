@@ -127,6 +127,8 @@ def _finish(out: Path, store, build: dict, describe: dict, opts: IndexOptions, *
 def suggested_damping(damping, needs: str) -> str | None:
     """A damping to try instead of ``damping`` ("larger" or "smaller"), or None (then only
     --hessian identity, which has no damping, is left)."""
+    if needs == "identity":
+        return None
     mode, value = parse_damping(damping)
     if mode == "absolute" or (value < DEFAULT_DAMPING if needs == "larger"
                               else value > DEFAULT_DAMPING):

@@ -86,10 +86,12 @@ def guard_precision(raw, vec: np.ndarray, slices) -> tuple[np.ndarray, np.ndarra
         return vec, np.zeros(0, np.intp), np.zeros(0, np.intp)
     starts = _starts(slices)
     raw_max = _block_max(raw, starts)
-    finite = np.isfinite(vec).all(axis=1)
-    lost = (raw_max >= REPRESENTABLE) & (_block_max(vec, starts) < FLOAT32_TINY)
-    under, over = np.flatnonzero(finite & lost.any(axis=1)), np.flatnonzero(~finite)
-    tiny = raw_max < REPRESENTABLE
+    tiny = raw_max < REPRESENTABLE  # saturated blocks: stored as 0, whatever their vector is
+    vec_max = _block_max(vec, starts)
+    broken = ~np.isfinite(vec_max) & ~tiny
+    lost = ~tiny & (vec_max < FLOAT32_TINY)
+    under = np.flatnonzero(lost.any(axis=1) & ~broken.any(axis=1))
+    over = np.flatnonzero(broken.any(axis=1))
     if tiny.any():
         for j, sl in enumerate(slices.values()):
             rows = np.flatnonzero(tiny[:, j])
