@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,16 @@ def batch_friendly_search(threshold: int = 2) -> None:
     import faiss
 
     faiss.cvar.distance_compute_blas_threshold = threshold
+
+
+class NonFiniteQuery(GrassIndexError, ValueError):
+    """A query whose gradient or scores are not finite numbers (e.g. an input of 1e37): there
+    is no meaningful ranking to return, and JSON has no Infinity."""
+
+
+def all_finite(results: list) -> bool:
+    return all(math.isfinite(row["score"]) for one in results
+               for rows in (one["proponents"], one.get("opponents", ())) for row in rows)
 
 
 @dataclass
@@ -206,6 +217,10 @@ class Engine:
                 except Exception as e1:
                     per_job.append(e1)
         t1 = time.perf_counter()
+        per_job = [s if isinstance(s, Exception) or bool(torch.isfinite(s).all())
+                   else NonFiniteQuery("the query's gradient overflowed (inf or NaN): its "
+                                       "values are far outside what the model was trained on")
+                   for s in per_job]
         ok = [r for r, s in enumerate(per_job) if not isinstance(s, Exception)]
         for r, s in enumerate(per_job):
             if isinstance(s, Exception):
@@ -239,7 +254,9 @@ class Engine:
                         one["image"] = self.image_url(item)
                     res.append(one)
                 lo += len(j.items)
-                out[r] = res
+                out[r] = res if all_finite(res) else NonFiniteQuery(
+                    "the query's scores overflowed float32 (inf or NaN): its values are far "
+                    "outside what the model was trained on")
                 j.timing.update(sketch_ms=(t1 - t0) * 1e3, search_ms=(t2 - t1) * 1e3,
                                 batch=len(jobs))
         return out
