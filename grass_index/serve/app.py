@@ -87,6 +87,9 @@ def create_app(index_dir, task: str | None = None, token: str | None = None, *,
     return app
 
 
+_running = []  # apps between startup and shutdown in this process (tests run several)
+
+
 def lifespan(served: Served):
     @contextlib.asynccontextmanager
     async def run(app):
@@ -95,12 +98,15 @@ def lifespan(served: Served):
         # of ~0.15-0.7 s for every request in flight); frozen, it walks only what came after.
         gc.collect()
         gc.freeze()
+        _running.append(app)
         try:
             yield
         finally:
             await served.batcher.aclose()
             served.batcher.shutdown()
-            gc.unfreeze()
+            _running.remove(app)
+            if not _running:  # the last one: what it held may be collected again
+                gc.unfreeze()
     return run
 
 
@@ -125,6 +131,7 @@ def serve(index_dir, *, host: str = "127.0.0.1", port: int = 8000, task: str | N
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             access_log=access_log)
     sock = config.bind_socket()  # bound before it is announced: --port 0 shows the real port
+    sock.listen(config.backlog)  # a client that reads the line may connect at once
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {index_dir} on http://{shown}:{sock.getsockname()[1]}/"
           + (" (token required)" if token else ""), file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ from .engine import Job, NonFiniteQuery
 from .errors import ApiError, validation_error
 from .params import QueryFields, Split
 
-SHAPE_FIX = ("send examples shaped and typed like the task's training examples "
+SHAPE_FIX = ("send examples shaped, typed and scaled like the task's training examples "
              "(GET /api/examples shows some)")
 UPLOAD_FIX = ("upload a .pt, .npy or .npz file of examples, as `grass-index query --input` "
               "reads")
