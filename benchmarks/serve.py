@@ -232,6 +232,33 @@ def run_rounds(index: Path, task, sources: dict, rounds: int, clients: int, per_
     return rows
 
 
+def full_gc_ms(index: Path, task, reps: int = 5) -> tuple[float, float, int]:
+    """In this process, with the server's Engine loaded: median ms of one full collection
+    (what every in-flight request waits for) with everything walked vs with the loaded
+    objects frozen as the server now does at start; and how many objects that is."""
+    import gc
+    import statistics
+
+    from grass_index.serve.engine import Engine
+
+    eng = Engine(index, task, verify=False)  # noqa: F841 (kept alive: it is what is walked)
+    gc.collect()
+
+    def timed():
+        out = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            gc.collect()
+            out.append(1000 * (time.perf_counter() - t0))
+        return statistics.median(out)
+
+    walked, n = timed(), len(gc.get_objects())
+    gc.freeze()
+    frozen = timed()
+    gc.unfreeze()
+    return walked, frozen, n
+
+
 def service_times(index: Path, task: str | None, k: int, reps: int = 7):
     """In this process, without HTTP: median ms to answer 16 queries as 16 calls of one vs
     one batch of 16 (the engine's own cost, 1 thread, side by side)."""
@@ -304,7 +331,11 @@ def main():
         print(markdown_table(["server", "round", "requests", "p50 ms", "p99 ms", "max ms",
                               "errors", "full GCs", "clients stalled together", "load"],
                              rows))
-        print(f"\nserver options: {args.server_options}; a new connection per request; "
+        walked, frozen, n = full_gc_ms(args.index, args.task)
+        print(f"\none full garbage collection with the server's engine loaded ({n} objects), "
+              f"median of 5: {walked:.1f} ms walking everything, {frozen:.2f} ms with the "
+              "loaded objects frozen")
+        print(f"server options: {args.server_options}; a new connection per request; "
               f"cpus: {os.cpu_count()}, load average at end: {os.getloadavg()[0]:.1f}")
         return
     rows = []
