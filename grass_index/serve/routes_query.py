@@ -134,7 +134,7 @@ async def query_text(served: Served, fields: QueryFields):
 
 async def query_file(served: Served, data: bytes, name: str, fields: QueryFields):
     from grass_index.input_budget import InputRefused
-    from grass_index.pipeline.inputs import InputError, load_examples
+    from grass_index.query.inputs import InputError, load_examples
 
     try:  # the file's headers are checked against the budget before anything is unpacked
         items = await asyncio.to_thread(load_examples, data, name=name, budget=served.budget)
