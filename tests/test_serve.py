@@ -449,6 +449,12 @@ def test_page_in_a_headless_browser(live_server, tmp_path):
             page.click("#selfbox summary")
             page.wait_for_selector("#selfinf li.hit", timeout=15000)
             assert page.locator("#selfinf li.hit").count() == 5
+            # a typed text is POSTed by the page itself (same origin: allowed)
+            page.fill("#exid", "")
+            page.fill("#text", "0.5 -1 2 0 0.25 1")
+            page.click("#run")
+            page.wait_for_selector("text=query text[0]", timeout=15000)
+            assert page.locator("#proponents li.hit").count() == 5
         finally:
             browser.close()
 
