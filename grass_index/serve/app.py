@@ -93,6 +93,7 @@ _running = []  # apps between startup and shutdown in this process (tests run se
 def lifespan(served: Served):
     @contextlib.asynccontextmanager
     async def run(app):
+        await served.batcher.run_now(served.engine.warm_up)  # on the thread that serves
         # What is loaded now (torch, the model, the index, the data: ~10^5-10^6 objects) lives
         # as long as the server. Without this, each full collection walks all of it (a pause
         # of ~0.15-0.7 s for every request in flight); frozen, it walks only what came after.

@@ -193,6 +193,15 @@ class Engine:
         return dict(total=len(self._self_influence), offset=offset, results=rows)
 
     # -- the batched work ---------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Answer two queries once before serving (as one batch: the path concurrent requests
+        take), so the first request does not pay for lazy set-up (the sketcher's first call,
+        BLAS, FAISS's batched search) and what that set-up creates is loaded like the rest."""
+        data = self.queries if self.queries is not None and len(self.queries) else self.train
+        if len(data):
+            items = [data[0], data[min(1, len(data) - 1)]]
+            self.run([Job(items=[it], ids=[0], source="warm-up", k=1) for it in items])
+
     def _sketch(self, items: list):
         return self.idx.query_sketches(self.model, items, self.task.loss,
                                        collate=self.task.collate, batch_size=max(1, len(items)),
