@@ -621,9 +621,12 @@ def test_upload_budget_follows_the_index_signature(built):
     (np.array(["a", "bc"]), "<U2 values"),
     (np.zeros(3, dtype=[("a", "<f4"), ("b", "<i8")]), "values; examples are numeric"),
 ])
-def test_string_and_structured_npy_are_a_400(client, array, needle):
+def test_string_and_structured_npy_are_a_400(client, array, needle, tmp_path):
     r = client.post("/api/query", files={"file": ("q.npy", _npy(array))})
     assert r.status_code == 400 and needle in r.json()["error"] and r.json()["fix"], r.text
+    (tmp_path / "q.npy").write_bytes(_npy(array))  # `query --input` (no budget): same refusal
+    with pytest.raises(gi.GrassIndexError, match="values; examples are numeric"):
+        gi.load_examples(tmp_path / "q.npy")
 
 
 def test_a_pt_upload_of_examples_still_answers(built, client):

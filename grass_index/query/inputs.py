@@ -66,20 +66,23 @@ def load_examples(source, *, name: str | None = None, suffix: str | None = None,
         from ..input_budget import check_rows
 
         check_rows(obj, name, budget)
-    return _split(_to_torch(obj), name)
+    return _split(_to_torch(obj, name), name)
 
 
-def _to_torch(x):
+def _to_torch(x, name: str):
     import numpy as np
     import torch
 
     if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "biufc" or x.dtype.fields is not None:
+            raise InputError(f"{name} holds {x.dtype} values; examples are numeric arrays "
+                             "(e.g. float32 features or int64 token ids)")
         t = torch.from_numpy(x.copy())
         return t.float() if t.dtype == torch.float64 else t
     if isinstance(x, (list, tuple)):
-        return type(x)(_to_torch(v) for v in x)
+        return type(x)(_to_torch(v, name) for v in x)
     if isinstance(x, dict):
-        return {k: _to_torch(v) for k, v in x.items()}
+        return {k: _to_torch(v, name) for k, v in x.items()}
     return x
 
 
