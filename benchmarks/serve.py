@@ -68,8 +68,9 @@ def get(conn: http.client.HTTPConnection, path: str):
 def start_server(index: Path, options: list[str], task: str | None, source: Path | None = None):
     """A server process on a free port, running the code in ``source`` (default: this tree)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "grass_index.cli.main", "serve", str(index.resolve()), "--host", HOST,
-           "--port", str(port), *options] + (["--task", str(Path(task).resolve())] if task else [])
+    cmd = [sys.executable, "-m", "grass_index.cli.main", "serve", str(index.resolve()),
+           "--host", HOST, "--port", str(port), *options]
+    cmd += ["--task", str(Path(task).resolve())] if task else []
     source = source or Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(source))  # (and its cwd: `-m` imports from there)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -241,7 +242,7 @@ def full_gc_ms(index: Path, task, reps: int = 5) -> tuple[float, float, int]:
 
     from grass_index.serve.engine import Engine
 
-    eng = Engine(index, task, verify=False)  # noqa: F841 (kept alive: it is what is walked)
+    eng = Engine(index, task, verify=False)  # kept alive to the end: it is what is walked
     gc.collect()
 
     def timed():
@@ -256,6 +257,7 @@ def full_gc_ms(index: Path, task, reps: int = 5) -> tuple[float, float, int]:
     gc.freeze()
     frozen = timed()
     gc.unfreeze()
+    del eng
     return walked, frozen, n
 
 

@@ -74,7 +74,10 @@ class HostCheck:
 
         try:
             await self.check(scope, receive, discard)
+            allowed = False
         except _Passed:
+            allowed = True
+        if allowed:  # (outside the except: the request does not run inside its context)
             return await self.app(scope, receive, send)
         got = _header(scope, b"host").decode("latin-1")
         await send_error(send, 400, f"Host {got!r} is not served here",
