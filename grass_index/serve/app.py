@@ -99,6 +99,7 @@ def lifespan(served: Served):
         # of ~0.15-0.7 s for every request in flight); frozen, it walks only what came after.
         gc.collect()
         gc.freeze()
+        served.frozen = gc.get_freeze_count()  # (walks the frozen list: once, here)
         _running.append(app)
         try:
             yield

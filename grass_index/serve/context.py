@@ -18,6 +18,7 @@ class Served:
     batcher: MicroBatcher
     limits: Limits
     budget: InputBudget   # what an uploaded file may unpack to (from the index's item signature)
+    frozen: int = 0       # objects frozen out of the collector at start (counting them walks them)
 
     def split(self, name: str):
         """The task's query or training data, or a 400 when the task has no query data."""

@@ -76,7 +76,7 @@ def describe(served: Served) -> dict:
                             max_upload_bytes=served.budget.max_bytes),
                 batching=dict(window_ms=1000 * b.window, max_batch=b.max_batch,
                               batches=b.batches, jobs=b.jobs),
-                gc=dict(frozen=gc.get_freeze_count(),
+                gc=dict(frozen=served.frozen,
                         collections=[g["collections"] for g in gc.get_stats()]),
                 load_seconds=round(eng.load_seconds, 3), config=eng.idx.config)
 
