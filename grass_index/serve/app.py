@@ -70,7 +70,7 @@ def create_app(index_dir, task: str | None = None, token: str | None = None, *,
     limits = Limits(max_k=max_k, max_items=max_items, max_body=max_body, max_text=max_text)
     served = Served(engine=eng, limits=limits,
                     batcher=MicroBatcher(eng.run, window_ms=batch_window_ms, max_batch=max_batch),
-                    budget=InputBudget.for_signature(eng.idx.config.get("item_signature"),
+                    budget=InputBudget.for_signature(eng.idx.record.item_signature,
                                                      max_items))
 
     app = FastAPI(title="grass-index", summary="Training-data attribution over an index",
