@@ -13,13 +13,15 @@ rows than half its width (n < k/2) gets the exact low-rank form instead — Wood
 """
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 import numpy as np
 import scipy.linalg
 from scipy.linalg import lapack
 
-from .damping import format_damping, parse_damping
+from .damping import (format_damping, layer_damping, parse_damping, placement,
+                      placement_without_spectrum)
 from .errors import PreconditionError
 from .fisher import as_float32, layer_slices
 
@@ -80,13 +82,21 @@ def _damped_inverse(name: str, F: np.ndarray, mode: str, value: float) -> tuple[
     return _inverse_in_place(name, np.array(F, dtype=np.float64, order="C"), mode, value)
 
 
-def _inverse_in_place(name: str, A: np.ndarray, mode: str, value: float
-                      ) -> tuple[np.ndarray, float]:
+def _inverse_in_place(name: str, A: np.ndarray, mode: str, value: float,
+                      placements: dict | None = None) -> tuple[np.ndarray, float]:
     """(A + λI)^{-1} for a symmetric float64 C-ordered A, overwriting A (LAPACK potrf/potri on
     its lower triangle; only the float32 result is new). The mean eigenvalue is trace/k, so no
-    eigendecomposition is needed: 5.5 s vs 31.6 s for eigh at k=4096 on 2 cores."""
+    eigendecomposition is needed (5.5 s vs 31.6 s for eigh at k=4096 on 2 cores) except for
+    damping 'auto', which needs the eigenvalues (eigvalsh). ``placements[name]``: where λ sits
+    in the spectrum (damping.placement)."""
     k = A.shape[0]
-    lam = value * float(np.trace(A)) / k if mode == "relative" else value
+    spectrum = {}
+
+    def eigenvalues():
+        spectrum["e"] = scipy.linalg.eigvalsh(A, check_finite=False)
+        return spectrum["e"]
+    lam = layer_damping(mode, value, float(np.trace(A)), k, eigenvalues)
+    top = _top_eigenvalue(A) if placements is not None and "e" not in spectrum else None
     A.flat[:: k + 1] += lam
     At = A.T  # Fortran-ordered view of the same memory: LAPACK works on it without a copy
     c, info = lapack.dpotrf(At, lower=True, overwrite_a=True, clean=False)
@@ -95,7 +105,21 @@ def _inverse_in_place(name: str, A: np.ndarray, mode: str, value: float
     inv, info = lapack.dpotri(c, lower=True, overwrite_c=True)
     if info != 0:
         raise _singular(name, lam)
+    if placements is not None:
+        placements[name] = placement(spectrum["e"], lam) if "e" in spectrum else \
+            placement_without_spectrum(k, lam, float(np.trace(inv)), top)
     return _symmetric_float32(inv), float(lam)
+
+
+def _top_eigenvalue(A: np.ndarray) -> float:
+    """The largest eigenvalue of a symmetric A by Lanczos (a few dozen products with A: a few
+    percent of its Cholesky at k ≥ 1024), for `info`'s placement of the damping."""
+    from scipy.sparse.linalg import eigsh
+
+    if A.shape[0] < 64:
+        return float(scipy.linalg.eigvalsh(A, subset_by_index=[A.shape[0] - 1] * 2)[0])
+    v0 = np.ones(A.shape[0])  # fixed start: the same value every time
+    return float(eigsh(A, k=1, which="LA", tol=1e-3, v0=v0, return_eigenvectors=False)[0])
 
 
 def _symmetric_float32(lower: np.ndarray) -> np.ndarray:
@@ -106,15 +130,25 @@ def _symmetric_float32(lower: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def _low_rank_inverse(name: str, G: np.ndarray, mode: str, value: float
-                      ) -> tuple[np.ndarray, float]:
-    """(GᵀG/n + λI)^{-1} for rows G [n, k] by Woodbury, float64 internally, float32 out."""
+def _low_rank_inverse(name: str, G: np.ndarray, mode: str, value: float,
+                      placements: dict | None = None) -> tuple[np.ndarray, float]:
+    """(GᵀG/n + λI)^{-1} for rows G [n, k] by Woodbury, float64 internally, float32 out. The
+    nonzero eigenvalues of GᵀG/n are those of the n × n GGᵀ/n (the rest are 0)."""
     n, k = G.shape
     G = np.asarray(G, dtype=np.float64)
-    lam = value * float(np.einsum("ij,ij->", G, G)) / (n * k) if mode == "relative" else value
+    M = G @ G.T
+    spectrum = {}
+
+    def eigenvalues():
+        if "e" not in spectrum:
+            e = scipy.linalg.eigvalsh(M, check_finite=False) / n
+            spectrum["e"] = np.concatenate([e, np.zeros(k - n)])
+        return spectrum["e"]
+    lam = layer_damping(mode, value, float(np.einsum("ij,ij->", G, G)), n * k, eigenvalues)
     if not lam > 0:
         raise _singular(name, lam)
-    M = G @ G.T
+    if placements is not None:
+        placements[name] = placement(eigenvalues(), lam)
     M.flat[:: n + 1] += n * lam
     try:
         X = scipy.linalg.cho_solve(scipy.linalg.cho_factor(M, lower=True), G)
@@ -146,6 +180,8 @@ class Preconditioner:
         self.damping_used, self.damping = damping_used, damping
         self.dropped = list(dropped or [])
         self.efim_layers = dict(efim_layers or {})
+        # {layer: where its λ sits in its spectrum (damping.placement)}: known after a fit
+        self.placement: dict[str, dict] = {}
 
     @classmethod
     def fit(cls, fisher: dict[str, np.ndarray], layout: dict[str, int], *, hessian: str = "eFIM",
@@ -177,7 +213,7 @@ class Preconditioner:
         mode, value = parse_damping(damping)
         layout = {str(k): int(v) for k, v in layout.items()}
         slices = layer_slices(layout)
-        inverses, used, dropped, G = {}, {}, [], None
+        inverses, used, dropped, G, placements = {}, {}, [], None, {}
         for i, (name, k) in enumerate(layout.items()):
             if rows is not None and uses_low_rank(n, k):
                 if G is None:
@@ -187,7 +223,8 @@ class Preconditioner:
                     inverses[name], lam = np.zeros((k, k), INVERSE_DTYPE), 0.0
                     dropped.append(name)
                 else:
-                    inverses[name], lam = _low_rank_inverse(name, part, mode, value)
+                    inverses[name], lam = _low_rank_inverse(name, part, mode, value,
+                                                            placements)
             else:
                 if take_fisher is None:
                     raise PreconditionError(f"no Fisher matrix for layer(s) {[name]}; accumulate every "
@@ -208,12 +245,15 @@ class Preconditioner:
                     inverses[name], lam = np.zeros((k, k), INVERSE_DTYPE), 0.0
                     dropped.append(name)
                 else:
-                    inverses[name], lam = _inverse_in_place(name, A, mode, value)
+                    inverses[name], lam = _inverse_in_place(name, A, mode, value,
+                                                            placements)
                 del A
             used[name] = float(lam)
             if progress is not None:
                 progress(i + 1, len(layout))
-        return cls(layout, "eFIM", inverses, used, (mode, value), dropped)
+        pre = cls(layout, "eFIM", inverses, used, (mode, value), dropped)
+        pre.placement = placements
+        return pre
 
     @classmethod
     def fit_ekfac(cls, layout: dict[str, int], bases: dict, eigenvalues: dict, *, damping=None,
@@ -226,7 +266,7 @@ class Preconditioner:
 
         mode, value = parse_damping(damping)
         layout = {str(k): int(v) for k, v in layout.items()}
-        inverses, used, dropped = {}, {}, []
+        inverses, used, dropped, placements = {}, {}, [], {}
         for name, k in layout.items():
             if name in bases:
                 qg, qa = bases[name]
@@ -240,15 +280,20 @@ class Preconditioner:
                     dropped.append(name)
                     continue
                 inverses[name], used[name] = ekfac_inverse(qg, qa, lam_diag, mode, value)
+                placements[name] = placement(lam_diag, used[name])
             else:
                 if efim is None or name not in efim.layout:
                     raise PreconditionError(f"no Kronecker factors and no eFIM fit for layer "
                                             f"{name!r}")
                 inverses[name], used[name] = efim.inverses[name], efim.damping_used[name]
+                if name in efim.placement:
+                    placements[name] = efim.placement[name]
                 if name in efim.dropped:
                     dropped.append(name)
-        return cls(layout, "ekfac", inverses, used, (mode, value), dropped,
-                   {n: w for n, w in (efim_layers or {}).items() if n in layout})
+        pre = cls(layout, "ekfac", inverses, used, (mode, value), dropped,
+                  {n: w for n, w in (efim_layers or {}).items() if n in layout})
+        pre.placement = placements
+        return pre
 
     def apply(self, g) -> np.ndarray:
         """[B, K] -> float32 [B, K], each layer's block multiplied by its inverse (float32
@@ -267,7 +312,8 @@ class Preconditioner:
                 "damping_used": dict(self.damping_used), "layout": dict(self.layout),
                 "dropped": {name: "zero gradient for every training example; contributes "
                                   "nothing to scores" for name in self.dropped},
-                **({"efim_layers": dict(self.efim_layers)} if self.efim_layers else {})}
+                **({"efim_layers": dict(self.efim_layers)} if self.efim_layers else {}),
+                **({"placement": dict(self.placement)} if self.placement else {})}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         d = {"hessian": np.array(self.hessian)}
@@ -278,6 +324,8 @@ class Preconditioner:
             d["dropped"] = np.array(self.dropped)
         if self.efim_layers:
             d["efim_layers"] = np.array([f"{k}\t{v}" for k, v in self.efim_layers.items()])
+        if self.placement:
+            d["placement"] = np.array(json.dumps(self.placement, sort_keys=True))
         for name in self.layout:
             d[f"damping_used/{name}"] = np.array(self.damping_used[name], dtype=np.float64)
             if self.inverses is not None:
@@ -307,4 +355,7 @@ class Preconditioner:
         if "efim_layers" in d:
             efim_layers = dict(str(x).split("\t", 1)
                                for x in np.asarray(d["efim_layers"]).reshape(-1))
-        return cls(layout, hessian, inverses, used, damping, dropped, efim_layers)
+        pre = cls(layout, hessian, inverses, used, damping, dropped, efim_layers)
+        if "placement" in d:
+            pre.placement = json.loads(str(np.asarray(d["placement"])))
+        return pre
