@@ -41,13 +41,13 @@ def test_sweep_matches_rescoring(built):
     d, task = built
     res = _tune(d, apply=False)
     added = sum(len(e["added_low"]) + len(e["added_high"]) for e in res.extended)
-    assert [c.name for c in res.grid][0] == "identity"
-    assert len(res.grid) == 1 + 2 * len(FACTORS) + added
+    assert [c.name for c in res.grid][:2] == ["identity", "eFIM auto (spectrum rule)"]
+    assert len(res.grid) == 2 + 2 * len(FACTORS) + added
     gt = load_ground_truth(d / "gt", seeds=[0])
     from grass_index.eval.tune import split_queries
 
     val, held = split_queries(6, 0.5, 0)
-    for c in (res.grid[0], res.grid[2], res.grid[-1]):  # identity, per-layer, global
+    for c in (res.grid[0], res.grid[1], res.grid[2], res.grid[-1]):  # identity, auto, per-layer, global
         idx = gi.open_index(d / "idx")
         idx.reprecondition(hessian=c.hessian, damping=c.damping)
         s = idx.score(task.model(), task.query_data(), task.loss).numpy()
@@ -94,7 +94,7 @@ def test_cli_json_and_errors(built):
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["choice"]["name"] in {c["name"] for c in doc["grid"]} and not doc["applied"]
-    assert set(doc["best_by_scope"]) == {"identity", "per-layer", "global"}
+    assert set(doc["best_by_scope"]) == {"identity", "auto", "per-layer", "global"}
     res = r.invoke(app, ["tune", str(d / "idx"), "--task", str(d / "nolearn.py"), "--json"])
     assert res.exit_code == 1 and "defines no train(" in res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
@@ -128,13 +128,14 @@ def test_ekfac_candidates_match_rescoring(tmp_path):
                    sparsification="identity-8*8", projection="identity", task=task.ref,
                    progress=False, batch_size=16)
     res = _tune(tmp_path, apply=False)
-    ek = [c for c in res.grid if c.hessian == "ekfac"]
+    ek = [c for c in res.grid if c.hessian == "ekfac" and c.scope == "ekfac"]
     added = [f for e in res.extended if e["scope"] == "ekfac"
              for f in e["added_low"] + e["added_high"]]
     assert len(ek) == len(FACTORS) + len(added) and res.best("ekfac") in ek
+    ek.append(res.best("ekfac auto"))  # the spectrum rule on EK-FAC's eigenvalues
     gt = load_ground_truth(tmp_path / "gt", seeds=[0])
     val, held = split_queries(6, 0.5, 0)
-    for c in (ek[0], ek[-1]):
+    for c in (ek[0], ek[-2], ek[-1]):
         idx = gi.open_index(tmp_path / "idx")
         idx.reprecondition(hessian=c.hessian, damping=c.damping)
         s = idx.score(task.model(), task.query_data(), task.loss).numpy()
@@ -203,7 +204,8 @@ def test_tune_extends_past_the_default_grid(built):
     wide = _tune(d, apply=False, scopes=["per-layer"], extend=False,
                  factors=tuple(float(f"{x:.0e}") for x in np.logspace(-8, 6, 29)))
     best = wide.best("per-layer")
-    narrow = [c.factor for c in wide.grid[1:] if best.factor / 100 <= c.factor <= best.factor / 10]
+    narrow = [c.factor for c in wide.grid if c.scope == "per-layer"
+              and best.factor / 100 <= c.factor <= best.factor / 10]
     cut = _tune(d, apply=False, scopes=["per-layer"], factors=narrow, extend=False)
     assert cut.best("per-layer").factor == narrow[-1] < best.factor, "not a top-edge best"
     assert cut.best("per-layer").val_lds < best.val_lds

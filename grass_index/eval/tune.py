@@ -17,7 +17,9 @@ Candidates: ``identity`` (raw inner products), ``eFIM`` with per-layer relative 
 damping (λ = f × mean eigenvalue over all layers: ``damping="abs:λ"``), and — when pass 1 kept
 Kronecker factors (a factored spec with an identity projection) — ``ekfac`` with per-layer
 relative damping (its eigenvalues are corrected from the same pass over the sketches), f over
-a log grid.
+a log grid; plus the spectrum rule ``damping="auto"`` for each Hessian. While a scope's best
+sits at an edge of the grid, the grid grows that way (``extend_grid``) up to the identity limit,
+so a best damping beyond the default grid is found, not clipped.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from ..precondition import FisherAccumulator, load_factors
-from ..precondition.damping import RELATIVE_RANGE
+from ..precondition.damping import RELATIVE_RANGE, auto_damping
 from ..precondition.ekfac import corrected_eigenvalues, rotate
 from ..precondition.fisher import layer_slices
 from .groundtruth import train_ground_truth
@@ -204,6 +206,17 @@ def _val(c: Candidate) -> float:
     return c.val_lds if np.isfinite(c.val_lds) else -np.inf
 
 
+def auto_candidates(scopes: Sequence[str]) -> list[Candidate]:
+    """The library's spectrum rule (damping "auto", precondition.damping.auto_damping) for
+    eFIM and, when EK-FAC is swept, for EK-FAC: shown beside the grid, and chosen if it wins."""
+    out = []
+    if "per-layer" in scopes or "global" in scopes:
+        out.append(Candidate("eFIM auto (spectrum rule)", "eFIM", "auto", "auto", None))
+    if "ekfac" in scopes:
+        out.append(Candidate("EK-FAC auto (spectrum rule)", "ekfac", "auto", "ekfac auto", None))
+    return out
+
+
 def split_queries(n_query: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (validation ids, held-out ids), both sorted; each gets at least one query."""
     if not 0.0 < float(val_fraction) < 1.0:
@@ -279,9 +292,14 @@ class _Sweep:
         for name, e, qU, GU, mean_eig in self.layers:
             if c.hessian == "ekfac" and name in self.ekfac:
                 lam_diag, qR, GR = self.ekfac[name]
-                out += GR @ (qR / (lam_diag + c.factor * lam_diag.mean())).T
+                lam = auto_damping(lam_diag) if c.factor is None else \
+                    c.factor * lam_diag.mean()
+                out += GR @ (qR / (lam_diag + lam)).T
                 continue  # (layers without factors: eFIM, as Preconditioner.fit_ekfac does)
-            lam = c.factor * (mean_eig if c.scope != "global" else self.global_mean_eig)
+            if c.factor is None:  # damping "auto": the rule on this layer's spectrum
+                lam = auto_damping(e)
+            else:
+                lam = c.factor * (mean_eig if c.scope != "global" else self.global_mean_eig)
             out += GU @ (qU / (e + lam)).T
         return out
 
@@ -355,6 +373,7 @@ def tune_index(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
     extensions = []
     if extend:
         grid, extensions = _extended(grid, scopes, p.sweep, score)
+    grid[1:1] = [score(c) for c in auto_candidates(scopes)]
     ok = [c for c in grid if np.isfinite(c.val_lds)]
     if not ok:
         raise EvalError("no grid point has a defined validation LDS (scores or losses constant "
