@@ -131,12 +131,18 @@ def effective_dimension(eigenvalues, lam: float) -> float:
     return float((e / (e + lam)).sum())
 
 
+# Eigenvalues below this × the top one are rounding noise of float64 eigvalsh (≈ k·ε): a
+# layer with fewer examples than dimensions has them in place of its exact zeros.
+NUMERICAL_ZERO = 1e-12
+
+
 def placement(eigenvalues, lam: float) -> dict:
     """Where λ sits in a layer's spectrum (what `info` shows): d_eff/k near 1 is almost no
     damping, near 0 almost identity; λ against the top and median eigenvalues."""
     e = _spectrum(eigenvalues)
     if not e.size or not e[0] > 0:
         return {"d_eff/k": None, "lambda/top": None, "lambda/median": None}
+    e[e < e[0] * NUMERICAL_ZERO] = 0.0  # rounding noise of a rank-deficient F, not a direction
     median = float(np.median(e))
     return {"d_eff/k": _sig(effective_dimension(e, lam) / e.size),
             "lambda/top": _sig(lam / float(e[0])),
