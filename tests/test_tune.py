@@ -188,6 +188,9 @@ def test_extend_grid_walks_to_the_peak(peak, stopped):
         assert factors[0] == 1e-8 and not ext.added_high
     if stopped == "interior":  # one point past the peak on its side, no further
         assert factors.index(best) not in (0, len(factors) - 1)
+    flat = extend_grid(_points("per-layer", (1e-3, 0.1, 10.0), lambda f: min(0.0, -np.log10(f))),
+                       candidate, None, high=1e4, low=1e-8)  # flat below 1 ×: no slope
+    assert flat == ([], None)
     inside = extend_grid(_points("per-layer", (1e-3, 0.1, 10.0), lambda f: -abs(np.log10(f) + 1)),
                          candidate, None, high=1e4, low=1e-8)
     assert inside == ([], None)

@@ -157,7 +157,7 @@ class Extension:
     scope: str
     added_low: list = field(default_factory=list)    # factors added below the grid, outwards
     added_high: list = field(default_factory=list)   # factors added above it, outwards
-    stopped: str = "interior"  # interior | identity limit | smallest damping | step limit
+    stopped: str = "interior"  # interior | flat | identity limit | smallest damping | step limit
 
     def says(self) -> str:
         """One line for the CLI."""
@@ -168,20 +168,26 @@ class Extension:
                "identity limit": f"λ ≥ {IDENTITY_LIMIT:g} × every layer's top eigenvalue: "
                                  "beyond, the scores are identity's",
                "smallest damping": "the smallest damping the library accepts",
-               "step limit": f"{MAX_EXTENSION} points added"}[self.stopped]
+               "step limit": f"{MAX_EXTENSION} points added",
+               "flat": "the LDS stopped changing at that edge"}[self.stopped]
         return f"{self.scope}: the best sat at the grid's edge; extended {where} ({why})"
 
 
 def extend_grid(points: list[Candidate], make, score, *, high: float, low: float
                 ) -> tuple[list[Candidate], Extension | None]:
     """Grow one scope's grid ``points`` outwards while its best validation LDS sits at an
-    edge: ``make(f)`` builds a point, ``score(c)`` fills its LDS; ``high`` is the identity
+    edge and is strictly above its neighbour's (a plateau says nothing about where to go: the
+    LDS of a few queries is often flat at the small-damping end): ``make(f)`` builds a point, ``score(c)`` fills its LDS; ``high`` is the identity
     limit's factor, ``low`` the smallest factor allowed. Returns the points added (low end
     first) and what happened (None when the best was already inside)."""
     pts = sorted(points, key=lambda c: c.factor)
     ext = Extension(points[0].scope, stopped="step limit")
     for _ in range(MAX_EXTENSION):
         best = max(pts, key=_val)  # ties: the smaller damping, as the sweep does
+        if best in (pts[0], pts[-1]) and len(pts) > 1 and \
+                _val(best) == _val(pts[1] if best is pts[0] else pts[-2]):
+            ext.stopped = "flat"  # no slope towards the edge: nothing says go further
+            break
         if best is pts[-1]:
             if pts[-1].factor >= high:
                 ext.stopped = "identity limit"
