@@ -47,7 +47,8 @@ def test_sweep_matches_rescoring(built):
     from grass_index.eval.tune import split_queries
 
     val, held = split_queries(6, 0.5, 0)
-    for c in (res.grid[0], res.grid[1], res.grid[2], res.grid[-1]):  # identity, auto, per-layer, global
+    # identity, auto, per-layer, global
+    for c in (res.grid[0], res.grid[1], res.grid[2], res.grid[-1]):
         idx = gi.open_index(d / "idx")
         idx.reprecondition(hessian=c.hessian, damping=c.damping)
         s = idx.score(task.model(), task.query_data(), task.loss).numpy()

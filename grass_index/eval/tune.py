@@ -177,9 +177,10 @@ def extend_grid(points: list[Candidate], make, score, *, high: float, low: float
                 ) -> tuple[list[Candidate], Extension | None]:
     """Grow one scope's grid ``points`` outwards while its best validation LDS sits at an
     edge and is strictly above its neighbour's (a plateau says nothing about where to go: the
-    LDS of a few queries is often flat at the small-damping end): ``make(f)`` builds a point, ``score(c)`` fills its LDS; ``high`` is the identity
-    limit's factor, ``low`` the smallest factor allowed. Returns the points added (low end
-    first) and what happened (None when the best was already inside)."""
+    LDS of a few queries is often flat at the small-damping end). ``make(f)`` builds a point,
+    ``score(c)`` fills its LDS; ``high`` is the identity limit's factor, ``low`` the smallest
+    factor allowed. Returns the points added (low end first) and what happened (None when
+    nothing was added)."""
     pts = sorted(points, key=lambda c: c.factor)
     ext = Extension(points[0].scope, stopped="step limit")
     for _ in range(MAX_EXTENSION):
@@ -347,12 +348,13 @@ def tune_index(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
     preconditioner, recording the sweep in ``config["tune"]``.
 
     Ground truth is ``eval``'s: trained once per (subset, seed) and cached (resumable), in the
-    same default directory, so ``eval`` and ``tune`` with the same m / alpha / subset seed share
-    it. The split is seeded; ``heldout_lds`` of the choice is an unbiased estimate, the
+    same default directory, so ``eval`` and ``tune`` with the same m / alpha / subset seed
+    share it. The split is seeded; ``heldout_lds`` of the choice is an unbiased estimate, the
     validation LDS of the winner is not. ``extend``: while a scope's best sits at an edge of
     ``factors``, add grid points beyond it (up to the identity limit, see :func:`extend_grid`);
-    ``TuneResult.extended`` says where it went and why it stopped. ``prepared`` (from :func:`prepare`) reuses the ground
-    truth and the sweep's sums across calls, e.g. to compare split seeds.
+    ``TuneResult.extended`` says where it went and why it stopped. ``prepared`` (from
+    :func:`prepare`) reuses the ground truth and the sweep's sums across calls, e.g. to compare
+    split seeds.
     """
     scopes_given = scopes is not None  # the default tries EK-FAC only where it exists
     scopes = list(SCOPES if scopes is None else scopes)

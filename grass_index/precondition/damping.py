@@ -123,8 +123,8 @@ def auto_damping(eigenvalues, multiple: float = AUTO_MULTIPLE) -> float:
 
 
 def effective_dimension(eigenvalues, lam: float) -> float:
-    """d_eff(λ) = Σ σ_i / (σ_i + λ): how many directions (F + λI)^-1 still resolves (k at λ →
-    0 for a full-rank F, 0 as λ → ∞: identity)."""
+    """d_eff(λ) = Σ σ_i / (σ_i + λ): how many directions (F + λI)^-1 still resolves (k as
+    λ → 0 for a full-rank F, 0 as λ → ∞: identity)."""
     e = _spectrum(eigenvalues)
     if lam <= 0:
         return float((e > 0).sum())
