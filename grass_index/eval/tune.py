@@ -131,8 +131,8 @@ def candidate(scope: str, f: float, global_mean_eig: float | None = None) -> Can
 
 
 # Extending the grid. Past λ = IDENTITY_LIMIT × the top eigenvalue of every layer,
-# (F + λI)^-1 = (I − F/λ + …)/λ differs from I/λ by under 1/IDENTITY_LIMIT: the scores are
-# identity's up to a factor and the grid point adds nothing identity does not already show.
+# (F + λI)^-1 = (I − F/λ + …)/λ differs from I/λ by under 1/IDENTITY_LIMIT: each layer's
+# scores are identity's up to the factor 1/λ_l, and larger factors change nothing more.
 # Downwards the grid stops at the smallest relative damping the library accepts.
 IDENTITY_LIMIT = 100.0
 MAX_EXTENSION = 24  # grid points added per scope and direction (1-3 steps: 12 decades)
@@ -166,7 +166,7 @@ class Extension:
         where = " and ".join(p for p in parts if p)
         why = {"interior": "the best is now inside the grid",
                "identity limit": f"λ ≥ {IDENTITY_LIMIT:g} × every layer's top eigenvalue: "
-                                 "beyond, the scores are identity's",
+                                 "beyond, each layer's scores are identity's up to 1/λ",
                "smallest damping": "the smallest damping the library accepts",
                "step limit": f"{MAX_EXTENSION} points added",
                "flat": "the LDS stopped changing at that edge"}[self.stopped]
