@@ -87,7 +87,7 @@ def prepared(name: str, out: Path, m: int, seeds: list[int]):
                        progress=False, batch_size=64, collate=task.collate,
                        **opts)
     gt = out / f"gt-{path.stem}-m{m}-s{'_'.join(map(str, seeds))}"
-    return prepare(d, task=task, num_subsets=m, seeds=seeds, ground_truth=gt,
+    return prepare(gi.open_index(d), task=task, num_subsets=m, seeds=seeds, ground_truth=gt,
                    progress=False), hessian
 
 
