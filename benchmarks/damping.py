@@ -2,6 +2,7 @@
 (the spectrum of each layer's Fisher) land within 0.03 LDS of the best damping?
 
     python benchmarks/damping.py [--tasks digits,tagging,...] [--subsets 30] [--seeds 0]
+    python benchmarks/damping.py --tasks tiny_gpt --subsets 16   # the LM row (47 min, 2 cores)
 
 For each task: build an index (default specs unless the task row says otherwise), train the
 LDS ground truth once (M subsets × seeds retrained models, cached under --out and resumed),
