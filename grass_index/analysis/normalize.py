@@ -53,7 +53,10 @@ def unit_rows(a: np.ndarray) -> np.ndarray:
 
 
 def cosine_file(idx) -> Path:
-    return Path(idx.path) / f"index-{idx.config['preconditioner_key']}-cosine.faiss"
+    from ..untrusted import plain_file_name  # the key is read from config.json: data
+
+    name = f"index-{idx.config['preconditioner_key']}-cosine.faiss"
+    return Path(idx.path) / plain_file_name(name, "the cosine index file")
 
 
 def cosine_index(idx):

@@ -8,12 +8,12 @@ and atomically, so an index is complete exactly when config.json exists.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
 from .. import __version__
+from ..fileio import UnsafeFileError, check_regular, read_json
 from ..store import SketchStore
 from ..untrusted import UnsafeNameError, plain_file_name
 from .errors import AttributionError
@@ -31,8 +31,8 @@ def read_config(path: Path) -> dict:
         raise AttributionError(f"index directory {path} not found; build one with "
                                "`grass-index build TASK --out DIR`")
     cfile = path / CONFIG_FILE
-    if not cfile.is_file():
-        if (path / BUILD_FILE).is_file():
+    if not check_regular(cfile):  # a symlink, FIFO or directory there is refused
+        if check_regular(path / BUILD_FILE):
             done = sketched_batches(path)
             progress = f" ({done[0]} of {done[1]} batches sketched)" if done else ""
             raise AttributionError(f"the build in {path} is not finished{progress}; re-run the "
@@ -40,7 +40,7 @@ def read_config(path: Path) -> dict:
         raise AttributionError(f"{path} is not a grass-index index (no {CONFIG_FILE}); pass the "
                                "--out directory of `grass-index build`")
     try:
-        cfg = json.loads(cfile.read_text())
+        cfg = read_json(cfile)
     except ValueError as e:
         raise AttributionError(f"{cfile} is corrupted ({e}); run `grass-index verify {path} "
                                "--repair` to restore it from the sketch store") from e
@@ -82,6 +82,8 @@ def config_store_diff(path: Path, cfg: dict) -> list[str] | None:
     try:
         with SketchStore.open(Path(path) / STORE_DIR, readonly=True) as st:
             created, stored = st.meta, st.get_meta("config", None)
+    except UnsafeFileError:  # a symlink/FIFO in the store: refused, not "unreadable"
+        raise
     except Exception:
         return None
     diff = [k for k in sorted(created) if jsonable(created[k]) != jsonable(cfg.get(k))]

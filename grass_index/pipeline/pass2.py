@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import logging
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,10 @@ from ..store import SketchStore, StoreError
 from ..task import task_record
 from .errors import AttributionError
 from .factors import fit_ekfac
-from .files import CONFIG_FILE, STORE_DIR, index_file_names, jsonable, write_json
+from ..fileio import remove_stale_temps, unlink_owned
+from ..untrusted import plain_file_name
+from .files import (CONFIG_FILE, INDEX_FILE, STORE_DIR, index_file_names, jsonable,
+                    write_json)
 from .fingerprints import config_hash, data_signature, hash_json
 from .options import IndexOptions, damping_key
 from .progress import Progress
@@ -39,6 +44,8 @@ from .record import n_batches
 from .stored import preconditioned_blocks
 
 log = logging.getLogger("grass_index")
+# Temp names of FAISS and config writes by earlier versions (now fileio.TEMP_NAME's).
+_OLD_TEMPS = re.compile(r"index-[0-9a-f]+[-0-9a-z]*\.faiss\.tmp-\d+-[0-9a-f]{8}|\.config\.json\.tmp\d+")
 
 
 class OneProcess:
@@ -262,8 +269,9 @@ def pass2_key(build: dict, *, hessian, damping, index, nlist, nprobe) -> str:
 def remove_temp_files(out: Path) -> None:
     """Temp files of a writer killed mid-save (an index can be GBs). Only called while holding
     the store's writer lock, so no live process is writing any of them."""
-    for p in [*out.glob("index-*.faiss.tmp-*"), *out.glob(f".{CONFIG_FILE}.tmp*")]:
-        p.unlink(missing_ok=True)
+    remove_stale_temps(out)
+    for name in os.listdir(out):
+        unlink_owned(out, name, _OLD_TEMPS)
 
 
 def commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vindex,
@@ -287,9 +295,9 @@ def commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vind
     cfg["config_hash"] = config_hash(cfg)
     store.put_meta("config", cfg)
     write_json(out / CONFIG_FILE, cfg)  # the commit point of the whole build
-    for p in out.glob("index-*.faiss"):  # older preconditioning variants
-        if p.name not in index_files:
-            p.unlink(missing_ok=True)
+    for name in os.listdir(out):  # older preconditioning variants (regular files only)
+        if name not in index_files:
+            unlink_owned(out, name, INDEX_FILE)
     for name in stale_preconditioner_arrays(store.array_names(), key):  # theirs (k×k per layer)
         store.delete_array(name)
     progress("done", 1, 1)
@@ -494,7 +502,8 @@ def load_faiss(path: Path, cfg: dict, *, mmap: bool = False, verify: bool = True
                check: bool = True):
     """The finished index's FAISS index: its one file, or its parts searched as one —
     checked (``check``) to belong to this build (key, count, id range) before it serves."""
-    names = cfg.get("index_files") or [cfg["index_file"]]
+    names = [plain_file_name(n, f"{path / CONFIG_FILE}: index file")
+             for n in cfg.get("index_files") or [cfg["index_file"]]]
     parts = [VectorIndex.load(path / name, mmap=mmap, verify=verify) for name in names]
     vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
     if check:

@@ -14,6 +14,7 @@ from ..capture import (CaptureError, EnsembleSketcher, GradientSketcher, as_chec
                        select_layers)
 from ..capture.ensemble import single_model, split_block
 from ..compress import load_selective_mask
+from ..fileio import check_regular
 from ..index import SketchedIndex
 from ..precondition import Preconditioner, has_preconditioner
 from ..precondition import load_preconditioner as load_stored_preconditioner
@@ -107,6 +108,8 @@ def query_sketcher(path: Path, config: dict, model, device=None):
     check_device(device)
     check_model(path, config, model)
     models = query_models(path, config, model)
+    if config.get("selective_mask"):
+        check_regular(path / MASK_FILE)  # the file rule: never through a symlink or a FIFO
     masks = load_selective_mask(path / MASK_FILE) if config.get("selective_mask") else None
     described = config.get("layers_described") or {}
     sketchers = []

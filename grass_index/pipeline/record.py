@@ -11,10 +11,10 @@ reader and writer of the file.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
+from ..fileio import read_json
 from ..store import writer_lock
 from ..store._env import DATA_FILE
 from .errors import AttributionError
@@ -60,10 +60,10 @@ def read_build_record(out: Path, *, missing: str | None = None) -> dict:
     """build.json of ``out``; ``missing`` is the error message when there is none (default:
     an OSError is raised as is)."""
     bfile = Path(out) / BUILD_FILE
-    if missing is not None and not bfile.is_file():
+    if missing is not None and not check_regular(bfile):
         raise AttributionError(missing)
     try:
-        return json.loads(bfile.read_text())
+        return read_json(bfile)
     except ValueError as e:
         raise AttributionError(f"{bfile} is corrupted ({e}); run `grass-index verify {out} "
                                "--repair` to restore it from the sketch store") from e

@@ -3,12 +3,12 @@ records; repair what they can rebuild (config.json, build.json, the precondition
 index) and, given the task, the sketch blocks damaged on disk."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .. import __version__
+from ..fileio import UnsafeFileError, check_tree, read_json
 from ..index import FaissIndexError, check_serves
 from ..precondition import load_preconditioner
 from ..store import SketchStore
@@ -49,12 +49,16 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0,
         return dict(path=str(path), ok=all(c["ok"] for c in checks), checks=checks,
                     repaired=repaired)
 
+    tree = check_tree(path)  # the file rule (fileio): anything else is reported, never used
+    check("files", not tree, "every entry is a regular file or a real directory" if not tree
+          else "; ".join(tree[:5]) + ": remove it (grass-index never reads or writes through "
+          "a symlink, FIFO or device)")
     try:
         cfg = read_config(path)
         view = IndexConfig(cfg)
         check("config", True, f"config.json readable, hash {view.config_hash} matches, "
                               "agrees with the store's record")
-    except AttributionError as e:
+    except (AttributionError, UnsafeFileError) as e:
         check("config", False, e)
         return report()
     check("version", cfg.get("format") == FORMAT_VERSION,
@@ -82,6 +86,9 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0,
         return report()
     pre, damaged = None, []
     try:
+        files = store.file_problems()
+        check("store files", not files, "every file of the store is its own, regular file"
+              if not files else "; ".join(files[:5]))
         meta_ok = jsonable(store.get_meta("config", None)) == cfg
         check("store config", meta_ok, "LMDB config equals config.json" if meta_ok
               else "LMDB config differs from config.json")
@@ -183,8 +190,8 @@ def _restore_records(path: Path) -> list[str]:
         created, stored_cfg = store.meta, store.get_meta("config", None)
         bfile = path / BUILD_FILE
         try:
-            old = json.loads(bfile.read_text())
-        except (OSError, ValueError):
+            old = read_json(bfile)
+        except (OSError, ValueError):  # missing, damaged, or not a regular file: replaced
             old = None
         if jsonable(old) != jsonable(created):
             write_json(bfile, created)
@@ -207,9 +214,11 @@ def _restore_records(path: Path) -> list[str]:
 def _recompute_blocks(path: Path, cfg: dict, damaged: list[int], task) -> str:
     """Sketch exactly the damaged blocks again from the task, after checking that its model
     and data are the ones the index was built from."""
-    from ..task import Task, load_task
+    from ..task import Task, task_for_index
 
-    t = task if isinstance(task, Task) else load_task(task)
+    t = task if isinstance(task, Task) else task_for_index(
+        task, recorded=cfg.get("task"), sha256=cfg.get("task_sha256"), index_dir=path,
+        command="verify --repair")[0]
     model, data = t.index_model(), t.train_data()  # an ensemble: its checkpoints
     if len(data) != int(cfg["n_train"]):
         raise AttributionError(f"task {t.ref} has {len(data)} training examples but the index "
