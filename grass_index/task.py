@@ -311,7 +311,12 @@ def task_record(task) -> dict:
     ref = task.ref if isinstance(task, Task) else str(task)
     sha = task.sha256 if isinstance(task, Task) else _LOADED.get(_file_part(ref))
     path = _file_part(ref)
-    if sha is None and os.path.isabs(path) and os.path.isfile(path):
+    if sha is None and _is_hf(ref):  # named by the user for this build: its data's hash
+        from .tasks.hf_lm import data_sha256, ref_args
+
+        args = ref_args(ref)
+        sha = data_sha256(args["data"], args.get("query"))
+    elif sha is None and os.path.isabs(path) and os.path.isfile(path):
         sha = file_sha256(Path(path).read_bytes())
     return dict(task=ref, task_sha256=sha)
 

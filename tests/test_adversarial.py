@@ -925,7 +925,7 @@ def test_an_hf_lm_index_runs_with_the_named_paths_and_refuses_changed_data(lm_co
     with TestClient(create_app(out, task=named_ref(model, data))) as c:
         r = c.get("/api/examples", params=dict(split="train"))
         assert r.status_code == 200, r.text
-        assert "quick brown fox" in r.text and "SECRET" not in r.text
+        assert "line 3: the quic" in r.text and "SECRET" not in r.text
     one_line_error(invoke("query", out, "--data", data, "--text", "x"), "--hf-model")
     moved = tmp_path / "moved.txt"
     moved.write_bytes(data.read_bytes())

@@ -45,7 +45,8 @@ from .stored import preconditioned_blocks
 
 log = logging.getLogger("grass_index")
 # Temp names of FAISS and config writes by earlier versions (now fileio.TEMP_NAME's).
-_OLD_TEMPS = re.compile(r"index-[0-9a-f]+[-0-9a-z]*\.faiss\.tmp-\d+-[0-9a-f]{8}|\.config\.json\.tmp\d+")
+_OLD_TEMPS = re.compile(r"index-[0-9a-f]+[-0-9a-z]*\.faiss\.tmp-\d+-[0-9a-f]{8}"
+                        r"|\.config\.json\.tmp\d+")
 
 
 class OneProcess:

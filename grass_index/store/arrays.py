@@ -216,8 +216,10 @@ def file_problems(h) -> list[str]:
     def scan(txn):
         out = []
         for k, v in txn.cursor(db=h.dbs["arrays"]).iternext():
-            fname = json.loads(bytes(v)).get("file")
-            if fname is not None and not (isinstance(fname, str) and ARRAY_FILE.fullmatch(fname)):
+            header = json.loads(bytes(v))
+            fname = header.get("file") if isinstance(header, dict) else None
+            if fname is not None and not (isinstance(fname, str)
+                                          and ARRAY_FILE.fullmatch(fname)):
                 out.append(f"array {bytes(k).decode()!r} names the file {str(fname)[:200]!r}, "
                            "which is not an array file of this store (arrays/<hex>.npy)")
         return out

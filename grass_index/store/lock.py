@@ -15,7 +15,7 @@ import socket
 import stat
 import time
 
-from ..fileio import UnsafeFileError, check_dir
+from ..fileio import UnsafeFileError, check_dir, check_in_place
 from .errors import StoreError, WriterLockedError
 
 LOCK_NAME = "writer.lock"
@@ -28,6 +28,7 @@ class WriterLock:
 
     def acquire(self) -> None:
         check_dir(os.path.dirname(self.path) or ".")
+        check_in_place(self.path)  # never even open a device, FIFO or link found here
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
                          | os.O_CLOEXEC, 0o644)

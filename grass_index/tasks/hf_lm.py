@@ -161,6 +161,18 @@ def _dataset_texts(p: Path, field: str, what: str) -> list[str]:
     return texts
 
 
+def data_sha256(data, query=None) -> str | None:
+    """The sha256 over the data file's (and the query file's) bytes; None for a datasets
+    directory (its examples are fingerprinted in the build record, ``data_hash``)."""
+    paths = [Path(data)] + ([Path(query)] if query is not None else [])
+    if not all(p.is_file() for p in paths):
+        return None
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
 class TokenizedTexts(torch.utils.data.Dataset):
     """Item i: LongTensor of the token ids of text i (truncated to ``max_length``)."""
 
@@ -255,15 +267,8 @@ class HFCausalLM:
         return self._train
 
     def sha256(self) -> str | None:
-        """The sha256 of the data file (and the query file), what an index records to tell
-        that a file named later holds the same examples; None for a datasets directory."""
-        paths = [self.data_path] + ([self.query_path] if self.query_path is not None else [])
-        if not all(p.is_file() for p in paths):
-            return None
-        h = hashlib.sha256()
-        for p in paths:
-            h.update(hashlib.sha256(p.read_bytes()).digest())
-        return h.hexdigest()
+        """What an index records to tell that a file named later holds the same examples."""
+        return data_sha256(self.data_path, self.query_path)
 
     def query_data(self) -> TokenizedTexts:
         if self.unnamed_query is not None:
