@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..fileio import read_json
+from ..fileio import check_regular, read_json
 from ..store import writer_lock
 from ..store._env import DATA_FILE
 from .errors import AttributionError
