@@ -960,3 +960,35 @@ def test_every_file_of_the_directory_moved_behind_a_symlink_is_refused(copy, tmp
     if name != "build.json":  # a query never reads build.json
         one_line_error(invoke("query", out, "--task", task, "--example", 1), name)
     assert {p: p.read_bytes() for p in snapshot} == snapshot
+
+
+@pytest.mark.parametrize("command", ["worker", "merge"])
+def test_a_symlinked_shards_directory_is_refused(built, tmp_path, command):
+    """`build --worker` creates a store in shards/I-of-N and `merge` reads (then removes)
+    them: through a symlinked shards/ that was a directory of the user's."""
+    task, _ = built
+    user = tmp_path / "user"
+    (user / "0-of-2").mkdir(parents=True)
+    (user / "0-of-2" / "notes.txt").write_bytes(b"keep")
+    out = tmp_path / "idx"
+    out.mkdir()
+    (out / "shards").symlink_to(user, target_is_directory=True)
+    args = (["build", task, "--out", out, "--worker", "0/2", *SMALL] if command == "worker"
+            else ["merge", out])
+    one_line_error(invoke(*args), "shards")
+    assert sorted(p.name for p in user.rglob("*")) == ["0-of-2", "notes.txt"]
+
+
+def test_a_hard_linked_record_is_replaced_by_repair_never_written_through(copy, tmp_path):
+    """Records are replaced by rename, so a hard link to the user's file is never written."""
+    _, out = copy
+    target = victim(tmp_path)
+    (out / "build.json").unlink()
+    try:
+        (out / "build.json").hardlink_to(target)
+    except OSError:
+        pytest.skip("hard links are not possible here")
+    res = invoke("verify", out, "--repair")
+    assert res.exit_code == 0, res.output
+    assert target.read_bytes() == PRECIOUS
+    assert json.loads((out / "build.json").read_text())["n_train"] > 0
