@@ -108,7 +108,10 @@ def check_tree(root) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(root):  # never descends through a symlink
         for name in dirnames + filenames:
             p = os.path.join(dirpath, name)
-            mode = os.lstat(p).st_mode
+            try:
+                mode = os.lstat(p).st_mode
+            except FileNotFoundError:  # removed while we walk (a running writer's temp file)
+                continue
             if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
                 problems.append(f"{p} is {_kind(mode)}")
     return problems
