@@ -992,3 +992,12 @@ def test_a_hard_linked_record_is_replaced_by_repair_never_written_through(copy, 
     assert res.exit_code == 0, res.output
     assert target.read_bytes() == PRECIOUS
     assert json.loads((out / "build.json").read_text())["n_train"] > 0
+
+
+def test_a_fifo_in_place_of_the_faiss_file_is_named_as_such(copy):
+    task, out = copy
+    with FifoWatch(faiss_file(out)) as w:
+        one_line_error(invoke("query", out, "--task", task, "--example", 1), "is a FIFO")
+        rep = invoke("verify", out, "--repair")  # reported; never opened, never replaced
+    assert not w.hung and rep.exit_code != 0
+    assert "is a FIFO" in " ".join((rep.stdout + rep.stderr).split())

@@ -208,7 +208,7 @@ def open_vector_index(path: Path, config: dict, *, mmap: bool = False):
     names = config.get("index_files") or [config["index_file"]]
     f = path / names[0] if len(names) == 1 else path
     for name in names:
-        if not (path / name).is_file():
+        if not check_regular(path / name):  # a symlink or FIFO there is refused, naming it
             raise AttributionError(f"{path / name} is missing; run `grass-index verify {path} "
                                    "--repair` to rebuild it from the stored sketches")
     try:
