@@ -32,8 +32,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .capture import CaptureError, Checkpoints, check_loss_shape
 from .errors import GrassIndexError
 from .signature import item_signature, merge_signatures, signature_mismatch  # noqa: F401
+from .untrusted import safe_text
 
 REQUIRED = ("model", "train_data", "loss")
 OPTIONAL = ("query_data", "collate", "image", "label", "train", "encode", "checkpoints")
@@ -87,8 +89,6 @@ class Task:
         if isinstance(got, torch.nn.Module) or not isinstance(got, (list, tuple)):
             raise TaskError(f"task {self.ref}: checkpoints() returned {type(got).__name__}, "
                             "expected a list of torch.nn.Module (one per checkpoint)")
-        from .capture import CaptureError, Checkpoints
-
         try:  # the one check of what a checkpoint list holds (non-empty, every item a model)
             return list(Checkpoints(got, where=f"task {self.ref}: checkpoints()").eval())
         except CaptureError as e:
@@ -100,8 +100,6 @@ class Task:
         models = self.checkpoints()
         if len(models) == 1:
             return models[0]
-        from .capture import Checkpoints
-
         return Checkpoints(models)
 
     def train_data(self) -> Sequence:
@@ -199,20 +197,36 @@ def check_loss(model, data, loss_fn, collate=None, *, n: int = 2, where: str = "
             out = loss_fn(model, batch)
     except Exception as e:
         raise TaskError(f"{where}: loss(model, batch) raised {type(e).__name__}: {e}") from e
-    from .capture import CaptureError, check_loss_shape
-
     try:
         check_loss_shape(out, b)
     except CaptureError as e:
         raise TaskError(f"{where}: {e}") from None
 
 
+# Task references built in code rather than loaded from a file: ``prefix -> module:function``
+# (the function builds the Task from the whole reference). Resolved by name, like any task
+# module, so this module does not import the tasks built on top of it (grass_index/tasks/).
+BUILTIN_REF_BUILDERS = {"hf-lm:": "grass_index.tasks.hf_lm:task_from_ref"}  # `build --hf-model`
+
+
+def _builder_fn(ref: str, name: str):
+    """Function ``name`` of the module that builds tasks of ``ref``'s prefix (by name: see
+    BUILTIN_REF_BUILDERS); that module also defines ``ref_sha256(ref)`` (what an index
+    records of the data the reference names) and ``task_for_recorded(given, recorded,
+    sha256)`` (the task for an index that recorded one, from what the user named)."""
+    for prefix, builder in BUILTIN_REF_BUILDERS.items():
+        if ref.startswith(prefix):
+            return getattr(importlib.import_module(builder.split(":")[0]), name)
+    raise KeyError(ref)
+
+
 def load_task(ref: str | os.PathLike | None = None) -> Task:
     """Load a task from a file path, ``module``, or ``module:attr`` (None: bundled digits)."""
     ref = str(ref) if ref is not None else default_task_ref()
-    if ref.startswith("hf-lm:"):  # recorded by `build --hf-model` (grass_index/tasks/hf_lm.py)
-        from .tasks.hf_lm import task_from_ref
-        return task_from_ref(ref)
+    for prefix, builder in BUILTIN_REF_BUILDERS.items():
+        if ref.startswith(prefix):  # a task built in code, named by the module that builds it
+            module, name = builder.split(":")
+            return getattr(importlib.import_module(module), name)(ref)
     source, canonical = _resolve(ref)
     fns = {}
     for name in REQUIRED + OPTIONAL:
@@ -312,10 +326,7 @@ def task_record(task) -> dict:
     sha = task.sha256 if isinstance(task, Task) else _LOADED.get(_file_part(ref))
     path = _file_part(ref)
     if sha is None and _is_hf(ref):  # named by the user for this build: its data's hash
-        from .tasks.hf_lm import data_sha256, ref_args
-
-        args = ref_args(ref)
-        sha = data_sha256(args["data"], args.get("query"))
+        sha = _builder_fn(ref, "ref_sha256")(ref)
     elif sha is None and os.path.isabs(path) and os.path.isfile(path):
         sha = file_sha256(Path(path).read_bytes())
     return dict(task=ref, task_sha256=sha)
@@ -324,7 +335,8 @@ def task_record(task) -> dict:
 # -- consent: which task an index may run ---------------------------------------------------
 
 def _is_hf(ref) -> bool:
-    return isinstance(ref, str) and ref.startswith("hf-lm:")
+    """A reference of a task built in code over recorded paths (BUILTIN_REF_BUILDERS)."""
+    return isinstance(ref, str) and ref.startswith(tuple(BUILTIN_REF_BUILDERS))
 
 
 def task_file_status(recorded: str | None, sha256: str | None, index_dir) -> str:
@@ -355,8 +367,6 @@ def task_file_status(recorded: str | None, sha256: str | None, index_dir) -> str
 
 def recorded_task_status(recorded: str | None, sha256: str | None, index_dir) -> str:
     """The task an index records, with :func:`task_file_status`, as one clause."""
-    from .untrusted import safe_text
-
     status = task_file_status(recorded, sha256, index_dir)
     if not recorded:
         return "the index records no task (built from Python)"
@@ -391,15 +401,11 @@ def task_for_index(given, *, recorded: str | None, sha256: str | None, index_dir
     shown. ``note`` is a warning to print when the named file differs from the one the index
     was built with. An index built with ``--hf-model``: ``given`` is the hf-lm reference of
     the paths the user named (``tasks.hf_lm.named_ref``), which must be the recorded ones with
-    the recorded data sha256 (``tasks.hf_lm.task_for_hf_index``)."""
-    from .untrusted import safe_text
-
+    the recorded data sha256 (``tasks.hf_lm.task_for_recorded``)."""
     if given is None and is_builtin_task(recorded):
         given = recorded  # installed with grass-index itself, not supplied by the directory
     if given is not None and _is_hf(recorded) and _is_hf(str(given)):
-        from .tasks.hf_lm import task_for_hf_index
-
-        return task_for_hf_index(str(given), recorded, sha256), None
+        return _builder_fn(recorded, "task_for_recorded")(str(given), recorded, sha256), None
     if given is None and _is_hf(recorded):
         status = recorded_task_status(recorded, sha256, index_dir)
         raise TaskError(f"{command} loads the model and data the index was built from, and "

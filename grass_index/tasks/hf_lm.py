@@ -8,7 +8,7 @@ What `grass-index build --hf-model DIR --data FILE` uses. The index records a re
 ``hf-lm:{json of these arguments}`` and the sha256 of the data file. Those recorded paths are
 data (anyone may edit an index directory): they are shown, and a later command opens them only
 when the user names them again (``--hf-model DIR --data FILE``), with the same paths and the
-same data sha256 (:func:`task_for_hf_index`); the other arguments (text field, length, dtype)
+same data sha256 (:func:`task_for_recorded`); the other arguments (text field, length, dtype)
 come from the record.
 
 Nothing is downloaded: the model is loaded with ``from_pretrained(dir, local_files_only=True)``
@@ -159,6 +159,12 @@ def _dataset_texts(p: Path, field: str, what: str) -> list[str]:
     if not texts:
         raise TaskError(f"{what} {p} is empty (no non-empty {field!r} values)")
     return texts
+
+
+def ref_sha256(ref: str) -> str | None:
+    """:func:`data_sha256` of the files a reference the user gave names (task.task_record)."""
+    args = ref_args(ref)
+    return data_sha256(args["data"], args.get("query"))
 
 
 def data_sha256(data, query=None) -> str | None:
@@ -319,7 +325,7 @@ def ref_args(ref: str) -> dict:
 
 def named_ref(model_dir, data) -> str:
     """The reference for the paths a user names on a command line (``--hf-model DIR --data
-    FILE``), resolved; :func:`task_for_hf_index` completes it from the index's record."""
+    FILE``), resolved; :func:`task_for_recorded` completes it from the index's record."""
     return REF_PREFIX + json.dumps(dict(model=str(Path(model_dir).expanduser().resolve()),
                                         data=str(Path(data).expanduser().resolve())),
                                    sort_keys=True)
@@ -337,7 +343,7 @@ def task_from_ref(ref: str) -> Task:
             from None
 
 
-def task_for_hf_index(given: str, recorded: str, sha256: str | None) -> Task:
+def task_for_recorded(given: str, recorded: str, sha256: str | None) -> Task:
     """The task for an index built with ``--hf-model``, from the paths the user named
     (``given``, an hf-lm reference): they must be the recorded model directory and data file,
     and the data must still hash to the recorded sha256. The recorded text field, length and
