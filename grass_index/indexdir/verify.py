@@ -57,8 +57,8 @@ def inspect_index(path, *, sample: int = 64, seed: int = 0, fast: bool = False) 
     """Every check, in order; a part that later checks depend on (config.json, build.json,
     the store) stops the list when it fails. ``fast`` reads only sampled rows."""
     found = Findings(Path(path))
-    check_files(found)
     view = check_config(found)
+    check_files(found)  # reported even when config.json is unusable
     if view is None or not check_build_record(found):
         return found
     try:
