@@ -22,7 +22,7 @@ from .pipeline import (AttributionError, BuildOptions, BuildResult, CaptureCheck
 from .pipeline import run as pipeline_run
 from .eval.tune import tune_index
 from .query import querying
-from .task import Task, load_task, task_for_index, task_record
+from .task import Task, task_for_index, task_record
 # Re-exported: public API and names tools import from here (the directory layout, the config
 # hash, the preconditioner state codec).
 from .pipeline import (BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, HESSIANS, INDEX_KINDS,  # noqa: F401
