@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import logging
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,9 @@ from ..precondition.fisher import layer_slices
 from ..store import SketchStore, StoreError
 from ..indexdir.errors import AttributionError
 from .factors import fit_ekfac
-from ..indexdir.files import CONFIG_FILE, STORE_DIR, index_file_names, jsonable, write_json
+from ..fileio import remove_stale_temps, unlink_owned
+from ..indexdir.files import (CONFIG_FILE, INDEX_FILE, STORE_DIR, index_file_names, jsonable,
+                              write_json)
 from ..indexdir.fingerprints import config_hash, data_signature, hash_json
 from .options import IndexOptions, damping_key
 from .progress import Progress
@@ -38,6 +42,9 @@ from ..indexdir.record import n_batches
 from ..indexdir.stored import preconditioned_blocks, store_rerank
 
 log = logging.getLogger("grass_index")
+# Temp names of FAISS and config writes by earlier versions (now fileio.TEMP_NAME's).
+_OLD_TEMPS = re.compile(r"index-[0-9a-f]+[-0-9a-z]*\.faiss\.tmp-\d+-[0-9a-f]{8}"
+                        r"|\.config\.json\.tmp\d+")
 
 
 class OneProcess:
@@ -263,8 +270,9 @@ def pass2_key(build: dict, *, hessian, damping, index, nlist, nprobe) -> str:
 def remove_temp_files(out: Path) -> None:
     """Temp files of a writer killed mid-save (an index can be GBs). Only called while holding
     the store's writer lock, so no live process is writing any of them."""
-    for p in [*out.glob("index-*.faiss.tmp-*"), *out.glob(f".{CONFIG_FILE}.tmp*")]:
-        p.unlink(missing_ok=True)
+    remove_stale_temps(out)
+    for name in os.listdir(out):
+        unlink_owned(out, name, _OLD_TEMPS)
 
 
 def commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vindex,
@@ -288,9 +296,9 @@ def commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vind
     cfg["config_hash"] = config_hash(cfg)
     store.put_meta("config", cfg)
     write_json(out / CONFIG_FILE, cfg)  # the commit point of the whole build
-    for p in out.glob("index-*.faiss"):  # older preconditioning variants
-        if p.name not in index_files:
-            p.unlink(missing_ok=True)
+    for name in os.listdir(out):  # older preconditioning variants (regular files only)
+        if name not in index_files:
+            unlink_owned(out, name, INDEX_FILE)
     for name in stale_preconditioner_arrays(store.array_names(), key):  # theirs (k×k per layer)
         store.delete_array(name)
     progress("done", 1, 1)

@@ -14,6 +14,7 @@ from ..capture import (CaptureError, EnsembleSketcher, GradientSketcher, as_chec
                        select_layers)
 from ..capture.ensemble import single_model, split_block
 from ..compress import load_selective_mask
+from ..fileio import check_regular
 from ..index import FaissIndexError, SketchedIndex
 from ..precondition import Preconditioner, has_preconditioner
 from ..precondition import load_preconditioner as load_stored_preconditioner
@@ -107,6 +108,8 @@ def query_sketcher(path: Path, record: IndexRecord, model, device=None):
     check_device(device)
     check_model(path, record, model)
     models = query_models(path, record, model)
+    if record.selective_mask:
+        check_regular(path / MASK_FILE)  # the file rule: never through a symlink or a FIFO
     masks = load_selective_mask(path / MASK_FILE) if record.selective_mask else None
     described = record.layers_described
     sketchers = []
@@ -205,7 +208,7 @@ def open_vector_index(path: Path, record: IndexRecord, *, mmap: bool = False):
     names = record.index_files
     f = path / names[0] if len(names) == 1 else path
     for name in names:
-        if not (path / name).is_file():
+        if not check_regular(path / name):  # a symlink or FIFO there is refused, naming it
             raise AttributionError(f"{path / name} is missing; run `grass-index verify {path} "
                                    "--repair` to rebuild it from the stored sketches")
     try:

@@ -17,6 +17,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..errors import GrassIndexError
+from ..fileio import check_tree
 from . import _env, arrays, codec
 from .errors import StoreError, WriterLockedError
 from .lock import LOCK_NAME, WriterLock
@@ -446,9 +448,15 @@ class SketchStore:
         for name in self.array_names():
             try:
                 self.get_array(name)
-            except StoreError as e:
+            except GrassIndexError as e:  # StoreError, or a file refused by the file rule
                 problems.append(str(e))
-        return problems
+        return problems + self.file_problems()
+
+    def file_problems(self) -> list[str]:
+        """Entries of the store directory that are not regular files or real directories, and
+        array headers naming files that are not this store's: the file rule (fileio), checked
+        without reading any data."""
+        return check_tree(self.path) + arrays.file_problems(self._handle())
 
 
 def _healthy(buf, block_no: int) -> bool:
