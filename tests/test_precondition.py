@@ -185,3 +185,64 @@ def test_linear_regression_sign_convention():
         with torch.no_grad():
             assert np.sign(float(loss(m, (xte, yte))) - base) == direction
     assert s.max() > 0 > s.min()
+
+
+class _TwoLayer(nn.Module):
+    """l1: k = 6·8 + 8 = 56 > n (low-rank form), l2: k = 8 + 1 = 9 < n (dense form)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2 = nn.Linear(6, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x))).squeeze(-1)
+
+
+def _mse(model, batch):
+    return 0.5 * (model(batch[0]) - batch[1]) ** 2
+
+
+def _regression(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.TensorDataset(torch.randn(n, 6, generator=g),
+                                          torch.randn(n, generator=g))
+
+
+def _tiny_index(tmp_path, name, dense: bool, monkeypatch, **kw):
+    import grass_index as gi
+    from grass_index.precondition import preconditioner as pre_mod
+
+    with monkeypatch.context() as m:
+        if dense:  # today's dense form for every layer (pass 1 then keeps the Fisher sums)
+            m.setattr(pre_mod, "uses_low_rank", lambda n, k: False)
+        return gi.build_index(_TwoLayer().eval(), _regression(20, 1), _mse, out=tmp_path / name,
+                              sparsification="identity", projection="identity",
+                              progress=False, batch_size=8, **kw)
+
+
+@pytest.mark.parametrize("damping", [None, "abs:0.05"])
+def test_each_form_scores_like_the_dense_inverse(tmp_path, monkeypatch, damping):
+    """The forms an eFIM build keeps (low-rank where n < k, dense where n ≥ k) give the scores
+    of a build that forms every layer's dense inverse, to float32 rounding — through the FAISS
+    vectors pass 2 wrote and through the query side's (memory-mapped) preconditioner."""
+    import grass_index as gi
+
+    forms = _tiny_index(tmp_path, "forms", False, monkeypatch, damping=damping)
+    dense = _tiny_index(tmp_path, "dense", True, monkeypatch, damping=damping)
+    assert forms.config["preconditioner"]["forms"] == {"l1": "low_rank", "l2": "dense"}
+    assert dense.config["preconditioner"]["forms"] == {"l1": "dense", "l2": "dense"}
+    assert forms.config["damping_used"] == pytest.approx(dense.config["damping_used"], rel=1e-6)
+    model, queries = _TwoLayer().eval(), _regression(5, 2)
+    want = dense.score(model, queries, _mse).numpy()
+    got = forms.score(model, queries, _mse).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    q = forms.query_sketches(model, queries, _mse)
+    for r, hits in enumerate(forms.search(q, 20)):
+        for i, s in hits:
+            assert s == pytest.approx(want[r, i], rel=1e-4, abs=1e-5 * np.abs(want).max())
+    reopened = gi.open_index(tmp_path / "forms")  # the query side's load (mapped, rows on use)
+    raw = np.asarray(q, dtype=np.float32)
+    np.testing.assert_allclose(reopened.preconditioner.apply(raw),
+                               dense.preconditioner.apply(raw), rtol=1e-4,
+                               atol=1e-5 * np.abs(dense.preconditioner.apply(raw)).max())
