@@ -410,7 +410,9 @@ def disagree_count(out):
 def nan_preconditioner(out):
     cfg = json.loads((Path(out) / "config.json").read_text())
     layer = next(iter(cfg["layout"]))
-    name = f"precond/{cfg['preconditioner_key']}/inverse/{layer}"  # one array per layer
+    kind = cfg["preconditioner"]["forms"][layer]  # each layer's form keeps its own arrays
+    array = {"dense": "inverse", "low_rank": "core", "ekfac": "eig"}[kind]
+    name = f"precond/{cfg['preconditioner_key']}/{array}/{layer}"
     with SketchStore.open(Path(out) / "sketches", readonly=False) as st:
         inverse = st.get_array(name).copy()
         inverse.flat[3] = np.nan

@@ -246,3 +246,65 @@ def test_each_form_scores_like_the_dense_inverse(tmp_path, monkeypatch, damping)
     np.testing.assert_allclose(reopened.preconditioner.apply(raw),
                                dense.preconditioner.apply(raw), rtol=1e-4,
                                atol=1e-5 * np.abs(dense.preconditioner.apply(raw)).max())
+
+
+def test_forms_round_trip_through_a_store(tmp_path, monkeypatch):
+    """Every form (low-rank, dense, EK-FAC, zero) is saved as its own arrays and loads back —
+    memory-mapped or read whole — applying exactly as fitted; a store written before the forms
+    (a dense inverse per layer, no form names) still loads, as dense layers."""
+    from grass_index.precondition import load_preconditioner, save_preconditioner
+    from grass_index.precondition.persist import state_to_array
+    from grass_index.store import SketchStore
+    from grass_index.store import arrays as store_arrays
+
+    monkeypatch.setattr(store_arrays, "FILE_BYTES", 64)  # every array but the tiniest a file
+    layout = {"low": 12, "dense": 3, "ek": 6, "zero": 4}
+    rows = np.random.default_rng(0).standard_normal((5, 25)).astype(np.float32)
+    rows[:, 21:] = 0
+    efim = Preconditioner.fit_layers(layout, n=5, rows=lambda: rows, damping=0.2,
+                                     take_fisher=lambda name: _fisher_of(rows, layout, name))
+    qg, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((2, 2)))
+    qa, _ = np.linalg.qr(np.random.default_rng(2).standard_normal((3, 3)))
+    pre = Preconditioner.fit_ekfac(layout, {"ek": (qg, qa)}, {"ek": np.arange(1.0, 7.0)},
+                                   damping=0.2, efim=efim, rows=lambda: rows)
+    assert {n: f.kind for n, f in pre.forms.items()} == {
+        "low": "low_rank", "dense": "dense", "ek": "ekfac", "zero": "zero"}
+    q = np.random.default_rng(3).standard_normal((4, 25)).astype(np.float32)
+    with SketchStore.create(tmp_path / "s", dim=25, meta={}) as st:
+        save_preconditioner(st, "k", pre)
+        for mapped in (False, True):
+            back = load_preconditioner(st, "k", layout, mapped=mapped, rows=lambda: rows)
+            assert np.array_equal(back.apply(q), pre.apply(q))
+            assert back.describe() == pre.describe()
+        old = {k: v for k, v in efim.state_dict().items() if not k.startswith("form/")}
+        old.update({f"inverse/{n}": efim.dense(n).astype(np.float32) for n in layout})
+        old = {k: v for k, v in old.items() if not k.startswith("core/")}
+        st.put_array("precond/old", state_to_array(old))  # the oldest layout: one .npz array
+        legacy = load_preconditioner(st, "old", layout)
+        assert {f.kind for f in legacy.forms.values()} == {"dense"}
+        np.testing.assert_allclose(legacy.apply(q), efim.apply(q), rtol=1e-5, atol=1e-6)
+
+
+def _fisher_of(rows, layout, name):
+    start = 0
+    for n, k in layout.items():
+        if n == name:
+            g = rows[:, start:start + k].astype(np.float64)
+            return g.T @ g / len(g)
+        start += k
+
+
+def test_ekfac_form_equals_its_dense_inverse():
+    """Applying EK-FAC by rotation equals the dense Q diag(Λ + λ)⁻¹ Qᵀ, Q = Q_G ⊗ Q_A, that
+    pass 2 used to form (row-major k_out × k_in sketches)."""
+    from grass_index.precondition.forms import Ekfac
+
+    rng = np.random.default_rng(4)
+    qg, _ = np.linalg.qr(rng.standard_normal((4, 4)))
+    qa, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    eig, lam = rng.uniform(0.1, 5, 12), 0.3
+    Q = np.kron(qg, qa)
+    want_inv = (Q / (eig + lam)) @ Q.T
+    x = rng.standard_normal((7, 12)).astype(np.float32)
+    got = Ekfac(qg, qa, eig, lam).apply(x, rows=None)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ want_inv, rtol=1e-5, atol=1e-6)

@@ -22,7 +22,8 @@ from scipy.linalg import lapack
 from .damping import format_damping, parse_damping
 from .errors import PreconditionError
 from .fisher import as_float32, layer_slices
-from .forms import ARRAY_NAMES, INVERSE_DTYPE, Dense, Ekfac, LowRank, Zero, form_from_arrays, singular
+from .forms import (ARRAY_NAMES, INVERSE_DTYPE, Dense, Ekfac, LowRank, Zero, form_from_arrays,
+                    singular)
 
 
 def uses_low_rank(n: int, k: int) -> bool:
@@ -68,11 +69,6 @@ _check_hessian = canonical_hessian  # the name used inside this module
 
 
 _singular = singular  # the name used inside this module
-
-
-def _damped_inverse(name: str, F: np.ndarray, mode: str, value: float) -> tuple[np.ndarray, float]:
-    """(F + λI)^{-1} of a copy of F (float64 in, float32 out); see :func:`_inverse_in_place`."""
-    return _inverse_in_place(name, np.array(F, dtype=np.float64, order="C"), mode, value)
 
 
 def _inverse_in_place(name: str, A: np.ndarray, mode: str, value: float
