@@ -20,6 +20,7 @@ import numpy as np
 from scipy.linalg import lapack
 
 from .damping import format_damping, parse_damping
+from .ekfac import ekfac_damping
 from .errors import PreconditionError
 from .fisher import as_float32, layer_slices
 from .forms import (ARRAY_NAMES, INVERSE_DTYPE, Dense, Ekfac, LowRank, Zero, form_from_arrays,
@@ -195,8 +196,6 @@ class Preconditioner:
         ``eigenvalues`` ({name: Λ [k]}), kept in the Kronecker eigenbasis; the other layers'
         forms come from ``efim`` (an eFIM preconditioner over them, the reason per layer in
         ``efim_layers``). ``rows``: the [n, K] stored sketches (for low-rank eFIM layers)."""
-        from .ekfac import ekfac_damping
-
         mode, value = parse_damping(damping)
         layout = {str(k): int(v) for k, v in layout.items()}
         pre = cls(layout, "ekfac", {}, {}, (mode, value), [],
