@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..capture import (CaptureError, EnsembleSketcher, GradientSketcher, as_checkpoints,
@@ -223,13 +224,21 @@ def open_vector_index(path: Path, record: IndexRecord, *, mmap: bool = False):
 
 
 def load_preconditioner(path: Path, record: IndexRecord) -> Preconditioner:
-    """The preconditioner pass 2 stored for this variant."""
+    """The preconditioner pass 2 stored for this variant, as a query needs it: large arrays
+    memory-mapped and checked cheaply (size, header, shape, dtype; `grass-index verify` checks
+    their checksums), and the stored sketches its low-rank layers apply through read on first
+    use (with the store opened again then: nothing stays open between operations)."""
     key = record.preconditioner_key
+
+    def rows():
+        with reading_store(path) as store:  # the block checksums are verify's
+            return store.get_rows(np.arange(store.num_rows), verify=False)
     with reading_store(path) as store:
         if not has_preconditioner(store, key):
             raise AttributionError(f"the preconditioner is missing from {path}; run "
                                    f"`grass-index verify {path} --repair`")
-        return load_stored_preconditioner(store, key, dict(record.layout))
+        return load_stored_preconditioner(store, key, dict(record.layout), mapped=True,
+                                          rows=rows)
 
 
 def search(path: Path, vindex, preconditioner, queries, k: int, *, opponents: bool = False,

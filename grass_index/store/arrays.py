@@ -155,6 +155,26 @@ def _read_file(h, name: str, header: dict) -> np.ndarray:
     return out
 
 
+def _map_file(h, name: str, header: dict) -> np.ndarray:
+    """A file array memory-mapped read-only, checked cheaply against its header (the .npy
+    header parses, dtype and shape match, the file holds exactly header + data): pages are
+    read as they are used and nothing is checksummed. A truncated or swapped file is caught
+    here; a flipped byte inside the data is `verify`'s to find (the full CRC)."""
+    path = _file_path(h, header["file"])
+    try:
+        out = np.load(path, mmap_mode="r", allow_pickle=False)
+        size = os.path.getsize(path)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"array {name!r} file {path} is missing or unreadable ({e}); re-run the "
+                         "step that wrote it (or rebuild the store).") from None
+    if (not isinstance(out, np.memmap) or out.dtype.str != header["dtype"]
+            or list(out.shape) != header["shape"]
+            or size != out.offset + int(header["nbytes"])):
+        raise StoreError(f"array {name!r} file {path} does not match its record (dtype, shape "
+                         "or size); re-run the step that wrote it (or rebuild the store).")
+    return out
+
+
 def delete_array(h, name: str, *, state) -> bool:
     """Drop a named array (header and chunks) in one transaction; False if it did not exist."""
     name_b = _name_key(name)
@@ -183,7 +203,7 @@ def read_header(txn, h, name: str):
     return None if raw is None else json.loads(bytes(raw))
 
 
-def get_array(h, name: str) -> np.ndarray:
+def get_array(h, name: str, *, mapped: bool = False) -> np.ndarray:
     name_b = _name_key(name)
 
     def read(txn):
@@ -204,7 +224,9 @@ def get_array(h, name: str) -> np.ndarray:
         return out.view(np.dtype(header["dtype"])).reshape(header["shape"])
 
     got = h.read(read)
-    return _read_file(h, name, got) if isinstance(got, dict) else got
+    if not isinstance(got, dict):
+        return got
+    return _map_file(h, name, got) if mapped else _read_file(h, name, got)
 
 
 def array_names_txn(txn, h) -> list[str]:

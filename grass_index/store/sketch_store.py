@@ -373,8 +373,11 @@ class SketchStore:
         """Store a numeric array atomically (dtype and shape preserved); replaces any old one."""
         arrays.put_array(self._writable(), name, arr, state=self._state)
 
-    def get_array(self, name: str) -> np.ndarray:
-        return arrays.get_array(self._handle(), name)
+    def get_array(self, name: str, *, mapped: bool = False) -> np.ndarray:
+        """The array ``name``, checksummed whole; ``mapped``: a large (file) array is
+        memory-mapped read-only and only its size, header, shape and dtype are checked (a
+        query's way: `grass-index verify` checks every checksum)."""
+        return arrays.get_array(self._handle(), name, mapped=mapped)
 
     def delete_array(self, name: str) -> bool:
         """Remove a named array atomically; returns False when there was none."""
