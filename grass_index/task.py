@@ -32,8 +32,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .capture import CaptureError, Checkpoints, check_loss_shape
-from .errors import GrassIndexError
+from .calls import TaskError, check_loss, collate_items, default_collate  # noqa: F401
+from .capture import CaptureError, Checkpoints
 from .signature import item_signature, merge_signatures, signature_mismatch  # noqa: F401
 from .untrusted import safe_text
 
@@ -41,20 +41,9 @@ REQUIRED = ("model", "train_data", "loss")
 OPTIONAL = ("query_data", "collate", "image", "label", "train", "encode", "checkpoints")
 
 
-class TaskError(GrassIndexError, ValueError):
-    """A task file/reference is unusable; the message says what is wrong and how to fix it."""
-
-
 def default_task_ref() -> str:
     """The bundled digits example, shipped inside the package (grass_index/examples/)."""
     return str(Path(__file__).resolve().parent / "examples" / "digits.py")
-
-
-def default_collate(items):
-    """torch's default_collate (imported lazily; it lives in torch.utils.data)."""
-    from torch.utils.data import default_collate as dc
-
-    return dc(items)
 
 
 @dataclass
@@ -167,18 +156,6 @@ def _call_on(task: Task, name: str, item):
                         f"{name}() in the task file") from e
 
 
-def collate_items(collate, items: list, what: str):
-    """``collate(items)``, with the user's data named when it fails (e.g. examples of
-    different lengths, which torch's default_collate cannot stack)."""
-    try:
-        return (collate or default_collate)(items)
-    except Exception as e:
-        hint = ("; examples of different sizes need a collate(items) function in the task "
-                "that pads them" if collate in (None, default_collate) else
-                "; fix the task's collate()")
-        raise TaskError(f"collating {what} failed ({type(e).__name__}: {e}){hint}") from e
-
-
 def _as_sequence(task: Task, name: str, data) -> Sequence:
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         raise TaskError(f"task {task.ref}: {name}() returned {type(data).__name__}, expected an "
@@ -188,25 +165,21 @@ def _as_sequence(task: Task, name: str, data) -> Sequence:
     return data
 
 
-def check_loss(model, data, loss_fn, collate=None, *, n: int = 2, where: str = "loss_fn") -> None:
-    """Fail early (before any gradient work) when the loss is reduced or mis-shaped."""
-    b = min(n, len(data))
-    batch = collate_items(collate, [data[i] for i in range(b)], f"examples 0..{b - 1}")
-    try:
-        with torch.no_grad():
-            out = loss_fn(model, batch)
-    except Exception as e:
-        raise TaskError(f"{where}: loss(model, batch) raised {type(e).__name__}: {e}") from e
-    try:
-        check_loss_shape(out, b)
-    except CaptureError as e:
-        raise TaskError(f"{where}: {e}") from None
-
-
 # Task references built in code rather than loaded from a file: ``prefix -> module:function``
 # (the function builds the Task from the whole reference). Resolved by name, like any task
 # module, so this module does not import the tasks built on top of it (grass_index/tasks/).
 BUILTIN_REF_BUILDERS = {"hf-lm:": "grass_index.tasks.hf_lm:task_from_ref"}  # `build --hf-model`
+
+
+def _builder_fn(ref: str, name: str):
+    """Function ``name`` of the module that builds tasks of ``ref``'s prefix (by name: see
+    BUILTIN_REF_BUILDERS); that module also defines ``ref_sha256(ref)`` (what an index
+    records of the data the reference names) and ``task_for_recorded(given, recorded,
+    sha256)`` (the task for an index that recorded one, from what the user named)."""
+    for prefix, builder in BUILTIN_REF_BUILDERS.items():
+        if ref.startswith(prefix):
+            return getattr(importlib.import_module(builder.split(":")[0]), name)
+    raise KeyError(ref)
 
 
 def load_task(ref: str | os.PathLike | None = None) -> Task:
@@ -314,18 +287,29 @@ def task_record(task) -> dict:
     ref = task.ref if isinstance(task, Task) else str(task)
     sha = task.sha256 if isinstance(task, Task) else _LOADED.get(_file_part(ref))
     path = _file_part(ref)
-    if sha is None and os.path.isabs(path) and os.path.isfile(path):
+    if sha is None and _is_hf(ref):  # named by the user for this build: its data's hash
+        sha = _builder_fn(ref, "ref_sha256")(ref)
+    elif sha is None and os.path.isabs(path) and os.path.isfile(path):
         sha = file_sha256(Path(path).read_bytes())
     return dict(task=ref, task_sha256=sha)
 
 
 # -- consent: which task an index may run ---------------------------------------------------
 
+def _is_hf(ref) -> bool:
+    """A reference of a task built in code over recorded paths (BUILTIN_REF_BUILDERS)."""
+    return isinstance(ref, str) and ref.startswith(tuple(BUILTIN_REF_BUILDERS))
+
+
 def task_file_status(recorded: str | None, sha256: str | None, index_dir) -> str:
-    """How the task file an index records compares with the file there now: a short phrase
-    for messages and `info` (reads the file's bytes, never runs them)."""
+    """What an index records about its task, for messages and `info`: a short phrase. A
+    recorded path is data: it is shown, never opened (not even to hash it) until the user
+    names it on a command line (:func:`task_for_index` compares it then)."""
     if not recorded:
         return "no task recorded (built from Python)"
+    if _is_hf(recorded):
+        return ("a local model and data files: opened only when named again with "
+                "--hf-model DIR --data FILE")
     path = _file_part(str(recorded))
     if not os.path.isabs(path):
         return "a module or relative path: never run unless named with --task"
@@ -337,13 +321,10 @@ def task_file_status(recorded: str | None, sha256: str | None, index_dir) -> str
     if inside:
         return ("a path inside the index directory: an index directory is data and never "
                 "supplies code; do not run it")
-    if not p.is_file():
-        return "that file no longer exists"
     if sha256 is None:
-        return "no content hash was recorded"
-    return ("that file is unchanged since the build: sha256 matches"
-            if file_sha256(p.read_bytes()) == sha256 else
-            "that file has CHANGED since the build: sha256 differs")
+        return "no content hash was recorded; not opened"
+    return (f"sha256 {sha256[:12]} at build; not opened: name it with --task to run it, and "
+            "it is compared then")
 
 
 def recorded_task_status(recorded: str | None, sha256: str | None, index_dir) -> str:
@@ -358,15 +339,15 @@ BUILTIN_TASK_MODULES = ("grass_index.examples.digits",)
 
 
 def is_builtin_task(ref: str | None) -> bool:
-    """Whether ``ref`` names a task shipped inside this package (the bundled digits example,
-    or an ``hf-lm:`` task: a local HF causal LM over a text file, data only): code the user
-    installed with grass-index, so an index built from it may run it without --task. Only exact module names, or a path that resolves to the bundled file itself."""
+    """Whether ``ref`` names a task shipped inside this package (the bundled digits example):
+    code the user installed with grass-index, so an index built from it may run it without
+    --task. Only exact module names, or a path that resolves to the bundled file itself. Not
+    an ``hf-lm:`` reference: its model and data paths are recorded in the directory, and a
+    recorded path is opened only when the user names it (``--hf-model``, ``--data``)."""
     if not ref or not isinstance(ref, str):
         return False
     if ref in BUILTIN_TASK_MODULES:
         return True
-    if ref.startswith("hf-lm:"):  # `build --hf-model`: weights, tokenizer and text files read
-        return True               # locally as data (no remote code), no user code imported
     try:
         return Path(ref).resolve() == Path(default_task_ref()) and Path(ref).is_file()
     except (OSError, ValueError):
@@ -379,10 +360,19 @@ def task_for_index(given, *, recorded: str | None, sha256: str | None, index_dir
 
     Opening an index never runs the task it records: ``given`` is required (unless the record
     names a task shipped inside this package, :func:`is_builtin_task`), and the record is only
-    shown (with whether that file is unchanged). ``note`` is a warning to print when
-    the named file differs from the one the index was built with."""
+    shown. ``note`` is a warning to print when the named file differs from the one the index
+    was built with. An index built with ``--hf-model``: ``given`` is the hf-lm reference of
+    the paths the user named (``tasks.hf_lm.named_ref``), which must be the recorded ones with
+    the recorded data sha256 (``tasks.hf_lm.task_for_recorded``)."""
     if given is None and is_builtin_task(recorded):
         given = recorded  # installed with grass-index itself, not supplied by the directory
+    if given is not None and _is_hf(recorded) and _is_hf(str(given)):
+        return _builder_fn(recorded, "task_for_recorded")(str(given), recorded, sha256), None
+    if given is None and _is_hf(recorded):
+        status = recorded_task_status(recorded, sha256, index_dir)
+        raise TaskError(f"{command} loads the model and data the index was built from, and "
+                        f"opening an index never opens a path it records by itself: {status}. "
+                        "Name them with --hf-model DIR --data FILE (or --task FILE)")
     if given is None:
         status = recorded_task_status(recorded, sha256, index_dir)
         raise TaskError(f"{command} runs the task's code, and opening an index never runs code "
