@@ -13,7 +13,8 @@ from ..precondition import DampingError, guard_precision
 from ..precondition.preconditioner import FLOAT32_TINY
 from ..precondition.fisher import layer_slices
 from ..precondition.persist import state_from_array, state_to_array  # noqa: F401  (re-exported)
-from .errors import AttributionError  # noqa: F401
+from ..untrusted import plain_file_name
+from .errors import AttributionError
 from .records import IndexRecord
 
 
@@ -87,7 +88,7 @@ def load_faiss(path: Path, record: IndexRecord, *, mmap: bool = False, verify: b
                check: bool = True):
     """The finished index's FAISS index: its one file, or its parts searched as one —
     checked (``check``) to belong to this build (key, count, id range) before it serves."""
-    names = record.index_files
+    names = [plain_file_name(n, f"{path}: index file") for n in record.index_files]
     parts = [VectorIndex.load(path / name, mmap=mmap, verify=verify) for name in names]
     vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
     if check:
