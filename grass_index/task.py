@@ -326,8 +326,10 @@ def task_file_status(recorded: str | None, sha256: str | None, index_dir) -> str
                 "supplies code; do not run it")
     if sha256 is None:
         return "no content hash was recorded; not opened"
-    return (f"sha256 {sha256[:12]} at build; not opened: name it with --task to run it, and "
-            "it is compared then")
+    from .errors import spelled
+
+    return (f"sha256 {sha256[:12]} at build; not opened: name it with "
+            + spelled("--task", "task=") + " to run it, and it is compared then")
 
 
 def recorded_task_status(recorded: str | None, sha256: str | None, index_dir) -> str:

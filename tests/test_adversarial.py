@@ -906,7 +906,7 @@ def test_an_hf_lm_index_never_opens_its_recorded_paths_unnamed(lm_copy, tmp_path
     named = invoke("query", out, "--hf-model", model, "--data", data, "--text", "the fox")
     one_line_error(named, "is not the data path the index was built with", str(secret))
     info = invoke("info", out)
-    assert str(secret) in " ".join(info.stderr.split())  # shown, not read
+    assert str(secret) in " ".join(info.stdout.split())  # shown, not read
 
 
 def test_an_hf_lm_index_runs_with_the_named_paths_and_refuses_changed_data(lm_copy, tmp_path):
