@@ -78,20 +78,39 @@ def _never(*_args) -> bool:
     return False
 
 
+def _reaches_a_use(func, seen: set) -> bool:
+    """Whether ``func``'s code names a watched function, directly (``linear``,
+    ``torch.addmm``) or through another Python function of its module that does."""
+    scope = func.__globals__
+    for name in func.__code__.co_names:
+        for target in (scope.get(name), getattr(torch, name, None)):
+            if target is None or isinstance(target, type):
+                continue
+            if target in _USES:
+                return True
+            if isinstance(target, types.FunctionType) and target.__module__ == func.__module__ \
+                    and target not in seen:
+                seen.add(target)
+                if _reaches_a_use(target, seen):
+                    return True
+    return False
+
+
 def _open(func):
     """``func`` with its torch-function test answered "no" (so it runs its own body rather
-    than handing itself to the mode again), or None when ``func`` is not a Python function
-    of torch.nn.functional that makes that test by name (builtins have nothing inside to
-    see; Tensor methods written in Python call their builtin through ``super()``, which
-    hands the Python method back to the mode). Built once per function; its globals are a
-    copy, so nothing shared is changed."""
+    than handing itself to the mode again), or None when there is nothing to see inside it:
+    a builtin, a function that never reaches F.linear / F.conv* / torch.addmm (F.relu,
+    F.cross_entropy: called as they are, at no extra cost), or one outside
+    torch.nn.functional (Tensor methods written in Python call their builtin through
+    ``super()``, which hands the Python method back to the mode). Built once per function;
+    its globals are a copy, so nothing shared is changed."""
     if not (isinstance(func, types.FunctionType) and func.__module__ == F.__name__):
         return None
     if func in _OPENED:
         return _OPENED[func]
     opened = None
     code = func.__code__
-    if any(name in code.co_names for name in _CHECKS):
+    if any(name in code.co_names for name in _CHECKS) and _reaches_a_use(func, {func}):
         scope = dict(func.__globals__)
         scope.update({name: _never for name in _CHECKS})
         opened = types.FunctionType(code, scope, func.__name__, func.__defaults__,
