@@ -1,11 +1,12 @@
 """The API reference (docs/api.md) from the docstrings of the public names.
 
-    python -m grass_index._apidoc > docs/api.md
+    python docs/gen_api.py > docs/api.md
 
 Every name in ``grass_index.__all__`` gets its signature and docstring, classes their public
 methods and properties too, grouped by the package that defines them (in data-flow order).
 ``inspect`` does the reading; the output depends only on the code (no addresses, no dates),
-so tests/test_apidoc.py can regenerate it and compare.
+so tests/test_apidoc.py can regenerate it and compare. A client of the public API (like the
+CLI), kept beside the file it writes rather than in the package.
 """
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ def _sections() -> dict[str, list[str]]:
 def render() -> str:
     """docs/api.md, whole."""
     lines = ["# API reference", "",
-             "Generated from the docstrings by `python -m grass_index._apidoc > docs/api.md` "
+             "Generated from the docstrings by `python docs/gen_api.py > docs/api.md` "
              "(tests/test_apidoc.py keeps it current). Every name below is importable as "
              "`grass_index.NAME`; the README's Python API section is the guide.", ""]
     for package, names in _sections().items():
