@@ -15,6 +15,9 @@ import dataclasses
 import os
 import shutil
 
+from .capture import GradientSketcher, as_checkpoints, select_layers
+from .capture.ensemble import block_name, single_model
+from .index import default_search_sketch, parse_spec
 from .precondition import uses_low_rank
 
 GB = 1e9
@@ -174,8 +177,6 @@ def summary(plan: Plan) -> str:
 
 def index_width(K: int, index: str = "flat") -> int:
     """Floats per vector FAISS holds for an index spec (the search sketch's width when used)."""
-    from .index import default_search_sketch, parse_spec
-
     spec = parse_spec(index)
     dim = default_search_sketch(K) if spec.sketch < 0 else spec.sketch
     return K if not dim or dim >= K else dim
@@ -189,9 +190,6 @@ def plan_for(model, n: int, *, sparsification: str = "random_mask-128*128",
     ``model`` may be a list of C checkpoints (an ensemble): the sketch width, Fisher blocks,
     inverses, store and index scale with C, and all C models are held; the activations do not
     (checkpoints are sketched one after another)."""
-    from .capture import GradientSketcher, as_checkpoints, select_layers
-    from .capture.ensemble import block_name, single_model
-
     if isinstance(layers, str):
         layers = [p.strip() for p in layers.split(",") if p.strip()]
     models = as_checkpoints(model) or [single_model(model)]
