@@ -10,6 +10,7 @@ import typer
 
 from .errors import err, errors, fail, safe
 from .render import emit_json
+from .task_opts import data_option, hf_model_option, named_task
 
 
 def _examples(idx, t, example: Optional[List[int]], input_file: Optional[Path], split: str,
@@ -60,6 +61,8 @@ def _open_with_task(directory: Path, task: Optional[str], command: str):
 def query(
     directory: Path = typer.Argument(..., metavar="DIR", help="Index directory."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help=_TASK_HELP),
+    hf_model: Optional[Path] = hf_model_option(),
+    data: Optional[Path] = data_option(),
     example: Optional[List[int]] = typer.Option(None, "--example", "-e",
                                                 help="Example number(s) in the task's query data."),
     input_file: Optional[Path] = typer.Option(None, "--input", help="Examples file (.pt/.npy/.npz)."),
@@ -80,7 +83,7 @@ def query(
 ):
     """Top-k training examples that most helped (proponents) or hurt (opponents) each example."""
     normalize = _check_normalize(normalize)
-    idx, t = _open_with_task(directory, task, "query")
+    idx, t = _open_with_task(directory, named_task(task, hf_model, data), "query")
     if text:  # -- raw text queries (--hf-model indexes) --
         ids, items, source = _text_items(t, text, directory, example or input_file is not None)
     else:
@@ -188,6 +191,8 @@ def score(
     directory: Path = typer.Argument(..., metavar="DIR"),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the .npy matrix."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help=_TASK_HELP),
+    hf_model: Optional[Path] = hf_model_option(),
+    data: Optional[Path] = data_option(),
     input_file: Optional[Path] = typer.Option(None, "--input", help="Examples file instead of "
                                               "the task's query data."),
     split: str = typer.Option("query", help="query or train data (without --input)."),
@@ -200,7 +205,7 @@ def score(
     import numpy as np
 
     normalize = _check_normalize(normalize)
-    idx, t = _open_with_task(directory, task, "score")
+    idx, t = _open_with_task(directory, named_task(task, hf_model, data), "score")
     _, items, source = _examples(idx, t, None, input_file, split, all_default=True)
     from grass_index.fileio import atomic_save
 
