@@ -62,8 +62,14 @@ def read_build_record(out: Path, *, missing: str | None = None) -> dict:
     except ValueError as e:
         raise AttributionError(f"{bfile} is corrupted ({e}); run `grass-index verify {out} "
                                "--repair` to restore it from the sketch store") from e
-    BuildRecord(build, str(bfile))  # every field's type and range, and their agreement
-    return build
+    record = BuildRecord(build, str(bfile))  # every field's type and range, and their agreement
+    return dict(record.raw)  # layout in column order (indexdir/records.py column_order)
+
+
+def stored_build_record(store) -> dict:
+    """The sketch store's own creation record (what its sketches are), checked like build.json,
+    its layout in column order."""
+    return dict(BuildRecord(store.meta, f"the creation record of {store.path}").raw)
 
 
 def read_build(out: Path, *, missing: str | None = None) -> BuildRecord:

@@ -41,7 +41,7 @@ from ..indexdir.files import (CONFIG_FILE, INDEX_FILE, STORE_DIR, index_file_nam
 from ..indexdir.fingerprints import config_hash, data_signature, hash_json
 from .options import IndexOptions, damping_key
 from .progress import Progress
-from ..indexdir.record import n_batches
+from ..indexdir.record import n_batches, stored_build_record
 from ..indexdir.stored import preconditioned_blocks, store_rerank
 
 log = logging.getLogger("grass_index")
@@ -358,7 +358,7 @@ def refit(path: Path, config: dict, opts: IndexOptions, *, progress=False,
         with SketchStore.open(path / STORE_DIR, readonly=False) as store:
             # the store's own creation record, not build.json (which another build may have
             # overwritten): it is what the stored sketches are
-            build = store.meta
+            build = stored_build_record(store)
             return finish(path, store, build, config.get("layers_described", {}),
                           opts, task=None, progress=prog, old_config=config, tune=tune)
     finally:

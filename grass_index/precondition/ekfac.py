@@ -172,7 +172,9 @@ def corrected_eigenvalues(blocks, layout: dict[str, int], bases: dict) -> dict[s
 def ekfac_damping(lam_diag: np.ndarray, mode: str, value: float) -> float:
     """λ for corrected eigenvalues Λ: factor × mean(Λ) (relative) or the absolute value. The
     layer then applies as Q diag(Λ + λ)^{-1} Qᵀ in its eigenbasis (forms.Ekfac), never formed."""
-    lam = value * float(lam_diag.mean()) if mode == "relative" else float(value)
+    from .damping import layer_damping
+
+    lam = layer_damping(mode, value, float(lam_diag.mean()), 1, lam_diag)
     if not lam > 0 or not np.isfinite(lam):
         raise PreconditionError(f"EK-FAC damping λ = {lam:g} is not positive; use a positive "
                                 "relative damping such as 0.1")

@@ -14,12 +14,15 @@ benchmarks/lm.py). Dense fitting goes one layer at a time and factors each Fishe
 """
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 import numpy as np
+import scipy.linalg
 from scipy.linalg import lapack
 
-from .damping import format_damping, parse_damping
+from .damping import (format_damping, layer_damping, parse_damping, placement,
+                      placement_without_spectrum)
 from .ekfac import ekfac_damping
 from .errors import PreconditionError
 from .fisher import as_float32, layer_slices
@@ -72,13 +75,21 @@ _check_hessian = canonical_hessian  # the name used inside this module
 _singular = singular  # the name used inside this module
 
 
-def _inverse_in_place(name: str, A: np.ndarray, mode: str, value: float
-                      ) -> tuple[np.ndarray, float]:
+def _inverse_in_place(name: str, A: np.ndarray, mode: str, value: float,
+                      placements: dict | None = None) -> tuple[np.ndarray, float]:
     """(A + λI)^{-1} for a symmetric float64 C-ordered A, overwriting A (LAPACK potrf/potri on
     its lower triangle; only the float32 result is new). The mean eigenvalue is trace/k, so no
-    eigendecomposition is needed: 5.5 s vs 31.6 s for eigh at k=4096 on 2 cores."""
+    eigendecomposition is needed (5.5 s vs 31.6 s for eigh at k=4096 on 2 cores) except for
+    damping 'auto', which needs the eigenvalues (eigvalsh). ``placements[name]``: where λ sits
+    in the spectrum (damping.placement)."""
     k = A.shape[0]
-    lam = value * float(np.trace(A)) / k if mode == "relative" else value
+    spectrum = {}
+
+    def eigenvalues():
+        spectrum["e"] = scipy.linalg.eigvalsh(A, check_finite=False)
+        return spectrum["e"]
+    lam = layer_damping(mode, value, float(np.trace(A)), k, eigenvalues)
+    top = _top_eigenvalue(A) if placements is not None and "e" not in spectrum else None
     A.flat[:: k + 1] += lam
     At = A.T  # Fortran-ordered view of the same memory: LAPACK works on it without a copy
     c, info = lapack.dpotrf(At, lower=True, overwrite_a=True, clean=False)
@@ -87,7 +98,21 @@ def _inverse_in_place(name: str, A: np.ndarray, mode: str, value: float
     inv, info = lapack.dpotri(c, lower=True, overwrite_c=True)
     if info != 0:
         raise _singular(name, lam)
+    if placements is not None:
+        placements[name] = placement(spectrum["e"], lam) if "e" in spectrum else \
+            placement_without_spectrum(k, lam, float(np.trace(inv)), top)
     return _symmetric_float32(inv), float(lam)
+
+
+def _top_eigenvalue(A: np.ndarray) -> float:
+    """The largest eigenvalue of a symmetric A by Lanczos (a few dozen products with A: a few
+    percent of its Cholesky at k ≥ 1024), for `info`'s placement of the damping."""
+    from scipy.sparse.linalg import eigsh
+
+    if A.shape[0] < 64:
+        return float(scipy.linalg.eigvalsh(A, subset_by_index=[A.shape[0] - 1] * 2)[0])
+    v0 = np.ones(A.shape[0])  # fixed start: the same value every time
+    return float(eigsh(A, k=1, which="LA", tol=1e-3, v0=v0, return_eigenvectors=False)[0])
 
 
 def _symmetric_float32(lower: np.ndarray) -> np.ndarray:
@@ -98,13 +123,25 @@ def _symmetric_float32(lower: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def _low_rank(name: str, G: np.ndarray, mode: str, value: float) -> LowRank:
-    """The Woodbury form of (GᵀG/n + λI)^{-1} for rows G [n, k] (float64 internally)."""
+def _low_rank(name: str, G: np.ndarray, mode: str, value: float,
+              placements: dict | None = None) -> LowRank:
+    """The Woodbury form of (GᵀG/n + λI)^{-1} for rows G [n, k] (float64 internally). The
+    nonzero eigenvalues of GᵀG/n are those of the n × n GGᵀ/n (the rest are 0): for damping
+    'auto' and the placement."""
     n, k = G.shape
     G = np.asarray(G, dtype=np.float64)
-    lam = value * float(np.einsum("ij,ij->", G, G)) / (n * k) if mode == "relative" else value
+    spectrum = {}
+
+    def eigenvalues():
+        if "e" not in spectrum:
+            e = scipy.linalg.eigvalsh(G @ G.T, check_finite=False) / n
+            spectrum["e"] = np.concatenate([e, np.zeros(max(k - n, 0))])
+        return spectrum["e"]
+    lam = layer_damping(mode, value, float(np.einsum("ij,ij->", G, G)), n * k, eigenvalues)
     if not lam > 0:
         raise _singular(name, lam)
+    if placements is not None:
+        placements[name] = placement(eigenvalues(), lam)
     return LowRank.fit(name, G, lam)
 
 
@@ -131,6 +168,8 @@ class Preconditioner:
         self.dropped = list(dropped or [])
         self.efim_layers = dict(efim_layers or {})
         self._rows_source, self._rows = rows, None
+        # {layer: where its λ sits in its spectrum (damping.placement)}: known after a fit
+        self.placement: dict[str, dict] = {}
 
     def rows(self) -> np.ndarray:
         """The [n, K] float32 sketches the low-rank layers were fitted on (read once)."""
@@ -176,9 +215,10 @@ class Preconditioner:
         for i, (name, k) in enumerate(layout.items()):
             if rows is not None and uses_low_rank(n, k):
                 part = pre.rows()[:, slices[name]]
-                form = _low_rank(name, part, mode, value) if part.any() else Zero()
+                form = _low_rank(name, part, mode, value, pre.placement) if part.any() \
+                    else Zero()
             else:
-                form = _dense(name, _fisher_of(name, k, take_fisher), mode, value)
+                form = _dense(name, _fisher_of(name, k, take_fisher), mode, value, pre.placement)
             pre.forms[name] = form
             pre.damping_used[name] = form.lam
             if isinstance(form, Zero):  # every gradient of this layer is zero
@@ -210,11 +250,15 @@ class Preconditioner:
                         f"match its sketch width {k}; rebuild the index")
                 form = (Ekfac(qg, qa, lam_diag, ekfac_damping(lam_diag, mode, value))
                         if lam_diag.any() else Zero())
+                if lam_diag.any():
+                    pre.placement[name] = placement(lam_diag, form.lam)
             else:
                 if efim is None or name not in efim.layout:
                     raise PreconditionError(f"no Kronecker factors and no eFIM fit for layer "
                                             f"{name!r}")
                 form = efim.forms[name]
+                if name in efim.placement:
+                    pre.placement[name] = efim.placement[name]
             pre.forms[name] = form
             pre.damping_used[name] = form.lam
             if isinstance(form, Zero):
@@ -252,7 +296,8 @@ class Preconditioner:
                 "dropped": {name: "zero gradient for every training example; contributes "
                                   "nothing to scores" for name in self.dropped},
                 **({"forms": {n: f.kind for n, f in self.forms.items()}} if self.forms else {}),
-                **({"efim_layers": dict(self.efim_layers)} if self.efim_layers else {})}
+                **({"efim_layers": dict(self.efim_layers)} if self.efim_layers else {}),
+                **({"placement": dict(self.placement)} if self.placement else {})}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The small state (names, damping, each layer's form) and, under ``ARRAY/LAYER``, the
@@ -265,6 +310,8 @@ class Preconditioner:
             d["dropped"] = np.array(self.dropped)
         if self.efim_layers:
             d["efim_layers"] = np.array([f"{k}\t{v}" for k, v in self.efim_layers.items()])
+        if self.placement:
+            d["placement"] = np.array(json.dumps(self.placement, sort_keys=True))
         for name in self.layout:
             d[f"damping_used/{name}"] = np.array(self.damping_used[name], dtype=np.float64)
             if self.forms is not None:
@@ -294,7 +341,10 @@ class Preconditioner:
         if "efim_layers" in d:
             efim_layers = dict(str(x).split("\t", 1)
                                for x in np.asarray(d["efim_layers"]).reshape(-1))
-        return cls(layout, hessian, forms, used, damping, dropped, efim_layers, rows=rows)
+        pre = cls(layout, hessian, forms, used, damping, dropped, efim_layers, rows=rows)
+        if "placement" in d:
+            pre.placement = json.loads(str(np.asarray(d["placement"])))
+        return pre
 
 
 def _form_of(d: dict, name: str, k: int, lam: float):
@@ -329,8 +379,8 @@ def _fisher_of(name: str, k: int, take_fisher) -> np.ndarray:
     return A
 
 
-def _dense(name: str, A: np.ndarray, mode: str, value: float):
+def _dense(name: str, A: np.ndarray, mode: str, value: float, placements: dict | None = None):
     """The dense form of (A + λI)^{-1}, factoring A in place (Zero when A is zero)."""
     if not A.any():  # every gradient of this layer is zero: nothing to precondition
         return Zero()
-    return Dense(*_inverse_in_place(name, A, mode, value))
+    return Dense(*_inverse_in_place(name, A, mode, value, placements))

@@ -127,7 +127,7 @@ def query_sketcher(path: Path, record: IndexRecord, model, device=None):
                                           routes=routes))
     sk = sketchers[0] if len(sketchers) == 1 else EnsembleSketcher(sketchers)
     layout = dict(record.layout)
-    if {k: int(v) for k, v in sk.layout.items()} != layout:
+    if [(k, int(v)) for k, v in sk.layout.items()] != list(layout.items()):  # order too
         raise AttributionError(f"this grass-index builds sketches of layout {sk.layout} for "
                                f"config {record.sparsification}/"
                                f"{record.projection}, but the index has {layout}; "
