@@ -87,13 +87,7 @@ def query(
         _check_writable_file(png, "--png")  # before the work, not after
     idx, t = _open_with_task(directory, named_task(task, hf_model, data), "query")
     if text:  # -- raw text queries (--hf-model indexes) --
-        if example or input_file is not None:
-            fail("pass --text, --example or --input, not several")
-        if not t.has("encode"):
-            fail(f"the task of index {directory} cannot turn text into examples; --text needs an "
-                 "index built with --hf-model (or a task with encode(text)); or give --example "
-                 "/ --input")
-        ids, items, source = list(range(len(text))), [t.encode(s) for s in text], "text"
+        ids, items, source = _text_items(t, text, directory, example or input_file is not None)
     else:
         ids, items, source = _examples(idx, t, example, input_file, split, all_default=False)
     model = t.index_model()
@@ -126,13 +120,23 @@ def query(
         emit_json(dict(index=str(directory), task=t.ref, recorded_task=idx.task, k=top_k, ms_per_example=round(ms, 3),
                         normalize=normalize, results=results))
         return
-    print_results(results, with_labels=t.has("label"))
+    _print_tables(results, t.has("label"))
     err.print(f"{ms:.1f} ms per example")
 
 
-def print_results(results: list, *, with_labels: bool) -> None:
-    """The proponents (and opponents) of each query example as tables, on stdout; every
-    label is training data, shown as text (never markup or terminal control)."""
+def _text_items(t, text: list[str], directory, other_examples: bool):
+    """(ids, examples, source) of ``--text`` queries: the task encodes them."""
+    if other_examples:
+        fail("pass --text, --example or --input, not several")
+    if not t.has("encode"):
+        fail(f"the task of index {directory} cannot turn text into examples; --text needs an "
+             "index built with --hf-model (or a task with encode(text)); or give --example "
+             "/ --input")
+    return list(range(len(text))), [t.encode(s) for s in text], "text"
+
+
+def _print_tables(results: list[dict], labelled: bool) -> None:
+    """One table per example and kind (proponents, opponents)."""
     from rich.table import Table
 
     for res in results:
@@ -141,11 +145,14 @@ def print_results(results: list, *, with_labels: bool) -> None:
             if kind not in res:
                 continue
             tab = Table(title=safe(f"{title}: top {kind}"))
-            for col in ("rank", "train id", "score", *(["label"] if with_labels else [])):
-                tab.add_column(col)
+            tab.add_column("rank")
+            tab.add_column("train id")
+            tab.add_column("score")
+            if labelled:
+                tab.add_column("label")
             for rank, row in enumerate(res[kind], 1):
                 cells = [str(rank), str(row["train_id"]), f"{row['score']:+.4g}"]
-                if with_labels:
+                if labelled:
                     cells.append(str(row["label"]))
                 tab.add_row(*(safe(c) for c in cells))
             out.print(tab)
