@@ -172,13 +172,13 @@ def summary(plan: Plan) -> str:
 
 # --- `grass-index plan`: the same table for several spec choices ------------------------------
 
-def index_width(K: int, index: str = "flat") -> int:
-    """Floats per vector FAISS holds for an index spec (the search sketch's width when used)."""
-    from .index import default_search_sketch, parse_spec
+def index_width(K: int, index: str = "flat", n: int = 1) -> int:
+    """Floats per vector FAISS holds for an index spec over n examples: K when the exact index
+    fits its memory budget, else the narrowest search sketch a build tries (index/choice.py)."""
+    from .index import parse_spec
+    from .index.choice import planned_width
 
-    spec = parse_spec(index)
-    dim = default_search_sketch(K) if spec.sketch < 0 else spec.sketch
-    return K if not dim or dim >= K else dim
+    return planned_width(parse_spec(index), K, n) or K
 
 
 def plan_for(model, n: int, *, sparsification: str = "random_mask-128*128",
@@ -203,7 +203,7 @@ def plan_for(model, n: int, *, sparsification: str = "random_mask-128*128",
     K = sum(layout.values())
     dims = [dict(d_in=i.d_in, d_out=i.d_out) for i in infos]
     return estimate(layer_dims=dims, layout=layout, n=n, batch_size=batch_size,
-                    tokens=tokens, index_width=index_width(K, index),
+                    tokens=tokens, index_width=index_width(K, index, n),
                     index_bytes=2 if "fp16" in str(index) else 4, hessian=hessian,
                     model_bytes=sum(p.numel() * p.element_size()
                                     for m in models for p in m.parameters()))

@@ -6,8 +6,8 @@ gradient (``refit``). It streams: a single-process build hands over the Fisher s
 accumulated (``pass1_fisher``), so the store is not re-read for them; the preconditioner is
 fitted one layer at a time, each layer's sums factored in place; a layer with n < k/2 is
 fitted from the stored rows (Woodbury) and needs no k×k Fisher at all. For wide sketches
-(LMs), FAISS holds a seeded search sketch of each vector and a query's candidates are re-ranked
-exactly from the stored rows (``search_sketch``, ``store_rerank``).
+(LMs) too many to hold exactly, FAISS holds a seeded search sketch of each vector and a query's
+candidates are re-ranked exactly from the stored rows (index/choice.py, ``store_rerank``).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import torch
 
 from .. import __version__
 from ..index import (ExactTopK, SearchSketch, ShardedIndex, SketchedIndex, VectorIndex,
-                     check_serves, default_search_sketch, parse_spec, part_ranges, recall_at_k)
+                     check_serves, parse_spec, part_ranges, recall_at_k)
+from ..index import choice as search_choice
 from ..capture.sketcher import MOVED_NOTE
 from ..precondition import (ChunkedFisher, FisherAccumulator, Preconditioner, dense_layers,
                             load_preconditioner, save_preconditioner,
@@ -139,8 +140,9 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
     file — measures recall and commits config.json. Every rank returns the config.
     ``stored`` (a single process's main store) is where a preconditioner fitted by an
     interrupted run of the same variant is looked up and the new one is kept.
-    For wide sketches the parts hold a search sketch of each vector (``search_sketch``) and
-    the joined index re-ranks its candidates exactly from the main store."""
+    When the exact index would not fit the memory budget, the parts hold a search sketch of
+    each vector (index/choice.py picks its width and R from the recall measured while filling)
+    and the joined index re-ranks its candidates exactly from the main store."""
     layout, n, dim = build["layout"], build["n_train"], build["dim"]
     hessian, damping, nlist, nprobe = opts.hessian, opts.damping, opts.nlist, opts.nprobe
     spec = parse_spec(opts.index)
@@ -155,20 +157,12 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
         pre = fit()
         if stored is not None:
             save_preconditioner(stored, key, pre)
-    sk = search_sketch(spec, dim, build["seed"])  # two-stage search (wide K), or None
-
-    def stored_form(vec):
-        return vec if sk is None else sk(vec)
-
-    def rank0_template():
-        with rows.open() as st:
-            blocks = ((s, stored_form(v)) for s, v in preconditioned_blocks(st, pre))
-            return make_template(blocks, spec, dim if sk is None else sk.dim, nlist, nprobe)
-    template = ranks.share(rank0_template, encode=lambda t: t.to_bytes(),
-                           decode=lambda b: VectorIndex.from_bytes(*b))
-    template.build_key = key  # written into every part's file: a reader checks it before serving
-
+    # exact search when the vectors fit the memory budget, else a search sketch whose width and
+    # re-rank factor the recall measured while filling decides (index/choice.py)
+    widths, reranks, reason = search_choice.candidates(spec, dim, n)
+    sk = SearchSketch(dim, widths[0], build["seed"]) if widths else None
     qids, k = recall_queries(n)
+    measure = k >= 1 and len(widths) * len(reranks) > 1
     queries = np.zeros((len(qids), dim), np.float32)  # each rank reads the ones it holds
     for pos, got in ranks.step(lambda: rows.query_rows(qids)):
         queries[pos] = got
@@ -177,35 +171,27 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
     names = index_file_names(key, len(ranges) * ranks.world)
     held = {}
 
-    slices = layer_slices(layout)
+    def lists_for_recall():
+        return search_choice.SketchTopLists(queries, dim, build["seed"], widths,
+                                            (k + 1) * max(reranks))
 
-    def fill():
-        parts = [template.empty_like() for _ in ranges]
-        exact = ExactTopK(queries, k + 1) if k >= 1 else None
-        reached = dict.fromkeys(layout, False)  # a layer with a nonzero vector among these rows
-        with rows.open() as st:
-            total = st.num_rows
-            for start, vec in preconditioned_blocks(st, pre):
-                for name, sl in slices.items():
-                    reached[name] = reached[name] or bool(vec[:, sl].any())
-                ids = rows.global_ids(start, len(vec))
-                held_form = stored_form(vec)
-                for part, (lo, hi) in zip(parts, ranges):
-                    mine = (ids >= lo) & (ids < hi)
-                    if mine.any():
-                        part.add(held_form[mine], ids[mine])
-                if exact is not None:
-                    exact.add(vec, ids)
-                progress("index", start + len(vec), total)
-        if ranks.rank != 0:  # rank 0 keeps its part in memory; the others hand theirs over on disk
-            parts[0].save(out / names[ranks.rank])
-        held["parts"] = parts
-        return reached, (None if exact is None else (exact.scores, exact.ids))
-    filled = ranks.step(fill)
-    tops = [top for _, top in filled]
+    def fill_parts(sk, measure: bool):
+        template = _template(rows, pre, sk, spec, dim, nlist, nprobe, ranks)
+        template.build_key = key  # written into every part's file: checked before serving
+        return ranks.step(lambda: _fill(rows, pre, template, sk, ranges, layout, queries, k,
+                                        lists_for_recall() if measure else None, progress,
+                                        ranks, out, names, held))
+    filled = fill_parts(sk, measure)
+    tops = [top for _, top, _ in filled]
+    chosen = search_choice.Choice(sk and sk.dim, reranks[0] if reranks else 0, reason)
+    if measure:
+        chosen = _choose(filled, tops, lists_for_recall(), queries, qids, k, reranks, reason, n)
+        if chosen.width != sk.dim:  # the first width missed the target: fill at the chosen one
+            sk = SearchSketch(dim, chosen.width, build["seed"])
+            filled = fill_parts(sk, False)
     # preconditioning maps zero rows to zero and nonzero rows to nonzero, so these are the
     # layers whose gradient is zero for every training example (on every rank)
-    zero = [name for name in layout if not any(r[name] for r, _ in filled)]
+    zero = [name for name in layout if not any(r[name] for r, _, _ in filled)]
 
     def rank0_commit():
         with main_store(pre, key) as store:
@@ -220,14 +206,17 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, row
                 p.build_key = key
             vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
             if sk is not None:
-                vindex = SketchedIndex(vindex, sk, spec.rerank).with_rerank(
+                vindex = SketchedIndex(vindex, sk, chosen.rerank).with_rerank(
                     store_rerank(store, pre))
             check_count(vindex, n)
             if k >= 1:
-                exact = ExactTopK(queries, k + 1)
-                for scores, ids in tops:
-                    exact.merge(scores, ids)
-                measure_recall(vindex, exact, qids, k, others=parts)
+                recall = measure_recall(vindex, _merged_exact(queries, k, tops), qids, k,
+                                        others=parts)
+                recall["search"] = chosen.record()
+                if sk is not None and recall["recall"] < search_choice.TARGET_RECALL:
+                    log.warning("index: recall@%d = %.3f is below the %.2f target (%s); use "
+                                "--index flat:exact for exact search", k, recall["recall"],
+                                search_choice.TARGET_RECALL, chosen.reason)
             remove_temp_files(out)
             for part, name in zip(parts[:len(mine)], files):  # the others' parts are on disk
                 part.save(out / name)
@@ -419,14 +408,68 @@ def put_fisher(store, acc: FisherAccumulator) -> None:
     store.put_meta("fisher_done", True)
 
 
+def _template(rows, pre, sk, spec, dim: int, nlist, nprobe, ranks) -> VectorIndex:
+    """Rank 0's empty index (see make_template), on every rank."""
+    def rank0_template():
+        with rows.open() as st:
+            blocks = ((s, v if sk is None else sk(v)) for s, v in preconditioned_blocks(st, pre))
+            return make_template(blocks, spec, dim if sk is None else sk.dim, nlist, nprobe)
+    return ranks.share(rank0_template, encode=lambda t: t.to_bytes(),
+                       decode=lambda b: VectorIndex.from_bytes(*b))
+
+
+def _fill(rows, pre, template, sk, ranges, layout, queries, k: int, lists, progress, ranks,
+          out: Path, names, held):
+    """This rank's FAISS parts, filled from its preconditioned rows (their search sketches when
+    ``sk``), plus the exact top lists of the recall queries over them and, with ``lists``
+    (index/choice.py), each candidate width's sketched top lists. Returns (the layers with a
+    nonzero vector here, exact tops, sketched tops)."""
+    parts = [template.empty_like() for _ in ranges]
+    exact = ExactTopK(queries, k + 1) if k >= 1 else None
+    slices = layer_slices(layout)
+    reached = dict.fromkeys(layout, False)  # a layer with a nonzero vector among these rows
+    with rows.open() as st:
+        total = st.num_rows
+        for start, vec in preconditioned_blocks(st, pre):
+            for name, sl in slices.items():
+                reached[name] = reached[name] or bool(vec[:, sl].any())
+            ids = rows.global_ids(start, len(vec))
+            held_form = vec if sk is None else sk(vec)
+            for part, (lo, hi) in zip(parts, ranges):
+                mine = (ids >= lo) & (ids < hi)
+                if mine.any():
+                    part.add(held_form[mine], ids[mine])
+            if exact is not None:
+                exact.add(vec, ids)
+            if lists is not None:
+                lists.add(vec, ids)
+            progress("index", start + len(vec), total)
+    if ranks.rank != 0:  # rank 0 keeps its part in memory; the others hand theirs over on disk
+        parts[0].save(out / names[ranks.rank])
+    held["parts"] = parts
+    return (reached, None if exact is None else (exact.scores, exact.ids),
+            None if lists is None else lists.state())
+
+
+def _merged_exact(queries, k: int, tops) -> ExactTopK:
+    exact = ExactTopK(queries, k + 1)
+    for scores, ids in tops:
+        exact.merge(scores, ids)
+    return exact
+
+
+def _choose(filled, tops, lists, queries, qids, k: int, reranks, reason: str, n: int):
+    """The search (index/choice.py) from every rank's sketched and exact top lists."""
+    for _, _, state in filled:
+        lists.merge(state)
+    chosen = search_choice.choose(lists, _merged_exact(queries, k, tops).result()[1], qids, k,
+                                  reranks, reason, n)
+    log.info("index: search sketch width %d, rerank %d: predicted recall@%d %.3f (%s)",
+             chosen.width, chosen.rerank, k, chosen.predicted, chosen.reason)
+    return chosen
+
+
 # --- two-stage search ------------------------------------------------------------------------
-
-def search_sketch(spec, K: int, seed: int) -> SearchSketch | None:
-    """The search sketch an index spec asks for over K-wide vectors (by default: one when K is
-    large, see grass_index/index/search_sketch.py), or None for exact FAISS search."""
-    dim = default_search_sketch(K) if spec.sketch < 0 else spec.sketch
-    return None if not dim or dim >= K else SearchSketch(K, dim, seed)
-
 
 def store_rerank(store, pre):
     """Exact scores of candidate ids: ⟨(F+λI)^{-1} q, ĝ_i⟩ from the stored raw rows (the

@@ -161,7 +161,7 @@ class _Prepared:
         return build_plan.estimate(
             layer_dims=self.build["layer_dims"], layout=self.sketcher.layout,
             n=len(self.train_data), batch_size=self.batch_size, hessian=index_options.hessian,
-            index_width=build_plan.index_width(self.sketcher.dim, index),
+            index_width=build_plan.index_width(self.sketcher.dim, index, len(self.train_data)),
             index_bytes=2 if "fp16" in index else 4)
 
     def check_fits(self, out: Path, index_options: IndexOptions) -> build_plan.Plan:
