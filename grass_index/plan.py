@@ -136,23 +136,118 @@ def shortfall(plan: Plan, *, ram: float | None, disk: float | None, K_per_layer:
     return None
 
 
-# --- used by a build ---------------------------------------------------------------------------
+# --- time ---------------------------------------------------------------------------------------
 
-F64_FLOPS = 10e9  # float64 LAPACK/BLAS rate assumed for the pass-2 estimate (2-core CPU)
-F32_FLOPS = 40e9  # float32 GEMM rate
-DISK_RATE = 300e6  # bytes/s written
+F64_FLOPS = 10e9  # float64 LAPACK/BLAS rate assumed when none is measured (2-core CPU)
+F32_FLOPS = 40e9  # float32 GEMM rate assumed when none is measured
+DISK_RATE = 300e6  # bytes/s written (with fsync), assumed
+# Model FLOPs per second of pass 1, as a share of the GEMM rate (measured: GPT-2 small, T = 64,
+# batch 32, 2 threads; benchmarks/lm.py — layer norms, softmax, the loss over the vocabulary
+# and the sketch hooks run below the GEMM rate)
+PASS1_EFFICIENCY = 0.55
+CHECK_STEPS = 10.0  # the capture check costs about this many examples' training steps
+CHECK_FIXED_S = 1.0  # ... plus the model fingerprint and the sketcher's set-up
 
 
-def pass2_seconds(layout: dict[str, int], n: int, hessian: str = "eFIM") -> float:
-    """A rough pass-2 time: factoring each layer (k³ dense, 2nk² low-rank), applying the
-    inverses to every row, writing the Fisher/preconditioner files."""
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    """The machine's rates a time prediction uses, and where they come from."""
+    f32: float = F32_FLOPS
+    f64: float = F64_FLOPS
+    disk: float = DISK_RATE
+    basis: str = "assumed rates"
+
+
+def measure_rates(size: int = 768) -> Rates:
+    """float32/float64 GEMM rates of this machine now (best of 3 timed products): the time
+    prediction's basis when no batch can be timed (a model on the meta device)."""
+    import time
+
+    import torch
+
+    def rate(dtype):
+        a = torch.randn(size, size, dtype=dtype)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - t0)
+        return 2.0 * size ** 3 / best
+    return Rates(f32=rate(torch.float32), f64=rate(torch.float64),
+                 basis=f"model FLOPs at this machine's measured GEMM rate × {PASS1_EFFICIENCY}")
+
+
+def matmul_params(model) -> tuple[int, int, int]:
+    """(weights that multiply activations: Linear/Conv1D and a tied LM head, layers L, width d)
+    of a model (works on the meta device: only shapes are read)."""
+    import torch
+
+    n = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D":
+            n += int(w.numel())
+    cfg = getattr(model, "config", None)
+    L = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0) or 0)
+    d = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0) or 0)
+    return n, L, d
+
+
+def pass1_flops(model, tokens: int) -> float:
+    """FLOPs of pass 1 per example: forward (2 per weight per token) + backward to the
+    activations only (2 more; pass 1 never forms weight gradients), plus attention's T×T
+    products (forward 4·L·T·d per token, backward twice that) for a transformer config."""
+    N, L, d = matmul_params(model)
+    return tokens * (4.0 * N + 12.0 * L * tokens * d)
+
+
+def epoch_flops(model, tokens: int) -> float:
+    """FLOPs of one training example: forward + backward with weight gradients."""
+    N, L, d = matmul_params(model)
+    return tokens * (6.0 * N + 12.0 * L * tokens * d)
+
+
+def pass2_seconds(layout: dict[str, int], n: int, hessian: str = "eFIM",
+                  rates: Rates | None = None, plan: "Plan | None" = None) -> float:
+    """Pass 2: factoring each layer (k³ dense; 2nk² for the Woodbury form and k² per row to
+    form its dense k×k inverse; EK-FAC's dense Q·diag·Qᵀ, 2k³), preconditioning every row
+    (2k² per row), and writing the Fisher/preconditioner/index files (``plan``'s bytes)."""
+    r = rates or Rates()
     ks = [int(k) for k in layout.values()]
     if hessian not in ("eFIM", "ekfac"):
-        return 0.0
-    fit = sum((k ** 3 if not uses_low_rank(n, k) else 2.0 * n * k * k) for k in ks) / F64_FLOPS
-    apply = 2.0 * n * sum(k * k for k in ks) / F32_FLOPS
-    files = sum(12.0 * k * k for k in ks if not uses_low_rank(n, k)) / DISK_RATE
-    return fit + apply + files
+        fit = 0.0
+        apply = 0.0
+    else:
+        fit = sum((k ** 3 / 3.0 + 2.0 * k ** 3 if not uses_low_rank(n, k)
+                   else 2.0 * n * k * k + 2.0 * n * k * k) for k in ks) / r.f64
+        if hessian == "ekfac":
+            fit += sum(2.0 * k ** 3 for k in ks) / r.f32
+        apply = 2.0 * n * sum(k * k for k in ks) / r.f32
+    files = (plan.fisher_disk + plan.precond_disk + plan.index_disk) if plan is not None else \
+        sum(12.0 * k * k for k in ks if not uses_low_rank(n, k))
+    return fit + apply + files / r.disk
+
+
+def predict_seconds(model, layout: dict[str, int], *, n: int, tokens: int, batch_size: int,
+                    hessian: str = "eFIM", rates: Rates | None = None,
+                    batch_seconds: float | None = None, plan: "Plan | None" = None) -> dict:
+    """{check, pass1, pass2, basis}: a build's time per phase. Pass 1 from ``batch_seconds``
+    (one timed batch of pass 1, when a batch could be timed) or from the model's FLOPs at the
+    machine's GEMM rate (``rates``; measured now when not given)."""
+    import math
+
+    r = rates or measure_rates()
+    batches = math.ceil(n / batch_size)
+    per_example = epoch_flops(model, tokens) / (r.f32 * PASS1_EFFICIENCY)
+    if batch_seconds is not None:
+        pass1, basis = batches * batch_seconds, "one timed batch of pass 1"
+    else:
+        pass1 = n * pass1_flops(model, tokens) / (r.f32 * PASS1_EFFICIENCY)
+        basis = r.basis
+    # the store's rows written with fsync: 4·K bytes per example
+    pass1 += 4.0 * n * sum(layout.values()) / r.disk
+    return dict(check=CHECK_FIXED_S + CHECK_STEPS * per_example,
+                pass1=pass1, pass2=pass2_seconds(layout, n, hessian, r, plan), basis=basis)
 
 
 def shortfall_here(plan: Plan, out, *, K_per_layer: int, index: str = "flat") -> str | None:
@@ -179,6 +274,46 @@ def index_width(K: int, index: str = "flat", n: int = 1) -> int:
     from .index.choice import planned_width
 
     return planned_width(parse_spec(index), K, n) or K
+
+
+def layout_for(model, *, sparsification: str = "random_mask-128*128",
+               projection: str = "sjlt-4096", layers=None, seed: int = 0) -> dict[str, int]:
+    """{layer: sketch width} of one model (checkpoint 0 of an ensemble) under these specs."""
+    from .capture import GradientSketcher, as_checkpoints, select_layers
+    from .capture.ensemble import single_model
+
+    if isinstance(layers, str):
+        layers = [p.strip() for p in layers.split(",") if p.strip()]
+    m = (as_checkpoints(model) or [single_model(model)])[0]
+    return GradientSketcher(m, select_layers(m, layers), sparsification=sparsification,
+                            projection=projection, seed=seed, clamp=True).layout
+
+
+def timed_batch_seconds(model, data, loss_fn, collate, options, projection: str) -> float:
+    """Seconds of one batch of pass 1 (the first batch, sketched after the capture check and
+    one warm-up batch): the time prediction's basis when the model and data are at hand."""
+    import time
+
+    from .capture import GradientSketcher, select_layers
+    from .task import collate_items
+
+    infos = select_layers(model, options.layers)
+    sk = GradientSketcher(model, infos, sparsification=options.sparsification,
+                          projection=projection, seed=options.seed, clamp=True)
+    b = min(options.batch_size, len(data))
+    batch = collate_items(collate, [data[i] for i in range(b)], f"examples 0..{b - 1}")
+    sk.sketch(batch, loss_fn)  # the capture check + a warm-up
+    t0 = time.perf_counter()
+    sk.sketch(batch, loss_fn)
+    return time.perf_counter() - t0
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '3.5 min', '7.2 h', '3.1 days'."""
+    for unit, size in (("days", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
 def plan_for(model, n: int, *, sparsification: str = "random_mask-128*128",

@@ -237,7 +237,8 @@ def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
             lock = prep.claim_locked(out)
             prog.note(build_plan.summary(the_plan))
             prog.eta_after_first("sketch", build_plan.pass2_seconds(
-                prep.sketcher.layout, the_plan.n, index_options.hessian), "pass 2")
+                prep.sketcher.layout, the_plan.n, index_options.hessian,
+                build_plan.measure_rates(), the_plan), "pass 2")
             try:
                 store = SketchStore.create(out / STORE_DIR, dim=prep.sketcher.dim,
                                            meta=jsonable(prep.build), lock=lock)

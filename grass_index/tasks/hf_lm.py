@@ -211,6 +211,33 @@ def load_causal_lm(path: Path, dtype: str = "float32", what: str = "--hf-model")
     return m.eval()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+
+
+def has_weights(path) -> bool:
+    """Whether a model directory holds weight files (else only its config can be used)."""
+    return any(f.name.endswith(WEIGHT_SUFFIXES) for f in Path(path).iterdir() if f.is_file())
+
+
+def meta_causal_lm(path, dtype: str = "float32", what: str = "--hf-model") -> nn.Module:
+    """The causal LM of ``path``'s config.json on the meta device: every parameter's shape and
+    dtype, no storage and no weights read — what `grass-index plan` prices a model from."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise TaskError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    try:
+        cfg = AutoConfig.from_pretrained(check_model_dir(path, what), local_files_only=True)
+        with torch.device("meta"):
+            m = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[dtype])
+    except TaskError:
+        raise
+    except Exception as e:
+        raise TaskError(f"{what} {path}: cannot build a causal LM from its config.json "
+                        f"({type(e).__name__}: {e})") from e
+    return m.eval()
+
+
 # ----------------------------------------------------------------------------- the task
 
 class HFCausalLM:
