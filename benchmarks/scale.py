@@ -149,8 +149,8 @@ def _sketches(rng, rows: int) -> np.ndarray:
 
 
 def phase_write(out: Path, n: int) -> dict:
-    from grass_index.pipeline.record import claim_out_dir
-    from grass_index.pipeline.files import FORMAT_VERSION, STORE_DIR
+    from grass_index.indexdir.record import claim_out_dir
+    from grass_index.indexdir.files import FORMAT_VERSION, STORE_DIR
     from grass_index.store import SketchStore
 
     layout = {f"layer{i}": K_LAYER for i in range(LAYERS)}
@@ -170,7 +170,7 @@ def phase_write(out: Path, n: int) -> dict:
 
 def phase_index(out: Path, spec: str) -> dict:
     import grass_index as gi
-    from grass_index.pipeline.files import BUILD_FILE, STORE_DIR
+    from grass_index.indexdir.files import BUILD_FILE, STORE_DIR
     from grass_index.pipeline.pass2 import finish
     from grass_index.store import SketchStore
 

@@ -17,7 +17,7 @@ from .errors import GrassIndexError  # noqa: F401  (the base of AttributionError
 from .pipeline import (AttributionError, BuildOptions, BuildResult, CaptureCheck, IndexConfig,
                        IndexOptions, ShardInfo, read_config)
 from .pipeline import run as pipeline_run
-from .pipeline import querying
+from .query import querying
 # Re-exported: public API and names tools import from here (the directory layout, the config
 # hash, the preconditioner state codec).
 from .pipeline import (BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, HESSIANS, INDEX_KINDS,  # noqa: F401

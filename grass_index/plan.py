@@ -18,7 +18,7 @@ import shutil
 from .precondition import uses_low_rank
 
 GB = 1e9
-CHUNK_BYTES = 256 << 20  # rows read back per chunk in pass 2 (pipeline/stored.py)
+CHUNK_BYTES = 256 << 20  # rows read back per chunk in pass 2 (indexdir/stored.py)
 RECALL_QUERIES = 100
 ACT_FACTOR = 3.0  # activations + their gradients + autograd's own saved tensors, per hooked float
 BASE_BYTES = 0.6 * GB  # the interpreter, torch, faiss and LMDB mappings before any data

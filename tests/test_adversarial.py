@@ -311,7 +311,7 @@ def test_build_json_is_written_only_under_the_stores_writer_lock(built, tmp_path
         with pytest.raises(StoreError, match="already being written"):
             api_build(out, task, seed=1)
         with pytest.MonkeyPatch.context() as mp:  # a worker's claim waits for it, then gives up
-            mp.setattr(gi.pipeline.record, "CLAIM_WAIT_S", 0.3)
+            mp.setattr(gi.indexdir.record, "CLAIM_WAIT_S", 0.3)
             with pytest.raises(StoreError, match="already being written"):
                 api_build(out, task, seed=1, worker="0/2")
         assert not (out / "build.json").exists()

@@ -426,7 +426,7 @@ def test_eval_and_tune_work_on_an_ensemble(tmp_path):
 def test_verify_repair_recomputes_a_damaged_block_with_every_checkpoint(tmp_path):
     from test_adversarial import _damage_block
 
-    from grass_index.pipeline.verify import _recompute_blocks
+    from grass_index.indexdir.verify import _recompute_blocks
 
     task = write_ensemble_task(tmp_path)
     t = gi.load_task(task)

@@ -102,7 +102,7 @@ def test_signatures():
 def test_query_signature_allows_token_sequences_of_any_length():
     """Token ids vary in length even when the sampled training items happen to agree; float
     features keep their fixed shape, and a middle item that differs makes that dim variable."""
-    from grass_index.pipeline.fingerprints import data_signature
+    from grass_index.indexdir.fingerprints import data_signature
     from grass_index.task import item_signature, signature_mismatch
 
     tokens = [(torch.arange(5), torch.tensor(1.0)) for _ in range(10)]

@@ -38,7 +38,7 @@ def check_normalize(mode) -> str:
         return "none"
     m = str(mode).strip().lower()
     if m not in MODES:
-        from ..pipeline.errors import AttributionError
+        from ..indexdir.errors import AttributionError
 
         raise AttributionError(f"unknown normalize mode {mode!r}; use 'none' (influence "
                                "scores) or 'cosine' (unit-norm query and training vectors)")

@@ -34,7 +34,7 @@ def self_influence(idx) -> torch.Tensor:
     if C > 1:  # an ensemble: the mean over checkpoints of each one's g_iᵀ(F_c + λ_c I)⁻¹g_i
         out /= C
     if seen != idx.n_train:
-        from ..pipeline.errors import AttributionError
+        from ..indexdir.errors import AttributionError
 
         raise AttributionError(f"the sketch store of {idx.path} holds {seen} rows, the index "
                                f"{idx.n_train}; run `grass-index verify {idx.path} --repair`")
@@ -47,7 +47,7 @@ def rank_self_influence(scores, top_k: int | None = None) -> list[tuple[int, flo
     order = np.lexsort((np.arange(len(s)), -s))  # stable, id breaks ties
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            from ..pipeline.errors import AttributionError
+            from ..indexdir.errors import AttributionError
 
             raise AttributionError(f"top_k must be a positive integer, got {top_k!r}")
         order = order[:top_k]

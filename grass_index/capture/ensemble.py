@@ -9,7 +9,7 @@ is one inner product of concatenated vectors. So an ensemble's sketch of an exam
 concatenation over checkpoints of that checkpoint's per-layer sketches, and each checkpoint's
 layers are separate blocks of the block-diagonal preconditioner, named ``c{c}/{layer}``: the
 Fisher, the damping (per block), the preconditioner, the store and FAISS need nothing new, and
-search stays exact. The 1/C is applied once, to the query sketch (``pipeline/querying.py``).
+search stays exact. The 1/C is applied once, to the query sketch (``query/querying.py``).
 
 Every checkpoint is sketched with the same projections (same specs and seed), so each block
 equals what a single-model index of that checkpoint stores, bit for bit.

@@ -195,7 +195,7 @@ class _Sweep:
 
 def stored_factors(idx):
     """The Kronecker factors pass 1 kept in the index's store (None when there are none)."""
-    from ..pipeline.querying import reading_store
+    from ..query.querying import reading_store
 
     with reading_store(idx.path) as store:
         f = load_factors(store)

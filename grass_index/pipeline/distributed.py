@@ -31,8 +31,8 @@ import torch
 
 from ..precondition import save_preconditioner
 from ..store import SketchStore
-from .errors import AttributionError
-from .files import SHARDS_DIR, STORE_DIR, jsonable
+from ..indexdir.errors import AttributionError
+from ..indexdir.files import SHARDS_DIR, STORE_DIR, jsonable
 from .options import IndexOptions
 from .factors import merge_shard_factors
 from .pass2 import fit_from_sums, run_pass2

@@ -1,12 +1,3 @@
-"""The error type of the attribution pipeline."""
-from __future__ import annotations
-
-from ..errors import GrassIndexError
-
-
-class AttributionError(GrassIndexError, ValueError):
-    """Bad input or a broken index directory; the message names the problem and the fix."""
-
-
-# Raised here, reported as grass_index.attribute.AttributionError (the public name).
-AttributionError.__module__ = "grass_index.attribute"
+"""AttributionError lives with the index-directory format (grass_index/indexdir/errors.py);
+kept importable from here for the build's modules."""
+from ..indexdir.errors import AttributionError  # noqa: F401

@@ -18,7 +18,7 @@ from ..precondition import (KroneckerFactors, Preconditioner, corrected_eigenval
                             dense_layers, ekfac_unsupported, load_factors, save_factors)
 from ..precondition.fisher import layer_slices
 from ..store import SketchStore
-from .errors import AttributionError
+from ..indexdir.errors import AttributionError
 
 # Pass 1 checkpoints the factor sums at most this often (and after its last block): a write
 # costs about as much as committing a block, so per-block checkpoints would double the store

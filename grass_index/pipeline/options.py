@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from ..index import SPECS, FaissIndexError, parse_spec
 from ..precondition import HESSIANS as _HESSIAN_NAMES
 from ..precondition import PreconditionError, canonical_hessian, parse_damping
-from .errors import AttributionError
+from ..indexdir.errors import AttributionError
 
 HESSIANS = {h.lower(): h for h in _HESSIAN_NAMES}  # lower-case spelling -> canonical name
 INDEX_KINDS = SPECS  # flat, ivf, flat:fp16, ivf:fp16

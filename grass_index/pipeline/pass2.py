@@ -30,14 +30,14 @@ from ..precondition import (ChunkedFisher, FisherAccumulator, Preconditioner, de
 from ..precondition.fisher import layer_slices
 from ..store import SketchStore, StoreError
 from ..task import task_record
-from .errors import AttributionError
+from ..indexdir.errors import AttributionError
 from .factors import fit_ekfac
-from .files import CONFIG_FILE, STORE_DIR, index_file_names, jsonable, write_json
-from .fingerprints import config_hash, data_signature, hash_json
+from ..indexdir.files import CONFIG_FILE, STORE_DIR, index_file_names, jsonable, write_json
+from ..indexdir.fingerprints import config_hash, data_signature, hash_json
 from .options import IndexOptions, damping_key
 from .progress import Progress
-from .record import n_batches
-from .stored import preconditioned_blocks
+from ..indexdir.record import n_batches
+from ..indexdir.stored import preconditioned_blocks
 
 log = logging.getLogger("grass_index")
 

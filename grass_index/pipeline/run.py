@@ -25,16 +25,16 @@ from ..compress import load_selective_mask
 from ..store import SketchStore
 from ..task import check_loss, collate_items, default_collate, task_record
 from . import distributed as dist_build
-from .errors import AttributionError
-from .files import MASK_FILE, STORE_DIR, atomic_write, jsonable
-from .fingerprints import data_signature, layer_dims
+from ..indexdir.errors import AttributionError
+from ..indexdir.files import MASK_FILE, STORE_DIR, atomic_write, jsonable
+from ..indexdir.fingerprints import data_signature, layer_dims
 from .options import (BuildOptions, IndexOptions, check_damping, check_device, check_index,
                       check_train_data, damping_key, norm_hessian)
 from .factors import check_ekfac, factor_shapes
 from .pass2 import finish, pass1_fisher, refit
 from .progress import Progress
-from . import record
-from .record import claim_out_dir_locked, make_build_record
+from ..indexdir import record
+from ..indexdir.record import claim_out_dir_locked, make_build_record
 from .sharding import merge, parse_worker, read_shard_fisher, sketch_shard
 from .sketching import sketch_training_set
 

@@ -27,12 +27,12 @@ from pathlib import Path
 
 from ..precondition import FisherAccumulator
 from ..store import SketchStore, StoreError
-from .errors import AttributionError
-from .files import BUILD_FILE, SHARDS_DIR, STORE_DIR, jsonable
+from ..indexdir.errors import AttributionError
+from ..indexdir.files import BUILD_FILE, SHARDS_DIR, STORE_DIR, jsonable
 from .options import check_damping, norm_hessian
 from .factors import factor_shapes, merge_shard_factors
 from .pass2 import accumulate, finish, has_fisher, put_fisher
-from .record import n_batches, read_build_record
+from ..indexdir.record import n_batches, read_build_record
 from .sketching import sketch_training_set
 
 log = logging.getLogger("grass_index")

@@ -11,10 +11,10 @@ from ..capture import CaptureError
 from ..precondition.fisher import layer_slices
 from ..store import StoreError
 from ..task import TaskError, collate_items
-from .errors import AttributionError
+from ..indexdir.errors import AttributionError
 from .factors import Pass1Factors
-from .fingerprints import block_digest, first_difference
-from .record import batch_count
+from ..indexdir.fingerprints import block_digest, first_difference
+from ..indexdir.record import batch_count
 
 log = logging.getLogger("grass_index")
 

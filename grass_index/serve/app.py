@@ -269,7 +269,7 @@ def create_app(index_dir, task: str | None = None, token: str | None = None, *,
                                          p.get("opponents"), p.get("images")))
 
     async def query_file(data: bytes, name: str, p: dict):
-        from grass_index.pipeline.inputs import InputError, load_examples
+        from grass_index.query.inputs import InputError, load_examples
 
         k, opponents = k_param(p.get("k")), flag(p.get("opponents"), "opponents")
         images = flag(p.get("images"), "images")

@@ -16,11 +16,11 @@ from .config import IndexConfig, read_config
 from .errors import AttributionError
 from .files import BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, STORE_DIR, jsonable, write_json
 from .fingerprints import config_hash, hash_json, model_fingerprint
-from .options import check_damping, norm_hessian
-from .pass2 import load_faiss, refit
-from .querying import query_sketcher
+from ..pipeline.options import check_damping, norm_hessian
+from ..pipeline.pass2 import load_faiss, refit
+from ..query.querying import query_sketcher
 from .record import batch_count, read_build_record
-from .sketching import resketch_blocks
+from ..pipeline.sketching import resketch_blocks
 
 
 def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0,

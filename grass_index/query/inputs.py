@@ -8,7 +8,7 @@ import io
 import os
 from pathlib import Path
 
-from .errors import AttributionError
+from ..indexdir.errors import AttributionError
 
 SUFFIXES = (".pt", ".npy", ".npz")
 

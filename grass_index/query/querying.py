@@ -20,13 +20,13 @@ from ..precondition import load_preconditioner as load_stored_preconditioner
 from ..store import SketchStore, StoreError
 from ..signature import item_signature, signature_mismatch
 from ..task import default_collate
-from .errors import AttributionError
-from .files import MASK_FILE, STORE_DIR
-from .fingerprints import layer_dims, model_hash
-from .options import check_device
-from .pass2 import load_faiss, store_rerank
-from .sketching import batch_len, batches
-from .stored import chunks, preconditioned_blocks
+from ..indexdir.errors import AttributionError
+from ..indexdir.files import MASK_FILE, STORE_DIR
+from ..indexdir.fingerprints import layer_dims, model_hash
+from ..pipeline.options import check_device
+from ..pipeline.pass2 import load_faiss, store_rerank
+from ..pipeline.sketching import batch_len, batches
+from ..indexdir.stored import chunks, preconditioned_blocks
 
 log = logging.getLogger("grass_index")
 
