@@ -48,6 +48,7 @@ def child(args) -> dict:
     start_s = time.time() - t_start
     epoch_s = None if args.no_epoch else _epoch(model, data, task, args.batch_size)
     rss_epoch = peak_rss_bytes()
+    rates = plan_mod.measure_rates(out=work)  # as `grass-index plan` would, before the build
     marks, t0 = {}, time.time()
 
     def progress(stage, done, total):
@@ -65,7 +66,8 @@ def child(args) -> dict:
                           model_bytes=sum(x.numel() * 4 for x in model.parameters()))
     pass2_start = marks["sketch_end"]
     t_plan = plan_mod.predict_seconds(model, cfg["layout"], n=len(data), tokens=args.tokens,
-                                      batch_size=args.batch_size, hessian="eFIM", plan=p)
+                                      batch_size=args.batch_size, hessian="eFIM", plan=p,
+                                      rates=rates)
     res = dict(start_s=start_s, epoch_s=epoch_s, check_s=marks["sketch"],
                rss_epoch_gb=rss_epoch / 1e9, plan_s=t_plan, n=len(data), tokens=args.tokens, K=cfg["dim"], layers=len(cfg["layout"]),
                dense=args.dense, plan_ram_gb=p.ram_peak / 1e9, plan_disk_gb=p.disk / 1e9,
@@ -155,7 +157,10 @@ def main():
         cmd = [sys.executable, __file__, "--child", "--work", work, "--n", str(args.n),
                "--tokens", str(args.tokens), "--batch-size", str(args.batch_size)]
         cmd += ["--dense"] * args.dense + ["--no-epoch"] * args.no_epoch
-        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        # as the CLI runs (grass_index/__init__.py): idle OpenMP threads sleep, not spin
+        env = dict(os.environ)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:
             sys.exit(f"build failed:\n{p.stderr[-4000:]}")

@@ -36,8 +36,13 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
                 index: str = "flat", task: str | None = None, progress=True, device=None,
                 nlist: int | None = None, nprobe: int | None = None,
                 selective_mask=None, worker=None, distributed: bool | None = None,
-                remove_shards: bool = False, check_only: bool = False):
+                remove_shards: bool = False, check_only: bool = False,
+                workers: int | None = None):
     """Sketch every training example (pass 1, resumable), precondition (pass 2), index.
+
+    ``workers``: DataLoader processes that read and collate pass 1's batches ahead of the
+    sketching (default: by CPU count, none on 2 cores; 0: in this process); the batches and
+    sketches are the same for any count.
 
     ``check_only=True`` builds nothing: it runs the first-batch capture check for these
     layers and specs and returns its report (:func:`check_capture`).
@@ -65,7 +70,8 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
     index_options = IndexOptions(hessian=hessian, damping=damping, index=index, nlist=nlist,
                                  nprobe=nprobe)
     options = BuildOptions(sparsification=sparsification, projection=projection, seed=seed,
-                           layers=layers, batch_size=batch_size, selective_mask=selective_mask)
+                           layers=layers, batch_size=batch_size, selective_mask=selective_mask,
+                           workers=workers)
     if check_only:
         return check_capture(model, train_data, loss_fn, options, collate=collate, device=device)
     if worker is not None:

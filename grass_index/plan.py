@@ -158,23 +158,47 @@ class Rates:
     basis: str = "assumed rates"
 
 
-def measure_rates(size: int = 768) -> Rates:
-    """float32/float64 GEMM rates of this machine now (best of 3 timed products): the time
-    prediction's basis when no batch can be timed (a model on the meta device)."""
+def measure_rates(size: int = 512, seconds: float = 0.4, out=None) -> Rates:
+    """float32/float64 GEMM rates of this machine now — the mean over ``seconds`` of repeated
+    products, so on a shared machine it is the share this process gets, not a quiet burst —
+    and, with ``out``, the rate of a 32 MB write + fsync there: the time prediction's basis
+    when no batch can be timed (a model on the meta device)."""
     import time
 
     import torch
 
     def rate(dtype):
         a = torch.randn(size, size, dtype=dtype)
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
+        a @ a  # warm-up
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 2:
             a @ a
-            best = min(best, time.perf_counter() - t0)
-        return 2.0 * size ** 3 / best
+            done += 1
+        return 2.0 * size ** 3 * done / (time.perf_counter() - t0)
     return Rates(f32=rate(torch.float32), f64=rate(torch.float64),
+                 disk=DISK_RATE if out is None else disk_rate(out),
                  basis=f"model FLOPs at this machine's measured GEMM rate × {PASS1_EFFICIENCY}")
+
+
+def disk_rate(out, size: int = 32 << 20) -> float:
+    """Bytes/s of one write + fsync of ``size`` bytes next to ``out`` (its nearest existing
+    folder; the file is removed)."""
+    import tempfile
+    import time
+
+    p = os.path.abspath(os.fspath(out))
+    while not os.path.isdir(p):
+        p = os.path.dirname(p)
+    buf = os.urandom(1 << 20) * (size >> 20)
+    try:
+        with tempfile.NamedTemporaryFile(dir=p) as f:
+            t0 = time.perf_counter()
+            f.write(buf)
+            f.flush()
+            os.fsync(f.fileno())
+            return size / max(time.perf_counter() - t0, 1e-6)
+    except OSError:
+        return DISK_RATE
 
 
 def matmul_params(model) -> tuple[int, int, int]:

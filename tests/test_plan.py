@@ -69,9 +69,10 @@ def test_plan_hessian_and_nodes_change_what_is_priced(llama_dirs):
             for h in ("identity", "eFIM")}
     assert docs["identity"]["preconditioner"] == 0 and docs["eFIM"]["preconditioner"] > 0
     assert docs["identity"]["seconds"]["pass2"] < docs["eFIM"]["seconds"]["pass2"]
-    one = docs["eFIM"]
-    four = json.loads(invoke(*args, "--nodes", 4).stdout)["plans"]["sjlt-64"]
-    assert four["seconds"]["pass1"] == pytest.approx(one["seconds"]["pass1"] / 4, rel=0.3)
+    # a fixed device rate (a slow one, so compute outweighs the measured disk rate)
+    one, four = (json.loads(invoke(*args, "--device-flops", 1e9, "--nodes", nodes).stdout)
+                 ["plans"]["sjlt-64"] for nodes in (1, 4))
+    assert four["seconds"]["pass1"] == pytest.approx(one["seconds"]["pass1"] / 4, rel=0.05)
     assert four["per_node"]["store"] == pytest.approx(one["store"] / 4)
     r = invoke("plan", "--hf-model", config_only)
     assert r.exit_code == 1 and "--n N" in r.output and "Traceback" not in r.output

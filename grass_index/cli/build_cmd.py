@@ -56,6 +56,9 @@ def build(
                                    "example (longer ones are truncated)."),
     dtype: str = typer.Option("float32", "--dtype", help="With --hf-model: float32, bfloat16 "
                               "or float16."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Processes that read "
+                                          "and collate batches ahead of pass 1 (default: by "
+                                          "CPU count; 0: in this process)."),
 ):
     """Sketch every training example's gradient, precondition, and index (resumable).
 
@@ -76,7 +79,7 @@ def build(
         out = Path("runs") / stem
     options = gi.BuildOptions(sparsification=sparsification, projection=projection, seed=seed,
                               layers=layers or None, batch_size=batch_size,
-                              selective_mask=selective_mask)
+                              selective_mask=selective_mask, workers=workers)
     if layers and not options.layers:
         fail("--layers is empty; pass globs such as --layers '0.*' or --layers 'fc1.*,fc2.*'")
     index_options = gi.IndexOptions(hessian=hessian, damping=damping, index=index)
@@ -113,7 +116,7 @@ def build(
                          damping=damping, batch_size=options.batch_size, seed=options.seed,
                          layers=options.layers, collate=t.collate, index=index_options.index,
                          task=t.ref, device=device, selective_mask=selective_mask,
-                         remove_shards=remove_shards)
+                         remove_shards=remove_shards, workers=workers)
     if idx.reporting:  # torchrun: rank 0 reports
         report_index("built", out, idx.config, time.perf_counter() - t0, json_mode)
 

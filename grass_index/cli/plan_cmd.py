@@ -60,7 +60,7 @@ def plan(
     options = gi.BuildOptions(sparsification=sparsification, projection=projection,
                               layers=layers or None, batch_size=batch_size)
     world = nodes * procs_per_node
-    rates = plan_mod.measure_rates()
+    rates = plan_mod.measure_rates(out=out)
     if device_flops is not None:
         rates = plan_mod.Rates(f32=device_flops, f64=rates.f64, disk=rates.disk,
                                basis=f"model FLOPs at --device-flops {device_flops:.3g} × "

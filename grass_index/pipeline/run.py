@@ -154,6 +154,7 @@ class _Prepared:
                                        train_data=train_data, masks=self.masks)
         self.mask_file = options.selective_mask
         self.train_data, self.loss_fn, self.batch_size = train_data, loss_fn, options.batch_size
+        self.workers = options.workers
 
     def plan(self, index_options: IndexOptions) -> build_plan.Plan:
         """RAM and disk this build needs (grass_index/plan.py), from the layer sizes and specs."""
@@ -203,6 +204,7 @@ class _Prepared:
         return ShardInfo(**sketch_shard(
             out, worker, self.sketcher, self.build, train_data=self.train_data,
             loss_fn=self.loss_fn, batch_size=self.batch_size, collate=self.collate,
+            workers=self.workers,
             progress=progress, records=records))
 
 
@@ -238,7 +240,7 @@ def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
             prog.note(build_plan.summary(the_plan))
             prog.eta_after_first("sketch", build_plan.pass2_seconds(
                 prep.sketcher.layout, the_plan.n, index_options.hessian,
-                build_plan.measure_rates(), the_plan), "pass 2")
+                build_plan.measure_rates(out=out), the_plan), "pass 2")
             try:
                 store = SketchStore.create(out / STORE_DIR, dim=prep.sketcher.dim,
                                            meta=jsonable(prep.build), lock=lock)
@@ -252,7 +254,8 @@ def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
                 sketch_training_set(store, prep.sketcher, train_data, loss_fn,
                                     batch_size=options.batch_size, collate=prep.collate,
                                     progress=prog, fisher=fisher,
-                                    factors=factor_shapes(prep.sketcher))
+                                    factors=factor_shapes(prep.sketcher),
+                                    workers=options.workers)
                 cfg = finish(out, store, prep.build, prep.describe,
                              hessian=index_options.hessian, damping=index_options.damping,
                              index=index_options.index, nlist=index_options.nlist,
