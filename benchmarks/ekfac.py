@@ -107,7 +107,7 @@ def lds_table(name: str, cfg: dict, out: Path, split_seeds, with_kf: bool) -> li
         d = out / f"{cfg['path'].stem}-{spec.replace('*', 'x')}"
         build(task, d, spec, cfg["batch"])
         t0 = time.perf_counter()
-        prep = prepare(d, task=str(cfg["path"]), num_subsets=cfg["subsets"],
+        prep = prepare(gi.open_index(d), task=str(cfg["path"]), num_subsets=cfg["subsets"],
                        seeds=list(cfg["seeds"]),
                        ground_truth=gt, progress=False)
         res = [tune_index(d, split_seed=s, apply=False, prepared=prep) for s in split_seeds]

@@ -183,8 +183,8 @@ def phase_index(out: Path, spec: str) -> dict:
     t0 = time.perf_counter()
     with SketchStore.open(out / STORE_DIR, readonly=False) as store:
         had_fisher = bool(store.get_meta("fisher_done", False))
-        cfg = finish(out, store, build, {}, hessian="eFIM", damping=None, index=spec,
-                     nlist=None, nprobe=None, task=None, progress=progress)
+        cfg = finish(out, store, build, {}, gi.IndexOptions(hessian="eFIM", index=spec),
+                     task=None, progress=progress)
     secs = time.perf_counter() - t0
     fisher_s = (stages.get("index", t0) - stages["fisher"]) if "fisher" in stages else 0.0
     idx = gi.open_index(out)

@@ -21,7 +21,7 @@ import numpy as np
 
 from grass_index.index import SearchSketch, SketchedIndex, VectorIndex, recall_at_k
 from grass_index.index.search_sketch import DEFAULT_DIM, DEFAULT_RERANK
-from grass_index.pipeline.pass2 import store_rerank
+from grass_index.indexdir.stored import store_rerank
 from grass_index.precondition import Preconditioner
 from grass_index.store import SketchStore
 

@@ -1,15 +1,24 @@
-"""Load test of `grass-index serve`: concurrent clients against 127.0.0.1, for a bounded time.
+"""Load test of `grass-index serve`: concurrent clients against 127.0.0.1, from the first request.
 
     python benchmarks/serve.py runs/digits                  # 16 clients x 30 s, batching on/off
     python benchmarks/serve.py runs/digits --seconds 10 --configs batched:4,unbatched:4
+    python benchmarks/serve.py runs/digits --rounds 3 --baseline /work/main   # the p99 stall
 
 The index directory is built first with `grass-index build --out DIR` when it does not exist
 (the bundled digits task). Each configuration starts its own server process on a free
-loopback port, warms it up, then runs N client threads (one keep-alive connection each)
-sending `GET /api/query?example=I&k=10` with random ids for the given seconds, and stops the
-server. Prints a markdown table: requests, throughput, p50/p99/max latency, errors, the
-server's RSS before and after the run, and the mean batch size the server formed. The cost of
-one `grass-index query` process (what serving saves) is measured once for comparison.
+loopback port and runs N client threads (one keep-alive connection each) sending
+`GET /api/query?example=I&k=10` with random ids for the given seconds, from the first request
+(no warm-up is left out), and stops the server. Prints a markdown table: requests,
+throughput, p50/p99/max latency, errors, the server's RSS before and after the run, and the
+mean batch size the server formed. The cost of one `grass-index query` process (what serving
+saves) is measured once for comparison.
+
+``--rounds R`` instead runs the pattern of a stall report: one server per source tree, 8
+clients x 25 id queries each, a NEW connection per request, R rounds; per round p50/p99/max,
+the server's full (generation-2) garbage collections, and the stall's signature: the most
+clients waiting at one moment on a request slower than 3x the round's p50 (all of them: a
+server-wide pause). ``--baseline DIR`` runs the same rounds against the code in DIR (e.g. the
+main checkout) in the same run, alternating, for a side-by-side ratio on a shared machine.
 """
 from __future__ import annotations
 
@@ -56,11 +65,16 @@ def get(conn: http.client.HTTPConnection, path: str):
     return r.status, r.read()
 
 
-def start_server(index: Path, options: list[str], task: str | None):
+def start_server(index: Path, options: list[str], task: str | None, source: Path | None = None):
+    """A server process on a free port, running the code in ``source`` (default: this tree)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "grass_index.cli.main", "serve", str(index), "--host", HOST,
-           "--port", str(port), *options] + (["--task", task] if task else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "grass_index.cli.main", "serve", str(index.resolve()),
+           "--host", HOST, "--port", str(port), *options]
+    cmd += ["--task", str(Path(task).resolve())] if task else []
+    source = source or Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(source))  # (and its cwd: `-m` imports from there)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=source)
     t0 = time.perf_counter()
     while True:
         if proc.poll() is not None:
@@ -103,8 +117,6 @@ def run_config(name, index, options, task, clients, seconds, k):
         conn = http.client.HTTPConnection(HOST, port, timeout=30)
         info = json.loads(get(conn, "/api/info")[1])
         n = info["n_query"] or info["n_train"]
-        for i in range(20):  # warm-up: first-call costs (allocator, lazy imports)
-            get(conn, f"/api/query?example={i % n}&k={k}")
         info0 = json.loads(get(conn, "/api/info")[1])["batching"]
         rss0 = rss_mib(proc.pid)
         results: list = []
@@ -135,6 +147,118 @@ def run_config(name, index, options, task, clients, seconds, k):
     return [name, clients, len(lat), f"{len(lat) / wall:.1f}", f"{pct(0.5):.1f}",
             f"{pct(0.99):.1f}", f"{1000 * lat[-1]:.1f}", errors,
             f"{rss0:.0f} -> {rss1:.0f}", f"{jobs / max(1, batches):.1f}", f"{startup:.1f}"]
+
+
+def fresh_client(port: int, n: int, k: int, per_client: int, seed: int, out: list):
+    """``per_client`` queries, each on a new connection (as a plain HTTP client does)."""
+    rng = random.Random(seed)
+    for _ in range(per_client):
+        t0 = time.perf_counter()
+        try:
+            conn = http.client.HTTPConnection(HOST, port, timeout=30)
+            status, body = get(conn, f"/api/query?example={rng.randrange(n)}&k={k}")
+            conn.close()
+            ok = status == 200 and b'"proponents"' in body
+        except (OSError, http.client.HTTPException):
+            ok = False
+        out.append((t0, time.perf_counter(), ok))
+
+
+def stall_signature(requests: list, p50: float) -> tuple[int, float]:
+    """The most clients waiting at one moment on a request slower than 3x p50, and when
+    (ms from the round's start): 8 of 8 is a server-wide pause."""
+    slow = [(c, t0, t1) for c, (t0, t1, _) in requests if t1 - t0 > 3 * p50]
+    best, when = 0, 0.0
+    for _, t0, t1 in slow:
+        moment = t1 - 1e-4  # just before the slowest request ends, every stalled one is waiting
+        waiting = {c for c, a, b in slow if a <= moment <= b}
+        if len(waiting) > best:
+            best, when = len(waiting), moment
+    start = min(t0 for _, (t0, _, _) in requests)
+    return best, 1000 * (when - start)
+
+
+def gc_collections(port: int) -> list:
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    info = json.loads(get(conn, "/api/info")[1])
+    conn.close()
+    return info.get("gc", {}).get("collections") or [float("nan")] * 3
+
+
+def one_round(port: int, n: int, k: int, clients: int, per_client: int, seed: int) -> list:
+    outs = [[] for _ in range(clients)]
+    gc0 = gc_collections(port)
+    threads = [threading.Thread(target=fresh_client, args=(port, n, k, per_client,
+                                                           seed + c, outs[c]))
+               for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gc1 = gc_collections(port)
+    requests = [(c, r) for c, out in enumerate(outs) for r in out]
+    lat = sorted(t1 - t0 for _, (t0, t1, _) in requests)
+    pct = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))]  # noqa: E731
+    together, at = stall_signature(requests, pct(0.5))
+    return [f"{1000 * pct(0.5):.1f}", f"{1000 * pct(0.99):.1f}", f"{1000 * lat[-1]:.1f}",
+            sum(not ok for _, (_, _, ok) in requests), gc1[2] - gc0[2],
+            f"{together}/{clients}" + (f" at {at:.0f} ms" if together else ""),
+            f"{os.getloadavg()[0]:.1f}"]
+
+
+def run_rounds(index: Path, task, sources: dict, rounds: int, clients: int, per_client: int,
+               k: int, options: list[str]) -> list:
+    """``rounds`` rounds on one server per source tree, alternating between them."""
+    servers = {name: start_server(index, options, task, src) for name, src in sources.items()}
+    rows = []
+    try:
+        n = {}
+        for name, (_, port, _) in servers.items():
+            conn = http.client.HTTPConnection(HOST, port, timeout=30)
+            info = json.loads(get(conn, "/api/info")[1])
+            conn.close()
+            n[name] = info["n_query"] or info["n_train"]
+        for r in range(rounds):
+            for name, (_, port, _) in servers.items():
+                print(f"round {r + 1} on {name} ...", file=sys.stderr)
+                rows.append([name, r + 1, clients * per_client,
+                             *one_round(port, n[name], k, clients, per_client, 100 * r)])
+    finally:
+        for proc, _, _ in servers.values():
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return rows
+
+
+def full_gc_ms(index: Path, task, reps: int = 5) -> tuple[float, float, int]:
+    """In this process, with the server's Engine loaded: median ms of one full collection
+    (what every in-flight request waits for) with everything walked vs with the loaded
+    objects frozen as the server now does at start; and how many objects that is."""
+    import gc
+    import statistics
+
+    from grass_index.serve.engine import Engine
+
+    eng = Engine(index, task, verify=False)  # kept alive to the end: it is what is walked
+    gc.collect()
+
+    def timed():
+        out = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            gc.collect()
+            out.append(1000 * (time.perf_counter() - t0))
+        return statistics.median(out)
+
+    walked, n = timed(), len(gc.get_objects())
+    gc.freeze()
+    frozen = timed()
+    gc.unfreeze()
+    del eng
+    return walked, frozen, n
 
 
 def service_times(index: Path, task: str | None, k: int, reps: int = 7):
@@ -180,6 +304,14 @@ def main():
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--configs", default="batched,unbatched,batched-all-threads,batched:1",
                     help=f"comma list of CONFIG or CONFIG:CLIENTS, CONFIG in {sorted(CONFIGS)}")
+    ap.add_argument("--rounds", type=int, default=0, help="instead: R rounds of 8 clients x "
+                    "25 queries, a new connection per request (see above)")
+    ap.add_argument("--round-clients", type=int, default=8)
+    ap.add_argument("--per-client", type=int, default=25)
+    ap.add_argument("--baseline", type=Path, default=None, help="with --rounds: also run the "
+                    "code in this source tree (e.g. /work/main), alternating")
+    ap.add_argument("--server-options", default="--threads 1",
+                    help="with --rounds: serve options for every server")
     args = ap.parse_args()
     runs = [(c.partition(":")[0], int(c.partition(":")[2] or args.clients))
             for c in args.configs.split(",")]
@@ -193,6 +325,21 @@ def main():
         print(f"building {args.index} (bundled digits task) ...", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "grass_index.cli.main", "build", "--out",
                         str(args.index)], check=True, stdout=subprocess.DEVNULL)
+    if args.rounds:
+        here = Path(__file__).resolve().parents[1]
+        sources = {"this tree": here, **({"baseline": args.baseline} if args.baseline else {})}
+        rows = run_rounds(args.index, args.task, sources, args.rounds, args.round_clients,
+                          args.per_client, args.k, args.server_options.split())
+        print(markdown_table(["server", "round", "requests", "p50 ms", "p99 ms", "max ms",
+                              "errors", "full GCs", "clients stalled together", "load"],
+                             rows))
+        walked, frozen, n = full_gc_ms(args.index, args.task)
+        print(f"\none full garbage collection with the server's engine loaded ({n} objects), "
+              f"median of 5: {walked:.1f} ms walking everything, {frozen:.2f} ms with the "
+              "loaded objects frozen")
+        print(f"server options: {args.server_options}; a new connection per request; "
+              f"cpus: {os.cpu_count()}, load average at end: {os.getloadavg()[0]:.1f}")
+        return
     rows = []
     for name, clients in runs:
         print(f"{name}: {clients} clients x {args.seconds:g} s ...", file=sys.stderr)

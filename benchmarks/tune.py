@@ -62,7 +62,7 @@ def main() -> None:
         gt = out / f"gt-{path.stem}-m{args.subsets}"
         per_split = []
         t0 = time.perf_counter()
-        prep = prepare(d, num_subsets=args.subsets, seeds=seeds, ground_truth=gt,
+        prep = prepare(gi.open_index(d), num_subsets=args.subsets, seeds=seeds, ground_truth=gt,
                        progress=False)
         print(f"{name}: ground truth + sweep sums in {time.perf_counter() - t0:.1f} s",
               flush=True)

@@ -18,8 +18,7 @@ if "torch" not in sys.modules:  # read once, when torch loads its OpenMP runtime
     # the build's start-up took 90 s wall / 25 s CPU spinning, 27 s / 8 s passive).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: E402
 from . import ops  # noqa: E402,F401  (defines the custom ops, loads native kernels)
 from .errors import GrassIndexError  # noqa: E402
 from .ops import native_status  # noqa: E402
@@ -40,6 +39,8 @@ _LAZY = {
     "BuildOptions": "grass_index.pipeline",
     "IndexOptions": "grass_index.pipeline",
     "IndexConfig": "grass_index.indexdir",
+    "IndexRecord": "grass_index.indexdir",
+    "BuildRecord": "grass_index.indexdir",
     "open_index": "grass_index.attribute",
     "merge_shards": "grass_index.attribute",
     "AttributionIndex": "grass_index.attribute",

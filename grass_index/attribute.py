@@ -13,10 +13,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .analysis.normalize import check_normalize, cosine_index, cosine_scores, unit_rows
+from .analysis.self_influence import self_influence
 from .errors import GrassIndexError  # noqa: F401  (the base of AttributionError and the rest)
+from .indexdir import IndexRecord, read_record
 from .pipeline import (AttributionError, BuildOptions, BuildResult, CaptureCheck, IndexConfig,
-                       IndexOptions, ShardInfo, read_config)
+                       IndexOptions, ShardInfo)
 from .pipeline import run as pipeline_run
+from .eval.tune import tune_index
 from .query import querying
 # Re-exported: public API and names tools import from here (the directory layout, the config
 # hash, the preconditioner state codec).
@@ -37,15 +41,12 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
                 nlist: int | None = None, nprobe: int | None = None,
                 selective_mask=None, worker=None, distributed: bool | None = None,
                 remove_shards: bool = False, check_only: bool = False,
-                workers: int | None = None):
+                workers: int | None = None) -> "AttributionIndex":
     """Sketch every training example (pass 1, resumable), precondition (pass 2), index.
 
     ``workers``: DataLoader processes that read and collate pass 1's batches ahead of the
     sketching (default: by CPU count, none on 2 cores; 0: in this process); the batches and
     sketches are the same for any count.
-
-    ``check_only=True`` builds nothing: it runs the first-batch capture check for these
-    layers and specs and returns its report (:func:`check_capture`).
 
     ``distributed`` (default: when torchrun's environment or an initialised process group has
     more than one rank) makes every rank sketch its shard and sum its Fisher, the sums are
@@ -64,23 +65,23 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
     a checkpoint ensemble, whose scores are the mean over checkpoints of each one's influence
     (grass_index/capture/ensemble.py); query and score it with the same list, in order.
 
-    ``worker=(i, n)`` is kept for compatibility: it is :func:`build_shard` and returns that
-    shard's description as a dict.
+    Always returns the finished index. The capture check alone is :func:`check_capture`, one
+    worker's shard :func:`build_shard` (``check_only=`` and ``worker=`` are refused with
+    that pointer: they returned a report or a dict instead of an index).
     """
+    if check_only:
+        raise AttributionError("build_index(check_only=True) is gone: call "
+                               "grass_index.check_capture(model, train_data, loss_fn, "
+                               "BuildOptions(...)), which returns the capture report")
+    if worker is not None:
+        raise AttributionError("build_index(worker=...) is gone: call grass_index.build_shard("
+                               "model, train_data, loss_fn, out, worker, BuildOptions(...), "
+                               "IndexOptions(...)), which returns the shard's ShardInfo")
     index_options = IndexOptions(hessian=hessian, damping=damping, index=index, nlist=nlist,
                                  nprobe=nprobe)
     options = BuildOptions(sparsification=sparsification, projection=projection, seed=seed,
                            layers=layers, batch_size=batch_size, selective_mask=selective_mask,
                            workers=workers)
-    if check_only:
-        return check_capture(model, train_data, loss_fn, options, collate=collate, device=device)
-    if worker is not None:
-        if remove_shards:
-            raise AttributionError("remove_shards applies to torchrun builds and merge; a "
-                                   "--worker build's shard is what merge needs")
-        return pipeline_run.build_shard(model, train_data, loss_fn, out, worker, options,
-                                        index_options, task=task, collate=collate,
-                                        progress=progress, device=device).to_dict()
     res = pipeline_run.build(model, train_data, loss_fn, out, options, index_options, task=task,
                              collate=collate, progress=progress, device=device,
                              distributed=distributed, remove_shards=remove_shards)
@@ -131,15 +132,18 @@ def merge_shards(out, *, shards: int | None = None, hessian: str | None = None, 
 def open_index(path, *, mmap: bool = False) -> "AttributionIndex":
     """Open a finished index directory (read-only) for query/score/info."""
     path = Path(path)
-    return AttributionIndex(path, read_config(path), mmap=mmap)
+    return AttributionIndex(path, read_record(path), mmap=mmap)
 
 
 class AttributionIndex:
     """A built index: ``query`` (top-k proponents/opponents) and ``score`` (full matrix)."""
 
-    def __init__(self, path, config: dict, *, mmap: bool = False, reporting: bool = True):
+    def __init__(self, path, record, *, mmap: bool = False, reporting: bool = True):
+        """``record``: the index's IndexRecord (a config dict, e.g. what a build returns, is
+        checked into one)."""
         self.path = Path(path)
-        self.config = config
+        self.record = record if isinstance(record, IndexRecord) else IndexRecord(
+            record, str(self.path / CONFIG_FILE))
         self.reporting = reporting  # False on torchrun ranks other than 0
         self._mmap = mmap
         self._vindex = None
@@ -152,32 +156,37 @@ class AttributionIndex:
 
     # -- properties -------------------------------------------------------------------
     @property
+    def config(self) -> dict:
+        """config.json as written (a copy; ``record`` / ``settings`` is the typed form)."""
+        return dict(self.record.raw)
+
+    @property
     def n_train(self) -> int:
-        return int(self.config["n_train"])
+        return self.record.n_train
 
     @property
     def dim(self) -> int:
-        return int(self.config["dim"])
+        return self.record.dim
 
     @property
     def layout(self) -> dict:
-        return dict(self.config["layout"])
+        return dict(self.record.layout)
 
     @property
     def task(self) -> str | None:
-        return self.config.get("task")
+        return self.record.task
 
     def info(self) -> dict:
-        return dict(self.config)
+        return self.config
 
     @property
     def settings(self) -> IndexConfig:
-        """The config as a typed, read-only view (n_train, hessian, index_kind, recall, ...)."""
-        return IndexConfig(self.config)
+        """The typed, read-only config (n_train, hessian, index_kind, recall, ...)."""
+        return self.record
 
     def __repr__(self) -> str:
         return (f"AttributionIndex({str(self.path)!r}, n_train={self.n_train}, dim={self.dim}, "
-                f"hessian={self.config['hessian']})")
+                f"hessian={self.record.hessian})")
 
     # -- lazily opened parts ------------------------------------------------------------
     def _reread_if_replaced(self) -> bool:
@@ -185,13 +194,13 @@ class AttributionIndex:
         we read config.json: adopt the new config (same sketches, new preconditioner and
         FAISS) so the next read sees one consistent snapshot; False when nothing changed."""
         try:
-            new = read_config(self.path)
+            new = read_record(self.path)
         except AttributionError:
             return False
-        if new.get("preconditioner_key") == self.config.get("preconditioner_key"):
+        if new.preconditioner_key == self.record.preconditioner_key:
             return False
         log.info("index %s was re-preconditioned while open; using its new files", self.path)
-        self.config, self._vindex, self._pre = new, None, None
+        self.record, self._vindex, self._pre = new, None, None
         return True
 
     def _with_snapshot(self, load):
@@ -210,7 +219,7 @@ class AttributionIndex:
 
     def _load_vindex(self):
         if self._vindex is None:
-            self._vindex = querying.open_vector_index(self.path, self.config, mmap=self._mmap)
+            self._vindex = querying.open_vector_index(self.path, self.record, mmap=self._mmap)
         return self._vindex
 
     @property
@@ -219,15 +228,13 @@ class AttributionIndex:
 
     def _load_preconditioner(self):
         if self._pre is None:
-            self._pre = querying.load_preconditioner(self.path, self.config)
+            self._pre = querying.load_preconditioner(self.path, self.record)
         return self._pre
 
     def cosine_index(self):
         """The exact FAISS index of unit-norm training vectors that cosine search uses
         (built from the stored sketches on first use and saved beside the main index)."""
         if self._cosine is None:
-            from .analysis.normalize import cosine_index
-
             self._cosine = cosine_index(self)
         return self._cosine
 
@@ -243,12 +250,12 @@ class AttributionIndex:
     # -- query side ----------------------------------------------------------------------
     def check_model(self, model: torch.nn.Module):
         """The model must have the layers (names and shapes) the index was built on."""
-        return querying.check_model(self.path, self.config, model)
+        return querying.check_model(self.path, self.record, model)
 
     def query_sketcher(self, model, device=None):
         """A sketcher bound to ``model``, checked against this index once; pass it as
         ``query_sketches(..., sketcher=)`` to sketch many query batches with one model."""
-        return querying.query_sketcher(self.path, self.config, model, device)
+        return querying.query_sketcher(self.path, self.record, model, device)
 
     def query_sketches(self, model, examples: Sequence, loss_fn, *, collate=None,
                        batch_size: int | None = None, device=None,
@@ -256,7 +263,7 @@ class AttributionIndex:
         """Raw sketches g(z) [n, K] of the query examples (not preconditioned). For an
         ensemble index ``model`` is the list of its checkpoints and the sketch is their
         concatenation divided by C, so ``search``/``score_sketches`` give the mean score."""
-        return querying.sketch_queries(self.path, self.config, model, examples, loss_fn,
+        return querying.sketch_queries(self.path, self.record, model, examples, loss_fn,
                                        collate=collate, batch_size=batch_size,
                                        device=device, sketcher=sketcher)
 
@@ -276,8 +283,6 @@ class AttributionIndex:
     def search(self, q: torch.Tensor, k: int = 10, opponents: bool = False,
                nprobe: int | None = None, normalize: str | None = None):
         """Top-k search with ready-made raw query sketches [n, K]."""
-        from .analysis.normalize import check_normalize
-
         cosine = check_normalize(normalize) == "cosine"
         if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int)
                                    or nprobe < 1):
@@ -286,8 +291,6 @@ class AttributionIndex:
             return []
         k = min(k, self.n_train)
         if cosine:  # an exact flat index over unit-norm vectors; nprobe does not apply
-            from .analysis.normalize import unit_rows
-
             scores, ids = self.cosine_index().search(unit_rows(q.numpy()), k, opponents=opponents)
         else:  # a two-stage index (wide sketches) re-ranks its candidates exactly from the store
             scores, ids = querying.search(self.path, self.vindex, lambda: self.preconditioner,
@@ -307,15 +310,11 @@ class AttributionIndex:
 
     def self_influence(self) -> torch.Tensor:
         """float64 [n_train]: ĝ_iᵀ (F + λI)⁻¹ ĝ_i per training example (grass_index.analysis)."""
-        from .analysis.self_influence import self_influence
-
         return self_influence(self)
 
     def tune(self, **kwargs):
         """Choose the preconditioner by LDS on a validation split of the task's queries and
         make it this index's (grass_index.eval.tune.tune_index; the task needs train())."""
-        from .eval.tune import tune_index
-
         return tune_index(self, **kwargs)
 
     def score(self, model, examples: Sequence, loss_fn, *, collate=None, batch_size=None,
@@ -327,8 +326,6 @@ class AttributionIndex:
         return self.score_sketches(q, normalize=normalize)
 
     def score_sketches(self, q: torch.Tensor, normalize: str | None = None) -> torch.Tensor:
-        from .analysis.normalize import check_normalize, cosine_scores
-
         if check_normalize(normalize) == "cosine":
             return torch.from_numpy(cosine_scores(self, q.numpy()))
         out = torch.empty(q.shape[0], self.n_train, dtype=torch.float32)
@@ -338,10 +335,14 @@ class AttributionIndex:
 
     # -- maintenance --------------------------------------------------------------------
     def reprecondition(self, damping=None, hessian: str | None = None, index: str | None = None,
-                       progress=False) -> "AttributionIndex":
-        """Refit the preconditioner (and FAISS) from the stored sketches; no gradients."""
-        opts = IndexOptions(hessian=hessian or self.config["hessian"],
-                            damping=damping, index=index or self.config.get("index_kind", "flat"))
+                       progress=False, *, tune: dict | None = None) -> "AttributionIndex":
+        """Refit the preconditioner (and FAISS) from the stored sketches; no gradients.
+        ``tune``: the record of the `tune` sweep that chose these options, kept in the new
+        config (``info`` shows it; later refits keep it while the choice stands)."""
+        opts = IndexOptions(hessian=hessian or self.record.hessian, damping=damping,
+                            index=index or self.record.index_kind)
         self.close()
-        self.config = pipeline_run.refit_index(self.path, self.config, opts, progress=progress)
+        self.record = IndexRecord(pipeline_run.refit_index(self.path, self.config, opts,
+                                                           progress=progress, tune=tune),
+                                  str(self.path / CONFIG_FILE))
         return self

@@ -32,8 +32,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .capture import CaptureError, Checkpoints, check_loss_shape
 from .errors import GrassIndexError
 from .signature import item_signature, merge_signatures, signature_mismatch  # noqa: F401
+from .untrusted import safe_text
 
 REQUIRED = ("model", "train_data", "loss")
 OPTIONAL = ("query_data", "collate", "image", "label", "train", "encode", "checkpoints")
@@ -87,8 +89,6 @@ class Task:
         if isinstance(got, torch.nn.Module) or not isinstance(got, (list, tuple)):
             raise TaskError(f"task {self.ref}: checkpoints() returned {type(got).__name__}, "
                             "expected a list of torch.nn.Module (one per checkpoint)")
-        from .capture import CaptureError, Checkpoints
-
         try:  # the one check of what a checkpoint list holds (non-empty, every item a model)
             return list(Checkpoints(got, where=f"task {self.ref}: checkpoints()").eval())
         except CaptureError as e:
@@ -100,8 +100,6 @@ class Task:
         models = self.checkpoints()
         if len(models) == 1:
             return models[0]
-        from .capture import Checkpoints
-
         return Checkpoints(models)
 
     def train_data(self) -> Sequence:
@@ -199,20 +197,25 @@ def check_loss(model, data, loss_fn, collate=None, *, n: int = 2, where: str = "
             out = loss_fn(model, batch)
     except Exception as e:
         raise TaskError(f"{where}: loss(model, batch) raised {type(e).__name__}: {e}") from e
-    from .capture import CaptureError, check_loss_shape
-
     try:
         check_loss_shape(out, b)
     except CaptureError as e:
         raise TaskError(f"{where}: {e}") from None
 
 
+# Task references built in code rather than loaded from a file: ``prefix -> module:function``
+# (the function builds the Task from the whole reference). Resolved by name, like any task
+# module, so this module does not import the tasks built on top of it (grass_index/tasks/).
+BUILTIN_REF_BUILDERS = {"hf-lm:": "grass_index.tasks.hf_lm:task_from_ref"}  # `build --hf-model`
+
+
 def load_task(ref: str | os.PathLike | None = None) -> Task:
     """Load a task from a file path, ``module``, or ``module:attr`` (None: bundled digits)."""
     ref = str(ref) if ref is not None else default_task_ref()
-    if ref.startswith("hf-lm:"):  # recorded by `build --hf-model` (grass_index/tasks/hf_lm.py)
-        from .tasks.hf_lm import task_from_ref
-        return task_from_ref(ref)
+    for prefix, builder in BUILTIN_REF_BUILDERS.items():
+        if ref.startswith(prefix):  # a task built in code, named by the module that builds it
+            module, name = builder.split(":")
+            return getattr(importlib.import_module(module), name)(ref)
     source, canonical = _resolve(ref)
     fns = {}
     for name in REQUIRED + OPTIONAL:
@@ -345,8 +348,6 @@ def task_file_status(recorded: str | None, sha256: str | None, index_dir) -> str
 
 def recorded_task_status(recorded: str | None, sha256: str | None, index_dir) -> str:
     """The task an index records, with :func:`task_file_status`, as one clause."""
-    from .untrusted import safe_text
-
     status = task_file_status(recorded, sha256, index_dir)
     if not recorded:
         return "the index records no task (built from Python)"
@@ -380,8 +381,6 @@ def task_for_index(given, *, recorded: str | None, sha256: str | None, index_dir
     names a task shipped inside this package, :func:`is_builtin_task`), and the record is only
     shown (with whether that file is unchanged). ``note`` is a warning to print when
     the named file differs from the one the index was built with."""
-    from .untrusted import safe_text
-
     if given is None and is_builtin_task(recorded):
         given = recorded  # installed with grass-index itself, not supplied by the directory
     if given is None:

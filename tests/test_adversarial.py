@@ -313,7 +313,10 @@ def test_build_json_is_written_only_under_the_stores_writer_lock(built, tmp_path
         with pytest.MonkeyPatch.context() as mp:  # a worker's claim waits for it, then gives up
             mp.setattr(gi.indexdir.record, "CLAIM_WAIT_S", 0.3)
             with pytest.raises(StoreError, match="already being written"):
-                api_build(out, task, seed=1, worker="0/2")
+                t = gi.load_task(str(task))
+                gi.build_shard(t.model(), t.train_data(), t.loss, out, "0/2", gi.BuildOptions(
+                    sparsification="random_mask-4*3", projection="sjlt-8", batch_size=8,
+                    seed=1), task=t.ref, progress=False)
         assert not (out / "build.json").exists()
     finally:
         lock.release()
@@ -620,3 +623,100 @@ def test_only_tasks_shipped_with_grass_index_run_without_being_named(tmp_path):
         assert not is_builtin_task(ref), ref
         with pytest.raises(TaskError, match="--task"):
             task_for_index(None, recorded=ref, sha256=None, index_dir=tmp_path)
+
+
+# ------------------------------------------------ forged records: typed, checked once (house)
+
+class TestForgedRecords:
+    """config.json / build.json values forged together with the store's copy of the config
+    (issue 20 §5) are refused where the record is read, with one line naming the file and the
+    field: never an internal error deep in a query, never a wrong number."""
+
+    @staticmethod
+    def _bad_recall(cfg):
+        return dict(cfg["index"], recall=dict(cfg["index"]["recall"], recall="abc"))
+
+    @pytest.mark.parametrize("field,value,needle", [
+        ("checkpoints", 10**9, "'checkpoints'"),   # changed self-influence while verify passed
+        ("index", "bad recall", "recall must be a number in [0, 1]"),
+        ("tune", {"junk": 1}, "'tune'"),
+        ("damping_used", {"0": "x"}, "'damping_used'"),
+        ("preconditioner_key", "../../etc/x", "'preconditioner_key'"),
+        ("hessian", "gauss-newton", "'hessian'"),
+        ("damping", "lots", "'damping'"),
+    ])
+    def test_every_command_refuses_a_forged_field(self, copy, field, value, needle):
+        task, out = copy
+        cfg = json.loads((out / "config.json").read_text())
+        forge(out, **{field: self._bad_recall(cfg) if value == "bad recall" else value})
+        for cmd in (["info", out], ["query", out, "--task", task, "--example", 0],
+                    ["self-influence", out, "--task", task]):
+            one_line_error(invoke(*cmd), "config.json", needle)
+        rep = gi.verify_index(out)
+        assert not rep["ok"] and needle in rep["checks"][0]["detail"], rep
+
+    @pytest.mark.parametrize("changes,needle", [
+        (dict(n_train=float("nan")), "field 'n_train' must be an integer >= 1, got nan"),
+        (dict(n_train=-1), "field 'n_train' must be an integer >= 1, got -1"),
+        (dict(n_train=10**18), "field 'n_blocks'"),
+        (dict(n_train=40.0), "field 'n_train' must be an integer"),
+        (dict(layout=[1, 2]), "field 'layout' must be a non-empty object"),
+        (dict(layout={"0": 0, "2": 8}), "field 'layout' must map layer names to positive"),
+        (dict(dim=17), "field 'dim' (17) is not the sum"),
+        (dict(batch_size=True), "field 'batch_size'"),
+        (dict(sparsification="zz-1"), "field 'sparsification' is not a compression spec"),
+        (dict(index_kind="hnsw"), "field 'index_kind'"),
+        (dict(index_files=["index-000000000000.faiss"]), "'index_file' is not the first"),
+        (dict(layer_dims=[{"name": "0"}]), "field 'layer_dims'"),
+    ])
+    def test_the_typed_record_checks_types_ranges_and_agreement(self, copy, changes, needle):
+        """Fields the store's creation record also holds are caught by it first (see
+        test_edited_n_train_is_refused); the record itself refuses them too."""
+        task, out = copy
+        cfg = json.loads((out / "config.json").read_text())
+        with pytest.raises(gi.AttributionError) as e:
+            gi.IndexConfig({**cfg, **changes}, str(out / "config.json"))
+        msg = str(e.value)
+        assert needle in msg and "config.json" in msg and "\n" not in msg, msg
+
+    def test_missing_required_fields_are_named(self, copy):
+        task, out = copy
+        cfg = json.loads((out / "config.json").read_text())
+        for key in ("layout", "n_train", "preconditioner_key", "index_file"):
+            with pytest.raises(gi.AttributionError, match=f"field '{key}' is missing"):
+                gi.IndexConfig({k: v for k, v in cfg.items() if k != key})
+
+    def test_a_forged_build_json_of_an_unfinished_build(self, copy):
+        task, out = copy
+        (out / "config.json").unlink()
+        build = json.loads((out / "build.json").read_text())
+        (out / "build.json").write_text(json.dumps(dict(build, n_train=float("nan"))))
+        one_line_error(invoke("info", out), "build.json", "field 'n_train'")
+        (out / "build.json").write_text(json.dumps(dict(build, layout="x")))
+        one_line_error(invoke("info", out), "build.json", "field 'layout'")
+
+    def test_the_record_is_the_json_on_disk_byte_for_byte(self, copy):
+        """Typed access adds no key and changes no value: the hash over it is the written one."""
+        task, out = copy
+        text = (out / "config.json").read_text()
+        rec = gi.open_index(out).record
+        assert dict(rec.raw) == json.loads(text)
+        assert gi.attribute.config_hash(dict(rec.raw)) == rec.config_hash
+        assert (rec.n_train, rec.batch_size, rec.checkpoints, rec.index_files) == (
+            40, 8, 1, (json.loads(text)["index_file"],))
+        with pytest.raises(AttributeError):
+            rec.n_train = 3  # frozen
+
+    def test_every_file_an_index_directory_holds_is_declared_in_indexdir_files(self, copy):
+        from grass_index.indexdir import files
+
+        task, out = copy
+        idx = gi.open_index(out)
+        t = gi.load_task(str(task))
+        q = t.query_data()
+        idx.query(t.model(), [q[0], q[1]], t.loss, k=3, normalize="cosine")
+        key = idx.record.preconditioner_key
+        declared = (files.OUR_FILES | {files.MASK_FILE, files.cosine_file_name(key)}
+                    | set(files.index_file_names(key, 1)))
+        assert (out / files.cosine_file_name(key)).is_file()
+        assert {p.name for p in out.iterdir()} <= declared

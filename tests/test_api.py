@@ -2,7 +2,6 @@
 shard builds, example files, progress without a terminal, `python -m grass_index`."""
 from __future__ import annotations
 
-import ast
 import io
 import subprocess
 import sys
@@ -43,16 +42,6 @@ def test_every_stage_error_derives_from_grass_index_error_and_keeps_its_base():
         gi.IndexOptions(damping="lots")
     with pytest.raises(gi.GrassIndexError, match="unknown hessian"):
         gi.IndexOptions(hessian="gauss-newton")
-
-
-def test_attribute_is_a_facade():
-    """attribute.py reaches the stages only through the pipeline, and no private names."""
-    tree = ast.parse((REPO / "grass_index" / "attribute.py").read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            mod = node.module or ""
-            assert not mod.startswith(("capture", "store", "precondition", "compress", "index")), mod
-            assert all(not a.name.startswith("_") for a in node.names), mod
 
 
 @pytest.fixture(scope="module")

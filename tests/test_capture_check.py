@@ -62,10 +62,11 @@ def test_check_capture_reports_routes_without_building(tmp_path):
     assert rows["fc"]["route"] == "moved-to-flat" and rows["fc"]["status"] == "ok"
     assert "not all seen" in rows["fc"]["note"]
     assert rows["out"]["route"] == "factored" and rows["out"]["note"] == ""
-    # the keyword on build_index is the same check, and writes nothing
-    same = gi.build_index(Matmul().eval(), data, sq_loss, tmp_path / "ix", check_only=True)
-    assert [(r["layer"], r["route"], r["status"]) for r in same.layers] == \
-        [(r["layer"], r["route"], r["status"]) for r in rep.layers]
+    # build_index always returns an index: its old check_only= keyword points at
+    # check_capture, and writes nothing
+    with pytest.raises(gi.AttributionError, match=r"check_only=True\) is gone: call "
+                       r"grass_index.check_capture"):
+        gi.build_index(Matmul().eval(), data, sq_loss, tmp_path / "ix", check_only=True)
     assert not (tmp_path / "ix").exists()
 
 
@@ -202,8 +203,9 @@ def test_resumed_and_merged_builds_record_the_same(tmp_path):
         gi.build_index(model, data, flaky, tmp_path / "res", **kw)
     res = gi.build_index(model, data, token_loss, tmp_path / "res", **kw).config
     # two workers, then a merge
+    opts = gi.BuildOptions(**{k: v for k, v in kw.items() if k != "progress"})
     for i in range(2):
-        gi.build_index(model, data, token_loss, tmp_path / "mrg", worker=(i, 2), **kw)
+        gi.build_shard(model, data, token_loss, tmp_path / "mrg", (i, 2), opts, progress=False)
     mrg = gi.merge_shards(tmp_path / "mrg", progress=False).config
     for cfg in (res, mrg):
         assert cfg["capture"] == ref["capture"]

@@ -38,6 +38,16 @@ def build(task, out, **kw):
                           **{**OPTS, **kw})
 
 
+def shard(task, out, worker, **kw):
+    """One worker's shard (gi.build_shard) with build()'s options."""
+    o = {**OPTS, **kw}
+    index_options = gi.IndexOptions(**{k: o.pop(k) for k in ("hessian", "damping", "index")
+                                       if k in o})
+    progress = o.pop("progress")
+    return gi.build_shard(task.model(), task.train_data(), task.loss, out, worker,
+                          gi.BuildOptions(**o), index_options, task=task.ref, progress=progress)
+
+
 @pytest.fixture(scope="module")
 def single(task, tmp_path_factory):
     return build(task, tmp_path_factory.mktemp("single") / "idx")
@@ -88,8 +98,8 @@ def test_workers_then_merge_equal_single_process(task, single, tmp_path, n):
     out = tmp_path / "idx"
     order = list(range(n))[::-1]  # any order
     for i in order:
-        info = build(task, out, worker=(i, n))
-        assert info["shard"] == f"{i}/{n}" and info["batches"] == len(range(i, 6, n))
+        info = shard(task, out, (i, n))
+        assert info.shard == f"{i}/{n}" and info.batches == len(range(i, 6, n))
     assert not (out / "config.json").exists()
     with pytest.raises(AttributionError, match="not finished"):
         gi.open_index(out)
@@ -110,7 +120,7 @@ def test_workers_sum_their_own_fisher_and_merge_adds_them(task, single, tmp_path
 
     out = tmp_path / "idx"
     for i in range(3):
-        build(task, out, worker=(i, 3))
+        shard(task, out, (i, 3))
         with SketchStore.open(out / "shards" / f"{i}-of-3") as st:
             assert st.get_meta("fisher_partial_n") == st.num_rows
     seen, real = [], pass2.accumulate
@@ -125,7 +135,7 @@ def test_workers_sum_their_own_fisher_and_merge_adds_them(task, single, tmp_path
 
     out2 = tmp_path / "idx2"
     for i in range(2):
-        build(task, out2, worker=(i, 2), hessian="identity")
+        shard(task, out2, (i, 2), hessian="identity")
         with SketchStore.open(out2 / "shards" / f"{i}-of-2") as st:
             assert st.get_meta("fisher_partial_n") is None
     assert_same_index(gi.merge_shards(out2, hessian="eFIM", progress=False), single, task)
@@ -142,11 +152,11 @@ def test_worker_resumes_and_merge_resumes(task, single, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build(task, out, worker="0/2", progress=stop_after_one)
+        shard(task, out, "0/2", progress=stop_after_one)
     with pytest.raises(AttributionError, match=r"shard 0-of-2 is incomplete \(1 of 3 batches"):
-        build(task, out, worker="1/2")
+        shard(task, out, "1/2")
         gi.merge_shards(out, progress=False)
-    build(task, out, worker="0/2")  # resumes at its second batch
+    shard(task, out, "0/2")  # resumes at its second batch
 
     def stop_merge(stage, done, total):
         if stage == "merge" and done == 2:
@@ -161,8 +171,8 @@ def test_merge_reports_missing_duplicate_mismatched_shards(task, tmp_path):
     out = tmp_path / "idx"
     with pytest.raises(AttributionError, match="no build.json"):
         gi.merge_shards(out, progress=False)
-    build(task, out, worker=(0, 3))
-    build(task, out, worker=(2, 3))
+    shard(task, out, (0, 3))
+    shard(task, out, (2, 3))
     with pytest.raises(AttributionError, match=r"missing shards 1-of-3 .*--worker 1/3"):
         gi.merge_shards(out, progress=False)
 
@@ -171,7 +181,7 @@ def test_merge_reports_missing_duplicate_mismatched_shards(task, tmp_path):
         gi.merge_shards(out, progress=False)
     shutil.rmtree(out / "shards" / "00-of-3")
 
-    build(task, out, worker=(0, 2))  # a stale split beside the 3-way one
+    shard(task, out, (0, 2))  # a stale split beside the 3-way one
     with pytest.raises(AttributionError, match="different splits"):
         gi.merge_shards(out, progress=False)
     with pytest.raises(AttributionError, match="missing shards 1-of-2"):
@@ -180,10 +190,10 @@ def test_merge_reports_missing_duplicate_mismatched_shards(task, tmp_path):
 
     # worker 1 of another build (other seed): the worker itself refuses the directory ...
     with pytest.raises(AttributionError, match="holds a different build .*seed"):
-        build(task, out, worker=(1, 3), seed=1)
+        shard(task, out, (1, 3), seed=1)
     # ... and a shard of another build copied in is refused by merge
     other = tmp_path / "other"
-    build(task, other, worker=(1, 3), seed=1)
+    shard(task, other, (1, 3), seed=1)
     shutil.copytree(other / "shards" / "1-of-3", out / "shards" / "1-of-3")
     with pytest.raises(AttributionError, match=r"shard 1-of-3 is a different build .*seed"):
         gi.merge_shards(out, progress=False)
@@ -192,7 +202,7 @@ def test_merge_reports_missing_duplicate_mismatched_shards(task, tmp_path):
 def test_worker_argument_errors(task, tmp_path):
     for bad in ("2/2", "1/0", "a/b", "1-2", (3, 2)):
         with pytest.raises(AttributionError, match="worker"):
-            build(task, tmp_path / "x", worker=bad)
+            shard(task, tmp_path / "x", bad)
     assert not (tmp_path / "x").exists()
 
 
@@ -274,7 +284,8 @@ def test_torchrun_remove_shards(task, single, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert not (out / "shards").exists()
     assert_same_index(gi.open_index(out), single, task)
-    with pytest.raises(AttributionError, match="remove_shards applies to torchrun"):
+    with pytest.raises(AttributionError, match=r"build_index\(worker=...\) is gone: call "
+                       r"grass_index.build_shard"):
         build(task, tmp_path / "w", worker="0/2", remove_shards=True)
 
 

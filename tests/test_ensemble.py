@@ -221,7 +221,9 @@ def test_worker_shards_and_merge_equal_a_single_process_build(tmp_path):
     ref = build(models, tmp_path / "ref")
     out = tmp_path / "sharded"
     for w in range(2):
-        build(models, out, worker=(w, 2))
+        gi.build_shard(models, make_data(N, 1), loss_fn, out, (w, 2),
+                       gi.BuildOptions(sparsification=SPARS, projection=PROJ, batch_size=8),
+                       progress=False)
     idx = gi.merge_shards(out, progress=False)
     np.testing.assert_array_equal(sketches(out), sketches(ref.path))
     q = make_data(3, 2)
@@ -426,7 +428,7 @@ def test_eval_and_tune_work_on_an_ensemble(tmp_path):
 def test_verify_repair_recomputes_a_damaged_block_with_every_checkpoint(tmp_path):
     from test_adversarial import _damage_block
 
-    from grass_index.indexdir.verify import _recompute_blocks
+    from grass_index.pipeline.repair import _recompute_blocks
 
     task = write_ensemble_task(tmp_path)
     t = gi.load_task(task)

@@ -506,7 +506,8 @@ def test_query_with_another_model_shape_is_refused_saying_what_differs(ref):
     with pytest.raises(AttributionError, match=r"layers \['3'\] that index .* does not have"):
         idx.score(deeper, items, lambda m, b: t.loss(m, b))
     # an index whose recorded sketch layout this version would not produce (another version)
-    idx.config = dict(idx.config, layout={k: v + 1 for k, v in idx.config["layout"].items()})
+    wide = {k: v + 1 for k, v in idx.config["layout"].items()}
+    idx.record = gi.IndexConfig(dict(idx.config, layout=wide, dim=sum(wide.values())))
     with pytest.raises(AttributionError, match="builds sketches of layout"):
         idx.query(t.model(), items, t.loss)
 

@@ -449,6 +449,12 @@ def test_page_in_a_headless_browser(live_server, tmp_path):
             page.click("#selfbox summary")
             page.wait_for_selector("#selfinf li.hit", timeout=15000)
             assert page.locator("#selfinf li.hit").count() == 5
+            # a typed text is POSTed by the page itself (same origin: allowed)
+            page.fill("#exid", "")
+            page.fill("#text", "0.5 -1 2 0 0.25 1")
+            page.click("#run")
+            page.wait_for_selector("text=query text[0]", timeout=15000)
+            assert page.locator("#proponents li.hit").count() == 5
         finally:
             browser.close()
 
@@ -498,14 +504,249 @@ def test_without_a_token_only_loopback_host_names_are_answered(built):
     """A page elsewhere cannot reach a loopback server by DNS rebinding: its requests carry
     the attacker's host name."""
     _, out = built
-    from grass_index.serve.guard import host_name
+    from grass_index.serve.guard import loopback_hosts
 
-    assert [host_name(h) for h in ("127.0.0.1:8000", "LOCALHOST", "[::1]:80", "::1")] == \
-        ["127.0.0.1", "localhost", "::1", "::1"]
     eng = Engine(out, task=str(built[0]), verify=False)
-    app = create_app(out, engine=eng, allowed_hosts=["127.0.0.1", "localhost", "::1"])
+    app = create_app(out, engine=eng, allowed_hosts=loopback_hosts("127.0.0.1"))
     with TestClient(app, base_url="http://127.0.0.1:8000") as c:
         assert c.get("/healthz").status_code == 200
-        assert c.get("/healthz", headers={"host": "localhost:8000"}).status_code == 200
-        r = c.get("/api/info", headers={"host": "evil.example:8000"})
-        assert r.status_code == 400 and "evil.example" in r.json()["error"] and r.json()["fix"]
+        for host in ("localhost:8000", "LOCALHOST", "[::1]:8000"):
+            assert c.get("/healthz", headers={"host": host}).status_code == 200, host
+        for host in ("evil.example:8000", "127.0.0.1.evil.example", "::1"):
+            r = c.get("/api/info", headers={"host": host})
+            assert r.status_code == 400 and host in r.json()["error"] and r.json()["fix"], host
+
+
+# ----------------------------------------------------------------------------- round two:
+# bounded work per upload, cross-origin writes, no 500s, the API's docs, the real port
+
+def _zip(members: dict, compress=True) -> bytes:
+    """A zip (an .npz or a torch.save file) of ``name -> bytes or iterable of chunks``, streamed
+    so that a member can declare gigabytes while this test holds a few MB."""
+    import zipfile
+
+    buf = io.BytesIO()
+    mode = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(buf, "w", mode) as z:
+        for name, data in members.items():
+            if isinstance(data, bytes):
+                z.writestr(name, data)
+                continue
+            with z.open(name, "w", force_zip64=True) as f:
+                for chunk in data:
+                    f.write(chunk)
+    return buf.getvalue()
+
+
+def _npy_header(shape, dtype="<f4") -> bytes:
+    from numpy.lib import format as npformat
+
+    buf = io.BytesIO()
+    npformat.write_array_header_1_0(buf, dict(descr=dtype, fortran_order=False, shape=shape))
+    return buf.getvalue()
+
+
+def _zeros(nbytes: int, chunk: int = 1 << 22):
+    block = bytes(chunk)
+    for lo in range(0, nbytes, chunk):
+        yield block[:min(chunk, nbytes - lo)]
+
+
+def _bombs() -> dict:
+    rows = 1 << 16  # 64 Ki examples of 6 float32: far over 64 per request and the byte budget
+    inflating = _zip({"x.npy": iter([_npy_header((rows * 64, 6)), *_zeros(rows * 64 * 24)])})
+    pt = io.BytesIO()
+    torch.save(torch.zeros(1 << 24), pt)  # 64 MiB of zeros, then deflated
+    import zipfile
+
+    src = zipfile.ZipFile(io.BytesIO(pt.getvalue()))
+    deflated_pt = _zip({i.filename: src.read(i.filename) for i in src.infolist()})
+    return {
+        "npz member inflating 1000:1": ("q.npz", inflating, 413, "unpacks to"),
+        "npz member header of 1e12 elements": (
+            "q.npz", _zip({"x.npy": _npy_header((1, 10**12)) + bytes(64)}), 413,
+            "declares"),
+        "npy header of 1e12 elements": ("q.npy", _npy_header((4, 25 * 10**10)) + bytes(64), 413,
+                                        "declares"),
+        "npy of 500k rows": ("q.npy", _npy(np.zeros(500_000, np.float32)), 413,
+                             "500000 examples"),
+        "npy truncated": ("q.npy", _npy_header((3, 6)) + bytes(8), 400, "truncated"),
+        "pt storage deflated 1000:1": ("q.pt", deflated_pt, 413, "unpacks to"),
+    }
+
+
+@pytest.fixture(scope="module")
+def bombs():
+    return _bombs()
+
+
+@pytest.mark.parametrize("case", ["npz member inflating 1000:1",
+                                  "npz member header of 1e12 elements",
+                                  "npy header of 1e12 elements", "npy of 500k rows",
+                                  "npy truncated", "pt storage deflated 1000:1"])
+def test_upload_bombs_are_refused_from_their_headers(client, bombs, case, monkeypatch):
+    """Each file is refused with a 4xx JSON error before anything is unpacked: numpy's
+    allocations (traced by tracemalloc) stay far below what the file declares, and torch.load
+    is never reached."""
+    import tracemalloc
+
+    name, data, status, needle = bombs[case]
+    assert len(data) < 8 << 20  # each fits the default body limit
+    reached = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reached.append(1) or 1 / 0)
+    tracemalloc.start()
+    try:
+        r = client.post("/api/query", files={"file": (name, data)})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "fix"} and needle in body["error"] and body["fix"], body
+    assert not reached
+    assert peak < 4 * len(data) + (8 << 20), peak  # the body itself, a copy or two; no more
+
+
+def test_upload_budget_follows_the_index_signature(built):
+    from grass_index.input_budget import OPEN_ELEMENTS, InputBudget
+
+    sig = gi.open_index(built[1]).config["item_signature"]
+    b = InputBudget.for_signature(sig, max_items=64)
+    assert b.max_bytes == 64 * 7 * 8 + (1 << 20)  # x: 6 floats, y: 1 int, 8 bytes each
+    tokens = {"seq": [{"tensor": [None], "dtype": "int64"}]}
+    assert InputBudget.for_signature(tokens, 4).max_bytes == 4 * OPEN_ELEMENTS * 8 + (1 << 20)
+
+
+@pytest.mark.parametrize("array,needle", [
+    (np.array(["a", "bc"]), "<U2 values"),
+    (np.zeros(3, dtype=[("a", "<f4"), ("b", "<i8")]), "values; examples are numeric"),
+])
+def test_string_and_structured_npy_are_a_400(client, array, needle, tmp_path):
+    r = client.post("/api/query", files={"file": ("q.npy", _npy(array))})
+    assert r.status_code == 400 and needle in r.json()["error"] and r.json()["fix"], r.text
+    (tmp_path / "q.npy").write_bytes(_npy(array))  # `query --input` (no budget): same refusal
+    with pytest.raises(gi.GrassIndexError, match="values; examples are numeric"):
+        gi.load_examples(tmp_path / "q.npy")
+
+
+def test_a_pt_upload_of_examples_still_answers(built, client):
+    t = load_task(built[0])
+    qd = t.query_data()
+    buf = io.BytesIO()
+    torch.save([qd[i] for i in range(2)], buf)
+    r = client.post("/api/query", files={"file": ("q.pt", buf.getvalue())}, data={"k": "3"})
+    assert r.status_code == 200, r.text
+    want = reference(built[1], [qd[0], qd[1]], 3)
+    assert [hits(g["proponents"]) for g in r.json()["results"]] == want
+
+
+def test_cross_origin_writes_are_refused(client):
+    for same in ({"origin": "http://testserver", "sec-fetch-site": "same-origin"},
+                 {"origin": "http://testserver"},  # a browser without Sec-Fetch-Site
+                 {"origin": "https://public.example", "sec-fetch-site": "same-origin"}):
+        # (the last: the page behind a proxy that rewrites Host; the browser's verdict holds)
+        r = client.post("/api/query", json=dict(example=1), headers=same)
+        assert r.status_code == 200, (same, r.text)
+    for headers in ({"origin": "http://evil.example"}, {"origin": "null"},
+                    {"sec-fetch-site": "cross-site"}, {"sec-fetch-site": "same-site"},
+                    {"origin": "http://testserver.evil.example"}):
+        r = client.post("/api/query", files={"file": ("q.npy", b"x")}, headers=headers)
+        assert r.status_code == 403 and "cross-origin" in r.json()["error"], (headers, r.text)
+        assert r.json()["fix"]
+    # reads stay open to the page and to scripts: a GET changes nothing
+    r = client.get("/api/query", params=dict(example=1), headers={"origin": "http://evil.example"})
+    assert r.status_code == 200
+
+
+def test_no_500_on_nested_json_non_ascii_tokens_or_overflowing_inputs(built, client):
+    deep = b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = client.post("/api/query", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"], r.text
+    for text in ("1e37 1e37 1e37 1e37 1e37 1e37", "3e38 -3e38 3e38 1 1 1"):
+        r = client.post("/api/query", json=dict(text=text, opponents=True))
+        assert r.status_code in (200, 400), r.text
+        assert "Infinity" not in r.text and "NaN" not in r.text
+        if r.status_code == 400:
+            assert "overflowed" in r.json()["error"] and r.json()["fix"], r.text
+    # an input that overflows the model (inf through tanh: a NaN gradient) is a clear 400
+    r = client.post("/api/query", json=dict(text="inf inf inf inf inf inf"))
+    assert r.status_code == 400 and "non-finite" in r.json()["error"], r.text
+    x = np.zeros((2, 6), np.float32)
+    x[1] = np.inf
+    buf = io.BytesIO()
+    np.savez(buf, x=x, y=np.zeros(2, np.int64))
+    r = client.post("/api/query", files={"file": ("q.npz", buf.getvalue())})
+    assert r.status_code == 400 and "non-finite" in r.json()["error"], r.text
+    # finite sketches whose scores overflow float32: refused, never "Infinity" in the JSON
+    eng = client.app.state.engine
+    search = eng.idx.search
+
+    def overflowing(q, k, opponents=False):
+        return [[(i, float("inf") if i == 0 else s) for i, s in row]
+                for row in search(q, k, opponents=opponents)]
+
+    eng.idx.search = overflowing
+    try:
+        r = client.get("/api/query", params=dict(example=1, k=40))
+    finally:
+        del eng.idx.search
+    assert r.status_code == 400 and "overflowed" in r.json()["error"], r.text
+    assert client.get("/api/query", params=dict(example=1)).status_code == 200
+    token = "t\u00f6k\u00e9n-for-tests"
+    eng = client.app.state.engine
+    with TestClient(create_app(built[1], engine=eng, token=token),
+                    raise_server_exceptions=False) as c:
+        for bad in ("%E2%82%AC", "%ff%fe", "\u20ac"):
+            r = c.get("/healthz?token=" + bad)
+            assert r.status_code == 401 and r.json()["fix"], r.text
+        assert c.get("/healthz", params={"token": token}).status_code == 200
+
+
+def test_openapi_docs_are_served_with_the_apis_guard(built, client):
+    schema = client.get("/openapi.json").json()
+    assert {"/api/query", "/api/info", "/api/examples", "/api/self-influence"} <= \
+        set(schema["paths"])
+    k = next(p for p in schema["paths"]["/api/query"]["get"]["parameters"] if p["name"] == "k")
+    assert k["schema"]["maximum"] == 100 and k["schema"]["minimum"] == 1
+    assert "swagger" in client.get("/docs").text.lower()
+    eng = client.app.state.engine
+    with TestClient(create_app(built[1], engine=eng, token=TOKEN),
+                    raise_server_exceptions=False) as c:
+        assert c.get("/openapi.json").status_code == 401
+        assert c.get("/docs").status_code == 401
+        page = c.get("/docs", params={"token": TOKEN})
+        assert page.status_code == 200 and f"/openapi.json?token={TOKEN}" in page.text
+        assert c.get("/openapi.json", params={"token": TOKEN}).status_code == 200
+
+
+def test_loaded_objects_are_frozen_out_of_the_collector(client):
+    """A full collection walks only what came after start: no server-wide pause scanning
+    torch, the model and the data (benchmarks/serve.py measures the p99 this removes)."""
+    import gc
+
+    info = client.get("/api/info").json()
+    assert info["gc"]["frozen"] > 10_000 and gc.get_freeze_count() > 10_000
+    assert len(info["gc"]["collections"]) == 3
+
+
+def test_serve_port_0_prints_the_port_it_bound(built):
+    import http.client
+    import re
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("GRASS_INDEX_TOKEN", None)
+    proc = subprocess.Popen([sys.executable, "-m", "grass_index.cli.main", "serve", str(built[1]),
+                             "--task", str(built[0]), "--port", "0"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert m and int(m.group(1)) > 0, line
+        conn = http.client.HTTPConnection("127.0.0.1", int(m.group(1)), timeout=30)
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().status == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -27,6 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..index import FaissIndexError, VectorIndex
+from ..indexdir.errors import AttributionError
+from ..indexdir.files import cosine_file_name
+
 log = logging.getLogger("grass_index")
 
 MODES = ("none", "cosine")
@@ -38,8 +42,6 @@ def check_normalize(mode) -> str:
         return "none"
     m = str(mode).strip().lower()
     if m not in MODES:
-        from ..indexdir.errors import AttributionError
-
         raise AttributionError(f"unknown normalize mode {mode!r}; use 'none' (influence "
                                "scores) or 'cosine' (unit-norm query and training vectors)")
     return m
@@ -53,14 +55,12 @@ def unit_rows(a: np.ndarray) -> np.ndarray:
 
 
 def cosine_file(idx) -> Path:
-    return Path(idx.path) / f"index-{idx.config['preconditioner_key']}-cosine.faiss"
+    return Path(idx.path) / cosine_file_name(idx.record.preconditioner_key)
 
 
 def cosine_index(idx):
     """The exact FAISS index over unit-norm preconditioned training vectors (loaded, or built
     from the stored sketches and saved when possible)."""
-    from ..index import FaissIndexError, VectorIndex
-
     path = cosine_file(idx)
     if path.is_file():
         try:

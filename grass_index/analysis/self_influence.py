@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..indexdir.errors import AttributionError
+
 
 def self_influence(idx) -> torch.Tensor:
     """float64 [n_train]: ĝ_iᵀ (F + λI)⁻¹ ĝ_i for every training example, in train-id order.
@@ -30,12 +32,10 @@ def self_influence(idx) -> torch.Tensor:
         vec = np.asarray(pre.apply(raw), dtype=np.float64)
         out[start:start + len(raw)] = np.einsum("ij,ij->i", raw.astype(np.float64), vec)
         seen += len(raw)
-    C = int(idx.config.get("checkpoints") or 1)
+    C = idx.record.checkpoints
     if C > 1:  # an ensemble: the mean over checkpoints of each one's g_iᵀ(F_c + λ_c I)⁻¹g_i
         out /= C
     if seen != idx.n_train:
-        from ..indexdir.errors import AttributionError
-
         raise AttributionError(f"the sketch store of {idx.path} holds {seen} rows, the index "
                                f"{idx.n_train}; run `grass-index verify {idx.path} --repair`")
     return torch.from_numpy(out)
@@ -47,8 +47,6 @@ def rank_self_influence(scores, top_k: int | None = None) -> list[tuple[int, flo
     order = np.lexsort((np.arange(len(s)), -s))  # stable, id breaks ties
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            from ..indexdir.errors import AttributionError
-
-            raise AttributionError(f"top_k must be a positive integer, got {top_k!r}")
+                raise AttributionError(f"top_k must be a positive integer, got {top_k!r}")
         order = order[:top_k]
     return [(int(i), float(s[i])) for i in order]

@@ -50,18 +50,19 @@ def tune_command(
 ) -> None:
     """Sweep identity, eFIM and EK-FAC dampings (1e-3…10 × mean eigenvalue) from the sketches,
     keep the best validation LDS, report it on held-out queries and record it in the index."""
-    from grass_index.eval.tune import tune_index
+    import grass_index as gi
 
     seed_list = _numbers(seeds, "--seeds", int)
     factor_list = _numbers(factors, "--factors", float)
     scope_list = None if scopes is None else [s.strip() for s in scopes.split(",") if s.strip()]
     if not Path(index_dir).is_dir():
         fail(f"{index_dir} is not a directory; pass an index made by `grass-index build`")
-    res = tune_index(index_dir, task=task, num_subsets=num_subsets, alpha=alpha,
-                     seeds=seed_list, subset_seed=subset_seed, ground_truth=ground_truth,
-                     val_fraction=val_fraction, split_seed=split_seed, factors=factor_list,
-                     scopes=scope_list, max_queries=max_queries, apply=apply,
-                     progress=progress and not as_json)
+    res = gi.open_index(index_dir).tune(task=task, num_subsets=num_subsets, alpha=alpha,
+                                        seeds=seed_list, subset_seed=subset_seed,
+                                        ground_truth=ground_truth, val_fraction=val_fraction,
+                                        split_seed=split_seed, factors=factor_list,
+                                        scopes=scope_list, max_queries=max_queries, apply=apply,
+                                        progress=progress and not as_json)
     if as_json:
         typer.echo(json.dumps(res.to_dict()))
         return

@@ -32,8 +32,10 @@ import numpy as np
 from ..precondition import FisherAccumulator, load_factors
 from ..precondition.ekfac import corrected_eigenvalues, rotate
 from ..precondition.fisher import layer_slices
+from ..query.querying import reading_store
 from .groundtruth import train_ground_truth
-from .run import EvalError, default_ground_truth_dir, retraining_inputs
+from .errors import EvalError
+from .inputs import default_ground_truth_dir, retraining_inputs
 from .subsets import make_subsets
 
 DEFAULT_FACTORS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -195,8 +197,6 @@ class _Sweep:
 
 def stored_factors(idx):
     """The Kronecker factors pass 1 kept in the index's store (None when there are none)."""
-    from ..query.querying import reading_store
-
     with reading_store(idx.path) as store:
         f = load_factors(store)
         return f if f is not None and f.blocks == store.committed_blocks else None
@@ -265,14 +265,22 @@ def tune_index(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
                      split_seed=split_seed, ground_truth_dir=p.ground_truth_dir,
                      seconds={"prepare": t1 - t0, "sweep": t2 - t1})
     if apply:
-        # The record rides along in the config the refit writes (it is kept only while the
-        # index's hessian/damping are the tuned choice).
-        idx = p.index
-        idx.config = dict(idx.config, tune=res.record())
-        idx.reprecondition(damping=choice.damping, hessian=choice.hessian, progress=progress)
+        # the record goes into the config the refit writes (later refits keep it only while
+        # the index's hessian/damping stay the tuned choice)
+        p.index.reprecondition(damping=choice.damping, hessian=choice.hessian,
+                               progress=progress, tune=res.record())
         res.applied = True
         res.seconds["reprecondition"] = time.perf_counter() - t2
     return res
+
+
+def _opened(index):
+    """tune runs below the façade: it takes an opened index (``open_index(DIR)``, or call
+    ``AttributionIndex.tune``), never a directory it would open itself."""
+    if isinstance(index, (str, os.PathLike)):
+        raise EvalError(f"tune takes an opened index, not the path {str(index)!r}: use "
+                        "grass_index.open_index(DIR).tune(...)")
+    return index
 
 
 @dataclass
@@ -294,9 +302,7 @@ def prepare(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
             progress: bool = True) -> Prepared:
     """The expensive part of tune: ground truth (cached), query sketches, one pass over the
     stored sketches and one eigendecomposition per layer."""
-    from ..attribute import AttributionIndex, open_index
-
-    idx = index if isinstance(index, AttributionIndex) else open_index(index)
+    idx = _opened(index)
     task, train_fn, train, query = retraining_inputs(idx, task, "tune", "tune")
     if max_queries is not None and max_queries < 2:
         raise EvalError(f"max_queries={max_queries}; pass at least 2 or leave it out")

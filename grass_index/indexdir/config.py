@@ -1,5 +1,6 @@
-"""config.json, the record of a finished index: reading and validating it, and a typed
-read-only view of it for readers (the CLI, verify, describe, services).
+"""config.json, the record of a finished index: reading it, checking it (format, hash, file
+names, agreement with the sketch store's own records, every field's type and range:
+indexdir/records.py) and handing readers the typed record (``read_record``).
 
 config.json holds build.json's keys plus what pass 2 did (``hessian``, ``damping``,
 ``damping_used``, ``preconditioner``, ``index``, ``index_kind``, ``index_files``, ...), the
@@ -10,22 +11,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, Mapping
 
-from .. import __version__
-from ..store import SketchStore
+from ..version import __version__
+from ..store import SketchStore, StoreError
 from ..untrusted import UnsafeNameError, plain_file_name
 from .errors import AttributionError
 from .files import BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, STORE_DIR, jsonable
 from .fingerprints import config_hash
 from .record import sketched_batches
+from .records import IndexRecord
 
 
 def read_config(path: Path) -> dict:
-    """config.json of the index in ``path``, checked (format, hash, plain file names, and
-    agreement with the sketch store's own record); clear errors for a missing, unfinished,
-    corrupted, modified or foreign directory."""
+    """config.json of the index in ``path`` as a dict, after ``read_record``'s checks."""
+    return dict(read_record(path).raw)
+
+
+def read_record(path) -> IndexRecord:
+    """The typed record of the finished index in ``path``, checked once: format, hash, plain
+    file names, agreement with the sketch store's own records, every field's type and range
+    (indexdir/records.py); clear errors for a missing, unfinished, corrupted, modified or
+    foreign directory."""
     path = Path(path)
     if not path.is_dir():
         raise AttributionError(f"index directory {path} not found; build one with "
@@ -58,8 +64,13 @@ def read_config(path: Path) -> dict:
                                f"run `grass-index verify {path} --repair` to restore it from "
                                "the sketch store")
     check_file_names(path, cfg)
-    _check_against_store(path, cfg)
-    return cfg
+    rows = _check_against_store(path, cfg)
+    record = IndexRecord(cfg, str(cfile))  # every field's type and range, and their agreement
+    if rows is not None and record.n_train > rows:
+        raise AttributionError(f"{cfile}: field 'n_train' ({record.n_train}) is more than the "
+                               f"{rows} rows the sketch store holds; run `grass-index verify "
+                               f"{path} --repair` or rebuild the index")
+    return record
 
 
 def check_file_names(path: Path, cfg: dict) -> None:
@@ -79,69 +90,41 @@ TASK_FIELDS = ("task", "task_sha256")
 def config_store_diff(path: Path, cfg: dict) -> list[str] | None:
     """Fields where ``cfg`` disagrees with the sketch store's creation record (the build) and
     its copy of the config (the task); None when the store cannot be read."""
+    seen = _store_records(path)
+    return None if seen is None else _diff(cfg, *seen[:2])
+
+
+def _store_records(path: Path):
+    """(creation record, copy of the config, rows) of the sketch store; None when unreadable."""
     try:
         with SketchStore.open(Path(path) / STORE_DIR, readonly=True) as st:
-            created, stored = st.meta, st.get_meta("config", None)
-    except Exception:
+            return st.meta, st.get_meta("config", None), st.num_rows
+    except (StoreError, OSError, ValueError):
         return None
+
+
+def _diff(cfg: dict, created: dict, stored) -> list[str]:
     diff = [k for k in sorted(created) if jsonable(created[k]) != jsonable(cfg.get(k))]
     if isinstance(stored, dict):
         diff += [k for k in TASK_FIELDS if stored.get(k) != cfg.get(k)]
     return diff
 
 
-def _check_against_store(path: Path, cfg: dict) -> None:
-    diff = config_store_diff(path, cfg)
+def _check_against_store(path: Path, cfg: dict) -> int | None:
+    """Refuse a config that disagrees with the store's records; the rows the store holds
+    (None when it cannot be read: then the queries that need it say so)."""
+    seen = _store_records(path)
+    if seen is None:
+        return None
+    created, stored, rows = seen
+    diff = _diff(cfg, created, stored)
     if diff:
         raise AttributionError(
             f"{path / CONFIG_FILE} disagrees with the sketch store's own record of this build "
             f"(differs in: {', '.join(diff)}): it was edited, or belongs to another build; run "
             f"`grass-index verify {path} --repair` to restore it from the store")
+    return rows
 
 
-class IndexConfig:
-    """Typed, read-only view of a config.json dict: readers use these names instead of raw
-    keys (``raw`` is the whole dict, read-only, for the rest)."""
-
-    def __init__(self, config: Mapping[str, Any]):
-        self.raw = MappingProxyType(dict(config))
-
-    def _get(self, key, default=None):
-        return self.raw.get(key, default)
-
-    # what the sketches are
-    n_train = property(lambda self: int(self.raw["n_train"]))
-    dim = property(lambda self: int(self.raw["dim"]))
-    layout = property(lambda self: {k: int(v) for k, v in self.raw["layout"].items()})
-    layer_dims = property(lambda self: list(self.raw.get("layer_dims") or []))
-    layers_described = property(lambda self: dict(self.raw.get("layers_described") or {}))
-    sparsification = property(lambda self: self.raw["sparsification"])
-    projection = property(lambda self: self.raw["projection"])
-    seed = property(lambda self: self.raw["seed"])
-    batch_size = property(lambda self: int(self.raw["batch_size"]))
-    # an ensemble's scores average over this many checkpoints (its layout keys: c{c}/{layer})
-    checkpoints = property(lambda self: int(self._get("checkpoints") or 1))
-    n_blocks = property(lambda self: self._get("n_blocks"))
-    task = property(lambda self: self._get("task"))
-    task_sha256 = property(lambda self: self._get("task_sha256"))
-    # what pass 2 did
-    hessian = property(lambda self: self.raw["hessian"])
-    damping = property(lambda self: self._get("damping"))
-    damping_used = property(lambda self: self._get("damping_used"))
-    index_kind = property(lambda self: self._get("index_kind") or (self.index or {}).get("kind"))
-    index = property(lambda self: dict(self._get("index") or {}))
-    index_files = property(lambda self: list(self._get("index_files") or [self.raw["index_file"]]))
-    preconditioner_key = property(lambda self: self.raw["preconditioner_key"])
-    # provenance
-    version = property(lambda self: self._get("version"))
-    torch_version = property(lambda self: self._get("torch"))
-    config_hash = property(lambda self: self._get("config_hash"))
-    created = property(lambda self: self._get("created"))
-
-    @property
-    def recall(self) -> dict | None:
-        """The measured recall of the FAISS index ({k, recall, queries, ...}), when recorded."""
-        return self.index.get("recall")
-
-    def __repr__(self) -> str:
-        return f"IndexConfig(n_train={self.n_train}, dim={self.dim}, hessian={self.hessian})"
+# The typed, validated config.json (read-only): its older name, kept for readers and the API.
+IndexConfig = IndexRecord

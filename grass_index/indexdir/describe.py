@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .config import read_config
 from .files import BUILD_FILE, CONFIG_FILE
-from .record import n_batches, read_build_record, sketched_batches
+from .record import read_build, sketched_batches
 
 
 def describe_index(path) -> dict:
@@ -18,7 +18,7 @@ def describe_index(path) -> dict:
         return dict(complete=True, path=str(path), config=cfg)
     if not (path / BUILD_FILE).is_file():
         read_config(path)  # raises the right message
-    build = read_build_record(path)
+    build = read_build(path)
     done = sketched_batches(path)
-    return dict(complete=False, path=str(path), build=build,
-                committed_blocks=done[0] if done else 0, n_blocks=n_batches(build))
+    return dict(complete=False, path=str(path), build=dict(build.raw),
+                committed_blocks=done[0] if done else 0, n_blocks=build.n_batches)

@@ -17,3 +17,9 @@ def index_file_names(key: str, parts: int) -> list[str]:
     """The FAISS file(s) of the pass-2 variant ``key``: one file, or one per part."""
     return ([f"index-{key}.faiss"] if parts == 1 else
             [f"index-{key}-{i}-of-{parts}.faiss" for i in range(parts)])
+
+
+def cosine_file_name(key: str) -> str:
+    """The exact index of unit-norm vectors that cosine search uses (grass_index.analysis.
+    normalize), built on first use beside the main index of the same variant ``key``."""
+    return f"index-{key}-cosine.faiss"

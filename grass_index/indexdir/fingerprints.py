@@ -10,6 +10,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..capture import as_checkpoints
+from ..capture.ensemble import single_model
 from ..fileio import jsonable
 from ..signature import item_signature, merge_signatures
 
@@ -51,9 +53,6 @@ def model_hash(model: torch.nn.Module, layers=None) -> str:
 def model_fingerprint(model) -> str:
     """``model_hash`` of one model; of an ensemble (a list of checkpoints), one hash over every
     checkpoint's, in order: a build or query must not mix in another checkpoint either."""
-    from ..capture import as_checkpoints
-    from ..capture.ensemble import single_model
-
     models = as_checkpoints(model)
     if models is None:
         return model_hash(single_model(model))

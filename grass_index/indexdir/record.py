@@ -12,15 +12,16 @@ reader and writer of the file.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-from ..store import writer_lock
+from ..batching import batch_count
+from ..capture import as_checkpoints
+from ..store import SketchStore, writer_lock
 from ..store._env import DATA_FILE
 from .errors import AttributionError
 from .files import (BUILD_FILE, FORMAT_VERSION, MASK_FILE, OUR_FILES, STORE_DIR, jsonable,
                     write_json)
-from ..capture import as_checkpoints
+from .records import BuildRecord
 from .fingerprints import data_hash, hash_json, layer_dims, model_fingerprint, model_hash
 
 CLAIM_WAIT_S = 30.0  # a worker waits this long for the lock another worker's claim holds
@@ -45,12 +46,6 @@ def make_build_record(options, *, model, infos, sketcher, train_data, masks=None
     return build
 
 
-def batch_count(n: int, batch_size: int) -> int:
-    """Pass 1's number of batches (= store blocks) of n examples: fixed boundaries
-    [b*B, (b+1)*B), the last one possibly short. The one home of this formula."""
-    return math.ceil(n / batch_size)
-
-
 def n_batches(build: dict) -> int:
     """``batch_count`` of a build record."""
     return batch_count(build["n_train"], build["batch_size"])
@@ -63,10 +58,17 @@ def read_build_record(out: Path, *, missing: str | None = None) -> dict:
     if missing is not None and not bfile.is_file():
         raise AttributionError(missing)
     try:
-        return json.loads(bfile.read_text())
+        build = json.loads(bfile.read_text())
     except ValueError as e:
         raise AttributionError(f"{bfile} is corrupted ({e}); run `grass-index verify {out} "
                                "--repair` to restore it from the sketch store") from e
+    BuildRecord(build, str(bfile))  # every field's type and range, and their agreement
+    return build
+
+
+def read_build(out: Path, *, missing: str | None = None) -> BuildRecord:
+    """build.json of ``out`` as the typed record (``read_build_record``'s checks)."""
+    return BuildRecord(read_build_record(out, missing=missing), str(Path(out) / BUILD_FILE))
 
 
 def check_out_dir_free(out: Path) -> None:
@@ -124,8 +126,6 @@ def claim_out_dir(out: Path, build: dict) -> None:
                 f"choose another --out or delete {out} to rebuild")
         return
     if (out / STORE_DIR / DATA_FILE).exists():  # build.json lost: the store's own record
-        from ..store import SketchStore
-
         try:
             with SketchStore.open(out / STORE_DIR, readonly=True) as st:
                 created = st.meta
@@ -143,8 +143,6 @@ def claim_out_dir(out: Path, build: dict) -> None:
 def sketched_batches(path: Path) -> tuple[int, int] | None:
     """(batches committed, batches in all) of a build in ``path``, read while it may still be
     running; None when there is no readable build record or store."""
-    from ..store import SketchStore
-
     try:
         build = read_build_record(path)
         with SketchStore.open(Path(path) / STORE_DIR, readonly=True) as st:

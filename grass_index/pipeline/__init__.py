@@ -18,19 +18,20 @@ What an index directory holds (its files and records, verify, describe) is
     distributed.py  torch.distributed (torchrun) builds: every rank a worker and a pass-2 part
     run.py          a build end to end: build, build_shard, merge_shards, refit_index;
                     check_capture (`build --check`: the capture check alone)
+    repair.py       verify_index: indexdir's checks, and repair (records, pass 2, blocks)
 
 The user-facing API (build_index, open_index, AttributionIndex, ...) is ``grass_index.attribute``.
 """
 from ..indexdir import (BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, MASK_FILE, SHARDS_DIR,
                         STORE_DIR, AttributionError, IndexConfig, config_hash, describe_index,
                         read_config, state_from_array, state_to_array)
-from ..indexdir.verify import verify_index
 from ..query import load_examples
 from .options import (HESSIANS, INDEX_KINDS, BuildOptions, IndexOptions, check_damping,
                       check_index, norm_hessian)
 from .progress import Progress
 from .run import (BuildResult, CaptureCheck, ShardInfo, build, build_shard, check_capture,
                   merge_shards, refit_index)
+from .repair import verify_index
 from .sharding import parse_worker
 
 __all__ = [

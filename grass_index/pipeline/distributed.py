@@ -29,11 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..precondition import save_preconditioner
+from ..precondition import FisherAccumulator, save_preconditioner
 from ..store import SketchStore
 from ..indexdir.errors import AttributionError
 from ..indexdir.files import SHARDS_DIR, STORE_DIR, jsonable
-from .options import IndexOptions
 from .factors import merge_shard_factors
 from .pass2 import fit_from_sums, run_pass2
 from .sharding import cache_fisher, copy_shards, merge_setup
@@ -110,8 +109,6 @@ class Group:
 
     def all_reduce_fisher(self, acc):
         """Every rank's FisherAccumulator summed (float64), on every rank."""
-        from ..precondition import FisherAccumulator
-
         state = acc.state_dict()
         keys = sorted(state)
         flat = torch.cat([torch.from_numpy(np.asarray(state[k], np.float64)).reshape(-1)
@@ -168,7 +165,7 @@ def merge_ranks(group, out: Path, *, fisher, progress, remove_shards: bool = Fal
     out = Path(out)
     rank, world = group.rank, group.world
     # rank 0 checks every shard once; step hands its findings (or its error) to every rank
-    build, n, shards, rec, opts = group.step(
+    build, n, shards, rec, index_options = group.step(
         lambda: merge_setup(out, world, {}) if rank == 0 else None)[0]
     rows = ShardRows(shards[rank], rank, world, build["batch_size"])
 
@@ -179,14 +176,13 @@ def merge_ranks(group, out: Path, *, fisher, progress, remove_shards: bool = Fal
         with SketchStore.create(out / STORE_DIR, dim=build["dim"], meta=jsonable(build)) as store:
             copy_shards(store, build, world, shards, progress)
             merge_shard_factors(store, shards, world)  # so EK-FAC can be fitted later
-            if opts["hessian"] == "eFIM":
+            if index_options.hessian == "eFIM":
                 cache_fisher(store, build, world, shards, fisher)
             save_preconditioner(store, key, pre)
             yield store
         if remove_shards:
             shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
 
-    index_options = IndexOptions.from_record(opts)
     return run_pass2(out, build, rec.get("describe") or {}, index_options, rows=rows, ranks=group,
                      fit=lambda: fit_from_sums(fisher, build["layout"], index_options.hessian,
                                                index_options.damping),

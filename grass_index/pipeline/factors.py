@@ -14,8 +14,9 @@ import time
 import numpy as np
 
 from ..capture import EnsembleSketcher
-from ..precondition import (KroneckerFactors, Preconditioner, corrected_eigenvalues,
-                            dense_layers, ekfac_unsupported, load_factors, save_factors)
+from ..precondition import (ChunkedFisher, KroneckerFactors, Preconditioner,
+                            corrected_eigenvalues, dense_layers, ekfac_unsupported,
+                            load_factors, save_factors)
 from ..precondition.fisher import layer_slices
 from ..store import SketchStore
 from ..indexdir.errors import AttributionError
@@ -150,8 +151,6 @@ def fit_ekfac(store, layout: dict, damping, progress) -> Preconditioner:
            for name in rest}
     bases = {name: factors.eigenbases(name) for name in usable}
     n = store.num_rows
-    from ..precondition import ChunkedFisher
-
     dense = dense_layers(rest, n) if rest else []
     rest_slices = layer_slices(layout)
     fisher = ChunkedFisher(rest, only=dense) if dense else None

@@ -49,33 +49,6 @@ def check_index(index) -> None:
         raise AttributionError(str(e)) from None
 
 
-def check_device(device) -> None:
-    """A device that this torch can use, or one line naming what is wrong and the fix."""
-    if device is None:
-        return
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise AttributionError(f"unknown device {device!r}; use cpu, cuda or cuda:N (a torch "
-                               "device string)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise AttributionError(f"device {device!r}: this torch ({torch.__version__}) sees no "
-                                   "CUDA device; use --device cpu, or install a CUDA build of "
-                                   "torch on a machine with a GPU")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise AttributionError(f"device {device!r}: only {torch.cuda.device_count()} CUDA "
-                                   "device(s) are visible; use cuda:0..")
-        return
-    try:
-        torch.empty(1, device=dev)
-    except Exception as e:
-        raise AttributionError(f"device {device!r} is not usable here ({type(e).__name__}: "
-                               f"{e}); use --device cpu") from None
-
-
 def check_batch_size(batch_size) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise AttributionError(f"batch_size must be a positive integer, got {batch_size!r}")

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..index import (ExactTopK, SearchSketch, ShardedIndex, SketchedIndex, VectorIndex,
-                     check_serves, parse_spec, part_ranges, recall_at_k)
+                     parse_spec, part_ranges, recall_at_k)
 from ..index import choice as search_choice
 from ..capture.sketcher import MOVED_NOTE
 from ..precondition import (ChunkedFisher, FisherAccumulator, Preconditioner, dense_layers,
@@ -37,7 +37,7 @@ from ..indexdir.fingerprints import config_hash, data_signature, hash_json
 from .options import IndexOptions, damping_key
 from .progress import Progress
 from ..indexdir.record import n_batches
-from ..indexdir.stored import preconditioned_blocks
+from ..indexdir.stored import preconditioned_blocks, store_rerank
 
 log = logging.getLogger("grass_index")
 
@@ -79,18 +79,20 @@ class StoreRows:
         return np.arange(len(qids)), np.asarray(self.store.get_rows(qids), np.float32)
 
 
-def finish(out: Path, store, build: dict, describe: dict, *, hessian: str, damping,
-           index: str, nlist, nprobe, task, progress, data=None, old_config=None,
-           fisher: ChunkedFisher | None = None) -> dict:
+def finish(out: Path, store, build: dict, describe: dict, opts: IndexOptions, *, task,
+           progress, data=None, old_config=None, fisher: ChunkedFisher | None = None,
+           tune: dict | None = None) -> dict:
     """Pass 2 over the main store (a single-process build, a merge, a refit): Fisher (the sums
     pass 1 accumulated, ``fisher``; else the cache, else a re-read of the store) ->
-    preconditioner (reused when this variant was already fitted) -> FAISS -> config.json."""
+    preconditioner (reused when this variant was already fitted) -> FAISS -> config.json.
+    ``tune``: the `tune` record to write into config.json (the sweep that chose ``opts``);
+    without it a refit keeps the old config's record while it still describes ``opts``."""
     layout = build["layout"]
+    hessian, damping = opts.hessian, opts.damping
     n_blocks = n_batches(build)
     if store.committed_blocks < n_blocks:
         raise AttributionError(f"only {store.committed_blocks} of {n_blocks} batches are "
                                "sketched; re-run the build to finish pass 1")
-    opts = IndexOptions(hessian=hessian, damping=damping, index=index, nlist=nlist, nprobe=nprobe)
     item_signature = (data_signature(data) if data is not None
                       else (old_config or {}).get("item_signature"))
 
@@ -103,18 +105,18 @@ def finish(out: Path, store, build: dict, describe: dict, *, hessian: str, dampi
                      main_store=main_store, stored=store,
                      task=task if task is not None else old_task(old_config),
                      item_signature=item_signature, progress=progress,
-                     extra=tuned_record(old_config, hessian, damping))
+                     extra={"tune": tune} if tune is not None else tuned_record(old_config, opts))
 
 
-def tuned_record(old_config, hessian: str, damping) -> dict:
+def tuned_record(old_config, opts: IndexOptions) -> dict:
     """The ``tune`` record (grass_index.eval.tune) survives a refit only while the index keeps
     the preconditioner it chose, e.g. through `verify --repair`; any other refit drops it."""
     rec = (old_config or {}).get("tune")
     if not rec:
         return {}
     choice = rec.get("choice", {})
-    same = choice.get("hessian") == hessian and (
-        hessian == "identity" or choice.get("damping") == damping_key(damping))
+    same = choice.get("hessian") == opts.hessian and (
+        opts.hessian == "identity" or choice.get("damping") == damping_key(opts.damping))
     return {"tune": rec} if same else {}
 
 
@@ -285,10 +287,10 @@ def commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vind
     return cfg
 
 
-def refit(path: Path, config: dict, *, hessian: str, damping, index: str,
-          progress=False) -> dict:
+def refit(path: Path, config: dict, opts: IndexOptions, *, progress=False,
+          tune: dict | None = None) -> dict:
     """Pass 2 again over a finished index's stored sketches (another damping, Hessian or
-    index kind); the new config. ``hessian`` is canonical and ``damping`` already checked."""
+    index kind); the new config (``tune``: see ``finish``)."""
     prog = Progress(progress)
     try:
         with SketchStore.open(path / STORE_DIR, readonly=False) as store:
@@ -296,8 +298,7 @@ def refit(path: Path, config: dict, *, hessian: str, damping, index: str,
             # overwritten): it is what the stored sketches are
             build = store.meta
             return finish(path, store, build, config.get("layers_described", {}),
-                          hessian=hessian, damping=damping, index=index, nlist=None,
-                          nprobe=None, task=None, progress=prog, old_config=config)
+                          opts, task=None, progress=prog, old_config=config, tune=tune)
     finally:
         prog.close()
 
@@ -471,18 +472,6 @@ def _choose(filled, tops, lists, queries, qids, k: int, reranks, reason: str, n:
 
 # --- two-stage search ------------------------------------------------------------------------
 
-def store_rerank(store, pre):
-    """Exact scores of candidate ids: ⟨(F+λI)^{-1} q, ĝ_i⟩ from the stored raw rows (the
-    inverse is symmetric, so preconditioning the query once equals preconditioning each row).
-    Candidate rows are read without re-checking their block checksums (a query reads R·k rows,
-    each from a block of batch_size rows); `grass-index verify` checks every block."""
-    def rerank(queries, ids):
-        pq = pre.apply(queries)
-        out = np.empty(ids.shape, np.float32)
-        for r in range(len(ids)):
-            out[r] = store.get_rows(ids[r], verify=False) @ pq[r]
-        return out
-    return rerank
 
 
 RECALL_QUERIES, RECALL_K = 100, 10
@@ -531,16 +520,3 @@ def measure_recall(vindex, exact: ExactTopK, qids, k: int, others=()) -> dict:
         v.recall = recall
     log.info("index: recall@%d = %.4f against exact search (%d queries)", k, r, len(qids))
     return recall
-
-
-def load_faiss(path: Path, cfg: dict, *, mmap: bool = False, verify: bool = True,
-               check: bool = True):
-    """The finished index's FAISS index: its one file, or its parts searched as one —
-    checked (``check``) to belong to this build (key, count, id range) before it serves."""
-    names = cfg.get("index_files") or [cfg["index_file"]]
-    parts = [VectorIndex.load(path / name, mmap=mmap, verify=verify) for name in names]
-    vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
-    if check:
-        check_serves(vindex, cfg["preconditioner_key"], int(cfg["n_train"]),
-                     ", ".join(str(path / name) for name in names))
-    return SketchedIndex.wrap(vindex, cfg.get("index"))

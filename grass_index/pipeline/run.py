@@ -28,7 +28,8 @@ from . import distributed as dist_build
 from ..indexdir.errors import AttributionError
 from ..indexdir.files import MASK_FILE, STORE_DIR, atomic_write, jsonable
 from ..indexdir.fingerprints import data_signature, layer_dims
-from .options import (BuildOptions, IndexOptions, check_damping, check_device, check_index,
+from ..devices import check_device
+from .options import (BuildOptions, IndexOptions, check_damping, check_index,
                       check_train_data, damping_key, norm_hessian)
 from .factors import check_ekfac, factor_shapes
 from .pass2 import finish, pass1_fisher, refit
@@ -256,11 +257,8 @@ def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
                                     progress=prog, fisher=fisher,
                                     factors=factor_shapes(prep.sketcher),
                                     workers=options.workers)
-                cfg = finish(out, store, prep.build, prep.describe,
-                             hessian=index_options.hessian, damping=index_options.damping,
-                             index=index_options.index, nlist=index_options.nlist,
-                             nprobe=index_options.nprobe, task=task, progress=prog,
-                             data=train_data, fisher=fisher)
+                cfg = finish(out, store, prep.build, prep.describe, index_options, task=task,
+                             progress=prog, data=train_data, fisher=fisher)
             return BuildResult(out, cfg)
         finally:
             prog.close()
@@ -329,15 +327,17 @@ def merge_shards(out, *, shards: int | None = None, hessian: str | None = None, 
     out = Path(out)
     prog = Progress(progress)
     try:
-        cfg = merge(out, n=shards, hessian=hessian, damping=damping_key(damping), index=index,
+        cfg = merge(out, n=shards, overrides=dict(hessian=hessian, damping=damping_key(damping),
+                                                  index=index),
                     progress=prog, remove_shards=remove_shards)
     finally:
         prog.close()
     return BuildResult(out, cfg)
 
 
-def refit_index(path, config: dict, index_options: IndexOptions, progress=False) -> dict:
+def refit_index(path, config: dict, index_options: IndexOptions, progress=False, *,
+                tune: dict | None = None) -> dict:
     """Pass 2 again over a finished index's stored sketches (another damping, Hessian or index
-    kind); the new config."""
-    return refit(Path(path), config, hessian=index_options.hessian,
-                 damping=index_options.damping, index=index_options.index, progress=progress)
+    kind); the new config. ``tune``: the record of the `tune` sweep that chose
+    ``index_options``, written into the new config (grass_index.eval.tune)."""
+    return refit(Path(path), config, index_options, progress=progress, tune=tune)

@@ -29,7 +29,7 @@ from ..precondition import FisherAccumulator
 from ..store import SketchStore, StoreError
 from ..indexdir.errors import AttributionError
 from ..indexdir.files import BUILD_FILE, SHARDS_DIR, STORE_DIR, jsonable
-from .options import check_damping, norm_hessian
+from .options import IndexOptions
 from .factors import factor_shapes, merge_shard_factors
 from .pass2 import accumulate, finish, has_fisher, put_fisher
 from ..indexdir.record import n_batches, read_build_record
@@ -201,10 +201,7 @@ def merge_setup(out: Path, n: int | None, overrides: dict):
         log.warning("the workers were given different pass-2 options (hessian/damping/index); "
                     "using worker 0's: %s", opts)
     opts.update({k: v for k, v in overrides.items() if v is not None})
-    opts["hessian"] = norm_hessian(opts.get("hessian") or "eFIM")
-    opts["index"] = opts.get("index") or "flat"
-    check_damping(opts.get("damping"))
-    return build, n, shards, rec, opts
+    return build, n, shards, rec, IndexOptions.from_record(opts)
 
 
 def copy_shards(store, build: dict, n: int, shards: dict[int, Path], progress) -> None:
@@ -248,21 +245,19 @@ def cache_fisher(store, build: dict, n: int, shards: dict[int, Path],
     put_fisher(store, fisher)
 
 
-def merge(out: Path, *, n: int | None = None, hessian=None, damping=None, index=None,
-          nlist=None, nprobe=None, progress, remove_shards: bool = False) -> dict:
-    """Shards -> main store (global batch order) -> pass 2 on this process. Returns the
+def merge(out: Path, *, n: int | None = None, overrides: dict | None = None, progress,
+          remove_shards: bool = False) -> dict:
+    """Shards -> main store (global batch order) -> pass 2 on this process, with the workers'
+    pass-2 options and the non-None ``overrides`` (IndexOptions fields). Returns the
     finished config."""
     out = Path(out)
-    build, n, shards, rec, opts = merge_setup(out, n, dict(
-        hessian=hessian, damping=damping, index=index, nlist=nlist, nprobe=nprobe))
+    build, n, shards, rec, opts = merge_setup(out, n, overrides or {})
     with SketchStore.create(out / STORE_DIR, dim=build["dim"], meta=jsonable(build)) as store:
         copy_shards(store, build, n, shards, progress)
         merge_shard_factors(store, shards, n)
-        if opts["hessian"] == "eFIM":
+        if opts.hessian == "eFIM":
             cache_fisher(store, build, n, shards, None)
-        cfg = finish(out, store, build, rec.get("describe") or {}, hessian=opts["hessian"],
-                     damping=opts.get("damping"), index=opts["index"],
-                     nlist=opts.get("nlist"), nprobe=opts.get("nprobe"),
+        cfg = finish(out, store, build, rec.get("describe") or {}, opts,
                      task=rec.get("task"), progress=progress,
                      old_config=dict(item_signature=rec.get("item_signature")))
     if remove_shards:

@@ -19,19 +19,9 @@ from ..task import TaskError, collate_items
 from ..indexdir.errors import AttributionError
 from .factors import Pass1Factors
 from ..indexdir.fingerprints import block_digest, first_difference
-from ..indexdir.record import batch_count
+from ..batching import batch_count
 
 log = logging.getLogger("grass_index")
-
-
-def batches(data: Sequence, batch_size: int, collate, start_block: int = 0,
-            what: str = "examples"):
-    """Fixed block boundaries [b*B, (b+1)*B): a resumed build sees exactly the same batches."""
-    n = len(data)
-    for b in range(start_block, batch_count(n, batch_size)):
-        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
-        yield b, lo, collate_items(collate, [data[i] for i in range(lo, hi)],
-                                   f"{what} {lo}..{hi - 1}")
 
 
 def default_workers() -> int:
@@ -75,16 +65,6 @@ def block_batches(data: Sequence, blocks: Sequence[int], batch_size: int, collat
     loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=order, num_workers=workers,
                                          prefetch_factor=2, persistent_workers=False)
     yield from loader
-
-
-def batch_len(batch) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, (list, tuple)) and batch:
-        return batch_len(batch[0])
-    if isinstance(batch, dict) and batch:
-        return batch_len(next(iter(batch.values())))
-    return 1
 
 
 def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch_size: int,

@@ -20,15 +20,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..compress import parse_spec
 from .errors import PreconditionError
+from .fisher import layer_slices
+from .state import state_from_array, state_to_array
 
 STATE_ARRAY = "kfac/state"  # the store array that holds a KroneckerFactors state (.npz bytes)
 
 
 def ekfac_unsupported(sparsification: str, projection: str) -> str | None:
     """Why a spec pair has no Kronecker-factored sketch (None when it has one)."""
-    from ..compress import parse_spec
-
     sp, pr = parse_spec(sparsification), parse_spec(projection)
     if not sp.factored:
         return (f"--hessian ekfac needs a factored sparsification (TYPE-A*B) with projection "
@@ -133,15 +134,11 @@ class KroneckerFactors:
 
 
 def save_factors(store, factors: KroneckerFactors) -> None:
-    from .persist import state_to_array
-
     store.put_array(STATE_ARRAY, state_to_array(factors.state_dict()))
 
 
 def load_factors(store) -> KroneckerFactors | None:
     """The factors a store holds, or None when pass 1 accumulated none."""
-    from .persist import state_from_array
-
     if not store.has_array(STATE_ARRAY):
         return None
     return KroneckerFactors.from_state_dict(state_from_array(store.get_array(STATE_ARRAY)))
@@ -157,8 +154,6 @@ def rotate(rows: np.ndarray, qg: np.ndarray, qa: np.ndarray) -> np.ndarray:
 def corrected_eigenvalues(blocks, layout: dict[str, int], bases: dict) -> dict[str, np.ndarray]:
     """Λ per layer in ``bases`` ({name: (Q_G, Q_A)}): the mean over every stored row (``blocks``
     yields (start, [B, K] rows)) of the squared rotated gradient, row-major [k_out*k_in]."""
-    from .fisher import layer_slices
-
     slices = layer_slices(layout)
     sums = {n: np.zeros(layout[n]) for n in bases}
     n_rows = 0

@@ -4,25 +4,12 @@ so a variant is complete exactly when its state exists. Reading also accepts the
 (the whole state as one .npz byte array under ``precond/KEY``)."""
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
 from .preconditioner import Preconditioner
+from .state import state_from_array, state_to_array  # noqa: F401  (re-exported)
 
 PREFIX = "precond/"
-
-
-def state_to_array(state: dict) -> np.ndarray:
-    """A preconditioner state (dict of arrays, some of them strings) as one uint8 array (.npz)."""
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in state.items()})
-    return np.frombuffer(buf.getvalue(), dtype=np.uint8).copy()
-
-
-def state_from_array(arr) -> dict:
-    with np.load(io.BytesIO(np.asarray(arr, dtype=np.uint8).tobytes()), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
 
 
 def _state_name(key: str) -> str:

@@ -20,6 +20,7 @@ import scipy.linalg
 from scipy.linalg import lapack
 
 from .damping import format_damping, parse_damping
+from .ekfac import ekfac_inverse
 from .errors import PreconditionError
 from .fisher import as_float32, layer_slices
 
@@ -222,8 +223,6 @@ class Preconditioner:
         """EK-FAC for the layers of ``bases`` ({name: (Q_G, Q_A)}) with corrected eigenvalues
         ``eigenvalues`` ({name: Λ [k]}); the other layers' inverses come from ``efim`` (an
         eFIM preconditioner over them, the reason per layer in ``efim_layers``)."""
-        from .ekfac import ekfac_inverse
-
         mode, value = parse_damping(damping)
         layout = {str(k): int(v) for k, v in layout.items()}
         inverses, used, dropped = {}, {}, []

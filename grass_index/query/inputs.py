@@ -17,12 +17,15 @@ class InputError(AttributionError):
     """An examples file is missing, unreadable or holds no batch of examples."""
 
 
-def load_examples(source, *, name: str | None = None, suffix: str | None = None) -> list:
+def load_examples(source, *, name: str | None = None, suffix: str | None = None,
+                  budget=None) -> list:
     """Examples from a path or from the file's bytes (then ``name`` or ``suffix`` gives the type).
 
     .pt holds a torch.save'd list/tensor/dict, .npy an array, .npz named arrays. A tensor is
     split along its first dimension; a dict of equal-length arrays becomes tuples in key
     order (e.g. an npz with x and y gives (x[i], y[i])); float64 arrays become float32.
+    With a ``budget`` (an ``input_budget.InputBudget``: what `serve` allows per request), the
+    file's headers are checked against it before anything is unpacked (InputRefused).
     """
     import numpy as np
     import torch
@@ -44,6 +47,11 @@ def load_examples(source, *, name: str | None = None, suffix: str | None = None)
     if suffix not in SUFFIXES:
         raise InputError(f"{name}: unknown file type {suffix or '(none)'!r}; use .pt, .npy "
                          "or .npz")
+    if budget is not None:
+        from ..input_budget import check_file
+
+        check_file(data.getvalue() if isinstance(data, io.BytesIO) else data.read_bytes(),
+                   suffix, name, budget)
     try:
         if suffix == ".pt":
             obj = torch.load(data, weights_only=True)
@@ -54,20 +62,27 @@ def load_examples(source, *, name: str | None = None, suffix: str | None = None)
                 obj = {k: z[k] for k in z.files}
     except Exception as e:
         raise InputError(f"{name} is unreadable as {suffix}: {type(e).__name__}: {e}") from e
-    return _split(_to_torch(obj), name)
+    if budget is not None:
+        from ..input_budget import check_rows
+
+        check_rows(obj, name, budget)
+    return _split(_to_torch(obj, name), name)
 
 
-def _to_torch(x):
+def _to_torch(x, name: str):
     import numpy as np
     import torch
 
     if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "biufc" or x.dtype.fields is not None:
+            raise InputError(f"{name} holds {x.dtype} values; examples are numeric arrays "
+                             "(e.g. float32 features or int64 token ids)")
         t = torch.from_numpy(x.copy())
         return t.float() if t.dtype == torch.float64 else t
     if isinstance(x, (list, tuple)):
-        return type(x)(_to_torch(v) for v in x)
+        return type(x)(_to_torch(v, name) for v in x)
     if isinstance(x, dict):
-        return {k: _to_torch(v) for k, v in x.items()}
+        return {k: _to_torch(v, name) for k, v in x.items()}
     return x
 
 

@@ -14,7 +14,7 @@ from ..capture import (CaptureError, EnsembleSketcher, GradientSketcher, as_chec
                        select_layers)
 from ..capture.ensemble import single_model, split_block
 from ..compress import load_selective_mask
-from ..index import SketchedIndex
+from ..index import FaissIndexError, SketchedIndex
 from ..precondition import Preconditioner, has_preconditioner
 from ..precondition import load_preconditioner as load_stored_preconditioner
 from ..store import SketchStore, StoreError
@@ -22,24 +22,24 @@ from ..signature import item_signature, signature_mismatch
 from ..task import default_collate
 from ..indexdir.errors import AttributionError
 from ..indexdir.files import MASK_FILE, STORE_DIR
+from ..indexdir.records import IndexRecord
 from ..indexdir.fingerprints import layer_dims, model_hash
-from ..pipeline.options import check_device
-from ..pipeline.pass2 import load_faiss, store_rerank
-from ..pipeline.sketching import batch_len, batches
+from ..devices import check_device
+from ..indexdir.stored import load_faiss, store_rerank
+from ..batching import batch_len, batches
 from ..indexdir.stored import chunks, preconditioned_blocks
 
 log = logging.getLogger("grass_index")
 
 
-def index_checkpoints(config: dict) -> int:
-    """How many checkpoints an index averages over (1: a single-model index)."""
-    return int(config.get("checkpoints") or 1)
+def _layers(record: IndexRecord) -> list[str] | None:
+    return None if record.layers is None else list(record.layers)
 
 
-def query_models(path: Path, config: dict, model) -> list[torch.nn.Module]:
+def query_models(path: Path, record: IndexRecord, model) -> list[torch.nn.Module]:
     """The models queries are sketched with: ``[model]`` for a single-model index, the C
     checkpoints (a list, in build order) for an ensemble; a count that differs is an error."""
-    want = index_checkpoints(config)
+    want = record.checkpoints
     try:
         models = as_checkpoints(model)
     except CaptureError as e:
@@ -53,16 +53,16 @@ def query_models(path: Path, config: dict, model) -> list[torch.nn.Module]:
     return models or [single_model(model)]
 
 
-def check_model(path: Path, config: dict, model):
+def check_model(path: Path, record: IndexRecord, model):
     """The model must have the layers (names and shapes) the index was built on; for an
     ensemble, every checkpoint (a list of models). Returns the (first) model's layers."""
-    models = query_models(path, config, model)
-    hashes = config.get("checkpoint_hashes") or [config.get("model_hash")]
+    models = query_models(path, record, model)
+    hashes = record.checkpoint_hashes or [record.model_hash]
     found = []
     for c, m in enumerate(models):
         which = f"checkpoint {c}: " if len(models) > 1 else ""
         try:
-            infos = _check_one_model(path, config, m)
+            infos = _check_one_model(path, record, m)
         except AttributionError as e:
             if not which:
                 raise
@@ -74,14 +74,14 @@ def check_model(path: Path, config: dict, model):
     return found[0]
 
 
-def _check_one_model(path: Path, config: dict, model: torch.nn.Module):
+def _check_one_model(path: Path, record: IndexRecord, model: torch.nn.Module):
     """One model's layers against the index's (names and shapes)."""
     try:
-        infos = select_layers(model, config.get("layers"))
+        infos = select_layers(model, _layers(record))
     except CaptureError as e:
         raise AttributionError(f"the model does not fit index {path}: {e}") from e
     got = {d["name"]: d for d in layer_dims(infos)}
-    want = {d["name"]: d for d in config["layer_dims"]}
+    want = {d["name"]: dict(d) for d in record.layer_dims}
     for name, w in want.items():
         g = got.get(name)
         if g is None:
@@ -101,14 +101,14 @@ def _check_one_model(path: Path, config: dict, model: torch.nn.Module):
     return infos
 
 
-def query_sketcher(path: Path, config: dict, model, device=None):
+def query_sketcher(path: Path, record: IndexRecord, model, device=None):
     """A sketcher for ``model`` (an ensemble: its checkpoints) that draws the projections the
     index was built with. Its sketches are what the store holds (no 1/C)."""
     check_device(device)
-    check_model(path, config, model)
-    models = query_models(path, config, model)
-    masks = load_selective_mask(path / MASK_FILE) if config.get("selective_mask") else None
-    described = config.get("layers_described") or {}
+    check_model(path, record, model)
+    models = query_models(path, record, model)
+    masks = load_selective_mask(path / MASK_FILE) if record.selective_mask else None
+    described = record.layers_described
     sketchers = []
     for c, m in enumerate(models):
         if len(models) == 1:
@@ -116,30 +116,30 @@ def query_sketcher(path: Path, config: dict, model, device=None):
         else:  # an ensemble describes each checkpoint's layers as c{c}/{layer}
             routes = {split_block(n)[1]: d.get("capture") for n, d in described.items()
                       if split_block(n)[0] == c}
-        sketchers.append(GradientSketcher(m, select_layers(m, config.get("layers")),
-                                          sparsification=config["sparsification"],
-                                          projection=config["projection"], seed=config["seed"],
+        sketchers.append(GradientSketcher(m, select_layers(m, _layers(record)),
+                                          sparsification=record.sparsification,
+                                          projection=record.projection, seed=record.seed,
                                           clamp=True, device=device, selective_masks=masks,
                                           routes=routes))
     sk = sketchers[0] if len(sketchers) == 1 else EnsembleSketcher(sketchers)
-    layout = dict(config["layout"])
+    layout = dict(record.layout)
     if {k: int(v) for k, v in sk.layout.items()} != layout:
         raise AttributionError(f"this grass-index builds sketches of layout {sk.layout} for "
-                               f"config {config['sparsification']}/"
-                               f"{config['projection']}, but the index has {layout}; "
+                               f"config {record.sparsification}/"
+                               f"{record.projection}, but the index has {layout}; "
                                "rebuild the index with this version")
-    built_with = config.get("sketch_fingerprint")
+    built_with = record.sketch_fingerprint
     if built_with is not None and sk.fingerprint() != built_with:
         raise AttributionError(
-            f"the projections drawn now for {config['sparsification']}/"
-            f"{config['projection']} (seed {config['seed']}) differ from the ones "
+            f"the projections drawn now for {record.sparsification}/"
+            f"{record.projection} (seed {record.seed}) differ from the ones "
             f"the index was built with (fingerprint {sk.fingerprint()} vs {built_with}): "
             "queries would be sketched differently from the training examples. Rebuild the "
             "index with this grass-index version, or query with the version that built it")
     return sk
 
 
-def sketch_queries(path: Path, config: dict, model, examples: Sequence, loss_fn, *,
+def sketch_queries(path: Path, record: IndexRecord, model, examples: Sequence, loss_fn, *,
                    collate=None, batch_size: int | None = None, device=None,
                    sketcher: GradientSketcher | None = None) -> torch.Tensor:
     """Raw sketches g(z) [n, K] of the query examples (not preconditioned); for an ensemble of
@@ -152,20 +152,20 @@ def sketch_queries(path: Path, config: dict, model, examples: Sequence, loss_fn,
         raise AttributionError("examples must be an indexable sequence of items like "
                                "train_data[i]")
     if len(examples) == 0:
-        return torch.zeros(0, int(config["dim"]))
-    want = config.get("item_signature")
+        return torch.zeros(0, record.dim)
+    want = record.item_signature
     if want is not None:
         for i in range(len(examples)):
             msg = signature_mismatch(want, item_signature(examples[i]), f"query example {i}")
             if msg:
                 raise AttributionError(f"{msg}; query examples must look like the training "
                                        "examples")
-    for m in query_models(path, config, model):
+    for m in query_models(path, record, model):
         m.eval()
-    sk = sketcher if sketcher is not None else query_sketcher(path, config, model, device)
+    sk = sketcher if sketcher is not None else query_sketcher(path, record, model, device)
     collate = collate or default_collate
     out = []
-    for b, lo, batch in batches(examples, batch_size or config["batch_size"], collate,
+    for b, lo, batch in batches(examples, batch_size or record.batch_size, collate,
                                 what="query examples"):
         try:
             out.append(sk.sketch(batch, loss_fn))
@@ -178,7 +178,7 @@ def sketch_queries(path: Path, config: dict, model, examples: Sequence, loss_fn,
                                    f"{lo + batch_len(batch) - 1} ({type(e).__name__}: {e}); are "
                                    "they shaped and typed like the training examples?") from e
     q = torch.cat(out)
-    C = index_checkpoints(config)
+    C = record.checkpoints
     # an ensemble scores by the MEAN over checkpoints: 1/C once, on the query side, so every
     # inner product with the stored training vectors (FAISS, re-rank, score) is averaged
     return q / C if C > 1 else q
@@ -199,34 +199,34 @@ def reading_store(path: Path):
         store.close()
 
 
-def open_vector_index(path: Path, config: dict, *, mmap: bool = False):
-    """The finished index's FAISS index, checked against the config (file present, readable,
+def open_vector_index(path: Path, record: IndexRecord, *, mmap: bool = False):
+    """The finished index's FAISS index, checked against the record (file present, readable,
     one vector per training example)."""
-    names = config.get("index_files") or [config["index_file"]]
+    names = record.index_files
     f = path / names[0] if len(names) == 1 else path
     for name in names:
         if not (path / name).is_file():
             raise AttributionError(f"{path / name} is missing; run `grass-index verify {path} "
                                    "--repair` to rebuild it from the stored sketches")
     try:
-        vindex = load_faiss(path, config, mmap=mmap)
-    except Exception as e:
+        vindex = load_faiss(path, record, mmap=mmap)
+    except (FaissIndexError, OSError) as e:
         raise AttributionError(f"{f} is unreadable ({e}); run `grass-index verify "
                                f"{path} --repair` to rebuild it") from e
-    if vindex.ntotal != int(config["n_train"]):
+    if vindex.ntotal != record.n_train:
         raise AttributionError(f"{f} holds {vindex.ntotal} vectors, config says "
-                               f"{config['n_train']}; run `grass-index verify {path} --repair`")
+                               f"{record.n_train}; run `grass-index verify {path} --repair`")
     return vindex
 
 
-def load_preconditioner(path: Path, config: dict) -> Preconditioner:
-    """The preconditioner pass 2 stored for this config."""
-    key = config["preconditioner_key"]
+def load_preconditioner(path: Path, record: IndexRecord) -> Preconditioner:
+    """The preconditioner pass 2 stored for this variant."""
+    key = record.preconditioner_key
     with reading_store(path) as store:
         if not has_preconditioner(store, key):
             raise AttributionError(f"the preconditioner is missing from {path}; run "
                                    f"`grass-index verify {path} --repair`")
-        return load_stored_preconditioner(store, key, dict(config["layout"]))
+        return load_stored_preconditioner(store, key, dict(record.layout))
 
 
 def search(path: Path, vindex, preconditioner, queries, k: int, *, opponents: bool = False,

@@ -4,8 +4,11 @@
     grass-index serve runs/digits               # the same, under uvicorn on 127.0.0.1:8000
 
 Modules: ``engine`` (what is loaded, and answering a batch of queries), ``batching`` (the
-async micro-batcher), ``guard`` (bind check; Host, token and body-size checks), ``app``
-(routes, limits, errors), ``page`` (the HTML page).
+async micro-batcher), ``app`` (create_app: wiring; serve: uvicorn), ``routes_query`` and
+``routes_browse`` (the FastAPI routers), ``params`` (limits and pydantic models),
+``context`` (what the routes share), ``errors`` (every refusal as JSON), ``guard`` (bind
+check; Host names, token, cross-origin writes, body size), ``page`` (the HTML page). What an
+uploaded file may unpack to is checked in ``grass_index.input_budget``.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,17 @@ def batch_friendly_search(threshold: int = 2) -> None:
     import faiss
 
     faiss.cvar.distance_compute_blas_threshold = threshold
+
+
+class NonFiniteQuery(GrassIndexError, ValueError):
+    """A query whose scores are not finite numbers (a finite sketch far outside the training
+    data's range can overflow float32 in the dot products; a non-finite sketch is already
+    refused by the sketcher): there is no ranking to return, and JSON has no Infinity."""
+
+
+def all_finite(results: list) -> bool:
+    return all(math.isfinite(row["score"]) for one in results
+               for rows in (one["proponents"], one.get("opponents", ())) for row in rows)
 
 
 @dataclass
@@ -181,6 +193,15 @@ class Engine:
         return dict(total=len(self._self_influence), offset=offset, results=rows)
 
     # -- the batched work ---------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Answer two queries once before serving (as one batch: the path concurrent requests
+        take), so the first request does not pay for lazy set-up (the sketcher's first call,
+        BLAS, FAISS's batched search) and what that set-up creates is loaded like the rest."""
+        data = self.queries if self.queries is not None and len(self.queries) else self.train
+        if len(data):
+            items = [data[0], data[min(1, len(data) - 1)]]
+            self.run([Job(items=[it], ids=[0], source="warm-up", k=1) for it in items])
+
     def _sketch(self, items: list):
         return self.idx.query_sketches(self.model, items, self.task.loss,
                                        collate=self.task.collate, batch_size=max(1, len(items)),
@@ -239,7 +260,9 @@ class Engine:
                         one["image"] = self.image_url(item)
                     res.append(one)
                 lo += len(j.items)
-                out[r] = res
+                out[r] = res if all_finite(res) else NonFiniteQuery(
+                    "the query's scores overflowed float32 (inf or NaN): its values are far "
+                    "outside what the model was trained on")
                 j.timing.update(sketch_ms=(t1 - t0) * 1e3, search_ms=(t2 - t1) * 1e3,
                                 batch=len(jobs))
         return out
