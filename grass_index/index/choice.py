@@ -72,9 +72,10 @@ def candidates(spec, K: int, n: int) -> tuple[list[int], list[int], str]:
         return [], [], (f"exact search: n·K·4 = {exact_bytes / 1e6:,.0f} MB fits the "
                         f"{budget / 1e6:,.0f} MB budget")
     reranks = [spec.rerank] if spec.rerank > 0 else list(RERANKS)
+    if spec.sketch >= K:
+        return [], [], f"exact search: the spec's sketch width {spec.sketch} is not below K = {K}"
     if spec.sketch > 0:
-        return ([spec.sketch] if spec.sketch < K else []), reranks, \
-            f"search sketch of width {spec.sketch} (the index spec says so)"
+        return [spec.sketch], reranks, f"search sketch of width {spec.sketch} (the index spec)"
     widths = [w for w in WIDTHS if w < K and 4.0 * n * w <= budget] or [min(DEFAULT_DIM, K - 1)]
     return widths, reranks, (f"n·K·4 = {exact_bytes / 1e6:,.0f} MB exceeds the "
                              f"{budget / 1e6:,.0f} MB budget")
