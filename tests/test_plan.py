@@ -111,3 +111,19 @@ def test_plan_disk_within_a_quarter_of_a_small_build(tmp_path):
     p = plan_mod.plan_for(t.index_model(), 120, batch_size=40, tokens=16, **specs)
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     assert 0.75 * written <= p.disk <= 1.25 * written, (p.disk, written)
+
+
+def test_time_batch_times_pass1_on_the_data(llama_dirs, tmp_path):
+    config_only, weights = llama_dirs
+    data = tmp_path / "c.txt"
+    data.write_text("\n".join(" ".join(WORDS[i:i + 5]) for i in range(6)))
+    args = ["plan", "--data", data, "--max-length", 16, "--json", "--time-batch",
+            "--sparsification", "random_mask-8*8", "--projection", "sjlt-64", "--batch-size", 4]
+    r = invoke(*args[:1], "--hf-model", weights, *args[1:])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    secs = doc["plans"]["sjlt-64"]["seconds"]
+    assert not doc["meta_device"] and secs["basis"] == "one timed batch of pass 1"
+    assert secs["pass1"] > 0
+    r = invoke(*args[:1], "--hf-model", config_only, *args[1:])
+    assert r.exit_code == 1 and "needs the weights" in r.output
