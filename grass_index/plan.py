@@ -203,14 +203,20 @@ def disk_rate(out, size: int = 32 << 20) -> float:
 
 def matmul_params(model) -> tuple[int, int, int]:
     """(weights that multiply activations: Linear/Conv1D and a tied LM head, layers L, width d)
-    of a model (works on the meta device: only shapes are read)."""
+    of a model — summed over the checkpoints of an ensemble — (works on the meta device: only
+    shapes are read)."""
     import torch
 
+    from .capture import as_checkpoints
+    from .capture.ensemble import single_model
+
+    models = as_checkpoints(model) or [single_model(model)]
+    model = models[0]
     n = 0
     for m in model.modules():
         w = getattr(m, "weight", None)
         if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D":
-            n += int(w.numel())
+            n += int(w.numel()) * len(models)  # an ensemble sketches every checkpoint
     cfg = getattr(model, "config", None)
     L = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0) or 0)
     d = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0) or 0)

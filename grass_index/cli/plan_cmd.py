@@ -97,7 +97,9 @@ def plan(
 def _on_meta(model) -> bool:
     import torch
 
-    models = model if isinstance(model, (list, tuple)) else [model]
+    from grass_index.capture import as_checkpoints
+
+    models = as_checkpoints(model) or [model]
     return any(p.device == torch.device("meta") for m in models for p in m.parameters())
 
 
