@@ -22,11 +22,12 @@ from .pipeline import (AttributionError, BuildOptions, BuildResult, CaptureCheck
 from .pipeline import run as pipeline_run
 from .eval.tune import tune_index
 from .query import querying
+from .task import Task, load_task, task_record
 # Re-exported: public API and names tools import from here (the directory layout, the config
 # hash, the preconditioner state codec).
 from .pipeline import (BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, HESSIANS, INDEX_KINDS,  # noqa: F401
-                       config_hash, describe_index, state_from_array, state_to_array,
-                       verify_index)
+                       config_hash, describe_index, state_from_array, state_to_array)
+from .pipeline import verify_index as verify_directory
 
 log = logging.getLogger("grass_index")
 
@@ -82,10 +83,16 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
     options = BuildOptions(sparsification=sparsification, projection=projection, seed=seed,
                            layers=layers, batch_size=batch_size, selective_mask=selective_mask,
                            workers=workers)
-    res = pipeline_run.build(model, train_data, loss_fn, out, options, index_options, task=task,
+    res = pipeline_run.build(model, train_data, loss_fn, out, options, index_options,
+                             task=_record_of(task),
                              collate=collate, progress=progress, device=device,
                              distributed=distributed, remove_shards=remove_shards)
     return AttributionIndex._from_result(res)
+
+
+def _record_of(task) -> dict | None:
+    """What config.json records about the task (its reference and file hash)."""
+    return None if task is None else task_record(task)
 
 
 def check_capture(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
@@ -108,7 +115,8 @@ def build_shard(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
     ``out/shards/I-of-N/`` without pass 2; once all N shards exist, :func:`merge_shards`
     finishes the index. ``index_options`` are recorded for the merge."""
     return pipeline_run.build_shard(model, train_data, loss_fn, out, worker, options,
-                                    index_options, task=task, collate=collate, progress=progress,
+                                    index_options, task=_record_of(task), collate=collate,
+                                    progress=progress,
                                     device=device)
 
 
@@ -125,6 +133,16 @@ def merge_shards(out, *, shards: int | None = None, hessian: str | None = None, 
     return AttributionIndex._from_result(pipeline_run.merge_shards(
         out, shards=shards, hessian=hessian, damping=damping, index=index, progress=progress,
         remove_shards=remove_shards))
+
+
+def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0,
+                 fast: bool = False, task=None) -> dict:
+    """Check an index directory part by part; with ``repair`` rebuild what its store can
+    (grass_index.pipeline.repair.verify_index). ``task`` (a reference or a loaded task: the
+    one the index was built from) lets repair re-sketch blocks damaged on disk."""
+    if repair and task is not None and not isinstance(task, Task):
+        task = load_task(task)
+    return verify_directory(path, repair=repair, sample=sample, seed=seed, fast=fast, task=task)
 
 
 # ------------------------------------------------------------------------------- open

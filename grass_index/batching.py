@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from .task import collate_items
+from .calls import collate_items
 
 
 def batch_count(n: int, batch_size: int) -> int:

@@ -15,6 +15,10 @@ import dataclasses
 import os
 import shutil
 
+from .capture import GradientSketcher, as_checkpoints, select_layers
+from .capture.ensemble import block_name, single_model
+from .index import parse_spec
+from .index.choice import planned_width
 from .precondition import uses_low_rank
 
 GB = 1e9
@@ -207,9 +211,6 @@ def matmul_params(model) -> tuple[int, int, int]:
     shapes are read)."""
     import torch
 
-    from .capture import as_checkpoints
-    from .capture.ensemble import single_model
-
     models = as_checkpoints(model) or [single_model(model)]
     model = models[0]
     n = 0
@@ -300,18 +301,12 @@ def summary(plan: Plan) -> str:
 def index_width(K: int, index: str = "flat", n: int = 1) -> int:
     """Floats per vector FAISS holds for an index spec over n examples: K when the exact index
     fits its memory budget, else the narrowest search sketch a build tries (index/choice.py)."""
-    from .index import parse_spec
-    from .index.choice import planned_width
-
     return planned_width(parse_spec(index), K, n) or K
 
 
 def layout_for(model, *, sparsification: str = "random_mask-128*128",
                projection: str = "sjlt-4096", layers=None, seed: int = 0) -> dict[str, int]:
     """{layer: sketch width} of one model (checkpoint 0 of an ensemble) under these specs."""
-    from .capture import GradientSketcher, as_checkpoints, select_layers
-    from .capture.ensemble import single_model
-
     if isinstance(layers, str):
         layers = [p.strip() for p in layers.split(",") if p.strip()]
     m = (as_checkpoints(model) or [single_model(model)])[0]
@@ -324,8 +319,7 @@ def timed_batch_seconds(model, data, loss_fn, collate, options, projection: str)
     one warm-up batch): the time prediction's basis when the model and data are at hand."""
     import time
 
-    from .capture import GradientSketcher, select_layers
-    from .task import collate_items
+    from .calls import collate_items
 
     infos = select_layers(model, options.layers)
     sk = GradientSketcher(model, infos, sparsification=options.sparsification,
@@ -354,9 +348,6 @@ def plan_for(model, n: int, *, sparsification: str = "random_mask-128*128",
     ``model`` may be a list of C checkpoints (an ensemble): the sketch width, Fisher blocks,
     inverses, store and index scale with C, and all C models are held; the activations do not
     (checkpoints are sketched one after another)."""
-    from .capture import GradientSketcher, as_checkpoints, select_layers
-    from .capture.ensemble import block_name, single_model
-
     if isinstance(layers, str):
         layers = [p.strip() for p in layers.split(",") if p.strip()]
     models = as_checkpoints(model) or [single_model(model)]

@@ -32,8 +32,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .capture import CaptureError, Checkpoints, check_loss_shape
-from .errors import GrassIndexError
+from .calls import TaskError, check_loss, collate_items, default_collate  # noqa: F401
+from .capture import CaptureError, Checkpoints
 from .signature import item_signature, merge_signatures, signature_mismatch  # noqa: F401
 from .untrusted import safe_text
 
@@ -41,20 +41,9 @@ REQUIRED = ("model", "train_data", "loss")
 OPTIONAL = ("query_data", "collate", "image", "label", "train", "encode", "checkpoints")
 
 
-class TaskError(GrassIndexError, ValueError):
-    """A task file/reference is unusable; the message says what is wrong and how to fix it."""
-
-
 def default_task_ref() -> str:
     """The bundled digits example, shipped inside the package (grass_index/examples/)."""
     return str(Path(__file__).resolve().parent / "examples" / "digits.py")
-
-
-def default_collate(items):
-    """torch's default_collate (imported lazily; it lives in torch.utils.data)."""
-    from torch.utils.data import default_collate as dc
-
-    return dc(items)
 
 
 @dataclass
@@ -167,18 +156,6 @@ def _call_on(task: Task, name: str, item):
                         f"{name}() in the task file") from e
 
 
-def collate_items(collate, items: list, what: str):
-    """``collate(items)``, with the user's data named when it fails (e.g. examples of
-    different lengths, which torch's default_collate cannot stack)."""
-    try:
-        return (collate or default_collate)(items)
-    except Exception as e:
-        hint = ("; examples of different sizes need a collate(items) function in the task "
-                "that pads them" if collate in (None, default_collate) else
-                "; fix the task's collate()")
-        raise TaskError(f"collating {what} failed ({type(e).__name__}: {e}){hint}") from e
-
-
 def _as_sequence(task: Task, name: str, data) -> Sequence:
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         raise TaskError(f"task {task.ref}: {name}() returned {type(data).__name__}, expected an "
@@ -186,21 +163,6 @@ def _as_sequence(task: Task, name: str, data) -> Sequence:
     if len(data) == 0:
         raise TaskError(f"task {task.ref}: {name}() returned an empty sequence")
     return data
-
-
-def check_loss(model, data, loss_fn, collate=None, *, n: int = 2, where: str = "loss_fn") -> None:
-    """Fail early (before any gradient work) when the loss is reduced or mis-shaped."""
-    b = min(n, len(data))
-    batch = collate_items(collate, [data[i] for i in range(b)], f"examples 0..{b - 1}")
-    try:
-        with torch.no_grad():
-            out = loss_fn(model, batch)
-    except Exception as e:
-        raise TaskError(f"{where}: loss(model, batch) raised {type(e).__name__}: {e}") from e
-    try:
-        check_loss_shape(out, b)
-    except CaptureError as e:
-        raise TaskError(f"{where}: {e}") from None
 
 
 # Task references built in code rather than loaded from a file: ``prefix -> module:function``

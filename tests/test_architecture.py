@@ -124,8 +124,17 @@ NEVER = {
                           "grass_index.analysis", "grass_index.cli", "grass_index.serve"),
     # the build: never the façade, the CLI, the server or what runs on finished indexes
     "grass_index.pipeline": (FACE, "grass_index.eval", "grass_index.analysis",
-                             "grass_index.cli", "grass_index.serve", "grass_index.tasks"),
+                             "grass_index.cli", "grass_index.serve", "grass_index.task",
+                             "grass_index.tasks"),
+    # the user's collate and loss, called with errors that blame the task: a leaf
+    "grass_index.calls": ("grass_index.task", "grass_index.tasks", "grass_index.pipeline",
+                          "grass_index.indexdir", "grass_index.query", FACE),
+    "grass_index.batching": ("grass_index.task", "grass_index.pipeline", "grass_index.query"),
+    # the CLI calls the public API only
+    "grass_index.cli": STAGES + ("grass_index.pipeline", "grass_index.indexdir",
+                                 "grass_index.query"),
     # LDS and tune run on an opened index, below the façade; never capture directly
+    "grass_index.eval": ("grass_index.capture",),
     "grass_index.eval.tune": (FACE, "grass_index.capture", "grass_index.pipeline"),
     "grass_index.eval.inputs": (FACE, "grass_index.capture", "grass_index.pipeline"),
     "grass_index.eval.lds": (FACE, "grass_index.capture"),

@@ -29,7 +29,6 @@ from ..precondition import (ChunkedFisher, FisherAccumulator, Preconditioner, de
                             stale_preconditioner_arrays)
 from ..precondition.fisher import layer_slices
 from ..store import SketchStore, StoreError
-from ..task import task_record
 from ..indexdir.errors import AttributionError
 from .factors import fit_ekfac
 from ..indexdir.files import CONFIG_FILE, STORE_DIR, index_file_names, jsonable, write_json
@@ -264,7 +263,7 @@ def commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vind
     ``extra``: records that outlive this pass 2 (e.g. `tune`'s choice)."""
     cfg = dict(build)
     cfg.update(extra or {})
-    cfg.update(task_record(task) if task is not None else dict(task=None, task_sha256=None))
+    cfg.update(task=(task or {}).get("task"), task_sha256=(task or {}).get("task_sha256"))
     cfg.update(
         library="grass-index", version=__version__, torch=torch.__version__,
         hessian=hessian, damping=damping_key(damping), damping_used=pre.damping_used,

@@ -4,6 +4,7 @@ preconditioner and FAISS (pass 2 again over the stored sketches) and — given t
 the sketch blocks that are damaged on disk."""
 from __future__ import annotations
 
+from os import PathLike
 from pathlib import Path
 
 from ..indexdir.errors import AttributionError
@@ -13,7 +14,6 @@ from ..indexdir.records import IndexRecord
 from ..indexdir.verify import inspect_index, restore_records
 from ..query.querying import query_sketcher
 from ..store import SketchStore
-from ..task import Task, load_task
 from .options import IndexOptions
 from .pass2 import refit
 from .sketching import resketch_blocks
@@ -29,8 +29,8 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0,
     """Check an index directory; with repair=True rebuild what the store can: config.json
     (from the store's copy), build.json (from the store's creation record), the
     preconditioner and FAISS (from the stored sketches) and — when ``task`` (the task the
-    index was built from: a reference or loaded task) is given — exactly the sketch blocks
-    that are damaged on disk.
+    index was built from, loaded: ``grass_index.verify_index`` loads a reference) is given —
+    exactly the sketch blocks that are damaged on disk.
 
     ``fast=True`` (what a server runs at start) reads only the sampled rows, not every
     sketch: counts come from the store's commit record, and finiteness is checked on the
@@ -76,7 +76,10 @@ def _refit(path: Path, cfg: dict) -> None:
 def _recompute_blocks(path: Path, cfg: dict, damaged: list[int], task) -> str:
     """Sketch exactly the damaged blocks again from the task, after checking that its model
     and data are the ones the index was built from."""
-    t = task if isinstance(task, Task) else load_task(task)
+    if isinstance(task, (str, PathLike)):
+        raise AttributionError("repair re-sketches with a loaded task: pass "
+                               f"grass_index.load_task({str(task)!r})")
+    t = task
     model, data = t.index_model(), t.train_data()  # an ensemble: its checkpoints
     if len(data) != int(cfg["n_train"]):
         raise AttributionError(f"task {t.ref} has {len(data)} training examples but the index "

@@ -23,7 +23,7 @@ from ..capture.ensemble import different_architecture, single_model
 from ..capture.sketcher import CHECK_EXAMPLES
 from ..compress import load_selective_mask
 from ..store import SketchStore
-from ..task import check_loss, collate_items, default_collate, task_record
+from ..calls import check_loss, collate_items, default_collate
 from . import distributed as dist_build
 from ..indexdir.errors import AttributionError
 from ..indexdir.files import MASK_FILE, STORE_DIR, atomic_write, jsonable
@@ -209,6 +209,17 @@ class _Prepared:
             progress=progress, records=records))
 
 
+def recorded_task(task) -> dict | None:
+    """The task's record {task, task_sha256} that config.json keeps; the façade makes it from
+    a task reference or a loaded task (grass_index.task.task_record)."""
+    if task is None:
+        return None
+    if not isinstance(task, dict):
+        raise AttributionError(f"the build takes the task's record (grass_index.task."
+                               f"task_record(task)), not a {type(task).__name__}")
+    return dict(task=task.get("task"), task_sha256=task.get("task_sha256"))
+
+
 def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
           index_options: IndexOptions | None = None, *, task=None, collate=None, progress=True,
           device=None, distributed: bool | None = None, remove_shards: bool = False) -> BuildResult:
@@ -219,7 +230,7 @@ def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
     out = Path(out)
     options, index_options = options or BuildOptions(), index_options or IndexOptions()
     check_train_data(train_data)
-    task = task_record(task) if task is not None else None  # reference + file sha256
+    task = recorded_task(task)
     group = None
     if dist_build.wanted(distributed):
         group = dist_build.Group()
@@ -302,7 +313,7 @@ def build_shard(model, train_data, loss_fn, out, worker, options: BuildOptions |
     if worker is None:
         raise AttributionError("build_shard needs worker=(i, n) or 'i/n'")
     options, index_options = options or BuildOptions(), index_options or IndexOptions()
-    task = task_record(task) if task is not None else None  # reference + file sha256
+    task = recorded_task(task)
     prep = _Prepared(model, train_data, loss_fn, options, collate=collate, device=device)
     check_ekfac(index_options.hessian, prep.sketcher)
     prog = Progress(progress)

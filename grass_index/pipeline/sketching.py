@@ -15,7 +15,7 @@ import torch
 from ..capture import CaptureError
 from ..precondition.fisher import layer_slices
 from ..store import StoreError
-from ..task import TaskError, collate_items
+from ..calls import TaskError, collate_items
 from ..indexdir.errors import AttributionError
 from .factors import Pass1Factors
 from ..indexdir.fingerprints import block_digest, first_difference

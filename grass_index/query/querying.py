@@ -19,7 +19,7 @@ from ..precondition import Preconditioner, has_preconditioner
 from ..precondition import load_preconditioner as load_stored_preconditioner
 from ..store import SketchStore, StoreError
 from ..signature import item_signature, signature_mismatch
-from ..task import default_collate
+from ..calls import default_collate
 from ..indexdir.errors import AttributionError
 from ..indexdir.files import MASK_FILE, STORE_DIR
 from ..indexdir.records import IndexRecord
