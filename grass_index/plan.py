@@ -205,6 +205,13 @@ def disk_rate(out, size: int = 32 << 20) -> float:
         return DISK_RATE
 
 
+def on_meta_device(model) -> bool:
+    """Whether a model (or any checkpoint of an ensemble) is on the meta device: shapes only,
+    as `grass-index plan --hf-model` builds it from a config alone."""
+    models = as_checkpoints(model) or [single_model(model)]
+    return any(p.is_meta for m in models for p in m.parameters())
+
+
 def matmul_params(model) -> tuple[int, int, int]:
     """(weights that multiply activations: Linear/Conv1D and a tied LM head, layers L, width d)
     of a model — summed over the checkpoints of an ensemble — (works on the meta device: only

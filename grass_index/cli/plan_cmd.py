@@ -51,9 +51,8 @@ def plan(
     side by side — without building (no gradients, unless --time-batch)."""
     import grass_index as gi
     from grass_index import plan as plan_mod
-    from grass_index.pipeline.options import norm_hessian
 
-    hessian = norm_hessian(hessian)
+    hessian = gi.IndexOptions(hessian=hessian).hessian  # canonical, or one error line
     model, train, t, tokens = _model_and_data(task, hf_model, data, text_field, max_length,
                                               dtype, n, time_batch)
     count = n or len(train)
@@ -95,12 +94,9 @@ def plan(
 
 
 def _on_meta(model) -> bool:
-    import torch
+    from grass_index import plan as plan_mod
 
-    from grass_index.capture import as_checkpoints
-
-    models = as_checkpoints(model) or [model]
-    return any(p.device == torch.device("meta") for m in models for p in m.parameters())
+    return plan_mod.on_meta_device(model)
 
 
 def _model_and_data(task, hf_model, data, text_field, max_length, dtype, n, time_batch):
