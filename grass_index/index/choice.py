@@ -69,8 +69,9 @@ def candidates(spec, K: int, n: int) -> tuple[list[int], list[int], str]:
     if spec.sketch == 0:
         return [], [], "exact search (the index spec says so)"
     if spec.sketch < 0 and exact_bytes <= budget:
-        return [], [], (f"exact search: n·K·4 = {exact_bytes / 1e6:,.0f} MB fits the "
-                        f"{budget / 1e6:,.0f} MB budget")
+        # (the budget itself is left out: the config of the same build stays the same)
+        return [], [], (f"exact search: n·K·4 = {exact_bytes / 1e6:,.1f} MB fits the memory "
+                        "budget")
     reranks = [spec.rerank] if spec.rerank > 0 else list(RERANKS)
     if spec.sketch >= K:
         return [], [], f"exact search: the spec's sketch width {spec.sketch} is not below K = {K}"
