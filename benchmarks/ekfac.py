@@ -110,7 +110,8 @@ def lds_table(name: str, cfg: dict, out: Path, split_seeds, with_kf: bool) -> li
         prep = prepare(gi.open_index(d), task=str(cfg["path"]), num_subsets=cfg["subsets"],
                        seeds=list(cfg["seeds"]),
                        ground_truth=gt, progress=False)
-        res = [tune_index(d, split_seed=s, apply=False, prepared=prep) for s in split_seeds]
+        res = [tune_index(d, split_seed=s, apply=False, prepared=prep, extend=False)
+               for s in split_seeds]  # the same grid on every split (compared by position)
         print(f"{name} {spec}: prepare + sweeps {time.perf_counter() - t0:.1f} s", flush=True)
         grid = res[0].grid
         held = [np.mean([r.grid[j].heldout_lds for r in res]) for j in range(len(grid))]

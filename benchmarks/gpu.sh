@@ -2,7 +2,8 @@
 # GPU validation on one CUDA device: the CUDA test suite with the native kernels required, the
 # SJLT kernel's GB/s against the device's copy bandwidth, and the op/compress/pipeline
 # benchmarks. Run from the repository root on a machine with a GPU (after installing the
-# package with its CUDA kernels, e.g. `pip install -e .` where nvcc is present):
+# package with its CUDA kernels and faiss-gpu, e.g. `pip install --no-build-isolation -e
+# ".[gpu,test]"` where nvcc is present):
 #
 #     bash benchmarks/gpu.sh [LOG_DIR]        # logs and tables go to LOG_DIR (default gpu-logs/)
 #

@@ -2,6 +2,7 @@
 how long does it take beside a training epoch over the same data?
 
     PYTHONPATH=$PWD python3 benchmarks/lm.py [--n 64] [--tokens 64] [--dense] [--no-epoch]
+        [--sparsification normal-64*64 --projection identity --hessian ekfac] [--keep DIR]
 
 One build per run, in a child process so its peak RSS (VmHWM) is its own. The child first
 runs one training epoch (forward + backward with weight gradients, the build's batches) and
@@ -10,8 +11,10 @@ check up to pass 1), pass 1, pass 2 — is printed as a ratio to that epoch meas
 process. Prints the plan's prediction (time, RAM, disk) beside the measured numbers, and
 (with ``--dense``) forces the
 dense-Fisher path (pass-1 accumulation + in-place Cholesky per layer) that builds with n ≥ k/2
-take, where the default n=64 < k/2 uses the exact low-rank (Woodbury) form. ``--dense`` also
-compares float32 inverses with float64 ones on the scores of the stored sketches.
+take, where the default n=64 < k keeps each layer in the exact low-rank (Woodbury) form.
+``--dense`` also compares float32 inverses with float64 ones on the scores of the stored
+sketches. ``--hessian ekfac`` with a factored spec (LoGra: ``normal-64*64``, identity) is
+issue 21's EK-FAC row; ``--keep DIR`` keeps the index for benchmarks/query_cost.py.
 """
 from __future__ import annotations
 
@@ -56,8 +59,10 @@ def child(args) -> dict:
         marks[stage + "_end"] = time.time() - t0
 
     out = work / ("idx-dense" if args.dense else "idx")
+    specs = {k: v for k, v in (("sparsification", args.sparsification),
+                                ("projection", args.projection)) if v}
     idx = gi.build_index(model, data, task.loss, out, collate=task.collate, progress=progress,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, hessian=args.hessian, **specs)
     total = time.time() - t0
     cfg = idx.config
     p = plan_mod.estimate(layer_dims=cfg["layer_dims"],
@@ -66,11 +71,13 @@ def child(args) -> dict:
                           model_bytes=sum(x.numel() * 4 for x in model.parameters()))
     pass2_start = marks["sketch_end"]
     t_plan = plan_mod.predict_seconds(model, cfg["layout"], n=len(data), tokens=args.tokens,
-                                      batch_size=args.batch_size, hessian="eFIM", plan=p,
-                                      rates=rates)
+                                      batch_size=args.batch_size, hessian=cfg["hessian"],
+                                      plan=p, rates=rates)
     res = dict(start_s=start_s, epoch_s=epoch_s, check_s=marks["sketch"],
-               rss_epoch_gb=rss_epoch / 1e9, plan_s=t_plan, n=len(data), tokens=args.tokens, K=cfg["dim"], layers=len(cfg["layout"]),
-               dense=args.dense, plan_ram_gb=p.ram_peak / 1e9, plan_disk_gb=p.disk / 1e9,
+               rss_epoch_gb=rss_epoch / 1e9, plan_s=t_plan, n=len(data), tokens=args.tokens,
+               K=cfg["dim"], layers=len(cfg["layout"]), dense=args.dense,
+               hessian=cfg["hessian"], specs=specs, sketch_bytes=4 * len(data) * cfg["dim"],
+               plan_ram_gb=p.ram_peak / 1e9, plan_disk_gb=p.disk / 1e9,
                peak_rss_gb=peak_rss_bytes() / 1e9, pass1_s=pass2_start - marks["sketch"],
                pass2_s=total - pass2_start, load=os.getloadavg(),
                total_s=total, recall=cfg["index"].get("recall"), marks=marks,
@@ -144,6 +151,9 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--dense", action="store_true")
+    ap.add_argument("--hessian", default="eFIM")
+    ap.add_argument("--sparsification", default=None)
+    ap.add_argument("--projection", default=None)
     ap.add_argument("--work", default=None)
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--no-epoch", action="store_true", help="skip the training epoch")
@@ -155,7 +165,11 @@ def main():
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = args.keep or tmp
         cmd = [sys.executable, __file__, "--child", "--work", work, "--n", str(args.n),
-               "--tokens", str(args.tokens), "--batch-size", str(args.batch_size)]
+               "--tokens", str(args.tokens), "--batch-size", str(args.batch_size),
+               "--hessian", args.hessian]
+        for flag in ("sparsification", "projection"):
+            if getattr(args, flag):
+                cmd += [f"--{flag}", getattr(args, flag)]
         cmd += ["--dense"] * args.dense + ["--no-epoch"] * args.no_epoch
         # as the CLI runs (grass_index/__init__.py): idle OpenMP threads sleep, not spin
         env = dict(os.environ)
@@ -165,12 +179,15 @@ def main():
         if not line:
             sys.exit(f"build failed:\n{p.stderr[-4000:]}")
         r = json.loads(line[0][7:])
-    path = "dense Fisher (forced)" if r["dense"] else "default (Woodbury: n < k/2)"
+    path = "dense Fisher (forced)" if r["dense"] else "default (low-rank where n < k)"
     print(f"GPT-2 small, {r['layers']} layers, K = {r['K']:,}, n = {r['n']} × T = {r['tokens']}"
-          f", pass-2 path: {path}")
+          f", hessian {r['hessian']} {r['specs'] or ''}, pass-2 path: {path}; load average "
+          f"{r['load'][0]:.1f} {r['load'][1]:.1f}")
     print(f"{'':28}{'plan':>10}{'measured':>12}")
     print(f"{'peak RSS (GB)':28}{r['plan_ram_gb']:>10.2f}{r['peak_rss_gb']:>12.2f}")
-    print(f"{'disk at --out (GB)':28}{r['plan_disk_gb']:>10.2f}{r['disk_gb']:>12.2f}")
+    print(f"{'disk at --out (GB)':28}{r['plan_disk_gb']:>10.2f}{r['disk_gb']:>12.2f}"
+          f"   ({r['disk_gb'] * 1e9 / r['sketch_bytes']:.2f}× the {r['sketch_bytes'] / 1e9:.3f} GB "
+          "of sketches it holds)")
     m = r["marks"]
     print("pass 2 stages (s from start): " + ", ".join(f"{k} {v:.0f}" for k, v in m.items()))
     print(f"pass 1 {r['pass1_s']:.1f} s, pass 2 {r['pass2_s']:.1f} s "

@@ -68,7 +68,8 @@ def main() -> None:
               flush=True)
         for s in split_seeds:
             t0 = time.perf_counter()
-            res = tune_index(d, split_seed=s, apply=False, prepared=prep)
+            res = tune_index(d, split_seed=s, apply=False, prepared=prep,
+                             extend=False)  # the same grid on every split (by position)
             per_split.append(res)
             print(f"{name}, split {s}: chose {res.choice.name} "
                   f"(val {res.choice.val_lds:.4f}, held-out {res.choice.heldout_lds:.4f}) "

@@ -18,7 +18,7 @@ ones as the build; the index records the model and data hashes and refuses a mis
 The same task without environment variables or a task file:
 
     grass-index build --hf-model /models/my-llama --data corpus.txt --out runs/my-llama
-    grass-index query runs/my-llama --text "a question"
+    grass-index query runs/my-llama --hf-model /models/my-llama --data corpus.txt --text "a question"
 
 This file is a thin wrapper over that library task (grass_index/tasks/hf_lm.py: loading,
 tokenizer or byte-level fallback, padding, the summed next-token loss). There is no train():

@@ -52,6 +52,7 @@ _LAZY = {
     "load_examples": "grass_index.query",
     "save_selective_mask": "grass_index.compress",
     "fit_selective_mask": "grass_index.maskfit",
+    "MaskFitOptions": "grass_index.maskfit",
     "run_eval": "grass_index.eval",
     "Checkpoints": "grass_index.capture",
 }

@@ -22,7 +22,7 @@ from .pipeline import (AttributionError, BuildOptions, BuildResult, CaptureCheck
 from .pipeline import run as pipeline_run
 from .eval.tune import tune_index
 from .query import querying
-from .task import Task, load_task, task_record
+from .task import Task, task_for_index, task_record
 # Re-exported: public API and names tools import from here (the directory layout, the config
 # hash, the preconditioner state codec).
 from .pipeline import (BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, HESSIANS, INDEX_KINDS,  # noqa: F401
@@ -141,8 +141,21 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0,
     (grass_index.pipeline.repair.verify_index). ``task`` (a reference or a loaded task: the
     one the index was built from) lets repair re-sketch blocks damaged on disk."""
     if repair and task is not None and not isinstance(task, Task):
-        task = load_task(task)
+        task = _named_task(path, task)
     return verify_directory(path, repair=repair, sample=sample, seed=seed, fast=fast, task=task)
+
+
+def _named_task(path, task) -> Task:
+    """The task the user named for a repair, loaded and checked against what the index
+    records like a query's (task.task_for_index: an hf-lm index's recorded paths must be the
+    named ones); an unreadable config.json (repair restores it) records nothing to compare."""
+    try:
+        rec = read_record(Path(path))
+        recorded, sha256 = rec.task, rec.task_sha256
+    except GrassIndexError:
+        recorded = sha256 = None
+    return task_for_index(str(task), recorded=recorded, sha256=sha256, index_dir=path,
+                          command="verify --repair")[0]
 
 
 # ------------------------------------------------------------------------------- open

@@ -171,6 +171,17 @@ def _as_sequence(task: Task, name: str, data) -> Sequence:
 BUILTIN_REF_BUILDERS = {"hf-lm:": "grass_index.tasks.hf_lm:task_from_ref"}  # `build --hf-model`
 
 
+def _builder_fn(ref: str, name: str):
+    """Function ``name`` of the module that builds tasks of ``ref``'s prefix (by name: see
+    BUILTIN_REF_BUILDERS); that module also defines ``ref_sha256(ref)`` (what an index
+    records of the data the reference names) and ``task_for_recorded(given, recorded,
+    sha256)`` (the task for an index that recorded one, from what the user named)."""
+    for prefix, builder in BUILTIN_REF_BUILDERS.items():
+        if ref.startswith(prefix):
+            return getattr(importlib.import_module(builder.split(":")[0]), name)
+    raise KeyError(ref)
+
+
 def load_task(ref: str | os.PathLike | None = None) -> Task:
     """Load a task from a file path, ``module``, or ``module:attr`` (None: bundled digits)."""
     ref = str(ref) if ref is not None else default_task_ref()
@@ -276,18 +287,29 @@ def task_record(task) -> dict:
     ref = task.ref if isinstance(task, Task) else str(task)
     sha = task.sha256 if isinstance(task, Task) else _LOADED.get(_file_part(ref))
     path = _file_part(ref)
-    if sha is None and os.path.isabs(path) and os.path.isfile(path):
+    if sha is None and _is_hf(ref):  # named by the user for this build: its data's hash
+        sha = _builder_fn(ref, "ref_sha256")(ref)
+    elif sha is None and os.path.isabs(path) and os.path.isfile(path):
         sha = file_sha256(Path(path).read_bytes())
     return dict(task=ref, task_sha256=sha)
 
 
 # -- consent: which task an index may run ---------------------------------------------------
 
+def _is_hf(ref) -> bool:
+    """A reference of a task built in code over recorded paths (BUILTIN_REF_BUILDERS)."""
+    return isinstance(ref, str) and ref.startswith(tuple(BUILTIN_REF_BUILDERS))
+
+
 def task_file_status(recorded: str | None, sha256: str | None, index_dir) -> str:
-    """How the task file an index records compares with the file there now: a short phrase
-    for messages and `info` (reads the file's bytes, never runs them)."""
+    """What an index records about its task, for messages and `info`: a short phrase. A
+    recorded path is data: it is shown, never opened (not even to hash it) until the user
+    names it on a command line (:func:`task_for_index` compares it then)."""
     if not recorded:
         return "no task recorded (built from Python)"
+    if _is_hf(recorded):
+        return ("a local model and data files: opened only when named again with "
+                "--hf-model DIR --data FILE")
     path = _file_part(str(recorded))
     if not os.path.isabs(path):
         return "a module or relative path: never run unless named with --task"
@@ -299,13 +321,10 @@ def task_file_status(recorded: str | None, sha256: str | None, index_dir) -> str
     if inside:
         return ("a path inside the index directory: an index directory is data and never "
                 "supplies code; do not run it")
-    if not p.is_file():
-        return "that file no longer exists"
     if sha256 is None:
-        return "no content hash was recorded"
-    return ("that file is unchanged since the build: sha256 matches"
-            if file_sha256(p.read_bytes()) == sha256 else
-            "that file has CHANGED since the build: sha256 differs")
+        return "no content hash was recorded; not opened"
+    return (f"sha256 {sha256[:12]} at build; not opened: name it with --task to run it, and "
+            "it is compared then")
 
 
 def recorded_task_status(recorded: str | None, sha256: str | None, index_dir) -> str:
@@ -320,15 +339,15 @@ BUILTIN_TASK_MODULES = ("grass_index.examples.digits",)
 
 
 def is_builtin_task(ref: str | None) -> bool:
-    """Whether ``ref`` names a task shipped inside this package (the bundled digits example,
-    or an ``hf-lm:`` task: a local HF causal LM over a text file, data only): code the user
-    installed with grass-index, so an index built from it may run it without --task. Only exact module names, or a path that resolves to the bundled file itself."""
+    """Whether ``ref`` names a task shipped inside this package (the bundled digits example):
+    code the user installed with grass-index, so an index built from it may run it without
+    --task. Only exact module names, or a path that resolves to the bundled file itself. Not
+    an ``hf-lm:`` reference: its model and data paths are recorded in the directory, and a
+    recorded path is opened only when the user names it (``--hf-model``, ``--data``)."""
     if not ref or not isinstance(ref, str):
         return False
     if ref in BUILTIN_TASK_MODULES:
         return True
-    if ref.startswith("hf-lm:"):  # `build --hf-model`: weights, tokenizer and text files read
-        return True               # locally as data (no remote code), no user code imported
     try:
         return Path(ref).resolve() == Path(default_task_ref()) and Path(ref).is_file()
     except (OSError, ValueError):
@@ -341,10 +360,19 @@ def task_for_index(given, *, recorded: str | None, sha256: str | None, index_dir
 
     Opening an index never runs the task it records: ``given`` is required (unless the record
     names a task shipped inside this package, :func:`is_builtin_task`), and the record is only
-    shown (with whether that file is unchanged). ``note`` is a warning to print when
-    the named file differs from the one the index was built with."""
+    shown. ``note`` is a warning to print when the named file differs from the one the index
+    was built with. An index built with ``--hf-model``: ``given`` is the hf-lm reference of
+    the paths the user named (``tasks.hf_lm.named_ref``), which must be the recorded ones with
+    the recorded data sha256 (``tasks.hf_lm.task_for_recorded``)."""
     if given is None and is_builtin_task(recorded):
         given = recorded  # installed with grass-index itself, not supplied by the directory
+    if given is not None and _is_hf(recorded) and _is_hf(str(given)):
+        return _builder_fn(recorded, "task_for_recorded")(str(given), recorded, sha256), None
+    if given is None and _is_hf(recorded):
+        status = recorded_task_status(recorded, sha256, index_dir)
+        raise TaskError(f"{command} loads the model and data the index was built from, and "
+                        f"opening an index never opens a path it records by itself: {status}. "
+                        "Name them with --hf-model DIR --data FILE (or --task FILE)")
     if given is None:
         status = recorded_task_status(recorded, sha256, index_dir)
         raise TaskError(f"{command} runs the task's code, and opening an index never runs code "

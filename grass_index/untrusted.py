@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import re
 
+from .errors import GrassIndexError
+
 # Names the pipeline writes (index-<key>.faiss, index-<key>-i-of-n.faiss, selective_mask.pt):
 # letters, digits, '.', '_', '-', not starting with '.'.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
-class UnsafeNameError(ValueError):
-    """A file name from a config that is not a plain name inside the directory."""
+class UnsafeNameError(GrassIndexError, ValueError):
+    """A file name read from an index (a config, an array header) that is not a plain name
+    inside the directory; checked at every use, not only when the record is read."""
 
 
 def plain_file_name(name, what: str) -> str:

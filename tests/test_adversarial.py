@@ -164,12 +164,9 @@ def test_info_records_and_shows_the_task_identity_without_running_it(copy):
     doc = json.loads(invoke("info", out, "--json").stdout)["config"]
     assert doc["task"] == str(task.resolve())
     assert doc["task_sha256"] == hashlib.sha256(task.read_bytes()).hexdigest()
-    assert "unchanged since the build" in " ".join(invoke("info", out).stderr.split())
-    task.write_text(task.read_text() + "\n# edited\n")
-    try:
-        assert "CHANGED since the build" in " ".join(invoke("info", out).stderr.split())
-    finally:
-        task.write_text(task.read_text().replace("\n# edited\n", ""))
+    shown = " ".join(invoke("info", out).stderr.split())
+    assert str(task.resolve()) in shown and doc["task_sha256"][:12] in shown, shown
+    assert "not opened" in shown  # a recorded path is shown, opened only when named
 
 
 @pytest.mark.parametrize("field,value", [
@@ -607,14 +604,14 @@ def test_rerunning_the_build_recomputes_a_damaged_block(copy):
 
 
 def test_only_tasks_shipped_with_grass_index_run_without_being_named(tmp_path):
-    """The bundled example (module or its own file) and hf-lm references are installed code or
-    data; anything else a directory records - lookalike paths, other attributes of the bundled
-    module, files elsewhere - is refused unless named with --task."""
+    """The bundled example (module or its own file) is installed code; anything else a
+    directory records - lookalike paths, other attributes of the bundled module, files
+    elsewhere, hf-lm references (their paths are data) - is refused unless named."""
     from grass_index.task import TaskError, default_task_ref, is_builtin_task, task_for_index
 
     assert is_builtin_task("grass_index.examples.digits")
     assert is_builtin_task(default_task_ref())
-    assert is_builtin_task('hf-lm:{"model_dir": "m", "data": "d"}')
+    assert not is_builtin_task('hf-lm:{"model": "m", "data": "d"}')
     lookalike = tmp_path / "grass_index" / "examples" / "digits.py"
     lookalike.parent.mkdir(parents=True)
     lookalike.write_text("raise SystemExit('planted')\n")
@@ -623,6 +620,390 @@ def test_only_tasks_shipped_with_grass_index_run_without_being_named(tmp_path):
         assert not is_builtin_task(ref), ref
         with pytest.raises(TaskError, match="--task"):
             task_for_index(None, recorded=ref, sha256=None, index_dir=tmp_path)
+
+
+# ------------------------------------------- files: only regular files, never through a symlink
+# (issue 20 §2; the rule and its helpers: grass_index/fileio.py)
+
+PRECIOUS = b"the user's own file\n"
+
+
+def victim(tmp_path: Path, name: str = "precious.txt") -> Path:
+    """A file of the user's, outside the index, that no command may touch."""
+    p = tmp_path / "user" / name
+    p.parent.mkdir(exist_ok=True)
+    p.write_bytes(PRECIOUS)
+    return p
+
+
+def entry_point(command: str, task: Path, out: Path) -> list:
+    return {"info": ["info", out], "verify": ["verify", out],
+            "repair": ["verify", out, "--repair"],
+            "build": ["build", task, "--out", out, *SMALL],
+            "query": ["query", out, "--task", task, "--example", 1]}[command]
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "repair", "build", "query"])
+@pytest.mark.parametrize("planted", ["lock.mdb", "writer.lock", "data.mdb"])
+def test_a_symlink_in_the_store_is_refused_and_its_target_never_written(copy, tmp_path, command,
+                                                                        planted):
+    """LMDB writes lock.mdb on every open (read-only too) and a writer truncates writer.lock:
+    through a planted symlink that was the user's file. Now every entry point refuses, naming
+    the file, and the target is byte-for-byte unchanged."""
+    task, out = copy
+    target = victim(tmp_path)
+    link = out / "sketches" / planted
+    if planted == "data.mdb":  # the real data moved aside: the link is the whole store
+        target.write_bytes(link.read_bytes())
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
+    before = target.read_bytes()
+    res = invoke(*entry_point(command, task, out))
+    assert target.read_bytes() == before, f"{command} wrote through sketches/{planted}"
+    if planted == "writer.lock" and command in ("info", "query"):  # readers never lock
+        return
+    assert res.exit_code != 0, res.output
+    assert f"sketches/{planted}" in " ".join((res.stdout + res.stderr).split()), res.output
+
+
+def test_a_hard_linked_lock_file_is_refused(copy, tmp_path):
+    """A hard link is the same inode: LMDB's lock data would land in the user's file."""
+    _, out = copy
+    target = victim(tmp_path)
+    (out / "sketches" / "lock.mdb").unlink(missing_ok=True)
+    try:
+        (out / "sketches" / "lock.mdb").hardlink_to(target)
+    except OSError:
+        pytest.skip("hard links across these directories are not possible here")
+    res = invoke("info", out)
+    one_line_error(res, "lock.mdb", "hard link")
+    assert target.read_bytes() == PRECIOUS
+
+
+@pytest.mark.parametrize("command", ["verify", "repair", "build"])
+def test_a_symlinked_arrays_directory_is_reported_and_nothing_in_it_deleted(copy, tmp_path,
+                                                                           command):
+    """Orphan clean-up used to delete every file of the directory `sketches/arrays` pointed at
+    (and `verify` said "consistent"): it is reported, and clean-up deletes only regular files
+    it wrote, by name, in a real directory."""
+    task, out = copy
+    user = tmp_path / "user"
+    user.mkdir()
+    mine = {"notes.txt": b"keep", "0123456789abcdef.npy": b"keep too", ".hidden": b"and me"}
+    for name, data in mine.items():
+        (user / name).write_bytes(data)
+    shutil.rmtree(out / "sketches" / "arrays", ignore_errors=True)
+    (out / "sketches" / "arrays").symlink_to(user, target_is_directory=True)
+    res = invoke(*entry_point(command, task, out))
+    assert {p.name: p.read_bytes() for p in user.iterdir()} == mine
+    assert res.exit_code != 0, res.output
+    assert "sketches/arrays" in " ".join((res.stdout + res.stderr).split())
+
+
+def _forge_array_header(out: Path, name: str, file_name: str) -> None:
+    """Point a stored array's header at ``file_name`` (what an attacker editing data.mdb does)."""
+    from grass_index.store import SketchStore
+
+    with SketchStore.open(out / "sketches", readonly=False) as st:
+        h = st._h
+        header = h.read(lambda txn: json.loads(bytes(txn.get(name.encode(), db=h.dbs["arrays"]))))
+        header.update(file=file_name, crc=0, crcs=[])
+        h.write(lambda txn: txn.put(name.encode(), json.dumps(header).encode(),
+                                    db=h.dbs["arrays"]), state=lambda: "forged")
+
+
+def _precond_array(out: Path) -> str:
+    from grass_index.store import SketchStore
+
+    with SketchStore.open(out / "sketches") as st:
+        return next(n for n in st.array_names() if n.startswith("precond/"))
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot"])
+def test_an_array_header_naming_a_file_outside_the_store_is_refused_and_never_deleted(
+        copy, tmp_path, how):
+    """A header whose `file` is absolute made a re-precondition delete that file; `../` made
+    pass 2 read outside the directory. Names read from the store are checked at every use."""
+    task, out = copy
+    target = victim(tmp_path, "victim.npy")
+    if how == "absolute":  # the old preconditioner's header: a refit deletes its old file
+        name, ref = _precond_array(out), str(target)
+    else:  # the cached Fisher sums, which a refit reads
+        name, ref = "fisher/0", "../../../user/victim.npy"
+    _forge_array_header(out, name, ref)
+    rep = gi.verify_index(out)
+    assert not rep["ok"]
+    assert any("not an array file of this store" in c["detail"] for c in rep["checks"]), rep
+    if how == "absolute":
+        gi.open_index(out).reprecondition(damping=0.5)  # drops the forged header
+        assert gi.verify_index(out)["ok"]
+    else:
+        with pytest.raises(gi.GrassIndexError, match="not an array file of this store"):
+            gi.open_index(out).reprecondition(damping=0.5)
+    assert target.read_bytes() == PRECIOUS
+
+
+class FifoWatch:
+    """Make a FIFO at ``path``; if anything opens it for reading (which blocks until a writer
+    comes), record that and release the reader (open the write end and close it: EOF), so a
+    regression fails the test instead of hanging the suite."""
+
+    def __init__(self, path: Path):
+        import os
+        import threading
+        import time
+
+        path.unlink(missing_ok=True)
+        os.mkfifo(path)
+        self.hung, self._stop = False, threading.Event()
+
+        def watch():
+            while not self._stop.is_set():
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while no reader
+                except OSError:
+                    time.sleep(0.02)
+                    continue
+                import stat
+
+                self.hung = stat.S_ISFIFO(os.fstat(fd).st_mode)  # not a file renamed over it
+                os.close(fd)
+                if not self.hung:
+                    return
+
+        self._t = threading.Thread(target=watch, daemon=True)
+        self._t.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join(5)
+
+
+@pytest.mark.parametrize("name", ["build.json", "config.json", "sketches/data.mdb",
+                                  "sketches/lock.mdb", "sketches/writer.lock"])
+@pytest.mark.parametrize("command", ["info", "verify", "repair", "query"])
+def test_a_fifo_in_place_of_a_file_is_refused_without_blocking(copy, command, name):
+    """A FIFO where build.json was hung `verify` and `serve` forever; every file the library
+    reads is opened with O_NONBLOCK|O_NOFOLLOW and refused unless regular."""
+    task, out = copy
+    with FifoWatch(out / name) as w:
+        res = invoke(*entry_point(command, task, out))
+    assert not w.hung, f"{command} opened the FIFO {name} for reading"
+    if command in ("info", "query") and name in ("build.json", "sketches/writer.lock"):
+        return  # files these readers never open
+    if command == "repair" and name == "build.json":  # repair replaces it from the store
+        assert res.exit_code == 0 and (out / name).is_file(), res.output
+        return
+    assert res.exit_code != 0, res.output
+    assert name in " ".join((res.stdout + res.stderr).split())
+
+
+@pytest.mark.parametrize("name", ["build.json", "config.json"])
+def test_serve_refuses_a_fifo_or_symlink_at_start(copy, tmp_path, name):
+    from grass_index.serve import ServeError, create_app
+
+    task, out = copy
+    with FifoWatch(out / name) as w:
+        with pytest.raises(gi.GrassIndexError, match=name):
+            create_app(out, task=str(task))
+    assert not w.hung
+    (out / name).unlink()
+    (out / name).symlink_to(victim(tmp_path))
+    with pytest.raises(gi.GrassIndexError, match=name):
+        create_app(out, task=str(task))
+    assert ServeError  # the class serve raises for what verify finds
+
+
+def test_a_write_names_the_file_asked_for_never_its_temp_file(copy, tmp_path):
+    """`score --out DIR` said `.tmp.tmp26333`: the one atomic-write helper names the target."""
+    task, out = copy
+    d = tmp_path / "scores"
+    d.mkdir()
+    err = one_line_error(invoke("score", out, "--task", task, "--out", d), str(d))
+    assert ".tmp" not in err and "tmp-" not in err, err
+    assert list(d.iterdir()) == [] and not [p for p in tmp_path.iterdir() if "tmp-" in p.name]
+
+
+def test_atomic_writes_never_follow_a_planted_temp_name_or_target_symlink(tmp_path):
+    """The temp file is created with O_EXCL|O_NOFOLLOW; a symlink at the target is replaced
+    (rename), its target untouched."""
+    from grass_index.fileio import write_json
+
+    target = victim(tmp_path)
+    link = tmp_path / "config.json"
+    link.symlink_to(target)
+    write_json(link, {"a": 1})
+    assert target.read_bytes() == PRECIOUS
+    assert not link.is_symlink() and json.loads(link.read_text()) == {"a": 1}
+
+
+def test_clean_up_deletes_only_regular_files_it_wrote(copy, tmp_path):
+    """Old FAISS variants and stale temp files are removed by name; a symlink named like one,
+    and anything not ours, stay (the symlink is reported by verify)."""
+    task, out = copy
+    target = victim(tmp_path)
+    planted = out / "index-0123456789abcdef.faiss"
+    planted.symlink_to(target)
+    stranger = out / "index-notes.txt"
+    stranger.write_bytes(b"mine")
+    gi.open_index(out).reprecondition(damping=0.5)
+    assert planted.is_symlink() and target.read_bytes() == PRECIOUS
+    assert stranger.read_bytes() == b"mine"
+    rep = gi.verify_index(out)
+    assert not rep["ok"] and "index-0123456789abcdef.faiss is a symlink" in str(rep["checks"])
+
+
+# --------------------------------------------- recorded paths are data, like recorded tasks
+# (issue 20 §3: an hf-lm index's model and data paths are opened only when named again)
+
+LM_LINES = [f"line {i}: the quick brown fox number {i}" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def lm_built(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path_factory.mktemp("lm")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=32, n_embd=16, n_layer=1,
+                               n_head=2)).save_pretrained(d / "model")
+    (d / "corpus.txt").write_text("\n".join(LM_LINES) + "\n")
+    out = d / "idx"
+    res = invoke("build", "--hf-model", d / "model", "--data", d / "corpus.txt", "--out", out,
+                 "--max-length", 16, "--sparsification", "random_mask-8*8", "--projection",
+                 "sjlt-16", "--batch-size", 4)
+    assert res.exit_code == 0, res.output
+    return d / "model", d / "corpus.txt", out
+
+
+@pytest.fixture
+def lm_copy(lm_built, tmp_path):
+    model, data, out = lm_built
+    shutil.copytree(out, tmp_path / "idx")
+    return model, data, tmp_path / "idx"
+
+
+def _forge_lm_data(out: Path, secret: Path) -> None:
+    """config.json and the store's copy both edited to read another file, hash recomputed."""
+    cfg = json.loads((out / "config.json").read_text())
+    args = json.loads(cfg["task"][len("hf-lm:"):])
+    args["data"] = str(secret)
+    forge(out, task="hf-lm:" + json.dumps(args, sort_keys=True), task_sha256=None)
+
+
+def test_an_hf_lm_index_never_opens_its_recorded_paths_unnamed(lm_copy, tmp_path):
+    """The attack: the directory points the data path at another file; `verify` passed and
+    `serve` returned that file's lines. Now query/serve refuse until the paths are named."""
+    from grass_index.serve import create_app
+
+    model, data, out = lm_copy
+    secret = tmp_path / "secret.txt"
+    secret.write_text("\n".join(f"SECRET {i} do not show this" for i in range(8)) + "\n")
+    _forge_lm_data(out, secret)
+    one_line_error(invoke("query", out, "--text", "the fox"), "--hf-model DIR --data FILE")
+    with pytest.raises(gi.GrassIndexError, match="--hf-model DIR --data FILE"):
+        create_app(out)
+    # naming the real files: they are not what the (forged) record says
+    named = invoke("query", out, "--hf-model", model, "--data", data, "--text", "the fox")
+    one_line_error(named, "is not the data path the index was built with", str(secret))
+    info = invoke("info", out)
+    assert str(secret) in " ".join(info.stderr.split())  # shown, not read
+
+
+def test_an_hf_lm_index_runs_with_the_named_paths_and_refuses_changed_data(lm_copy, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from grass_index.serve import create_app
+    from grass_index.tasks.hf_lm import named_ref
+
+    model, data, out = lm_copy
+    q = invoke("query", out, "--hf-model", model, "--data", data, "--text", LM_LINES[2],
+               "--top-k", 2, "--json")
+    assert q.exit_code == 0, q.output
+    assert json.loads(q.stdout)["results"][0]["proponents"][0]["train_id"] == 2
+    with TestClient(create_app(out, task=named_ref(model, data))) as c:
+        r = c.get("/api/examples", params=dict(split="train"))
+        assert r.status_code == 200, r.text
+        assert "line 3: the quic" in r.text and "SECRET" not in r.text
+    one_line_error(invoke("query", out, "--data", data, "--text", "x"), "--hf-model")
+    moved = tmp_path / "moved.txt"
+    moved.write_bytes(data.read_bytes())
+    one_line_error(invoke("query", out, "--hf-model", model, "--data", moved, "--text", "x"),
+                   "is not the data path the index was built with")
+    original = data.read_bytes()
+    try:  # same path, same number of lines, one line edited
+        data.write_text("\n".join(LM_LINES[:-1] + ["an edited line of text"]) + "\n")
+        one_line_error(invoke("query", out, "--hf-model", model, "--data", data, "--text", "x"),
+                       "CHANGED since the index was built")
+    finally:
+        data.write_bytes(original)
+
+
+@pytest.mark.parametrize("name", ["config.json", "build.json", "INDEX", "sketches",
+                                  "sketches/data.mdb"])
+def test_every_file_of_the_directory_moved_behind_a_symlink_is_refused(copy, tmp_path, name):
+    """The adversarial pass over the whole layout: each file (or the store directory) moved
+    out and replaced by a symlink to it — same bytes — is refused by `verify` (reported) and by
+    the command that uses it, naming it; nothing is written through the link."""
+    task, out = copy
+    if name == "INDEX":
+        name = faiss_file(out).name
+    real = out / name
+    moved = tmp_path / "elsewhere" / Path(name).name
+    moved.parent.mkdir()
+    shutil.move(str(real), moved)
+    real.symlink_to(moved, target_is_directory=moved.is_dir())
+    snapshot = {p: p.read_bytes() for p in [moved, *moved.rglob("*")] if p.is_file()}
+    rep = invoke("verify", out)
+    assert rep.exit_code != 0 and name in " ".join(rep.stdout.split() + rep.stderr.split())
+    if name != "build.json":  # a query never reads build.json
+        one_line_error(invoke("query", out, "--task", task, "--example", 1), name)
+    assert {p: p.read_bytes() for p in snapshot} == snapshot
+
+
+@pytest.mark.parametrize("command", ["worker", "merge"])
+def test_a_symlinked_shards_directory_is_refused(built, tmp_path, command):
+    """`build --worker` creates a store in shards/I-of-N and `merge` reads (then removes)
+    them: through a symlinked shards/ that was a directory of the user's."""
+    task, _ = built
+    user = tmp_path / "user"
+    (user / "0-of-2").mkdir(parents=True)
+    (user / "0-of-2" / "notes.txt").write_bytes(b"keep")
+    out = tmp_path / "idx"
+    out.mkdir()
+    (out / "shards").symlink_to(user, target_is_directory=True)
+    args = (["build", task, "--out", out, "--worker", "0/2", *SMALL] if command == "worker"
+            else ["merge", out])
+    one_line_error(invoke(*args), "shards")
+    assert sorted(p.name for p in user.rglob("*")) == ["0-of-2", "notes.txt"]
+
+
+def test_a_hard_linked_record_is_replaced_by_repair_never_written_through(copy, tmp_path):
+    """Records are replaced by rename, so a hard link to the user's file is never written."""
+    _, out = copy
+    target = victim(tmp_path)
+    (out / "build.json").unlink()
+    try:
+        (out / "build.json").hardlink_to(target)
+    except OSError:
+        pytest.skip("hard links are not possible here")
+    res = invoke("verify", out, "--repair")
+    assert res.exit_code == 0, res.output
+    assert target.read_bytes() == PRECIOUS
+    assert json.loads((out / "build.json").read_text())["n_train"] > 0
+
+
+def test_a_fifo_in_place_of_the_faiss_file_is_named_as_such(copy):
+    task, out = copy
+    with FifoWatch(faiss_file(out)) as w:
+        one_line_error(invoke("query", out, "--task", task, "--example", 1), "is a FIFO")
+        rep = invoke("verify", out, "--repair")  # reported; never opened, never replaced
+    assert not w.hung and rep.exit_code != 0
+    assert "is a FIFO" in " ".join((rep.stdout + rep.stderr).split())
 
 
 # ------------------------------------------------ forged records: typed, checked once (house)

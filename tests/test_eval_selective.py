@@ -209,3 +209,21 @@ def test_auto_capture_picks_factors_only_over_budget():
     fit_selective_mask(model, data, loss, "3*2", n_samples=48, steps=1, stats=big,
                        memory_gb=10000 / 2 ** 30)   # formed: 48 × (49 + 24) × 4 = 14016 bytes
     assert small["0"]["route"] == "exact" and big["0"]["route"] == "factors"
+
+
+def test_options_object_and_keyword_settings_agree():
+    """A MaskFitOptions, the same settings as keywords, and keywords on top of an options
+    object give the same masks; an unknown setting is refused by name."""
+    from grass_index.maskfit import MaskFitError, MaskFitOptions
+
+    model, data, loss = _setup()
+    opts = MaskFitOptions(n_samples=48, steps=20, hessian="identity", seed=3)
+    a = fit_selective_mask(model, data, loss, "3*2", opts)
+    b = fit_selective_mask(model, data, loss, "3*2", n_samples=48, steps=20, hessian="identity",
+                           seed=3)
+    c = fit_selective_mask(model, data, loss, "3*2", MaskFitOptions(steps=20), n_samples=48,
+                           hessian="identity", seed=3)
+    for other in (b, c):
+        assert all(torch.equal(a["0"][key], other["0"][key]) for key in ("in", "out"))
+    with pytest.raises(MaskFitError, match=r"unknown mask-fit setting\(s\) \['step'\]"):
+        fit_selective_mask(model, data, loss, 4, step=3)

@@ -51,7 +51,7 @@ def test_low_rank_woodbury_equals_dense_cholesky(damping):
     rng = np.random.default_rng(2)
     layout = {"a": 40, "b": 30}
     n = 12
-    assert uses_low_rank(n, 40) and uses_low_rank(n, 30) and not uses_low_rank(20, 30)
+    assert uses_low_rank(n, 40) and uses_low_rank(29, 30) and not uses_low_rank(30, 30)
     G = rng.standard_normal((n, 70)).astype(np.float32)
     acc = FisherAccumulator(layout)
     acc.update(G)
@@ -59,9 +59,13 @@ def test_low_rank_woodbury_equals_dense_cholesky(damping):
     low = Preconditioner.fit_layers(layout, damping=damping, n=n, rows=lambda: G)
     for name in layout:
         assert low.damping_used[name] == pytest.approx(dense.damping_used[name], rel=1e-5)
-        np.testing.assert_allclose(low.inverses[name], dense.inverses[name], rtol=1e-4,
-                                   atol=1e-5 * np.abs(dense.inverses[name]).max())
-        assert low.inverses[name].dtype == np.float32
+        assert low.forms[name].kind == "low_rank" and dense.forms[name].kind == "dense"
+        assert low.forms[name].core.shape == (n, n)  # never a k×k matrix
+        want = dense.forms[name].inverse
+        np.testing.assert_allclose(low.dense(name), want, rtol=1e-4,
+                                   atol=1e-5 * np.abs(want).max())
+        assert low.apply_layer(name, G[:, :layout[name]] if name == "a" else G[:, 40:]).dtype \
+            == np.float32
 
 
 def test_inverse_in_place_makes_no_float64_copy():
@@ -101,3 +105,31 @@ def test_large_arrays_are_checksummed_files_and_orphans_go(tmp_path, monkeypatch
             st.get_array("big")
         assert any("corrupted" in p for p in st.verify())
         assert st.delete_array("big") and not list((tmp_path / "s" / "arrays").iterdir())
+
+
+def test_mapped_arrays_are_checked_cheaply_on_open(tmp_path, monkeypatch):
+    """A query maps a large array instead of reading and checksumming it: a truncated or
+    re-shaped file is refused on open; a flipped data byte is left to the full checksum."""
+    monkeypatch.setattr(store_arrays, "FILE_BYTES", 1000)
+    big = np.arange(5000, dtype=np.float32).reshape(50, 100)
+    with SketchStore.create(tmp_path / "s", dim=4, meta={}) as st:
+        st.put_array("big", big)
+        st.put_array("small", np.arange(3.0))
+        got = st.get_array("big", mapped=True)
+        assert isinstance(got, np.memmap) and not got.flags.writeable
+        assert np.array_equal(got, big) and np.array_equal(st.get_array("small", mapped=True),
+                                                            np.arange(3.0))
+    f = next((tmp_path / "s" / "arrays").iterdir())
+    raw = bytearray(f.read_bytes())
+    raw[-3] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with SketchStore.open(tmp_path / "s") as st:
+        assert st.get_array("big", mapped=True).shape == (50, 100)  # cheap: not checksummed
+        with pytest.raises(StoreError, match="corrupted"):
+            st.get_array("big")  # the full read (verify, pass 2) is
+    f.write_bytes(bytes(raw[:-8]))  # truncated
+    with SketchStore.open(tmp_path / "s") as st, pytest.raises(StoreError, match="record|unread"):
+        st.get_array("big", mapped=True)
+    np.save(f, big.reshape(100, 50))  # another shape, same size
+    with SketchStore.open(tmp_path / "s") as st, pytest.raises(StoreError, match="record"):
+        st.get_array("big", mapped=True)

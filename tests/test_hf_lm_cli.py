@@ -43,7 +43,8 @@ def test_build_and_query_text_without_task_file(gpt2_dir, tmp_path):
                "--max-length", 32, "--out", out, "--sparsification", "random_mask-8*8",
                "--projection", "sjlt-32", "--batch-size", 4)
     assert r.exit_code == 0, r.output
-    q = invoke("query", out, "--text", LINES[3], "--top-k", 2, "--json")
+    q = invoke("query", out, "--hf-model", gpt2_dir, "--data", data, "--text", LINES[3],
+               "--top-k", 2, "--json")
     assert q.exit_code == 0, q.output
     res = json.loads(q.stdout)["results"][0]
     assert res["proponents"][0]["train_id"] == 3  # its own line, printed as text

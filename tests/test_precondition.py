@@ -185,3 +185,126 @@ def test_linear_regression_sign_convention():
         with torch.no_grad():
             assert np.sign(float(loss(m, (xte, yte))) - base) == direction
     assert s.max() > 0 > s.min()
+
+
+class _TwoLayer(nn.Module):
+    """l1: k = 6·8 + 8 = 56 > n (low-rank form), l2: k = 8 + 1 = 9 < n (dense form)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2 = nn.Linear(6, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x))).squeeze(-1)
+
+
+def _mse(model, batch):
+    return 0.5 * (model(batch[0]) - batch[1]) ** 2
+
+
+def _regression(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.TensorDataset(torch.randn(n, 6, generator=g),
+                                          torch.randn(n, generator=g))
+
+
+def _tiny_index(tmp_path, name, dense: bool, monkeypatch, **kw):
+    import grass_index as gi
+    from grass_index.precondition import preconditioner as pre_mod
+
+    with monkeypatch.context() as m:
+        if dense:  # today's dense form for every layer (pass 1 then keeps the Fisher sums)
+            m.setattr(pre_mod, "uses_low_rank", lambda n, k: False)
+        return gi.build_index(_TwoLayer().eval(), _regression(20, 1), _mse, out=tmp_path / name,
+                              sparsification="identity", projection="identity",
+                              progress=False, batch_size=8, **kw)
+
+
+@pytest.mark.parametrize("damping", [None, "abs:0.05"])
+def test_each_form_scores_like_the_dense_inverse(tmp_path, monkeypatch, damping):
+    """The forms an eFIM build keeps (low-rank where n < k, dense where n ≥ k) give the scores
+    of a build that forms every layer's dense inverse, to float32 rounding — through the FAISS
+    vectors pass 2 wrote and through the query side's (memory-mapped) preconditioner."""
+    import grass_index as gi
+
+    forms = _tiny_index(tmp_path, "forms", False, monkeypatch, damping=damping)
+    dense = _tiny_index(tmp_path, "dense", True, monkeypatch, damping=damping)
+    assert forms.config["preconditioner"]["forms"] == {"l1": "low_rank", "l2": "dense"}
+    assert dense.config["preconditioner"]["forms"] == {"l1": "dense", "l2": "dense"}
+    assert forms.config["damping_used"] == pytest.approx(dense.config["damping_used"], rel=1e-6)
+    model, queries = _TwoLayer().eval(), _regression(5, 2)
+    want = dense.score(model, queries, _mse).numpy()
+    got = forms.score(model, queries, _mse).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    q = forms.query_sketches(model, queries, _mse)
+    for r, hits in enumerate(forms.search(q, 20)):
+        for i, s in hits:
+            assert s == pytest.approx(want[r, i], rel=1e-4, abs=1e-5 * np.abs(want).max())
+    reopened = gi.open_index(tmp_path / "forms")  # the query side's load (mapped, rows on use)
+    raw = np.asarray(q, dtype=np.float32)
+    np.testing.assert_allclose(reopened.preconditioner.apply(raw),
+                               dense.preconditioner.apply(raw), rtol=1e-4,
+                               atol=1e-5 * np.abs(dense.preconditioner.apply(raw)).max())
+
+
+def test_forms_round_trip_through_a_store(tmp_path, monkeypatch):
+    """Every form (low-rank, dense, EK-FAC, zero) is saved as its own arrays and loads back —
+    memory-mapped or read whole — applying exactly as fitted; a store written before the forms
+    (a dense inverse per layer, no form names) still loads, as dense layers."""
+    from grass_index.precondition import load_preconditioner, save_preconditioner
+    from grass_index.precondition.persist import state_to_array
+    from grass_index.store import SketchStore
+    from grass_index.store import arrays as store_arrays
+
+    monkeypatch.setattr(store_arrays, "FILE_BYTES", 64)  # every array but the tiniest a file
+    layout = {"low": 12, "dense": 3, "ek": 6, "zero": 4}
+    rows = np.random.default_rng(0).standard_normal((5, 25)).astype(np.float32)
+    rows[:, 21:] = 0
+    efim = Preconditioner.fit_layers(layout, n=5, rows=lambda: rows, damping=0.2,
+                                     take_fisher=lambda name: _fisher_of(rows, layout, name))
+    qg, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((2, 2)))
+    qa, _ = np.linalg.qr(np.random.default_rng(2).standard_normal((3, 3)))
+    pre = Preconditioner.fit_ekfac(layout, {"ek": (qg, qa)}, {"ek": np.arange(1.0, 7.0)},
+                                   damping=0.2, efim=efim, rows=lambda: rows)
+    assert {n: f.kind for n, f in pre.forms.items()} == {
+        "low": "low_rank", "dense": "dense", "ek": "ekfac", "zero": "zero"}
+    q = np.random.default_rng(3).standard_normal((4, 25)).astype(np.float32)
+    with SketchStore.create(tmp_path / "s", dim=25, meta={}) as st:
+        save_preconditioner(st, "k", pre)
+        for mapped in (False, True):
+            back = load_preconditioner(st, "k", layout, mapped=mapped, rows=lambda: rows)
+            assert np.array_equal(back.apply(q), pre.apply(q))
+            assert back.describe() == pre.describe()
+        old = {k: v for k, v in efim.state_dict().items() if not k.startswith("form/")}
+        old.update({f"inverse/{n}": efim.dense(n).astype(np.float32) for n in layout})
+        old = {k: v for k, v in old.items() if not k.startswith("core/")}
+        st.put_array("precond/old", state_to_array(old))  # the oldest layout: one .npz array
+        legacy = load_preconditioner(st, "old", layout)
+        assert {f.kind for f in legacy.forms.values()} == {"dense"}
+        np.testing.assert_allclose(legacy.apply(q), efim.apply(q), rtol=1e-5, atol=1e-6)
+
+
+def _fisher_of(rows, layout, name):
+    start = 0
+    for n, k in layout.items():
+        if n == name:
+            g = rows[:, start:start + k].astype(np.float64)
+            return g.T @ g / len(g)
+        start += k
+
+
+def test_ekfac_form_equals_its_dense_inverse():
+    """Applying EK-FAC by rotation equals the dense Q diag(Λ + λ)⁻¹ Qᵀ, Q = Q_G ⊗ Q_A, that
+    pass 2 used to form (row-major k_out × k_in sketches)."""
+    from grass_index.precondition.forms import Ekfac
+
+    rng = np.random.default_rng(4)
+    qg, _ = np.linalg.qr(rng.standard_normal((4, 4)))
+    qa, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    eig, lam = rng.uniform(0.1, 5, 12), 0.3
+    Q = np.kron(qg, qa)
+    want_inv = (Q / (eig + lam)) @ Q.T
+    x = rng.standard_normal((7, 12)).astype(np.float32)
+    got = Ekfac(qg, qa, eig, lam).apply(x, rows=None)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ want_inv, rtol=1e-5, atol=1e-6)

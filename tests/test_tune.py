@@ -40,12 +40,15 @@ def test_sweep_matches_rescoring(built):
 
     d, task = built
     res = _tune(d, apply=False)
-    assert [c.name for c in res.grid][0] == "identity" and len(res.grid) == 1 + 2 * len(FACTORS)
+    added = sum(len(e["added_low"]) + len(e["added_high"]) for e in res.extended)
+    assert [c.name for c in res.grid][:2] == ["identity", "eFIM auto (spectrum rule)"]
+    assert len(res.grid) == 2 + 2 * len(FACTORS) + added
     gt = load_ground_truth(d / "gt", seeds=[0])
     from grass_index.eval.tune import split_queries
 
     val, held = split_queries(6, 0.5, 0)
-    for c in (res.grid[0], res.grid[2], res.grid[-1]):  # identity, per-layer, global
+    # identity, auto, per-layer, global
+    for c in (res.grid[0], res.grid[1], res.grid[2], res.grid[-1]):
         idx = gi.open_index(d / "idx")
         idx.reprecondition(hessian=c.hessian, damping=c.damping)
         s = idx.score(task.model(), task.query_data(), task.loss).numpy()
@@ -92,7 +95,7 @@ def test_cli_json_and_errors(built):
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["choice"]["name"] in {c["name"] for c in doc["grid"]} and not doc["applied"]
-    assert set(doc["best_by_scope"]) == {"identity", "per-layer", "global"}
+    assert set(doc["best_by_scope"]) == {"identity", "auto", "per-layer", "global"}
     res = r.invoke(app, ["tune", str(d / "idx"), "--task", str(d / "nolearn.py"), "--json"])
     assert res.exit_code == 1 and "defines no train(" in res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
@@ -126,11 +129,14 @@ def test_ekfac_candidates_match_rescoring(tmp_path):
                    sparsification="identity-8*8", projection="identity", task=task.ref,
                    progress=False, batch_size=16)
     res = _tune(tmp_path, apply=False)
-    ek = [c for c in res.grid if c.hessian == "ekfac"]
-    assert len(ek) == len(FACTORS) and res.best("ekfac") in ek
+    ek = [c for c in res.grid if c.hessian == "ekfac" and c.scope == "ekfac"]
+    added = [f for e in res.extended if e["scope"] == "ekfac"
+             for f in e["added_low"] + e["added_high"]]
+    assert len(ek) == len(FACTORS) + len(added) and res.best("ekfac") in ek
+    ek.append(res.best("ekfac auto"))  # the spectrum rule on EK-FAC's eigenvalues
     gt = load_ground_truth(tmp_path / "gt", seeds=[0])
     val, held = split_queries(6, 0.5, 0)
-    for c in (ek[0], ek[-1]):
+    for c in (ek[0], ek[-2], ek[-1]):
         idx = gi.open_index(tmp_path / "idx")
         idx.reprecondition(hessian=c.hessian, damping=c.damping)
         s = idx.score(task.model(), task.query_data(), task.loss).numpy()
@@ -145,3 +151,81 @@ def test_ekfac_scope_without_factors(built):
     d, _ = built
     with pytest.raises(GrassIndexError, match="no Kronecker factors"):
         _tune(d, apply=False, scopes=["ekfac"])
+
+
+def _points(scope, factors, curve):
+    from grass_index.eval.tune import candidate
+
+    return [_scored(candidate(scope, f), curve) for f in factors]
+
+
+def _scored(c, curve):
+    c.val_lds = c.heldout_lds = curve(c.factor)
+    return c
+
+
+@pytest.mark.parametrize("peak, stopped", [(1e9, "identity limit"), (1e-12, "smallest damping"),
+                                           (300.0, "interior"), (1e-5, "interior")])
+def test_extend_grid_walks_to_the_peak(peak, stopped):
+    """A best at the grid's edge makes the grid grow that way until the best is inside it or
+    the limit (identity at the top, the smallest accepted damping at the bottom) is reached;
+    a best inside the grid adds nothing."""
+    from grass_index.eval.tune import candidate, extend_grid
+
+    def curve(f):  # one peak in log-damping
+        return -abs(np.log10(f) - np.log10(peak))
+
+    pts = _points("per-layer", (1e-3, 0.1, 10.0), curve)
+    added, ext = extend_grid(pts, lambda f: candidate("per-layer", f), lambda c: _scored(c, curve),
+                             high=1e4, low=1e-8)
+    assert ext.stopped == stopped
+    factors = sorted(c.factor for c in pts + added)
+    best = max(pts + added, key=lambda c: c.val_lds).factor
+    assert best == min(factors, key=lambda f: abs(np.log10(f) - np.log10(peak)))
+    assert 1e-8 <= factors[0] and factors[-1] <= 1e4
+    if stopped == "identity limit":
+        assert factors[-1] == 1e4 and ext.added_high[-1] == 1e4 and not ext.added_low
+    if stopped == "smallest damping":
+        assert factors[0] == 1e-8 and not ext.added_high
+    if stopped == "interior":  # one point past the peak on its side, no further
+        assert factors.index(best) not in (0, len(factors) - 1)
+    flat = extend_grid(_points("per-layer", (1e-3, 0.1, 10.0), lambda f: min(0.0, -np.log10(f))),
+                       candidate, None, high=1e4, low=1e-8)  # flat below 1 ×: no slope
+    assert flat == ([], None)
+    inside = extend_grid(_points("per-layer", (1e-3, 0.1, 10.0), lambda f: -abs(np.log10(f) + 1)),
+                         candidate, None, high=1e4, low=1e-8)
+    assert inside == ([], None)
+
+
+def test_tune_extends_past_the_default_grid(built):
+    """A grid whose best sits at its top edge grows until it holds the best point of a wide grid
+    (the same LDS), says so in --json and on stderr, and records that choice as usual."""
+    from typer.testing import CliRunner
+
+    from grass_index.cli.main import app
+
+    d, _ = built
+    wide = _tune(d, apply=False, scopes=["per-layer"], extend=False,
+                 factors=tuple(float(f"{x:.0e}") for x in np.logspace(-8, 6, 29)))
+    best = wide.best("per-layer")
+    narrow = [c.factor for c in wide.grid if c.scope == "per-layer"
+              and best.factor / 100 <= c.factor <= best.factor / 10]
+    cut = _tune(d, apply=False, scopes=["per-layer"], factors=narrow, extend=False)
+    assert cut.best("per-layer").factor == narrow[-1] < best.factor, "not a top-edge best"
+    assert cut.best("per-layer").val_lds < best.val_lds
+    res = _tune(d, apply=False, scopes=["per-layer"], factors=narrow)
+    assert res.extended and res.extended[0]["added_high"]
+    assert res.best("per-layer").val_lds == pytest.approx(best.val_lds, abs=1e-9)
+    assert res.choice.factor == best.factor and res.extended[0]["stopped"] == "interior"
+    r = CliRunner().invoke(app, ["tune", str(d / "idx"), "--task", str(d / "ridge.py"), "-m", "12",
+                                 "--seeds", "0", "--ground-truth", str(d / "gt"), "--scopes",
+                                 "per-layer", "--factors", ",".join(map(str, narrow)),
+                                 "--dry-run", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["extended"][0]["scope"] == "per-layer" and doc["extended"][0]["added_high"]
+    r = CliRunner().invoke(app, ["tune", str(d / "idx"), "--task", str(d / "ridge.py"), "-m", "12",
+                                 "--seeds", "0", "--ground-truth", str(d / "gt"), "--scopes",
+                                 "per-layer", "--factors", ",".join(map(str, narrow)),
+                                 "--dry-run", "--no-progress"])
+    assert r.exit_code == 0 and "extended up to" in r.output

@@ -8,6 +8,7 @@ import typer
 
 from .errors import EXIT_ERROR, err, errors, safe, shell_arg
 from .render import emit_json
+from .task_opts import data_option, hf_model_option, named_task
 
 
 def info(directory: Path = typer.Argument(..., metavar="DIR"),
@@ -38,11 +39,13 @@ def verify(directory: Path = typer.Argument(..., metavar="DIR"),
            task: Optional[str] = typer.Option(None, "--task", "-t", help="With --repair: the "
                                               "task the index was built from, to recompute "
                                               "sketch blocks damaged on disk."),
+           hf_model: Optional[Path] = hf_model_option(),
+           data: Optional[Path] = data_option(),
            json_mode: bool = typer.Option(False, "--json")):
     """Check counts, sketches, LMDB vs FAISS agreement, config hash, preconditioner."""
     import grass_index as gi
 
-    rep = gi.verify_index(directory, repair=repair, task=task)
+    rep = gi.verify_index(directory, repair=repair, task=named_task(task, hf_model, data))
     if json_mode:
         emit_json(rep)
     else:

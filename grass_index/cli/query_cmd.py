@@ -10,6 +10,7 @@ import typer
 
 from .errors import err, errors, fail, safe
 from .render import emit_json
+from .task_opts import data_option, hf_model_option, named_task
 
 
 def _examples(idx, t, example: Optional[List[int]], input_file: Optional[Path], split: str,
@@ -60,6 +61,8 @@ def _open_with_task(directory: Path, task: Optional[str], command: str):
 def query(
     directory: Path = typer.Argument(..., metavar="DIR", help="Index directory."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help=_TASK_HELP),
+    hf_model: Optional[Path] = hf_model_option(),
+    data: Optional[Path] = data_option(),
     example: Optional[List[int]] = typer.Option(None, "--example", "-e",
                                                 help="Example number(s) in the task's query data."),
     input_file: Optional[Path] = typer.Option(None, "--input", help="Examples file (.pt/.npy/.npz)."),
@@ -80,15 +83,9 @@ def query(
 ):
     """Top-k training examples that most helped (proponents) or hurt (opponents) each example."""
     normalize = _check_normalize(normalize)
-    idx, t = _open_with_task(directory, task, "query")
+    idx, t = _open_with_task(directory, named_task(task, hf_model, data), "query")
     if text:  # -- raw text queries (--hf-model indexes) --
-        if example or input_file is not None:
-            fail("pass --text, --example or --input, not several")
-        if not t.has("encode"):
-            fail(f"the task of index {directory} cannot turn text into examples; --text needs an "
-                 "index built with --hf-model (or a task with encode(text)); or give --example "
-                 "/ --input")
-        ids, items, source = list(range(len(text))), [t.encode(s) for s in text], "text"
+        ids, items, source = _text_items(t, text, directory, example or input_file is not None)
     else:
         ids, items, source = _examples(idx, t, example, input_file, split, all_default=False)
     model = t.index_model()
@@ -121,6 +118,23 @@ def query(
         emit_json(dict(index=str(directory), task=idx.task, k=top_k, ms_per_example=round(ms, 3),
                         normalize=normalize, results=results))
         return
+    _print_tables(results, t.has("label"))
+    err.print(f"{ms:.1f} ms per example")
+
+
+def _text_items(t, text: list[str], directory, other_examples: bool):
+    """(ids, examples, source) of ``--text`` queries: the task encodes them."""
+    if other_examples:
+        fail("pass --text, --example or --input, not several")
+    if not t.has("encode"):
+        fail(f"the task of index {directory} cannot turn text into examples; --text needs an "
+             "index built with --hf-model (or a task with encode(text)); or give --example "
+             "/ --input")
+    return list(range(len(text))), [t.encode(s) for s in text], "text"
+
+
+def _print_tables(results: list[dict], labelled: bool) -> None:
+    """One table per example and kind (proponents, opponents)."""
     from rich.table import Table
 
     for res in results:
@@ -132,15 +146,14 @@ def query(
             tab.add_column("rank")
             tab.add_column("train id")
             tab.add_column("score")
-            if t.has("label"):
+            if labelled:
                 tab.add_column("label")
             for rank, row in enumerate(res[kind], 1):
                 cells = [str(rank), str(row["train_id"]), f"{row['score']:+.4g}"]
-                if t.has("label"):
+                if labelled:
                     cells.append(str(row["label"]))
                 tab.add_row(*(safe(c) for c in cells))
             err.print(tab)
-    err.print(f"{ms:.1f} ms per example")
 
 
 def _train_data_of_index(t, idx):
@@ -178,6 +191,8 @@ def score(
     directory: Path = typer.Argument(..., metavar="DIR"),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the .npy matrix."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help=_TASK_HELP),
+    hf_model: Optional[Path] = hf_model_option(),
+    data: Optional[Path] = data_option(),
     input_file: Optional[Path] = typer.Option(None, "--input", help="Examples file instead of "
                                               "the task's query data."),
     split: str = typer.Option("query", help="query or train data (without --input)."),
@@ -190,7 +205,7 @@ def score(
     import numpy as np
 
     normalize = _check_normalize(normalize)
-    idx, t = _open_with_task(directory, task, "score")
+    idx, t = _open_with_task(directory, named_task(task, hf_model, data), "score")
     _, items, source = _examples(idx, t, None, input_file, split, all_default=True)
     from grass_index.fileio import atomic_save
 

@@ -124,9 +124,11 @@ def checkpoint_rows(cfg: IndexConfig) -> list[tuple[str, str]]:
 
 def layer_table(cfg: IndexConfig) -> Table:
     tab = Table(title="layers", show_lines=False)
-    for col in ("layer", "kind", "d_in", "d_out", "numel", "k", "compression"):
+    for col in ("layer", "kind", "d_in", "d_out", "numel", "k", "compression",
+                "λ in spectrum"):
         tab.add_column(col)
     described, layout = cfg.layers_described, cfg.layout
+    placed = (cfg.raw.get("preconditioner") or {}).get("placement") or {}
     for d in cfg.layer_dims:
         # an ensemble: every checkpoint's block of a layer has the same k (shown once, per
         # checkpoint), its description is checkpoint 0's
@@ -134,9 +136,20 @@ def layer_table(cfg: IndexConfig) -> Table:
         desc = described.get(key, {})
         cells = (d["name"], d["kind"], d["d_in"] if d["d_in"] is not None else "-",
                  d["d_out"] if d["d_out"] is not None else "-", d["numel"], layout[key],
-                 layer_stages(desc, d).replace(", ", "\n"))  # a stage per line
+                 layer_stages(desc, d).replace(", ", "\n"),  # a stage per line
+                 damping_cell(placed.get(key)))
         tab.add_row(*(safe(c) for c in cells))
     return tab
+
+
+def damping_cell(p: dict | None) -> str:
+    """Where a layer's λ sits in its spectrum (precondition.damping.placement): d_eff/k near 1
+    is almost no damping, near 0 almost identity; λ over the top and median eigenvalues."""
+    if not p or p.get("d_eff/k") is None:
+        return "-"
+    med = p.get("lambda/median")
+    return (f"d_eff/k {p['d_eff/k']:.3g}\nλ/top {p['lambda/top']:.3g}"
+            + (f"\nλ/median {med:.3g}" if med is not None else ""))
 
 
 def print_index(err: Console, cfg: IndexConfig, *, directory, verb: str | None = None,

@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from .errors import errors, fail
+from .task_opts import data_option, hf_model_option, named_task
 
 log = logging.getLogger("grass_index")
 
@@ -24,6 +25,8 @@ def self_influence_command(
     task: Optional[str] = typer.Option(None, "--task", help="Task file for labels (the task the "
                                        "index was built from; without it, labels only for a "
                                        "task shipped with grass-index)."),
+    hf_model: Optional[Path] = hf_model_option(),
+    data: Optional[Path] = data_option(),
     labels: bool = typer.Option(True, "--labels/--no-labels", help="Look up each example's "
                                 "label with the task's label(item)."),
     as_json: bool = typer.Option(False, "--json", help='Print {"results": [{"train_id", '
@@ -31,7 +34,7 @@ def self_influence_command(
 ) -> None:
     """Training examples ranked by self-influence (mislabelled and atypical examples first),
     from the stored sketches: no gradient is recomputed."""
-    rows, t = _ranked(index_dir, top_k, task, labels)
+    rows, t = _ranked(index_dir, top_k, named_task(task, hf_model, data), labels)
     results = [dict(train_id=i, score=s, label=lab) for i, s, lab in rows]
     if as_json:
         typer.echo(json.dumps({"index": str(index_dir), "results": results}))

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from .errors import errors, fail
+from .task_opts import data_option, hf_model_option, named_task
 
 
 def serve_command(
@@ -20,6 +21,8 @@ def serve_command(
     task: Optional[str] = typer.Option(None, "--task", help="Task file to run: the one the "
                                        "index was built from (required unless it ships with "
                                        "grass-index; `info` shows the recorded one)."),
+    hf_model: Optional[Path] = hf_model_option(),
+    data: Optional[Path] = data_option(),
     token: Optional[str] = typer.Option(None, "--token", envvar="GRASS_INDEX_TOKEN",
                                         show_envvar=True, help="Require this token on every "
                                         "request (Authorization: Bearer T, or ?token=T)."),
@@ -40,6 +43,7 @@ def serve_command(
     except ImportError as e:
         fail(f"grass-index serve needs FastAPI and uvicorn ({e}); install them with "
              "pip install 'grass-index[serve]'")
+    task = named_task(task, hf_model, data)
     serve(directory, host=host, port=port, task=task, token=token, max_k=max_k,
           max_body=max_body, batch_window_ms=batch_window_ms, max_batch=max_batch,
           threads=threads, access_log=access_log)

@@ -45,12 +45,17 @@ def tune_command(
                                               "query examples."),
     apply: bool = typer.Option(True, "--apply/--dry-run", help="Make the winner the index's "
                                "preconditioner (rewrites FAISS once) or only report."),
+    extend: bool = typer.Option(True, "--extend/--no-extend", help="While a scope's best sits "
+                                "at an edge of --factors, try factors beyond it (up to the "
+                                "identity limit: λ = 100 × every layer's top eigenvalue)."),
     as_json: bool = typer.Option(False, "--json", help="Print the sweep as JSON."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """Sweep identity, eFIM and EK-FAC dampings (1e-3…10 × mean eigenvalue) from the sketches,
-    keep the best validation LDS, report it on held-out queries and record it in the index."""
+    """Sweep identity, eFIM and EK-FAC dampings (1e-3…10 × mean eigenvalue, extended past an
+    edge the best sits at) from the sketches, keep the best validation LDS, report it on
+    held-out queries and record it in the index."""
     import grass_index as gi
+    from grass_index.eval.tune import Extension
 
     seed_list = _numbers(seeds, "--seeds", int)
     factor_list = _numbers(factors, "--factors", float)
@@ -62,7 +67,7 @@ def tune_command(
                                         ground_truth=ground_truth, val_fraction=val_fraction,
                                         split_seed=split_seed, factors=factor_list,
                                         scopes=scope_list, max_queries=max_queries, apply=apply,
-                                        progress=progress and not as_json)
+                                        progress=progress and not as_json, extend=extend)
     if as_json:
         typer.echo(json.dumps(res.to_dict()))
         return
@@ -78,6 +83,8 @@ def tune_command(
         mark = " ◀" if c is res.choice else ""
         tab.add_row(c.name + mark, _fmt(c.val_lds), _fmt(c.heldout_lds))
     err.print(tab)
+    for ext in res.extended:
+        err.print(Extension(**ext).says())
     verb = "now the index's preconditioner" if res.applied else "not applied (--dry-run)"
     err.print(f"chose {res.choice.name}: validation {_fmt(res.choice.val_lds)}, held-out "
               f"{_fmt(res.choice.heldout_lds)}; {verb}")

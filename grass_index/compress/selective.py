@@ -44,7 +44,10 @@ def _check_layers(layers, where: str) -> dict:
 def save_selective_mask(path: str | os.PathLike, layers: dict) -> None:
     """Write learned mask indices in the format load_selective_mask reads."""
     layers = _check_layers(layers, str(path))
-    torch.save({"format": FORMAT, "version": VERSION, "layers": layers}, path)
+    from ..fileio import atomic_save  # a reader never sees half a mask file
+
+    atomic_save(path, lambda f: torch.save({"format": FORMAT, "version": VERSION,
+                                            "layers": layers}, f))
 
 
 def load_selective_mask(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:

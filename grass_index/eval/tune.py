@@ -17,7 +17,9 @@ Candidates: ``identity`` (raw inner products), ``eFIM`` with per-layer relative 
 damping (λ = f × mean eigenvalue over all layers: ``damping="abs:λ"``), and — when pass 1 kept
 Kronecker factors (a factored spec with an identity projection) — ``ekfac`` with per-layer
 relative damping (its eigenvalues are corrected from the same pass over the sketches), f over
-a log grid.
+a log grid; plus the spectrum rule ``damping="auto"`` for each Hessian. While a scope's best
+sits at an edge of the grid, the grid grows that way (``extend_grid``) up to the identity limit,
+so a best damping beyond the default grid is found, not clipped.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from ..precondition import FisherAccumulator, load_factors
+from ..precondition.damping import RELATIVE_RANGE, auto_damping
 from ..precondition.ekfac import corrected_eigenvalues, rotate
 from ..precondition.fisher import layer_slices
 from ..query.querying import reading_store
@@ -70,6 +73,7 @@ class TuneResult:
     ground_truth_dir: str
     applied: bool = False
     seconds: dict = field(default_factory=dict)
+    extended: list = field(default_factory=list)  # Extension dicts: where the grid grew, why
 
     def best(self, scope: str) -> Candidate:
         """The grid point of ``scope`` with the highest validation LDS."""
@@ -114,18 +118,112 @@ def make_grid(factors: Sequence[float] = DEFAULT_FACTORS, scopes: Sequence[str] 
                         "0.001,0.01,0.1,1,10")
     grid = [Candidate("identity", "identity", None, "identity", None)]
     for scope in scopes:
-        for f in fs:
-            if scope == "per-layer":
-                grid.append(Candidate(f"eFIM {f:g} × mean eig per layer", "eFIM", repr(f),
-                                      scope, f))
-            elif scope == "ekfac":
-                grid.append(Candidate(f"EK-FAC {f:g} × mean eig per layer", "ekfac", repr(f),
-                                      scope, f))
-            else:
-                lam = f * float(global_mean_eig if global_mean_eig is not None else 1.0)
-                grid.append(Candidate(f"eFIM {f:g} × mean eig (global)", "eFIM",
-                                      f"abs:{lam!r}", scope, f))
+        grid.extend(candidate(scope, f, global_mean_eig) for f in fs)
     return grid
+
+
+def candidate(scope: str, f: float, global_mean_eig: float | None = None) -> Candidate:
+    """The grid point of ``scope`` at factor ``f`` (× mean eigenvalue)."""
+    if scope == "per-layer":
+        return Candidate(f"eFIM {f:g} × mean eig per layer", "eFIM", repr(f), scope, f)
+    if scope == "ekfac":
+        return Candidate(f"EK-FAC {f:g} × mean eig per layer", "ekfac", repr(f), scope, f)
+    lam = f * float(global_mean_eig if global_mean_eig is not None else 1.0)
+    return Candidate(f"eFIM {f:g} × mean eig (global)", "eFIM", f"abs:{lam!r}", scope, f)
+
+
+# Extending the grid. Past λ = IDENTITY_LIMIT × the top eigenvalue of every layer,
+# (F + λI)^-1 = (I − F/λ + …)/λ differs from I/λ by under 1/IDENTITY_LIMIT: each layer's
+# scores are identity's up to the factor 1/λ_l, and larger factors change nothing more.
+# Downwards the grid stops at the smallest relative damping the library accepts.
+IDENTITY_LIMIT = 100.0
+MAX_EXTENSION = 24  # grid points added per scope and direction (1-3 steps: 12 decades)
+
+
+def next_factor(f: float, up: bool) -> float:
+    """The next point of a 1-3-10 log grid from ``f`` (×3 or ×10/3; ×/÷√10 off that grid)."""
+    mantissa = f / 10 ** np.floor(np.log10(f))
+    if np.isclose(mantissa, 1.0):
+        g = f * 3 if up else f * 0.3
+    elif np.isclose(mantissa, 3.0):
+        g = f * 10 / 3 if up else f / 3
+    else:
+        g = f * 10 ** 0.5 if up else f / 10 ** 0.5
+    return float(f"{g:.6g}")
+
+
+@dataclass
+class Extension:
+    """How far one scope's grid grew past an edge, and why it stopped."""
+
+    scope: str
+    added_low: list = field(default_factory=list)    # factors added below the grid, outwards
+    added_high: list = field(default_factory=list)   # factors added above it, outwards
+    stopped: str = "interior"  # interior | flat | identity limit | smallest damping | step limit
+
+    def says(self) -> str:
+        """One line for the CLI."""
+        parts = [f"down to {self.added_low[-1]:g}×" if self.added_low else "",
+                 f"up to {self.added_high[-1]:g}×" if self.added_high else ""]
+        where = " and ".join(p for p in parts if p)
+        why = {"interior": "the best is now inside the grid",
+               "identity limit": f"λ ≥ {IDENTITY_LIMIT:g} × every layer's top eigenvalue: "
+                                 "beyond, each layer's scores are identity's up to 1/λ",
+               "smallest damping": "the smallest damping the library accepts",
+               "step limit": f"{MAX_EXTENSION} points added",
+               "flat": "the LDS stopped changing at that edge"}[self.stopped]
+        return f"{self.scope}: the best sat at the grid's edge; extended {where} ({why})"
+
+
+def extend_grid(points: list[Candidate], make, score, *, high: float, low: float
+                ) -> tuple[list[Candidate], Extension | None]:
+    """Grow one scope's grid ``points`` outwards while its best validation LDS sits at an
+    edge and is strictly above its neighbour's (a plateau says nothing about where to go: the
+    LDS of a few queries is often flat at the small-damping end). ``make(f)`` builds a point,
+    ``score(c)`` fills its LDS; ``high`` is the identity limit's factor, ``low`` the smallest
+    factor allowed. Returns the points added (low end first) and what happened (None when
+    nothing was added)."""
+    pts = sorted(points, key=lambda c: c.factor)
+    ext = Extension(points[0].scope, stopped="step limit")
+    for _ in range(MAX_EXTENSION):
+        best = max(pts, key=_val)  # ties: the smaller damping, as the sweep does
+        if best in (pts[0], pts[-1]) and len(pts) > 1 and \
+                _val(best) == _val(pts[1] if best is pts[0] else pts[-2]):
+            ext.stopped = "flat"  # no slope towards the edge: nothing says go further
+            break
+        if best is pts[-1]:
+            if pts[-1].factor >= high:
+                ext.stopped = "identity limit"
+                break
+            pts.append(score(make(min(next_factor(pts[-1].factor, up=True), high))))
+            ext.added_high.append(pts[-1].factor)
+        elif best is pts[0]:
+            if pts[0].factor <= low:
+                ext.stopped = "smallest damping"
+                break
+            pts.insert(0, score(make(max(next_factor(pts[0].factor, up=False), low))))
+            ext.added_low.append(pts[0].factor)
+        else:
+            ext.stopped = "interior"
+            break
+    if not (ext.added_low or ext.added_high):
+        return [], None
+    return pts[:len(ext.added_low)] + pts[len(pts) - len(ext.added_high):], ext
+
+
+def _val(c: Candidate) -> float:
+    return c.val_lds if np.isfinite(c.val_lds) else -np.inf
+
+
+def auto_candidates(scopes: Sequence[str]) -> list[Candidate]:
+    """The library's spectrum rule (damping "auto", precondition.damping.auto_damping) for
+    eFIM and, when EK-FAC is swept, for EK-FAC: shown beside the grid, and chosen if it wins."""
+    out = []
+    if "per-layer" in scopes or "global" in scopes:
+        out.append(Candidate("eFIM auto (spectrum rule)", "eFIM", "auto", "auto", None))
+    if "ekfac" in scopes:
+        out.append(Candidate("EK-FAC auto (spectrum rule)", "ekfac", "auto", "ekfac auto", None))
+    return out
 
 
 def split_queries(n_query: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -181,6 +279,21 @@ class _Sweep:
             start += k
         self.global_mean_eig = total_trace / total_k
 
+    def factor_limits(self, scope: str) -> tuple[float, float]:
+        """(smallest, largest) factor worth trying for ``scope``: the library's smallest
+        relative damping, and the identity limit — λ = IDENTITY_LIMIT × the top eigenvalue of
+        every layer (capped at the largest relative damping accepted)."""
+        tops = []
+        for name, e, _, _, mean_eig in self.layers:
+            if scope == "ekfac" and name in self.ekfac:
+                e = self.ekfac[name][0]
+                mean_eig = float(np.mean(e))
+            scale = self.global_mean_eig if scope == "global" else mean_eig
+            if scale > 0:
+                tops.append(float(np.max(e)) / scale)
+        high = IDENTITY_LIMIT * max(tops, default=1.0)
+        return RELATIVE_RANGE[0], float(f"{min(high, RELATIVE_RANGE[1]):.3g}")
+
     def predicted(self, c: Candidate) -> np.ndarray:
         if c.hessian == "identity":
             return self.G @ self.q.T
@@ -188,9 +301,14 @@ class _Sweep:
         for name, e, qU, GU, mean_eig in self.layers:
             if c.hessian == "ekfac" and name in self.ekfac:
                 lam_diag, qR, GR = self.ekfac[name]
-                out += GR @ (qR / (lam_diag + c.factor * lam_diag.mean())).T
+                lam = auto_damping(lam_diag) if c.factor is None else \
+                    c.factor * lam_diag.mean()
+                out += GR @ (qR / (lam_diag + lam)).T
                 continue  # (layers without factors: eFIM, as Preconditioner.fit_ekfac does)
-            lam = c.factor * (mean_eig if c.scope != "global" else self.global_mean_eig)
+            if c.factor is None:  # damping "auto": the rule on this layer's spectrum
+                lam = auto_damping(e)
+            else:
+                lam = c.factor * (mean_eig if c.scope != "global" else self.global_mean_eig)
             out += GU @ (qU / (e + lam)).T
         return out
 
@@ -224,15 +342,19 @@ def tune_index(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
                ground_truth: str | os.PathLike | None = None, val_fraction: float = 0.5,
                split_seed: int = 0, factors: Sequence[float] = DEFAULT_FACTORS,
                scopes: Sequence[str] | None = None, max_queries: int | None = None,
-               apply: bool = True, progress: bool = True, prepared=None) -> TuneResult:
+               apply: bool = True, progress: bool = True, prepared=None,
+               extend: bool = True) -> TuneResult:
     """Sweep the grid, pick the best validation LDS, and (``apply``) make it the index's
     preconditioner, recording the sweep in ``config["tune"]``.
 
     Ground truth is ``eval``'s: trained once per (subset, seed) and cached (resumable), in the
-    same default directory, so ``eval`` and ``tune`` with the same m / alpha / subset seed share
-    it. The split is seeded; ``heldout_lds`` of the choice is an unbiased estimate, the
-    validation LDS of the winner is not. ``prepared`` (from :func:`prepare`) reuses the ground
-    truth and the sweep's sums across calls, e.g. to compare split seeds.
+    same default directory, so ``eval`` and ``tune`` with the same m / alpha / subset seed
+    share it. The split is seeded; ``heldout_lds`` of the choice is an unbiased estimate, the
+    validation LDS of the winner is not. ``extend``: while a scope's best sits at an edge of
+    ``factors``, add grid points beyond it (up to the identity limit, see :func:`extend_grid`);
+    ``TuneResult.extended`` says where it went and why it stopped. ``prepared`` (from
+    :func:`prepare`) reuses the ground truth and the sweep's sums across calls, e.g. to compare
+    split seeds.
     """
     scopes_given = scopes is not None  # the default tries EK-FAC only where it exists
     scopes = list(SCOPES if scopes is None else scopes)
@@ -249,11 +371,17 @@ def tune_index(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
                             "be tried: build it with a factored sparsification and --projection "
                             "identity (e.g. random_mask-32*32), or leave ekfac out of --scopes")
         scopes = [s for s in scopes if s != "ekfac"]
-    grid = make_grid(factors, scopes, p.sweep.global_mean_eig)
-    for c in grid:
+    def score(c: Candidate) -> Candidate:
         pred = p.sweep.predicted(c)
         c.val_lds = _lds_of(pred, p.losses, val_ids)
         c.heldout_lds = _lds_of(pred, p.losses, held_ids)
+        return c
+
+    grid = [score(c) for c in make_grid(factors, scopes, p.sweep.global_mean_eig)]
+    extensions = []
+    if extend:
+        grid, extensions = _extended(grid, scopes, p.sweep, score)
+    grid[1:1] = [score(c) for c in auto_candidates(scopes)]
     ok = [c for c in grid if np.isfinite(c.val_lds)]
     if not ok:
         raise EvalError("no grid point has a defined validation LDS (scores or losses constant "
@@ -263,7 +391,8 @@ def tune_index(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
     res = TuneResult(grid=grid, choice=choice, n_val=len(val_ids), n_heldout=len(held_ids),
                      n_subsets=p.n_subsets, alpha=p.alpha, seeds=list(p.seeds),
                      split_seed=split_seed, ground_truth_dir=p.ground_truth_dir,
-                     seconds={"prepare": t1 - t0, "sweep": t2 - t1})
+                     seconds={"prepare": t1 - t0, "sweep": t2 - t1},
+                     extended=[asdict(e) for e in extensions])
     if apply:
         # the record goes into the config the refit writes (later refits keep it only while
         # the index's hessian/damping stay the tuned choice)
@@ -272,6 +401,21 @@ def tune_index(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
         res.applied = True
         res.seconds["reprecondition"] = time.perf_counter() - t2
     return res
+
+
+def _extended(grid: list[Candidate], scopes, sweep, score) -> tuple[list[Candidate], list]:
+    """The grid with every scope extended past an edge its best sits at (see extend_grid),
+    each scope's points in increasing damping; and the extensions made."""
+    out, extensions = [c for c in grid if c.scope == "identity"], []
+    for scope in scopes:
+        pts = [c for c in grid if c.scope == scope]
+        low, high = sweep.factor_limits(scope)
+        added, ext = extend_grid(pts, lambda f, s=scope: candidate(s, f, sweep.global_mean_eig),
+                                 score, high=high, low=low)
+        out.extend(sorted(pts + added, key=lambda c: c.factor) if added else pts)
+        if ext is not None:
+            extensions.append(ext)
+    return out, extensions
 
 
 def _opened(index):

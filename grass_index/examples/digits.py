@@ -82,10 +82,11 @@ def model() -> nn.Module:
             pass
     m = train_model(*split("train"))
     try:
+        from grass_index.fileio import atomic_save
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(m.state_dict(), tmp)
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+        # atomic: a concurrent reader never sees half a file
+        atomic_save(path, lambda f: torch.save(m.state_dict(), f))
     except OSError:  # read-only home: the model is deterministic, so just keep it in memory
         pass
     return m

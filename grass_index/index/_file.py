@@ -2,8 +2,9 @@
 
 The FAISS bytes come first so ``faiss.read_index`` (and its mmap modes) can read the file as is;
 the footer's lengths and CRC32 turn a truncated or corrupted file into a clear error instead of
-a FAISS crash or a silently wrong index. Writes go to a temp file that is fsynced and renamed,
-so a reader sees the old file or the new one, never a torn one.
+a FAISS crash or a silently wrong index. Writes go through ``fileio.atomic_path`` (temp file,
+fsync, rename, directory fsync), so a reader sees the old file or the new one, never a torn one;
+reads open only a regular file, never through a symlink (``fileio.open_regular``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import zlib
 import faiss
 
 from ..errors import GrassIndexError
+from ..fileio import FileWriteError, atomic_path, check_regular, open_regular
 
 MAGIC = b"GIDX0001"
 _FOOTER = struct.Struct("<8sQQI4x")  # magic, faiss_len, meta_len, crc32(faiss+meta)
@@ -26,53 +28,39 @@ class FaissIndexError(GrassIndexError, RuntimeError):
 
 
 def write(path: str, index, meta: dict) -> None:
+    """FAISS bytes, metadata and footer, written atomically (fileio.atomic_path)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FaissIndexError(f"cannot save the index to {path}: directory {directory} does not exist")
-    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     try:
-        faiss.write_index(index, tmp)
-        meta_b = json.dumps(meta, sort_keys=True).encode()
-        with open(tmp, "r+b") as f:
-            crc, n = 0, 0
-            while chunk := f.read(_READ):
-                crc, n = zlib.crc32(chunk, crc), n + len(chunk)
-            crc = zlib.crc32(meta_b, crc)
-            f.write(meta_b)
-            f.write(_FOOTER.pack(MAGIC, n, len(meta_b), crc))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(directory)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, (OSError, RuntimeError)):
-            raise FaissIndexError(f"saving the index to {path} failed ({e}); any previous file "
-                                  "there is unchanged.") from e
-        raise
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with atomic_path(path) as tmp:
+            faiss.write_index(index, tmp)
+            meta_b = json.dumps(meta, sort_keys=True).encode()
+            with open(tmp, "r+b") as f:
+                crc, n = 0, 0
+                while chunk := f.read(_READ):
+                    crc, n = zlib.crc32(chunk, crc), n + len(chunk)
+                crc = zlib.crc32(meta_b, crc)
+                f.write(meta_b)
+                f.write(_FOOTER.pack(MAGIC, n, len(meta_b), crc))
+    except (FileWriteError, RuntimeError) as e:
+        why = e.strerror if isinstance(e, FileWriteError) else e
+        raise FaissIndexError(f"saving the index to {path} failed ({why}); any previous file "
+                              "there is unchanged.") from e
 
 
 def read_meta(path: str, *, verify: bool = True) -> dict:
     """Validate the container (lengths, magic, optionally CRC) and return its metadata."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not check_regular(path):
         raise FaissIndexError(f"no index file at {path}; build the index first (or check the path)")
     size = os.path.getsize(path)
     bad = (f"{path} is not a complete grass-index FAISS file (truncated, corrupted, or written by "
            "something else); rebuild it from the sketch store")
     if size < _FOOTER.size:
         raise FaissIndexError(bad + f" [only {size} bytes]")
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         f.seek(size - _FOOTER.size)
         magic, n, m, crc = _FOOTER.unpack(f.read(_FOOTER.size))
         if magic != MAGIC or n + m + _FOOTER.size != size:

@@ -9,10 +9,10 @@ and atomically, so an index is complete exactly when config.json exists.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..version import __version__
+from ..fileio import UnsafeFileError, check_regular, read_json
 from ..store import SketchStore, StoreError
 from ..untrusted import UnsafeNameError, plain_file_name
 from .errors import AttributionError
@@ -37,8 +37,8 @@ def read_record(path) -> IndexRecord:
         raise AttributionError(f"index directory {path} not found; build one with "
                                "`grass-index build TASK --out DIR`")
     cfile = path / CONFIG_FILE
-    if not cfile.is_file():
-        if (path / BUILD_FILE).is_file():
+    if not check_regular(cfile):  # a symlink, FIFO or directory there is refused
+        if check_regular(path / BUILD_FILE):
             done = sketched_batches(path)
             progress = f" ({done[0]} of {done[1]} batches sketched)" if done else ""
             raise AttributionError(f"the build in {path} is not finished{progress}; re-run the "
@@ -46,7 +46,7 @@ def read_record(path) -> IndexRecord:
         raise AttributionError(f"{path} is not a grass-index index (no {CONFIG_FILE}); pass the "
                                "--out directory of `grass-index build`")
     try:
-        cfg = json.loads(cfile.read_text())
+        cfg = read_json(cfile)
     except ValueError as e:
         raise AttributionError(f"{cfile} is corrupted ({e}); run `grass-index verify {path} "
                                "--repair` to restore it from the sketch store") from e
@@ -99,6 +99,8 @@ def _store_records(path: Path):
     try:
         with SketchStore.open(Path(path) / STORE_DIR, readonly=True) as st:
             return st.meta, st.get_meta("config", None), st.num_rows
+    except UnsafeFileError:  # a symlink/FIFO in the store: refused, not "unreadable"
+        raise
     except (StoreError, OSError, ValueError):
         return None
 

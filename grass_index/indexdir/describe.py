@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..fileio import check_regular
 from .config import read_config
 from .files import BUILD_FILE, CONFIG_FILE
 from .record import read_build, sketched_batches
@@ -13,10 +14,10 @@ def describe_index(path) -> dict:
     interrupted build (readable from another process while the build writes)."""
     path = Path(path)
     cfile = path / CONFIG_FILE
-    if cfile.is_file():
+    if check_regular(cfile):  # a symlink or FIFO there is refused, naming it
         cfg = read_config(path)
         return dict(complete=True, path=str(path), config=cfg)
-    if not (path / BUILD_FILE).is_file():
+    if not check_regular(path / BUILD_FILE):
         read_config(path)  # raises the right message
     build = read_build(path)
     done = sketched_batches(path)

@@ -2,6 +2,8 @@
 docs/design.md and in this package's __init__)."""
 from __future__ import annotations
 
+import re
+
 from ..fileio import atomic_write, jsonable, write_json  # noqa: F401  (re-exported for the stages here)
 
 FORMAT_VERSION = 1
@@ -11,6 +13,9 @@ STORE_DIR = "sketches"
 SHARDS_DIR = "shards"  # `build --worker i/n`: one sketch store per worker, shards/i-of-n/
 MASK_FILE = "selective_mask.pt"  # copy of the selective-mask file, so queries need only the dir
 OUR_FILES = {CONFIG_FILE, BUILD_FILE, STORE_DIR, SHARDS_DIR}
+# The FAISS files pass 2 writes (and `query --normalize cosine`'s second index): the only
+# names an index directory's clean-up deletes (fileio.unlink_owned).
+INDEX_FILE = re.compile(r"index-[0-9a-f]+(-\d+-of-\d+|-cosine)?\.faiss")
 
 
 def index_file_names(key: str, parts: int) -> list[str]:

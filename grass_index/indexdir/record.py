@@ -11,11 +11,11 @@ reader and writer of the file.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..batching import batch_count
 from ..capture import as_checkpoints
+from ..fileio import check_regular, read_json
 from ..store import SketchStore, writer_lock
 from ..store._env import DATA_FILE
 from .errors import AttributionError
@@ -55,15 +55,21 @@ def read_build_record(out: Path, *, missing: str | None = None) -> dict:
     """build.json of ``out``; ``missing`` is the error message when there is none (default:
     an OSError is raised as is)."""
     bfile = Path(out) / BUILD_FILE
-    if missing is not None and not bfile.is_file():
+    if missing is not None and not check_regular(bfile):
         raise AttributionError(missing)
     try:
-        build = json.loads(bfile.read_text())
+        build = read_json(bfile)
     except ValueError as e:
         raise AttributionError(f"{bfile} is corrupted ({e}); run `grass-index verify {out} "
                                "--repair` to restore it from the sketch store") from e
-    BuildRecord(build, str(bfile))  # every field's type and range, and their agreement
-    return build
+    record = BuildRecord(build, str(bfile))  # every field's type and range, and their agreement
+    return dict(record.raw)  # layout in column order (indexdir/records.py column_order)
+
+
+def stored_build_record(store) -> dict:
+    """The sketch store's own creation record (what its sketches are), checked like build.json,
+    its layout in column order."""
+    return dict(BuildRecord(store.meta, f"the creation record of {store.path}").raw)
 
 
 def read_build(out: Path, *, missing: str | None = None) -> BuildRecord:

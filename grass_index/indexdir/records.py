@@ -195,6 +195,23 @@ _FIX = ("the index directory is damaged or was edited: run `grass-index verify D
         "to restore its records from the sketch store, or rebuild it")
 
 
+def column_order(layout: Mapping[str, int], layer_dims, *, ensemble) -> dict[str, int]:
+    """``layout`` in the order the sketch's columns hold its layers: the selected layers' order
+    (``layer_dims``), checkpoint by checkpoint for an ensemble (keys ``c{c}/{layer}``).
+    A record's JSON keys are sorted, which is another order as soon as a model has 10 layers
+    of one kind; slicing columns by it would apply one layer's preconditioner to another's."""
+    position = {d["name"]: i for i, d in enumerate(layer_dims)}
+
+    def place(name: str) -> tuple[int, int]:
+        m = BLOCK.match(name) if ensemble is not None else None
+        checkpoint, layer = (int(m.group(1)), name[m.end():]) if m else (0, name)
+        if layer not in position:
+            raise Bad(f"field 'layout' names {name!r}, a layer 'layer_dims' does not list")
+        return checkpoint, position[layer]
+
+    return dict(sorted(layout.items(), key=lambda item: place(item[0])))
+
+
 @dataclass(frozen=True, init=False, repr=False)
 class BuildRecord:
     """build.json: what the raw sketches depend on (indexdir/record.py describes each key).
@@ -235,11 +252,15 @@ class BuildRecord:
                 object.__setattr__(self, f.name, f.metadata["check"](record.get(key)))
             except Bad as e:
                 raise AttributionError(f"{source}: field {key!r} {e}; {_FIX}") from None
-        object.__setattr__(self, "raw", MappingProxyType(dict(record)))
         try:
             self._check_together()
+            # JSON records are written with sorted keys, but the sketch concatenates layers in
+            # model order (h.2 before h.10): every reader slices columns by this order
+            layout = column_order(self.layout, self.layer_dims, ensemble=self.checkpoints)
         except Bad as e:
             raise AttributionError(f"{source}: {e}; {_FIX}") from None
+        object.__setattr__(self, "layout", MappingProxyType(layout))
+        object.__setattr__(self, "raw", MappingProxyType({**record, "layout": layout}))
         self._fill()
 
     def __repr__(self) -> str:

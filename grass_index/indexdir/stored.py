@@ -11,6 +11,7 @@ import numpy as np
 from ..index import ShardedIndex, SketchedIndex, VectorIndex, check_serves
 from ..precondition import unrepresentable_rows
 from ..precondition.persist import state_from_array, state_to_array  # noqa: F401  (re-exported)
+from ..untrusted import plain_file_name
 from .errors import AttributionError
 from .records import IndexRecord
 
@@ -71,7 +72,7 @@ def load_faiss(path: Path, record: IndexRecord, *, mmap: bool = False, verify: b
                check: bool = True):
     """The finished index's FAISS index: its one file, or its parts searched as one —
     checked (``check``) to belong to this build (key, count, id range) before it serves."""
-    names = record.index_files
+    names = [plain_file_name(n, f"{path}: index file") for n in record.index_files]
     parts = [VectorIndex.load(path / name, mmap=mmap, verify=verify) for name in names]
     vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
     if check:

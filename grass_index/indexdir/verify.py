@@ -5,13 +5,13 @@ preconditioner, FAISS, damaged sketch blocks) is the build's: ``grass_index.pipe
 (``verify_index``)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..batching import batch_count
+from ..fileio import UnsafeFileError, check_tree, read_json
 from ..index import FaissIndexError, check_serves
 from ..precondition import PreconditionError, load_preconditioner
 from ..store import SketchStore, StoreError
@@ -58,6 +58,7 @@ def inspect_index(path, *, sample: int = 64, seed: int = 0, fast: bool = False) 
     the store) stops the list when it fails. ``fast`` reads only sampled rows."""
     found = Findings(Path(path))
     view = check_config(found)
+    check_files(found)  # reported even when config.json is unusable
     if view is None or not check_build_record(found):
         return found
     try:
@@ -66,6 +67,7 @@ def inspect_index(path, *, sample: int = 64, seed: int = 0, fast: bool = False) 
         found.check("sketch store", False, f"cannot open: {e}; the sketches are lost: rebuild")
         return found
     with store:
+        check_store_files(found, store)
         check_store_config(found, store)
         check_rows(found, store, view, fast=fast, sample=sample, seed=seed)
         pre = check_preconditioner(found, store, view)
@@ -73,11 +75,27 @@ def inspect_index(path, *, sample: int = 64, seed: int = 0, fast: bool = False) 
     return found
 
 
+def check_files(found: Findings) -> None:
+    """The file rule (grass_index/fileio.py): every entry a regular file or a real directory;
+    a symlink, FIFO or device is reported (and never read or written by any command)."""
+    tree = check_tree(found.path)
+    found.check("files", not tree, "every entry is a regular file or a real directory"
+                if not tree else "; ".join(tree[:5]) + ": remove it (grass-index never reads "
+                "or writes through a symlink, FIFO or device)")
+
+
+def check_store_files(found: Findings, store) -> None:
+    """Array headers naming files that are not the store's own (and the store's tree)."""
+    files = store.file_problems()
+    found.check("store files", not files, "every file of the store is its own, regular file"
+                if not files else "; ".join(files[:5]))
+
+
 def check_config(found: Findings) -> IndexRecord | None:
     """config.json readable, its hash right, agreeing with the store; the format version."""
     try:
         view = found.record = read_record(found.path)
-    except AttributionError as e:
+    except (AttributionError, UnsafeFileError) as e:
         found.check("config", False, e)
         return None
     found.config = dict(view.raw)
@@ -204,8 +222,8 @@ def restore_records(path: Path) -> list[str]:
         created, stored_cfg = store.meta, store.get_meta("config", None)
         bfile = path / BUILD_FILE
         try:
-            old = json.loads(bfile.read_text())
-        except (OSError, ValueError):
+            old = read_json(bfile)
+        except (OSError, ValueError):  # missing, damaged, or not a regular file: replaced
             old = None
         if jsonable(old) != jsonable(created):
             write_json(bfile, created)

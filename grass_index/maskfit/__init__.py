@@ -5,6 +5,6 @@ A stage above capture/ and precondition/ (it needs per-sample gradients and the 
 index will use); the mask file it produces is read by compress/ (``selective_mask-…`` specs).
 """
 from .errors import MaskFitError
-from .fit import fit_selective_mask
+from .fit import MaskFitOptions, fit_selective_mask
 
-__all__ = ["MaskFitError", "fit_selective_mask"]
+__all__ = ["MaskFitError", "MaskFitOptions", "fit_selective_mask"]

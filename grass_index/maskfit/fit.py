@@ -55,9 +55,10 @@ sample; benchmarks/selective_lm.py measures GPT-2 small (README: Selective Mask)
 """
 from __future__ import annotations
 
-
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -137,122 +138,188 @@ def _fit_one(lg: LayerGrads, n_a: int, shape: tuple[int, ...], keep: int,
     return [t.detach() for t in logits], float(fit.detach())
 
 
-def fit_selective_mask(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable, k, *,
-                       layers=None, n_samples: int = 768, steps: int = 300, lr: float = 0.05,
-                       l1: float = 0.1, hessian: str = "eFIM", damping=None, seed: int = 0,
-                       collate: Callable | None = None, batch_size: int = 64,
-                       memory_gb: float = 2.0, capture: str = "auto",
-                       stats: dict | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """Learned mask indices per layer, ready for save_selective_mask (the module docstring
-    says what is optimised).
+@dataclass(frozen=True)
+class MaskFitOptions:
+    """How a Selective Mask is fitted (everything but the model, data, loss and size).
 
-    k: ``k`` (flat masks everywhere) or ``"k_in*k_out"`` (factored for linear layers; other
-    parameters get a flat mask of k_in*k_out). Sizes larger than a layer are clamped to it.
-    n_samples training examples are drawn (seeded); a third play queries, the rest estimate F.
-    hessian/damping: those the index will be built with (relative damping; default
-    grass_index's DEFAULT_DAMPING); ``"identity"`` matches raw inner products.
-    memory_gb: budget for the held gradients/factors of a pass and a layer's fit (peak about
-    2.5 × this plus the model and one batch). capture: ``"factors"`` (linear layers from
-    their per-token factors, streamed), ``"exact"`` (formed per-example gradients, one
-    group of layers at a time: the reference the factored fit is tested against) or
-    ``"auto"``: exact when every selected layer's formed gradients fit in the budget (small
-    models keep exactly the masks they always got), factors otherwise.
-    stats: a dict to fill with {layer: {"route", "n", "held_bytes", "seconds", "fit"}} and
-    {"passes": number of passes over the sample}.
+    layers: ``--layers`` globs (None: the default selection). n_samples training examples are
+    drawn (seeded by ``seed``); a third play queries, the rest estimate F. steps, lr: Adam on
+    the mask logits; l1: the sparsity penalty. hessian/damping: those the index will be built
+    with (relative damping; default grass_index's DEFAULT_DAMPING); ``"identity"`` matches raw
+    inner products. collate, batch_size: how the sample is batched (default: the task
+    default). memory_gb: budget for the held gradients/factors of a pass and a layer's fit
+    (peak about 2.5 × this plus the model and one batch). capture: ``"factors"`` (linear
+    layers from their per-token factors, streamed), ``"exact"`` (formed per-example
+    gradients, one group of layers at a time: the reference the factored fit is tested
+    against) or ``"auto"``: exact when every selected layer's formed gradients fit in the
+    budget (small models keep exactly the masks they always got), factors otherwise.
     """
-    from ..capture import per_sample_gradients, select_layers
-    from ..capture.factors import FactorCapture, LayerBatch
-    from ..precondition import DEFAULT_DAMPING, PreconditionError, canonical_hessian, parse_damping
-    from ..task import default_collate
 
-    dims = _parse_k(k)
-    if n_samples < 3:
-        raise MaskFitError(f"n_samples={n_samples}; the mask is fit on scores between sampled "
-                         "examples, so use at least 3 (several hundred is typical)")
-    if capture not in ("auto", "factors", "exact"):
-        raise MaskFitError(f"capture={capture!r}; use 'auto' (default), 'factors' or 'exact'")
-    if not memory_gb > 0:
-        raise MaskFitError(f"memory_gb={memory_gb} (--memory-gb): give a positive budget in GiB, e.g. 2")
-    if batch_size < 1:
-        raise MaskFitError(f"batch_size={batch_size}; use a positive batch size, e.g. 16")
+    layers: Sequence[str] | None = None
+    n_samples: int = 768
+    steps: int = 300
+    lr: float = 0.05
+    l1: float = 0.1
+    hessian: str = "eFIM"
+    damping: float | str | None = None
+    seed: int = 0
+    collate: Callable | None = None
+    batch_size: int = 64
+    memory_gb: float = 2.0
+    capture: str = "auto"
+
+
+def _options(options: MaskFitOptions | None, settings: dict) -> MaskFitOptions:
+    """``options`` with ``settings`` (keyword arguments naming its fields) applied."""
+    names = [f.name for f in dataclasses.fields(MaskFitOptions)]
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        raise MaskFitError(f"unknown mask-fit setting(s) {unknown}; the settings are {names}")
+    return dataclasses.replace(options or MaskFitOptions(), **settings)
+
+
+def _damping(opts: MaskFitOptions) -> float | None:
+    """Check the options; the relative damping of the objective (None: raw inner products)."""
+    from ..precondition import DEFAULT_DAMPING, PreconditionError, canonical_hessian, parse_damping
+
+    if opts.n_samples < 3:
+        raise MaskFitError(f"n_samples={opts.n_samples}; the mask is fit on scores between "
+                           "sampled examples, so use at least 3 (several hundred is typical)")
+    if opts.capture not in ("auto", "factors", "exact"):
+        raise MaskFitError(f"capture={opts.capture!r}; use 'auto' (default), 'factors' or 'exact'")
+    if not opts.memory_gb > 0:
+        raise MaskFitError(f"memory_gb={opts.memory_gb} (--memory-gb): give a positive budget "
+                           "in GiB, e.g. 2")
+    if opts.batch_size < 1:
+        raise MaskFitError(f"batch_size={opts.batch_size}; use a positive batch size, e.g. 16")
     try:
-        h = canonical_hessian(hessian)
+        h = canonical_hessian(opts.hessian)
     except PreconditionError:
-        raise MaskFitError(f"hessian={hessian!r}; use 'eFIM' or 'identity' (as for build_index)") from None
+        raise MaskFitError(f"hessian={opts.hessian!r}; use 'eFIM' or 'identity' (as for "
+                           "build_index)") from None
     if h == "ekfac":
         raise MaskFitError("the mask fit has no EK-FAC objective; fit it with hessian='eFIM' "
                            "(the Fisher EK-FAC approximates) and build with --hessian ekfac")
     if h == "identity":
-        damp = None
-    else:
-        mode, damp = parse_damping(DEFAULT_DAMPING if damping is None else damping)
-        if mode != "relative":
-            raise MaskFitError(f"damping={damping!r}: the mask fit needs a relative damping (a "
-                             "factor of the mean eigenvalue, e.g. 0.3), not an absolute one")
-    collate = collate or default_collate
-    infos = select_layers(model, layers)
-    gen = torch.Generator().manual_seed(seed)
-    n = min(n_samples, len(train_data))
+        return None
+    mode, damp = parse_damping(DEFAULT_DAMPING if opts.damping is None else opts.damping)
+    if mode != "relative":
+        raise MaskFitError(f"damping={opts.damping!r}: the mask fit needs a relative damping (a "
+                           "factor of the mean eigenvalue, e.g. 0.3), not an absolute one")
+    return damp
+
+
+@dataclass
+class _Sample:
+    """The sampled training examples: ids (the first ``n_a`` play queries) and their
+    batches."""
+
+    ids: list[int]
+    n_a: int
+    batches: list[list[int]]
+    load: Callable
+
+
+def _sample(train_data, opts: MaskFitOptions, gen: torch.Generator) -> _Sample:
+    from ..task import default_collate
+
+    collate = opts.collate or default_collate
+    n = min(opts.n_samples, len(train_data))
     if n < 3:
         raise MaskFitError(f"{len(train_data)} training examples; fitting a mask needs at least 3")
     ids = torch.randperm(len(train_data), generator=gen)[:n].tolist()
-    n_a = max(1, n // 3)                      # queries: disjoint from the F sample
-    model.eval()
-    budget = int(memory_gb * 2 ** 30)
-    batches = [ids[s:s + batch_size] for s in range(0, n, batch_size)]
+    return _Sample(ids=ids, n_a=max(1, n // 3),      # queries: disjoint from the F sample
+                   batches=[ids[s:s + opts.batch_size] for s in range(0, n, opts.batch_size)],
+                   load=lambda part: collate([train_data[i] for i in part]))
 
-    def load(part):
-        return collate([train_data[i] for i in part])
 
-    if capture == "auto":
-        capture = "exact" if 4 * n * sum(layer.numel for layer in infos) <= budget else "factors"
+def _grabber(model, loss_fn, infos, sample: _Sample, capture: str):
+    """(grab(batch, layers) -> {layer: LayerBatch}, bytes held per example per layer)."""
+    from ..capture import per_sample_gradients
+    from ..capture.factors import FactorCapture, LayerBatch
+
     if capture == "factors":
         cap = FactorCapture(model, infos)
-        cap.check(load(batches[0] if len(batches[0]) >= 2 else ids[:2]), loss_fn)
-        probe = cap.capture(load(ids[:2]), loss_fn, infos)   # bytes per example, per layer
-        per_example = {name: lb.nbytes / 2 for name, lb in probe.items()}
-        del probe
+        first = sample.batches[0]
+        cap.check(sample.load(first if len(first) >= 2 else sample.ids[:2]), loss_fn)
+        probe = cap.capture(sample.load(sample.ids[:2]), loss_fn, infos)  # bytes per example
+        return (lambda batch, group: cap.capture(batch, loss_fn, group),
+                {name: lb.nbytes / 2 for name, lb in probe.items()})
 
-        def grab(batch, group):
-            return cap.capture(batch, loss_fn, group)
-    else:
-        per_example = {layer.name: 4 * layer.numel for layer in infos}
+    def grab(batch, group):
+        return {name: LayerBatch(grads=g.detach().float().cpu()) for name, g in
+                per_sample_gradients(model, batch, loss_fn, group).items()}
+    return grab, {layer.name: 4 * layer.numel for layer in infos}
 
-        def grab(batch, group):
-            return {name: LayerBatch(grads=g.detach().float().cpu()) for name, g in
-                    per_sample_gradients(model, batch, loss_fn, group).items()}
 
+def _passes(infos, per_example: dict, n: int, budget: int) -> list[list]:
+    """Consecutive layers whose held data fit in the budget together: one pass each."""
     groups: list[list] = []
-    for layer in infos:     # consecutive layers whose held data fit in the budget: one pass
+    for layer in infos:
         need = n * per_example[layer.name]
         if groups and sum(n * per_example[x.name] for x in groups[-1]) + need <= budget:
             groups[-1].append(layer)
         else:
             groups.append([layer])
+    return groups
+
+
+def _fit_layer(layer, lg: LayerGrads, dims, n_a: int, damp, opts: MaskFitOptions, gen):
+    """(mask indices {"in", "out"} or {"flat"}, final fit term) of one layer."""
+    steps, lr, l1 = opts.steps, opts.lr, opts.l1
+    if len(dims) == 2 and layer.kind == "linear":
+        d_out, d_in = lg.shape
+        k_in, k_out = min(dims[0], d_in), min(dims[1], d_out)
+        (s_out, s_in), fit = _fit_one(lg, n_a, lg.shape, k_in * k_out, damp, steps, lr, l1, gen)
+        return {"in": _topk(s_in, k_in), "out": _topk(s_out, k_out)}, fit
+    kk = min(dims[0] * (dims[1] if len(dims) == 2 else 1), lg.numel)
+    (s,), fit = _fit_one(lg, n_a, (lg.numel,), kk, damp, steps, lr, l1, gen)
+    return {"flat": _topk(s, kk)}, fit
+
+
+def fit_selective_mask(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable, k,
+                       options: MaskFitOptions | None = None, *, stats: dict | None = None,
+                       **settings) -> dict[str, dict[str, torch.Tensor]]:
+    """Learned mask indices per layer, ready for save_selective_mask (the module docstring
+    says what is optimised).
+
+    k: ``k`` (flat masks everywhere) or ``"k_in*k_out"`` (factored for linear layers; other
+    parameters get a flat mask of k_in*k_out). Sizes larger than a layer are clamped to it.
+    options: a MaskFitOptions; ``settings`` are its fields by name (``n_samples=256``), applied
+    on top. stats: a dict to fill with {layer: {"route", "n", "held_bytes", "seconds",
+    "fit"}} and {"passes": number of passes over the sample}.
+    """
+    from ..capture import select_layers
+
+    opts = _options(options, settings)
+    dims = _parse_k(k)
+    damp = _damping(opts)
+    infos = select_layers(model, opts.layers)
+    gen = torch.Generator().manual_seed(opts.seed)
+    sample = _sample(train_data, opts, gen)
+    n = len(sample.ids)
+    model.eval()
+    budget = int(opts.memory_gb * 2 ** 30)
+    capture = opts.capture
+    if capture == "auto":
+        capture = "exact" if 4 * n * sum(layer.numel for layer in infos) <= budget else "factors"
+    grab, per_example = _grabber(model, loss_fn, infos, sample, capture)
+    groups = _passes(infos, per_example, n, budget)
     out: dict[str, dict[str, torch.Tensor]] = {}
     if stats is not None:
         stats["passes"] = len(groups)
     for group in groups:
         parts: dict[str, list] = {layer.name: [] for layer in group}
-        for part in batches:
-            for name, lb in grab(load(part), group).items():
+        for part in sample.batches:
+            for name, lb in grab(sample.load(part), group).items():
                 parts[name].append(lb)
         for layer in group:
             t0 = time.perf_counter()
-            factored = len(dims) == 2 and layer.kind == "linear"
             shape = (layer.d_out, layer.d_in_eff) if layer.kind == "linear" else (layer.numel,)
             held = sum(lb.nbytes for lb in parts[layer.name])
             lg = LayerGrads(layer.name, parts.pop(layer.name), shape, budget)
             route = "exact" if lg.plain else "factors"
-            if factored:
-                d_out, d_in = shape
-                k_in, k_out = min(dims[0], d_in), min(dims[1], d_out)
-                (s_out, s_in), fit = _fit_one(lg, n_a, shape, k_in * k_out, damp, steps, lr, l1, gen)
-                out[layer.name] = {"in": _topk(s_in, k_in), "out": _topk(s_out, k_out)}
-            else:
-                kk = min(dims[0] * (dims[1] if len(dims) == 2 else 1), lg.numel)
-                (s,), fit = _fit_one(lg, n_a, (lg.numel,), kk, damp, steps, lr, l1, gen)
-                out[layer.name] = {"flat": _topk(s, kk)}
+            out[layer.name], fit = _fit_layer(layer, lg, dims, sample.n_a, damp, opts, gen)
             del lg
             if stats is not None:
                 stats[layer.name] = dict(route=route, n=n, held_bytes=held, fit=fit,

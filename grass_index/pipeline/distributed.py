@@ -34,7 +34,7 @@ from ..store import SketchStore
 from ..indexdir.errors import AttributionError
 from ..indexdir.files import SHARDS_DIR, STORE_DIR, jsonable
 from .factors import merge_shard_factors
-from .pass2 import fit_from_sums, run_pass2
+from .pass2 import Pass2Run, fit_from_sums, run_pass2
 from .sharding import cache_fisher, copy_shards, merge_setup
 
 # Rank 0's merge + pass 2 can take long while the others wait in a collective.
@@ -183,11 +183,11 @@ def merge_ranks(group, out: Path, *, fisher, progress, remove_shards: bool = Fal
         if remove_shards:
             shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
 
-    return run_pass2(out, build, rec.get("describe") or {}, index_options, rows=rows, ranks=group,
-                     fit=lambda: fit_from_sums(fisher, build["layout"], index_options.hessian,
-                                               index_options.damping),
-                     main_store=main_store, task=rec.get("task"),
-                     item_signature=rec.get("item_signature"), progress=progress)
+    fit = lambda: fit_from_sums(fisher, build["layout"], index_options.hessian,  # noqa: E731
+                                index_options.damping)
+    return run_pass2(out, build, rec.get("describe") or {}, index_options, Pass2Run(
+        rows=rows, ranks=group, fit=fit, main_store=main_store, task=rec.get("task"),
+        item_signature=rec.get("item_signature"), progress=progress))
 
 
 def _held_rows(shard: Path, qids: np.ndarray, rank: int, world: int, B: int):

@@ -9,6 +9,7 @@ recomputing a gradient; the cost is measured in benchmarks/ekfac.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 
 import numpy as np
@@ -164,12 +165,13 @@ def fit_ekfac(store, layout: dict, damping, progress) -> Preconditioner:
             progress("fisher", start + len(rows), n)
             yield start, rows
     eig = corrected_eigenvalues(blocks(), layout, bases)
+    rows = functools.cache(lambda: store.get_rows(np.arange(n)))  # low-rank eFIM layers only
     efim = None
     if rest:
         acc = fisher.finish() if fisher is not None else None
         efim = Preconditioner.fit_layers(
             rest, damping=damping, n=n,
             take_fisher=(lambda name: acc.take_sum(name) / n) if acc is not None else None,
-            rows=lambda: store.get_rows(np.arange(n))[:, cols])
+            rows=lambda: rows()[:, cols])
     return Preconditioner.fit_ekfac(layout, bases, eig, damping=damping, efim=efim,
-                                    efim_layers=why)
+                                    efim_layers=why, rows=rows)

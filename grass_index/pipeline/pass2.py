@@ -4,17 +4,22 @@
 Pass 2 reads pass 1's blocks back, so changing the damping or the Hessian never recomputes a
 gradient (``refit``). It streams: a single-process build hands over the Fisher sums pass 1
 accumulated (``pass1_fisher``), so the store is not re-read for them; the preconditioner is
-fitted one layer at a time, each layer's sums factored in place; a layer with n < k/2 is
-fitted from the stored rows (Woodbury) and needs no k×k Fisher at all. For wide sketches
+fitted one layer at a time, each layer's sums factored in place; a layer with n < k is
+fitted from the stored rows (the low-rank form, precondition/forms.py) and needs no k×k Fisher
+at all. For wide sketches
 (LMs) too many to hold exactly, FAISS holds a seeded search sketch of each vector and a query's
 candidates are re-ranked exactly from the stored rows (index/choice.py, ``store_rerank``).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import logging
+import os
+import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,14 +36,19 @@ from ..precondition.fisher import layer_slices
 from ..store import SketchStore, StoreError
 from ..indexdir.errors import AttributionError
 from .factors import fit_ekfac
-from ..indexdir.files import CONFIG_FILE, STORE_DIR, index_file_names, jsonable, write_json
+from ..fileio import remove_stale_temps, unlink_owned
+from ..indexdir.files import (CONFIG_FILE, INDEX_FILE, STORE_DIR, index_file_names, jsonable,
+                              write_json)
 from ..indexdir.fingerprints import config_hash, data_signature, hash_json
 from .options import IndexOptions, damping_key
 from .progress import Progress
-from ..indexdir.record import n_batches
+from ..indexdir.record import n_batches, stored_build_record
 from ..indexdir.stored import preconditioned_blocks, store_rerank
 
 log = logging.getLogger("grass_index")
+# Temp names of FAISS and config writes by earlier versions (now fileio.TEMP_NAME's).
+_OLD_TEMPS = re.compile(r"index-[0-9a-f]+[-0-9a-z]*\.faiss\.tmp-\d+-[0-9a-f]{8}"
+                        r"|\.config\.json\.tmp\d+")
 
 
 class OneProcess:
@@ -99,12 +109,13 @@ def finish(out: Path, store, build: dict, describe: dict, opts: IndexOptions, *,
     def main_store(pre, key):
         yield store  # the preconditioner is stored already (right after fitting)
 
-    return run_pass2(out, build, describe, opts, rows=StoreRows(store),
-                     fit=lambda: fit_streaming(store, layout, hessian, damping, progress, fisher),
-                     main_store=main_store, stored=store,
-                     task=task if task is not None else old_task(old_config),
-                     item_signature=item_signature, progress=progress,
-                     extra={"tune": tune} if tune is not None else tuned_record(old_config, opts))
+    return run_pass2(out, build, describe, opts, Pass2Run(
+        rows=StoreRows(store),
+        fit=lambda: fit_streaming(store, layout, hessian, damping, progress, fisher),
+        main_store=main_store, stored=store,
+        task=task if task is not None else old_task(old_config), item_signature=item_signature,
+        progress=progress,
+        extra={"tune": tune} if tune is not None else tuned_record(old_config, opts)))
 
 
 def tuned_record(old_config, opts: IndexOptions) -> dict:
@@ -125,108 +136,186 @@ def old_task(old_config) -> dict:
     return dict(task=old.get("task"), task_sha256=old.get("task_sha256"))
 
 
-def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, *, rows, fit,
-              main_store, task, item_signature, progress, ranks=ONE_PROCESS,
-              stored=None, extra=None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Pass2Run:
+    """Where one pass 2 reads its rows, gets its preconditioner and commits — what differs
+    between a single process (``finish``) and torchrun (``distributed.merge_ranks``).
+
+    ``rows`` holds this rank's rows (``StoreRows`` or ``distributed.ShardRows``); ``fit()``
+    fits the preconditioner (the same on every rank); ``main_store(pre, key)`` is a context
+    manager giving rank 0 the open main store to commit into (torchrun creates it from the
+    shards); ``stored`` (a single process's main store) is where a preconditioner fitted by an
+    interrupted run of the same variant is looked up and the new one kept; ``extra``: records
+    that outlive this pass 2 (e.g. `tune`'s choice)."""
+
+    rows: object
+    fit: Callable[[], Preconditioner]
+    main_store: Callable
+    task: object
+    item_signature: object
+    progress: Callable
+    ranks: object = ONE_PROCESS
+    stored: object = None
+    extra: dict | None = None
+
+
+def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, run: Pass2Run) -> dict:
     """Pass 2, the one implementation behind every build: preconditioner -> FAISS parts ->
     recall -> config.json.
 
-    Every rank (one, or each torchrun rank) fits the same preconditioner with ``fit()`` (from
-    the summed F_l per layer), preconditions the ``rows`` it holds into its own FAISS part(s)
-    copied from one template (rank 0's IVF quantizer / float16 scales) and computes the exact
-    top lists of the recall queries over them. Rank 0 then gets the main store from
-    ``main_store(pre, key)`` (a context manager: the open store, or for torchrun one it
-    creates from the shards), joins the parts — a single process splits the ids into
-    ``shards=N`` contiguous parts; torchrun keeps one part per rank, or merges them into one
-    file — measures recall and commits config.json. Every rank returns the config.
-    ``stored`` (a single process's main store) is where a preconditioner fitted by an
-    interrupted run of the same variant is looked up and the new one is kept.
-    When the exact index would not fit the memory budget, the parts hold a search sketch of
-    each vector (index/choice.py picks its width and R from the recall measured while filling)
-    and the joined index re-ranks its candidates exactly from the main store."""
-    layout, n, dim = build["layout"], build["n_train"], build["dim"]
-    hessian, damping, nlist, nprobe = opts.hessian, opts.damping, opts.nlist, opts.nprobe
-    spec = parse_spec(opts.index)
-    if ranks.world > 1 and spec.shards > 1:  # torchrun: one part per rank
-        spec = spec._replace(shards=ranks.world)
-    index = str(spec)  # canonical: the same index under any spelling
-    key = pass2_key(build, hessian=hessian, damping=damping, index=index, nlist=nlist,
-                    nprobe=nprobe)
-    # a resumed pass 2 reuses the inverses
-    pre = _stored_preconditioner(stored, key, layout) if stored is not None else None
-    if pre is None:
-        pre = fit()
-        if stored is not None:
-            save_preconditioner(stored, key, pre)
-    # exact search when the vectors fit the memory budget, else a search sketch whose width and
-    # re-rank factor the recall measured while filling decides (index/choice.py)
-    widths, reranks, reason = search_choice.candidates(spec, dim, n)
-    sk = SearchSketch(dim, widths[0], build["seed"]) if widths else None
-    qids, k = recall_queries(n)
-    measure = k >= 1 and len(widths) * len(reranks) > 1
-    queries = np.zeros((len(qids), dim), np.float32)  # each rank reads the ones it holds
-    for pos, got in ranks.step(lambda: rows.query_rows(qids)):
+    Every rank (one, or each torchrun rank) fits the same preconditioner, preconditions the
+    rows it holds into its own FAISS part(s) copied from one template (rank 0's IVF quantizer /
+    float16 scales) and computes the exact top lists of the recall queries over them. Rank 0
+    then joins the parts — a single process splits the ids into ``shards=N`` contiguous parts;
+    torchrun keeps one part per rank, or merges them into one file — measures recall and
+    commits config.json. Every rank returns the config. When the exact index would not fit the
+    memory budget, the parts hold a search sketch of each vector (index/choice.py picks its
+    width and R from the recall measured while filling) and the joined index re-ranks its
+    candidates exactly from the main store."""
+    p2 = _Pass2(out, build, opts, run)
+    template = run.ranks.share(p2.template, encode=lambda t: t.to_bytes(),
+                               decode=lambda b: VectorIndex.from_bytes(*b))
+    template.build_key = p2.key  # written into every part's file: a reader checks it first
+    qids, k = recall_queries(p2.n)
+    queries = np.zeros((len(qids), build["dim"]), np.float32)  # each rank reads its own
+    for pos, got in run.ranks.step(lambda: run.rows.query_rows(qids)):
         queries[pos] = got
-    # a single process splits the ids into contiguous parts; a rank indexes all it holds
-    ranges = part_ranges(n, spec.shards) if ranks.world == 1 else [(0, n)]
-    names = index_file_names(key, len(ranges) * ranks.world)
-    held = {}
+    measure = k >= 1 and len(p2.widths) * len(p2.reranks) > 1
 
-    def lists_for_recall():
-        return search_choice.SketchTopLists(queries, dim, build["seed"], widths,
-                                            (k + 1) * max(reranks))
-
-    def fill_parts(sk, measure: bool):
-        template = _template(rows, pre, sk, spec, dim, nlist, nprobe, ranks)
-        template.build_key = key  # written into every part's file: checked before serving
-        return ranks.step(lambda: _fill(rows, pre, template, sk, ranges, layout, queries, k,
-                                        lists_for_recall() if measure else None, progress,
-                                        ranks, out, names, held))
-    filled = fill_parts(sk, measure)
+    def lists():
+        return search_choice.SketchTopLists(queries, p2.dim, build["seed"], p2.widths,
+                                            (k + 1) * max(p2.reranks))
+    filled = run.ranks.step(lambda: p2.fill(template, queries, k, lists() if measure else None))
     tops = [top for _, top, _ in filled]
-    chosen = search_choice.Choice(sk and sk.dim, reranks[0] if reranks else 0, reason)
     if measure:
-        chosen = _choose(filled, tops, lists_for_recall(), queries, qids, k, reranks, reason, n)
-        if chosen.width != sk.dim:  # the first width missed the target: fill at the chosen one
-            sk = SearchSketch(dim, chosen.width, build["seed"])
-            filled = fill_parts(sk, False)
+        p2.chosen = _choose(filled, tops, lists(), queries, qids, k, p2.reranks, p2.reason, p2.n)
+        if p2.chosen.width != p2.sk.dim:  # the first width missed the target: fill at the chosen
+            p2.sk = SearchSketch(p2.dim, p2.chosen.width, build["seed"])
+            template = run.ranks.share(p2.template, encode=lambda t: t.to_bytes(),
+                                       decode=lambda b: VectorIndex.from_bytes(*b))
+            template.build_key = p2.key
+            filled = run.ranks.step(lambda: p2.fill(template, queries, k, None))
     # preconditioning maps zero rows to zero and nonzero rows to nonzero, so these are the
     # layers whose gradient is zero for every training example (on every rank)
-    zero = [name for name in layout if not any(r[name] for r, _, _ in filled)]
+    zero = [name for name in build["layout"] if not any(r[name] for r, _, _ in filled)]
 
     def rank0_commit():
-        with main_store(pre, key) as store:
-            mine = held["parts"]
-            parts = mine + [VectorIndex.load(out / names[r]) for r in range(1, ranks.world)]
-            files = names
-            if ranks.world > 1 and spec.shards == 1:  # one file, as a single process writes
-                for p in parts[1:]:
-                    parts[0].merge_from(p)
-                parts, files = parts[:1], index_file_names(key, 1)
-            for p in parts:
-                p.build_key = key
-            vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
-            if sk is not None:
-                vindex = SketchedIndex(vindex, sk, chosen.rerank).with_rerank(
-                    store_rerank(store, pre))
-            check_count(vindex, n)
+        with run.main_store(p2.pre, p2.key) as store:
+            vindex, files, mine = p2.joined(store)
             if k >= 1:
                 recall = measure_recall(vindex, _merged_exact(queries, k, tops), qids, k,
-                                        others=parts)
-                recall["search"] = chosen.record()
-                if sk is not None and recall["recall"] < search_choice.TARGET_RECALL:
+                                        others=p2.parts)
+                recall["search"] = p2.chosen.record()
+                if p2.sk is not None and recall["recall"] < search_choice.TARGET_RECALL:
                     log.warning("index: recall@%d = %.3f is below the %.2f target (%s); use "
                                 "--index flat:exact for exact search", k, recall["recall"],
-                                search_choice.TARGET_RECALL, chosen.reason)
+                                search_choice.TARGET_RECALL, p2.chosen.reason)
             remove_temp_files(out)
-            for part, name in zip(parts[:len(mine)], files):  # the others' parts are on disk
+            for part, name in zip(p2.parts[:len(mine)], files):  # the others' are on disk
                 part.save(out / name)
-            return commit(out, store, build, describe, pre=pre, key=key, vindex=vindex,
-                          index=index, index_files=files, hessian=hessian, damping=damping,
-                          task=task, item_signature=item_signature, progress=progress,
-                          extra=dict(extra or {}, capture=capture_record(build, describe,
-                                                                         zero)))
-    return ranks.step(lambda: rank0_commit() if ranks.rank == 0 else None)[0]
+            extra = dict(run.extra or {}, capture=capture_record(build, describe, zero))
+            return commit(out, store, build, describe, pre=p2.pre, key=p2.key, vindex=vindex,
+                          index=p2.index, index_files=files, hessian=opts.hessian,
+                          damping=opts.damping, task=run.task,
+                          item_signature=run.item_signature, progress=run.progress,
+                          extra=extra)
+    return run.ranks.step(lambda: rank0_commit() if run.ranks.rank == 0 else None)[0]
+
+
+class _Pass2:
+    """The state one rank's pass 2 carries between its steps: the variant (index spec, key),
+    the preconditioner, the search sketch, its FAISS parts."""
+
+    def __init__(self, out: Path, build: dict, opts: IndexOptions, run: Pass2Run):
+        self.out, self.build, self.run, self.opts = out, build, run, opts
+        self.n, self.dim = build["n_train"], build["dim"]
+        spec = parse_spec(opts.index)
+        if run.ranks.world > 1 and spec.shards > 1:  # torchrun: one part per rank
+            spec = spec._replace(shards=run.ranks.world)
+        self.spec, self.index = spec, str(spec)  # canonical: the same index under any spelling
+        self.key = pass2_key(build, hessian=opts.hessian, damping=opts.damping,
+                             index=self.index, nlist=opts.nlist, nprobe=opts.nprobe)
+        self.pre = self._preconditioner()
+        # exact search when the vectors fit the memory budget, else a search sketch whose width
+        # and re-rank factor the recall measured while filling decides (index/choice.py)
+        self.widths, self.reranks, self.reason = search_choice.candidates(spec, self.dim, self.n)
+        self.sk = SearchSketch(self.dim, self.widths[0], build["seed"]) if self.widths else None
+        self.chosen = search_choice.Choice(self.sk and self.sk.dim,
+                                           self.reranks[0] if self.reranks else 0, self.reason)
+        # a single process splits the ids into contiguous parts; a rank indexes all it holds
+        self.ranges = part_ranges(self.n, spec.shards) if run.ranks.world == 1 else [(0, self.n)]
+        self.names = index_file_names(self.key, len(self.ranges) * run.ranks.world)
+        self.parts: list = []
+
+    def _preconditioner(self) -> Preconditioner:
+        """The variant's stored preconditioner (a resumed pass 2), else a fresh fit (kept)."""
+        stored, layout = self.run.stored, self.build["layout"]
+        pre = _stored_preconditioner(stored, self.key, layout) if stored is not None else None
+        if pre is None:
+            pre = self.run.fit()
+            if stored is not None:
+                save_preconditioner(stored, self.key, pre)
+        return pre
+
+    def stored_form(self, vec: np.ndarray) -> np.ndarray:
+        """What FAISS holds of a preconditioned vector (its search sketch, if any)."""
+        return vec if self.sk is None else self.sk(vec)
+
+    def template(self) -> VectorIndex:
+        with self.run.rows.open() as st:
+            blocks = ((s, self.stored_form(v)) for s, v in preconditioned_blocks(st, self.pre))
+            return make_template(blocks, self.spec, self.dim if self.sk is None else self.sk.dim,
+                                 self.opts.nlist, self.opts.nprobe)
+
+    def fill(self, template: VectorIndex, queries: np.ndarray, k: int, lists=None):
+        """This rank's rows preconditioned into its parts and the recall queries' exact top
+        lists over them, and with ``lists`` (index/choice.py) each candidate search sketch's:
+        ({layer: reached by a nonzero vector}, (scores, ids) or None, sketched tops or None)."""
+        rows, slices = self.run.rows, layer_slices(self.build["layout"])
+        parts = [template.empty_like() for _ in self.ranges]
+        exact = ExactTopK(queries, k + 1) if k >= 1 else None
+        reached = dict.fromkeys(slices, False)
+        with rows.open() as st:
+            for start, vec in preconditioned_blocks(st, self.pre):
+                for name, sl in slices.items():
+                    reached[name] = reached[name] or bool(vec[:, sl].any())
+                ids = rows.global_ids(start, len(vec))
+                held = self.stored_form(vec)
+                for part, (lo, hi) in zip(parts, self.ranges):
+                    mine = (ids >= lo) & (ids < hi)
+                    if mine.any():
+                        part.add(held[mine], ids[mine])
+                if exact is not None:
+                    exact.add(vec, ids)
+                if lists is not None:
+                    lists.add(vec, ids)
+                self.run.progress("index", start + len(vec), st.num_rows)
+        rank = self.run.ranks.rank
+        if rank != 0:  # rank 0 keeps its part in memory; the others hand theirs over on disk
+            parts[0].save(self.out / self.names[rank])
+        self.parts = parts
+        return (reached, None if exact is None else (exact.scores, exact.ids),
+                None if lists is None else lists.state())
+
+    def joined(self, store):
+        """Rank 0: every rank's parts as the one index that serves (re-ranking from ``store``
+        for a two-stage index), its file names and the parts this process holds."""
+        mine, world = self.parts, self.run.ranks.world
+        parts = mine + [VectorIndex.load(self.out / self.names[r]) for r in range(1, world)]
+        files = self.names
+        if world > 1 and self.spec.shards == 1:  # one file, as a single process writes
+            for p in parts[1:]:
+                parts[0].merge_from(p)
+            parts, files = parts[:1], index_file_names(self.key, 1)
+        for p in parts:
+            p.build_key = self.key
+        self.parts = parts
+        vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
+        if self.sk is not None:
+            vindex = SketchedIndex(vindex, self.sk, self.chosen.rerank).with_rerank(
+                store_rerank(store, self.pre))
+        check_count(vindex, self.n)
+        return vindex, files, mine
 
 
 def capture_record(build: dict, describe: dict, zero: list[str]) -> dict:
@@ -252,8 +341,9 @@ def pass2_key(build: dict, *, hessian, damping, index, nlist, nprobe) -> str:
 def remove_temp_files(out: Path) -> None:
     """Temp files of a writer killed mid-save (an index can be GBs). Only called while holding
     the store's writer lock, so no live process is writing any of them."""
-    for p in [*out.glob("index-*.faiss.tmp-*"), *out.glob(f".{CONFIG_FILE}.tmp*")]:
-        p.unlink(missing_ok=True)
+    remove_stale_temps(out)
+    for name in os.listdir(out):
+        unlink_owned(out, name, _OLD_TEMPS)
 
 
 def commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vindex,
@@ -277,9 +367,9 @@ def commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vind
     cfg["config_hash"] = config_hash(cfg)
     store.put_meta("config", cfg)
     write_json(out / CONFIG_FILE, cfg)  # the commit point of the whole build
-    for p in out.glob("index-*.faiss"):  # older preconditioning variants
-        if p.name not in index_files:
-            p.unlink(missing_ok=True)
+    for name in os.listdir(out):  # older preconditioning variants (regular files only)
+        if name not in index_files:
+            unlink_owned(out, name, INDEX_FILE)
     for name in stale_preconditioner_arrays(store.array_names(), key):  # theirs (k×k per layer)
         store.delete_array(name)
     progress("done", 1, 1)
@@ -295,7 +385,7 @@ def refit(path: Path, config: dict, opts: IndexOptions, *, progress=False,
         with SketchStore.open(path / STORE_DIR, readonly=False) as store:
             # the store's own creation record, not build.json (which another build may have
             # overwritten): it is what the stored sketches are
-            build = store.meta
+            build = stored_build_record(store)
             return finish(path, store, build, config.get("layers_described", {}),
                           opts, task=None, progress=prog, old_config=config, tune=tune)
     finally:
@@ -342,8 +432,8 @@ def fit_from_sums(acc: FisherAccumulator, layout, hessian: str, damping) -> Prec
 
 def fit_streaming(store, layout, hessian: str, damping, progress,
                   fisher: ChunkedFisher | None = None) -> Preconditioner:
-    """The preconditioner, one layer at a time: layers with n < k/2 by Woodbury from the stored
-    rows, the others from Σ ĝĝᵀ — pass 1's sums, the cached Fisher, or a re-read of the store
+    """The preconditioner, one layer at a time: layers with n < k in the low-rank form from the
+    stored rows, the others from Σ ĝĝᵀ — pass 1's sums, the cached Fisher, or a re-read of the store
     — cached as each is taken, then factored in place. EK-FAC: from the Kronecker factors pass 1
     kept (``factors.fit_ekfac``)."""
     if hessian == "ekfac":
@@ -355,7 +445,7 @@ def fit_streaming(store, layout, hessian: str, damping, progress,
     if fisher is not None and fisher.next_id != n:  # pass 1 had nothing left to sketch
         fisher = None
     tick = lambda done, total: progress("fisher", done, total)  # noqa: E731
-    rows = lambda: store.get_rows(np.arange(n))  # noqa: E731  (only when n < k/2: small)
+    rows = lambda: store.get_rows(np.arange(n))  # noqa: E731  (only when n < k: small)
     if dense and fisher is None and has_fisher(store, dense):
         def take(name):
             return np.array(store.get_array(f"fisher/{name}"), dtype=np.float64)
@@ -408,48 +498,7 @@ def put_fisher(store, acc: FisherAccumulator) -> None:
     store.put_meta("fisher_done", True)
 
 
-def _template(rows, pre, sk, spec, dim: int, nlist, nprobe, ranks) -> VectorIndex:
-    """Rank 0's empty index (see make_template), on every rank."""
-    def rank0_template():
-        with rows.open() as st:
-            blocks = ((s, v if sk is None else sk(v)) for s, v in preconditioned_blocks(st, pre))
-            return make_template(blocks, spec, dim if sk is None else sk.dim, nlist, nprobe)
-    return ranks.share(rank0_template, encode=lambda t: t.to_bytes(),
-                       decode=lambda b: VectorIndex.from_bytes(*b))
-
-
-def _fill(rows, pre, template, sk, ranges, layout, queries, k: int, lists, progress, ranks,
-          out: Path, names, held):
-    """This rank's FAISS parts, filled from its preconditioned rows (their search sketches when
-    ``sk``), plus the exact top lists of the recall queries over them and, with ``lists``
-    (index/choice.py), each candidate width's sketched top lists. Returns (the layers with a
-    nonzero vector here, exact tops, sketched tops)."""
-    parts = [template.empty_like() for _ in ranges]
-    exact = ExactTopK(queries, k + 1) if k >= 1 else None
-    slices = layer_slices(layout)
-    reached = dict.fromkeys(layout, False)  # a layer with a nonzero vector among these rows
-    with rows.open() as st:
-        total = st.num_rows
-        for start, vec in preconditioned_blocks(st, pre):
-            for name, sl in slices.items():
-                reached[name] = reached[name] or bool(vec[:, sl].any())
-            ids = rows.global_ids(start, len(vec))
-            held_form = vec if sk is None else sk(vec)
-            for part, (lo, hi) in zip(parts, ranges):
-                mine = (ids >= lo) & (ids < hi)
-                if mine.any():
-                    part.add(held_form[mine], ids[mine])
-            if exact is not None:
-                exact.add(vec, ids)
-            if lists is not None:
-                lists.add(vec, ids)
-            progress("index", start + len(vec), total)
-    if ranks.rank != 0:  # rank 0 keeps its part in memory; the others hand theirs over on disk
-        parts[0].save(out / names[ranks.rank])
-    held["parts"] = parts
-    return (reached, None if exact is None else (exact.scores, exact.ids),
-            None if lists is None else lists.state())
-
+# --- two-stage search ------------------------------------------------------------------------
 
 def _merged_exact(queries, k: int, tops) -> ExactTopK:
     exact = ExactTopK(queries, k + 1)
@@ -467,10 +516,6 @@ def _choose(filled, tops, lists, queries, qids, k: int, reranks, reason: str, n:
     log.info("index: search sketch width %d, rerank %d: predicted recall@%d %.3f (%s)",
              chosen.width, chosen.rerank, k, chosen.predicted, chosen.reason)
     return chosen
-
-
-# --- two-stage search ------------------------------------------------------------------------
-
 
 
 RECALL_QUERIES, RECALL_K = 100, 10

@@ -28,6 +28,7 @@ from pathlib import Path
 from ..precondition import FisherAccumulator
 from ..store import SketchStore, StoreError
 from ..indexdir.errors import AttributionError
+from ..fileio import check_dir
 from ..indexdir.files import BUILD_FILE, SHARDS_DIR, STORE_DIR, jsonable
 from .options import IndexOptions
 from .factors import factor_shapes, merge_shard_factors
@@ -71,6 +72,7 @@ def sketch_shard(out: Path, worker: tuple[int, int], sketcher, build: dict, *, t
                  workers: int | None = 0) -> dict:
     """Pass 1 over worker i's batches into shards/i-of-n (resumable); what it holds."""
     i, n = worker
+    check_dir(out / SHARDS_DIR)  # the file rule: never a store through a symlinked shards/
     path = out / SHARDS_DIR / shard_name(i, n)
     blocks = _owned(build, i, n)
     meta = jsonable(dict(build, shard=[i, n]))
@@ -113,6 +115,7 @@ def read_shard_fisher(out: Path, worker: tuple[int, int], layout) -> FisherAccum
 def _shard_dirs(out: Path, n: int | None) -> tuple[int, dict[int, Path]]:
     """The shards of one split (n), by worker number; errors for duplicates and mixtures."""
     sdir = out / SHARDS_DIR
+    check_dir(sdir)  # the file rule: a symlinked shards/ is refused, naming it
     entries = sorted(p for p in sdir.iterdir() if not p.name.startswith(".")) \
         if sdir.is_dir() else []
     if not entries:

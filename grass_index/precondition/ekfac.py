@@ -8,7 +8,8 @@ per-example gradients:  Λ_ab = mean_i (Q_Gᵀ M_i Q_A)_ab²  (George et al. 201
 
     (F + λI)^{-1} ≈ Q diag(Λ + λ)^{-1} Qᵀ,   λ = factor × mean(Λ)
 
-(mean(Λ) = trace(F_l)/k, the same scale as eFIM's relative damping). Only the eigenvectors of
+(mean(Λ) = trace(F_l)/k, the same scale as eFIM's relative damping), applied by rotating into
+the eigenbasis and back (forms.Ekfac: O(k·(k_out + k_in)) per vector; Q is never formed). Only the eigenvectors of
 A and G matter — their scale cancels — so the factor sums need no normalisation.
 
 ``KroneckerFactors`` accumulates A and G per layer (float64) from the compressors' observer
@@ -168,14 +169,13 @@ def corrected_eigenvalues(blocks, layout: dict[str, int], bases: dict) -> dict[s
     return {n: s / n_rows for n, s in sums.items()}
 
 
-def ekfac_inverse(qg: np.ndarray, qa: np.ndarray, lam_diag: np.ndarray, mode: str,
-                  value: float) -> tuple[np.ndarray, float]:
-    """Q diag(Λ + λ)^{-1} Qᵀ (float32, dense k × k so it applies like eFIM's inverse) and λ."""
-    lam = value * float(lam_diag.mean()) if mode == "relative" else float(value)
+def ekfac_damping(lam_diag: np.ndarray, mode: str, value: float) -> float:
+    """λ for corrected eigenvalues Λ: factor × mean(Λ) (relative) or the absolute value. The
+    layer then applies as Q diag(Λ + λ)^{-1} Qᵀ in its eigenbasis (forms.Ekfac), never formed."""
+    from .damping import layer_damping
+
+    lam = layer_damping(mode, value, float(lam_diag.mean()), 1, lam_diag)
     if not lam > 0 or not np.isfinite(lam):
         raise PreconditionError(f"EK-FAC damping λ = {lam:g} is not positive; use a positive "
                                 "relative damping such as 0.1")
-    Q = np.kron(qg, qa)
-    inv = (Q / (lam_diag + lam)) @ Q.T
-    inv = (inv + inv.T) / 2
-    return np.ascontiguousarray(inv, dtype=np.float32), lam
+    return lam

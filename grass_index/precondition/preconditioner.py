@@ -4,32 +4,36 @@ eigenvalue-corrected Kronecker approximation of F_l, see ekfac.py) or identity.
 Index vectors are the concatenation of (F_l + λ_l I)^{-1} ĝ_l; queries stay raw, so the inner
 product is score(z, z_i) = ĝ(z)ᵀ (F + λI)^{-1} ĝ(z_i) (positive = proponent).
 
-The inverses are computed in float64 and kept in float32 (half the memory and disk of a 48-layer
-LM's 3.2 GB; scores agree with float64 inverses to ~1e-6 relative, see benchmarks/lm.py).
-Fitting goes one layer at a time and factors each Fisher sum in place (LAPACK potrf/potri), so
-the peak is one set of Fisher sums, shrinking as the float32 inverses grow. A layer with fewer
-rows than half its width (n < k/2) gets the exact low-rank form instead — Woodbury:
-(GᵀG/n + λI)^{-1} = (I − Gᵀ(nλI + GGᵀ)^{-1}G)/λ — O(n·k²) instead of O(k³), and no k×k Fisher.
+Each layer keeps the form that fits it (forms.py): a layer with fewer rows than its width
+(n < k) the exact low-rank form — Woodbury, (GᵀG/n + λI)^{-1} = (I − Gᵀ(nλI + GGᵀ)^{-1}G)/λ,
+an n×n core over the stored rows, O(n²·k) to fit and no k×k Fisher; EK-FAC its Kronecker
+eigenbasis and eigenvalues; only a full-rank layer (n ≥ k) a dense inverse, computed in float64
+and kept in float32 (scores agree with float64 inverses to ~1e-6 relative, see
+benchmarks/lm.py). Dense fitting goes one layer at a time and factors each Fisher sum in place
+(LAPACK potrf/potri), so the peak is one set of Fisher sums, shrinking as the inverses grow.
 """
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 import numpy as np
 import scipy.linalg
 from scipy.linalg import lapack
 
-from .damping import format_damping, parse_damping
-from .ekfac import ekfac_inverse
+from .damping import (format_damping, layer_damping, parse_damping, placement,
+                      placement_without_spectrum)
+from .ekfac import ekfac_damping
 from .errors import PreconditionError
 from .fisher import as_float32, layer_slices
-
-INVERSE_DTYPE = np.float32
+from .forms import (ARRAY_NAMES, INVERSE_DTYPE, Dense, Ekfac, LowRank, Zero, form_from_arrays,
+                    singular)
 
 
 def uses_low_rank(n: int, k: int) -> bool:
-    """Woodbury (n×n solve from the rows) beats a k×k Cholesky when n < k/2."""
-    return 0 < 2 * int(n) < int(k)
+    """A layer with fewer rows than its width (n < k) has a rank-n Fisher: it is kept in the
+    low-rank form (an n×n core over the stored rows), never as a k×k matrix."""
+    return 0 < int(n) < int(k)
 
 
 def dense_layers(layout: dict[str, int], n: int) -> list[str]:
@@ -68,26 +72,24 @@ def canonical_hessian(hessian: str) -> str:
 _check_hessian = canonical_hessian  # the name used inside this module
 
 
-def _singular(name: str, lam: float) -> PreconditionError:
-    return PreconditionError(
-        f"layer {name!r}: F + λI is singular or not positive definite (λ = {lam:g}): its "
-        "sketches span fewer dimensions than its width k. Use a positive relative damping "
-        "(e.g. 0.1, scaled per layer), or leave this layer out with --layers "
-        f"'!{name}.*' (or a smaller projection for it)")
+_singular = singular  # the name used inside this module
 
 
-def _damped_inverse(name: str, F: np.ndarray, mode: str, value: float) -> tuple[np.ndarray, float]:
-    """(F + λI)^{-1} of a copy of F (float64 in, float32 out); see :func:`_inverse_in_place`."""
-    return _inverse_in_place(name, np.array(F, dtype=np.float64, order="C"), mode, value)
-
-
-def _inverse_in_place(name: str, A: np.ndarray, mode: str, value: float
-                      ) -> tuple[np.ndarray, float]:
+def _inverse_in_place(name: str, A: np.ndarray, mode: str, value: float,
+                      placements: dict | None = None) -> tuple[np.ndarray, float]:
     """(A + λI)^{-1} for a symmetric float64 C-ordered A, overwriting A (LAPACK potrf/potri on
     its lower triangle; only the float32 result is new). The mean eigenvalue is trace/k, so no
-    eigendecomposition is needed: 5.5 s vs 31.6 s for eigh at k=4096 on 2 cores."""
+    eigendecomposition is needed (5.5 s vs 31.6 s for eigh at k=4096 on 2 cores) except for
+    damping 'auto', which needs the eigenvalues (eigvalsh). ``placements[name]``: where λ sits
+    in the spectrum (damping.placement)."""
     k = A.shape[0]
-    lam = value * float(np.trace(A)) / k if mode == "relative" else value
+    spectrum = {}
+
+    def eigenvalues():
+        spectrum["e"] = scipy.linalg.eigvalsh(A, check_finite=False)
+        return spectrum["e"]
+    lam = layer_damping(mode, value, float(np.trace(A)), k, eigenvalues)
+    top = _top_eigenvalue(A) if placements is not None and "e" not in spectrum else None
     A.flat[:: k + 1] += lam
     At = A.T  # Fortran-ordered view of the same memory: LAPACK works on it without a copy
     c, info = lapack.dpotrf(At, lower=True, overwrite_a=True, clean=False)
@@ -96,7 +98,21 @@ def _inverse_in_place(name: str, A: np.ndarray, mode: str, value: float
     inv, info = lapack.dpotri(c, lower=True, overwrite_c=True)
     if info != 0:
         raise _singular(name, lam)
+    if placements is not None:
+        placements[name] = placement(spectrum["e"], lam) if "e" in spectrum else \
+            placement_without_spectrum(k, lam, float(np.trace(inv)), top)
     return _symmetric_float32(inv), float(lam)
+
+
+def _top_eigenvalue(A: np.ndarray) -> float:
+    """The largest eigenvalue of a symmetric A by Lanczos (a few dozen products with A: a few
+    percent of its Cholesky at k ≥ 1024), for `info`'s placement of the damping."""
+    from scipy.sparse.linalg import eigsh
+
+    if A.shape[0] < 64:
+        return float(scipy.linalg.eigvalsh(A, subset_by_index=[A.shape[0] - 1] * 2)[0])
+    v0 = np.ones(A.shape[0])  # fixed start: the same value every time
+    return float(eigsh(A, k=1, which="LA", tol=1e-3, v0=v0, return_eigenvectors=False)[0])
 
 
 def _symmetric_float32(lower: np.ndarray) -> np.ndarray:
@@ -107,46 +123,62 @@ def _symmetric_float32(lower: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def _low_rank_inverse(name: str, G: np.ndarray, mode: str, value: float
-                      ) -> tuple[np.ndarray, float]:
-    """(GᵀG/n + λI)^{-1} for rows G [n, k] by Woodbury, float64 internally, float32 out."""
+def _low_rank(name: str, G: np.ndarray, mode: str, value: float,
+              placements: dict | None = None) -> LowRank:
+    """The Woodbury form of (GᵀG/n + λI)^{-1} for rows G [n, k] (float64 internally). The
+    nonzero eigenvalues of GᵀG/n are those of the n × n GGᵀ/n (the rest are 0): for damping
+    'auto' and the placement."""
     n, k = G.shape
     G = np.asarray(G, dtype=np.float64)
-    lam = value * float(np.einsum("ij,ij->", G, G)) / (n * k) if mode == "relative" else value
+    spectrum = {}
+
+    def eigenvalues():
+        if "e" not in spectrum:
+            e = scipy.linalg.eigvalsh(G @ G.T, check_finite=False) / n
+            spectrum["e"] = np.concatenate([e, np.zeros(max(k - n, 0))])
+        return spectrum["e"]
+    lam = layer_damping(mode, value, float(np.einsum("ij,ij->", G, G)), n * k, eigenvalues)
     if not lam > 0:
         raise _singular(name, lam)
-    M = G @ G.T
-    M.flat[:: n + 1] += n * lam
-    try:
-        X = scipy.linalg.cho_solve(scipy.linalg.cho_factor(M, lower=True), G)
-    except np.linalg.LinAlgError:
-        raise _singular(name, lam) from None
-    inv = G.T @ X
-    np.negative(inv, out=inv)
-    inv.flat[:: k + 1] += 1.0
-    inv /= lam
-    return np.ascontiguousarray(inv, dtype=INVERSE_DTYPE), float(lam)
+    if placements is not None:
+        placements[name] = placement(eigenvalues(), lam)
+    return LowRank.fit(name, G, lam)
 
 
 class Preconditioner:
-    """Holds one symmetric inverse per layer (float32) and applies it to [B, K] sketches.
+    """One form per layer (``forms``: Dense, LowRank, Ekfac or Zero, see forms.py) applied to
+    [B, K] sketches block by block; ``None`` for identity.
 
     A layer whose Fisher is exactly zero (no training example's gradient reaches it) is
-    ``dropped``: its inverse is zero, so it adds nothing to any score, instead of failing the
-    whole build after pass 1. An EK-FAC preconditioner keeps the dense form of its inverse per
-    layer (applied like eFIM's); ``efim_layers`` ({layer: why}) are the layers it fitted
-    with eFIM because they have no Kronecker factors."""
+    ``dropped`` (form Zero): it adds nothing to any score, instead of failing the whole build
+    after pass 1. ``efim_layers`` ({layer: why}) are the layers an EK-FAC preconditioner fitted
+    with eFIM because they have no Kronecker factors. ``rows`` returns the [n, K] sketches
+    the preconditioner was fitted on (read once, on first need): the low-rank layers apply
+    through them."""
 
-    def __init__(self, layout: dict[str, int], hessian: str, inverses: dict[str, np.ndarray] | None,
+    def __init__(self, layout: dict[str, int], hessian: str, forms: dict | None,
                  damping_used: dict[str, float], damping: tuple[str, float] | None,
-                 dropped: list[str] | None = None, efim_layers: dict[str, str] | None = None):
+                 dropped: list[str] | None = None, efim_layers: dict[str, str] | None = None,
+                 rows: Callable[[], np.ndarray] | None = None):
         self.layout = {str(k): int(v) for k, v in layout.items()}
         self._slices = layer_slices(self.layout)
         self.dim = sum(self.layout.values())
-        self.hessian, self.inverses = hessian, inverses
+        self.hessian, self.forms = hessian, forms
         self.damping_used, self.damping = damping_used, damping
         self.dropped = list(dropped or [])
         self.efim_layers = dict(efim_layers or {})
+        self._rows_source, self._rows = rows, None
+        # {layer: where its λ sits in its spectrum (damping.placement)}: known after a fit
+        self.placement: dict[str, dict] = {}
+
+    def rows(self) -> np.ndarray:
+        """The [n, K] float32 sketches the low-rank layers were fitted on (read once)."""
+        if self._rows is None:
+            if self._rows_source is None:
+                raise PreconditionError("this preconditioner has low-rank layers but no access "
+                                        "to the stored sketches they apply through")
+            self._rows = as_float32(self._rows_source(), self.dim, "stored rows")
+        return self._rows
 
     @classmethod
     def fit(cls, fisher: dict[str, np.ndarray], layout: dict[str, int], *, hessian: str = "eFIM",
@@ -159,7 +191,7 @@ class Preconditioner:
         if hessian == "ekfac":
             raise PreconditionError("an EK-FAC preconditioner is fitted from Kronecker factors "
                                     "and the stored sketches: use Preconditioner.fit_ekfac")
-        mode, value = parse_damping(damping)
+        parse_damping(damping)
         missing = [name for name in layout if name not in fisher]
         if missing:
             raise PreconditionError(f"no Fisher matrix for layer(s) {missing}; accumulate every layer "
@@ -172,60 +204,42 @@ class Preconditioner:
                    take_fisher: Callable[[str], np.ndarray] | None = None,
                    rows: Callable[[], np.ndarray] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> "Preconditioner":
-        """eFIM, one layer at a time: a layer with n < k/2 (``uses_low_rank``) from ``rows()``
-        (the [n, K] float32 sketches, read once), the others from ``take_fisher(name)`` — the
-        float64 F_l = Σ ĝĝᵀ / n, handed over so it is factored in place."""
+        """eFIM, one layer at a time: a layer with n < k (``uses_low_rank``) in the low-rank
+        form from ``rows()`` (the [n, K] float32 sketches, read once), the others densely from
+        ``take_fisher(name)`` — the float64 F_l = Σ ĝĝᵀ / n, handed over so it is factored in
+        place."""
         mode, value = parse_damping(damping)
         layout = {str(k): int(v) for k, v in layout.items()}
         slices = layer_slices(layout)
-        inverses, used, dropped, G = {}, {}, [], None
+        pre = cls(layout, "eFIM", {}, {}, (mode, value), [], rows=rows)
         for i, (name, k) in enumerate(layout.items()):
             if rows is not None and uses_low_rank(n, k):
-                if G is None:
-                    G = as_float32(rows(), sum(layout.values()), "rows")
-                part = G[:, slices[name]]
-                if not part.any():  # every gradient of this layer is zero
-                    inverses[name], lam = np.zeros((k, k), INVERSE_DTYPE), 0.0
-                    dropped.append(name)
-                else:
-                    inverses[name], lam = _low_rank_inverse(name, part, mode, value)
+                part = pre.rows()[:, slices[name]]
+                form = _low_rank(name, part, mode, value, pre.placement) if part.any() \
+                    else Zero()
             else:
-                if take_fisher is None:
-                    raise PreconditionError(f"no Fisher matrix for layer(s) {[name]}; accumulate every "
-                                     "layer of the layout")
-                try:
-                    A = take_fisher(name)
-                except KeyError:
-                    raise PreconditionError(f"no Fisher matrix for layer(s) {[name]}; accumulate every "
-                                     "layer of the layout") from None
-                if A.shape != (k, k):
-                    raise PreconditionError(f"Fisher of layer {name!r} has shape {A.shape}, expected "
-                                     f"{(k, k)}")
-                if A.dtype != np.float64 or not A.flags.c_contiguous or not A.flags.writeable:
-                    A = np.array(A, dtype=np.float64, order="C")
-                if not np.isfinite(A).all():
-                    raise PreconditionError(f"Fisher of layer {name!r} has NaN/inf entries")
-                if not A.any():  # every gradient of this layer is zero: nothing to precondition
-                    inverses[name], lam = np.zeros((k, k), INVERSE_DTYPE), 0.0
-                    dropped.append(name)
-                else:
-                    inverses[name], lam = _inverse_in_place(name, A, mode, value)
-                del A
-            used[name] = float(lam)
+                form = _dense(name, _fisher_of(name, k, take_fisher), mode, value, pre.placement)
+            pre.forms[name] = form
+            pre.damping_used[name] = form.lam
+            if isinstance(form, Zero):  # every gradient of this layer is zero
+                pre.dropped.append(name)
             if progress is not None:
                 progress(i + 1, len(layout))
-        return cls(layout, "eFIM", inverses, used, (mode, value), dropped)
+        return pre
 
     @classmethod
     def fit_ekfac(cls, layout: dict[str, int], bases: dict, eigenvalues: dict, *, damping=None,
                   efim: "Preconditioner | None" = None,
-                  efim_layers: dict[str, str] | None = None) -> "Preconditioner":
+                  efim_layers: dict[str, str] | None = None,
+                  rows: Callable[[], np.ndarray] | None = None) -> "Preconditioner":
         """EK-FAC for the layers of ``bases`` ({name: (Q_G, Q_A)}) with corrected eigenvalues
-        ``eigenvalues`` ({name: Λ [k]}); the other layers' inverses come from ``efim`` (an
-        eFIM preconditioner over them, the reason per layer in ``efim_layers``)."""
+        ``eigenvalues`` ({name: Λ [k]}), kept in the Kronecker eigenbasis; the other layers'
+        forms come from ``efim`` (an eFIM preconditioner over them, the reason per layer in
+        ``efim_layers``). ``rows``: the [n, K] stored sketches (for low-rank eFIM layers)."""
         mode, value = parse_damping(damping)
         layout = {str(k): int(v) for k, v in layout.items()}
-        inverses, used, dropped = {}, {}, []
+        pre = cls(layout, "ekfac", {}, {}, (mode, value), [],
+                  {n: w for n, w in (efim_layers or {}).items() if n in layout}, rows=rows)
         for name, k in layout.items():
             if name in bases:
                 qg, qa = bases[name]
@@ -234,31 +248,46 @@ class Preconditioner:
                     raise PreconditionError(
                         f"layer {name!r}: Kronecker factors {qg.shape[0]} x {qa.shape[0]} do not "
                         f"match its sketch width {k}; rebuild the index")
-                if not lam_diag.any():
-                    inverses[name], used[name] = np.zeros((k, k), INVERSE_DTYPE), 0.0
-                    dropped.append(name)
-                    continue
-                inverses[name], used[name] = ekfac_inverse(qg, qa, lam_diag, mode, value)
+                form = (Ekfac(qg, qa, lam_diag, ekfac_damping(lam_diag, mode, value))
+                        if lam_diag.any() else Zero())
+                if lam_diag.any():
+                    pre.placement[name] = placement(lam_diag, form.lam)
             else:
                 if efim is None or name not in efim.layout:
                     raise PreconditionError(f"no Kronecker factors and no eFIM fit for layer "
                                             f"{name!r}")
-                inverses[name], used[name] = efim.inverses[name], efim.damping_used[name]
-                if name in efim.dropped:
-                    dropped.append(name)
-        return cls(layout, "ekfac", inverses, used, (mode, value), dropped,
-                   {n: w for n, w in (efim_layers or {}).items() if n in layout})
+                form = efim.forms[name]
+                if name in efim.placement:
+                    pre.placement[name] = efim.placement[name]
+            pre.forms[name] = form
+            pre.damping_used[name] = form.lam
+            if isinstance(form, Zero):
+                pre.dropped.append(name)
+        return pre
+
+    def apply_layer(self, name: str, vectors) -> np.ndarray:
+        """[B, k_l] -> float32 [B, k_l]: (F_l + λ_l I)^{-1} of each vector, in the layer's form."""
+        a = np.asarray(vectors, dtype=np.float32)
+        if self.forms is None:
+            return a.copy()
+        sl = self._slices[name]
+        return self.forms[name].apply(a, lambda: self.rows()[:, sl])
 
     def apply(self, g) -> np.ndarray:
-        """[B, K] -> float32 [B, K], each layer's block multiplied by its inverse (float32
-        GEMMs: no float64 copy of a chunk of rows)."""
+        """[B, K] -> float32 [B, K], each layer's block through ``apply_layer``."""
         a = as_float32(g, self.dim)
-        if self.inverses is None:
+        if self.forms is None:
             return a.copy()
         out = np.empty_like(a)
         for name, sl in self._slices.items():
-            out[:, sl] = a[:, sl] @ self.inverses[name]  # inverse is symmetric
+            out[:, sl] = self.apply_layer(name, a[:, sl])
         return out
+
+    def dense(self, name: str) -> np.ndarray:
+        """Layer ``name``'s (F + λI)^{-1} as a k×k float64 matrix (for tests and comparisons:
+        the index itself never forms it unless the layer's form is dense)."""
+        k = self.layout[name]
+        return np.asarray(self.apply_layer(name, np.eye(k, dtype=np.float32)), dtype=np.float64)
 
     def describe(self) -> dict:
         return {"hessian": self.hessian,
@@ -266,9 +295,13 @@ class Preconditioner:
                 "damping_used": dict(self.damping_used), "layout": dict(self.layout),
                 "dropped": {name: "zero gradient for every training example; contributes "
                                   "nothing to scores" for name in self.dropped},
-                **({"efim_layers": dict(self.efim_layers)} if self.efim_layers else {})}
+                **({"forms": {n: f.kind for n, f in self.forms.items()}} if self.forms else {}),
+                **({"efim_layers": dict(self.efim_layers)} if self.efim_layers else {}),
+                **({"placement": dict(self.placement)} if self.placement else {})}
 
     def state_dict(self) -> dict[str, np.ndarray]:
+        """The small state (names, damping, each layer's form) and, under ``ARRAY/LAYER``, the
+        arrays each layer's form keeps (``forms.ARRAY_NAMES``)."""
         d = {"hessian": np.array(self.hessian)}
         if self.damping is not None:
             d["damping_mode"] = np.array(self.damping[0])
@@ -277,33 +310,77 @@ class Preconditioner:
             d["dropped"] = np.array(self.dropped)
         if self.efim_layers:
             d["efim_layers"] = np.array([f"{k}\t{v}" for k, v in self.efim_layers.items()])
+        if self.placement:
+            d["placement"] = np.array(json.dumps(self.placement, sort_keys=True))
         for name in self.layout:
             d[f"damping_used/{name}"] = np.array(self.damping_used[name], dtype=np.float64)
-            if self.inverses is not None:
-                d[f"inverse/{name}"] = self.inverses[name]
+            if self.forms is not None:
+                form = self.forms[name]
+                d[f"form/{name}"] = np.array(form.kind)
+                d.update({f"{a}/{name}": v for a, v in form.arrays().items()})
         return d
 
     @classmethod
-    def from_state_dict(cls, d: dict, layout: dict[str, int]) -> "Preconditioner":
+    def from_state_dict(cls, d: dict, layout: dict[str, int],
+                        rows: Callable[[], np.ndarray] | None = None) -> "Preconditioner":
+        """The inverse of ``state_dict``; a state without ``form/LAYER`` entries (written before
+        the forms) holds a dense ``inverse/LAYER`` for every layer."""
         try:
             hessian = _check_hessian(str(np.asarray(d["hessian"])))
             used = {name: float(np.asarray(d[f"damping_used/{name}"])) for name in layout}
-            damping = None
-            inverses = None
+            damping, forms = None, None
             if hessian != "identity":
                 damping = (str(np.asarray(d["damping_mode"])), float(np.asarray(d["damping_value"])))
-                inverses = {name: np.asarray(d[f"inverse/{name}"], dtype=INVERSE_DTYPE)
-                            for name in layout}
+                forms = {name: _form_of(d, name, int(k), used[name])
+                         for name, k in layout.items()}
         except KeyError as e:
             raise PreconditionError(f"preconditioner state lacks {e.args[0]!r}: it is truncated or was "
                              f"saved for another layout than {list(layout)}") from None
-        for name, k in layout.items():
-            if inverses is not None and inverses[name].shape != (int(k), int(k)):
-                raise PreconditionError(f"preconditioner state for {name!r} has shape "
-                                 f"{inverses[name].shape}, but the layout says k={k}")
         dropped = [str(x) for x in np.asarray(d["dropped"]).reshape(-1)] if "dropped" in d else []
         efim_layers = {}
         if "efim_layers" in d:
             efim_layers = dict(str(x).split("\t", 1)
                                for x in np.asarray(d["efim_layers"]).reshape(-1))
-        return cls(layout, hessian, inverses, used, damping, dropped, efim_layers)
+        pre = cls(layout, hessian, forms, used, damping, dropped, efim_layers, rows=rows)
+        if "placement" in d:
+            pre.placement = json.loads(str(np.asarray(d["placement"])))
+        return pre
+
+
+def _form_of(d: dict, name: str, k: int, lam: float):
+    """Layer ``name``'s form from a state dict (KeyError when an array is missing)."""
+    kind = str(np.asarray(d[f"form/{name}"])) if f"form/{name}" in d else "dense"
+    arrays = {a: d[f"{a}/{name}"] for a in ARRAY_NAMES if f"{a}/{name}" in d}
+    try:
+        return form_from_arrays(kind, arrays, k, lam)
+    except KeyError as e:
+        raise KeyError(f"{e.args[0]}/{name}") from None
+    except PreconditionError as e:
+        raise PreconditionError(f"preconditioner state for {name!r}: {e}") from None
+
+
+def _fisher_of(name: str, k: int, take_fisher) -> np.ndarray:
+    """Layer ``name``'s float64 F_l, checked and ready to be factored in place."""
+    if take_fisher is None:
+        raise PreconditionError(f"no Fisher matrix for layer(s) {[name]}; accumulate every "
+                                "layer of the layout")
+    try:
+        A = take_fisher(name)
+    except KeyError:
+        raise PreconditionError(f"no Fisher matrix for layer(s) {[name]}; accumulate every "
+                                "layer of the layout") from None
+    if A.shape != (k, k):
+        raise PreconditionError(f"Fisher of layer {name!r} has shape {A.shape}, expected "
+                                f"{(k, k)}")
+    if A.dtype != np.float64 or not A.flags.c_contiguous or not A.flags.writeable:
+        A = np.array(A, dtype=np.float64, order="C")
+    if not np.isfinite(A).all():
+        raise PreconditionError(f"Fisher of layer {name!r} has NaN/inf entries")
+    return A
+
+
+def _dense(name: str, A: np.ndarray, mode: str, value: float, placements: dict | None = None):
+    """The dense form of (A + λI)^{-1}, factoring A in place (Zero when A is zero)."""
+    if not A.any():  # every gradient of this layer is zero: nothing to precondition
+        return Zero()
+    return Dense(*_inverse_in_place(name, A, mode, value, placements))

@@ -8,12 +8,14 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..capture import (CaptureError, EnsembleSketcher, GradientSketcher, as_checkpoints,
                        select_layers)
 from ..capture.ensemble import single_model, split_block
 from ..compress import load_selective_mask
+from ..fileio import check_regular
 from ..index import FaissIndexError, SketchedIndex
 from ..precondition import Preconditioner, has_preconditioner
 from ..precondition import load_preconditioner as load_stored_preconditioner
@@ -107,6 +109,8 @@ def query_sketcher(path: Path, record: IndexRecord, model, device=None):
     check_device(device)
     check_model(path, record, model)
     models = query_models(path, record, model)
+    if record.selective_mask:
+        check_regular(path / MASK_FILE)  # the file rule: never through a symlink or a FIFO
     masks = load_selective_mask(path / MASK_FILE) if record.selective_mask else None
     described = record.layers_described
     sketchers = []
@@ -123,7 +127,7 @@ def query_sketcher(path: Path, record: IndexRecord, model, device=None):
                                           routes=routes))
     sk = sketchers[0] if len(sketchers) == 1 else EnsembleSketcher(sketchers)
     layout = dict(record.layout)
-    if {k: int(v) for k, v in sk.layout.items()} != layout:
+    if [(k, int(v)) for k, v in sk.layout.items()] != list(layout.items()):  # order too
         raise AttributionError(f"this grass-index builds sketches of layout {sk.layout} for "
                                f"config {record.sparsification}/"
                                f"{record.projection}, but the index has {layout}; "
@@ -205,7 +209,7 @@ def open_vector_index(path: Path, record: IndexRecord, *, mmap: bool = False):
     names = record.index_files
     f = path / names[0] if len(names) == 1 else path
     for name in names:
-        if not (path / name).is_file():
+        if not check_regular(path / name):  # a symlink or FIFO there is refused, naming it
             raise AttributionError(f"{path / name} is missing; run `grass-index verify {path} "
                                    "--repair` to rebuild it from the stored sketches")
     try:
@@ -220,13 +224,21 @@ def open_vector_index(path: Path, record: IndexRecord, *, mmap: bool = False):
 
 
 def load_preconditioner(path: Path, record: IndexRecord) -> Preconditioner:
-    """The preconditioner pass 2 stored for this variant."""
+    """The preconditioner pass 2 stored for this variant, as a query needs it: large arrays
+    memory-mapped and checked cheaply (size, header, shape, dtype; `grass-index verify` checks
+    their checksums), and the stored sketches its low-rank layers apply through read on first
+    use (with the store opened again then: nothing stays open between operations)."""
     key = record.preconditioner_key
+
+    def rows():
+        with reading_store(path) as store:  # the block checksums are verify's
+            return store.get_rows(np.arange(store.num_rows), verify=False)
     with reading_store(path) as store:
         if not has_preconditioner(store, key):
             raise AttributionError(f"the preconditioner is missing from {path}; run "
                                    f"`grass-index verify {path} --repair`")
-        return load_stored_preconditioner(store, key, dict(record.layout))
+        return load_stored_preconditioner(store, key, dict(record.layout), mapped=True,
+                                          rows=rows)
 
 
 def search(path: Path, vindex, preconditioner, queries, k: int, *, opponents: bool = False,

@@ -12,11 +12,13 @@ from typing import Callable, TypeVar
 
 import lmdb
 
+from ..fileio import check_dir, check_in_place, check_regular
 from .errors import StoreError
 
 T = TypeVar("T")
 
 DATA_FILE = "data.mdb"
+LOCK_FILE = "lock.mdb"  # LMDB's reader table: written in place by every open, even read-only
 DB_NAMES = ("info", "kv", "blocks", "starts", "arrays", "chunks")
 # Tables added after the first release: stores written before them open without them.
 OPTIONAL_DB_NAMES = ("digests",)  # block number -> the data fingerprint of its examples
@@ -131,6 +133,7 @@ def acquire(path: str, *, readonly: bool, create: bool) -> EnvHandle:
                     "read-only SketchStore objects before opening it for writing.")
             h.refs += 1
             return h
+        check_lmdb_files(path, readonly=readonly)
         _check_not_truncated_file(path)
         try:
             env = _open_env(path, readonly=readonly, create=create)
@@ -156,6 +159,20 @@ def release(h: EnvHandle) -> None:
             _registry.pop(os.path.realpath(h.path), None)
             h.sync()
             h.env.close()
+
+
+def check_lmdb_files(path: str, *, readonly: bool) -> None:
+    """LMDB opens ``data.mdb`` and ``lock.mdb`` itself, following symlinks, and writes the lock
+    file on every open (read-only too): before it does, the store must be a real directory and
+    both files regular (the lock file, and a data file opened for writing, with no other
+    name), so a planted symlink or hard link cannot make it write elsewhere."""
+    check_dir(path)
+    check_in_place(os.path.join(path, LOCK_FILE))
+    data = os.path.join(path, DATA_FILE)
+    if readonly:
+        check_regular(data)
+    else:
+        check_in_place(data)
 
 
 def _check_not_truncated_file(path: str) -> None:

@@ -8,21 +8,30 @@ in the map and another on every read — written to a temp name, fsynced and ren
 generation's name before the same header switch. Either way readers see the old array or the
 new one, never a mix; chunks and files orphaned by a crash are removed the next time a writer
 opens the store.
+
+A header's ``file`` is data read from the store: at every use it must be a name this module
+writes (``ARRAY_FILE``) in ``arrays/``, a real directory, and the file a regular one; clean-up
+deletes only such files (``fileio.unlink_owned``), never through a symlink.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 
 import numpy as np
 
+from ..errors import GrassIndexError
+from ..fileio import TEMP_NAME, atomic_save, check_dir, check_regular, unlink_owned
 from .codec import crc32, crc32_update
 from .errors import StoreError
 
 CHUNK_BYTES = 64 << 20
 FILE_BYTES = 16 << 20  # arrays at least this large are .npy files, not LMDB values
 FILE_DIR = "arrays"
+ARRAY_FILE = re.compile(r"[0-9a-f]{16}\.npy")  # arrays/<generation>.npy
+_OLD_TEMP = re.compile(r"[0-9a-f]+\.npy\.tmp")  # the temp name earlier versions wrote
 _GEN_IDX = struct.Struct(">QQ")
 
 
@@ -77,44 +86,60 @@ def _switch(h, name_b: bytes, header: dict, *, state) -> None:
     _unlink_file(h, h.write(switch, state=state))
 
 
-def _file_path(h, fname: str) -> str:
-    return os.path.join(h.path, FILE_DIR, fname)
+def _file_dir(h) -> str:
+    fdir = os.path.join(h.path, FILE_DIR)
+    try:
+        check_dir(fdir)
+    except GrassIndexError as e:
+        raise StoreError(str(e)) from None
+    return fdir
+
+
+def _file_path(h, fname) -> str:
+    """``arrays/<fname>``, refused unless ``fname`` (read from a header) is a name this module
+    writes: an absolute or ``../`` name can never reach outside the store."""
+    if not isinstance(fname, str) or not ARRAY_FILE.fullmatch(fname):
+        raise StoreError(f"an array header in {h.path} names the file {str(fname)[:200]!r}, "
+                         "which is not an array file of this store (arrays/<hex>.npy); the store "
+                         "was edited or damaged: re-run the step that wrote it (or rebuild)")
+    return os.path.join(_file_dir(h), fname)
 
 
 def _put_file(h, name_b: bytes, arr: np.ndarray, gen: int, *, state) -> None:
     """Write ``arr`` as ``arrays/<gen>.npy`` (temp name, fsync, rename), then switch to it."""
     os.makedirs(os.path.join(h.path, FILE_DIR), exist_ok=True)
     fname = f"{gen:016x}.npy"
-    final = _file_path(h, fname)
-    tmp = final + ".tmp"
     arr = np.ascontiguousarray(arr)
     flat = _as_bytes(arr)
-    crc = 0
-    with open(tmp, "wb") as f:
+    crcs = []
+
+    def write(f):
         np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(arr))
+        crc = 0
         for lo in range(0, flat.nbytes, CHUNK_BYTES):
             part = flat[lo: lo + CHUNK_BYTES]
             crc = crc32_update(part, crc)
             f.write(part)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+        crcs.append(crc)
+
+    atomic_save(_file_path(h, fname), write)
+    crc = crcs[0]
     header = {"dtype": arr.dtype.str, "shape": list(arr.shape), "nbytes": int(flat.nbytes),
               "gen": gen, "file": fname, "crc": crc, "crcs": []}
     _switch(h, name_b, header, state=state)
 
 
 def _unlink_file(h, header) -> None:
+    """Delete a replaced header's file, only if it is one of ours (a forged name is left)."""
     if header and header.get("file"):
-        try:
-            os.unlink(_file_path(h, header["file"]))
-        except FileNotFoundError:
-            pass
+        unlink_owned(os.path.join(h.path, FILE_DIR), header["file"], ARRAY_FILE)
 
 
 def _read_file(h, name: str, header: dict) -> np.ndarray:
     path = _file_path(h, header["file"])
     try:
+        if not check_regular(path):
+            raise FileNotFoundError("no such file")
         out = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise StoreError(f"array {name!r} file {path} is missing or unreadable ({e}); re-run the "
@@ -127,6 +152,26 @@ def _read_file(h, name: str, header: dict) -> np.ndarray:
             or crc != header["crc"]):
         raise StoreError(f"array {name!r} file {path} is corrupted (checksum mismatch); re-run "
                          "the step that wrote it (or rebuild the store).")
+    return out
+
+
+def _map_file(h, name: str, header: dict) -> np.ndarray:
+    """A file array memory-mapped read-only, checked cheaply against its header (the .npy
+    header parses, dtype and shape match, the file holds exactly header + data): pages are
+    read as they are used and nothing is checksummed. A truncated or swapped file is caught
+    here; a flipped byte inside the data is `verify`'s to find (the full CRC)."""
+    path = _file_path(h, header["file"])
+    try:
+        out = np.load(path, mmap_mode="r", allow_pickle=False)
+        size = os.path.getsize(path)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"array {name!r} file {path} is missing or unreadable ({e}); re-run the "
+                         "step that wrote it (or rebuild the store).") from None
+    if (not isinstance(out, np.memmap) or out.dtype.str != header["dtype"]
+            or list(out.shape) != header["shape"]
+            or size != out.offset + int(header["nbytes"])):
+        raise StoreError(f"array {name!r} file {path} does not match its record (dtype, shape "
+                         "or size); re-run the step that wrote it (or rebuild the store).")
     return out
 
 
@@ -158,7 +203,7 @@ def read_header(txn, h, name: str):
     return None if raw is None else json.loads(bytes(raw))
 
 
-def get_array(h, name: str) -> np.ndarray:
+def get_array(h, name: str, *, mapped: bool = False) -> np.ndarray:
     name_b = _name_key(name)
 
     def read(txn):
@@ -179,11 +224,28 @@ def get_array(h, name: str) -> np.ndarray:
         return out.view(np.dtype(header["dtype"])).reshape(header["shape"])
 
     got = h.read(read)
-    return _read_file(h, name, got) if isinstance(got, dict) else got
+    if not isinstance(got, dict):
+        return got
+    return _map_file(h, name, got) if mapped else _read_file(h, name, got)
 
 
 def array_names_txn(txn, h) -> list[str]:
     return [bytes(k).decode() for k in txn.cursor(db=h.dbs["arrays"]).iternext(values=False)]
+
+
+def file_problems(h) -> list[str]:
+    """Headers naming a file that is not one of this store's array files (cheap: no reads)."""
+    def scan(txn):
+        out = []
+        for k, v in txn.cursor(db=h.dbs["arrays"]).iternext():
+            header = json.loads(bytes(v))
+            fname = header.get("file") if isinstance(header, dict) else None
+            if fname is not None and not (isinstance(fname, str)
+                                          and ARRAY_FILE.fullmatch(fname)):
+                out.append(f"array {bytes(k).decode()!r} names the file {str(fname)[:200]!r}, "
+                           "which is not an array file of this store (arrays/<hex>.npy)")
+        return out
+    return h.read(scan)
 
 
 def collect_orphans(h, *, state) -> int:
@@ -210,8 +272,10 @@ def collect_orphans(h, *, state) -> int:
 
     n = h.write(gc, state=state)
     fdir = os.path.join(h.path, FILE_DIR)
-    for fname in (os.listdir(fdir) if os.path.isdir(fdir) else []):
+    if not check_dir(fdir):  # a symlink or file here is refused, never listed
+        return n
+    for fname in os.listdir(fdir):
         if fname not in files:
-            os.unlink(os.path.join(fdir, fname))
-            n += 1
+            n += any(unlink_owned(fdir, fname, owned) for owned in (ARRAY_FILE, TEMP_NAME,
+                                                                    _OLD_TEMP))
     return n

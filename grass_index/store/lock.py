@@ -1,16 +1,21 @@
 """Single-writer lock: an exclusive, non-blocking flock on ``<store>/writer.lock``.
 
 flock (not LMDB's own writer mutex) so a second build fails fast with a clear message instead
-of silently waiting; the kernel drops the lock when the holder dies, even on kill -9.
+of silently waiting; the kernel drops the lock when the holder dies, even on kill -9. The lock
+file is written in place (the holder's pid), so it must be a regular file with one name in a
+real directory: opened with O_NOFOLLOW, checked with fstat (fileio's file rule).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import time
 
+from ..fileio import UnsafeFileError, check_dir, check_in_place
 from .errors import StoreError, WriterLockedError
 
 LOCK_NAME = "writer.lock"
@@ -22,11 +27,22 @@ class WriterLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        check_dir(os.path.dirname(self.path) or ".")
+        check_in_place(self.path)  # never even open a device, FIFO or link found here
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC, 0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UnsafeFileError(_unsafe(self.path, "a symlink")) from None
             raise StoreError(f"cannot create the writer lock {self.path}: {e}. "
                              "Check that the directory is writable.") from e
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise UnsafeFileError(_unsafe(self.path, "a hard link to another file"
+                                          if stat.S_ISREG(st.st_mode) else "not a regular file"))
+        os.set_blocking(fd, True)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -54,6 +70,11 @@ class WriterLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+
+def _unsafe(path: str, what: str) -> str:
+    return (f"the writer lock {path} is {what}; it must be a regular file inside the store "
+            "(the directory was edited or damaged): delete it, then re-run the command")
 
 
 def _describe_holder(fd: int) -> str:

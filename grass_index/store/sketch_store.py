@@ -17,6 +17,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..errors import GrassIndexError
+from ..fileio import check_tree
 from . import _env, arrays, codec
 from .errors import StoreError, WriterLockedError
 from .lock import LOCK_NAME, WriterLock
@@ -371,8 +373,11 @@ class SketchStore:
         """Store a numeric array atomically (dtype and shape preserved); replaces any old one."""
         arrays.put_array(self._writable(), name, arr, state=self._state)
 
-    def get_array(self, name: str) -> np.ndarray:
-        return arrays.get_array(self._handle(), name)
+    def get_array(self, name: str, *, mapped: bool = False) -> np.ndarray:
+        """The array ``name``, checksummed whole; ``mapped``: a large (file) array is
+        memory-mapped read-only and only its size, header, shape and dtype are checked (a
+        query's way: `grass-index verify` checks every checksum)."""
+        return arrays.get_array(self._handle(), name, mapped=mapped)
 
     def delete_array(self, name: str) -> bool:
         """Remove a named array atomically; returns False when there was none."""
@@ -446,9 +451,15 @@ class SketchStore:
         for name in self.array_names():
             try:
                 self.get_array(name)
-            except StoreError as e:
+            except GrassIndexError as e:  # StoreError, or a file refused by the file rule
                 problems.append(str(e))
-        return problems
+        return problems + self.file_problems()
+
+    def file_problems(self) -> list[str]:
+        """Entries of the store directory that are not regular files or real directories, and
+        array headers naming files that are not this store's: the file rule (fileio), checked
+        without reading any data."""
+        return check_tree(self.path) + arrays.file_problems(self._handle())
 
 
 def _healthy(buf, block_no: int) -> bool:

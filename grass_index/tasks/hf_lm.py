@@ -5,8 +5,11 @@
     t = hf_lm_task(model_dir, "ds_dir", text_field="text")        # datasets.save_to_disk dir
 
 What `grass-index build --hf-model DIR --data FILE` uses. The index records a reference
-``hf-lm:{json of these arguments}`` so `query`/`score` rebuild the same task without a task file
-or environment variables.
+``hf-lm:{json of these arguments}`` and the sha256 of the data file. Those recorded paths are
+data (anyone may edit an index directory): they are shown, and a later command opens them only
+when the user names them again (``--hf-model DIR --data FILE``), with the same paths and the
+same data sha256 (:func:`task_for_recorded`); the other arguments (text field, length, dtype)
+come from the record.
 
 Nothing is downloaded: the model is loaded with ``from_pretrained(dir, local_files_only=True)``
 in ``dtype``; the tokenizer from the same directory when it has tokenizer files, else a byte
@@ -16,6 +19,7 @@ next-token cross-entropy summed over each example's real tokens (padding masked)
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from pathlib import Path
 
@@ -279,6 +283,24 @@ class _quiet:
             self.d.utils.enable_progress_bars()
 
 
+def ref_sha256(ref: str) -> str | None:
+    """:func:`data_sha256` of the files a reference the user gave names (task.task_record)."""
+    args = ref_args(ref)
+    return data_sha256(args["data"], args.get("query"))
+
+
+def data_sha256(data, query=None) -> str | None:
+    """The sha256 over the data file's (and the query file's) bytes; None for a datasets
+    directory (its examples are fingerprinted in the build record, ``data_hash``)."""
+    paths = [Path(data)] + ([Path(query)] if query is not None else [])
+    if not all(p.is_file() for p in paths):
+        return None
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
 class TokenizedTexts(torch.utils.data.Dataset):
     """Item i: LongTensor of the token ids of text i (truncated to ``max_length``)."""
 
@@ -372,9 +394,12 @@ class HFCausalLM:
         if not isinstance(max_length, int) or max_length < 2:
             raise TaskError(f"--max-length {max_length!r}: give an integer >= 2 (tokens per "
                             "example)")
+        if text_field is not None and not isinstance(text_field, str):
+            raise TaskError(f"--text-field {text_field!r}: give the name of a text field")
         self.model_dir = check_model_dir(model_dir).resolve()
         self.data_path = Path(data).expanduser().resolve()
         self.query_path = None if query_data is None else Path(query_data).expanduser().resolve()
+        self.unnamed_query = None  # a query file the index records but the user did not name
         self.text_field, self.max_length, self.dtype = text_field, max_length, dtype
         self.tok = tokenizer_for(str(self.model_dir))
         self.collate = collate_with(self.tok.pad_token_id)
@@ -404,7 +429,16 @@ class HFCausalLM:
                                           self.max_length)
         return self._train
 
+    def sha256(self) -> str | None:
+        """What an index records to tell that a file named later holds the same examples."""
+        return data_sha256(self.data_path, self.query_path)
+
     def query_data(self) -> TokenizedTexts:
+        if self.unnamed_query is not None:
+            raise TaskError(f"the index records query data {self.unnamed_query}, a path read "
+                            "from the index directory, which is opened only when you name it: "
+                            "pass hf_lm_task(..., query_data=PATH), or query by --text or ids "
+                            "of the training data")
         if self.query_path is None:
             return self.train_data()
         return TokenizedTexts(read_texts(self.query_path, self.text_field, "--query-data"),
@@ -429,17 +463,67 @@ def hf_lm_task(model_dir, data, *, text_field: str | None = None, max_length: in
                      query_data=query_data)
     fns = dict(model=src.model, train_data=src.train_data, query_data=src.query_data,
                loss=src.loss, collate=src.collate, label=src.label, encode=src.encode)
-    return Task(ref=src.ref(), source=src, _fns=fns)
+    return Task(ref=src.ref(), source=src, _fns=fns, sha256=src.sha256())
+
+
+def ref_args(ref: str) -> dict:
+    """The arguments of an ``hf-lm:{...}`` reference (checked to be a JSON object)."""
+    try:
+        args = json.loads(ref[len(REF_PREFIX):])
+    except ValueError as e:
+        raise TaskError(f"task reference {ref[:200]!r} is not a valid hf-lm reference ({e})") \
+            from None
+    if not isinstance(args, dict) or not isinstance(args.get("model"), str) \
+            or not isinstance(args.get("data"), str):
+        raise TaskError(f"task reference {ref[:200]!r} is not a valid hf-lm reference (a JSON "
+                        "object with the 'model' and 'data' paths)")
+    return args
+
+
+def named_ref(model_dir, data) -> str:
+    """The reference for the paths a user names on a command line (``--hf-model DIR --data
+    FILE``), resolved; :func:`task_for_recorded` completes it from the index's record."""
+    return REF_PREFIX + json.dumps(dict(model=str(Path(model_dir).expanduser().resolve()),
+                                        data=str(Path(data).expanduser().resolve())),
+                                   sort_keys=True)
 
 
 def task_from_ref(ref: str) -> Task:
-    """The task an index recorded as ``hf-lm:{...}``."""
+    """The task a reference the user gave (``hf-lm:{...}``) describes."""
+    args = ref_args(ref)
     try:
-        args = json.loads(ref[len(REF_PREFIX):])
         return hf_lm_task(args["model"], args["data"], text_field=args.get("text_field"),
                           max_length=int(args.get("max_length", 128)),
                           dtype=args.get("dtype", "float32"), query_data=args.get("query"))
-    except (ValueError, KeyError, TypeError) as e:
-        if isinstance(e, TaskError):
-            raise
-        raise TaskError(f"task reference {ref[:200]!r} is not a valid hf-lm reference ({e})")
+    except (ValueError, TypeError) as e:
+        raise TaskError(f"task reference {ref[:200]!r} is not a valid hf-lm reference ({e})") \
+            from None
+
+
+def task_for_recorded(given: str, recorded: str, sha256: str | None) -> Task:
+    """The task for an index built with ``--hf-model``, from the paths the user named
+    (``given``, an hf-lm reference): they must be the recorded model directory and data file,
+    and the data must still hash to the recorded sha256. The recorded text field, length and
+    dtype are used as recorded (validated); a recorded query file is not opened unless named."""
+    from ..untrusted import safe_text
+
+    want, got = ref_args(recorded), ref_args(given)
+    for key, flag in (("model", "--hf-model"), ("data", "--data")):
+        named = str(Path(got[key]).expanduser().resolve())
+        if named != want[key]:
+            raise TaskError(f"{flag} {safe_text(named)} is not the {key} path the index was "
+                            f"built with ({safe_text(want[key])}); name that one (an index is "
+                            "queried with the model and data it was built from)")
+    args = {k: v for k, v in want.items() if k != "query"}
+    args.update(model=got["model"], data=got["data"])
+    if "query" in got:
+        args["query"] = got["query"]
+    t = task_from_ref(REF_PREFIX + json.dumps(args, sort_keys=True))
+    if "query" in want and "query" not in got:
+        t.source.unnamed_query = safe_text(want["query"])
+    if sha256 is not None and t.sha256 != sha256:
+        raise TaskError(f"--data {safe_text(got['data'])} has CHANGED since the index was built "
+                        f"(sha256 {str(t.sha256)[:12]} now, {str(sha256)[:12]} at build): train "
+                        "ids would point at other examples; restore the file or rebuild the "
+                        "index")
+    return t
