@@ -158,7 +158,7 @@ class _Prepared:
         self.workers = options.workers
 
     def plan(self, index_options: IndexOptions) -> build_plan.Plan:
-        """RAM and disk this build needs (grass_index/plan.py), from the layer sizes and specs."""
+        """RAM and disk this build needs (grass_index/plan/), from the layer sizes and specs."""
         index = str(index_options.index)
         return build_plan.estimate(
             layer_dims=self.build["layer_dims"], layout=self.sketcher.layout,
