@@ -1,10 +1,15 @@
-"""GPT-2 small (random init, nothing downloaded) at the default specs: does the build fit?
+"""GPT-2 small (random init, nothing downloaded) at the default specs: does the build fit, and
+how long does it take beside a training epoch over the same data?
 
-    PYTHONPATH=$PWD python3 benchmarks/lm.py [--n 64] [--tokens 64] [--dense]
+    PYTHONPATH=$PWD python3 benchmarks/lm.py [--n 64] [--tokens 64] [--dense] [--no-epoch]
         [--sparsification normal-64*64 --projection identity --hessian ekfac] [--keep DIR]
 
-One build per run, in a child process so its peak RSS (VmHWM) is its own. Prints the plan's
-prediction beside the measured peak, pass 1 vs pass 2 time, and (with ``--dense``) forces the
+One build per run, in a child process so its peak RSS (VmHWM) is its own. The child first
+runs one training epoch (forward + backward with weight gradients, the build's batches) and
+then the build, so each phase — start (imports + model load), check (the first-batch capture
+check up to pass 1), pass 1, pass 2 — is printed as a ratio to that epoch measured in the same
+process. Prints the plan's prediction (time, RAM, disk) beside the measured numbers, and
+(with ``--dense``) forces the
 dense-Fisher path (pass-1 accumulation + in-place Cholesky per layer) that builds with n ≥ k/2
 take, where the default n=64 < k keeps each layer in the exact low-rank (Woodbury) form.
 ``--dense`` also compares float32 inverses with float64 ones on the scores of the stored
@@ -28,6 +33,7 @@ from _gpt2_task import gpt2_task, peak_rss_bytes  # noqa: E402
 
 
 def child(args) -> dict:
+    t_start = time.time()
     import torch
 
     import grass_index as gi
@@ -42,6 +48,10 @@ def child(args) -> dict:
     task = gpt2_task(work, args.n, args.tokens)
 
     model, data = task.model(), task.train_data()
+    start_s = time.time() - t_start
+    epoch_s = None if args.no_epoch else _epoch(model, data, task, args.batch_size)
+    rss_epoch = peak_rss_bytes()
+    rates = plan_mod.measure_rates(out=work)  # as `grass-index plan` would, before the build
     marks, t0 = {}, time.time()
 
     def progress(stage, done, total):
@@ -60,16 +70,33 @@ def child(args) -> dict:
                           tokens=args.tokens, index_width=cfg["index"]["dim"],
                           model_bytes=sum(x.numel() * 4 for x in model.parameters()))
     pass2_start = marks["sketch_end"]
-    res = dict(n=len(data), tokens=args.tokens, K=cfg["dim"], layers=len(cfg["layout"]),
-               dense=args.dense, hessian=cfg["hessian"], specs=specs,
-               sketch_bytes=4 * len(data) * cfg["dim"], load=os.getloadavg(), plan_ram_gb=p.ram_peak / 1e9, plan_disk_gb=p.disk / 1e9,
-               peak_rss_gb=peak_rss_bytes() / 1e9, pass1_s=pass2_start, pass2_s=total - pass2_start,
+    t_plan = plan_mod.predict_seconds(model, cfg["layout"], n=len(data), tokens=args.tokens,
+                                      batch_size=args.batch_size, hessian=cfg["hessian"],
+                                      plan=p, rates=rates)
+    res = dict(start_s=start_s, epoch_s=epoch_s, check_s=marks["sketch"],
+               rss_epoch_gb=rss_epoch / 1e9, plan_s=t_plan, n=len(data), tokens=args.tokens,
+               K=cfg["dim"], layers=len(cfg["layout"]), dense=args.dense,
+               hessian=cfg["hessian"], specs=specs, sketch_bytes=4 * len(data) * cfg["dim"],
+               plan_ram_gb=p.ram_peak / 1e9, plan_disk_gb=p.disk / 1e9,
+               peak_rss_gb=peak_rss_bytes() / 1e9, pass1_s=pass2_start - marks["sketch"],
+               pass2_s=total - pass2_start, load=os.getloadavg(),
                total_s=total, recall=cfg["index"].get("recall"), marks=marks,
                index_dim=cfg["index"]["dim"],
                disk_gb=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e9)
     if args.dense:
         res.update(_float32_vs_float64(out, cfg))
     return res
+
+
+def _epoch(model, data, task, batch_size: int) -> float:
+    """Seconds of one training epoch over ``data`` in the build's batches: forward + backward
+    with weight gradients (no optimizer step; the weights stay as the build sees them)."""
+    t0 = time.time()
+    for lo in range(0, len(data), batch_size):
+        batch = task.collate([data[i] for i in range(lo, min(len(data), lo + batch_size))])
+        task.loss(model, batch).sum().backward()
+        model.zero_grad(set_to_none=True)
+    return time.time() - t0
 
 
 def _float32_vs_float64(out: Path, cfg: dict, layers: int = 2) -> dict:
@@ -99,6 +126,25 @@ def _float32_vs_float64(out: Path, cfg: dict, layers: int = 2) -> dict:
     return {"float32_inverse_rel_err": worst}
 
 
+def _phase_table(r: dict) -> None:
+    """Each phase beside the training epoch (and the plan's time prediction)."""
+    ep = r.get("epoch_s")
+    print(f"load average {', '.join(f'{x:.1f}' for x in r['load'])}")
+    print(f"{'phase':10}{'seconds':>9}{'x epoch':>9}{'plan (s)':>10}")
+    plan = r["plan_s"]
+    rows = [("epoch", ep, None), ("start", r["start_s"], None),
+            ("check", r["check_s"], plan["check"]), ("pass 1", r["pass1_s"], plan["pass1"]),
+            ("pass 2", r["pass2_s"], plan["pass2"]),
+            ("build", r["total_s"], plan["check"] + plan["pass1"] + plan["pass2"])]
+    for name, s, p in rows:
+        if s is None:
+            continue
+        ratio = f"{s / ep:.2f}" if ep else "-"
+        print(f"{name:10}{s:>9.1f}{ratio:>9}{'-' if p is None else f'{p:.1f}':>10}")
+    print(f"peak RSS {r['peak_rss_gb']:.2f} GB (after the epoch {r['rss_epoch_gb']:.2f} GB), "
+          f"disk {r['disk_gb']:.2f} GB; plan: time from {plan['basis']}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=64)
@@ -110,6 +156,7 @@ def main():
     ap.add_argument("--projection", default=None)
     ap.add_argument("--work", default=None)
     ap.add_argument("--child", action="store_true")
+    ap.add_argument("--no-epoch", action="store_true", help="skip the training epoch")
     ap.add_argument("--keep", default=None, help="build here and keep it (default: a temp dir)")
     args = ap.parse_args()
     if args.child:
@@ -123,9 +170,11 @@ def main():
         for flag in ("sparsification", "projection"):
             if getattr(args, flag):
                 cmd += [f"--{flag}", getattr(args, flag)]
-        if args.dense:
-            cmd.append("--dense")
-        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        cmd += ["--dense"] * args.dense + ["--no-epoch"] * args.no_epoch
+        # as the CLI runs (grass_index/__init__.py): idle OpenMP threads sleep, not spin
+        env = dict(os.environ)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:
             sys.exit(f"build failed:\n{p.stderr[-4000:]}")
@@ -143,6 +192,7 @@ def main():
     print("pass 2 stages (s from start): " + ", ".join(f"{k} {v:.0f}" for k, v in m.items()))
     print(f"pass 1 {r['pass1_s']:.1f} s, pass 2 {r['pass2_s']:.1f} s "
           f"(ratio {r['pass2_s'] / r['pass1_s']:.2f}), total {r['total_s']:.1f} s")
+    _phase_table(r)
     if "float32_inverse_rel_err" in r:
         print(f"float32 vs float64 inverse: max relative score difference "
               f"{r['float32_inverse_rel_err']:.2e}")

@@ -9,6 +9,14 @@ Heavy stages (LMDB, FAISS) load lazily, so `import grass_index.ops` stays light.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+
+if "torch" not in sys.modules:  # read once, when torch loads its OpenMP runtime
+    # Idle OpenMP threads sleep instead of spinning: on a shared machine a spinning thread
+    # takes the core the working one needs (benchmarks/startup.py: under load 13 on 2 cores
+    # the build's start-up took 90 s wall / 25 s CPU spinning, 27 s / 8 s passive).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .version import __version__  # noqa: E402
 from . import ops  # noqa: E402,F401  (defines the custom ops, loads native kernels)

@@ -42,8 +42,13 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
                 index: str = "flat", task: str | None = None, progress=True, device=None,
                 nlist: int | None = None, nprobe: int | None = None,
                 selective_mask=None, worker=None, distributed: bool | None = None,
-                remove_shards: bool = False, check_only: bool = False) -> "AttributionIndex":
+                remove_shards: bool = False, check_only: bool = False,
+                workers: int | None = None) -> "AttributionIndex":
     """Sketch every training example (pass 1, resumable), precondition (pass 2), index.
+
+    ``workers``: DataLoader processes that read and collate pass 1's batches ahead of the
+    sketching (default: by CPU count, none on 2 cores; 0: in this process); the batches and
+    sketches are the same for any count.
 
     ``distributed`` (default: when torchrun's environment or an initialised process group has
     more than one rank) makes every rank sketch its shard and sum its Fisher, the sums are
@@ -77,7 +82,8 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
     index_options = IndexOptions(hessian=hessian, damping=damping, index=index, nlist=nlist,
                                  nprobe=nprobe)
     options = BuildOptions(sparsification=sparsification, projection=projection, seed=seed,
-                           layers=layers, batch_size=batch_size, selective_mask=selective_mask)
+                           layers=layers, batch_size=batch_size, selective_mask=selective_mask,
+                           workers=workers)
     res = pipeline_run.build(model, train_data, loss_fn, out, options, index_options,
                              task=_record_of(task),
                              collate=collate, progress=progress, device=device,

@@ -1,5 +1,5 @@
 """`grass-index build`, `plan` and `merge`: make an index (in one process, or as shards
-merged afterwards) and see beforehand what it will cost."""
+merged afterwards) and see beforehand what it will cost (`plan`: cli/plan_cmd.py)."""
 from __future__ import annotations
 
 import time
@@ -59,6 +59,9 @@ def build(
                                              "shorter)."),
     dtype: str = typer.Option("float32", "--dtype", help="With --hf-model: float32, bfloat16 "
                               "or float16."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Processes that read "
+                                          "and collate batches ahead of pass 1 (default: by "
+                                          "CPU count; 0: in this process)."),
 ):
     """Sketch every training example's gradient, precondition, and index (resumable).
 
@@ -70,7 +73,7 @@ def build(
                          max_length=max_length, dtype=dtype)
     options = gi.BuildOptions(sparsification=sparsification, projection=projection, seed=seed,
                               layers=layers or None, batch_size=batch_size,
-                              selective_mask=selective_mask)
+                              selective_mask=selective_mask, workers=workers)
     if layers and not options.layers:
         fail("--layers is empty; pass globs such as --layers '0.*' or --layers 'fc1.*,fc2.*'")
     index_options = gi.IndexOptions(hessian=hessian, damping=damping, index=index)
@@ -90,7 +93,7 @@ def build(
                          damping=damping, batch_size=options.batch_size, seed=options.seed,
                          layers=options.layers, collate=t.collate, index=index_options.index,
                          task=t.ref, device=device, selective_mask=selective_mask,
-                         remove_shards=remove_shards)
+                         remove_shards=remove_shards, workers=workers)
     if idx.reporting:  # torchrun: rank 0 reports
         report_index("built", out, idx.config, time.perf_counter() - t0, json_mode)
 
@@ -142,74 +145,6 @@ def _shard(t, model, train, out, worker, options, index_options, *, device, json
     err.print(f"next, once every worker is done: grass-index merge {shell_arg(out)}")
 
 
-def plan(
-    task: Optional[str] = typer.Argument(None, help="Task file (.py), module or module:attr."),
-    hf_model: Optional[Path] = typer.Option(None, "--hf-model", help="A local HF causal LM "
-                                            "directory instead of a task file (with --data)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="With --hf-model: the corpus."),
-    text_field: Optional[str] = typer.Option(None, "--text-field"),
-    max_length: Optional[int] = typer.Option(None, "--max-length"),
-    n: Optional[int] = typer.Option(None, "--n", min=1, help="Examples (default: the task's "
-                                    "training set size)."),
-    sparsification: str = typer.Option("random_mask-128*128"),
-    projection: str = typer.Option("sjlt-4096"),
-    layers: Optional[List[str]] = typer.Option(None, "--layers"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    index: str = typer.Option("flat"),
-    out: Path = typer.Option(Path("runs"), "--out", help="Where the index would go (free disk "
-                             "is checked there)."),
-    json_mode: bool = typer.Option(False, "--json"),
-):
-    """RAM and disk a build would need, for the given projection and two narrower ones side by
-    side — without building (no gradients)."""
-    import grass_index as gi
-    from grass_index import plan as plan_mod
-
-    if hf_model is not None:
-        if data is None:
-            fail("--hf-model DIR needs --data FILE")
-        t = gi.hf_lm_task(hf_model, data, text_field=text_field, max_length=max_length)
-        max_length = t.source.max_length
-    else:
-        t = gi.load_task(task)
-    options = gi.BuildOptions(sparsification=sparsification, projection=projection,
-                              layers=layers or None, batch_size=batch_size)
-    model = t.index_model()
-    train = t.train_data() if n is None or hf_model is not None else None
-    count = n or len(train)
-    tokens = max_length if hf_model is not None else 1
-    if hf_model is not None:
-        tokens = max(len(train[i]) for i in range(min(len(train), 256)))
-    cols = {p: plan_mod.plan_for(model, count, sparsification=options.sparsification,
-                                 projection=p, layers=options.layers,
-                                 batch_size=options.batch_size, index=index, tokens=tokens)
-            for p in plan_mod.variants(projection)}
-    ram, disk = plan_mod.available_ram(), plan_mod.free_disk(out)
-    if json_mode:
-        emit_json(dict(n=count, available_ram=ram, free_disk=disk,
-                        plans={p: dict(ram_peak=c.ram_peak, disk=c.disk, K=c.K,
-                                       store=c.store_disk, fisher=c.fisher_disk,
-                                       preconditioner=c.precond_disk, index=c.index_disk)
-                               for p, c in cols.items()}))
-        return
-    from rich.table import Table
-
-    ens = f", {len(model)} checkpoints" if isinstance(model, gi.Checkpoints) else ""
-    tab = Table(title=f"plan: {count:,} examples{ens}, --index {index}")
-    tab.add_column("")
-    for p in cols:
-        tab.add_column(f"--projection {p}", justify="right")
-    rows = [c.rows() for c in cols.values()]
-    for i, (name, _) in enumerate(rows[0]):
-        tab.add_row(name, *[r[i][1] for r in rows])
-    fits = ["yes" if plan_mod.shortfall(c, ram=ram, disk=disk, K_per_layer=1) is None else "no"
-            for c in cols.values()]
-    tab.add_row("fits here", *fits)
-    stdout.print(tab)
-    stdout.print(f"available now: RAM {ram / 1e9 if ram else float('nan'):.1f} GB, disk at {out} "
-              f"{disk / 1e9:.1f} GB")
-
-
 def merge(
     directory: Path = typer.Argument(..., help="The --out DIR of `build --worker I/N`."),
     shards: Optional[int] = typer.Option(None, "--shards", min=1, help="Merge the I-of-N shards "
@@ -237,5 +172,7 @@ def merge(
 def register(app: typer.Typer) -> None:
     """Add `build`, `plan`, `merge` to the grass-index typer app."""
     app.command("build")(errors(build))
+    from .plan_cmd import plan
+
     app.command("plan")(errors(plan))
     app.command("merge")(errors(merge))

@@ -106,6 +106,11 @@ def index_summary(cfg: IndexConfig) -> str:
     rec = cfg.recall
     if rec:
         parts.append(f"recall@{rec['k']} {rec['recall']:.3f} vs exact ({rec['queries']} queries)")
+    search = (rec or {}).get("search") or {}
+    if search.get("width"):  # two-stage search: say whether its recall target was met
+        parts.append(f"search sketch {search['width']} × rerank {search['rerank']}: "
+                     + ("target " if search.get("target_met") else "BELOW the target ")
+                     + f"{search['target_recall']} ({search['reason']})")
     return ", ".join(parts)
 
 

@@ -7,7 +7,9 @@ coordinate: coordinate j goes to bucket h(j) with sign s(j), drawn from ``seed``
 estimate and re-scores them exactly (a caller-supplied function: the pipeline reads the
 candidates' stored sketches), returning the top k by the exact score. The candidates' order is
 then exact; only a true top-k row that the sketch ranks below R·k can be missed — recall@k is
-measured at build time and recorded with the index.
+measured at build time and recorded with the index. A build uses this only when the exact
+index would not fit its memory budget, at the width and R its measured recall picks
+(index/choice.py).
 """
 from __future__ import annotations
 
@@ -18,14 +20,8 @@ import scipy.sparse
 
 from ._file import FaissIndexError
 
-THRESHOLD = 32768  # K above which a build's default index is two-stage (exact flat below)
-DEFAULT_DIM = 4096  # search sketch width (measured: benchmarks/lm.py, README)
-DEFAULT_RERANK = 10  # candidates per requested result
-
-
-def default_search_sketch(K: int) -> int | None:
-    """The search sketch width a build uses by default for K-wide vectors (None: exact flat)."""
-    return DEFAULT_DIM if K > THRESHOLD else None
+DEFAULT_DIM = 4096  # the narrowest search sketch a build tries (index/choice.py)
+DEFAULT_RERANK = 10  # the fewest candidates per requested result a build tries
 
 
 class SearchSketch:

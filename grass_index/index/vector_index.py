@@ -41,14 +41,16 @@ class IndexSpec(NamedTuple):
     kind: str
     dtype: str = "float32"
     shards: int = 1
-    sketch: int = -1  # search sketch width: -1 = by K (search_sketch.py), 0 = none ("exact")
-    rerank: int = 10  # two-stage search: candidates per result
+    sketch: int = -1  # search sketch width: -1 = by memory and recall (choice.py), 0 = exact
+    rerank: int = 0  # two-stage search: candidates per result (0: chosen by measured recall)
+    budget: int = -1  # MB the exact index may take (-1: half the RAM available, choice.py)
 
     def __str__(self) -> str:
         opts = (["fp16"] if self.dtype == "float16" else []) + (
             [f"shards={self.shards}"] if self.shards > 1 else []) + (
             ["exact"] if self.sketch == 0 else [f"sketch={self.sketch}"] if self.sketch > 0
-            else []) + ([f"rerank={self.rerank}"] if self.rerank != 10 else [])
+            else []) + ([f"rerank={self.rerank}"] if self.rerank > 0 else []) + (
+            [f"budget={self.budget}"] if self.budget >= 0 else [])
         return self.kind + (":" + ",".join(opts) if opts else "")
 
 
@@ -62,7 +64,7 @@ def parse_spec(spec) -> IndexSpec:
     if not colon and "," in kind:  # "flat,shards=3" (an older README's grammar): the same index
         kind, _, options = kind.partition(",")
     dtype, shards, bad = "float32", 1, kind not in KINDS
-    sketch, rerank = -1, 10
+    sketch, rerank, budget = -1, 0, -1
     for opt in filter(None, options.split(",")) if options else []:
         key, eq, value = opt.strip().partition("=")
         if key in ("fp16", "fp32") and not eq:
@@ -75,6 +77,8 @@ def parse_spec(spec) -> IndexSpec:
             sketch = int(value)
         elif key == "rerank" and value.isdigit() and int(value) >= 1:
             rerank = int(value)
+        elif key == "budget" and value.isdigit():
+            budget = int(value)
         else:
             bad = True
     if bad or (options == "" and ":" in str(spec)):
@@ -83,8 +87,9 @@ def parse_spec(spec) -> IndexSpec:
                               "(flat is exact; ivf approximate; fp16 halves memory and disk; "
                               "shards=N writes N files searched as one; sketch=D searches a "
                               "D-wide sketch and re-ranks R·k candidates exactly, rerank=R; "
-                              "exact: never sketch)")
-    return IndexSpec(kind, dtype, shards, sketch, rerank)
+                              "exact: never sketch; budget=MB: exact when the vectors fit "
+                              "in MB, else sketched)")
+    return IndexSpec(kind, dtype, shards, sketch, rerank, budget)
 
 
 def default_nlist(n_train: int) -> int:

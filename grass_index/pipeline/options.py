@@ -83,10 +83,16 @@ class BuildOptions:
     layers: list[str] | None = None
     batch_size: int = 32
     selective_mask: Any = None
+    # processes that collate pass 1's batches ahead of it (None: by CPU count; 0: in-process).
+    # Not recorded: the batches, hence the sketches, are the same for any value.
+    workers: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "layers", split_layers(self.layers))
         check_batch_size(self.batch_size)
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
+            raise AttributionError(f"workers={self.workers!r}: give a count >= 0 (0 collates "
+                                   "in the building process)")
 
     def record(self) -> dict:
         """build.json's keys for these options (the mask is recorded by its hash elsewhere)."""

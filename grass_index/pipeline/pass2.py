@@ -7,8 +7,8 @@ accumulated (``pass1_fisher``), so the store is not re-read for them; the precon
 fitted one layer at a time, each layer's sums factored in place; a layer with n < k is
 fitted from the stored rows (the low-rank form, precondition/forms.py) and needs no k×k Fisher
 at all. For wide sketches
-(LMs), FAISS holds a seeded search sketch of each vector and a query's candidates are re-ranked
-exactly from the stored rows (``search_sketch``, ``store_rerank``).
+(LMs) too many to hold exactly, FAISS holds a seeded search sketch of each vector and a query's
+candidates are re-ranked exactly from the stored rows (index/choice.py, ``store_rerank``).
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ import torch
 
 from ..version import __version__
 from ..index import (ExactTopK, SearchSketch, ShardedIndex, SketchedIndex, VectorIndex,
-                     default_search_sketch, parse_spec, part_ranges, recall_at_k)
+                     parse_spec, part_ranges, recall_at_k)
+from ..index import choice as search_choice
 from ..capture.sketcher import MOVED_NOTE
 from ..errors import spelled
 from ..precondition import (DEFAULT_DAMPING, ChunkedFisher, DampingError, FisherAccumulator,
@@ -219,8 +220,9 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, run: P
     float16 scales) and computes the exact top lists of the recall queries over them. Rank 0
     then joins the parts — a single process splits the ids into ``shards=N`` contiguous parts;
     torchrun keeps one part per rank, or merges them into one file — measures recall and
-    commits config.json. Every rank returns the config. For wide sketches the parts hold a
-    search sketch of each vector (``search_sketch``) and the joined index re-ranks its
+    commits config.json. Every rank returns the config. When the exact index would not fit the
+    memory budget, the parts hold a search sketch of each vector (index/choice.py picks its
+    width and R from the recall measured while filling) and the joined index re-ranks its
     candidates exactly from the main store."""
     p2 = _Pass2(out, build, opts, run)
     template = run.ranks.share(p2.template, encode=lambda t: t.to_bytes(),
@@ -230,18 +232,34 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, run: P
     queries = np.zeros((len(qids), build["dim"]), np.float32)  # each rank reads its own
     for pos, got in run.ranks.step(lambda: run.rows.query_rows(qids)):
         queries[pos] = got
-    filled = run.ranks.step(lambda: p2.fill(template, queries, k))
-    tops = [top for _, top in filled]
-    zero = zero_layers(build["layout"], [reached for reached, _ in filled])
+    measure = k >= 1 and len(p2.widths) * len(p2.reranks) > 1
+
+    def lists():
+        return search_choice.SketchTopLists(queries, p2.dim, build["seed"], p2.widths,
+                                            (k + 1) * max(p2.reranks))
+    filled = run.ranks.step(lambda: p2.fill(template, queries, k, lists() if measure else None))
+    tops = [top for _, top, _ in filled]
+    if measure:
+        p2.chosen = _choose(filled, tops, lists(), queries, qids, k, p2.reranks, p2.reason, p2.n)
+        if p2.chosen.width != p2.sk.dim:  # the first width missed the target: fill at the chosen
+            p2.sk = SearchSketch(p2.dim, p2.chosen.width, build["seed"])
+            template = run.ranks.share(p2.template, encode=lambda t: t.to_bytes(),
+                                       decode=lambda b: VectorIndex.from_bytes(*b))
+            template.build_key = p2.key
+            filled = run.ranks.step(lambda: p2.fill(template, queries, k, None))
+    zero = zero_layers(build["layout"], [reached for reached, _, _ in filled])
 
     def rank0_commit():
         with run.main_store(p2.pre, p2.key) as store:
             vindex, files, mine = p2.joined(store)
             if k >= 1:
-                exact = ExactTopK(queries, k + 1)
-                for scores, ids in tops:
-                    exact.merge(scores, ids)
-                measure_recall(vindex, exact, qids, k, others=p2.parts)
+                recall = measure_recall(vindex, _merged_exact(queries, k, tops), qids, k,
+                                        others=p2.parts)
+                recall["search"] = p2.chosen.record()
+                if p2.sk is not None and recall["recall"] < search_choice.TARGET_RECALL:
+                    log.warning("index: recall@%d = %.3f is below the %.2f target (%s); use "
+                                "--index flat:exact for exact search", k, recall["recall"],
+                                search_choice.TARGET_RECALL, p2.chosen.reason)
             remove_temp_files(out)
             for part, name in zip(p2.parts[:len(mine)], files):  # the others' are on disk
                 part.save(out / name)
@@ -268,7 +286,12 @@ class _Pass2:
         self.key = pass2_key(build, hessian=opts.hessian, damping=opts.damping,
                              index=self.index, nlist=opts.nlist, nprobe=opts.nprobe)
         self.pre = self._preconditioner()
-        self.sk = search_sketch(spec, self.dim, build["seed"])  # two-stage search, or None
+        # exact search when the vectors fit the memory budget, else a search sketch whose width
+        # and re-rank factor the recall measured while filling decides (index/choice.py)
+        self.widths, self.reranks, self.reason = search_choice.candidates(spec, self.dim, self.n)
+        self.sk = SearchSketch(self.dim, self.widths[0], build["seed"]) if self.widths else None
+        self.chosen = search_choice.Choice(self.sk and self.sk.dim,
+                                           self.reranks[0] if self.reranks else 0, self.reason)
         # a single process splits the ids into contiguous parts; a rank indexes all it holds
         self.ranges = part_ranges(self.n, spec.shards) if run.ranks.world == 1 else [(0, self.n)]
         self.names = index_file_names(self.key, len(self.ranges) * run.ranks.world)
@@ -294,9 +317,10 @@ class _Pass2:
             return make_template(blocks, self.spec, self.dim if self.sk is None else self.sk.dim,
                                  self.opts.nlist, self.opts.nprobe)
 
-    def fill(self, template: VectorIndex, queries: np.ndarray, k: int):
+    def fill(self, template: VectorIndex, queries: np.ndarray, k: int, lists=None):
         """This rank's rows preconditioned into its parts and the recall queries' exact top
-        lists over them: ({layer: reached by a nonzero vector}, (scores, ids) or None)."""
+        lists over them, and with ``lists`` (index/choice.py) each candidate search sketch's:
+        ({layer: reached by a nonzero vector}, (scores, ids) or None, sketched tops or None)."""
         rows, slices = self.run.rows, layer_slices(self.build["layout"])
         parts = [template.empty_like() for _ in self.ranges]
         exact = ExactTopK(queries, k + 1) if k >= 1 else None
@@ -313,12 +337,15 @@ class _Pass2:
                         part.add(held[mine], ids[mine])
                 if exact is not None:
                     exact.add(vec, ids)
+                if lists is not None:
+                    lists.add(vec, ids)
                 self.run.progress("index", start + len(vec), st.num_rows)
         rank = self.run.ranks.rank
         if rank != 0:  # rank 0 keeps its part in memory; the others hand theirs over on disk
             parts[0].save(self.out / self.names[rank])
         self.parts = parts
-        return reached, (None if exact is None else (exact.scores, exact.ids))
+        return (reached, None if exact is None else (exact.scores, exact.ids),
+                None if lists is None else lists.state())
 
     def joined(self, store):
         """Rank 0: every rank's parts as the one index that serves (re-ranking from ``store``
@@ -335,7 +362,7 @@ class _Pass2:
         self.parts = parts
         vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
         if self.sk is not None:
-            vindex = SketchedIndex(vindex, self.sk, self.spec.rerank).with_rerank(
+            vindex = SketchedIndex(vindex, self.sk, self.chosen.rerank).with_rerank(
                 store_rerank(store, self.pre))
         check_count(vindex, self.n)
         return vindex, files, mine
@@ -545,11 +572,22 @@ def put_fisher(store, acc: FisherAccumulator) -> None:
 
 # --- two-stage search ------------------------------------------------------------------------
 
-def search_sketch(spec, K: int, seed: int) -> SearchSketch | None:
-    """The search sketch an index spec asks for over K-wide vectors (by default: one when K is
-    large, see grass_index/index/search_sketch.py), or None for exact FAISS search."""
-    dim = default_search_sketch(K) if spec.sketch < 0 else spec.sketch
-    return None if not dim or dim >= K else SearchSketch(K, dim, seed)
+def _merged_exact(queries, k: int, tops) -> ExactTopK:
+    exact = ExactTopK(queries, k + 1)
+    for scores, ids in tops:
+        exact.merge(scores, ids)
+    return exact
+
+
+def _choose(filled, tops, lists, queries, qids, k: int, reranks, reason: str, n: int):
+    """The search (index/choice.py) from every rank's sketched and exact top lists."""
+    for _, _, state in filled:
+        lists.merge(state)
+    chosen = search_choice.choose(lists, _merged_exact(queries, k, tops).result()[1], qids, k,
+                                  reranks, reason, n)
+    log.info("index: search sketch width %d, rerank %d: predicted recall@%d %.3f (%s)",
+             chosen.width, chosen.rerank, k, chosen.predicted, chosen.reason)
+    return chosen
 
 
 RECALL_QUERIES, RECALL_K = 100, 10

@@ -155,14 +155,15 @@ class _Prepared:
                                        train_data=train_data, masks=self.masks)
         self.mask_file = options.selective_mask
         self.train_data, self.loss_fn, self.batch_size = train_data, loss_fn, options.batch_size
+        self.workers = options.workers
 
     def plan(self, index_options: IndexOptions) -> build_plan.Plan:
-        """RAM and disk this build needs (grass_index/plan.py), from the layer sizes and specs."""
+        """RAM and disk this build needs (grass_index/plan/), from the layer sizes and specs."""
         index = str(index_options.index)
         return build_plan.estimate(
             layer_dims=self.build["layer_dims"], layout=self.sketcher.layout,
             n=len(self.train_data), batch_size=self.batch_size, hessian=index_options.hessian,
-            index_width=build_plan.index_width(self.sketcher.dim, index),
+            index_width=build_plan.index_width(self.sketcher.dim, index, len(self.train_data)),
             index_bytes=2 if "fp16" in index else 4)
 
     def check_fits(self, out: Path, index_options: IndexOptions) -> build_plan.Plan:
@@ -204,6 +205,7 @@ class _Prepared:
         return ShardInfo(**sketch_shard(
             out, worker, self.sketcher, self.build, train_data=self.train_data,
             loss_fn=self.loss_fn, batch_size=self.batch_size, collate=self.collate,
+            workers=self.workers,
             progress=progress, records=records))
 
 
@@ -250,7 +252,8 @@ def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
             lock = prep.claim_locked(out)
             prog.note(build_plan.summary(the_plan))
             prog.eta_after_first("sketch", build_plan.pass2_seconds(
-                prep.sketcher.layout, the_plan.n, index_options.hessian), "pass 2")
+                prep.sketcher.layout, the_plan.n, index_options.hessian,
+                build_plan.measure_rates(seconds=0.1), the_plan), "pass 2")
             try:
                 store = SketchStore.create(out / STORE_DIR, dim=prep.sketcher.dim,
                                            meta=jsonable(prep.build), lock=lock)
@@ -264,7 +267,8 @@ def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
                 sketch_training_set(store, prep.sketcher, train_data, loss_fn,
                                     batch_size=options.batch_size, collate=prep.collate,
                                     progress=prog, fisher=fisher,
-                                    factors=factor_shapes(prep.sketcher))
+                                    factors=factor_shapes(prep.sketcher),
+                                    workers=options.workers)
                 cfg = finish(out, store, prep.build, prep.describe, index_options, task=task,
                              progress=prog, data=train_data, fisher=fisher)
             return BuildResult(out, cfg)

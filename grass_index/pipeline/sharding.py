@@ -77,7 +77,8 @@ def _owned(build: dict, i: int, n: int) -> range:
 
 
 def sketch_shard(out: Path, worker: tuple[int, int], sketcher, build: dict, *, train_data,
-                 loss_fn, batch_size: int, collate, progress, records: dict) -> dict:
+                 loss_fn, batch_size: int, collate, progress, records: dict,
+                 workers: int | None = 0) -> dict:
     """Pass 1 over worker i's batches into shards/i-of-n (resumable); what it holds."""
     i, n = worker
     check_dir(out / SHARDS_DIR)  # the file rule: never a store through a symlinked shards/
@@ -92,7 +93,7 @@ def sketch_shard(out: Path, worker: tuple[int, int], sketcher, build: dict, *, t
                 store.put_meta(key, jsonable(value))
         sketch_training_set(store, sketcher, train_data, loss_fn, batch_size=batch_size,
                             collate=collate, progress=progress, blocks=blocks,
-                            factors=factor_shapes(sketcher))
+                            factors=factor_shapes(sketcher), workers=workers)
         if (records.get("finish") or {}).get("hessian", "eFIM") == "eFIM":
             shard_fisher(store, build["layout"], progress)
         return dict(shard=f"{i}/{n}", path=str(path), batches=len(blocks),

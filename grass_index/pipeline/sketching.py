@@ -1,9 +1,16 @@
 """Pass 1: the training set in fixed batches -> raw sketches, one committed store block per
-batch (resumable at ``store.committed_blocks``)."""
+batch (resumable at ``store.committed_blocks``).
+
+Batches are read and collated by a torch DataLoader's worker processes ahead of the sketching
+(``workers``), in the fixed order: store block j is always global batch ``blocks[j]``, examples
+[b·B, (b+1)·B), whatever the worker count, so the sketches are the same bit for bit."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Sequence
+
+import torch
 
 from ..capture import CaptureError
 from ..precondition.fisher import layer_slices
@@ -17,9 +24,53 @@ from ..batching import batch_count
 log = logging.getLogger("grass_index")
 
 
+def default_workers() -> int:
+    """Collating workers when none are asked for: none on a machine of 2 cores or fewer (a
+    worker would take a core from the model), else one per 4 cores, at most 2."""
+    return min(2, (os.cpu_count() or 1) // 4)
+
+
+class BlockBatches(torch.utils.data.Dataset):
+    """Item j: (j, lo, hi, data digest, collated batch) of store block j, or (j, lo, hi, None,
+    the exception) when reading or collating its examples failed — raised by the building
+    process, so the error is the one line the data's code gave, not a worker's traceback."""
+
+    def __init__(self, data: Sequence, blocks: Sequence[int], batch_size: int, collate):
+        self.data, self.blocks, self.batch_size, self.collate = data, blocks, batch_size, collate
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, j: int):
+        b, n = self.blocks[j], len(self.data)
+        lo, hi = b * self.batch_size, min(n, (b + 1) * self.batch_size)
+        try:
+            items = [self.data[i] for i in range(lo, hi)]
+            return j, lo, hi, block_digest(items), collate_items(
+                self.collate, items, f"training examples {lo}..{hi - 1}")
+        except Exception as e:  # noqa: BLE001 -- handed to the building process as is
+            return j, lo, hi, None, e
+
+
+def block_batches(data: Sequence, blocks: Sequence[int], batch_size: int, collate, start: int,
+                  workers: int | None):
+    """Blocks start.. of ``blocks`` in order, as BlockBatches items: read by ``workers``
+    DataLoader processes ahead of their use (0: in this process)."""
+    ds = BlockBatches(data, blocks, batch_size, collate)
+    workers = default_workers() if workers is None else workers
+    order = range(start, len(blocks))
+    if workers == 0 or len(order) <= 1:
+        yield from (ds[j] for j in order)
+        return
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=order, num_workers=workers,
+                                         prefetch_factor=2, persistent_workers=False)
+    yield from loader
+
+
 def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch_size: int,
                         collate, progress, blocks: Sequence[int] | None = None,
-                        fisher=None, factors: dict | None = None) -> None:
+                        fisher=None, factors: dict | None = None,
+                        workers: int | None = 0) -> None:
     """Sketch every batch not yet committed to ``store``; one block per batch.
 
     ``blocks`` are the global batch numbers this store holds, in order (default: all of them).
@@ -32,6 +83,8 @@ def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch
 
     ``factors`` ({layer: (k_in, k_out)}, see factors.factor_shapes) makes pass 1 also keep
     those layers' Kronecker factors for EK-FAC in the store, resumed like the sketches.
+
+    ``workers``: DataLoader processes collating batches ahead (None: ``default_workers()``).
     """
     n = len(train_data)
     if blocks is None:
@@ -55,12 +108,11 @@ def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch
     progress("sketch", start, len(blocks))
     slices = layer_slices(sketcher.layout)
     reached = dict.fromkeys(slices, False)  # layers with a nonzero sketch so far
-    for j in range(start, len(blocks)):
+    for j, lo, hi, digest, batch in block_batches(train_data, blocks, batch_size, collate,
+                                                  start, workers):
+        if digest is None:
+            raise batch
         b = blocks[j]
-        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
-        items = [train_data[i] for i in range(lo, hi)]
-        digest = block_digest(items)
-        batch = collate_items(collate, items, f"training examples {lo}..{hi - 1}")
         if kfac is not None:
             rows = kfac.capture(sketcher, lambda: _sketch_batch(sketcher, batch, loss_fn, lo,
                                                                 hi, b)).numpy()

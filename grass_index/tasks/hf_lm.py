@@ -43,6 +43,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
@@ -55,6 +58,10 @@ class _HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text)["input_ids"])
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """One tokenizer call for many texts (the same ids as ``encode`` of each)."""
+        return [list(x) for x in self.tok(texts)["input_ids"]]
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -145,36 +152,45 @@ def read_texts(path, text_field: str | None = None, what: str = "--data") -> lis
     p = Path(path).expanduser()
     if p.is_dir():
         return _dataset_texts(p, text_field or "text", what)
-    if not p.is_file():
-        raise TaskError(f"{what} {path}: file not found")
-    try:
-        raw = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise TaskError(f"{what} {path} is not UTF-8 text ({e}); convert it to UTF-8") from None
-    lines = [ln.strip() for ln in raw.splitlines()]
-    if p.suffix == ".jsonl" or text_field is not None:
-        field = text_field or "text"
-        texts = []
-        for i, ln in enumerate(lines, 1):
-            if not ln:
-                continue
-            try:
-                obj = json.loads(ln)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{what} {path} line {i} is not JSON ({e.msg}); give one JSON "
-                                "object per line") from None
-            if not isinstance(obj, dict) or field not in obj:
-                raise TaskError(f"{what} {path} line {i} has no field {field!r}; name the text "
-                                "field with --text-field")
-            if not isinstance(obj[field], str):
-                raise TaskError(f"{what} {path} line {i}: field {field!r} is "
-                                f"{type(obj[field]).__name__}, not text")
-            texts.append(obj[field].strip())
-        lines = texts
-    lines = [ln for ln in lines if ln]
-    if not lines:
+    texts = list(iter_texts(p, text_field, what))
+    if not texts:
         raise TaskError(f"{what} {path} is empty (no non-empty lines); give one example per line")
-    return lines
+    return texts
+
+
+def iter_texts(p: Path, text_field: str | None = None, what: str = "--data"):
+    """The examples of a .txt or .jsonl file, stripped, empty ones skipped, read line by line
+    (the same lines as ``str.splitlines`` of the whole file gives)."""
+    if not p.is_file():
+        raise TaskError(f"{what} {p}: file not found")
+    field = text_field or "text" if p.suffix == ".jsonl" or text_field is not None else None
+    try:
+        with open(p, encoding="utf-8") as f:
+            i = 0
+            for physical in f:
+                for ln in physical.splitlines():
+                    i += 1
+                    ln = ln.strip()
+                    text = ln if field is None or not ln else _json_text(ln, field, i, p, what)
+                    if text:
+                        yield text
+    except UnicodeDecodeError as e:
+        raise TaskError(f"{what} {p} is not UTF-8 text ({e}); convert it to UTF-8") from None
+
+
+def _json_text(ln: str, field: str, i: int, path, what: str) -> str:
+    try:
+        obj = json.loads(ln)
+    except json.JSONDecodeError as e:
+        raise TaskError(f"{what} {path} line {i} is not JSON ({e.msg}); give one JSON "
+                        "object per line") from None
+    if not isinstance(obj, dict) or field not in obj:
+        raise TaskError(f"{what} {path} line {i} has no field {field!r}; name the text "
+                        "field with --text-field")
+    if not isinstance(obj[field], str):
+        raise TaskError(f"{what} {path} line {i}: field {field!r} is "
+                        f"{type(obj[field]).__name__}, not text")
+    return obj[field].strip()
 
 
 def _dataset_texts(p: Path, field: str, what: str) -> list[str]:
@@ -184,6 +200,14 @@ def _dataset_texts(p: Path, field: str, what: str) -> list[str]:
         raise TaskError(f"{what} {p} is a directory, read as a datasets.save_to_disk dataset, "
                         "but the `datasets` package is not installed; pip install datasets or "
                         "give a .txt/.jsonl file") from None
+    ds = _load_from_disk(datasets, p, field, what)
+    texts = [str(t).strip() for t in ds[field] if str(t).strip()]
+    if not texts:
+        raise TaskError(f"{what} {p} is empty (no non-empty {field!r} values)")
+    return texts
+
+
+def _load_from_disk(datasets, p: Path, field: str, what: str):
     try:
         ds = datasets.load_from_disk(str(p))
     except Exception as e:
@@ -195,10 +219,108 @@ def _dataset_texts(p: Path, field: str, what: str) -> list[str]:
     if field not in ds.column_names:
         raise TaskError(f"{what} {p} has no column {field!r} (columns: {ds.column_names}); name "
                         "the text column with --text-field")
-    texts = [str(t).strip() for t in ds[field] if str(t).strip()]
-    if not texts:
-        raise TaskError(f"{what} {p} is empty (no non-empty {field!r} values)")
-    return texts
+    return ds
+
+
+class ArrowTokens(torch.utils.data.Dataset):
+    """Item i: LongTensor of the token ids of example i, read from a memory-mapped Arrow table
+    (``datasets``): the corpus is streamed from its file into Arrow and tokenized in batches,
+    so it never has to fit in a Python list, and DataLoader workers share the map. The items
+    equal :class:`TokenizedTexts`' for the same file, tokenizer and max_length.
+
+    The Arrow files live in a temporary folder of this object's lifetime (fresh fingerprints,
+    never ``datasets``' shared cache): an edited corpus or another tokenizer can never be
+    served from a stale cache."""
+
+    BATCH = 1000  # texts per tokenizer call
+
+    def __init__(self, path: Path, text_field: str | None, tok, max_length: int,
+                 what: str = "--data"):
+        import tempfile
+
+        import datasets
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="grass-index-arrow-")
+        texts = _arrow_texts(datasets, Path(path), text_field, what, self._tmp.name)
+        if len(texts) == 0:
+            raise TaskError(f"{what} {path} is empty (no non-empty lines); give one example "
+                            "per line")
+
+        def tokenize(batch, idx):
+            ids = [x[:max_length] for x in tok.encode_batch(batch["text"])]
+            for i, x, t in zip(idx, ids, batch["text"]):
+                if len(x) < 2:
+                    raise TaskError(f"{what}: example {i + 1} ({t!r}) has fewer than 2 "
+                                    "tokens; a causal LM loss needs at least one predicted "
+                                    "token")
+            return {"input_ids": ids}
+        with _quiet(datasets):
+            self.ds = texts.map(tokenize, batched=True, batch_size=self.BATCH, with_indices=True,
+                                remove_columns=["text"], **_fresh(self._tmp.name, "tokens"))
+        self.ds = self.ds.with_format("torch")
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[int(i)]["input_ids"].long()
+
+
+def _fresh(folder: str, name: str) -> dict:
+    """map/filter arguments that write a new Arrow file in ``folder`` (no shared cache)."""
+    import uuid
+
+    return dict(cache_file_name=str(Path(folder) / f"{name}.arrow"),
+                new_fingerprint=uuid.uuid4().hex)
+
+
+def _arrow_texts(datasets, path: Path, text_field: str | None, what: str, folder: str):
+    """The stripped, non-empty texts of a file or save_to_disk directory as a one-column
+    ("text") Arrow dataset written in ``folder``. A file is streamed into it by
+    :func:`iter_texts`, so every bad line is the same one error line as without ``datasets``."""
+    import uuid
+
+    if path.is_dir():
+        field = text_field or "text"
+        ds = _load_from_disk(datasets, path, field, what)
+        with _quiet(datasets):
+            ds = ds.select_columns([field]).map(
+                lambda b: {"text": [str(t).strip() for t in b[field]]}, batched=True,
+                remove_columns=[field] if field != "text" else None, **_fresh(folder, "texts"))
+            return ds.filter(lambda b: [bool(t) for t in b["text"]], batched=True,
+                             **_fresh(folder, "kept"))
+    if next(iter_texts(path, text_field, what), None) is None:  # (file not found, too)
+        raise TaskError(f"{what} {path} is empty (no non-empty lines); give one example per line")
+    try:
+        with _quiet(datasets):
+            return datasets.Dataset.from_generator(
+                _text_rows, gen_kwargs=dict(path=str(path), text_field=text_field, what=what),
+                cache_dir=folder, fingerprint=uuid.uuid4().hex)
+    except Exception as e:  # the generator's TaskError, wrapped by datasets
+        cause = e
+        while cause is not None and not isinstance(cause, TaskError):
+            cause = cause.__cause__ or cause.__context__
+        raise (cause or TaskError(f"{what} {path}: cannot read it into Arrow ({e})")) from None
+
+
+def _text_rows(path: str, text_field, what: str):
+    for text in iter_texts(Path(path), text_field, what):
+        yield {"text": text}
+
+
+class _quiet:
+    """No progress bars from ``datasets`` (stderr is for our progress)."""
+
+    def __init__(self, datasets):
+        self.d = datasets
+
+    def __enter__(self):
+        self.was = self.d.utils.are_progress_bars_disabled()
+        self.d.utils.disable_progress_bars()
+
+    def __exit__(self, *exc):
+        if not self.was:
+            self.d.utils.enable_progress_bars()
 
 
 def ref_sha256(ref: str) -> str | None:
@@ -273,6 +395,33 @@ def load_causal_lm(path: Path, dtype: str = "float32", what: str = "--hf-model")
     return m.eval()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+
+
+def has_weights(path) -> bool:
+    """Whether a model directory holds weight files (else only its config can be used)."""
+    return any(f.name.endswith(WEIGHT_SUFFIXES) for f in Path(path).iterdir() if f.is_file())
+
+
+def meta_causal_lm(path, dtype: str = "float32", what: str = "--hf-model") -> nn.Module:
+    """The causal LM of ``path``'s config.json on the meta device: every parameter's shape and
+    dtype, no storage and no weights read — what `grass-index plan` prices a model from."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise TaskError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    try:
+        cfg = AutoConfig.from_pretrained(check_model_dir(path, what), local_files_only=True)
+        with torch.device("meta"):
+            m = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[dtype])
+    except TaskError:
+        raise
+    except Exception as e:
+        raise TaskError(f"{what} {path}: cannot build a causal LM from its config.json "
+                        f"({type(e).__name__}: {e})") from e
+    return m.eval()
+
+
 # ----------------------------------------------------------------------------- the task
 
 class HFCausalLM:
@@ -309,10 +458,18 @@ class HFCausalLM:
     def model(self) -> nn.Module:
         return load_causal_lm(self.model_dir, self.dtype)
 
-    def train_data(self) -> TokenizedTexts:
+    def train_data(self):
+        """Memory-mapped Arrow (:class:`ArrowTokens`) when ``datasets`` is installed, else
+        the texts tokenized into a list (:class:`TokenizedTexts`): the same items either way."""
         if self._train is None:
-            self._train = TokenizedTexts(read_texts(self.data_path, self.text_field), self.tok,
-                                         self.max_length)
+            try:
+                import datasets  # noqa: F401
+            except ImportError:
+                self._train = TokenizedTexts(read_texts(self.data_path, self.text_field),
+                                             self.tok, self.max_length)
+            else:
+                self._train = ArrowTokens(self.data_path, self.text_field, self.tok,
+                                          self.max_length)
         return self._train
 
     def sha256(self) -> str | None:

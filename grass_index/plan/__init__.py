@@ -15,11 +15,12 @@ import dataclasses
 import os
 import shutil
 
-from .capture import GradientSketcher, as_checkpoints, select_layers
-from .capture.ensemble import block_name, single_model
-from .index import default_search_sketch, parse_spec
-from .errors import option
-from .precondition import uses_low_rank
+from ..capture import GradientSketcher, as_checkpoints, select_layers
+from ..capture.ensemble import block_name, single_model
+from ..index import parse_spec
+from ..index.choice import planned_width
+from ..errors import option
+from ..precondition import uses_low_rank
 
 GB = 1e9
 CHUNK_BYTES = 256 << 20  # rows read back per chunk in pass 2 (indexdir/stored.py)
@@ -142,23 +143,10 @@ def shortfall(plan: Plan, *, ram: float | None, disk: float | None, K_per_layer:
     return None
 
 
-# --- used by a build ---------------------------------------------------------------------------
+# --- time: grass_index/plan/timing.py ---------------------------------------------------------
 
-F64_FLOPS = 10e9  # float64 LAPACK/BLAS rate assumed for the pass-2 estimate (2-core CPU)
-F32_FLOPS = 40e9  # float32 GEMM rate
-DISK_RATE = 300e6  # bytes/s written
-
-
-def pass2_seconds(layout: dict[str, int], n: int, hessian: str = "eFIM") -> float:
-    """A rough pass-2 time: factoring each layer (k³ dense, 2nk² low-rank), applying the
-    inverses to every row, writing the Fisher/preconditioner files."""
-    ks = [int(k) for k in layout.values()]
-    if hessian not in ("eFIM", "ekfac"):
-        return 0.0
-    fit = sum((k ** 3 if not uses_low_rank(n, k) else 2.0 * n * k * k) for k in ks) / F64_FLOPS
-    apply = 2.0 * n * sum(k * k for k in ks) / F32_FLOPS
-    files = sum(12.0 * k * k for k in ks if not uses_low_rank(n, k)) / DISK_RATE
-    return fit + apply + files
+from .timing import (PASS1_EFFICIENCY, Rates, disk_rate, epoch_flops, matmul_params,  # noqa: E402,F401
+                     measure_rates, on_meta_device, pass1_flops, pass2_seconds, predict_seconds)
 
 
 def shortfall_here(plan: Plan, out, *, K_per_layer: int, index: str = "flat") -> str | None:
@@ -178,11 +166,46 @@ def summary(plan: Plan) -> str:
 
 # --- `grass-index plan`: the same table for several spec choices ------------------------------
 
-def index_width(K: int, index: str = "flat") -> int:
-    """Floats per vector FAISS holds for an index spec (the search sketch's width when used)."""
-    spec = parse_spec(index)
-    dim = default_search_sketch(K) if spec.sketch < 0 else spec.sketch
-    return K if not dim or dim >= K else dim
+def index_width(K: int, index: str = "flat", n: int = 1) -> int:
+    """Floats per vector FAISS holds for an index spec over n examples: K when the exact index
+    fits its memory budget, else the narrowest search sketch a build tries (index/choice.py)."""
+    return planned_width(parse_spec(index), K, n) or K
+
+
+def layout_for(model, *, sparsification: str = "random_mask-128*128",
+               projection: str = "sjlt-4096", layers=None, seed: int = 0) -> dict[str, int]:
+    """{layer: sketch width} of one model (checkpoint 0 of an ensemble) under these specs."""
+    if isinstance(layers, str):
+        layers = [p.strip() for p in layers.split(",") if p.strip()]
+    m = (as_checkpoints(model) or [single_model(model)])[0]
+    return GradientSketcher(m, select_layers(m, layers), sparsification=sparsification,
+                            projection=projection, seed=seed, clamp=True).layout
+
+
+def timed_batch_seconds(model, data, loss_fn, collate, options, projection: str) -> float:
+    """Seconds of one batch of pass 1 (the first batch, sketched after the capture check and
+    one warm-up batch): the time prediction's basis when the model and data are at hand."""
+    import time
+
+    from ..calls import collate_items
+
+    infos = select_layers(model, options.layers)
+    sk = GradientSketcher(model, infos, sparsification=options.sparsification,
+                          projection=projection, seed=options.seed, clamp=True)
+    b = min(options.batch_size, len(data))
+    batch = collate_items(collate, [data[i] for i in range(b)], f"examples 0..{b - 1}")
+    sk.sketch(batch, loss_fn)  # the capture check + a warm-up
+    t0 = time.perf_counter()
+    sk.sketch(batch, loss_fn)
+    return time.perf_counter() - t0
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '3.5 min', '7.2 h', '3.1 days'."""
+    for unit, size in (("days", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
 def plan_for(model, n: int, *, sparsification: str = "random_mask-128*128",
@@ -204,7 +227,7 @@ def plan_for(model, n: int, *, sparsification: str = "random_mask-128*128",
     K = sum(layout.values())
     dims = [dict(d_in=i.d_in, d_out=i.d_out) for i in infos]
     return estimate(layer_dims=dims, layout=layout, n=n, batch_size=batch_size,
-                    tokens=tokens, index_width=index_width(K, index),
+                    tokens=tokens, index_width=index_width(K, index, n),
                     index_bytes=2 if "fp16" in str(index) else 4, hessian=hessian,
                     model_bytes=sum(p.numel() * p.element_size()
                                     for m in models for p in m.parameters()))
