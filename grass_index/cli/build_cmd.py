@@ -77,17 +77,12 @@ def build(
     if layers and not options.layers:
         fail("--layers is empty; pass globs such as --layers '0.*' or --layers 'fc1.*,fc2.*'")
     index_options = gi.IndexOptions(hessian=hessian, damping=damping, index=index)
-    model = t.index_model()
-    train = t.train_data()
-    t0 = time.perf_counter()
+    model, train, t0 = t.index_model(), t.train_data(), time.perf_counter()
     if check:
         return _check(t, model, train, options, device=device, json_mode=json_mode, t0=t0)
     if worker is not None:  # a shard, not an index
-        if remove_shards:
-            fail("--remove-shards applies to torchrun builds and merge; a --worker build's "
-                 "shard is what merge needs")
         return _shard(t, model, train, out, worker, options, index_options, device=device,
-                      json_mode=json_mode, t0=t0)
+                      json_mode=json_mode, t0=t0, remove_shards=remove_shards)
     idx = gi.build_index(model, train, t.loss, out, sparsification=options.sparsification,
                          projection=options.projection, hessian=index_options.hessian,
                          damping=damping, batch_size=options.batch_size, seed=options.seed,
@@ -130,9 +125,13 @@ def _check(t, model, train, options, *, device, json_mode: bool, t0: float):
 
 
 def _shard(t, model, train, out, worker, options, index_options, *, device, json_mode: bool,
-           t0: float):
+           t0: float, remove_shards: bool):
     """`build --worker I/N`: sketch one shard, say what comes next."""
     import grass_index as gi
+
+    if remove_shards:
+        fail("--remove-shards applies to torchrun builds and merge; a --worker build's shard "
+             "is what merge needs")
 
     info = gi.build_shard(model, train, t.loss, out, worker, options, index_options,
                           task=t.ref, collate=t.collate, device=device)
