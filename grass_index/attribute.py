@@ -15,6 +15,7 @@ import torch
 
 from .analysis.normalize import check_normalize, cosine_index, cosine_scores, unit_rows
 from .analysis.self_influence import self_influence
+from . import arguments
 from .errors import GrassIndexError  # noqa: F401  (the base of AttributionError and the rest)
 from .indexdir import IndexRecord, read_record
 from .pipeline import (AttributionError, BuildOptions, BuildResult, CaptureCheck, IndexConfig,
@@ -162,7 +163,7 @@ def _named_task(path, task) -> Task:
 
 def open_index(path, *, mmap: bool = False) -> "AttributionIndex":
     """Open a finished index directory (read-only) for query/score/info."""
-    path = Path(path)
+    path = arguments.directory(path, "open_index")
     return AttributionIndex(path, read_record(path), mmap=mmap)
 
 

@@ -312,7 +312,10 @@ def task_file_status(recorded: str | None, sha256: str | None, index_dir) -> str
                 "--hf-model DIR --data FILE")
     path = _file_part(str(recorded))
     if not os.path.isabs(path):
-        return "a module or relative path: never run unless named with --task"
+        from .errors import spelled
+
+        return ("a module or relative path: never run unless named with "
+                + spelled("--task", "task="))
     p = Path(path)
     try:
         inside = p.resolve().is_relative_to(Path(index_dir).resolve())
@@ -323,8 +326,10 @@ def task_file_status(recorded: str | None, sha256: str | None, index_dir) -> str
                 "supplies code; do not run it")
     if sha256 is None:
         return "no content hash was recorded; not opened"
-    return (f"sha256 {sha256[:12]} at build; not opened: name it with --task to run it, and "
-            "it is compared then")
+    from .errors import spelled
+
+    return (f"sha256 {sha256[:12]} at build; not opened: name it with "
+            + spelled("--task", "task=") + " to run it, and it is compared then")
 
 
 def recorded_task_status(recorded: str | None, sha256: str | None, index_dir) -> str:
@@ -375,8 +380,11 @@ def task_for_index(given, *, recorded: str | None, sha256: str | None, index_dir
                         "Name them with --hf-model DIR --data FILE (or --task FILE)")
     if given is None:
         status = recorded_task_status(recorded, sha256, index_dir)
+        from .errors import spelled
+
+        name_it = spelled("--task FILE", "task='FILE' (a path, module name or loaded Task)")
         raise TaskError(f"{command} runs the task's code, and opening an index never runs code "
-                        f"by itself: {status}. Name the task to run with --task FILE (the task "
+                        f"by itself: {status}. Name the task to run with {name_it} (the task "
                         "file or module the index was built from)")
     t = load_task(given)
     note = None

@@ -126,7 +126,7 @@ def test_python_eval_api_refuses_the_recorded_task_unasked(copy, tmp_path):
     payload.write_text(PAYLOAD.format(marker=str(marker)))
     forge(out, task=str(payload),
            task_sha256=hashlib.sha256(payload.read_bytes()).hexdigest())
-    with pytest.raises(EvalError, match="--task"):
+    with pytest.raises(EvalError, match="task='FILE'"):  # Python spelling
         run_eval(out, num_subsets=2, seeds=[0], progress=False)
     assert not marker.exists()
 
@@ -139,7 +139,7 @@ def test_an_edited_config_is_caught_by_the_stores_own_record_and_repaired(copy, 
     rehash(out / "config.json", task=str(tmp_path / "x.py"), n_train=30)
     one_line_error(invoke("query", out, "--task", task), "differs in: n_train, task", "--repair")
     v = invoke("verify", out)
-    assert v.exit_code != 0 and "FAIL config" in v.stderr
+    assert v.exit_code != 0 and "FAIL config" in v.stdout
     r = invoke("verify", out, "--repair")
     assert r.exit_code == 0, r.output
     assert json.loads((out / "config.json").read_text()) == good
@@ -164,7 +164,7 @@ def test_info_records_and_shows_the_task_identity_without_running_it(copy):
     doc = json.loads(invoke("info", out, "--json").stdout)["config"]
     assert doc["task"] == str(task.resolve())
     assert doc["task_sha256"] == hashlib.sha256(task.read_bytes()).hexdigest()
-    shown = " ".join(invoke("info", out).stderr.split())
+    shown = " ".join(invoke("info", out).stdout.split())
     assert str(task.resolve()) in shown and doc["task_sha256"][:12] in shown, shown
     assert "not opened" in shown  # a recorded path is shown, opened only when named
 
@@ -195,8 +195,9 @@ def test_terminal_escapes_in_recorded_strings_are_not_printed_raw(tmp_path):
     b = invoke("build", task, "--out", out, *SMALL)
     assert b.exit_code == 0, b.output
     for res in (b, invoke("info", out), invoke("query", out, "--example", 0)):
-        assert "\x1b" not in res.stderr and "\x07" not in res.stderr, res.stderr
-        assert "\\x1b" in res.stderr
+        shown = res.stdout + res.stderr  # results on stdout, the rest on stderr
+        assert "\x1b" not in shown and "\x07" not in shown, shown
+        assert "\\x1b" in shown
     rehash(out / "config.json", task="\x1b[31m/tmp/t.py")
     for cmd in ("info", "query"):
         res = invoke(cmd, out)
@@ -354,12 +355,6 @@ def test_degenerate_damping_is_refused_at_parse_time(built, tmp_path, damping):
         gi.open_index(built[1]).reprecondition(damping=damping)
 
 
-def test_a_preconditioned_index_whose_vectors_underflow_is_refused(built, tmp_path):
-    task, _ = built
-    res = invoke("build", task, "--out", tmp_path / "idx", *SMALL, "--damping", "abs:1e30")
-    one_line_error(res, "underflow float32", "--damping")
-
-
 # ------------------------------------------------------- FAISS file that is not this build's
 
 def faiss_file(out: Path) -> Path:
@@ -427,7 +422,7 @@ def test_deleted_build_json_is_restored_by_repair(copy):
     r = invoke("verify", out, "--repair")
     assert r.exit_code == 0, r.output
     assert json.loads((out / "build.json").read_text()) == json.loads(good)
-    assert "restored build.json" in r.stderr
+    assert "restored build.json" in r.stdout
 
 
 def test_damaged_config_json_is_restored_by_repair(copy):
@@ -467,12 +462,12 @@ def test_corrupted_sketch_block_is_recomputed_exactly_by_repair_with_the_task(co
     before = gi.open_index(out).score(t.model(), q, t.loss)
     rows = _damage_block(out, 2)
     v = invoke("verify", out)
-    assert v.exit_code != 0 and "damaged on disk" in v.stderr and "[2]" in v.stderr
+    assert v.exit_code != 0 and "damaged on disk" in v.stdout and "[2]" in v.stdout
     r = invoke("verify", out, "--repair")
-    assert r.exit_code != 0 and "--task" in " ".join(r.stderr.split())
+    assert r.exit_code != 0 and "--task" in " ".join(r.stdout.split())
     r = invoke("verify", out, "--repair", "--task", task)
     assert r.exit_code == 0, r.output
-    assert "recomputed sketch blocks [2]" in " ".join(r.stderr.split())
+    assert "recomputed sketch blocks [2]" in " ".join(r.stdout.split())
     with SketchStore.open(out / "sketches") as st:
         assert np.array_equal([r for _, r in st.iter_blocks()][2], rows)
     assert torch.equal(gi.open_index(out).score(t.model(), q, t.loss), before)
@@ -618,7 +613,7 @@ def test_only_tasks_shipped_with_grass_index_run_without_being_named(tmp_path):
     for ref in (str(lookalike), "grass_index.examples.digits:os", "os:system",
                 "grass_index.examples", None, ""):
         assert not is_builtin_task(ref), ref
-        with pytest.raises(TaskError, match="--task"):
+        with pytest.raises(TaskError, match="task='FILE'"):  # Python spelling
             task_for_index(None, recorded=ref, sha256=None, index_dir=tmp_path)
 
 
@@ -911,7 +906,7 @@ def test_an_hf_lm_index_never_opens_its_recorded_paths_unnamed(lm_copy, tmp_path
     named = invoke("query", out, "--hf-model", model, "--data", data, "--text", "the fox")
     one_line_error(named, "is not the data path the index was built with", str(secret))
     info = invoke("info", out)
-    assert str(secret) in " ".join(info.stderr.split())  # shown, not read
+    assert str(secret) in " ".join(info.stdout.split())  # shown, not read
 
 
 def test_an_hf_lm_index_runs_with_the_named_paths_and_refuses_changed_data(lm_copy, tmp_path):
@@ -1101,3 +1096,190 @@ class TestForgedRecords:
                     | set(files.index_file_names(key, 1)))
         assert (out / files.cosine_file_name(key)).is_file()
         assert {p.name for p in out.iterdir()} <= declared
+
+
+# ============================================================================================
+# Real data is never refused (issue 20 §1, "realdata"): a saturated example is stored as 0,
+# an index that can say nothing is refused, a damping pass 2 refuses leaves pass 1 re-usable.
+# ============================================================================================
+
+SATURATED = """
+import torch, torch.nn.functional as F
+from torch import nn
+
+SATURATED = 8   # training examples 0..7 sit at a logit margin of 90: loss 0, gradient ~1e-38
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+def margins(m, x):
+    top = m(x).topk(2, dim=1).values
+    return top[:, 0] - top[:, 1]
+
+def _data(n, seed, saturated):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    m = model()
+    with torch.no_grad():
+        for _ in range(20):  # a ReLU net without bias is 1-homogeneous: scale up to margin 90
+            x[:saturated] *= (90.0 / margins(m, x[:saturated]))[:, None]
+        y[:saturated] = m(x[:saturated]).argmax(1)
+    return torch.utils.data.TensorDataset(x, y)
+
+def train_data():
+    return _data(40, 1, SATURATED)
+
+def query_data():
+    return _data(6, 2, 0)
+
+def loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y, reduction="none") * SCALE
+"""
+
+
+def saturated_task(directory: Path, scale: str = "1.0") -> Path:
+    p = directory / f"saturated_{scale.replace('.', '_').replace('-', 'm')}.py"
+    p.write_text(SATURATED.replace("SCALE", scale))
+    return p
+
+
+def test_the_saturated_task_is_saturated(tmp_path):
+    """The fixture's premise: margins >= 90, loss exactly 0, gradients float32 subnormals."""
+    t = gi.load_task(str(saturated_task(tmp_path)))
+    m, (x, y) = t.model(), t.train_data().tensors
+    top = m(x[:8]).topk(2, dim=1).values
+    assert ((top[:, 0] - top[:, 1]) >= 89.9).all()
+    losses = t.loss(m, (x, y))
+    assert (losses[:8] == 0).all() and (losses[8:] > 0).all()
+    losses[0].backward()
+    biggest = max(p.grad.abs().max().item() for p in m.parameters())
+    assert 0 < biggest < 1e-36
+
+
+@pytest.mark.parametrize("hessian", ["eFIM", "identity"])
+def test_a_saturated_classifier_builds_and_its_saturated_examples_score_zero(tmp_path,
+                                                                             hessian):
+    task = saturated_task(tmp_path)
+    out = tmp_path / "idx"
+    res = invoke("build", task, "--out", out, *SMALL, "--hessian", hessian)
+    assert res.exit_code == 0, res.output
+    res = invoke("query", out, "--task", task, "--example", 0, "-k", 40, "--json")
+    assert res.exit_code == 0, res.output
+    t = gi.load_task(str(task))
+    scores = gi.open_index(out).score(t.model(), t.query_data(), t.loss)
+    assert scores.shape == (6, 40) and torch.isfinite(scores).all()
+    assert (scores[:, :8] == 0).all()          # no influence: the right answer
+    assert (scores[:, 8:] != 0).double().mean() > 0.9  # everyone else ranks as usual
+
+
+def test_saturated_examples_store_the_same_with_flush_to_zero_on_and_off(tmp_path):
+    task = saturated_task(tmp_path)
+    t = gi.load_task(str(task))
+    scores = {}
+    for ftz in (False, True):
+        old = torch.set_flush_denormal(ftz)
+        assert old is True or ftz is False  # the CPU supports it (x86 / arm64)
+        try:
+            api_build(tmp_path / f"ftz{ftz}", task)
+            scores[ftz] = gi.open_index(tmp_path / f"ftz{ftz}").score(
+                t.model(), t.query_data(), t.loss)
+        finally:
+            torch.set_flush_denormal(False)
+    assert (scores[False][:, :8] == 0).all()
+    assert torch.equal(scores[False], scores[True])
+
+
+@pytest.mark.parametrize("hessian", ["eFIM", "identity"])
+def test_an_index_whose_every_gradient_is_zero_is_refused(tmp_path, hessian):
+    task = write_task(tmp_path, reduction="none")
+    task.write_text(task.read_text().replace("reduction='none')", "reduction='none') * 0.0"))
+    out = tmp_path / "idx"
+    res = invoke("build", task, "--out", out, *SMALL, "--hessian", hessian)
+    one_line_error(res, "gradient is zero", "every selected layer", "not written", "--check")
+    assert not (out / "config.json").exists()
+    with pytest.raises(gi.AttributionError, match=r"check_capture\(") as e:
+        api_build(tmp_path / "api", task, hessian=hessian)
+    assert "--check" not in str(e.value)
+
+
+def test_a_damping_that_destroys_signals_is_refused_and_only_pass_2_reruns(tmp_path):
+    """Gradients ~1e-10 (well within float32) times abs:1e30's inverse ~1e-30 underflow: the
+    damping destroyed them. The message names the exact command; it re-runs only pass 2."""
+    task = saturated_task(tmp_path, "1e-9")
+    out = tmp_path / "idx"
+    res = invoke("build", task, "--out", out, *SMALL, "--damping", "abs:1e30")
+    err = one_line_error(res, "underflow float32", "damping is too large",
+                         f"--out {out} --damping 0.3", "only pass 2 runs again")
+    assert "Pass 1's sketches are kept" in err
+    one_line_error(invoke("query", out, "--task", task), "pass 1 is complete",
+                   "only pass 2 runs again", "--damping 0.3")
+    from grass_index.store import SketchStore
+    with SketchStore.open(out / "sketches", readonly=True) as st:
+        before = [rows.copy() for _, rows in st.iter_blocks()]
+    res = invoke("build", task, "--out", out, *SMALL, "--damping", "0.3")
+    assert res.exit_code == 0, res.output
+    with SketchStore.open(out / "sketches", readonly=True) as st:
+        assert all(np.array_equal(a, b) for a, (_, b) in zip(before, st.iter_blocks()))
+    fresh = tmp_path / "fresh"
+    assert invoke("build", task, "--out", fresh, *SMALL, "--damping", "0.3").exit_code == 0
+    t = gi.load_task(str(task))
+    assert torch.equal(gi.open_index(out).score(t.model(), t.query_data(), t.loss),
+                       gi.open_index(fresh).score(t.model(), t.query_data(), t.loss))
+
+
+def test_a_refused_damping_is_spelled_for_python_callers(tmp_path):
+    task = saturated_task(tmp_path, "1e-9")
+    with pytest.raises(gi.AttributionError) as e:
+        api_build(tmp_path / "idx", task, damping="abs:1e30")
+    msg = str(e.value)
+    assert "build_index(..., damping='0.3')" in msg and "hessian='identity'" in msg, msg
+    assert "--damping" not in msg and "grass-index build" not in msg, msg
+    idx = api_build(tmp_path / "idx", task, damping=0.3)  # pass 2 again, as the message says
+    assert idx.n_train == 40
+    with pytest.raises(gi.AttributionError, match=r"reprecondition\(damping='0.3'\)|"
+                                                  r"keeps its current preconditioner"):
+        idx.reprecondition(damping="abs:1e30")
+    assert gi.open_index(tmp_path / "idx").config["damping"] == "0.3"  # still serving
+
+
+
+# --- issue 20 §5 ("realdata"): merge refuses shards sketched from different training data ----
+
+def relabelled(data, ids):
+    """The training set with the labels of examples ``ids`` changed (x, length, first and
+    last example unchanged: build.json's cheap data hash cannot tell)."""
+    items = [data[i] for i in range(len(data))]
+    for i in ids:
+        x, y = items[i]
+        items[i] = (x, (y + 1) % 3)
+    return items
+
+
+def test_merge_refuses_workers_that_read_different_training_data(built, tmp_path):
+    task, _ = built
+    t = gi.load_task(str(task))
+    out = tmp_path / "idx"
+    opts = gi.BuildOptions(sparsification="random_mask-4*3", projection="sjlt-8", batch_size=8)
+    gi.build_shard(t.model(), t.train_data(), t.loss, out, "0/2", opts, task=t.ref,
+                   progress=False)
+    gi.build_shard(t.model(), relabelled(t.train_data(), [5, 17]), t.loss, out, "1/2", opts,
+                   task=t.ref, progress=False)
+    with pytest.raises(gi.AttributionError, match=r"shard 1-of-2 read other training data than "
+                                                  r"shard 0-of-2 \(examples 5, 17 differ\)"):
+        gi.merge_shards(out, progress=False)
+    one_line_error(invoke("merge", out), "read other training data", "examples 5, 17",
+                   "re-run them with the right data")
+    assert not (out / "config.json").exists()
+    # a worker resumed over other data is refused too, before it sketches anything
+    with pytest.raises(gi.AttributionError, match=r"training data changed since this worker "
+                                                  r"started \(examples 5, 17 differ\)"):
+        gi.build_shard(t.model(), t.train_data(), t.loss, out, "1/2", opts, task=t.ref,
+                       progress=False)
+    # the fix the message names: re-run the wrong worker with the right data
+    shutil.rmtree(out / "shards" / "1-of-2")
+    gi.build_shard(t.model(), t.train_data(), t.loss, out, "1/2", opts, task=t.ref,
+                   progress=False)
+    assert gi.merge_shards(out, progress=False).n_train == 40

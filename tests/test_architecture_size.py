@@ -17,7 +17,6 @@ MAX_FOLDER_LINES = 2000
 # "file name::qualified function name" -> who is splitting it (keys survive a file's move
 # between folders)
 ALLOWED_FUNCTIONS = {
-    "build_cmd.py::build": "realdata",      # the `build` command's option handling
 }
 # folder (relative to grass_index/) -> who is splitting it
 ALLOWED_FOLDERS = {

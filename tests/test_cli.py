@@ -67,7 +67,7 @@ def test_round_trip_build_info_query_score_verify(built, tmp_path):
     assert v.exit_code == 0, v.output
     assert json.loads(v.stdout)["ok"]
     human = invoke("info", out)
-    assert human.exit_code == 0 and "sjlt-8" in human.stderr
+    assert human.exit_code == 0 and "sjlt-8" in human.stdout
 
 
 def test_index_options_recall_in_info_and_bad_index(built, tmp_path):
@@ -78,7 +78,7 @@ def test_index_options_recall_in_info_and_bad_index(built, tmp_path):
     res = invoke("build", task, "--out", out, *SMALL, "--index", "ivf:fp16,shards=2")
     assert res.exit_code == 0, res.output
     assert len(list(out.glob("index-*-of-2.faiss"))) == 2
-    human = " ".join(invoke("info", out).stderr.split())
+    human = " ".join(invoke("info", out).stdout.split())
     assert "ivf:fp16,shards=2, 40 vectors in 2 files" in human and "recall@10" in human, human
     assert json.loads(invoke("verify", out, "--json").stdout)["ok"]
     bad = invoke("build", task, "--out", tmp_path / "bad", *SMALL, "--index", "hnsw")
@@ -163,7 +163,8 @@ def test_corrupted_and_truncated_index_dir(tmp_path):
     faiss_file = next(out.glob("index-*.faiss"))
     faiss_file.write_bytes(faiss_file.read_bytes()[:100])  # truncated
     assert_clean_failure(invoke("query", out, "--task", task), "verify", "--repair")
-    assert_clean_failure(invoke("verify", out), "faiss vs lmdb")
+    v = invoke("verify", out)  # the report on stdout, exit 1
+    assert v.exit_code == 1 and "faiss vs lmdb" in " ".join(v.stdout.split()), v.output
     fixed = invoke("verify", out, "--repair")
     assert fixed.exit_code == 0, fixed.output
     assert invoke("query", out, "--task", task, "--json").exit_code == 0
@@ -177,3 +178,156 @@ def test_corrupted_and_truncated_index_dir(tmp_path):
     assert_clean_failure(invoke("query", out, "--task", task), "not finished", "re-run")
     info = invoke("info", out, "--json")
     assert info.exit_code == 0 and json.loads(info.stdout)["complete"] is False
+
+
+# ============================================================================================
+# Output and messages (issue 20 §6, "realdata"): results on stdout, logs on stderr; training
+# text shown as text; checks before the work; a README grammar that parses.
+# ============================================================================================
+
+HOSTILE_LABEL = "[/] [bold]x\x1b]0;pwned\x07\x1b[2J"
+
+
+def labelled_task(directory):
+    """The tiny task with label(item) returning text a corpus line could hold: rich markup
+    ('[/]' crashed self-influence) and terminal control sequences (title, clear screen)."""
+    task = write_task(directory, "labelled.py")
+    task.write_text(task.read_text() + f"\ndef label(item):\n    return {HOSTILE_LABEL!r}\n")
+    return task
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    d = tmp_path_factory.mktemp("labelled")
+    task = labelled_task(d)
+    res = invoke("build", task, "--out", d / "idx", *SMALL)
+    assert res.exit_code == 0, res.output
+    return task, d / "idx"
+
+
+@pytest.mark.parametrize("command,result", [
+    (["query", "{out}", "--task", "{task}", "--opponents"], "top proponents"),
+    (["self-influence", "{out}", "--task", "{task}"], "highest self-influence"),
+    (["info", "{out}"], "sketch dim"),
+    (["verify", "{out}"], "index is consistent"),
+    (["build", "{task}", "--check", *SMALL], "capture check"),
+    (["plan", "{task}"], "fits here"),
+])
+def test_results_go_to_stdout_and_logs_to_stderr(labelled, command, result):
+    task, out = labelled
+    res = invoke(*[str(a).format(task=task, out=out) for a in command])
+    assert res.exit_code == 0, res.output
+    assert result in res.stdout and result not in res.stderr, (res.stdout, res.stderr)
+    if command[0] == "query":
+        assert "ms per example" in res.stderr and "ms per example" not in res.stdout
+
+
+def test_build_prints_its_summary_on_stdout_and_the_hint_on_stderr(tmp_path):
+    task = write_task(tmp_path)
+    res = invoke("build", task, "--out", tmp_path / "idx", *SMALL)
+    assert res.exit_code == 0, res.output
+    assert "built" in res.stdout and "layers" in res.stdout and "next:" not in res.stdout
+    assert "next: grass-index query" in res.stderr and "plan:" in res.stderr
+
+
+@pytest.mark.parametrize("command", [["self-influence"], ["query", "--opponents"],
+                                     ["query", "--json"]])
+def test_training_text_is_shown_as_text_never_as_markup_or_terminal_control(labelled,
+                                                                            command):
+    task, out = labelled
+    res = invoke(command[0], out, "--task", task, *command[1:])
+    assert res.exit_code == 0, res.output  # '[/]' crashed self-influence with a MarkupError
+    shown = res.stdout + res.stderr
+    assert "\x1b" not in shown and "\x07" not in shown
+    if "--json" in command:
+        assert json.loads(res.stdout)["results"][0]["label"] == HOSTILE_LABEL  # data, intact
+    else:
+        assert "[/] [bold]x\\x1b]0;pwned\\x07\\x1b[2J" in res.stdout, res.stdout
+
+
+def test_query_json_reports_the_task_that_ran(labelled, tmp_path):
+    task, out = labelled
+    other = tmp_path / "same_task_elsewhere.py"
+    other.write_text(task.read_text())
+    res = invoke("query", out, "--task", other, "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["task"] == str(other.resolve()) and doc["recorded_task"] == str(task.resolve())
+
+
+def test_png_into_a_missing_folder_fails_before_the_work(labelled, tmp_path, monkeypatch):
+    task, out = labelled
+    import grass_index.attribute as attribute
+
+    def no_work(*a, **k):
+        raise AssertionError("the query ran before --png was checked")
+    monkeypatch.setattr(attribute.AttributionIndex, "query_sketches", no_work)
+    res = invoke("query", out, "--task", task, "--png", tmp_path / "missing" / "q.png")
+    assert_clean_failure(res, "--png", "does not exist", "create it first")
+
+
+def test_every_index_spelling_in_the_readme_parses_and_both_separators_agree():
+    import re
+    from pathlib import Path
+
+    from grass_index import parse_spec as _  # noqa: F401  (the compression grammar)
+    from grass_index.index import parse_spec
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    spellings = {s for s in re.findall(r"--index\s+([a-z][\w:,=.]*)", readme)
+                 if s != "flat|ivf" and s == s.lower()}  # not placeholders such as budget=MB
+    assert spellings, "the README shows --index examples"
+    for s in spellings:
+        parse_spec(s)
+    assert parse_spec("flat,shards=3") == parse_spec("flat:shards=3")
+    assert str(parse_spec("ivf,fp16,shards=4")) == str(parse_spec("ivf:fp16,shards=4"))
+
+
+def test_ekfac_suggestion_for_a_projected_spec_builds(tmp_path):
+    import re
+    import shlex
+
+    task = write_task(tmp_path)
+    res = invoke("build", task, "--out", tmp_path / "bad", "--hessian", "ekfac",
+                 "--batch-size", "8")  # the default spec: random_mask-128*128 + sjlt-4096
+    err = " ".join(res.stderr.split())
+    assert_clean_failure(res, "needs projection 'identity'")
+    fix = re.search(r"use (--sparsification \S+ --projection \S+)", err).group(1)
+    assert "128" not in fix  # EK-FAC's dense k x k inverse: k = A*B kept small
+    ok = invoke("build", task, "--out", tmp_path / "ok", "--hessian", "ekfac",
+                "--batch-size", "8", *shlex.split(fix))
+    assert ok.exit_code == 0, ok.output
+
+
+@pytest.mark.parametrize("call,needle", [
+    (lambda gi, t: gi.open_index(None), "open_index: path must be an index directory"),
+    (lambda gi, t: gi.build_index(t.model(), t.train_data(), t.loss, out=None,
+                                  progress=False), "build_index: out must be a directory"),
+    (lambda gi, t: gi.build_shard(t.model(), t.train_data(), t.loss, "x", "0/2",
+                                  {"projection": "sjlt-8"}, progress=False),
+     "build_shard: options must be a grass_index.BuildOptions"),
+    (lambda gi, t: gi.build_shard(t.model(), t.train_data(), t.loss, "x", "0/2", None,
+                                  "flat", progress=False),
+     "index_options must be a grass_index.IndexOptions"),
+    (lambda gi, t: gi.verify_index(None), "verify_index: path must be"),
+])
+def test_python_api_arguments_of_the_wrong_type_are_one_clear_error(tmp_path, call, needle):
+    import grass_index as gi
+
+    t = gi.load_task(str(write_task(tmp_path)))
+    with pytest.raises(gi.GrassIndexError, match=needle) as e:
+        call(gi, t)
+    assert isinstance(e.value, TypeError)  # callers that caught TypeError still do
+
+
+def test_library_errors_use_the_callers_spelling(built):
+    """The same refusal names --task on the command line and task= from Python."""
+    import grass_index as gi
+
+    _, out = built
+    with pytest.raises(gi.GrassIndexError) as e:
+        gi.run_eval(out)
+    assert "task='FILE'" in str(e.value) and "--task" not in str(e.value)
+    res = invoke("eval", out)
+    assert_clean_failure(res, "--task FILE")
+    assert "task='FILE'" not in res.stderr

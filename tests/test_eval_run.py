@@ -106,3 +106,36 @@ def test_cli_eval_json_and_errors(built):
     r = CliRunner().invoke(app, ["eval", str(built / "idx"), "--task", str(built / "nolearn.py"),
                                  "--subsets", "5", "--ground-truth", str(built / "gt3")])
     assert r.exit_code == 1 and "train(" in r.output
+
+
+# --- issue 20 §5 ("realdata"): cached ground truth is keyed by content, not the task's path --
+
+def test_ground_truth_of_an_edited_task_is_never_reused(tmp_path, monkeypatch):
+    """Editing train() and query_data() in the same file: eval retrains (default cache) or
+    refuses the old cache naming what changed (--ground-truth DIR); never the old LDS."""
+    import grass_index as gi
+    import grass_index.task as task_module
+    from grass_index.eval import run_eval
+    from grass_index.eval.run import EvalError
+
+    monkeypatch.setenv("GRASS_INDEX_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "ridge.py"
+    path.write_text(TASK)
+    task = gi.load_task(path)
+    gi.build_index(task.model(), task.train_data(), task.loss, tmp_path / "idx",
+                   sparsification="identity", projection="identity", damping=1e-3,
+                   task=task.ref, progress=False, batch_size=16)
+    kw = dict(num_subsets=8, seeds=[0], progress=False)
+    first = run_eval(tmp_path / "idx", task=str(path), **kw)
+    kept = run_eval(tmp_path / "idx", task=str(path), **kw)
+    assert kept.ground_truth_dir == first.ground_truth_dir and kept.lds == first.lds
+    # same path, new content: train() regularises harder, query_data() asks other targets
+    path.write_text(TASK.replace("1e-2 * torch.eye(5)", "30.0 * torch.eye(5)")
+                    .replace("YQ = XQ @", "YQ = -XQ @"))
+    monkeypatch.setattr(task_module, "_LOADED", {})  # as a new process: the file is re-read
+    edited = run_eval(tmp_path / "idx", task=str(path), **kw)
+    assert edited.ground_truth_dir != first.ground_truth_dir
+    assert edited.lds != first.lds
+    with pytest.raises(EvalError, match=r"other content than this run \(changed: query_data, "
+                                        r"task_sha256\)"):
+        run_eval(tmp_path / "idx", task=str(path), ground_truth=first.ground_truth_dir, **kw)

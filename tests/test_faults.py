@@ -345,7 +345,7 @@ def cli_verify(out, *extra):
     res = runner.invoke(app, ["verify", str(out), *extra])
     assert res.exception is None or isinstance(res.exception, SystemExit), res.output
     assert "Traceback" not in res.output
-    return res.exit_code, one_line(res.stderr)
+    return res.exit_code, one_line(res.stdout + "\n" + res.stderr)  # the report, the error
 
 
 @contextlib.contextmanager

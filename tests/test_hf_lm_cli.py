@@ -83,3 +83,38 @@ def test_plan_command_side_by_side(gpt2_dir, tmp_path):
     assert ks[0] == 2 * ks[1] == 4 * ks[2]  # 64 per layer, then 32, 16
     r = invoke("plan", "--hf-model", gpt2_dir, "--data", data)
     assert r.exit_code == 0 and "RAM peak" in r.output and "fits here" in r.output
+
+
+# --- issue 20 §6 ("realdata"): a model directory without model_type, and --max-length beyond
+# the model's context, are one line naming the fix (were "internal error ValueError" and "loss
+# raised IndexError") ---------------------------------------------------------------------------
+
+def test_model_dir_without_model_type_is_one_line(gpt2_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(gpt2_dir, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    del cfg["model_type"]
+    (broken / "config.json").write_text(json.dumps(cfg))
+    data = tmp_path / "c.txt"
+    data.write_text("\n".join(LINES))
+    r = invoke("build", "--hf-model", broken, "--data", data, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and r.exception is None or isinstance(r.exception, SystemExit)
+    err = " ".join(r.stderr.split())
+    assert "internal error" not in err and '"model_type"' in err and "broken" in err, err
+
+
+def test_max_length_beyond_the_context_names_the_limit(gpt2_dir, tmp_path):
+    from grass_index import hf_lm_task
+
+    data = tmp_path / "c.txt"
+    data.write_text("\n".join(LINES))
+    r = invoke("build", "--hf-model", gpt2_dir, "--data", data, "--max-length", 65,
+               "--out", tmp_path / "o")
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 1 and "internal error" not in err and "IndexError" not in err, err
+    assert "--max-length 65 is longer than the context" in err and "--max-length 64" in err
+    with pytest.raises(TaskError, match=r"max_length=65 .*give max_length=64"):
+        hf_lm_task(gpt2_dir, data, max_length=65)
+    hf_lm_task(gpt2_dir, data, max_length=64)  # the limit itself is fine

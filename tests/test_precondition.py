@@ -109,7 +109,10 @@ def test_bad_hessian_and_singular():
     # a block still not positive definite at the smallest accepted damping (0 is refused when
     # parsed) names the layer and a per-layer remedy
     deficient = {"a": np.diag([1.0, 0.0, -1e-3]), "b": np.eye(5)}
-    with pytest.raises(ValueError, match=r"layer 'a'.*singular.*--layers '!a\.\*'"):
+    with pytest.raises(ValueError, match=r"layer 'a'.*singular.*layers='!a\.\*'"):
+        Preconditioner.fit(deficient, LAYOUT, damping=1e-8)
+    from grass_index.errors import cli_spelling
+    with cli_spelling(), pytest.raises(ValueError, match=r"layer 'a'.*singular.*--layers '!a\.\*'"):
         Preconditioner.fit(deficient, LAYOUT, damping=1e-8)
     P = Preconditioner.fit(zero, LAYOUT, damping="abs:2")  # training rows there are zero anyway
     np.testing.assert_allclose(P.apply(np.ones((1, 8)))[0], [0] * 3 + [1 / 3] * 5, rtol=1e-6)
@@ -308,3 +311,53 @@ def test_ekfac_form_equals_its_dense_inverse():
     x = rng.standard_normal((7, 12)).astype(np.float32)
     got = Ekfac(qg, qa, eig, lam).apply(x, rows=None)
     np.testing.assert_allclose(got, x.astype(np.float64) @ want_inv, rtol=1e-5, atol=1e-6)
+
+
+def test_unrepresentable_rows_judge_each_layer_against_its_own_sketch():
+    """issue 20 §1: a saturated example (sketch ~1e-38) is not a casualty of the damping, even
+    under identity; a full-precision block that preconditioning took below float32's normal
+    range is; so is an overflow. Saturated blocks are stored as exactly 0."""
+    from grass_index.precondition import unrepresentable_rows, zero_saturated_blocks
+    from grass_index.precondition.fisher import layer_slices
+
+    slices = layer_slices(LAYOUT)  # a: 3 columns, b: 5
+    raw = np.ones((4, 8), np.float32)
+    raw[0, :3] = 3e-39             # saturated in layer a (a float32 subnormal)
+    raw[1] = 0                     # a zero row
+    vec = raw.copy()               # identity
+    assert [len(x) for x in unrepresentable_rows(raw, vec, slices)] == [0, 0]
+    vec[2, 3:] = 1e-40             # layer b of a full-precision row underflowed
+    vec[3, 0] = np.inf             # row 3 overflowed
+    under, over = unrepresentable_rows(raw, vec, slices)
+    assert under.tolist() == [2] and over.tolist() == [3]
+    raw[2, 3:] = 1e-31             # ...but that row's block was already below REPRESENTABLE
+    assert unrepresentable_rows(raw, vec, slices)[0].tolist() == []
+    out = zero_saturated_blocks(raw, vec.copy(), slices)
+    assert not out[0, :3].any() and (out[0, 3:] == 1).all()   # only the saturated block
+    assert not out[2, 3:].any() and (out[2, :3] == 1).all()
+    assert np.array_equal(out[3], vec[3], equal_nan=True)
+
+
+
+def test_a_saturated_block_is_stored_as_zero_whatever_its_preconditioned_value():
+    """A fully saturated model's Fisher is ~1e-44: 1/λ overflows float32, so a saturated
+    block's vector may be inf/NaN; it is stored as 0 and never blamed on the damping, while a
+    representable block that overflows is (and, λ being below float32's range, the fix named
+    is the identity Hessian: no relative damping fits)."""
+    from grass_index.indexdir.stored import damping_refused
+    from grass_index.precondition import guard_precision
+    from grass_index.precondition.fisher import layer_slices
+
+    slices = layer_slices(LAYOUT)
+    raw = np.full((2, 8), 1e-20, np.float32)
+    raw[0] = 1e-39                       # saturated everywhere
+    vec = np.full((2, 8), np.inf, np.float32)
+    vec[1, 3:] = 1.0                     # row 1: layer a overflowed, layer b fine
+    out, under, over = guard_precision(raw, vec, slices)
+    assert under.tolist() == [] and over.tolist() == [1]
+    assert not out[0].any()              # the saturated row: exactly 0, no inf/NaN left
+
+    class Pre:
+        damping_used = {"a": 3e-45, "b": 0.3}
+    err = damping_refused(Pre, [1], "over")
+    assert err.needs == "identity" and "below float32's range" in str(err)

@@ -74,9 +74,13 @@ def test_plan_gpt2_small_numbers_and_refusal(tmp_path, monkeypatch):
     small = plan.estimate(layer_dims=dims, layout=layout, n=64, batch_size=32, tokens=64)
     assert small.dense_layers == 0 and small.fisher_disk == 0  # Woodbury: n < k/2
     msg = plan.shortfall(big, ram=4e9, disk=None, K_per_layer=4096)
-    assert "RAM" in msg and "--projection sjlt-2048" in msg
+    assert "RAM" in msg and "projection='sjlt-2048'" in msg  # spelled for Python here
+    from grass_index.errors import cli_spelling
+    with cli_spelling():  # and as flags on the command line
+        assert "--projection sjlt-2048" in plan.shortfall(big, ram=4e9, disk=None,
+                                                          K_per_layer=4096)
     msg = plan.shortfall(flat, ram=None, disk=1e9, K_per_layer=4096)
-    assert "disk" in msg and "--index flat:fp16" in msg
+    assert "disk" in msg and "index='flat:fp16'" in msg
     assert plan.shortfall(small, ram=64e9, disk=1e12, K_per_layer=4096) is None
     monkeypatch.setattr(plan, "available_ram", lambda: 1e6)  # a build is refused before pass 1
     with pytest.raises(AttributionError, match="RAM.*use"):

@@ -20,6 +20,7 @@ import logging
 import torch
 from torch.utils import _pytree as pytree
 
+from ..errors import option
 from ._batch import batch_size, check_loss_shape, per_example_grads
 from ._taps import LAYOUTS
 from .describe import EXACT, ROUTE_TEXT
@@ -146,8 +147,8 @@ def _check_exact_route(sk, batch, loss_fn, layers, batch_sketch, B: int, tols) -
                 f"layer {layer.name} cannot be captured exactly: its per-example "
                 f"gradients do not add up to the batch gradient (rel. err {err:.2g}), so "
                 "one example's loss depends on other examples of the batch (BatchNorm "
-                "in train mode? in-batch negatives?). Exclude it with --layers "
-                f"'{exclude_glob(layer)}' or make the loss per-example")
+                "in train mode? in-batch negatives?). Exclude it with "
+                f"{option('layers', exclude_glob(layer))} or make the loss per-example")
         elif bool((S != 0).any()):
             sk.zero[layer.name] = False
 
@@ -171,7 +172,7 @@ def _failure(sk) -> CaptureError:
     """One error for the failed layers: the first one's message, the others' globs."""
     first, *more = sk.failed
     extra = (f" (also: {', '.join(more)}: exclude with "
-             + " ".join(f"--layers '{sk.exclude_glob(x)}'" for x in more) + ")"
+             + " ".join(option("layers", sk.exclude_glob(x)) for x in more) + ")"
              if more else "")
     return CaptureError(sk.failed[first] + extra, layer=first)
 

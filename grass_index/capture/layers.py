@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..errors import option
 from .errors import CaptureError
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,8 @@ def select_layers(model: nn.Module, patterns: list[str] | None = None) -> list[L
         raise CaptureError("the model has no parameters to attribute")
     groups = _factored_candidates(model, canon, params, owners)
     if patterns is not None and not patterns:
-        raise CaptureError("empty --layers list; pass at least one glob such as 'fc1.*'")
+        raise CaptureError(f"empty {option('layers')} list; pass at least one glob such as "
+                           "'fc1.*'")
     include = None if patterns is None else [p for p in patterns if not p.startswith("!")]
     exclude = [] if patterns is None else [p[1:] for p in patterns if p.startswith("!")]
 
@@ -197,7 +199,7 @@ def select_layers(model: nn.Module, patterns: list[str] | None = None) -> list[L
         if not found:
             sample = ", ".join(list(params)[:12]) + (", ..." if len(params) > 12 else "")
             raise CaptureError(
-                f"--layers pattern {pat!r} matches no parameter; patterns are globs on "
+                f"{option('layers')} pattern {pat!r} matches no parameter; patterns are globs on "
                 f"parameter names, e.g. {sample}")
         return found
 
@@ -206,7 +208,7 @@ def select_layers(model: nn.Module, patterns: list[str] | None = None) -> list[L
         if not selected:
             raise CaptureError(
                 "the model has no trainable nn.Linear/Conv1D/Conv layer to capture by default; "
-                "choose parameters with --layers (e.g. --layers '*')")
+                f"choose parameters with {option('layers')} (e.g. {option('layers', '*')})")
     else:
         selected = set()
         for pat in include:
@@ -214,7 +216,7 @@ def select_layers(model: nn.Module, patterns: list[str] | None = None) -> list[L
     for pat in exclude:
         selected.difference_update(hits(pat))
     if not selected:
-        raise CaptureError(f"--layers {patterns} leaves no parameter to attribute")
+        raise CaptureError(f"{option('layers')} {patterns} leaves no parameter to attribute")
 
     layers: list[LayerInfo] = []
     used: set[str] = set()

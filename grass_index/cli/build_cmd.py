@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import EXIT_ERROR, err, errors, fail, safe, shell_arg
+from .errors import EXIT_ERROR, err, errors, fail, out as stdout, safe, shell_arg
 from .render import emit_json, report_index
 
 
@@ -53,8 +53,10 @@ def build(
                                         "datasets.save_to_disk directory."),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="JSON/datasets field "
                                              "holding the text (default: text)."),
-    max_length: int = typer.Option(128, "--max-length", help="With --hf-model: tokens per "
-                                   "example (longer ones are truncated)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="With --hf-model: "
+                                             "tokens per example (longer ones are truncated; "
+                                             "default 128, or the model's context if "
+                                             "shorter)."),
     dtype: str = typer.Option("float32", "--dtype", help="With --hf-model: float32, bfloat16 "
                               "or float16."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Processes that read "
@@ -67,52 +69,21 @@ def build(
     every rank sketches its share and the ranks finish the index together; rank 0 reports."""
     import grass_index as gi
 
-    if hf_model is not None or data is not None:  # -- language models, no task file --
-        if task is not None or hf_model is None or data is None:
-            fail("--hf-model DIR and --data FILE go together, instead of a TASK")
-        t = gi.hf_lm_task(hf_model, data, text_field=text_field, max_length=max_length,
-                          dtype=dtype)
-        out = out or Path("runs") / Path(hf_model).name
-    else:
-        t = gi.load_task(task)
-    if out is None:
-        stem = Path(t.ref.split(":")[0]).stem if task else "digits"
-        out = Path("runs") / stem
+    t, out = _build_task(task, out, hf_model=hf_model, data=data, text_field=text_field,
+                         max_length=max_length, dtype=dtype)
     options = gi.BuildOptions(sparsification=sparsification, projection=projection, seed=seed,
                               layers=layers or None, batch_size=batch_size,
                               selective_mask=selective_mask, workers=workers)
     if layers and not options.layers:
         fail("--layers is empty; pass globs such as --layers '0.*' or --layers 'fc1.*,fc2.*'")
     index_options = gi.IndexOptions(hessian=hessian, damping=damping, index=index)
-    model = t.index_model()
-    data = t.train_data()
-    t0 = time.perf_counter()
+    model, train, t0 = t.index_model(), t.train_data(), time.perf_counter()
     if check:
-        from .render import print_capture_check
-
-        rep = gi.check_capture(model, data, t.loss, options, collate=t.collate, device=device)
-        if json_mode:
-            emit_json(dict(rep.to_dict(), seconds=round(time.perf_counter() - t0, 3)))
-        else:
-            print_capture_check(err, rep)
-        if not rep.ok:
-            raise typer.Exit(EXIT_ERROR)
-        return
+        return _check(t, model, train, options, device=device, json_mode=json_mode, t0=t0)
     if worker is not None:  # a shard, not an index
-        if remove_shards:
-            fail("--remove-shards applies to torchrun builds and merge; a --worker build's "
-                 "shard is what merge needs")
-        info = gi.build_shard(model, data, t.loss, out, worker, options, index_options,
-                              task=t.ref, collate=t.collate, device=device)
-        secs = time.perf_counter() - t0
-        if json_mode:
-            emit_json(dict(info.to_dict(), seconds=round(secs, 3)))
-            return
-        err.print(f"sketched shard {info.shard} of [bold]{safe(out)}[/]: {info.batches} "
-                  f"of {info.n_batches} batches ({info.rows} examples), {secs:.1f} s")
-        err.print(f"next, once every worker is done: grass-index merge {shell_arg(out)}")
-        return
-    idx = gi.build_index(model, data, t.loss, out, sparsification=options.sparsification,
+        return _shard(t, model, train, out, worker, options, index_options, device=device,
+                      json_mode=json_mode, t0=t0, remove_shards=remove_shards)
+    idx = gi.build_index(model, train, t.loss, out, sparsification=options.sparsification,
                          projection=options.projection, hessian=index_options.hessian,
                          damping=damping, batch_size=options.batch_size, seed=options.seed,
                          layers=options.layers, collate=t.collate, index=index_options.index,
@@ -120,6 +91,57 @@ def build(
                          remove_shards=remove_shards, workers=workers)
     if idx.reporting:  # torchrun: rank 0 reports
         report_index("built", out, idx.config, time.perf_counter() - t0, json_mode)
+
+
+def _build_task(task, out, *, hf_model, data, text_field, max_length, dtype):
+    """(the task, the output directory): a task file/module, or --hf-model DIR with --data."""
+    import grass_index as gi
+
+    if hf_model is not None or data is not None:  # -- language models, no task file --
+        if task is not None or hf_model is None or data is None:
+            fail("--hf-model DIR and --data FILE go together, instead of a TASK")
+        t = gi.hf_lm_task(hf_model, data, text_field=text_field, max_length=max_length,
+                          dtype=dtype)
+        return t, out or Path("runs") / Path(hf_model).name
+    t = gi.load_task(task)
+    if out is None:
+        stem = Path(t.ref.split(":")[0]).stem if task else "digits"
+        out = Path("runs") / stem
+    return t, out
+
+
+def _check(t, model, train, options, *, device, json_mode: bool, t0: float):
+    """`build --check`: the capture table (exit 1 when a layer is not captured exactly)."""
+    import grass_index as gi
+    from .render import print_capture_check
+
+    rep = gi.check_capture(model, train, t.loss, options, collate=t.collate, device=device)
+    if json_mode:
+        emit_json(dict(rep.to_dict(), seconds=round(time.perf_counter() - t0, 3)))
+    else:
+        print_capture_check(rep)
+    if not rep.ok:
+        raise typer.Exit(EXIT_ERROR)
+
+
+def _shard(t, model, train, out, worker, options, index_options, *, device, json_mode: bool,
+           t0: float, remove_shards: bool):
+    """`build --worker I/N`: sketch one shard, say what comes next."""
+    import grass_index as gi
+
+    if remove_shards:
+        fail("--remove-shards applies to torchrun builds and merge; a --worker build's shard "
+             "is what merge needs")
+
+    info = gi.build_shard(model, train, t.loss, out, worker, options, index_options,
+                          task=t.ref, collate=t.collate, device=device)
+    secs = time.perf_counter() - t0
+    if json_mode:
+        emit_json(dict(info.to_dict(), seconds=round(secs, 3)))
+        return
+    stdout.print(f"sketched shard {info.shard} of [bold]{safe(out)}[/]: {info.batches} "
+              f"of {info.n_batches} batches ({info.rows} examples), {secs:.1f} s")
+    err.print(f"next, once every worker is done: grass-index merge {shell_arg(out)}")
 
 
 def merge(

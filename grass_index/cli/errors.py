@@ -11,10 +11,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import GrassIndexError
+from ..errors import GrassIndexError, cli_spelling
 from ..untrusted import safe_text
 
+# results go to stdout (`> file` captures them), progress, warnings and errors to stderr
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # a long path stays on one line
+out = Console(highlight=False, soft_wrap=True)
 EXIT_ERROR = 1
 
 
@@ -42,7 +44,8 @@ def errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with cli_spelling():  # errors name their fixes as this command's flags
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except KeyboardInterrupt:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .errors import EXIT_ERROR, err, errors, safe, shell_arg
+from .errors import EXIT_ERROR, err, errors, out, safe, shell_arg
 from .render import emit_json
 from .task_opts import data_option, hf_model_option, named_task
 
@@ -22,14 +22,14 @@ def info(directory: Path = typer.Argument(..., metavar="DIR"),
         return
     if not d["complete"]:
         b = d["build"]
-        err.print(f"[yellow]build in progress or interrupted[/]: {d['committed_blocks']} of "
+        out.print(f"[yellow]build in progress or interrupted[/]: {d['committed_blocks']} of "
                   f"{d['n_blocks']} batches sketched ({b['n_train']} examples, "
                   f"{safe(b['sparsification'])} / {safe(b['projection'])}); re-run the "
                   "build to resume")
         return
     from .render import print_index
 
-    print_index(err, gi.IndexConfig(d["config"]), directory=directory, details=True)
+    print_index(gi.IndexConfig(d["config"]), directory=directory, details=True)
 
 
 def verify(directory: Path = typer.Argument(..., metavar="DIR"),
@@ -51,10 +51,10 @@ def verify(directory: Path = typer.Argument(..., metavar="DIR"),
     else:
         for c in rep["checks"]:
             mark = "[green]ok[/]  " if c["ok"] else "[red]FAIL[/]"
-            err.print(f"{mark} {c['name']}: {safe(c['detail'])}")
+            out.print(f"{mark} {c['name']}: {safe(c['detail'])}")
         for r in rep["repaired"]:
-            err.print(f"[cyan]repair:[/] {safe(r)}")
-        err.print("[green]index is consistent[/]" if rep["ok"] else
+            out.print(f"[cyan]repair:[/] {safe(r)}")
+        out.print("[green]index is consistent[/]" if rep["ok"] else
                   f"[red]index has problems[/]; try `grass-index verify {shell_arg(directory)} "
                   "--repair`")
     if not rep["ok"]:

@@ -23,7 +23,9 @@ def plan(
                                         "(optional with --n: then every example is "
                                         "--max-length tokens)."),
     text_field: Optional[str] = typer.Option(None, "--text-field"),
-    max_length: int = typer.Option(128, "--max-length"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per example "
+                                             "(default 128, or the model's context if "
+                                             "shorter)."),
     dtype: str = typer.Option("float32", "--dtype", help="With --hf-model: float32, bfloat16 "
                               "or float16 weights."),
     n: Optional[int] = typer.Option(None, "--n", min=1, help="Examples (default: the task's "
@@ -112,7 +114,9 @@ def _model_and_data(task, hf_model, data, text_field, max_length, dtype, n, time
         fail("--hf-model DIR needs --data FILE or --n N (examples of --max-length tokens)")
     if time_batch and data is None:
         fail("--time-batch needs --data FILE (the batch it times)")
-    check_model_dir(hf_model)
+    from grass_index.tasks.hf_lm import check_context
+
+    max_length = check_context(str(check_model_dir(hf_model)), max_length)  # fits the context
     t = train = None
     tokens = max_length
     if data is not None:

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import err, errors, fail, safe
+from .errors import err, errors, fail, out, safe
 from .render import emit_json
 from .task_opts import data_option, hf_model_option, named_task
 
@@ -83,6 +83,8 @@ def query(
 ):
     """Top-k training examples that most helped (proponents) or hurt (opponents) each example."""
     normalize = _check_normalize(normalize)
+    if png is not None:
+        _check_writable_file(png, "--png")  # before the work, not after
     idx, t = _open_with_task(directory, named_task(task, hf_model, data), "query")
     if text:  # -- raw text queries (--hf-model indexes) --
         ids, items, source = _text_items(t, text, directory, example or input_file is not None)
@@ -115,7 +117,7 @@ def query(
     if png is not None:
         _draw(png, t, items, results, idx)
     if json_mode:
-        emit_json(dict(index=str(directory), task=idx.task, k=top_k, ms_per_example=round(ms, 3),
+        emit_json(dict(index=str(directory), task=t.ref, recorded_task=idx.task, k=top_k, ms_per_example=round(ms, 3),
                         normalize=normalize, results=results))
         return
     _print_tables(results, t.has("label"))
@@ -153,7 +155,17 @@ def _print_tables(results: list[dict], labelled: bool) -> None:
                 if labelled:
                     cells.append(str(row["label"]))
                 tab.add_row(*(safe(c) for c in cells))
-            err.print(tab)
+            out.print(tab)
+
+
+def _check_writable_file(path: Path, flag: str) -> None:
+    """An output file's folder exists and the path is not a folder, checked before the work."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        fail(f"{flag} {path}: the folder {parent} does not exist; create it first or choose "
+             "another path")
+    if path.is_dir():
+        fail(f"{flag} {path} is a folder; give a file name, e.g. {path / 'query.png'}")
 
 
 def _train_data_of_index(t, idx):

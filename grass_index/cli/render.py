@@ -10,7 +10,7 @@ from rich.table import Table
 
 from .. import IndexConfig, parse_spec
 from ..task import task_file_status
-from .errors import err, safe, shell_arg
+from .errors import err, out, safe, shell_arg
 
 
 def _spec(text):
@@ -152,11 +152,12 @@ def damping_cell(p: dict | None) -> str:
             + (f"\nλ/median {med:.3g}" if med is not None else ""))
 
 
-def print_index(err: Console, cfg: IndexConfig, *, directory, verb: str | None = None,
+def print_index(cfg: IndexConfig, *, directory, verb: str | None = None,
                 secs: float | None = None, details: bool = False) -> None:
-    """`build`/`merge` (verb + seconds) and `info` (details): the same lines, the same table."""
+    """`build`/`merge` (verb + seconds) and `info` (details): the same lines, the same table,
+    on stdout; the 'next:' hint on stderr."""
     if verb is not None:
-        err.print(f"{verb} [bold]{safe(str(directory))}[/]: {cfg.n_train} training examples, "
+        out.print(f"{verb} [bold]{safe(str(directory))}[/]: {cfg.n_train} training examples, "
                   f"sketch dim {cfg.dim}, {len(cfg.layout) // cfg.checkpoints} layers"
                   f"{f' × {cfg.checkpoints} checkpoints' if cfg.checkpoints > 1 else ''}, "
                   f"{secs:.1f} s", soft_wrap=True)
@@ -172,9 +173,9 @@ def print_index(err: Console, cfg: IndexConfig, *, directory, verb: str | None =
                 ("config hash", cfg.config_hash),
                 ("created", cfg.created)]
         for k, v in rows:
-            err.print(f"[bold]{k:>15}[/]: {safe(str(v))}")
-    err.print(layer_table(cfg))
-    err.print(f"index: {safe(index_summary(cfg))}")
+            out.print(f"[bold]{k:>15}[/]: {safe(str(v))}")
+    out.print(layer_table(cfg))
+    out.print(f"index: {safe(index_summary(cfg))}")
     if verb is not None:
         task = f" --task {shell_arg(cfg.task)}" if cfg.task else ""
         err.print(f"next: grass-index query {shell_arg(directory)}{task} --example 0")
@@ -190,23 +191,23 @@ def report_index(verb: str, directory, cfg: dict, secs: float, json_mode: bool) 
     if json_mode:
         emit_json(dict(cfg, seconds=round(secs, 3)))
         return
-    print_index(err, IndexConfig(cfg), directory=directory, verb=verb, secs=secs)
+    print_index(IndexConfig(cfg), directory=directory, verb=verb, secs=secs)
 
 
-def print_capture_check(err: Console, rep) -> None:
+def print_capture_check(rep, out: Console = out) -> None:
     """`build --check`: a row per layer (route, status, note), then one line per layer that
-    no route captures exactly, with the --layers glob that excludes it."""
+    no route captures exactly, with the --layers glob that excludes it (stdout)."""
     tab = Table(title=f"capture check ({rep.examples} examples of the first batch)")
     for col in ("layer", "kind", "route", "status", "note"):
         tab.add_column(col)
     for r in rep.layers:
         tab.add_row(*(safe(r[c]) for c in ("layer", "kind", "route", "status", "note")))
-    err.print(tab)
+    out.print(tab)
     if rep.left_out:
-        err.print(f"not attributed ({len(rep.left_out)} trainable parameters): "
+        out.print(f"not attributed ({len(rep.left_out)} trainable parameters): "
                   + safe("; ".join(f"{k}: {v}" for k, v in rep.left_out.items())))
     for r in rep.failed:
-        err.print(f"[bold red]failed:[/] layer {safe(r['layer'])} cannot be captured exactly; "
+        out.print(f"[bold red]failed:[/] layer {safe(r['layer'])} cannot be captured exactly; "
                   f"exclude it with {safe(r['exclude'])}")
     if rep.ok:
-        err.print("every selected layer is captured exactly")
+        out.print("every selected layer is captured exactly")

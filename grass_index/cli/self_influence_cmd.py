@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from .errors import errors, fail
+from .errors import errors, fail, out, safe
 from .task_opts import data_option, hf_model_option, named_task
 
 log = logging.getLogger("grass_index")
@@ -39,15 +39,17 @@ def self_influence_command(
     if as_json:
         typer.echo(json.dumps({"index": str(index_dir), "results": results}))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    tab = Table(title=f"{index_dir}: highest self-influence")
+    # a label is training data and the path a user's: shown as text, never as markup or
+    # terminal control sequences
+    tab = Table(title=f"{safe(index_dir)}: highest self-influence")
     for col in ("rank", "train id", "self-influence", "label"):
         tab.add_column(col)
     for rank, r in enumerate(results, 1):
-        tab.add_row(str(rank), str(r["train_id"]), f"{r['score']:.4g}", str(r["label"] or ""))
-    Console(stderr=True, highlight=False).print(tab)
+        tab.add_row(str(rank), str(r["train_id"]), f"{r['score']:.4g}",
+                    safe(r["label"] if r["label"] is not None else ""))
+    out.print(tab)
 
 
 def _ranked(index_dir: Path, top_k, task_ref, want_labels):

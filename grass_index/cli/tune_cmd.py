@@ -71,10 +71,9 @@ def tune_command(
     if as_json:
         typer.echo(json.dumps(res.to_dict()))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    err = Console(stderr=True, highlight=False)
+    from .errors import out
     tab = Table(title=f"LDS by preconditioner ({res.n_val} validation / {res.n_heldout} "
                       f"held-out queries, {res.n_subsets} subsets)")
     for col in ("candidate", "validation LDS", "held-out LDS"):
@@ -82,11 +81,11 @@ def tune_command(
     for c in res.grid:
         mark = " ◀" if c is res.choice else ""
         tab.add_row(c.name + mark, _fmt(c.val_lds), _fmt(c.heldout_lds))
-    err.print(tab)
+    out.print(tab)
     for ext in res.extended:
-        err.print(Extension(**ext).says())
+        out.print(Extension(**ext).says())
     verb = "now the index's preconditioner" if res.applied else "not applied (--dry-run)"
-    err.print(f"chose {res.choice.name}: validation {_fmt(res.choice.val_lds)}, held-out "
+    out.print(f"chose {res.choice.name}: validation {_fmt(res.choice.val_lds)}, held-out "
               f"{_fmt(res.choice.heldout_lds)}; {verb}")
 
 

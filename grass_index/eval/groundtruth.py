@@ -15,13 +15,19 @@ ground truth at no cost.
 Cache layout (one directory; every file is written to a temp name and renamed, so a crash
 never leaves half a file, and a rerun skips every (subset, seed) already on disk)::
 
-    meta.json                  n_train, n_query, m, seeds, tag — checked on resume
+    meta.json                  n_train, n_query, m, seeds, tag, content — checked on resume
     subsets.npy                bool [m, n_train] membership
     runs/s00007_seed1.npz      losses [n_query] of the model for subset 7, seed 1 (+ seconds)
+
+A cache is keyed by content, not by the task's path: ``content`` fingerprints every training
+and query example and holds what the caller adds (``depends_on``: the task file's sha256, whose
+train() and loss made the losses, and the retraining settings). Editing train(), the loss or the
+data and re-running reuses nothing: the cache refuses, naming what changed.
 """
 from __future__ import annotations
 
 
+import hashlib
 import json
 import os
 import time
@@ -36,7 +42,7 @@ from ..fileio import atomic_save
 from .errors import EvalError
 from .subsets import as_masks, subset_indices
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: meta.json holds ``content`` (version 1 caches are keyed by path only)
 
 
 @dataclass
@@ -64,15 +70,52 @@ def _run_path(cache: Path, j: int, seed: int) -> Path:
 
 # -- cache checks -----------------------------------------------------------------------
 
+def data_fingerprint(data: Sequence) -> str:
+    """sha256 over every example's fingerprint (its tensors' bytes, dtypes and shapes)."""
+    from ..indexdir.fingerprints import example_digest
+
+    h = hashlib.sha256(str(len(data)).encode())
+    for i in range(len(data)):
+        h.update(example_digest(data[i]))
+    return h.hexdigest()[:16]
+
+
+def content_record(train_data: Sequence, query_data: Sequence, depends_on: dict | None) -> dict:
+    """What the cached losses were computed from: both data sets' fingerprints and
+    ``depends_on`` (e.g. the task file's sha256 and the retraining settings)."""
+    return {"train_data": data_fingerprint(train_data), "query_data": data_fingerprint(query_data),
+            **{str(k): v for k, v in (depends_on or {}).items()}}
+
+
+def content_key(content: dict) -> str:
+    """A short name for a content record (default cache directories carry it)."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()
+                          ).hexdigest()[:10]
+
+
+def _check_content(cache: Path, old: dict | None, new: dict) -> None:
+    if old == new:
+        return
+    changed = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
+    raise EvalError(f"ground-truth cache {cache} was trained from other content than this run "
+                    f"(changed: {', '.join(changed)}): its losses belong to other models or "
+                    "data; delete it or use another --ground-truth directory (the default "
+                    "directory is per content, so leaving --ground-truth out trains afresh)")
+
+
 def _prepare_cache(cache: Path, masks: np.ndarray, seeds: list[int], n_query: int,
-                   tag: str | None) -> dict:
-    """Create the cache, or check an existing one was made for the same experiment."""
+                   tag: str | None, content: dict) -> dict:
+    """Create the cache, or check an existing one was made for the same experiment and the
+    same content."""
     (cache / "runs").mkdir(parents=True, exist_ok=True)
     meta = {"version": CACHE_VERSION, "n_train": int(masks.shape[1]), "n_query": int(n_query),
-            "m": int(masks.shape[0]), "seeds": [int(s) for s in seeds], "tag": tag}
+            "m": int(masks.shape[0]), "seeds": [int(s) for s in seeds], "tag": tag,
+            "content": content}
     mpath, spath = cache / "meta.json", cache / "subsets.npy"
     if mpath.is_file():
         old = json.loads(mpath.read_text())
+        if old.get("version") == CACHE_VERSION:
+            _check_content(cache, old.get("content"), content)
         for key in ("version", "n_train", "n_query", "m", "tag"):
             if old.get(key) != meta[key]:
                 raise EvalError(
@@ -108,11 +151,13 @@ def train_ground_truth(train_fn: Callable[[Sequence, int], torch.nn.Module], tra
                        query_data: Sequence, loss_fn: Callable, subsets, seeds: Sequence[int],
                        cache_dir: str | os.PathLike, progress: bool = True, *,
                        collate: Callable | None = None, batch_size: int = 256,
-                       tag: str | None = None) -> GroundTruth:
+                       tag: str | None = None, depends_on: dict | None = None) -> GroundTruth:
     """Train one model per (subset, seed) with `train_fn`, record query losses, cache them.
 
     Resumable: (subset, seed) pairs already in `cache_dir` are not retrained. `tag` (e.g. the
-    task reference) is stored and must match on resume, so two tasks never share a cache.
+    task reference) is stored and must match on resume, so two tasks never share a cache; so
+    must the content (every example of both data sets, and ``depends_on``: e.g. the sha256 of
+    the file defining train_fn and loss_fn), so edited code or data never reuses old losses.
     """
     from torch.utils.data import Subset
 
@@ -126,7 +171,8 @@ def train_ground_truth(train_fn: Callable[[Sequence, int], torch.nn.Module], tra
     if collate is None:
         from ..task import default_collate as collate
     cache = Path(cache_dir)
-    _prepare_cache(cache, masks, seeds, len(query_data), tag)
+    _prepare_cache(cache, masks, seeds, len(query_data), tag,
+                   content_record(train_data, query_data, depends_on))
 
     todo = [(j, s) for j in range(masks.shape[0]) for s in seeds if not _run_path(cache, j, s).is_file()]
     from ..pipeline.progress import Progress

@@ -56,9 +56,44 @@ def retraining_inputs(idx, task, command: str, verb: str):
                         "built from")
     return task, train_fn, train, query
 
-def default_ground_truth_dir(task_ref: str, m: int, alpha: float, subset_seed: int) -> Path:
-    """Per-task cache under $GRASS_INDEX_CACHE (shared by every index of the same task)."""
+def task_dependencies(task, **settings) -> dict:
+    """What retrained losses depend on besides the data: the bytes of the task's code (its
+    file's sha256; a module's source file's) and the retraining settings."""
+    import inspect
+
+    from ..task import task_record
+
+    sha = task_record(task).get("task_sha256")
+    if sha is None:  # a module task: the source file it was imported from
+        try:
+            src = inspect.getsourcefile(task.source if inspect.ismodule(task.source)
+                                        else type(task.source))
+            sha = hashlib.sha256(Path(src).read_bytes()).hexdigest() if src else None
+        except (TypeError, OSError):
+            sha = None
+    return dict(task_sha256=sha, **settings)
+
+
+def ground_truth_for(task, train, query, train_fn, masks, seeds, ground_truth, *, m: int,
+                     alpha: float, subset_seed: int, progress):
+    """(cached ground truth, its directory) for ``task``: keyed by content (the task's code,
+    every example, the settings), so an edited train()/query_data() never reuses old losses."""
+    from .groundtruth import content_key, content_record, train_ground_truth
+
+    depends = task_dependencies(task, m=m, alpha=alpha, subset_seed=subset_seed)
+    gt_dir = Path(ground_truth) if ground_truth else default_ground_truth_dir(
+        task.ref, m, alpha, subset_seed,
+        content=content_key(content_record(train, query, depends)))
+    gt = train_ground_truth(train_fn, train, query, task.loss, masks, list(seeds), gt_dir,
+                            progress, collate=task.collate, tag=task.ref, depends_on=depends)
+    return gt, gt_dir
+
+
+def default_ground_truth_dir(task_ref: str, m: int, alpha: float, subset_seed: int,
+                             content: str = "") -> Path:
+    """Per-task, per-content cache under $GRASS_INDEX_CACHE (shared by every index of the same
+    task, code and data)."""
     root = Path(os.environ.get("GRASS_INDEX_CACHE", Path.home() / ".cache" / "grass-index"))
-    key = hashlib.sha1(task_ref.encode()).hexdigest()[:10]
+    key = hashlib.sha1((task_ref + content).encode()).hexdigest()[:10]
     stem = Path(task_ref.split(":")[0]).stem or "task"
     return root / "lds" / f"{stem}-{key}-m{m}-a{alpha:g}-s{subset_seed}"

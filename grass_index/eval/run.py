@@ -15,9 +15,8 @@ from typing import Sequence
 import numpy as np
 
 from ..attribute import AttributionIndex, open_index
-from .groundtruth import train_ground_truth
 from .inputs import (default_ground_truth_dir, retraining_inputs,  # noqa: F401  (re-exported)
-                     task_of_index, task_train_fn)
+                     ground_truth_for, task_of_index, task_train_fn)
 from .lds import lds
 from .subsets import make_subsets
 from .errors import EvalError
@@ -62,11 +61,10 @@ def run_eval(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
         raise EvalError(f"max_queries={max_queries}; pass a positive number or leave it out")
 
     subsets = make_subsets(len(train), num_subsets, alpha, subset_seed)
-    gt_dir = Path(ground_truth) if ground_truth else default_ground_truth_dir(
-        task.ref, num_subsets, alpha, subset_seed)
     t0 = time.perf_counter()
-    gt = train_ground_truth(train_fn, train, query, task.loss, subsets, list(seeds), gt_dir,
-                            progress, collate=task.collate, tag=task.ref)
+    gt, gt_dir = ground_truth_for(task, train, query, train_fn, subsets, seeds, ground_truth,
+                                  m=num_subsets, alpha=alpha, subset_seed=subset_seed,
+                                  progress=progress)
     t1 = time.perf_counter()
     n_q = len(query) if max_queries is None else min(max_queries, len(query))
     from torch.utils.data import Subset

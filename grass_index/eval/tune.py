@@ -36,9 +36,8 @@ from ..precondition.damping import RELATIVE_RANGE, auto_damping
 from ..precondition.ekfac import corrected_eigenvalues, rotate
 from ..precondition.fisher import layer_slices
 from ..query.querying import reading_store
-from .groundtruth import train_ground_truth
 from .errors import EvalError
-from .inputs import default_ground_truth_dir, retraining_inputs
+from .inputs import ground_truth_for, retraining_inputs
 from .subsets import make_subsets
 
 DEFAULT_FACTORS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -454,10 +453,9 @@ def prepare(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
     split_queries(n_q, 0.5, 0)  # too few queries: say so before retraining anything
 
     masks = make_subsets(len(train), num_subsets, alpha, subset_seed)
-    gt_dir = Path(ground_truth) if ground_truth else default_ground_truth_dir(
-        task.ref, num_subsets, alpha, subset_seed)
-    gt = train_ground_truth(train_fn, train, query, task.loss, masks, list(seeds), gt_dir,
-                            progress, collate=task.collate, tag=task.ref)
+    gt, gt_dir = ground_truth_for(task, train, query, train_fn, masks, seeds, ground_truth,
+                                  m=num_subsets, alpha=alpha, subset_seed=subset_seed,
+                                  progress=progress)
     from torch.utils.data import Subset
 
     q_items = query if n_q == len(query) else Subset(query, list(range(n_q)))

@@ -55,10 +55,14 @@ class IndexSpec(NamedTuple):
 
 
 def parse_spec(spec) -> IndexSpec:
-    """``flat`` | ``ivf``, then optionally ``:fp16`` and/or ``shards=N`` (comma-separated)."""
+    """``flat`` | ``ivf``, then optionally ``:`` and comma-separated options (``fp16``,
+    ``shards=N``, ``sketch=D``, ``exact``, ``rerank=R``); ``flat,shards=3`` reads as
+    ``flat:shards=3``."""
     if isinstance(spec, IndexSpec):
         return spec
-    kind, _, options = str(spec).partition(":")
+    kind, colon, options = str(spec).partition(":")
+    if not colon and "," in kind:  # "flat,shards=3" (an older README's grammar): the same index
+        kind, _, options = kind.partition(",")
     dtype, shards, bad = "float32", 1, kind not in KINDS
     sketch, rerank, budget = -1, 0, -1
     for opt in filter(None, options.split(",")) if options else []:

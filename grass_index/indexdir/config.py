@@ -14,6 +14,7 @@ from pathlib import Path
 from ..version import __version__
 from ..fileio import UnsafeFileError, check_regular, read_json
 from ..store import SketchStore, StoreError
+from ..errors import spelled
 from ..untrusted import UnsafeNameError, plain_file_name
 from .errors import AttributionError
 from .files import BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, STORE_DIR, jsonable
@@ -39,10 +40,7 @@ def read_record(path) -> IndexRecord:
     cfile = path / CONFIG_FILE
     if not check_regular(cfile):  # a symlink, FIFO or directory there is refused
         if check_regular(path / BUILD_FILE):
-            done = sketched_batches(path)
-            progress = f" ({done[0]} of {done[1]} batches sketched)" if done else ""
-            raise AttributionError(f"the build in {path} is not finished{progress}; re-run the "
-                                   "same build command to resume it")
+            raise AttributionError(unfinished(path))
         raise AttributionError(f"{path} is not a grass-index index (no {CONFIG_FILE}); pass the "
                                "--out directory of `grass-index build`")
     try:
@@ -71,6 +69,20 @@ def read_record(path) -> IndexRecord:
                                f"{rows} rows the sketch store holds; run `grass-index verify "
                                f"{path} --repair` or rebuild the index")
     return record
+
+
+def unfinished(path: Path) -> str:
+    """What to do about a build directory without config.json."""
+    done = sketched_batches(path)
+    if done and done[0] >= done[1]:
+        return (f"the build in {path} is not finished: pass 1 is complete ({done[0]} of "
+                f"{done[1]} batches sketched) but pass 2 did not finish; re-run the build "
+                "command: only pass 2 runs again (if it refused the damping, give another: "
+                + spelled("add --damping 0.3 or --hessian identity",
+                          "damping=0.3 or hessian='identity'") + ")")
+    progress = f" ({done[0]} of {done[1]} batches sketched)" if done else ""
+    return (f"the build in {path} is not finished{progress}; re-run the same build "
+            + spelled("command", "call") + " to resume it")
 
 
 def check_file_names(path: Path, cfg: dict) -> None:

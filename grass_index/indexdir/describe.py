@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import arguments
 from ..fileio import check_regular
 from .config import read_config
 from .files import BUILD_FILE, CONFIG_FILE
@@ -12,7 +13,7 @@ from .record import read_build, sketched_batches
 def describe_index(path) -> dict:
     """What `info` shows: the config of a finished index, or the progress of a running /
     interrupted build (readable from another process while the build writes)."""
-    path = Path(path)
+    path = arguments.directory(path, "describe_index")
     cfile = path / CONFIG_FILE
     if check_regular(cfile):  # a symlink or FIFO there is refused, naming it
         cfg = read_config(path)

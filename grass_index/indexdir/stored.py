@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from ..index import ShardedIndex, SketchedIndex, VectorIndex, check_serves
-from ..precondition import unrepresentable_rows
+from ..precondition import DampingError, guard_precision
+from ..precondition.preconditioner import FLOAT32_TINY
+from ..precondition.fisher import layer_slices
 from ..precondition.persist import state_from_array, state_to_array  # noqa: F401  (re-exported)
 from ..untrusted import plain_file_name
 from .errors import AttributionError
@@ -37,21 +39,35 @@ def chunks(store, rows_per_chunk: int = 2048):
 
 
 def preconditioned_blocks(store, pre):
-    """(start id, preconditioned rows); refuses vectors that float32 cannot represent."""
+    """(start id, preconditioned rows). A layer block whose sketch is below 1e-30 (a saturated
+    example: loss 0, gradient ~1e-38) is stored as 0; a signal float32 held that
+    the damping destroyed (underflow, judged per layer against the row's own sketch, or
+    overflow) is refused: the scores would be 0.0 or inf and the ranking arbitrary."""
+    slices = layer_slices(pre.layout)
     for start, rows in chunks(store):
         vec = np.asarray(pre.apply(np.asarray(rows, dtype=np.float32)), dtype=np.float32)
-        under, over = unrepresentable_rows(rows, vec)
+        vec, under, over = guard_precision(rows, vec, slices)
         if len(under) or len(over):
-            ids = (start + (under if len(under) else over)[:5]).tolist()
-            raise AttributionError(
-                f"the preconditioned vectors of training examples {ids} "
-                + ("underflow float32 (every entry below 1e-30 although their sketches are "
-                   "not zero): the damping is too large for these gradients"
-                   if len(under) else "overflow float32: the damping is too small")
-                + f" (λ used per layer: {pre.damping_used}); rebuild or reprecondition with "
-                "another --damping (the default is relative: 0.3 × each layer's mean "
-                "eigenvalue)")
+            raise damping_refused(pre, (start + (under if len(under) else over)[:5]).tolist(),
+                                  "under" if len(under) else "over")
         yield start, np.ascontiguousarray(vec)
+
+
+def damping_refused(pre, ids: list, way: str) -> DampingError:
+    """The refusal of a damping that destroyed these training examples' signals."""
+    what = ("underflow float32: their sketches are well within float32's range, but "
+            "preconditioning took a layer's block below it (every entry < 1.2e-38), so the "
+            "damping is too large for these gradients" if way == "under" else
+            "overflow float32 (inf/NaN): the damping is too small for these gradients")
+    needs = "smaller" if way == "under" else "larger"
+    tiny = [name for name, lam in pre.damping_used.items() if 0 < lam < FLOAT32_TINY]
+    if way == "over" and tiny:  # 1/λ itself is beyond float32: the Fisher is, not the damping
+        needs = "identity"
+        what += (f"; layer(s) {', '.join(tiny[:4])} have a Fisher below float32's range (λ = "
+                 "factor × mean eigenvalue < 1.2e-38: nearly every example is saturated, its "
+                 "gradient ~0), so no relative damping fits them")
+    return DampingError(f"the preconditioned vectors of training examples {ids} {what} (λ used "
+                        f"per layer: {pre.damping_used})", needs=needs)
 
 
 def store_rerank(store, pre):

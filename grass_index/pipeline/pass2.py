@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shlex
 import datetime as _dt
 import logging
 import os
@@ -29,9 +30,12 @@ from ..index import (ExactTopK, SearchSketch, ShardedIndex, SketchedIndex, Vecto
                      parse_spec, part_ranges, recall_at_k)
 from ..index import choice as search_choice
 from ..capture.sketcher import MOVED_NOTE
-from ..precondition import (ChunkedFisher, FisherAccumulator, Preconditioner, dense_layers,
+from ..errors import spelled
+from ..precondition import (DEFAULT_DAMPING, ChunkedFisher, DampingError, FisherAccumulator,
+                            Preconditioner, dense_layers,
                             load_preconditioner, save_preconditioner,
                             stale_preconditioner_arrays)
+from ..precondition.damping import RELATIVE_RANGE, format_damping, parse_damping
 from ..precondition.fisher import layer_slices
 from ..store import SketchStore, StoreError
 from ..indexdir.errors import AttributionError
@@ -90,12 +94,25 @@ class StoreRows:
 
 def finish(out: Path, store, build: dict, describe: dict, opts: IndexOptions, *, task,
            progress, data=None, old_config=None, fisher: ChunkedFisher | None = None,
-           tune: dict | None = None) -> dict:
+           tune: dict | None = None, again: str = "build") -> dict:
     """Pass 2 over the main store (a single-process build, a merge, a refit): Fisher (the sums
     pass 1 accumulated, ``fisher``; else the cache, else a re-read of the store) ->
     preconditioner (reused when this variant was already fitted) -> FAISS -> config.json.
     ``tune``: the `tune` record to write into config.json (the sweep that chose ``opts``);
-    without it a refit keeps the old config's record while it still describes ``opts``."""
+    without it a refit keeps the old config's record while it still describes ``opts``.
+    A damping that does not fit these gradients is refused with the exact way to run pass 2
+    again (``again``: "build", "merge" or "refit"); pass 1's sketches stay."""
+    try:
+        return _finish(out, store, build, describe, opts, task=task, progress=progress,
+                       data=data, old_config=old_config, fisher=fisher, tune=tune)
+    except DampingError as e:
+        ref = (task or {}).get("task") if isinstance(task, dict) else task
+        raise AttributionError(f"{e}. {rerun_with_damping(out, ref, opts.damping, e.needs, again)}"
+                               ) from None
+
+
+def _finish(out: Path, store, build: dict, describe: dict, opts: IndexOptions, *, task,
+            progress, data, old_config, fisher, tune) -> dict:
     layout = build["layout"]
     hessian, damping = opts.hessian, opts.damping
     n_blocks = n_batches(build)
@@ -116,6 +133,41 @@ def finish(out: Path, store, build: dict, describe: dict, opts: IndexOptions, *,
         task=task if task is not None else old_task(old_config), item_signature=item_signature,
         progress=progress,
         extra={"tune": tune} if tune is not None else tuned_record(old_config, opts)))
+
+
+def suggested_damping(damping, needs: str) -> str | None:
+    """A damping to try instead of ``damping`` ("larger" or "smaller"), or None (then only
+    --hessian identity, which has no damping, is left)."""
+    if needs == "identity":
+        return None
+    mode, value = parse_damping(damping)
+    if mode == "absolute" or (value < DEFAULT_DAMPING if needs == "larger"
+                              else value > DEFAULT_DAMPING):
+        return format_damping("relative", DEFAULT_DAMPING)
+    if needs == "larger" and value * 10 <= RELATIVE_RANGE[1]:
+        return format_damping("relative", value * 10)
+    return None
+
+
+def rerun_with_damping(out: Path, task_ref, damping, needs: str, again: str) -> str:
+    """The exact way to run pass 2 again with another damping, in the caller's spelling."""
+    x = suggested_damping(damping, needs)
+    if again == "refit":
+        return ("The index keeps its current preconditioner; re-precondition it with " +
+                (spelled(f"--damping {x}", f"reprecondition(damping={x!r})") + " or "
+                 if x else "") + spelled("--hessian identity", "hessian='identity'"))
+    if again == "merge":
+        cli, py, other = f"`grass-index merge {shlex.quote(str(out))} " + "{}`", \
+            f"merge_shards({str(out)!r}, " + "{})", ""
+    else:
+        cli = (f"`grass-index build {shlex.quote(str(task_ref)) if task_ref else 'TASK'} --out "
+               f"{shlex.quote(str(out))} " + "{}`")
+        py, other = "build_index(..., {})", spelled(" (with the build's other options)",
+                                                   " (the other arguments as before)")
+    fixes = ([spelled(cli.format(f"--damping {x}"), py.format(f"damping={x!r}"))] if x else [])
+    fixes.append(spelled(cli.format("--hessian identity"), py.format("hessian='identity'")))
+    return (f"Pass 1's sketches are kept in {out}: re-run " + " or ".join(fixes) + other +
+            "; only pass 2 runs again")
 
 
 def tuned_record(old_config, opts: IndexOptions) -> dict:
@@ -195,9 +247,7 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, run: P
                                        decode=lambda b: VectorIndex.from_bytes(*b))
             template.build_key = p2.key
             filled = run.ranks.step(lambda: p2.fill(template, queries, k, None))
-    # preconditioning maps zero rows to zero and nonzero rows to nonzero, so these are the
-    # layers whose gradient is zero for every training example (on every rank)
-    zero = [name for name in build["layout"] if not any(r[name] for r, _, _ in filled)]
+    zero = zero_layers(build["layout"], [reached for reached, _, _ in filled])
 
     def rank0_commit():
         with run.main_store(p2.pre, p2.key) as store:
@@ -318,6 +368,27 @@ class _Pass2:
         return vindex, files, mine
 
 
+def zero_layers(layout: dict, reached: list[dict]) -> list[str]:
+    """The layers whose preconditioned vector is zero for every training example on every rank
+    (preconditioning maps zero rows to zero, and a saturated block is stored as 0), refusing
+    an index where that is every layer: it could say nothing."""
+    zero = [name for name in layout if not any(r[name] for r in reached)]
+    if zero and len(zero) == len(layout):
+        raise AttributionError(says_nothing(layout))
+    return zero
+
+
+def says_nothing(layout: dict) -> str:
+    """Why an index whose every vector is zero is not written."""
+    layers = ", ".join(list(layout)[:6]) + (", ..." if len(layout) > 6 else "")
+    return ("every training example's gradient is zero (or below float32's range) in every "
+            f"selected layer ({layers}): the index could only give every example the score 0.0 "
+            "and an arbitrary top-k, so it is not written. Check that the loss depends on these "
+            "layers' parameters (" + spelled("`grass-index build TASK --check`",
+                                             "check_capture(...)") + " shows how each is "
+            "captured) and that the model is not saturated on every example (loss 0 everywhere)")
+
+
 def capture_record(build: dict, describe: dict, zero: list[str]) -> dict:
     """config.json's ``capture``: the trainable parameters the layer selection left out (and
     why), the layers the first-batch check moved to torch.func (with its note), and the
@@ -387,7 +458,8 @@ def refit(path: Path, config: dict, opts: IndexOptions, *, progress=False,
             # overwritten): it is what the stored sketches are
             build = stored_build_record(store)
             return finish(path, store, build, config.get("layers_described", {}),
-                          opts, task=None, progress=prog, old_config=config, tune=tune)
+                          opts, task=None, progress=prog, old_config=config, tune=tune,
+                          again="refit")
     finally:
         prog.close()
 

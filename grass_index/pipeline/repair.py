@@ -7,6 +7,8 @@ from __future__ import annotations
 from os import PathLike
 from pathlib import Path
 
+from .. import arguments
+from ..errors import spelled
 from ..indexdir.errors import AttributionError
 from ..indexdir.fingerprints import model_fingerprint
 from ..indexdir.files import STORE_DIR
@@ -38,7 +40,7 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0,
 
     Returns {"ok": bool, "checks": [{"name", "ok", "detail"}], "repaired": [...]}.
     """
-    path = Path(path)
+    path = arguments.directory(path, "verify_index")
     repaired: list[str] = restore_records(path) if repair else []
     found = inspect_index(path, sample=sample, seed=seed, fast=fast)
     if not repair or found.ok:
@@ -55,9 +57,10 @@ def verify_index(path, *, repair: bool = False, sample: int = 64, seed: int = 0,
         again = inspect_index(path, sample=sample, seed=seed, fast=fast)
         return again.report(repaired)
     if "sketch blocks" in broken:
-        repaired.append(f"sketch blocks {found.damaged[:20]} are damaged: run `grass-index "
-                        f"verify {path} --repair --task FILE` with the task the index was "
-                        "built from to recompute exactly those blocks")
+        rerun = spelled(f"`grass-index verify {path} --repair --task FILE`",
+                        f"verify_index({str(path)!r}, repair=True, task='FILE')")
+        repaired.append(f"sketch blocks {found.damaged[:20]} are damaged: run {rerun} with the "
+                        "task the index was built from to recompute exactly those blocks")
     else:
         repaired.append(f"cannot repair {sorted(broken - REFITTABLE)} from the stored "
                         "sketches; re-run the build (it resumes from the last committed "

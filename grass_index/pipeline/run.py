@@ -17,7 +17,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import plan as build_plan
+from .. import arguments, plan as build_plan
 from ..capture import EnsembleSketcher, GradientSketcher, as_checkpoints, select_layers
 from ..capture.ensemble import different_architecture, single_model
 from ..capture.sketcher import CHECK_EXAMPLES
@@ -227,8 +227,9 @@ def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
 
     ``distributed`` (default: when torchrun's environment or an initialised process group has
     more than one rank) makes every rank sketch its shard; see ``distributed``."""
-    out = Path(out)
-    options, index_options = options or BuildOptions(), index_options or IndexOptions()
+    out = arguments.directory(out, "build_index", "out")
+    options = arguments.options(options, BuildOptions, "build", "options")
+    index_options = arguments.options(index_options, IndexOptions, "build", "index_options")
     check_train_data(train_data)
     task = recorded_task(task)
     group = None
@@ -308,11 +309,13 @@ def build_shard(model, train_data, loss_fn, out, worker, options: BuildOptions |
     ``out/shards/I-of-N/`` (resumable), recording ``index_options`` for the merge. Once all N
     shards exist, ``merge_shards`` finishes the index; its sketches equal a single-process
     build's bit for bit."""
-    out = Path(out)
+    out = arguments.directory(out, "build_shard", "out")
     worker = parse_worker(worker)
     if worker is None:
         raise AttributionError("build_shard needs worker=(i, n) or 'i/n'")
-    options, index_options = options or BuildOptions(), index_options or IndexOptions()
+    options = arguments.options(options, BuildOptions, "build_shard", "options")
+    index_options = arguments.options(index_options, IndexOptions, "build_shard",
+                                      "index_options")
     task = recorded_task(task)
     prep = _Prepared(model, train_data, loss_fn, options, collate=collate, device=device)
     check_ekfac(index_options.hessian, prep.sketcher)
@@ -335,7 +338,7 @@ def merge_shards(out, *, shards: int | None = None, hessian: str | None = None, 
         check_index(index)
     if damping is not None:
         check_damping(damping)
-    out = Path(out)
+    out = arguments.directory(out, "merge_shards", "out")
     prog = Progress(progress)
     try:
         cfg = merge(out, n=shards, overrides=dict(hessian=hessian, damping=damping_key(damping),

@@ -13,6 +13,12 @@ workers at once, and the merge only adds n k×k matrices per layer (a torchrun b
 them instead). The sum order differs from one process's, so the Fisher — and the scores —
 equal a single-process build's to float64 rounding, not bit for bit; the sketches are equal.
 
+Every worker also fingerprints the *whole* training set (``data_digests``: one 16-byte digest
+per example, kept in its store): a worker sketches only its own batches, so only this proves
+that all of them read the same dataset. ``merge`` refuses shards whose fingerprints differ,
+naming the example ids (two labels changed between workers would otherwise mix two datasets
+into one index, and verify could not tell).
+
 ``merge`` checks that shards 0..n-1 all exist, are complete and are the same build, copies
 their blocks into the main store in global batch order (resumable, so the main store holds
 exactly a single-process build's sketches), caches the summed Fisher there, then runs the
@@ -25,11 +31,14 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from ..precondition import FisherAccumulator
 from ..store import SketchStore, StoreError
 from ..indexdir.errors import AttributionError
 from ..fileio import check_dir
 from ..indexdir.files import BUILD_FILE, SHARDS_DIR, STORE_DIR, jsonable
+from ..indexdir.fingerprints import DIGEST_BYTES, example_digest
 from .options import IndexOptions
 from .factors import factor_shapes, merge_shard_factors
 from .pass2 import accumulate, finish, has_fisher, put_fisher
@@ -76,7 +85,9 @@ def sketch_shard(out: Path, worker: tuple[int, int], sketcher, build: dict, *, t
     path = out / SHARDS_DIR / shard_name(i, n)
     blocks = _owned(build, i, n)
     meta = jsonable(dict(build, shard=[i, n]))
+    digests = dataset_digests(train_data)
     with SketchStore.create(path, dim=sketcher.dim, meta=meta) as store:
+        record_dataset(store, digests, f"shard {shard_name(i, n)} ({path})")
         for key, value in records.items():
             if store.get_meta(key, None) != jsonable(value):
                 store.put_meta(key, jsonable(value))
@@ -87,6 +98,44 @@ def sketch_shard(out: Path, worker: tuple[int, int], sketcher, build: dict, *, t
             shard_fisher(store, build["layout"], progress)
         return dict(shard=f"{i}/{n}", path=str(path), batches=len(blocks),
                     rows=store.num_rows, n_batches=n_batches(build))
+
+
+DATA_DIGESTS = "data_digests"  # uint8 [n_train, DIGEST_BYTES]: the dataset a worker read
+
+
+def dataset_digests(data) -> np.ndarray:
+    """One fingerprint per training example (its tensors' bytes, dtypes and shapes)."""
+    out = np.empty((len(data), DIGEST_BYTES), np.uint8)
+    for i in range(len(data)):
+        out[i] = np.frombuffer(example_digest(data[i]), np.uint8)
+    return out
+
+
+def differing_examples(a: np.ndarray, b: np.ndarray) -> list[int]:
+    """Example ids whose fingerprints differ (every id past the shorter one too)."""
+    n = min(len(a), len(b))
+    ids = np.flatnonzero((a[:n] != b[:n]).any(axis=1)).tolist()
+    return ids + list(range(n, max(len(a), len(b))))
+
+
+def _ids(ids: list[int], shown: int = 8) -> str:
+    return ", ".join(map(str, ids[:shown])) + (f", ... ({len(ids)} in all)"
+                                               if len(ids) > shown else "")
+
+
+def record_dataset(store, digests: np.ndarray, what: str) -> None:
+    """Keep the fingerprints of the dataset this worker reads; a resumed worker must read the
+    same one (it would otherwise finish with sketches of two datasets)."""
+    if store.has_array(DATA_DIGESTS):
+        old = store.get_array(DATA_DIGESTS)
+        diff = differing_examples(old, digests)
+        if diff:
+            raise AttributionError(
+                f"{what}: the training data changed since this worker started (examples "
+                f"{_ids(diff)} differ); delete the shard and re-run the worker with the data "
+                "every worker reads")
+        return
+    store.put_array(DATA_DIGESTS, digests)
 
 
 def shard_fisher(store, layout, progress=None) -> FisherAccumulator:
@@ -187,7 +236,34 @@ def _check_shards(out: Path, build: dict, n: int, shards: dict[int, Path]) -> li
         records.append(kv)
     if problems:
         raise AttributionError(f"cannot merge {out}: " + "; ".join(problems))
+    _check_same_dataset(out, n, shards)
     return records
+
+
+def _check_same_dataset(out: Path, n: int, shards: dict[int, Path]) -> None:
+    """Every shard read the same training set (per-example fingerprints), or one error naming
+    the workers and example ids that differ from worker 0's."""
+    problems, first = [], None
+    for i in range(n):
+        with SketchStore.open(shards[i], readonly=True) as st:
+            if not st.has_array(DATA_DIGESTS):
+                problems.append(f"shard {shard_name(i, n)} holds no fingerprint of the training "
+                                "set (written by an older grass-index); delete it and re-run "
+                                f"`build --worker {i}/{n}`")
+                continue
+            digests = st.get_array(DATA_DIGESTS)
+        if first is None:
+            first = (i, digests)
+            continue
+        diff = differing_examples(first[1], digests)
+        if diff:
+            problems.append(f"shard {shard_name(i, n)} read other training data than shard "
+                            f"{shard_name(first[0], n)} (examples {_ids(diff)} differ)")
+    if problems:
+        raise AttributionError(
+            f"cannot merge {out}: " + "; ".join(problems) + ". Every worker must read the same "
+            "training set; delete the shards of the workers whose data was wrong and re-run "
+            "them with the right data")
 
 
 def merge_setup(out: Path, n: int | None, overrides: dict):
@@ -262,7 +338,8 @@ def merge(out: Path, *, n: int | None = None, overrides: dict | None = None, pro
             cache_fisher(store, build, n, shards, None)
         cfg = finish(out, store, build, rec.get("describe") or {}, opts,
                      task=rec.get("task"), progress=progress,
-                     old_config=dict(item_signature=rec.get("item_signature")))
+                     old_config=dict(item_signature=rec.get("item_signature")),
+                     again="merge")
     if remove_shards:
         shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
     return cfg

@@ -143,7 +143,7 @@ def report_zero_layers(store, sketcher, reached: dict, *, resumed: bool, whose: 
             if all(reached.values()):
                 break
     zero = [name for name, r in reached.items() if not r]
-    if zero:
+    if zero and len(zero) < len(reached):  # all of them: pass 2 refuses the index instead
         log.warning("pass 1: %d selected layer(s) had a zero gradient for every training "
                     "example%s: %s; they are dropped from the preconditioner and add nothing "
                     "to any score (exclude them with %s)", len(zero), whose, ", ".join(zero),

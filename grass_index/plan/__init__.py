@@ -19,6 +19,7 @@ from ..capture import GradientSketcher, as_checkpoints, select_layers
 from ..capture.ensemble import block_name, single_model
 from ..index import parse_spec
 from ..index.choice import planned_width
+from ..errors import option
 from ..precondition import uses_low_rank
 
 GB = 1e9
@@ -125,16 +126,18 @@ def shortfall(plan: Plan, *, ram: float | None, disk: float | None, K_per_layer:
               index: str = "flat") -> str | None:
     """None when the plan fits, else one line: what does not fit and what to change."""
     if ram is not None and plan.ram_peak > ram:
-        fix = (f"--projection sjlt-{max(K_per_layer // 2, 1)} (the Fisher and inverses shrink "
-               "4x)" if plan.fisher_disk + plan.precond_disk > plan.ram_peak / 2
-               else "fewer --layers or a smaller --batch-size")
+        fix = (f"{option('projection', f'sjlt-{max(K_per_layer // 2, 1)}')} (the Fisher "
+               "and inverses shrink 4x)" if plan.fisher_disk + plan.precond_disk >
+               plan.ram_peak / 2 else
+               f"fewer {option('layers')} or a smaller {option('batch_size')}")
         return (f"this build needs about {plan.ram_peak / GB:.1f} GB of RAM but "
                 f"{ram / GB:.1f} GB is available; use {fix}")
     if disk is not None and plan.disk > disk:
         if plan.index_disk > plan.disk / 3 and "fp16" not in index:
-            fix = "--index flat:fp16 (half the index)"
+            fix = f"{option('index', 'flat:fp16')} (half the index)"
         else:
-            fix = f"--projection sjlt-{max(K_per_layer // 2, 1)} or fewer --layers"
+            fix = (f"{option('projection', f'sjlt-{max(K_per_layer // 2, 1)}')} or fewer "
+                   f"{option('layers')}")
         return (f"this build needs about {plan.disk / GB:.1f} GB of disk at --out but "
                 f"{disk / GB:.1f} GB is free; use {fix}")
     return None

@@ -18,6 +18,8 @@ resumed pass 1 continues the same running sums (bit-identical factors).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -29,17 +31,42 @@ from .state import state_from_array, state_to_array
 STATE_ARRAY = "kfac/state"  # the store array that holds a KroneckerFactors state (.npz bytes)
 
 
+# EK-FAC keeps a dense k x k inverse per layer (k = A*B of the factored sparsification): the
+# suggested spec caps each factor here, k <= 1024 (4 MB per layer), so that it also fits a
+# 48-layer LM; the user's A*B (e.g. the default 128*128, k = 16384: 1 GB per layer) need not.
+EKFAC_SUGGESTED_FACTOR = 32
+
+
+def ekfac_spec_fix(sparsification: str | None = None) -> tuple[str, str]:
+    """A (sparsification, projection) pair that EK-FAC fits: ``sparsification``'s kind and
+    options with each factor capped at EKFAC_SUGGESTED_FACTOR (random_mask when it is not a
+    factorable kind), and projection 'identity'."""
+    from ..compress.spec import FACTORABLE
+
+    sp = parse_spec(sparsification) if sparsification else None
+    cap = EKFAC_SUGGESTED_FACTOR
+    if sp is not None and sp.kind in FACTORABLE and sp.factored:
+        return str(dataclasses.replace(sp, dims=tuple(min(d, cap) for d in sp.dims))), "identity"
+    return f"random_mask-{cap}*{cap}", "identity"
+
+
 def ekfac_unsupported(sparsification: str, projection: str) -> str | None:
-    """Why a spec pair has no Kronecker-factored sketch (None when it has one)."""
+    """Why a spec pair has no Kronecker-factored sketch (None when it has one), with a pair
+    that has one (``ekfac_spec_fix``), spelled for the caller (CLI flags or arguments)."""
+    from ..errors import spelled
+
     sp, pr = parse_spec(sparsification), parse_spec(projection)
+    fix_sp, fix_pr = ekfac_spec_fix(sparsification)
+    fix = spelled(f"--sparsification {fix_sp} --projection {fix_pr} (or --hessian eFIM)",
+                  f"sparsification={fix_sp!r}, projection={fix_pr!r} (or hessian='eFIM')")
+    ekfac = spelled("--hessian ekfac", "hessian='ekfac'")
     if not sp.factored:
-        return (f"--hessian ekfac needs a factored sparsification (TYPE-A*B) with projection "
-                f"'identity', but the sparsification is '{sp}'; use e.g. --sparsification "
-                "random_mask-32*32 --projection identity (or --hessian eFIM)")
+        return (f"{ekfac} needs a factored sparsification (TYPE-A*B) with projection "
+                f"'identity', but the sparsification is '{sp}'; use e.g. {fix}")
     if pr.kind != "identity":
-        return (f"--hessian ekfac needs projection 'identity' after the factored "
-                f"sparsification '{sp}' (the sketch must be the k_out x k_in gradient itself), "
-                f"but the projection is '{pr}'; use --projection identity (or --hessian eFIM)")
+        return (f"{ekfac} needs projection 'identity' after the factored sparsification "
+                f"'{sp}' (the sketch must be the k_out x k_in gradient itself, and EK-FAC keeps "
+                f"a dense k x k inverse per layer), but the projection is '{pr}'; use {fix}")
     return None
 
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import PreconditionError
+from .errors import DampingError, PreconditionError
 
 INVERSE_DTYPE = np.float32
 Rows = Callable[[], np.ndarray]  # the layer's stored sketches [n, k] (read on first need)
@@ -155,9 +155,14 @@ def _shaped(d: dict, key: str, shape: tuple) -> np.ndarray:
     return a if a.dtype == INVERSE_DTYPE else np.asarray(a, dtype=INVERSE_DTYPE)
 
 
-def singular(name: str, lam: float) -> PreconditionError:
-    return PreconditionError(
+def singular(name: str, lam: float) -> DampingError:
+    """F + λI not positive definite: a damping too small for this layer (pass 2 adds the exact
+    command that re-runs it with a larger one)."""
+    from ..errors import option
+
+    return DampingError(
         f"layer {name!r}: F + λI is singular or not positive definite (λ = {lam:g}): its "
-        "sketches span fewer dimensions than its width k. Use a positive relative damping "
-        "(e.g. 0.1, scaled per layer), or leave this layer out with --layers "
-        f"'!{name}.*' (or a smaller projection for it)")
+        "sketches span fewer dimensions than its width k, and this damping is too small to "
+        "make up for it. Use a larger damping (relative, e.g. 0.1, scales per layer), or leave "
+        f"this layer out with {option('layers', f'!{name}.*')} (or a smaller projection for "
+        "it)", needs="larger")

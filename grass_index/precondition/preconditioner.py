@@ -43,20 +43,64 @@ def dense_layers(layout: dict[str, int], n: int) -> list[str]:
 
 HESSIANS = ("eFIM", "identity", "ekfac")
 _ALIASES = {"ek-fac": "ekfac"}
-# A preconditioned vector whose largest |entry| is below this (while its sketch is not zero)
-# has lost its precision to float32 underflow: its scores would be 0.0 and its ranking arbitrary.
-UNDERFLOW = 1e-30
+# float32's smallest normal number. Below it a value keeps fewer mantissa bits (a subnormal),
+# and with flush-to-zero on (torch.set_flush_denormal, some BLAS builds) it is 0.
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+# A layer's sketch block whose largest |entry| is at least this holds a full-precision signal
+# with 8 decades of headroom above FLOAT32_TINY: a preconditioner that takes it below
+# FLOAT32_TINY (or to inf) destroyed it, and the damping is to blame. A block below it is a
+# saturated example (a classifier at a logit margin of ~90: loss 0, gradient ~1e-38, made of
+# subnormals that flush-to-zero turns into 0 and that differ with it on or off): its influence
+# is zero, which is the right answer, and it is stored as 0 (``zero_saturated_blocks``).
+REPRESENTABLE = 1e-30
 
 
-def unrepresentable_rows(raw, vec) -> tuple[np.ndarray, np.ndarray]:
-    """Row positions whose preconditioned vector underflowed (non-zero sketch, vector below
-    UNDERFLOW) and whose vector overflowed (inf/NaN)."""
-    raw_max = np.abs(np.asarray(raw)).max(axis=1) if len(raw) else np.zeros(0)
-    vec = np.asarray(vec)
-    finite = np.isfinite(vec).all(axis=1)
-    vec_max = np.where(finite, np.abs(np.where(np.isfinite(vec), vec, 0)).max(axis=1), 0) \
-        if len(vec) else np.zeros(0)
-    return np.flatnonzero((raw_max > 0) & finite & (vec_max < UNDERFLOW)), np.flatnonzero(~finite)
+def _block_max(a: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """[rows, layers] largest |entry| of each layer's block (NaN stays NaN)."""
+    return np.maximum.reduceat(np.abs(a), starts, axis=1) if a.size else \
+        np.zeros((len(a), len(starts)), a.dtype)
+
+
+def _starts(slices) -> np.ndarray:
+    return np.array([sl.start for sl in slices.values()], dtype=np.intp)
+
+
+def unrepresentable_rows(raw, vec, slices) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose preconditioning destroyed a signal float32 held, judged per layer against the
+    row's own sketch (``slices``: layer -> column slice): (rows where a layer's sketch block is
+    at least REPRESENTABLE but its preconditioned block fell below FLOAT32_TINY, rows whose
+    preconditioned vector is not finite). Identity preconditioning (vec == raw) never has
+    either; a saturated example's tiny sketch is not a casualty."""
+    return guard_precision(raw, np.array(vec, dtype=np.float32), slices)[1:]
+
+
+def zero_saturated_blocks(raw, vec: np.ndarray, slices) -> np.ndarray:
+    """``vec`` with the layer blocks whose sketch (in ``raw``) is below REPRESENTABLE set to
+    exactly 0, in place: a saturated example adds nothing to any score, and the index holds
+    the same bytes with flush-to-zero on or off. Every other block is untouched."""
+    return guard_precision(raw, vec, slices)[0]
+
+
+def guard_precision(raw, vec: np.ndarray, slices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Both rules over one chunk with one read of each array: (``vec`` with its saturated
+    blocks zeroed in place, the rows the damping underflowed, the rows that overflowed)."""
+    raw = np.asarray(raw)
+    if not len(raw):
+        return vec, np.zeros(0, np.intp), np.zeros(0, np.intp)
+    starts = _starts(slices)
+    raw_max = _block_max(raw, starts)
+    tiny = raw_max < REPRESENTABLE  # saturated blocks: stored as 0, whatever their vector is
+    vec_max = _block_max(vec, starts)
+    broken = ~np.isfinite(vec_max) & ~tiny
+    lost = ~tiny & (vec_max < FLOAT32_TINY)
+    under = np.flatnonzero(lost.any(axis=1) & ~broken.any(axis=1))
+    over = np.flatnonzero(broken.any(axis=1))
+    if tiny.any():
+        for j, sl in enumerate(slices.values()):
+            rows = np.flatnonzero(tiny[:, j])
+            if len(rows):
+                vec[rows, sl] = 0
+    return vec, under, over
 
 
 def canonical_hessian(hessian: str) -> str:

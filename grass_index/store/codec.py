@@ -10,6 +10,7 @@ import zlib
 
 import numpy as np
 
+from ..errors import spelled
 from .errors import StoreError
 
 _U64 = struct.Struct(">Q")
@@ -45,9 +46,10 @@ def decode_block(buf, *, where: str, verify: bool = True) -> tuple[int, np.ndarr
         raise StoreError(f"{where} has a bad header or length; the store is corrupted — rebuild it.")
     body = memoryview(buf)[HEADER_SIZE:]
     if verify and zlib.crc32(body) != crc:
+        fix = spelled("`grass-index verify DIR --repair --task TASK`",
+                      "verify_index(DIR, repair=True, task=TASK)")
         raise StoreError(f"{where} failed its checksum (data corrupted on disk); recompute it "
-                         "with `grass-index verify DIR --repair --task TASK` or by re-running "
-                         "the build command.")
+                         f"with {fix} or by re-running the build.")
     return start, np.frombuffer(body, dtype=np.float32).reshape(n, dim)
 
 

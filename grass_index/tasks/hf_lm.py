@@ -79,6 +79,48 @@ def check_model_dir(path, what: str = "--hf-model") -> Path:
 
 
 @functools.lru_cache(maxsize=4)
+def model_config(path: str, what: str = "--hf-model"):
+    """The directory's transformers config, or one error line saying what is wrong with it
+    (e.g. no ``model_type``: transformers cannot tell which architecture to build)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(Path(path), local_files_only=True)
+    except Exception as e:
+        hint = ("; config.json must name the architecture with \"model_type\" (e.g. \"gpt2\"), "
+                "as save_pretrained() writes it" if "model_type" in str(e) else "")
+        raise TaskError(f"{what} {path}: its config.json cannot be read as a transformers "
+                        f"config ({type(e).__name__}: {str(e).splitlines()[0][:200]}){hint}"
+                        ) from None
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+
+
+DEFAULT_MAX_LENGTH = 128
+
+
+def check_context(path: str, max_length: int | None, what: str = "--hf-model") -> int:
+    """``max_length`` (None: DEFAULT_MAX_LENGTH, or the model's context when shorter), checked
+    to fit the model's context: positions beyond it have no embedding, and the forward pass
+    would fail with an IndexError deep in the model."""
+    from ..errors import spelled
+
+    cfg = model_config(path, what)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    context = next((getattr(text, k) for k in CONTEXT_KEYS
+                    if isinstance(getattr(text, k, None), int)), None)
+    if max_length is None:
+        return DEFAULT_MAX_LENGTH if context is None else min(DEFAULT_MAX_LENGTH, context)
+    if context is not None and max_length > context:
+        flag = spelled(f"--max-length {max_length}", f"max_length={max_length}")
+        fix = spelled(f"--max-length {context}", f"max_length={context}")
+        raise TaskError(f"{flag} is longer than the context of the model in {path} ({context} "
+                        f"tokens, config.json); give {fix} or less")
+    return max_length
+
+
+@functools.lru_cache(maxsize=4)
 def tokenizer_for(path: str, what: str = "--hf-model"):
     """The directory's tokenizer, or the byte fallback (checked against the vocabulary)."""
     p = Path(path)
@@ -91,9 +133,7 @@ def tokenizer_for(path: str, what: str = "--hf-model"):
             raise TaskError(f"{what} {path}: the tokenizer files there cannot be loaded "
                             f"({type(e).__name__}: {e}); fix or remove them to use the "
                             "byte-level fallback") from e
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(p, local_files_only=True)
+    cfg = model_config(str(p), what)
     v = getattr(cfg, "vocab_size", None)
     if v is None and hasattr(cfg, "get_text_config"):
         v = getattr(cfg.get_text_config(), "vocab_size", None)
@@ -387,11 +427,12 @@ def meta_causal_lm(path, dtype: str = "float32", what: str = "--hf-model") -> nn
 class HFCausalLM:
     """The functions of a task file, as an object (what :class:`grass_index.task.Task` wraps)."""
 
-    def __init__(self, model_dir, data, *, text_field: str | None = None, max_length: int = 128,
+    def __init__(self, model_dir, data, *, text_field: str | None = None,
+                 max_length: int | None = None,
                  dtype: str = "float32", query_data=None):
         if dtype not in DTYPES:
             raise TaskError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-        if not isinstance(max_length, int) or max_length < 2:
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
             raise TaskError(f"--max-length {max_length!r}: give an integer >= 2 (tokens per "
                             "example)")
         if text_field is not None and not isinstance(text_field, str):
@@ -399,6 +440,8 @@ class HFCausalLM:
         self.model_dir = check_model_dir(model_dir).resolve()
         self.data_path = Path(data).expanduser().resolve()
         self.query_path = None if query_data is None else Path(query_data).expanduser().resolve()
+        model_config(str(self.model_dir))  # readable, and names its architecture
+        max_length = check_context(str(self.model_dir), max_length)
         self.unnamed_query = None  # a query file the index records but the user did not name
         self.text_field, self.max_length, self.dtype = text_field, max_length, dtype
         self.tok = tokenizer_for(str(self.model_dir))
@@ -456,7 +499,7 @@ class HFCausalLM:
         return self.tok.decode(item)
 
 
-def hf_lm_task(model_dir, data, *, text_field: str | None = None, max_length: int = 128,
+def hf_lm_task(model_dir, data, *, text_field: str | None = None, max_length: int | None = None,
                dtype: str = "float32", query_data=None) -> Task:
     """A :class:`Task` for a local causal LM over a text corpus (see the module docstring)."""
     src = HFCausalLM(model_dir, data, text_field=text_field, max_length=max_length, dtype=dtype,
