@@ -20,7 +20,6 @@ ALLOWED_FUNCTIONS = {
 }
 # folder (relative to grass_index/) -> who is splitting it
 ALLOWED_FOLDERS = {
-    "pipeline": "house",                    # -> pipeline/ (the build) + indexdir/ + query/
 }
 
 

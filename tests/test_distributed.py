@@ -116,7 +116,8 @@ def test_workers_sum_their_own_fisher_and_merge_adds_them(task, single, tmp_path
     """Each eFIM worker caches its rows' ĝĝᵀ sums; merge adds those instead of re-reading all
     sketches. A worker told hessian=identity skips them; merge computes them when eFIM is asked
     for at merge time."""
-    from grass_index.pipeline import pass2, sharding
+    from grass_index.pipeline import pass2
+    from grass_index.pipeline.parallel import sharding
 
     out = tmp_path / "idx"
     for i in range(3):

@@ -134,7 +134,7 @@ def _model_and_data(task, hf_model, data, text_field, max_length, dtype, n, time
 
 def _per_node(c, nodes: int) -> dict:
     """What each node holds: its share of the sketch store; every node fits the same
-    preconditioner and keeps its FAISS part (torchrun builds, pipeline/distributed.py)."""
+    preconditioner and keeps its FAISS part (torchrun builds, pipeline/parallel/distributed.py)."""
     return dict(store=c.store_disk / nodes, index=c.index_disk / nodes,
                 preconditioner=c.precond_disk, disk=c.store_disk / nodes + c.index_disk / nodes
                 + c.precond_disk + c.fisher_disk)

@@ -14,8 +14,9 @@ What an index directory holds (its files and records, verify, describe) is
     factors.py      EK-FAC's Kronecker factors (pass 1) and eigenbasis fit (pass 2)
     sketching.py    pass 1: fixed batches -> raw sketches (training set into the store; queries)
     pass2.py        pass 2: Fisher -> preconditioner -> FAISS -> config.json; refit
-    sharding.py     split builds: one worker's shard (pass 1 on its batches); merge + pass 2
-    distributed.py  torch.distributed (torchrun) builds: every rank a worker and a pass-2 part
+    parallel/       split builds: sharding.py (one worker's shard: pass 1 on its batches;
+                    merge + pass 2), distributed.py (torchrun: every rank a worker and a
+                    pass-2 part)
     run.py          a build end to end: build, build_shard, merge_shards, refit_index;
                     check_capture (`build --check`: the capture check alone)
     repair.py       verify_index: indexdir's checks, and repair (records, pass 2, blocks)
@@ -32,7 +33,7 @@ from .progress import Progress
 from .run import (BuildResult, CaptureCheck, ShardInfo, build, build_shard, check_capture,
                   merge_shards, refit_index)
 from .repair import verify_index
-from .sharding import parse_worker
+from .parallel.sharding import parse_worker
 
 __all__ = [
     "AttributionError", "BUILD_FILE", "BuildOptions", "BuildResult", "CaptureCheck",

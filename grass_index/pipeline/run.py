@@ -24,7 +24,7 @@ from ..capture.sketcher import CHECK_EXAMPLES
 from ..compress import load_selective_mask
 from ..store import SketchStore
 from ..calls import check_loss, collate_items, default_collate
-from . import distributed as dist_build
+from .parallel import distributed as dist_build
 from ..indexdir.errors import AttributionError
 from ..indexdir.files import MASK_FILE, STORE_DIR, atomic_write, jsonable
 from ..indexdir.fingerprints import data_signature, layer_dims
@@ -36,7 +36,7 @@ from .pass2 import finish, pass1_fisher, refit
 from .progress import Progress
 from ..indexdir import record
 from ..indexdir.record import claim_out_dir_locked, make_build_record
-from .sharding import merge, parse_worker, read_shard_fisher, sketch_shard
+from .parallel.sharding import merge, parse_worker, read_shard_fisher, sketch_shard
 from .sketching import sketch_training_set
 
 log = logging.getLogger("grass_index")

@@ -33,17 +33,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..precondition import FisherAccumulator
-from ..store import SketchStore, StoreError
-from ..indexdir.errors import AttributionError
-from ..fileio import check_dir
-from ..indexdir.files import BUILD_FILE, SHARDS_DIR, STORE_DIR, jsonable
-from ..indexdir.fingerprints import DIGEST_BYTES, example_digest
-from .options import IndexOptions
-from .factors import factor_shapes, merge_shard_factors
-from .pass2 import accumulate, finish, has_fisher, put_fisher
-from ..indexdir.record import n_batches, read_build_record
-from .sketching import sketch_training_set
+from ...precondition import FisherAccumulator
+from ...store import SketchStore, StoreError
+from ...indexdir.errors import AttributionError
+from ...fileio import check_dir
+from ...indexdir.files import BUILD_FILE, SHARDS_DIR, STORE_DIR, jsonable
+from ...indexdir.fingerprints import DIGEST_BYTES, example_digest
+from ..options import IndexOptions
+from ..factors import factor_shapes, merge_shard_factors
+from ..pass2 import accumulate, finish, has_fisher, put_fisher
+from ...indexdir.record import n_batches, read_build_record
+from ..sketching import sketch_training_set
 
 log = logging.getLogger("grass_index")
 _SHARD_NAME = re.compile(r"^(\d+)-of-(\d+)$")

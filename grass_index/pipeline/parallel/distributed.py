@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..precondition import FisherAccumulator, save_preconditioner
-from ..store import SketchStore
-from ..indexdir.errors import AttributionError
-from ..indexdir.files import SHARDS_DIR, STORE_DIR, jsonable
-from .factors import merge_shard_factors
-from .pass2 import Pass2Run, fit_from_sums, run_pass2
+from ...precondition import FisherAccumulator, save_preconditioner
+from ...store import SketchStore
+from ...indexdir.errors import AttributionError
+from ...indexdir.files import SHARDS_DIR, STORE_DIR, jsonable
+from ..factors import merge_shard_factors
+from ..pass2 import Pass2Run, fit_from_sums, run_pass2
 from .sharding import cache_fisher, copy_shards, merge_setup
 
 # Rank 0's merge + pass 2 can take long while the others wait in a collective.
