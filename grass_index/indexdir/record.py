@@ -52,18 +52,9 @@ def n_batches(build: dict) -> int:
 
 
 def read_build_record(out: Path, *, missing: str | None = None) -> dict:
-    """build.json of ``out``; ``missing`` is the error message when there is none (default:
-    an OSError is raised as is)."""
-    bfile = Path(out) / BUILD_FILE
-    if missing is not None and not check_regular(bfile):
-        raise AttributionError(missing)
-    try:
-        build = read_json(bfile)
-    except ValueError as e:
-        raise AttributionError(f"{bfile} is corrupted ({e}); run `grass-index verify {out} "
-                               "--repair` to restore it from the sketch store") from e
-    record = BuildRecord(build, str(bfile))  # every field's type and range, and their agreement
-    return dict(record.raw)  # layout in column order (indexdir/records.py column_order)
+    """build.json of ``out`` as a dict, after ``read_build``'s checks (layout in column
+    order: indexdir/records.py column_order)."""
+    return dict(read_build(out, missing=missing).raw)
 
 
 def stored_build_record(store) -> dict:
@@ -73,8 +64,18 @@ def stored_build_record(store) -> dict:
 
 
 def read_build(out: Path, *, missing: str | None = None) -> BuildRecord:
-    """build.json of ``out`` as the typed record (``read_build_record``'s checks)."""
-    return BuildRecord(read_build_record(out, missing=missing), str(Path(out) / BUILD_FILE))
+    """build.json of ``out`` as the typed record, checked once: every field's type and range,
+    and their agreement; ``missing`` is the error message when there is none (default: an
+    OSError is raised as is)."""
+    bfile = Path(out) / BUILD_FILE
+    if missing is not None and not check_regular(bfile):
+        raise AttributionError(missing)
+    try:
+        build = read_json(bfile)
+    except ValueError as e:
+        raise AttributionError(f"{bfile} is corrupted ({e}); run `grass-index verify {out} "
+                               "--repair` to restore it from the sketch store") from e
+    return BuildRecord(build, str(bfile))
 
 
 def check_out_dir_free(out: Path) -> None:
