@@ -126,6 +126,17 @@ class Group:
         total.load_state_dict(out)
         return total
 
+    def settle(self):
+        """A barrier once the build succeeded, before the process may exit. gloo's worker
+        thread drops its last reference to a finished collective's tensors a moment after the
+        caller's ``wait`` returns; when that happens during interpreter shutdown it cannot take
+        the GIL and the rank dies with SIGABRT ("terminate called without an active
+        exception", pytorch/pytorch PR 179291). The barrier is queued behind that release, so
+        it has happened by the time the barrier returns (10% of 2-rank CLI builds aborted
+        without it; docs/measurements.md). Not on the error path: a rank that failed outside
+        a step would wait here for ranks that are inside one."""
+        self.dist.barrier()
+
     def close(self):
         if self.owned and self.dist.is_initialized():
             self.dist.destroy_process_group()
