@@ -168,7 +168,8 @@ def print_index(cfg: IndexConfig, *, directory, verb: str | None = None,
                 ("train examples", cfg.n_train), ("sketch dim", cfg.dim),
                 ("sparsification", cfg.sparsification), ("projection", cfg.projection),
                 ("seed", cfg.seed), *checkpoint_rows(cfg), ("hessian", cfg.hessian),
-                ("damping", f"{cfg.damping or 'default'} -> used {json.dumps(cfg.damping_used)}"),
+                ("damping", f"{cfg.damping_setting} -> used "
+                            f"{json.dumps(cfg.damping_used)}"),
                 ("batch size", cfg.batch_size), *tuned_rows(cfg.raw), *capture_rows(cfg.raw),
                 ("config hash", cfg.config_hash),
                 ("created", cfg.created)]
