@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..batching import batch_count
 from ..capture import as_checkpoints
+from ..errors import GrassIndexError
 from ..fileio import check_regular, read_json
 from ..store import SketchStore, writer_lock
 from ..store._env import DATA_FILE
@@ -22,7 +23,8 @@ from .errors import AttributionError
 from .files import (BUILD_FILE, FORMAT_VERSION, MASK_FILE, OUR_FILES, STORE_DIR, jsonable,
                     write_json)
 from .records import BuildRecord
-from .fingerprints import data_hash, hash_json, layer_dims, model_fingerprint, model_hash
+from .fingerprints import (MODEL_HASH_TAG, data_hash, hash_json, layer_dims, model_fingerprint,
+                           model_hash)
 
 CLAIM_WAIT_S = 30.0  # a worker waits this long for the lock another worker's claim holds
 
@@ -43,6 +45,23 @@ def make_build_record(options, *, model, infos, sketcher, train_data, masks=None
         build["checkpoint_hashes"] = [model_hash(m) for m in models]
     if masks is not None:  # only recorded when used, so other builds' hashes are unchanged
         build["selective_mask"] = hash_json(masks)
+    return build
+
+
+def hashed_like_recorded(out: Path, build: dict, model) -> dict:
+    """``build`` with its model hashes made by the function ``out``'s build.json used: a build
+    an older grass-index started records untagged ``legacy_model_hash``es, and resuming it
+    must compare like with like (the same model then matches; another still differs)."""
+    try:
+        old = read_json(Path(out) / BUILD_FILE) if check_regular(Path(out) / BUILD_FILE) else {}
+    except (OSError, ValueError, GrassIndexError):  # claim_out_dir reports it
+        return build
+    like = old.get("model_hash") if isinstance(old, dict) else None
+    if not isinstance(like, str) or like.startswith(MODEL_HASH_TAG):
+        return build
+    build = dict(build, model_hash=model_fingerprint(model, like=like))
+    if "checkpoint_hashes" in build:
+        build["checkpoint_hashes"] = [model_hash(m, like=like) for m in as_checkpoints(model)]
     return build
 
 

@@ -35,7 +35,7 @@ from .factors import check_ekfac, factor_shapes
 from .pass2 import finish, pass1_fisher, refit
 from .progress import Progress
 from ..indexdir import record
-from ..indexdir.record import claim_out_dir_locked, make_build_record
+from ..indexdir.record import claim_out_dir_locked, hashed_like_recorded, make_build_record
 from .parallel.sharding import merge, parse_worker, read_shard_fisher, sketch_shard
 from .sketching import sketch_training_set
 
@@ -153,6 +153,7 @@ class _Prepared:
                 log.info("layer %s: %s", name, note)
         self.build = make_build_record(options, model=model, infos=infos, sketcher=self.sketcher,
                                        train_data=train_data, masks=self.masks)
+        self.model = model  # to hash it again as an older build.json did (resuming that build)
         self.mask_file = options.selective_mask
         self.train_data, self.loss_fn, self.batch_size = train_data, loss_fn, options.batch_size
         self.workers = options.workers
@@ -178,6 +179,7 @@ class _Prepared:
 
     def claim(self, out: Path) -> None:
         """Workers/ranks of one build claim in turn (milliseconds each, under the lock)."""
+        self.build = hashed_like_recorded(out, self.build, self.model)
         claim_out_dir_locked(out, self.build, wait_s=record.CLAIM_WAIT_S).release()
         self._copy_mask(out)
 
@@ -185,6 +187,7 @@ class _Prepared:
         """A single process claims ``out`` (build.json) under the store's writer lock and keeps
         the lock for ``SketchStore.create``: two builds into one new directory cannot both
         claim it."""
+        self.build = hashed_like_recorded(out, self.build, self.model)
         lock = claim_out_dir_locked(out, self.build)
         try:
             self._copy_mask(out)

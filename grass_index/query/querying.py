@@ -70,7 +70,8 @@ def check_model(path: Path, record: IndexRecord, model):
                 raise
             raise AttributionError(f"{which}{e}") from e
         found.append(infos)
-        if model_hash(m, infos) != (hashes[c] if c < len(hashes) else None):
+        recorded = hashes[c] if c < len(hashes) else None
+        if model_hash(m, like=recorded) != recorded:  # with the function the index used
             log.warning("%sthe model's weights differ from the ones index %s was built with; "
                         "scores mix two models", which, path)
     return found[0]
