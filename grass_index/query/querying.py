@@ -227,19 +227,24 @@ def open_vector_index(path: Path, record: IndexRecord, *, mmap: bool = False):
 def load_preconditioner(path: Path, record: IndexRecord) -> Preconditioner:
     """The preconditioner pass 2 stored for this variant, as a query needs it: large arrays
     memory-mapped and checked cheaply (size, header, shape, dtype; `grass-index verify` checks
-    their checksums), and the stored sketches its low-rank layers apply through read on first
-    use (with the store opened again then: nothing stays open between operations)."""
+    their checksums), and the stored sketches its low-rank layers apply through streamed
+    block by block for a query's batch, read whole on first use by a larger one (with the store
+    opened again then: nothing stays open between operations)."""
     key = record.preconditioner_key
 
     def rows():
         with reading_store(path) as store:  # the block checksums are verify's
             return store.get_rows(np.arange(store.num_rows), verify=False)
+
+    def blocks():
+        with reading_store(path) as store:
+            yield from store.iter_blocks(verify=False)
     with reading_store(path) as store:
         if not has_preconditioner(store, key):
             raise AttributionError(f"the preconditioner is missing from {path}; run "
                                    f"`grass-index verify {path} --repair`")
         return load_stored_preconditioner(store, key, dict(record.layout), mapped=True,
-                                          rows=rows)
+                                          rows=rows, blocks=blocks)
 
 
 def search(path: Path, vindex, preconditioner, queries, k: int, *, opponents: bool = False,
