@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..batching import batch_count
 from ..capture import as_checkpoints
-from ..errors import GrassIndexError
+from ..errors import GrassIndexError, repair_command
 from ..fileio import check_regular, read_json
 from ..store import SketchStore, writer_lock
 from ..store._env import DATA_FILE
@@ -92,8 +92,8 @@ def read_build(out: Path, *, missing: str | None = None) -> BuildRecord:
     try:
         build = read_json(bfile)
     except ValueError as e:
-        raise AttributionError(f"{bfile} is corrupted ({e}); run `grass-index verify {out} "
-                               "--repair` to restore it from the sketch store") from e
+        raise AttributionError(f"{bfile} is corrupted ({e}); run {repair_command(out)} to "
+                               "restore it from the sketch store") from e
     return BuildRecord(build, str(bfile))
 
 

@@ -29,6 +29,7 @@ from ..indexdir.errors import AttributionError
 from ..indexdir.files import MASK_FILE, STORE_DIR, atomic_write, jsonable
 from ..indexdir.fingerprints import data_signature, layer_dims
 from ..devices import check_device
+from ..errors import option
 from .options import (BuildOptions, IndexOptions, check_damping, check_index,
                       check_train_data, damping_key, norm_hessian)
 from .factors import check_ekfac, factor_shapes
@@ -286,9 +287,10 @@ def _build_ranks(group, prep: _Prepared, out: Path, index_options: IndexOptions,
                  remove_shards: bool) -> BuildResult:
     """torchrun: every rank is worker rank/world of pass 1, then pass 2 spread over the ranks."""
     if index_options.hessian == "ekfac":
-        raise AttributionError("--hessian ekfac is not fitted under torchrun (its eigenvalue "
-                               "correction reads every sketch); build with --hessian eFIM, then "
-                               "re-precondition the index with hessian ekfac in one process")
+        raise AttributionError(f"{option('hessian', 'ekfac')} is not fitted under torchrun (its "
+                               "eigenvalue correction reads every sketch); build with "
+                               f"{option('hessian', 'eFIM')}, then re-precondition the index "
+                               "with hessian ekfac in one process")
     # rank 0 claims the directory first, so the others only compare with its build.json
     group.step(lambda: prep.claim(out) if group.rank == 0 else None)
     group.step(lambda: prep.shard(out, (group.rank, group.world), index_options, task, prog))

@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from ..errors import repair_command
 from .errors import DampingError, PreconditionError
 
 INVERSE_DTYPE = np.float32
@@ -80,7 +81,7 @@ class LowRank:
         if n != self.core.shape[0]:
             raise PreconditionError(
                 f"the low-rank preconditioner was fitted on {self.core.shape[0]} rows but the "
-                f"store holds {n}; re-precondition the index (grass-index verify --repair)")
+                f"store holds {n}; re-precondition the index ({repair_command()})")
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"core": self.core}
@@ -110,7 +111,7 @@ def apply_low_rank_streamed(layers: dict, a: np.ndarray, blocks: Blocks) -> dict
         seen += len(R)
     if not in_order:
         raise PreconditionError("the stored rows are not in id order; the store is damaged "
-                                "(grass-index verify --repair)")
+                                f"({repair_command()})")
     for f, _ in layers.values():
         f.check_rows(seen)
     T = {name: S.pop(name) @ f.core for name, (f, _) in layers.items()}

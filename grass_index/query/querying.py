@@ -15,6 +15,7 @@ from ..capture import (CaptureError, EnsembleSketcher, GradientSketcher, as_chec
                        select_layers)
 from ..capture.ensemble import single_model, split_block
 from ..compress import load_selective_mask
+from ..errors import repair_command
 from ..fileio import check_regular
 from ..index import FaissIndexError, SketchedIndex
 from ..precondition import Preconditioner, has_preconditioner
@@ -211,16 +212,16 @@ def open_vector_index(path: Path, record: IndexRecord, *, mmap: bool = False):
     f = path / names[0] if len(names) == 1 else path
     for name in names:
         if not check_regular(path / name):  # a symlink or FIFO there is refused, naming it
-            raise AttributionError(f"{path / name} is missing; run `grass-index verify {path} "
-                                   "--repair` to rebuild it from the stored sketches")
+            raise AttributionError(f"{path / name} is missing; run {repair_command(path)} to "
+                                   "rebuild it from the stored sketches")
     try:
         vindex = load_faiss(path, record, mmap=mmap)
     except (FaissIndexError, OSError) as e:
-        raise AttributionError(f"{f} is unreadable ({e}); run `grass-index verify "
-                               f"{path} --repair` to rebuild it") from e
+        raise AttributionError(f"{f} is unreadable ({e}); run {repair_command(path)} to "
+                               "rebuild it") from e
     if vindex.ntotal != record.n_train:
         raise AttributionError(f"{f} holds {vindex.ntotal} vectors, config says "
-                               f"{record.n_train}; run `grass-index verify {path} --repair`")
+                               f"{record.n_train}; run {repair_command(path)}")
     return vindex
 
 
@@ -242,7 +243,7 @@ def load_preconditioner(path: Path, record: IndexRecord) -> Preconditioner:
     with reading_store(path) as store:
         if not has_preconditioner(store, key):
             raise AttributionError(f"the preconditioner is missing from {path}; run "
-                                   f"`grass-index verify {path} --repair`")
+                                   f"{repair_command(path)}")
         return load_stored_preconditioner(store, key, dict(record.layout), mapped=True,
                                           rows=rows, blocks=blocks)
 

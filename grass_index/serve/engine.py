@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import grass_index as gi
-from grass_index.errors import GrassIndexError
+from grass_index.errors import GrassIndexError, repair_command, spelled
 from grass_index.task import Task, TaskError, task_for_index
 
 log = logging.getLogger("grass_index.serve")
@@ -50,9 +50,10 @@ def verify_or_refuse(path: Path, sample: int = 8) -> None:
     if rep["ok"]:
         return
     bad = "; ".join(f"{c['name']}: {c['detail']}" for c in rep["checks"] if not c["ok"])
-    raise ServeError(f"index {path} failed verification ({bad}); run `grass-index verify "
-                     f"{path}` for the full report and `grass-index verify {path} --repair` "
-                     "to rebuild what the stored sketches allow")
+    full = spelled(f"`grass-index verify {path}`", f"`grass_index.verify_index({str(path)!r})`")
+    raise ServeError(f"index {path} failed verification ({bad}); run {full} for the full "
+                     f"report and {repair_command(path)} to rebuild what the stored sketches "
+                     "allow")
 
 
 def batch_friendly_search(threshold: int = 2) -> None:
