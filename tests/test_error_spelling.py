@@ -65,3 +65,26 @@ def test_ekfac_on_an_ensemble_names_the_hessian_as_the_caller_writes_it(tmp_path
         assert "--hessian ekfac" in msg and "--hessian eFIM" in msg and "hessian=" not in msg
     else:
         assert "hessian='ekfac'" in msg and "hessian='eFIM'" in msg and "--" not in msg
+
+
+@pytest.mark.parametrize("cli", [False, True])
+def test_options_in_build_errors_are_spelled_for_the_caller(tmp_path, cli):
+    from grass_index.pipeline.parallel.sharding import parse_worker
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with (cli_spelling() if cli else contextlib.nullcontext()):
+        with pytest.raises(gi.AttributionError) as bad_worker:
+            parse_worker("two of four")
+        with pytest.raises(gi.AttributionError, match="is a file") as into_file:
+            gi.build_index(make_model(), make_data(8, 1), loss_fn, a_file,
+                           sparsification="random_mask-4*3", projection="sjlt-8",
+                           batch_size=8, progress=False)
+    if cli:
+        assert str(bad_worker.value).startswith("--worker 'two of four' is not of the form")
+        assert "e.g. --worker 0/4" in str(bad_worker.value)
+        assert str(into_file.value).startswith(f"--out {a_file} is a file")
+    else:
+        assert str(bad_worker.value).startswith("worker='two of four' is not of the form")
+        assert "e.g. worker='0/4'" in str(bad_worker.value)
+        assert str(into_file.value).startswith(f"out={str(a_file)!r} is a file")

@@ -35,14 +35,15 @@ def read_record(path) -> IndexRecord:
     foreign directory."""
     path = Path(path)
     if not path.is_dir():
-        raise AttributionError(f"index directory {path} not found; build one with "
-                               "`grass-index build TASK --out DIR`")
+        raise AttributionError(f"index directory {path} not found; build one with " + spelled(
+            "`grass-index build TASK --out DIR`", "grass_index.build_index(..., out=DIR)"))
     cfile = path / CONFIG_FILE
     if not check_regular(cfile):  # a symlink, FIFO or directory there is refused
         if check_regular(path / BUILD_FILE):
             raise AttributionError(unfinished(path))
         raise AttributionError(f"{path} is not a grass-index index (no {CONFIG_FILE}); pass the "
-                               "--out directory of `grass-index build`")
+                               + spelled("--out directory of `grass-index build`",
+                                         "out directory of build_index()"))
     try:
         cfg = read_json(cfile)
     except ValueError as e:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..batching import batch_count
 from ..capture import as_checkpoints
-from ..errors import GrassIndexError, repair_command
+from ..errors import GrassIndexError, option, repair_command
 from ..fileio import check_regular, read_json
 from ..store import SketchStore, writer_lock
 from ..store._env import DATA_FILE
@@ -100,7 +100,7 @@ def read_build(out: Path, *, missing: str | None = None) -> BuildRecord:
 def check_out_dir_free(out: Path) -> None:
     """``out`` is new, empty, or a grass-index build (checked before anything is written)."""
     if out.exists() and not out.is_dir():
-        raise AttributionError(f"--out {out} is a file; pass a directory")
+        raise AttributionError(f"{option('out', str(out))} is a file; pass a directory")
     if out.is_dir() and not (out / BUILD_FILE).is_file() and any(
             p.name not in OUR_FILES and not p.name.startswith((".", "index-"))
             and p.name != MASK_FILE for p in out.iterdir()):
@@ -149,7 +149,7 @@ def claim_out_dir(out: Path, build: dict) -> None:
         if jsonable(old) != jsonable(build):
             raise AttributionError(
                 f"output directory {out} holds a different build ({build_diff(old, build)}; "
-                f"choose another --out or delete {out} to rebuild")
+                f"choose another {option('out')} or delete {out} to rebuild")
         return
     if (out / STORE_DIR / DATA_FILE).exists():  # build.json lost: the store's own record
         try:
@@ -161,7 +161,7 @@ def claim_out_dir(out: Path, build: dict) -> None:
         if jsonable(created) != jsonable(build):
             raise AttributionError(
                 f"output directory {out} holds a different build ({build_diff(created, build)}"
-                f"; choose another --out or delete {out} to rebuild")
+                f"; choose another {option('out')} or delete {out} to rebuild")
     out.mkdir(parents=True, exist_ok=True)
     write_json(bfile, build)
 
