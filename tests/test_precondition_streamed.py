@@ -103,3 +103,29 @@ def test_an_index_query_streams_its_low_rank_rows(tmp_path):
     assert pre._rows is None  # streamed: never read whole
     pre.rows()
     np.testing.assert_allclose(got, pre.apply(q), rtol=2e-6, atol=1e-6 * np.abs(got).max())
+
+
+def test_a_two_stage_query_reranks_through_streamed_rows_and_a_server_keeps_them(tmp_path):
+    from _tiny_task import write_task
+    from grass_index.task import load_task
+
+    t = load_task(write_task(tmp_path, n_train=20))
+    out = tmp_path / "idx"
+    gi.build_index(t.model(), t.train_data(), t.loss, out, sparsification="identity",
+                   projection="identity", batch_size=8, task=t.ref, progress=False,
+                   index="flat:sketch=6,rerank=8")
+    idx = gi.open_index(out)
+    assert "low_rank" in {f.kind for f in idx.preconditioner.forms.values()}
+    q = t.query_data()
+    scores = idx.score(t.model(), q, t.loss)  # every stored row preconditioned (rows read)
+    fresh = gi.open_index(out)
+    got = fresh.query(t.model(), q, t.loss, k=3)
+    assert fresh.preconditioner._rows is None  # the re-rank streamed them
+    for r, hits in enumerate(got):
+        for tid, s in hits:
+            assert s == pytest.approx(float(scores[r, tid]), rel=1e-4, abs=1e-6)
+    pytest.importorskip("fastapi")
+    from grass_index.serve import Engine
+
+    eng = Engine(out, str(t.ref), verify=False)
+    assert eng.idx.preconditioner._rows is not None  # a server reads them once, keeps them

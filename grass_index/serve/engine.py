@@ -117,9 +117,20 @@ class Engine:
                              "index was built from (--task FILE)")
         self.queries = self.task.query_data() if self.task.has("query_data") else None
         self.idx.vindex  # load FAISS now, not on the first request
+        self._hold_low_rank_rows()
         self._labels: dict[int, Any] = {}
         self._self_influence: list | None = None  # (train_id, score), highest first
         self.load_seconds = time.perf_counter() - t0
+
+    def _hold_low_rank_rows(self) -> None:
+        """A two-stage index re-ranks every batch through the preconditioner: a one-off query
+        streams its low-rank layers' rows (twice), a server reads them once and keeps them."""
+        from grass_index.index import SketchedIndex
+
+        if isinstance(self.idx.vindex, SketchedIndex):
+            pre = self.idx.preconditioner
+            if pre.forms and any(f.kind == "low_rank" for f in pre.forms.values()):
+                pre.rows()
 
     # -- what the task offers ---------------------------------------------------------------
     def features(self) -> dict:
