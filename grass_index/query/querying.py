@@ -217,9 +217,9 @@ def open_vector_index(path: Path, record: IndexRecord, *, mmap: bool = False):
     except (FaissIndexError, OSError) as e:
         raise AttributionError(f"{f} is unreadable ({e}); run `grass-index verify "
                                f"{path} --repair` to rebuild it") from e
-    if vindex.ntotal != record.n_train:
+    if vindex.ntotal != record.n_live:
         raise AttributionError(f"{f} holds {vindex.ntotal} vectors, config says "
-                               f"{record.n_train}; run `grass-index verify {path} --repair`")
+                               f"{record.n_live}; run `grass-index verify {path} --repair`")
     return vindex
 
 
@@ -230,9 +230,9 @@ def load_preconditioner(path: Path, record: IndexRecord) -> Preconditioner:
     use (with the store opened again then: nothing stays open between operations)."""
     key = record.preconditioner_key
 
-    def rows():
+    def rows():  # the rows this generation's low-rank layers were fitted on (removed: not)
         with reading_store(path) as store:  # the block checksums are verify's
-            return store.get_rows(np.arange(store.num_rows), verify=False)
+            return store.get_rows(record.generation.live_ids(), verify=False)
     with reading_store(path) as store:
         if not has_preconditioner(store, key):
             raise AttributionError(f"the preconditioner is missing from {path}; run "
@@ -254,13 +254,15 @@ def search(path: Path, vindex, preconditioner, queries, k: int, *, opponents: bo
     return vindex.search(queries, k, opponents=opponents, nprobe=nprobe)
 
 
-def train_vectors(path: Path, pre: Preconditioner):
-    """Yield (start_id, preconditioned rows) from the stored sketches, in id order."""
+def train_vectors(path: Path, pre: Preconditioner, limit: int | None = None):
+    """Yield (start_id, preconditioned rows) from the stored sketches, in id order (ids below
+    ``limit``: the generation's rows; an add may be storing more)."""
     with reading_store(path) as store:
-        yield from preconditioned_blocks(store, pre)
+        yield from preconditioned_blocks(store, pre, limit=limit)
 
 
-def raw_sketches(path: Path):
-    """Yield (start_id, raw rows ĝ_i [B, K] float32) from the stored sketches, in id order."""
+def raw_sketches(path: Path, limit: int | None = None):
+    """Yield (start_id, raw rows ĝ_i [B, K] float32) from the stored sketches, in id order
+    (ids below ``limit``)."""
     with reading_store(path) as store:
-        yield from chunks(store)
+        yield from chunks(store, limit=limit)
