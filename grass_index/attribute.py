@@ -84,7 +84,8 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
                                  nprobe=nprobe)
     if distributed is not True and living.grows(out, train_data):  # data grew at the end
         living.add_examples(out, model, train_data, loss_fn, collate=collate,
-                            progress=progress, device=device, workers=workers)
+                            progress=progress, device=device, workers=workers,
+                            task=_record_of(task), options=index_options)
         return open_index(out)
     options = BuildOptions(sparsification=sparsification, projection=projection, seed=seed,
                            layers=layers, batch_size=batch_size, selective_mask=selective_mask,
@@ -98,16 +99,19 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
 
 def add_examples(path, model: torch.nn.Module, train_data: Sequence, loss_fn: Callable, *,
                  collate: Callable | None = None, progress=True, device=None,
-                 retrain: bool = False, workers: int | None = None) -> "AttributionIndex":
+                 retrain: bool = False, workers: int | None = None,
+                 task: str | None = None) -> "AttributionIndex":
     """Grow the index in ``path`` by the examples ``train_data`` has beyond it (data that grew
     at the end: every indexed example unchanged, the same model and settings). Only the new
     examples are sketched; the Fisher gains their rows, the preconditioner is refitted (a
     recorded damping rule, e.g. ``auto``, is evaluated on the new spectrum) and FAISS holds
     every row again — a new generation, committed atomically. An IVF index keeps its
     quantizer (a warning says when the new rows drift from it) unless ``retrain``.
-    ``build_index`` over grown data into the same directory does the same."""
+    ``build_index`` over grown data into the same directory does the same. ``task``: the
+    task (reference) the grown data comes from, recorded like a build's."""
     living.add_examples(path, model, train_data, loss_fn, collate=collate, progress=progress,
-                        device=device, retrain=retrain, workers=workers)
+                        device=device, retrain=retrain, workers=workers,
+                        task=_record_of(task))
     return open_index(path)
 
 

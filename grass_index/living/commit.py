@@ -56,14 +56,18 @@ def refuse_ekfac(record: IndexRecord, what: str) -> None:
 
 
 def commit_generation(path: Path, store, record: IndexRecord, build: dict, gen: Generation, *,
-                      progress, template=None) -> dict:
-    """Make ``gen`` (over ``build``'s rows) the index's generation; the new config."""
+                      progress, template=None, task: dict | None = None,
+                      options: IndexOptions | None = None) -> dict:
+    """Make ``gen`` (over ``build``'s rows) the index's generation; the new config.
+    ``task``: the task record of an add ({task, task_sha256}: the grown data's; default the
+    recorded one); ``options``: pass 2's (default: the recorded ones)."""
     store.put_meta(store_key(gen.number), build)  # readers of the old generation ignore it
     updated = update_fisher(store, dict(record.layout), record.generation, gen, record.hessian)
     log.info("generation %d: Fisher sums %s", gen.number,
              "updated from the cached ones" if updated else "summed over the rows that count")
-    cfg = finish(path, store, build, dict(record.layers_described), index_options(record),
-                 task=None, progress=progress, old_config=dict(record.raw), again="refit",
+    cfg = finish(path, store, build, dict(record.layers_described),
+                 options or index_options(record),
+                 task=task, progress=progress, old_config=dict(record.raw), again="refit",
                  generation=gen, template=template)
     write_json(path / BUILD_FILE, build)  # after the commit: what the sketches now are
     return cfg

@@ -42,10 +42,14 @@ def grows(path, train_data: Sequence) -> bool:
 
 
 def add_examples(path, model, train_data: Sequence, loss_fn, *, collate=None, progress=True,
-                 device=None, retrain: bool = False, workers: int | None = None) -> dict:
+                 device=None, retrain: bool = False, workers: int | None = None,
+                 task: dict | None = None, options=None) -> dict:
     """Sketch the examples ``train_data`` has beyond the index in ``path`` (its earlier ones
     must be the indexed ones, unchanged) and commit the next generation; the new config.
-    ``retrain``: train a new IVF quantizer instead of keeping the index's."""
+    ``retrain``: train a new IVF quantizer instead of keeping the index's; ``task``: the
+    task's record ({task, task_sha256}) for config.json (default: the recorded one);
+    ``options``: IndexOptions for pass 2 (a re-run of `build` with other ones; default: the
+    recorded hessian, damping rule and index kind)."""
     path = Path(path)
     record = read_record(path)
     refuse_ekfac(record, "add examples to")
@@ -70,8 +74,10 @@ def add_examples(path, model, train_data: Sequence, loss_fn, *, collate=None, pr
             _pass1(store, prep, train_data, n_old, prog)
             gen = record.generation.grown(n - n_old)
             cfg = commit_generation(path, store, record, jsonable(prep.build), gen,
-                                    progress=prog,
-                                    template=kept_quantizer(path, record, retrain))
+                                    progress=prog, task=task, options=options,
+                                    template=kept_quantizer(path, record, retrain or (
+                                        options is not None
+                                        and options.index != record.index_kind)))
     finally:
         prog.close()
     ratio = drift(path, cfg, n_old) if not retrain else None
