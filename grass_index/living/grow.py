@@ -57,11 +57,11 @@ def add_examples(path, model, train_data: Sequence, loss_fn, *, collate=None, pr
     if n <= n_old:
         raise AttributionError(f"the training data has {n} examples and index {path} already "
                                f"holds {n_old}: nothing to add (new examples go at the end)")
-    options = BuildOptions(sparsification=record.sparsification, projection=record.projection,
+    sketching = BuildOptions(sparsification=record.sparsification, projection=record.projection,
                            seed=record.seed, layers=list(record.layers or []) or None,
                            batch_size=record.batch_size, workers=workers,
                            selective_mask=path / MASK_FILE if record.selective_mask else None)
-    prep = Prepared(model, train_data, loss_fn, options, collate=collate, device=device)
+    prep = Prepared(model, train_data, loss_fn, sketching, collate=collate, device=device)
     prog = Progress(progress)
     try:
         with SketchStore.open(path / STORE_DIR, readonly=False) as store:
