@@ -87,9 +87,19 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
                             progress=progress, device=device, workers=workers,
                             task=_record_of(task), options=index_options)
         return open_index(out)
+    living.settle(out)  # a finished index's build.json is its generation's (after a kill)
     options = BuildOptions(sparsification=sparsification, projection=projection, seed=seed,
                            layers=layers, batch_size=batch_size, selective_mask=selective_mask,
                            workers=workers)
+    if distributed is not True and living.same_data(out, model, train_data, loss_fn, options,
+                                                    collate=collate, device=device):
+        idx = open_index(out)  # a grown index over its own data: pass 2's options may differ
+        rec = idx.record
+        wanted = (index_options.hessian, None if damping is None else str(damping),
+                  index_options.index)
+        if wanted != (rec.hessian, rec.damping, rec.index_kind):
+            idx.reprecondition(damping, index_options.hessian, index_options.index, progress)
+        return idx
     res = pipeline_run.build(model, train_data, loss_fn, out, options, index_options,
                              task=_record_of(task),
                              collate=collate, progress=progress, device=device,

@@ -313,3 +313,106 @@ def test_cli_add_remove_info(tmp_path):
                          "--json").stdout)
     ids = {row["train_id"] for res in doc["results"] for row in res["proponents"]}
     assert ids and not ids & {3, 17, 50, 51}
+
+
+# ----------------------------------------------------------------------------- kill -9
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    sys.path[:0] = {paths!r}
+    import torch
+    import grass_index as gi
+    import grass_index.living.commit as commit
+    import grass_index.pipeline.pass2 as pass2
+    from grass_index.store import SketchStore
+    from test_living import DATA, loss_fn, make_model
+
+    op, out, point = sys.argv[1], sys.argv[2], sys.argv[3]
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def after(module, name):
+        real = getattr(module, name)
+        def wrapped(*a, **k):
+            got = real(*a, **k)
+            die()
+        setattr(module, name, wrapped)
+
+    if point == "grow_block":
+        real = SketchStore.grow_block
+        def grown(self, *a, **k):
+            real(self, *a, **k)
+            die()
+        SketchStore.grow_block = grown
+    elif point == "fisher":
+        after(commit, "update_fisher")
+    elif point in ("before_config", "after_config"):
+        real_write = pass2.write_json
+        def write(path, obj):
+            if str(path).endswith("config.json") and point == "before_config":
+                die()
+            real_write(path, obj)
+            if str(path).endswith("config.json"):
+                die()
+        pass2.write_json = write
+
+    def progress(stage, done, total):
+        if point in (stage, f"{{stage}}:{{done}}"):
+            die()
+
+    if op == "add":
+        gi.add_examples(out, make_model(), DATA, loss_fn, progress=progress)
+    else:
+        gi.remove_examples(out, [3, 17, 50], progress=progress)
+""")
+
+
+def snapshot(out: Path) -> dict:
+    """What a reader of the index sees: config.json (less its timestamp), the FAISS bytes,
+    the exact scores."""
+    cfg = json.loads((out / "config.json").read_text())
+    faiss = {name: (out / name).read_bytes() for name in cfg["index_files"]}
+    cfg.pop("created")
+    cfg.pop("config_hash")
+    return dict(cfg=cfg, faiss=faiss, scores=scores(gi.open_index(out)))
+
+
+def equal(a: dict, b: dict) -> bool:
+    return a["cfg"] == b["cfg"] and a["faiss"] == b["faiss"] and torch.equal(a["scores"],
+                                                                             b["scores"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op, points", [
+    ("add", ["grow_block", "sketch:7", "fisher", "index", "before_config", "after_config"]),
+    ("remove", ["fisher", "index", "before_config", "after_config"])])
+def test_kill_9_during_a_change_leaves_the_old_or_the_new_generation(tmp_path, op, points):
+    import shutil
+
+    base = tmp_path / "base"
+    build(base, 44)
+    old = snapshot(base)
+    ref = tmp_path / "ref"
+    shutil.copytree(base, ref)
+    child = tmp_path / "child.py"
+    child.write_text(CHILD.format(paths=[str(Path(gi.__file__).parents[1]),
+                                         str(Path(__file__).parent)]))
+    subprocess.run([sys.executable, child, op, ref, "none"], check=True)
+    new = snapshot(ref)
+    for point in points:
+        out = tmp_path / point.replace(":", "-")
+        shutil.copytree(base, out)
+        p = subprocess.run([sys.executable, child, op, out, point], capture_output=True,
+                           text=True)
+        assert p.returncode == -signal.SIGKILL, (point, p.stderr)
+        now = snapshot(out)
+        assert equal(now, old) or equal(now, new), point  # never a mix
+        committed = equal(now, new)
+        assert committed == (point == "after_config"), point
+        if not committed:  # re-running the change resumes it
+            subprocess.run([sys.executable, child, op, out, "none"], check=True)
+        else:  # a command settles build.json (written after the commit)
+            gi.build_index(make_model(), DATA, loss_fn, out, **KW)
+        assert equal(snapshot(out), new), point
+        assert gi.verify_index(out)["ok"], point

@@ -11,7 +11,9 @@ last); readers keep their snapshot and pick up the newest generation.
     grow.py     add_examples: pass 1 on the new examples only (a short last batch filled up in
                 place), then the next generation
 """
-from .grow import add_examples, grows
+from .commit import settle
+from .grow import add_examples, grows, same_data
 from .remove import check_ids, parse_ids, remove_examples
 
-__all__ = ["add_examples", "check_ids", "grows", "parse_ids", "remove_examples"]
+__all__ = ["add_examples", "check_ids", "grows", "parse_ids", "remove_examples", "same_data",
+           "settle"]

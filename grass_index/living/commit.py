@@ -18,8 +18,9 @@ from ..fileio import write_json
 from ..index import FaissIndexError
 from ..indexdir.errors import AttributionError
 from ..indexdir.files import BUILD_FILE
-from ..indexdir.generations import Generation, store_build, store_key
-from ..indexdir.records import BuildRecord, IndexRecord
+from ..indexdir.generations import Generation, store_key
+from ..indexdir.record import stored_build_record
+from ..indexdir.records import IndexRecord
 from ..indexdir.stored import load_faiss
 from ..pipeline.options import IndexOptions
 from ..pipeline.pass2 import finish
@@ -31,9 +32,7 @@ log = logging.getLogger("grass_index")
 def recorded_build(store, record: IndexRecord) -> dict:
     """The build record of ``record``'s generation as the store keeps it, in column order
     (what pass 2 hashes into its key and config.json's sketch_hash)."""
-    number = record.generation.number
-    return dict(BuildRecord(store_build(store, number),
-                            f"the store's build record of generation {number}").raw)
+    return stored_build_record(store, record.generation.number)
 
 
 def index_options(record: IndexRecord) -> IndexOptions:
@@ -71,6 +70,31 @@ def commit_generation(path: Path, store, record: IndexRecord, build: dict, gen: 
                  generation=gen, template=template)
     write_json(path / BUILD_FILE, build)  # after the commit: what the sketches now are
     return cfg
+
+
+def settle(path: Path) -> None:
+    """build.json is the build record of config.json's generation: restored from the store
+    when a kill fell between the commit (config.json) and its write. Every change, and a
+    build into a finished index, starts here."""
+    from ..fileio import read_json
+    from ..indexdir.config import read_record
+    from ..indexdir.files import STORE_DIR, jsonable
+    from ..store import SketchStore, StoreError
+
+    try:
+        record = read_record(path)
+        with SketchStore.open(Path(path) / STORE_DIR, readonly=False) as store:
+            want = recorded_build(store, record)
+            try:
+                have = read_json(Path(path) / BUILD_FILE)
+            except (OSError, ValueError):
+                have = None
+            if jsonable(have) != jsonable(want):
+                log.warning("restoring %s of generation %d (a change was interrupted after "
+                            "its commit)", BUILD_FILE, record.generation.number)
+                write_json(Path(path) / BUILD_FILE, want)
+    except (AttributionError, StoreError, OSError):
+        return  # not a finished index, or another writer holds it: nothing to settle here
 
 
 def kept_quantizer(path: Path, record: IndexRecord, retrain: bool):

@@ -24,7 +24,8 @@ from ..pipeline.progress import Progress
 from ..pipeline.run import Prepared
 from ..pipeline.sketching import _sketch_batch, sketch_training_set
 from ..store import SketchStore
-from .commit import (commit_generation, drift, kept_quantizer, recorded_build, refuse_ekfac)
+from .commit import (commit_generation, drift, kept_quantizer, recorded_build, refuse_ekfac,
+                     settle)
 
 log = logging.getLogger("grass_index")
 GROWN = ("n_train", "data_hash")  # what a build record of grown data may differ in
@@ -38,7 +39,30 @@ def grows(path, train_data: Sequence) -> bool:
         record = read_record(Path(path))
     except AttributionError:
         return False
-    return len(train_data) > record.n_train
+    return hasattr(train_data, "__len__") and len(train_data) > record.n_train
+
+
+def same_data(path, model, train_data: Sequence, loss_fn, options: BuildOptions, *,
+              collate=None, device=None) -> bool:
+    """A re-run of `build` over the data of a living index (generation 1 on, as many
+    examples): True when its build record is the index's — the sketches are all there and
+    its removed examples stay removed, so only pass 2's options may differ; an error naming
+    the difference otherwise. False for anything else (a plain build resumes or refits)."""
+    try:
+        record = read_record(Path(path))
+    except AttributionError:
+        return False
+    if record.generation.number == 0 or not (
+            hasattr(train_data, "__len__") and len(train_data) == record.n_train):
+        return False  # a plain build's directory: resumed or refitted as usual
+    prep = Prepared(model, train_data, loss_fn, options, collate=collate, device=device)
+    with SketchStore.open(Path(path) / STORE_DIR, readonly=True) as store:
+        old = recorded_build(store, record)
+    if jsonable(old) != jsonable(prep.build):
+        raise AttributionError(f"output directory {path} holds a different build "
+                               f"({build_diff(jsonable(old), jsonable(prep.build))}; choose "
+                               f"another --out or delete {path} to rebuild")
+    return True
 
 
 def add_examples(path, model, train_data: Sequence, loss_fn, *, collate=None, progress=True,
@@ -51,6 +75,7 @@ def add_examples(path, model, train_data: Sequence, loss_fn, *, collate=None, pr
     ``options``: IndexOptions for pass 2 (a re-run of `build` with other ones; default: the
     recorded hessian, damping rule and index kind)."""
     path = Path(path)
+    settle(path)
     record = read_record(path)
     refuse_ekfac(record, "add examples to")
     n_old, n = record.n_train, len(train_data) if hasattr(train_data, "__len__") else -1

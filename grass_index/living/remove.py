@@ -13,7 +13,7 @@ from ..indexdir.errors import AttributionError
 from ..indexdir.files import STORE_DIR
 from ..pipeline.progress import Progress
 from ..store import SketchStore
-from .commit import commit_generation, recorded_build, refuse_ekfac
+from .commit import commit_generation, recorded_build, refuse_ekfac, settle
 
 
 def parse_ids(text: str) -> list[int]:
@@ -63,6 +63,7 @@ def remove_examples(path, ids, *, progress=False) -> dict:
     atomically (a reader keeps its snapshot until it picks up the new one). Returns the new
     config."""
     path = Path(path)
+    settle(path)
     record = read_record(path)
     refuse_ekfac(record, "remove examples from")
     check_ids(ids, record)

@@ -44,7 +44,7 @@ from ..fileio import remove_stale_temps, unlink_owned
 from ..indexdir.files import (CONFIG_FILE, INDEX_FILE, STORE_DIR, index_file_names, jsonable,
                               write_json)
 from ..indexdir.fingerprints import config_hash, data_signature, hash_json
-from ..indexdir.generations import Generation
+from ..indexdir.generations import Generation, record_number
 from .options import IndexOptions, damping_key
 from .progress import Progress
 from ..indexdir.record import n_batches, stored_build_record
@@ -489,7 +489,7 @@ def refit(path: Path, config: dict, opts: IndexOptions, *, progress=False,
         with SketchStore.open(path / STORE_DIR, readonly=False) as store:
             # the store's own creation record, not build.json (which another build may have
             # overwritten): it is what the stored sketches are
-            build = stored_build_record(store)
+            build = stored_build_record(store, record_number(config))
             return finish(path, store, build, config.get("layers_described", {}),
                           opts, task=None, progress=prog, old_config=config, tune=tune,
                           again="refit")
