@@ -58,7 +58,6 @@ def remove(
     """Remove training examples: never returned again by query, score, self-influence or
     serve, and out of the Fisher (a new generation; ids never shift)."""
     import grass_index as gi
-    from grass_index.living import parse_ids
 
     if (ids is None) == (ids_file is None):
         fail("give the ids to remove: --ids 3,17,42 or --ids-file FILE (one of them)")
@@ -72,6 +71,18 @@ def remove(
     t0 = time.perf_counter()
     idx = gi.remove_examples(directory, parse_ids(text))
     _report("removed from", directory, idx, time.perf_counter() - t0, json_mode)
+
+
+def parse_ids(text: str) -> list[int]:
+    """Training ids from "3,17,42" or a file's text (commas, spaces or newlines; # comments)."""
+    ids = []
+    for line in str(text).splitlines():
+        for tok in line.split("#", 1)[0].replace(",", " ").split():
+            try:
+                ids.append(int(tok))
+            except ValueError:
+                fail(f"{tok!r} is not a training id (an integer); give ids such as 3,17,42")
+    return ids
 
 
 def _report(verb: str, directory: Path, idx, secs: float, json_mode: bool) -> None:

@@ -13,7 +13,7 @@ last); readers keep their snapshot and pick up the newest generation.
 """
 from .commit import settle
 from .grow import add_examples, grows, same_data
-from .remove import check_ids, parse_ids, remove_examples
+from .remove import check_ids, remove_examples
 
-__all__ = ["add_examples", "check_ids", "grows", "parse_ids", "remove_examples", "same_data",
+__all__ = ["add_examples", "check_ids", "grows", "remove_examples", "same_data",
            "settle"]

@@ -16,19 +16,6 @@ from ..store import SketchStore
 from .commit import commit_generation, recorded_build, refuse_ekfac, settle
 
 
-def parse_ids(text: str) -> list[int]:
-    """Training ids from "3,17,42" or a file's text (commas, spaces or newlines; # comments)."""
-    ids = []
-    for line in str(text).splitlines() or [""]:
-        for tok in line.split("#", 1)[0].replace(",", " ").split():
-            try:
-                ids.append(int(tok))
-            except ValueError:
-                raise AttributionError(f"{tok!r} is not a training id (an integer); give ids "
-                                       "such as 3,17,42") from None
-    return ids
-
-
 def check_ids(ids, record) -> list[int]:
     """The ids to remove, checked against ``record``: integers, in range, not yet removed,
     not every example; one error naming every offender."""
