@@ -122,7 +122,9 @@ def _store_records(path: Path, generation: int = 0):
 
 def _diff(cfg: dict, created: dict, stored) -> list[str]:
     diff = [k for k in sorted(created) if jsonable(created[k]) != jsonable(cfg.get(k))]
-    if isinstance(stored, dict):
+    # the store's copy of a newer generation (a change committing, or killed before its
+    # config.json) may record another task file: the old generation stays readable
+    if isinstance(stored, dict) and record_number(stored) == record_number(cfg):
         diff += [k for k in TASK_FIELDS if stored.get(k) != cfg.get(k)]
     return diff
 
