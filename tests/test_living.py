@@ -141,6 +141,25 @@ def test_remove_equals_a_fresh_build_without_them_and_they_are_never_returned(tm
     assert gi.verify_index(out)["ok"]
 
 
+def test_a_build_rerun_over_a_living_index_keeps_its_generation(tmp_path):
+    """build over the same (grown) data: no change, or only pass 2's options; the removed
+    stay removed; the Fisher cache is the generation's own."""
+    out = tmp_path / "ix"
+    build(out, 44)
+    idx = gi.add_examples(out, make_model(), DATA, loss_fn, progress=False).remove([9])
+    with SketchStore.open(out / "sketches", readonly=True) as st:
+        assert st.get_meta("fisher_generation") == idx.settings.generation.tag
+        assert st.get_meta("fisher_n") == 59
+    again = build(out, data=DATA)
+    assert again.generation == 2 and again.removed == (9,)
+    refit = build(out, data=DATA, damping=0.3)
+    assert refit.generation == 2 and refit.removed == (9,) and refit.record.damping == "0.3"
+    keep = [i for i in range(60) if i != 9]
+    ref = build(tmp_path / "ref", data=torch.utils.data.Subset(DATA, keep), damping=0.3)
+    assert same(scores(refit)[:, keep], scores(ref))
+    assert gi.verify_index(out)["ok"]
+
+
 def test_remove_then_grow_keeps_the_removed_out(tmp_path):
     out = tmp_path / "ix"
     build(out, 44).remove([5])
