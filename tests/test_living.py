@@ -97,6 +97,15 @@ def test_grow_in_the_low_rank_form_and_with_auto_damping(tmp_path):
     assert grown.record.damping == "auto"
     assert grown.record.damping_used == pytest.approx(ref.record.damping_used, rel=1e-5)
     assert same(scores(grown), scores(ref))
+    fewer = grown.remove([2])  # the core is refitted on the 19 rows that count
+    keep = [i for i in range(20) if i != 2]
+    ref = build(tmp_path / "c", data=torch.utils.data.Subset(DATA, keep), **kw)
+    assert same(scores(fewer)[:, keep], scores(ref))
+    for got, want in zip(gi.open_index(a).query(make_model(), QUERIES, loss_fn, k=5),
+                         ref.query(make_model(), QUERIES, loss_fn, k=5)):  # streamed rows
+        assert [keep[i] for i, _ in want] == [i for i, _ in got]
+        assert [s for _, s in got] == pytest.approx([s for _, s in want], rel=1e-4)
+    assert gi.verify_index(a)["ok"]
 
 
 def test_add_refuses_changed_or_shrunk_data_and_other_settings(tmp_path):

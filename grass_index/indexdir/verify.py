@@ -169,7 +169,8 @@ def check_rows(found: Findings, store, view: IndexRecord, *, fast: bool, sample:
 def check_preconditioner(found: Findings, store, view: IndexRecord):
     """The stored preconditioner of this variant, loadable and finite; None otherwise."""
     try:
-        pre = load_preconditioner(store, view.preconditioner_key, dict(view.layout))
+        pre = load_preconditioner(store, view.preconditioner_key, dict(view.layout),
+                                  rows=lambda: store.get_rows(view.generation.live_ids()))
     except (KeyError, PreconditionError, *UNREADABLE) as e:
         found.check("preconditioner", False, f"missing or unreadable ({e})")
         return None

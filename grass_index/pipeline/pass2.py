@@ -318,7 +318,8 @@ class _Pass2:
     def _preconditioner(self) -> Preconditioner:
         """The variant's stored preconditioner (a resumed pass 2), else a fresh fit (kept)."""
         stored, layout = self.run.stored, self.build["layout"]
-        pre = _stored_preconditioner(stored, self.key, layout) if stored is not None else None
+        pre = None if stored is None else _stored_preconditioner(
+            stored, self.key, layout, rows=lambda: stored.get_rows(self.gen.live_ids()))
         if pre is None:
             pre = self.run.fit()
             if stored is not None:
@@ -497,12 +498,13 @@ def refit(path: Path, config: dict, opts: IndexOptions, *, progress=False,
         prog.close()
 
 
-def _stored_preconditioner(store, key: str, layout: dict):
+def _stored_preconditioner(store, key: str, layout: dict, rows=None):
     """The preconditioner pass 2 already stored under ``key``, or None when there is none or it
-    is damaged (non-finite, unreadable): then it is fitted again from the cached Fisher."""
+    is damaged (non-finite, unreadable): then it is fitted again from the cached Fisher.
+    ``rows``: the rows its low-rank layers were fitted on (a living index's rows that count)."""
     name = f"precond/{key}"
     try:
-        pre = load_preconditioner(store, key, layout)
+        pre = load_preconditioner(store, key, layout, rows=rows)
     except KeyError:
         return None
     except (StoreError, ValueError) as e:
