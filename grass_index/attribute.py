@@ -82,6 +82,7 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
                                "IndexOptions(...)), which returns the shard's ShardInfo")
     index_options = IndexOptions(hessian=hessian, damping=damping, index=index, nlist=nlist,
                                  nprobe=nprobe)
+    out = arguments.directory(out, "build_index", "out")
     if distributed is not True and living.grows(out, train_data):  # data grew at the end
         living.add_examples(out, model, train_data, loss_fn, collate=collate,
                             progress=progress, device=device, workers=workers,
