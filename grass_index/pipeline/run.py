@@ -213,6 +213,10 @@ class _Prepared:
             progress=progress, records=records))
 
 
+# pass 1's checked inputs, for what extends a finished index (grass_index/living/)
+Prepared = _Prepared
+
+
 def recorded_task(task) -> dict | None:
     """The task's record {task, task_sha256} that config.json keeps; the façade makes it from
     a task reference or a loaded task (grass_index.task.task_record)."""
