@@ -114,9 +114,10 @@ def _disk_parts(out: Path) -> dict:
     return parts
 
 
-def predict(res: dict, model=None) -> dict:
+def predict(res: dict, model=None, rates_key: str = "rates") -> dict:
     """The plan's prediction for a recorded run, from its inputs and the rates measured before
-    it (``model``: the model or a meta-device copy, for its FLOPs)."""
+    it (``rates_key`` "rates_after": those measured right after it; ``model``: the model or a
+    meta-device copy, for its FLOPs)."""
     from grass_index import plan as plan_mod
 
     from grass_index.plan import costs
@@ -135,7 +136,7 @@ def predict(res: dict, model=None) -> dict:
     if p.index_width != res["index_dim"]:  # price the index the build chose (half its RAM)
         p = dataclasses.replace(p, index_width=res["index_dim"],
                                 index_disk=float(i["n"]) * res["index_dim"] * p.index_bytes)
-    rates = plan_mod.Rates(**res["rates"])
+    rates = plan_mod.Rates(**res[rates_key])
     t = plan_mod.predict_seconds(model, {x.name: x.k for x in p.layers}, n=i["n"],
                                  tokens=i["tokens"], batch_size=i["batch_size"],
                                  hessian=i["hessian"], rates=rates, plan=p)

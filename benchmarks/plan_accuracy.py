@@ -49,8 +49,12 @@ def run_case(name: str, work: str | None) -> dict:
         return r
 
 
-def ratio(pred: float, meas: float) -> str:
-    return f"{pred:.2f} / {meas:.2f} ({pred / meas - 1:+.0%})" if meas else f"{pred:.2f} / -"
+def ratio(pred: float, meas: float, after: float | None = None) -> str:
+    """plan / measured (error), and with ``after`` the plan at the rates measured after."""
+    if not meas:
+        return f"{pred:.2f} / -"
+    tail = "" if after is None else f"; after {after / meas - 1:+.0%}"
+    return f"{pred:.1f} / {meas:.1f} ({pred / meas - 1:+.0%}{tail})"
 
 
 def table(records: list[dict]) -> None:
@@ -59,16 +63,20 @@ def table(records: list[dict]) -> None:
     print("| case | load | check s | pass 1 s | pass 2 s | peak RSS GB | disk GB | index |")
     print("|---|---|---|---|---|---|---|---|")
     for r in records:
+        ta = predict(r, rates_key="rates_after")["plan_s"]
         r.update(predict(r))
         t = r["plan_s"]
         width = "exact" if r["index_dim"] == r["K"] else f"sketch {r['index_dim']}"
         planned = "exact" if r["planned_width"] == r["K"] else f"sketch {r['planned_width']}"
         print(f"| {r['case']} (n={r['n']}, K={r['K']:,}, {r['hessian']}, forms "
-              f"{_forms(r)}) | {r['load'][0]:.1f} | {ratio(t['check'], r['check_s'])} | "
-              f"{ratio(t['pass1'], r['pass1_s'])} | {ratio(t['pass2'], r['pass2_s'])} | "
+              f"{_forms(r)}) | {r['load'][0]:.1f} | "
+              f"{ratio(t['check'], r['check_s'], ta['check'])} | "
+              f"{ratio(t['pass1'], r['pass1_s'], ta['pass1'])} | "
+              f"{ratio(t['pass2'], r['pass2_s'], ta['pass2'])} | "
               f"{ratio(r['plan_ram_gb'], r['peak_rss_gb'])} | "
               f"{ratio(r['plan_disk_gb'], r['disk_gb'])} | plan {planned}, built {width} |")
-    print("\n(each cell: plan / measured (plan's error); load: 1-min load average at the end)")
+    print("\n(each cell: plan / measured (plan's error; the plan's error at the rates measured "
+          "right after the build); load: 1-min load average at the end)")
     for r in records:
         st = ", ".join(f"{k} {v:.1f}" for k, v in r["plan_s"]["pass2_stages"].items())
         marks = r["marks"]
@@ -95,6 +103,7 @@ def main():
     ap.add_argument("--results", default="plan_accuracy.jsonl")
     ap.add_argument("--work", default=None)
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--all", action="store_true", help="every recorded run, not the latest")
     args = ap.parse_args()
     path = Path(args.results)
     if not args.table_only:
@@ -104,6 +113,8 @@ def main():
                 f.write(json.dumps(r) + "\n")
             print(f"{name}: done, load {os.getloadavg()[0]:.1f}", flush=True)
     records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    if not args.all:  # the latest run of each case (rates measured by the current code)
+        records = list({r["case"]: r for r in records}.values())
     table(records)
 
 

@@ -70,6 +70,35 @@ def plan(
                                  projection=p, layers=options.layers, batch_size=batch_size,
                                  index=index, tokens=tokens, hessian=hessian, damping=damping)
             for p in plan_mod.variants(projection)}
+    cpu, times = _times(model, cols, train, t, options, count=count, world=world,
+                        tokens=tokens, batch_size=batch_size, hessian=hessian,
+                        device_flops=device_flops, time_batch=time_batch, out=out)
+    ram, disk = plan_mod.available_ram(), plan_mod.free_disk(out)
+    if json_mode:
+        emit_json(dict(n=count, tokens=tokens, hessian=hessian, nodes=nodes,
+                       procs_per_node=procs_per_node, available_ram=ram, free_disk=disk,
+                       damping=damping, rates=dataclasses.asdict(cpu),
+                       meta_device=_on_meta(model),
+                       plans={p: dict(ram_peak=c.ram_peak, disk=c.disk, K=c.K,
+                                      store=c.store_disk, fisher=c.fisher_disk,
+                                      preconditioner=c.precond_disk, index=c.index_disk,
+                                      ram_pass1=c.ram_pass1, ram_pass2=c.ram_pass2,
+                                      index_width=c.index_width,
+                                      forms=dict(dense=c.dense_layers,
+                                                 low_rank=c.low_rank_layers,
+                                                 ekfac=c.ekfac_layers),
+                                      seconds=times[p], per_node=_per_node(c, nodes))
+                              for p, c in cols.items()}))
+        return
+    _print_table(gi, model, cols, times, count, index, hessian, nodes, procs_per_node, ram,
+                 disk, out)
+
+
+def _times(model, cols, train, t, options, *, count, world, tokens, batch_size, hessian,
+           device_flops, time_batch, out):
+    """(this CPU's measured rates, {projection: seconds per phase and pass-2 stage})."""
+    import grass_index.plan as plan_mod
+
     # LAPACK's rates are measured near the plans' largest dense k (they grow with the order)
     cpu = rates = plan_mod.measure_rates(out=out,
                                          lapack_size=plan_mod.lapack_order(cols.values()))
@@ -90,25 +119,7 @@ def plan(
         stages["fit"] = plan_mod.pass2_stages(layout, count, hessian, cpu, c)["fit"]
         tm["pass2_stages"], tm["pass2"] = stages, sum(stages.values())
         times[p] = tm
-    ram, disk = plan_mod.available_ram(), plan_mod.free_disk(out)
-    if json_mode:
-        emit_json(dict(n=count, tokens=tokens, hessian=hessian, nodes=nodes,
-                       procs_per_node=procs_per_node, available_ram=ram, free_disk=disk,
-                       damping=damping, rates=dataclasses.asdict(cpu),
-                       meta_device=_on_meta(model),
-                       plans={p: dict(ram_peak=c.ram_peak, disk=c.disk, K=c.K,
-                                      store=c.store_disk, fisher=c.fisher_disk,
-                                      preconditioner=c.precond_disk, index=c.index_disk,
-                                      ram_pass1=c.ram_pass1, ram_pass2=c.ram_pass2,
-                                      index_width=c.index_width,
-                                      forms=dict(dense=c.dense_layers,
-                                                 low_rank=c.low_rank_layers,
-                                                 ekfac=c.ekfac_layers),
-                                      seconds=times[p], per_node=_per_node(c, nodes))
-                              for p, c in cols.items()}))
-        return
-    _print_table(gi, model, cols, times, count, index, hessian, nodes, procs_per_node, ram,
-                 disk, out)
+    return cpu, times
 
 
 def _on_meta(model) -> bool:
