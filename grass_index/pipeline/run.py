@@ -258,8 +258,8 @@ def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
             prog.note(build_plan.summary(the_plan))
             prog.eta_after_first("sketch", build_plan.pass2_seconds(
                 prep.sketcher.layout, the_plan.n, index_options.hessian,
-                build_plan.measure_rates(seconds=0.1, lapack_size=build_plan.lapack_order(
-                    [the_plan])), the_plan), "pass 2")
+                build_plan.measure_rates(seconds=0.1, lapack_size=512), the_plan),
+                "pass 2")  # (LAPACK measured small: this ETA must not delay the build)
             try:
                 store = SketchStore.create(out / STORE_DIR, dim=prep.sketcher.dim,
                                            meta=jsonable(prep.build), lock=lock)

@@ -124,9 +124,10 @@ def pass2_times(layers, *, n: int, K: int, index_width: int, index_bytes: float,
     for x in layers:
         k = x.k
         if x.form == "dense":
-            fit += k ** 3 / rates.chol + 60 * 8.0 * k * k / rates.mem \
-                + 6 * 4.0 * k * k / rates.mem  # Lanczos top eigenvalue; float32 symmetrised
-            fit += (k ** 3 / rates.eig) if auto else 0.0
+            # Cholesky + inverse; the float32 symmetrised copy; 'auto' damping the spectrum
+            # (which also places λ), else a Lanczos top eigenvalue (~60 products with F)
+            fit += k ** 3 / rates.chol + 6 * 4.0 * k * k / rates.mem
+            fit += k ** 3 / rates.eig if auto else 60 * 8.0 * k * k / rates.mem
             apply += 2.0 * n * k * k / rates.f32
         elif x.form == "low_rank":  # skinny [., k] × [k, n] products, tiny n×n solves
             rate = max(rates.skinny, min(rates.f64, rates.skinny * n / 64.0))

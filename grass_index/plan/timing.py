@@ -69,15 +69,16 @@ def _mean_rate(fn, work: float, seconds: float, warm: bool = True) -> float:
 def measure_rates(size: int = 512, seconds: float = 0.4, out=None,
                   lapack_size: int = LAPACK_SIZE) -> Rates:
     """This machine's rates now, each the mean over a share of ``seconds`` of repeated calls:
-    float32/float64 GEMM FLOP/s, LAPACK's float64 Cholesky + inverse and eigvalsh (k³/s at
-    order ``lapack_size``: their rate grows with the order, so a plan with dense k×k layers
-    measures near its k — at most 2048 — see ``lapack_order``), reading rows back (CRC32 +
-    copy) and copying, and, with ``out``, a 32 MB write + fsync there: the time prediction's
-    basis when no batch can be timed (a model on the meta device)."""
+    float32/float64 GEMM FLOP/s, LAPACK's float64 Cholesky + inverse (k³/s at order
+    ``lapack_size``: the rate grows with the order, so a plan with dense k×k layers measures
+    near its k — at most 2048 — see ``lapack_order``) and the spectrum damping 'auto' takes
+    (k³/s at order min(``lapack_size``, 1024)), pass 2's own small kernels (``_form_rates``),
+    reading rows back (CRC32 + copy) and copying, and, with ``out``, a 32 MB write + fsync and
+    a 4 KB one there: the time prediction's basis when no batch can be timed (a model on the
+    meta device)."""
     import zlib
 
     import numpy as np
-    import scipy.linalg
     import torch
     from scipy.linalg import lapack
 
@@ -87,16 +88,17 @@ def measure_rates(size: int = 512, seconds: float = 0.4, out=None,
     f32, f64 = gemm(torch.float32), gemm(torch.float64)
     k = int(lapack_size)
     x = np.random.default_rng(0).standard_normal((k, k))
-    spd = x @ x.T + k * np.eye(k)
+    spd = x + x.T + k * np.eye(k)  # positive definite (its eigenvalues stay near k)
 
     def chol():
         c, _ = lapack.dpotrf(spd.T, lower=True, overwrite_a=False, clean=False)
         lapack.dpotri(c, lower=True, overwrite_c=True)
-    ke = min(k, 512)  # eigvalsh is slow: measured smaller (its k³ rate varies less with k)
+    # the spectrum's k³ rate levels off from ~1024 (its reduction is half matrix-vector work)
+    ke = min(k, 1024)
     sym = spd[:ke, :ke].copy()
     lap = dict(chol=_mean_rate(chol, float(k) ** 3, seconds / 4, warm=False),
-               eig=_mean_rate(lambda: scipy.linalg.eigvalsh(sym, check_finite=False),
-                              float(ke) ** 3, seconds / 4, warm=False))
+               eig=_mean_rate(lambda: _spectrum()(sym), float(ke) ** 3, seconds / 4,
+                              warm=False))
     buf = np.ones(8 << 20, np.float32)  # 32 MB
     dst = np.empty_like(buf)
     mem = _mean_rate(lambda: np.copyto(dst, buf), float(buf.nbytes), seconds / 16)
@@ -143,6 +145,19 @@ def _form_rates(seconds: float) -> dict:
     rotate = _mean_rate(lambda: ek.apply(rows, None), 2 * 2.0 * len(rows) * n ** 3, seconds)
     return dict(skinny=skinny, tiny=1.0 / _mean_rate(tiny, 1.0, seconds), guard=guard,
                 rotate=rotate)
+
+
+def _spectrum():
+    """The function pass 2 takes a dense layer's spectrum with (damping 'auto'): the
+    precondition package's own (LAPACK's two-stage reduction where it has one), else scipy's
+    eigvalsh."""
+    try:
+        from ..precondition.eigen import eigenvalues
+        return eigenvalues
+    except ImportError:
+        import scipy.linalg
+
+        return lambda a: scipy.linalg.eigvalsh(a, check_finite=False)
 
 
 def lapack_order(plans) -> int:
