@@ -245,7 +245,9 @@ def test_plan_scales_with_the_number_of_checkpoints():
     three = plan_for(make_models(), 1000, sparsification=SPARS, projection=PROJ)
     assert three.K == 3 * one.K
     fixed = plan.DIR_BYTES  # an empty store's pages, config.json: once per build
-    assert three.store_disk - fixed == pytest.approx(3 * (one.store_disk - fixed))
+    for p in (one, three):  # the rows, in whole LMDB pages per block (not linear at tiny K)
+        assert 4 * 1000 * p.K <= p.store_disk - fixed <= 4 * 1000 * p.K + 32 * 4096 * 1.02
+    assert three.store_disk > 1.9 * one.store_disk - fixed
     assert three.precond_disk == pytest.approx(3 * one.precond_disk)
 
 

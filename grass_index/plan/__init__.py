@@ -36,12 +36,16 @@ INDEX_HEADER = 4 << 10  # a FAISS file's header and metadata
 
 
 def store_bytes(n: int, K: int, batch_size: int) -> float:
-    """The sketch store on disk: each block of B rows (+ its header) in whole pages."""
+    """The sketch store on disk: each block of B rows (+ its header) in whole overflow pages,
+    or packed into leaf pages when under half a page."""
     import math
 
     B = max(1, min(batch_size, max(n, 1)))
     full, rest = divmod(int(n), B)
-    pages = lambda rows: math.ceil((4.0 * rows * K + 64) / PAGE)  # noqa: E731
+
+    def pages(rows):
+        size = 4.0 * rows * K + 64
+        return size / PAGE if size < PAGE / 2 else math.ceil((size + 16) / PAGE)
     return (full * pages(B) + (pages(rest) if rest else 0)) * PAGE * STORE_OVERHEAD + DIR_BYTES
 
 
