@@ -131,9 +131,10 @@ class Group:
         thread drops its last reference to a finished collective's tensors a moment after the
         caller's ``wait`` returns; when that happens during interpreter shutdown it cannot take
         the GIL and the rank dies with SIGABRT ("terminate called without an active
-        exception", pytorch/pytorch PR 179291). The barrier is queued behind that release, so
-        it has happened by the time the barrier returns (10% of 2-rank CLI builds aborted
-        without it; docs/measurements.md). Not on the error path: a rank that failed outside
+        exception"; see pytorch/pytorch PR 179291). Queueing the barrier takes the lock the
+        worker holds while it releases, and the barrier's round trip to every rank leaves that
+        release time to finish: 5 of 71 two-rank CLI builds aborted without it, 0 of 61 with
+        it (docs/measurements.md). Not on the error path: a rank that failed outside
         a step would wait here for ranks that are inside one."""
         self.dist.barrier()
 
