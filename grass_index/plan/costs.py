@@ -131,7 +131,7 @@ def pass2_times(layers, *, n: int, K: int, index_width: int, index_bytes: float,
             apply += 2.0 * n * k * k / rates.f32
         elif x.form == "low_rank":  # skinny [., k] × [k, n] products, tiny n×n solves
             rate = max(rates.skinny, min(rates.f64, rates.skinny * n / 64.0))
-            small = rates.tiny * max(1.0, (n / 64.0) ** 3)
+            small = rates.tiny + n ** 3 * (1.0 / rates.chol + 1.0 / rates.eig)  # latency-bound
             fit += 4.0 * n * n * k / rate + small
             apply += (4.0 * n * n * k + 2.0 * n ** 3) / rate
         elif x.form == "ekfac":
