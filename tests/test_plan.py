@@ -175,9 +175,9 @@ def test_plan_prices_the_forms_the_build_takes_and_its_disk(tmp_path, specs, hes
 
 def test_a_low_rank_plan_prices_no_k_cubed_work():
     """GPT-2 small at n = 64 (every layer low-rank): pass 2's price does not move when the
-    Cholesky and eigvalsh rates collapse (the old plan priced a k×k inverse per layer); at
-    n = 4,096 (every layer dense) it grows with them, and 'auto' damping adds the spectrum of
-    each dense layer only."""
+    Cholesky and eigvalsh rates collapse beyond its n×n solves (the old plan priced a k×k
+    inverse per layer); at n = 4,096 (every layer dense) it grows with them, and 'auto'
+    damping adds the spectrum of each dense layer only."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     with torch.device("meta"):
@@ -193,7 +193,8 @@ def test_a_low_rank_plan_prices_no_k_cubed_work():
 
     def p2(plan, rates, damping=None):
         return plan_mod.pass2_seconds(layout, plan.n, "eFIM", rates, plan, damping=damping)
-    assert p2(small, slow) == pytest.approx(p2(small, fast), rel=0.01)
+    # (its n×n solves remain: 64³, a 262,144th of a 4096³ factorization)
+    assert p2(small, slow) - p2(small, fast) < 1e-3 * 48 * 4096 ** 3 / slow.chol
     assert p2(big, slow) > 20 * p2(big, fast)
     assert p2(small, fast, "auto") == pytest.approx(p2(small, fast, "0.3"), rel=0.01)
     # the spectrum replaces the Lanczos top eigenvalue (60 products with the k×k F)
