@@ -10,8 +10,8 @@ machine is shared):
   query example 0 — what any query must pay;
 - ``grass-index query``: the CLI end to end (``--example 0 --json``);
 - then, inside one process, where the query's time goes: imports, model load, opening the
-  index, the query sketcher (checking the model — its weights hashed, timed apart — and
-  drawing the projections), the query's gradient and the search (the preconditioner and the
+  index, the query sketcher (checking the model — its weights hashed, timed apart, beside the
+  one-thread sha256 older indexes recorded — and drawing the projections), the query's gradient and the search (the preconditioner and the
   re-rank included).
 """
 from __future__ import annotations
@@ -56,11 +56,11 @@ model = task.model()
 mark("model load")
 idx = gi.open_index(sys.argv[1])
 mark("open index")
-try:
-    from grass_index.indexdir.fingerprints import model_hash
-except ImportError:  # before the pipeline split
-    from grass_index.pipeline.fingerprints import model_hash
-model_hash(model)
+from grass_index.indexdir import fingerprints as fp
+if hasattr(fp, "legacy_model_hash"):  # the one-thread sha256 older indexes record, side by side
+    fp.legacy_model_hash(model)
+    mark("  (the model hash before: one-thread sha256)")
+fp.model_hash(model)
 mark("  of which: hashing the model (the check's)")
 sk = idx.query_sketcher(model)
 mark("query sketcher (model check + projections)")

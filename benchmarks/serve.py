@@ -17,7 +17,9 @@ saves) is measured once for comparison.
 clients x 25 id queries each, a NEW connection per request, R rounds; per round p50/p99/max,
 the server's full (generation-2) garbage collections, and the stall's signature: the most
 clients waiting at one moment on a request slower than 3x the round's p50 (all of them: a
-server-wide pause). ``--baseline DIR`` runs the same rounds against the code in DIR (e.g. the
+server-wide pause); beside them the server's own view (GET /api/stats): its handling time
+per request, every GC pause (wall and CPU ms) and its batches' wall and CPU time, which a
+loaded machine does not fake. ``--baseline DIR`` runs the same rounds against the code in DIR (e.g. the
 main checkout) in the same run, alternating, for a side-by-side ratio on a shared machine.
 """
 from __future__ import annotations
@@ -185,9 +187,39 @@ def gc_collections(port: int) -> list:
     return info.get("gc", {}).get("collections") or [float("nan")] * 3
 
 
-def one_round(port: int, n: int, k: int, clients: int, per_client: int, seed: int) -> list:
+def server_side(port: int, since: float) -> list:
+    """The server's own view of the round (GET /api/stats): its handling time per query
+    request (p50/p99 ms), its GC pauses (how many, the longest's wall and CPU ms) and its
+    batches' runs (p99 wall/CPU ms): CPU times a loaded machine does not inflate."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    st = json.loads(get(conn, f"/api/stats?since={since}")[1])
+    conn.close()
+    if "requests" not in st:  # a server without /api/stats (older code)
+        return ["-"] * 4
+    handle = sorted(r[1] for r in st["requests"] if r[2] == "/api/query")
+    pct = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")  # noqa
+    longest = max(st["gc"], key=lambda g: g[2], default=None)
+    wall = sorted(b[2] for b in st["batches"])
+    cpu = sorted(b[3] for b in st["batches"])
+    return [f"{pct(handle, 0.5):.1f} / {pct(handle, 0.99):.1f}",
+            f"{len(st['gc'])}, max {longest[2]:.1f} / {longest[3]:.1f} (gen {longest[1]})"
+            if longest else "0",
+            f"{len(wall)}: {pct(wall, 0.99):.1f} / {pct(cpu, 0.99):.1f}",
+            f"{max((b[1] for b in st['batches']), default=0)}"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) the process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_round(port: int, n: int, k: int, clients: int, per_client: int, seed: int,
+              pid: int) -> list:
     outs = [[] for _ in range(clients)]
     gc0 = gc_collections(port)
+    since, cpu0 = time.monotonic(), cpu_seconds(pid)
     threads = [threading.Thread(target=fresh_client, args=(port, n, k, per_client,
                                                            seed + c, outs[c]))
                for c in range(clients)]
@@ -195,7 +227,9 @@ def one_round(port: int, n: int, k: int, clients: int, per_client: int, seed: in
         t.start()
     for t in threads:
         t.join()
+    wall, cpu = time.monotonic() - since, cpu_seconds(pid) - cpu0
     gc1 = gc_collections(port)
+    server = server_side(port, since)
     requests = [(c, r) for c, out in enumerate(outs) for r in out]
     lat = sorted(t1 - t0 for _, (t0, t1, _) in requests)
     pct = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))]  # noqa: E731
@@ -203,6 +237,7 @@ def one_round(port: int, n: int, k: int, clients: int, per_client: int, seed: in
     return [f"{1000 * pct(0.5):.1f}", f"{1000 * pct(0.99):.1f}", f"{1000 * lat[-1]:.1f}",
             sum(not ok for _, (_, _, ok) in requests), gc1[2] - gc0[2],
             f"{together}/{clients}" + (f" at {at:.0f} ms" if together else ""),
+            *server, f"{1000 * cpu / len(requests):.1f} ({cpu / wall:.2f})",
             f"{os.getloadavg()[0]:.1f}"]
 
 
@@ -219,10 +254,11 @@ def run_rounds(index: Path, task, sources: dict, rounds: int, clients: int, per_
             conn.close()
             n[name] = info["n_query"] or info["n_train"]
         for r in range(rounds):
-            for name, (_, port, _) in servers.items():
+            for name, (proc, port, _) in servers.items():
                 print(f"round {r + 1} on {name} ...", file=sys.stderr)
                 rows.append([name, r + 1, clients * per_client,
-                             *one_round(port, n[name], k, clients, per_client, 100 * r)])
+                             *one_round(port, n[name], k, clients, per_client, 100 * r,
+                                        proc.pid)])
     finally:
         for proc, _, _ in servers.values():
             proc.terminate()
@@ -331,8 +367,13 @@ def main():
         rows = run_rounds(args.index, args.task, sources, args.rounds, args.round_clients,
                           args.per_client, args.k, args.server_options.split())
         print(markdown_table(["server", "round", "requests", "p50 ms", "p99 ms", "max ms",
-                              "errors", "full GCs", "clients stalled together", "load"],
-                             rows))
+                              "errors", "full GCs", "clients stalled together",
+                              "server: handling p50 / p99 ms", "GC pauses: n, max wall / CPU ms",
+                              "batches: p99 wall / CPU ms", "largest batch",
+                              "server CPU ms per request (cores used)", "load"], rows))
+        print("\nclient columns: from the clients (connect to last byte); server columns: "
+              "from GET /api/stats (handling = the ASGI call; GC pauses from gc.callbacks; a "
+              "batch's CPU time is its worker thread's, which load does not inflate)")
         walked, frozen, n = full_gc_ms(args.index, args.task)
         print(f"\none full garbage collection with the server's engine loaded ({n} objects), "
               f"median of 5: {walked:.1f} ms walking everything, {frozen:.2f} ms with the "

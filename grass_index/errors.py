@@ -13,7 +13,7 @@ class GrassIndexError(Exception):
     """Bad input or a broken index directory; the message names the problem and the fix."""
 
 
-__all__ = ["GrassIndexError", "cli_spelling", "option", "spelled"]
+__all__ = ["GrassIndexError", "cli_spelling", "option", "repair_command", "spelled"]
 
 
 # --- how a fix is spelled: the CLI's flags on the command line, Python's arguments elsewhere ---
@@ -37,6 +37,15 @@ def option(name: str, value=None) -> str:
     if value is None:
         return spelled(cli, py)
     return spelled(f"{cli} {shlex.quote(str(value))}", f"{py}={value!r}")
+
+
+def repair_command(path="DIR", task: str | None = None) -> str:
+    """verify's repair of index ``path`` as the caller runs it: the command ``grass-index
+    verify PATH --repair`` while a CLI command runs, else the call
+    ``grass_index.verify_index('PATH', repair=True)``."""
+    cli_task, py_task = (f" --task {task}", f", task={task!r}") if task else ("", "")
+    return spelled(f"`grass-index verify {path} --repair{cli_task}`",
+                   f"`grass_index.verify_index({str(path)!r}, repair=True{py_task})`")
 
 
 class cli_spelling:

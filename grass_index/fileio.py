@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .errors import GrassIndexError
+from .errors import GrassIndexError, repair_command
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -60,7 +60,7 @@ def _refuse(path, what: str, want: str = "regular files") -> UnsafeFileError:
     return UnsafeFileError(
         f"{path} is {what}; grass-index only uses {want} inside an index directory, never "
         "through a symlink (the directory was edited or damaged: remove it, then run "
-        "`grass-index verify DIR --repair` or re-run the build)")
+        f"{repair_command()} or re-run the build)")
 
 
 # -- checks ------------------------------------------------------------------------------------

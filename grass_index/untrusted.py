@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import GrassIndexError
+from .errors import GrassIndexError, repair_command
 
 # Names the pipeline writes (index-<key>.faiss, index-<key>-i-of-n.faiss, selective_mask.pt):
 # letters, digits, '.', '_', '-', not starting with '.'.
@@ -27,7 +27,7 @@ def plain_file_name(name, what: str) -> str:
         raise UnsafeNameError(f"{what} {safe_text(repr(name))} is not a plain file name inside "
                               "the index directory (names are letters, digits, '.', '_', '-'; "
                               "no '/' or '..'); the config was edited or damaged — run "
-                              "`grass-index verify DIR --repair` to restore it from the store")
+                              f"{repair_command()} to restore it from the store")
     return name
 
 

@@ -317,8 +317,12 @@ def test_a_corrupted_index_is_refused_with_verifys_message(built, tmp_path):
     raw = bytearray(faiss_file.read_bytes())
     raw[-64:] = bytes(64)  # zero the tail: the last stored vectors change
     faiss_file.write_bytes(bytes(raw))
-    with pytest.raises(ServeError, match=r"failed verification \(faiss vs lmdb: .*--repair"):
+    with pytest.raises(ServeError, match=r"failed verification \(faiss vs lmdb: .*"
+                       r"verify_index\('.*', repair=True\)"):  # a Python caller's spelling
         create_app(copy, task=str(built[0]))
+    from grass_index.errors import cli_spelling
+    with cli_spelling(), pytest.raises(ServeError, match=r"failed verification .*--repair"):
+        create_app(copy, task=str(built[0]))  # as `grass-index serve` runs it
     with pytest.raises(ServeError, match="not a directory"):
         create_app(tmp_path / "missing")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import repair_command
 from ..indexdir.errors import AttributionError
 
 
@@ -37,7 +38,7 @@ def self_influence(idx) -> torch.Tensor:
         out /= C
     if seen != idx.n_train:
         raise AttributionError(f"the sketch store of {idx.path} holds {seen} rows, the index "
-                               f"{idx.n_train}; run `grass-index verify {idx.path} --repair`")
+                               f"{idx.n_train}; run {repair_command(idx.path)}")
     return torch.from_numpy(out)
 
 

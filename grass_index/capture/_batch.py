@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ..errors import option
 from .errors import CaptureError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ def check_losses(losses, expected: int | None) -> torch.Tensor:
     if not losses.requires_grad:
         raise CaptureError(
             "the loss does not depend on the selected parameters (it has no gradient); check that "
-            "loss_fn calls the model it is given and that --layers selects parameters it uses")
+            f"loss_fn calls the model it is given and that {option('layers')} selects parameters "
+            "it uses")
     return losses
 
 

@@ -165,7 +165,8 @@ def left_out(model: nn.Module, layers: list[LayerInfo]) -> dict[str, str]:
             continue
         if any(a in ("bias", "in_proj_bias") and factored_dims(m) for m, _, a in owners.get(id(p), [])):
             out[name] = ("bias of a weight shared by modules with different biases (or shared "
-                         "elsewhere); select it with --layers to capture it as a flat layer")
+                         f"elsewhere); select it with {option('layers')} to capture it as a "
+                         "flat layer")
             continue
         types = sorted({type(m).__name__ for m, _, _ in owners.get(id(p), [])})
         out[name] = f"{'/'.join(types) or 'bare'} parameter, not a Linear/Conv weight"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from .subsets import as_masks
 from .errors import EvalError
@@ -62,6 +61,8 @@ def lds(scores, subsets, losses) -> tuple[float, np.ndarray]:
         if not np.isfinite(a).all():
             raise EvalError(f"lds: {name} contain NaN/inf ({int((~np.isfinite(a)).sum())} entries); "
                              "fix the attribution (e.g. larger damping) or the ground-truth training")
+    from scipy.stats import spearmanr  # here: scipy.stats costs a query ~0.5-1 s to import
+
     pred = masks.astype(np.float64) @ s.T          # [m, n_query]
     per_query = np.full(s.shape[0], np.nan)
     for q in range(s.shape[0]):

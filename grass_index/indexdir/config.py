@@ -14,7 +14,7 @@ from pathlib import Path
 from ..version import __version__
 from ..fileio import UnsafeFileError, check_regular, read_json
 from ..store import SketchStore, StoreError
-from ..errors import spelled
+from ..errors import repair_command, spelled
 from ..untrusted import UnsafeNameError, plain_file_name
 from .errors import AttributionError
 from .files import BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, STORE_DIR, jsonable
@@ -35,19 +35,20 @@ def read_record(path) -> IndexRecord:
     foreign directory."""
     path = Path(path)
     if not path.is_dir():
-        raise AttributionError(f"index directory {path} not found; build one with "
-                               "`grass-index build TASK --out DIR`")
+        raise AttributionError(f"index directory {path} not found; build one with " + spelled(
+            "`grass-index build TASK --out DIR`", "grass_index.build_index(..., out=DIR)"))
     cfile = path / CONFIG_FILE
     if not check_regular(cfile):  # a symlink, FIFO or directory there is refused
         if check_regular(path / BUILD_FILE):
             raise AttributionError(unfinished(path))
         raise AttributionError(f"{path} is not a grass-index index (no {CONFIG_FILE}); pass the "
-                               "--out directory of `grass-index build`")
+                               + spelled("--out directory of `grass-index build`",
+                                         "out directory of build_index()"))
     try:
         cfg = read_json(cfile)
     except ValueError as e:
-        raise AttributionError(f"{cfile} is corrupted ({e}); run `grass-index verify {path} "
-                               "--repair` to restore it from the sketch store") from e
+        raise AttributionError(f"{cfile} is corrupted ({e}); run {repair_command(path)} to "
+                               "restore it from the sketch store") from e
     if not isinstance(cfg, dict) or cfg.get("library") != "grass-index":
         raise AttributionError(f"{cfile} is not a grass-index config; rebuild the index")
     fmt = cfg.get("format")
@@ -59,15 +60,15 @@ def read_record(path) -> IndexRecord:
                                   "rebuild the index with this version"))
     if cfg.get("config_hash") != config_hash(cfg):
         raise AttributionError(f"{cfile} was modified after the build (config hash mismatch); "
-                               f"run `grass-index verify {path} --repair` to restore it from "
-                               "the sketch store")
+                               f"run {repair_command(path)} to restore it from the sketch "
+                               "store")
     check_file_names(path, cfg)
     rows = _check_against_store(path, cfg)
     record = IndexRecord(cfg, str(cfile))  # every field's type and range, and their agreement
     if rows is not None and record.n_train > rows:
         raise AttributionError(f"{cfile}: field 'n_train' ({record.n_train}) is more than the "
-                               f"{rows} rows the sketch store holds; run `grass-index verify "
-                               f"{path} --repair` or rebuild the index")
+                               f"{rows} rows the sketch store holds; run "
+                               f"{repair_command(path)} or rebuild the index")
     return record
 
 
@@ -136,7 +137,7 @@ def _check_against_store(path: Path, cfg: dict) -> int | None:
         raise AttributionError(
             f"{path / CONFIG_FILE} disagrees with the sketch store's own record of this build "
             f"(differs in: {', '.join(diff)}): it was edited, or belongs to another build; run "
-            f"`grass-index verify {path} --repair` to restore it from the store")
+            f"{repair_command(path)} to restore it from the store")
     return rows
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..batching import batch_count
 from ..capture import as_checkpoints
+from ..errors import GrassIndexError, option, repair_command
 from ..fileio import check_regular, read_json
 from ..store import SketchStore, writer_lock
 from ..store._env import DATA_FILE
@@ -22,7 +23,8 @@ from .errors import AttributionError
 from .files import (BUILD_FILE, FORMAT_VERSION, MASK_FILE, OUR_FILES, STORE_DIR, jsonable,
                     write_json)
 from .records import BuildRecord
-from .fingerprints import data_hash, hash_json, layer_dims, model_fingerprint, model_hash
+from .fingerprints import (MODEL_HASH_TAG, data_hash, hash_json, layer_dims, model_fingerprint,
+                           model_hash)
 
 CLAIM_WAIT_S = 30.0  # a worker waits this long for the lock another worker's claim holds
 
@@ -43,6 +45,23 @@ def make_build_record(options, *, model, infos, sketcher, train_data, masks=None
         build["checkpoint_hashes"] = [model_hash(m) for m in models]
     if masks is not None:  # only recorded when used, so other builds' hashes are unchanged
         build["selective_mask"] = hash_json(masks)
+    return build
+
+
+def hashed_like_recorded(out: Path, build: dict, model) -> dict:
+    """``build`` with its model hashes made by the function ``out``'s build.json used: a build
+    an older grass-index started records untagged ``legacy_model_hash``es, and resuming it
+    must compare like with like (the same model then matches; another still differs)."""
+    try:
+        old = read_json(Path(out) / BUILD_FILE) if check_regular(Path(out) / BUILD_FILE) else {}
+    except (OSError, ValueError, GrassIndexError):  # claim_out_dir reports it
+        return build
+    like = old.get("model_hash") if isinstance(old, dict) else None
+    if not isinstance(like, str) or like.startswith(MODEL_HASH_TAG):
+        return build
+    build = dict(build, model_hash=model_fingerprint(model, like=like))
+    if "checkpoint_hashes" in build:
+        build["checkpoint_hashes"] = [model_hash(m, like=like) for m in as_checkpoints(model)]
     return build
 
 
@@ -73,15 +92,15 @@ def read_build(out: Path, *, missing: str | None = None) -> BuildRecord:
     try:
         build = read_json(bfile)
     except ValueError as e:
-        raise AttributionError(f"{bfile} is corrupted ({e}); run `grass-index verify {out} "
-                               "--repair` to restore it from the sketch store") from e
+        raise AttributionError(f"{bfile} is corrupted ({e}); run {repair_command(out)} to "
+                               "restore it from the sketch store") from e
     return BuildRecord(build, str(bfile))
 
 
 def check_out_dir_free(out: Path) -> None:
     """``out`` is new, empty, or a grass-index build (checked before anything is written)."""
     if out.exists() and not out.is_dir():
-        raise AttributionError(f"--out {out} is a file; pass a directory")
+        raise AttributionError(f"{option('out', str(out))} is a file; pass a directory")
     if out.is_dir() and not (out / BUILD_FILE).is_file() and any(
             p.name not in OUR_FILES and not p.name.startswith((".", "index-"))
             and p.name != MASK_FILE for p in out.iterdir()):
@@ -130,7 +149,7 @@ def claim_out_dir(out: Path, build: dict) -> None:
         if jsonable(old) != jsonable(build):
             raise AttributionError(
                 f"output directory {out} holds a different build ({build_diff(old, build)}; "
-                f"choose another --out or delete {out} to rebuild")
+                f"choose another {option('out')} or delete {out} to rebuild")
         return
     if (out / STORE_DIR / DATA_FILE).exists():  # build.json lost: the store's own record
         try:
@@ -142,7 +161,7 @@ def claim_out_dir(out: Path, build: dict) -> None:
         if jsonable(created) != jsonable(build):
             raise AttributionError(
                 f"output directory {out} holds a different build ({build_diff(created, build)}"
-                f"; choose another --out or delete {out} to rebuild")
+                f"; choose another {option('out')} or delete {out} to rebuild")
     out.mkdir(parents=True, exist_ok=True)
     write_json(bfile, build)
 

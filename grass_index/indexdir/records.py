@@ -23,6 +23,7 @@ from ..compress import parse_spec as parse_compression
 from ..index import FaissIndexError
 from ..index import parse_spec as parse_index_spec
 from ..precondition import HESSIANS, PreconditionError, parse_damping
+from ..errors import repair_command
 from .errors import AttributionError
 
 KEY = re.compile(r"^[0-9a-f]{12}$")  # a pass-2 variant's key: it names files (index-KEY.faiss)
@@ -191,8 +192,9 @@ def _field(check, *, required: bool = False, key: str | None = None):
     return field(default=None, metadata=dict(check=check, required=required, key=key))
 
 
-_FIX = ("the index directory is damaged or was edited: run `grass-index verify DIR --repair` "
-        "to restore its records from the sketch store, or rebuild it")
+def _fix() -> str:
+    return (f"the index directory is damaged or was edited: run {repair_command()} to restore "
+            "its records from the sketch store, or rebuild it")
 
 
 def column_order(layout: Mapping[str, int], layer_dims, *, ensemble) -> dict[str, int]:
@@ -241,7 +243,7 @@ class BuildRecord:
 
     def __init__(self, record: Mapping, source: str = "the build record"):
         if not isinstance(record, Mapping):
-            raise AttributionError(f"{source} is not a JSON object; {_FIX}")
+            raise AttributionError(f"{source} is not a JSON object; {_fix()}")
         for f in fields(self):
             if f.name == "raw":
                 continue
@@ -251,14 +253,14 @@ class BuildRecord:
                     raise Bad("is missing")
                 object.__setattr__(self, f.name, f.metadata["check"](record.get(key)))
             except Bad as e:
-                raise AttributionError(f"{source}: field {key!r} {e}; {_FIX}") from None
+                raise AttributionError(f"{source}: field {key!r} {e}; {_fix()}") from None
         try:
             self._check_together()
             # JSON records are written with sorted keys, but the sketch concatenates layers in
             # model order (h.2 before h.10): every reader slices columns by this order
             layout = column_order(self.layout, self.layer_dims, ensemble=self.checkpoints)
         except Bad as e:
-            raise AttributionError(f"{source}: {e}; {_FIX}") from None
+            raise AttributionError(f"{source}: {e}; {_fix()}") from None
         object.__setattr__(self, "layout", MappingProxyType(layout))
         object.__setattr__(self, "raw", MappingProxyType({**record, "layout": layout}))
         self._fill()

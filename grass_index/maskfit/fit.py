@@ -63,6 +63,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..errors import option
 from .errors import MaskFitError
 from .gram import LayerGrads
 
@@ -199,7 +200,8 @@ def _damping(opts: MaskFitOptions) -> float | None:
                            "build_index)") from None
     if h == "ekfac":
         raise MaskFitError("the mask fit has no EK-FAC objective; fit it with hessian='eFIM' "
-                           "(the Fisher EK-FAC approximates) and build with --hessian ekfac")
+                           "(the Fisher EK-FAC approximates) and build with "
+                           f"{option('hessian', 'ekfac')}")
     if h == "identity":
         return None
     mode, damp = parse_damping(DEFAULT_DAMPING if opts.damping is None else opts.damping)

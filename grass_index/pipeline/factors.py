@@ -20,6 +20,7 @@ from ..precondition import (ChunkedFisher, KroneckerFactors, Preconditioner,
                             load_factors, save_factors)
 from ..precondition.fisher import layer_slices
 from ..store import SketchStore
+from ..errors import option
 from ..indexdir.errors import AttributionError
 
 # Pass 1 checkpoints the factor sums at most this often (and after its last block): a write
@@ -54,12 +55,13 @@ def check_ekfac(hessian: str, sketcher) -> None:
         return
     why = ekfac_unsupported(sketcher.sparsification, sketcher.projection)
     if why is None and isinstance(sketcher, EnsembleSketcher):
-        why = ("--hessian ekfac is not available for a checkpoint ensemble (its Kronecker "
-               "factors would be per checkpoint); use --hessian eFIM")
+        why = (f"{option('hessian', 'ekfac')} is not available for a checkpoint ensemble (its "
+               f"Kronecker factors would be per checkpoint); use {option('hessian', 'eFIM')}")
     if why is None and factor_shapes(sketcher) is None:
-        why = ("--hessian ekfac needs layers whose gradient is captured in factored form "
-               "(linear or convolution layers on the hooked route); every selected layer here "
-               "is a flat parameter or captured exactly: use --hessian eFIM")
+        why = (f"{option('hessian', 'ekfac')} needs layers whose gradient is captured in "
+               "factored form (linear or convolution layers on the hooked route); every "
+               f"selected layer here is a flat parameter or captured exactly: use "
+               f"{option('hessian', 'eFIM')}")
     if why:
         raise AttributionError(why)
 
@@ -137,7 +139,7 @@ def fit_ekfac(store, layout: dict, damping, progress) -> Preconditioner:
         raise AttributionError(
             why or "this index holds no Kronecker factors (it was built before grass-index "
             "kept them, or under torchrun): EK-FAC needs the layer inputs and output "
-            "gradients of pass 1; rebuild it (same specs) to use --hessian ekfac")
+            f"gradients of pass 1; rebuild it (same specs) to use {option('hessian', 'ekfac')}")
     if factors.blocks != store.committed_blocks:
         raise AttributionError(f"the Kronecker factors cover {factors.blocks} of "
                                f"{store.committed_blocks} sketched batches; re-run the build "
@@ -146,7 +148,7 @@ def fit_ekfac(store, layout: dict, damping, progress) -> Preconditioner:
     if not usable:
         raise AttributionError("no layer of this index has Kronecker factors (every layer is "
                                "a flat parameter or captured exactly), so EK-FAC is eFIM here; "
-                               "use --hessian eFIM")
+                               f"use {option('hessian', 'eFIM')}")
     rest = {name: k for name, k in layout.items() if name not in usable}
     why = {name: factors.missing.get(name, "not a factored layer (no Kronecker factors)")
            for name in rest}

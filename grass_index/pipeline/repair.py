@@ -88,7 +88,8 @@ def _recompute_blocks(path: Path, cfg: dict, damaged: list[int], task) -> str:
         raise AttributionError(f"task {t.ref} has {len(data)} training examples but the index "
                                f"was built over {cfg['n_train']}; pass the task it was built "
                                "from")
-    if model_fingerprint(model) != cfg.get("model_hash"):
+    recorded = cfg.get("model_hash")
+    if model_fingerprint(model, like=recorded) != recorded:
         raise AttributionError(f"the model of task {t.ref} differs from the one the index was "
                                "built with (model fingerprint); pass the task it was built from")
     sketcher = query_sketcher(path, IndexRecord(cfg), model)

@@ -29,13 +29,14 @@ from ..indexdir.errors import AttributionError
 from ..indexdir.files import MASK_FILE, STORE_DIR, atomic_write, jsonable
 from ..indexdir.fingerprints import data_signature, layer_dims
 from ..devices import check_device
+from ..errors import option
 from .options import (BuildOptions, IndexOptions, check_damping, check_index,
                       check_train_data, damping_key, norm_hessian)
 from .factors import check_ekfac, factor_shapes
 from .pass2 import finish, pass1_fisher, refit
 from .progress import Progress
 from ..indexdir import record
-from ..indexdir.record import claim_out_dir_locked, make_build_record
+from ..indexdir.record import claim_out_dir_locked, hashed_like_recorded, make_build_record
 from .parallel.sharding import merge, parse_worker, read_shard_fisher, sketch_shard
 from .sketching import sketch_training_set
 
@@ -153,6 +154,7 @@ class _Prepared:
                 log.info("layer %s: %s", name, note)
         self.build = make_build_record(options, model=model, infos=infos, sketcher=self.sketcher,
                                        train_data=train_data, masks=self.masks)
+        self.model = model  # to hash it again as an older build.json did (resuming that build)
         self.mask_file = options.selective_mask
         self.train_data, self.loss_fn, self.batch_size = train_data, loss_fn, options.batch_size
         self.workers = options.workers
@@ -183,6 +185,7 @@ class _Prepared:
 
     def claim(self, out: Path) -> None:
         """Workers/ranks of one build claim in turn (milliseconds each, under the lock)."""
+        self.build = hashed_like_recorded(out, self.build, self.model)
         claim_out_dir_locked(out, self.build, wait_s=record.CLAIM_WAIT_S).release()
         self._copy_mask(out)
 
@@ -190,6 +193,7 @@ class _Prepared:
         """A single process claims ``out`` (build.json) under the store's writer lock and keeps
         the lock for ``SketchStore.create``: two builds into one new directory cannot both
         claim it."""
+        self.build = hashed_like_recorded(out, self.build, self.model)
         lock = claim_out_dir_locked(out, self.build)
         try:
             self._copy_mask(out)
@@ -289,9 +293,10 @@ def _build_ranks(group, prep: _Prepared, out: Path, index_options: IndexOptions,
                  remove_shards: bool) -> BuildResult:
     """torchrun: every rank is worker rank/world of pass 1, then pass 2 spread over the ranks."""
     if index_options.hessian == "ekfac":
-        raise AttributionError("--hessian ekfac is not fitted under torchrun (its eigenvalue "
-                               "correction reads every sketch); build with --hessian eFIM, then "
-                               "re-precondition the index with hessian ekfac in one process")
+        raise AttributionError(f"{option('hessian', 'ekfac')} is not fitted under torchrun (its "
+                               "eigenvalue correction reads every sketch); build with "
+                               f"{option('hessian', 'eFIM')}, then re-precondition the index "
+                               "with hessian ekfac in one process")
     # rank 0 claims the directory first, so the others only compare with its build.json
     group.step(lambda: prep.claim(out) if group.rank == 0 else None)
     group.step(lambda: prep.shard(out, (group.rank, group.world), index_options, task, prog))

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import option, spelled
 from ..capture import CaptureError
 from ..precondition.fisher import layer_slices
 from ..store import StoreError
@@ -131,6 +132,12 @@ def sketch_training_set(store, sketcher, train_data: Sequence, loss_fn, *, batch
                        else " of this worker's batches")
 
 
+def _exclude(globs: list[str]) -> str:
+    """The ``layers`` option that leaves out ``globs``, as the caller writes it."""
+    cli = " ".join(option("layers", g) for g in globs)
+    return spelled(cli, option("layers", globs[0]) if len(globs) == 1 else f"layers={globs!r}")
+
+
 def report_zero_layers(store, sketcher, reached: dict, *, resumed: bool, whose: str = ""):
     """End of pass 1: one line naming the selected layers whose gradient was zero for every
     example (a resumed build also reads the blocks an earlier run committed). Pass 2 drops
@@ -147,7 +154,7 @@ def report_zero_layers(store, sketcher, reached: dict, *, resumed: bool, whose: 
         log.warning("pass 1: %d selected layer(s) had a zero gradient for every training "
                     "example%s: %s; they are dropped from the preconditioner and add nothing "
                     "to any score (exclude them with %s)", len(zero), whose, ", ".join(zero),
-                    " ".join(f"--layers '{sketcher.exclude_glob(z)}'" for z in zero))
+                    _exclude(sorted({sketcher.exclude_glob(z) for z in zero})))
     return zero
 
 
@@ -199,7 +206,7 @@ def _check_data_unchanged(store, train_data: Sequence, blocks: Sequence[int],
                 f"training example {lo + k} differs from the one already sketched into "
                 f"{store.path} (the first that differs: the training data changed since this "
                 "build started, and its stored sketches would be stale); build into a new "
-                "--out, or delete the old directory to rebuild over the new data")
+                f"{option('out')}, or delete the old directory to rebuild over the new data")
 
 
 def resketch_blocks(store, sketcher, train_data: Sequence, loss_fn, damaged: Sequence[int], *,

@@ -171,7 +171,7 @@ def shortfall(plan: Plan, *, ram: float | None, disk: float | None, K_per_layer:
         else:
             fix = (f"{option('projection', f'sjlt-{max(K_per_layer // 2, 1)}')} or fewer "
                    f"{option('layers')}")
-        return (f"this build needs about {plan.disk / GB:.1f} GB of disk at --out but "
+        return (f"this build needs about {plan.disk / GB:.1f} GB of disk at {option('out')} but "
                 f"{disk / GB:.1f} GB is free; use {fix}")
     return None
 

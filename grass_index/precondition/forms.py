@@ -15,14 +15,17 @@ float32, so the scores agree with a float64 dense inverse to float32 rounding
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
+from ..errors import repair_command
 from .errors import DampingError, PreconditionError
 
 INVERSE_DTYPE = np.float32
 Rows = Callable[[], np.ndarray]  # the layer's stored sketches [n, k] (read on first need)
+# the stored sketches streamed: (start id, rows [b, K]) in id order, a fresh pass per call
+Blocks = Callable[[], Iterable[tuple[int, np.ndarray]]]
 
 
 class Dense:
@@ -68,15 +71,17 @@ class LowRank:
 
     def apply(self, a: np.ndarray, rows: Rows) -> np.ndarray:
         G = np.asarray(rows(), dtype=np.float64)
-        if G.shape[0] != self.core.shape[0]:
-            raise PreconditionError(
-                f"the low-rank preconditioner was fitted on {self.core.shape[0]} rows but the "
-                f"store holds {G.shape[0]}; re-precondition the index (grass-index verify "
-                "--repair)")
+        self.check_rows(G.shape[0])
         a64 = np.asarray(a, dtype=np.float64)
         out = a64 - ((a64 @ G.T) @ self.core) @ G
         out /= self.lam
         return out.astype(INVERSE_DTYPE)
+
+    def check_rows(self, n: int) -> None:
+        if n != self.core.shape[0]:
+            raise PreconditionError(
+                f"the low-rank preconditioner was fitted on {self.core.shape[0]} rows but the "
+                f"store holds {n}; re-precondition the index ({repair_command()})")
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"core": self.core}
@@ -88,6 +93,33 @@ class LowRank:
             raise PreconditionError(f"low-rank core has shape {core.shape}; expected n×n with "
                                     f"n < k = {k}")
         return cls(core, lam)
+
+
+def apply_low_rank_streamed(layers: dict, a: np.ndarray, blocks: Blocks) -> dict:
+    """``LowRank.apply`` of every layer in ``layers`` ({name: (LowRank, column slice)}) to the
+    batch ``a`` [B, K], reading the stored rows G as ``blocks()`` streams them, twice (S = a Gᵀ,
+    then (a − S C G)/λ), instead of holding all n×K: memory B·n per layer plus a block."""
+    a64 = {name: np.array(a[:, sl], dtype=np.float64) for name, (_, sl) in layers.items()}
+    n = max(f.core.shape[0] for f, _ in layers.values())
+    S = {name: np.zeros((len(a), n)) for name in layers}
+    seen, in_order = 0, True
+    for start, R in blocks():
+        in_order = in_order and start == seen
+        if in_order and seen + len(R) <= n:
+            for name, (_, sl) in layers.items():
+                S[name][:, start:start + len(R)] = a64[name] @ R[:, sl].T
+        seen += len(R)
+    if not in_order:
+        raise PreconditionError("the stored rows are not in id order; the store is damaged "
+                                f"({repair_command()})")
+    for f, _ in layers.values():
+        f.check_rows(seen)
+    T = {name: S.pop(name) @ f.core for name, (f, _) in layers.items()}
+    for start, R in blocks():
+        for name, (_, sl) in layers.items():
+            a64[name] -= T[name][:, start:start + len(R)] @ R[:, sl]
+    return {name: (a64[name] / f.lam).astype(INVERSE_DTYPE)
+            for name, (f, _) in layers.items()}
 
 
 class Ekfac:

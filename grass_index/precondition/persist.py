@@ -46,18 +46,20 @@ def has_preconditioner(store, key: str) -> bool:
 
 
 def load_preconditioner(store, key: str, layout: dict, *, mapped: bool = False,
-                        rows=None) -> Preconditioner:
+                        rows=None, blocks=None) -> Preconditioner:
     """The stored variant ``key``; KeyError when absent, ValueError/StoreError when damaged.
 
     ``mapped``: large arrays are memory-mapped and checked cheaply (size, header, shape,
     dtype) instead of read and checksummed whole — a query's way; ``verify`` and pass 2 read
     them checked. ``rows`` returns the [n, K] stored sketches the low-rank layers apply
-    through (default: read from ``store`` on first need, so it must still be open then)."""
+    through (default: read from ``store`` on first need, so it must still be open then);
+    ``blocks`` streams them (``Preconditioner``'s, for a query's small batches)."""
     if rows is None:
         rows = lambda: store.get_rows(np.arange(store.num_rows))  # noqa: E731
     if store.has_array(f"{PREFIX}{key}"):  # older layout: one .npz byte array
         return Preconditioner.from_state_dict(
-            state_from_array(store.get_array(f"{PREFIX}{key}")), layout, rows=rows)
+            state_from_array(store.get_array(f"{PREFIX}{key}")), layout, rows=rows,
+            blocks=blocks)
     state = state_from_array(store.get_array(_state_name(key)))
     if str(np.asarray(state.get("hessian"))) != "identity":
         for name in layout:
@@ -65,7 +67,7 @@ def load_preconditioner(store, key: str, layout: dict, *, mapped: bool = False,
             for array in getattr(FORMS.get(form), "names", ()):
                 entry = f"{array}/{name}"
                 state[entry] = store.get_array(_array_name(key, entry), mapped=mapped)
-    return Preconditioner.from_state_dict(state, layout, rows=rows)
+    return Preconditioner.from_state_dict(state, layout, rows=rows, blocks=blocks)
 
 
 def stale_preconditioner_arrays(names, key: str) -> list[str]:

@@ -26,8 +26,8 @@ from .damping import (format_damping, layer_damping, parse_damping, placement,
 from .ekfac import ekfac_damping
 from .errors import PreconditionError
 from .fisher import as_float32, layer_slices
-from .forms import (ARRAY_NAMES, INVERSE_DTYPE, Dense, Ekfac, LowRank, Zero, form_from_arrays,
-                    singular)
+from .forms import (ARRAY_NAMES, INVERSE_DTYPE, Blocks, Dense, Ekfac, LowRank, Zero,
+                    apply_low_rank_streamed, form_from_arrays, singular)
 
 
 def uses_low_rank(n: int, k: int) -> bool:
@@ -42,6 +42,7 @@ def dense_layers(layout: dict[str, int], n: int) -> list[str]:
 
 
 HESSIANS = ("eFIM", "identity", "ekfac")
+STREAM_ROWS = 64  # batches up to this many vectors apply low-rank layers over streamed rows
 _ALIASES = {"ek-fac": "ekfac"}
 # float32's smallest normal number. Below it a value keeps fewer mantissa bits (a subnormal),
 # and with flush-to-zero on (torch.set_flush_denormal, some BLAS builds) it is 0.
@@ -198,12 +199,14 @@ class Preconditioner:
     after pass 1. ``efim_layers`` ({layer: why}) are the layers an EK-FAC preconditioner fitted
     with eFIM because they have no Kronecker factors. ``rows`` returns the [n, K] sketches
     the preconditioner was fitted on (read once, on first need): the low-rank layers apply
-    through them."""
+    through them. ``blocks`` streams the same rows block by block (forms.Blocks): a batch of
+    at most ``STREAM_ROWS`` vectors (a query's) is then applied in two passes over them
+    instead of reading all n×K into memory; larger batches read and keep them."""
 
     def __init__(self, layout: dict[str, int], hessian: str, forms: dict | None,
                  damping_used: dict[str, float], damping: tuple[str, float] | None,
                  dropped: list[str] | None = None, efim_layers: dict[str, str] | None = None,
-                 rows: Callable[[], np.ndarray] | None = None):
+                 rows: Callable[[], np.ndarray] | None = None, blocks: Blocks | None = None):
         self.layout = {str(k): int(v) for k, v in layout.items()}
         self._slices = layer_slices(self.layout)
         self.dim = sum(self.layout.values())
@@ -211,7 +214,7 @@ class Preconditioner:
         self.damping_used, self.damping = damping_used, damping
         self.dropped = list(dropped or [])
         self.efim_layers = dict(efim_layers or {})
-        self._rows_source, self._rows = rows, None
+        self._rows_source, self._rows, self._blocks = rows, None, blocks
         # {layer: where its λ sits in its spectrum (damping.placement)}: known after a fit
         self.placement: dict[str, dict] = {}
 
@@ -309,22 +312,41 @@ class Preconditioner:
                 pre.dropped.append(name)
         return pre
 
+    def _streamed(self, names, batch: int) -> dict:
+        """{name: (form, slice)} of the low-rank layers among ``names`` that a batch of this
+        size applies streamed (rows not read yet, a stream given, a small batch)."""
+        if self._rows is not None or self._blocks is None or batch > STREAM_ROWS:
+            return {}
+        return {n: (self.forms[n], self._slices[n]) for n in names
+                if isinstance(self.forms[n], LowRank)}
+
     def apply_layer(self, name: str, vectors) -> np.ndarray:
         """[B, k_l] -> float32 [B, k_l]: (F_l + λ_l I)^{-1} of each vector, in the layer's form."""
         a = np.asarray(vectors, dtype=np.float32)
         if self.forms is None:
             return a.copy()
         sl = self._slices[name]
+        streamed = self._streamed([name], len(a))
+        if streamed:  # the stream yields whole rows [b, K]: place the layer's columns
+            full = np.zeros((len(a), self.dim), np.float32)
+            full[:, sl] = a
+            return apply_low_rank_streamed(streamed, full, self._blocks)[name]
         return self.forms[name].apply(a, lambda: self.rows()[:, sl])
 
     def apply(self, g) -> np.ndarray:
-        """[B, K] -> float32 [B, K], each layer's block through ``apply_layer``."""
+        """[B, K] -> float32 [B, K], each layer's block through ``apply_layer`` (the low-rank
+        layers of a small batch together, in two passes over the streamed rows)."""
         a = as_float32(g, self.dim)
         if self.forms is None:
             return a.copy()
         out = np.empty_like(a)
+        streamed = self._streamed(self._slices, len(a))
+        if streamed:
+            for name, part in apply_low_rank_streamed(streamed, a, self._blocks).items():
+                out[:, self._slices[name]] = part
         for name, sl in self._slices.items():
-            out[:, sl] = self.apply_layer(name, a[:, sl])
+            if name not in streamed:
+                out[:, sl] = self.apply_layer(name, a[:, sl])
         return out
 
     def dense(self, name: str) -> np.ndarray:
@@ -366,7 +388,8 @@ class Preconditioner:
 
     @classmethod
     def from_state_dict(cls, d: dict, layout: dict[str, int],
-                        rows: Callable[[], np.ndarray] | None = None) -> "Preconditioner":
+                        rows: Callable[[], np.ndarray] | None = None,
+                        blocks: Blocks | None = None) -> "Preconditioner":
         """The inverse of ``state_dict``; a state without ``form/LAYER`` entries (written before
         the forms) holds a dense ``inverse/LAYER`` for every layer."""
         try:
@@ -385,7 +408,8 @@ class Preconditioner:
         if "efim_layers" in d:
             efim_layers = dict(str(x).split("\t", 1)
                                for x in np.asarray(d["efim_layers"]).reshape(-1))
-        pre = cls(layout, hessian, forms, used, damping, dropped, efim_layers, rows=rows)
+        pre = cls(layout, hessian, forms, used, damping, dropped, efim_layers, rows=rows,
+                  blocks=blocks)
         if "placement" in d:
             pre.placement = json.loads(str(np.asarray(d["placement"])))
         return pre

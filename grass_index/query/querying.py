@@ -15,6 +15,7 @@ from ..capture import (CaptureError, EnsembleSketcher, GradientSketcher, as_chec
                        select_layers)
 from ..capture.ensemble import single_model, split_block
 from ..compress import load_selective_mask
+from ..errors import repair_command
 from ..fileio import check_regular
 from ..index import FaissIndexError, SketchedIndex
 from ..precondition import Preconditioner, has_preconditioner
@@ -70,7 +71,8 @@ def check_model(path: Path, record: IndexRecord, model):
                 raise
             raise AttributionError(f"{which}{e}") from e
         found.append(infos)
-        if model_hash(m, infos) != (hashes[c] if c < len(hashes) else None):
+        recorded = hashes[c] if c < len(hashes) else None
+        if model_hash(m, like=recorded) != recorded:  # with the function the index used
             log.warning("%sthe model's weights differ from the ones index %s was built with; "
                         "scores mix two models", which, path)
     return found[0]
@@ -210,35 +212,40 @@ def open_vector_index(path: Path, record: IndexRecord, *, mmap: bool = False):
     f = path / names[0] if len(names) == 1 else path
     for name in names:
         if not check_regular(path / name):  # a symlink or FIFO there is refused, naming it
-            raise AttributionError(f"{path / name} is missing; run `grass-index verify {path} "
-                                   "--repair` to rebuild it from the stored sketches")
+            raise AttributionError(f"{path / name} is missing; run {repair_command(path)} to "
+                                   "rebuild it from the stored sketches")
     try:
         vindex = load_faiss(path, record, mmap=mmap)
     except (FaissIndexError, OSError) as e:
-        raise AttributionError(f"{f} is unreadable ({e}); run `grass-index verify "
-                               f"{path} --repair` to rebuild it") from e
+        raise AttributionError(f"{f} is unreadable ({e}); run {repair_command(path)} to "
+                               "rebuild it") from e
     if vindex.ntotal != record.n_train:
         raise AttributionError(f"{f} holds {vindex.ntotal} vectors, config says "
-                               f"{record.n_train}; run `grass-index verify {path} --repair`")
+                               f"{record.n_train}; run {repair_command(path)}")
     return vindex
 
 
 def load_preconditioner(path: Path, record: IndexRecord) -> Preconditioner:
     """The preconditioner pass 2 stored for this variant, as a query needs it: large arrays
     memory-mapped and checked cheaply (size, header, shape, dtype; `grass-index verify` checks
-    their checksums), and the stored sketches its low-rank layers apply through read on first
-    use (with the store opened again then: nothing stays open between operations)."""
+    their checksums), and the stored sketches its low-rank layers apply through streamed
+    block by block for a query's batch, read whole on first use by a larger one (with the store
+    opened again then: nothing stays open between operations)."""
     key = record.preconditioner_key
 
     def rows():
         with reading_store(path) as store:  # the block checksums are verify's
             return store.get_rows(np.arange(store.num_rows), verify=False)
+
+    def blocks():
+        with reading_store(path) as store:
+            yield from store.iter_blocks(verify=False)
     with reading_store(path) as store:
         if not has_preconditioner(store, key):
             raise AttributionError(f"the preconditioner is missing from {path}; run "
-                                   f"`grass-index verify {path} --repair`")
+                                   f"{repair_command(path)}")
         return load_stored_preconditioner(store, key, dict(record.layout), mapped=True,
-                                          rows=rows)
+                                          rows=rows, blocks=blocks)
 
 
 def search(path: Path, vindex, preconditioner, queries, k: int, *, opponents: bool = False,

@@ -8,6 +8,7 @@
     GET  /api/examples?split=query&offset=0&limit=50   ids and labels, for picking a query
     GET  /api/train/{id}                            a training example's label and image
     GET  /api/self-influence?offset=0&limit=20      training examples by self-influence
+    GET  /api/stats?since=T                         the server's own timings (stats.py)
     GET  /docs, /openapi.json                       the API's docs (same guard as the API)
     GET  /                                          the page
 
@@ -39,6 +40,7 @@ from .guard import TOKEN_ENV, Guard, HostCheck, check_bind, loopback_hosts
 from .params import Limits
 from .routes_browse import browse_router
 from .routes_query import query_router
+from .stats import RequestTimer, ServerStats
 
 log = logging.getLogger("grass_index.serve")
 
@@ -68,8 +70,10 @@ def create_app(index_dir, task: str | None = None, token: str | None = None, *,
     batch_friendly_search()
     eng = engine or Engine(index_dir, task, verify=verify)
     limits = Limits(max_k=max_k, max_items=max_items, max_body=max_body, max_text=max_text)
-    served = Served(engine=eng, limits=limits,
-                    batcher=MicroBatcher(eng.run, window_ms=batch_window_ms, max_batch=max_batch),
+    stats = ServerStats()
+    served = Served(engine=eng, limits=limits, stats=stats,
+                    batcher=MicroBatcher(stats.timed(eng.run), window_ms=batch_window_ms,
+                                         max_batch=max_batch),
                     budget=InputBudget.for_signature(eng.idx.record.item_signature,
                                                      max_items))
 
@@ -83,7 +87,8 @@ def create_app(index_dir, task: str | None = None, token: str | None = None, *,
     app.add_api_route("/docs", docs, include_in_schema=False)
     app.add_middleware(Guard, token=token, max_body=max_body)
     if allowed_hosts is not None:
-        app.add_middleware(HostCheck, hosts=allowed_hosts)  # outermost: checked first
+        app.add_middleware(HostCheck, hosts=allowed_hosts)  # first of the checks
+    app.add_middleware(RequestTimer, stats=stats)  # outermost: times all of it
     return app
 
 
@@ -100,10 +105,12 @@ def lifespan(served: Served):
         gc.collect()
         gc.freeze()
         served.frozen = gc.get_freeze_count()  # (walks the frozen list: once, here)
+        served.stats.install()  # every collection's pause from now on (GET /api/stats)
         _running.append(app)
         try:
             yield
         finally:
+            served.stats.uninstall()
             await served.batcher.aclose()
             served.batcher.shutdown()
             _running.remove(app)

@@ -2,7 +2,7 @@
 request limits and the upload budget (one object, on ``app.state.served``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from grass_index.input_budget import InputBudget
 
@@ -10,6 +10,7 @@ from .batching import MicroBatcher
 from .engine import Engine
 from .errors import ApiError
 from .params import Limits
+from .stats import ServerStats
 
 
 @dataclass
@@ -19,6 +20,7 @@ class Served:
     limits: Limits
     budget: InputBudget   # what an uploaded file may unpack to (from the index's item signature)
     frozen: int = 0       # objects frozen out of the collector at start (counting them walks them)
+    stats: ServerStats = field(default_factory=ServerStats)  # GC pauses, request/batch times
 
     def split(self, name: str):
         """The task's query or training data, or a 400 when the task has no query data."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import grass_index as gi
-from grass_index.errors import GrassIndexError
+from grass_index.errors import GrassIndexError, repair_command, spelled
 from grass_index.task import Task, TaskError, task_for_index
 
 log = logging.getLogger("grass_index.serve")
@@ -50,9 +50,10 @@ def verify_or_refuse(path: Path, sample: int = 8) -> None:
     if rep["ok"]:
         return
     bad = "; ".join(f"{c['name']}: {c['detail']}" for c in rep["checks"] if not c["ok"])
-    raise ServeError(f"index {path} failed verification ({bad}); run `grass-index verify "
-                     f"{path}` for the full report and `grass-index verify {path} --repair` "
-                     "to rebuild what the stored sketches allow")
+    full = spelled(f"`grass-index verify {path}`", f"`grass_index.verify_index({str(path)!r})`")
+    raise ServeError(f"index {path} failed verification ({bad}); run {full} for the full "
+                     f"report and {repair_command(path)} to rebuild what the stored sketches "
+                     "allow")
 
 
 def batch_friendly_search(threshold: int = 2) -> None:
@@ -116,9 +117,20 @@ class Engine:
                              "index was built from (--task FILE)")
         self.queries = self.task.query_data() if self.task.has("query_data") else None
         self.idx.vindex  # load FAISS now, not on the first request
+        self._hold_low_rank_rows()
         self._labels: dict[int, Any] = {}
         self._self_influence: list | None = None  # (train_id, score), highest first
         self.load_seconds = time.perf_counter() - t0
+
+    def _hold_low_rank_rows(self) -> None:
+        """A two-stage index re-ranks every batch through the preconditioner: a one-off query
+        streams its low-rank layers' rows (twice), a server reads them once and keeps them."""
+        from grass_index.index import SketchedIndex
+
+        if isinstance(self.idx.vindex, SketchedIndex):
+            pre = self.idx.preconditioner
+            if pre.forms and any(f.kind == "low_rank" for f in pre.forms.values()):
+                pre.rows()
 
     # -- what the task offers ---------------------------------------------------------------
     def features(self) -> dict:

@@ -30,6 +30,11 @@ def browse_router(served: Served) -> APIRouter:
     async def info():
         return describe(served)
 
+    @router.get("/api/stats", summary="The server's own timings: GC pauses, requests, batches")
+    async def stats(since: Annotated[float, Query(description="time.monotonic() seconds: "
+                                                  "samples that started then or later")] = 0.0):
+        return served.stats.since(since)
+
     @router.get("/api/examples", summary="Ids and labels to pick a query from")
     async def examples(split: Split = "query", offset: Offset = 0,
                        limit: Limit = 50):

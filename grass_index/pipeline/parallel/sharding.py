@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import option, spelled
 from ...precondition import FisherAccumulator
 from ...store import SketchStore, StoreError
 from ...indexdir.errors import AttributionError
@@ -56,8 +57,9 @@ def parse_worker(worker) -> tuple[int, int] | None:
     if isinstance(worker, str):
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", worker)
         if not m:
-            raise AttributionError(f"--worker {worker!r} is not of the form I/N (worker I of N, "
-                                   "counted from 0), e.g. --worker 0/4")
+            raise AttributionError(f"{spelled(f'--worker {worker!r}', f'worker={worker!r}')} "
+                                   "is not of the form I/N (worker I of N, counted from 0), e.g. "
+                                   f"{option('worker', '0/4')}")
         worker = (int(m.group(1)), int(m.group(2)))
     try:
         i, n = (int(v) for v in worker)
