@@ -22,15 +22,16 @@ def peak_rss_bytes() -> float:
     return float("nan")
 
 
-def gpt2_task(work: Path, n: int, tokens: int):
-    """The examples/hf_causal_lm.py task over a random-init GPT-2 small saved in ``work`` and
-    ``n`` generated lines of 40 words, truncated to ``tokens`` tokens."""
+def gpt2_task(work: Path, n: int, tokens: int, n_layer: int = 12):
+    """The examples/hf_causal_lm.py task over a random-init GPT-2 small (``n_layer`` blocks;
+    12 is GPT-2 small itself) saved in ``work`` and ``n`` generated lines of 40 words,
+    truncated to ``tokens`` tokens."""
     import numpy as np
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model_dir = work / "gpt2"
+    model_dir = work / ("gpt2" if n_layer == 12 else f"gpt2-{n_layer}")
     if not (model_dir / "config.json").exists():
-        GPT2LMHeadModel(GPT2Config()).save_pretrained(model_dir)
+        GPT2LMHeadModel(GPT2Config(n_layer=n_layer)).save_pretrained(model_dir)
     rng = np.random.default_rng(0)
     lines = [" ".join(rng.choice(WORDS, 40)) for _ in range(n)]
     (work / "train.txt").write_text("\n".join(lines) + "\n")

@@ -19,6 +19,7 @@ issue 21's EK-FAC row; ``--keep DIR`` keeps the index for benchmarks/query_cost.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -42,50 +43,117 @@ def child(args) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 2)
-    if args.dense:
-        pre_mod.uses_low_rank = lambda n, k: False
+    if args.dense:  # the pipeline and the plan both take the dense form
+        from grass_index.plan import costs
+
+        pre_mod.uses_low_rank = costs.uses_low_rank = lambda n, k: False
     work = Path(args.work)
-    task = gpt2_task(work, args.n, args.tokens)
+    task = gpt2_task(work, args.n, args.tokens, args.n_layer)
 
     model, data = task.model(), task.train_data()
     start_s = time.time() - t_start
     epoch_s = None if args.no_epoch else _epoch(model, data, task, args.batch_size)
     rss_epoch = peak_rss_bytes()
-    rates = plan_mod.measure_rates(out=work)  # as `grass-index plan` would, before the build
-    marks, t0 = {}, time.time()
+    specs = {k: v for k, v in (("sparsification", args.sparsification),
+                                ("projection", args.projection)) if v}
+    # the plan, as `grass-index plan` makes it, before the build: its rates measured now
+    inputs = dict(n=len(data), batch_size=args.batch_size, tokens=args.tokens,
+                  hessian=args.hessian, damping=args.damping, specs=specs,
+                  n_layer=args.n_layer)
+    p = plan_mod.plan_for(model, len(data), batch_size=args.batch_size, tokens=args.tokens,
+                          hessian=args.hessian, damping=args.damping, **specs)
+    rates = plan_mod.measure_rates(out=work, lapack_size=plan_mod.lapack_order([p]))
+    marks, t0, rss = {}, time.time(), {}
 
     def progress(stage, done, total):
+        if stage not in marks:
+            rss[stage] = peak_rss_bytes()  # the high-water mark as each stage starts
         marks.setdefault(stage, time.time() - t0)
         marks[stage + "_end"] = time.time() - t0
 
     out = work / ("idx-dense" if args.dense else "idx")
-    specs = {k: v for k, v in (("sparsification", args.sparsification),
-                                ("projection", args.projection)) if v}
+    extra = {} if args.damping is None else dict(damping=args.damping)
     idx = gi.build_index(model, data, task.loss, out, collate=task.collate, progress=progress,
-                         batch_size=args.batch_size, hessian=args.hessian, **specs)
+                         batch_size=args.batch_size, hessian=args.hessian, **specs, **extra)
     total = time.time() - t0
     cfg = idx.config
-    p = plan_mod.estimate(layer_dims=cfg["layer_dims"],
-                          layout=cfg["layout"], n=len(data), batch_size=args.batch_size,
-                          tokens=args.tokens, index_width=cfg["index"]["dim"],
-                          model_bytes=sum(x.numel() * 4 for x in model.parameters()))
     pass2_start = marks["sketch_end"]
-    t_plan = plan_mod.predict_seconds(model, cfg["layout"], n=len(data), tokens=args.tokens,
-                                      batch_size=args.batch_size, hessian=cfg["hessian"],
-                                      plan=p, rates=rates)
+    after = plan_mod.measure_rates(out=work, lapack_size=plan_mod.lapack_order([p]))
+    after_pass1 = [v for k, v in rss.items() if k != "sketch"]
     res = dict(start_s=start_s, epoch_s=epoch_s, check_s=marks["sketch"],
-               rss_epoch_gb=rss_epoch / 1e9, plan_s=t_plan, n=len(data), tokens=args.tokens,
+               rss_epoch_gb=rss_epoch / 1e9, n=len(data), tokens=args.tokens,
                K=cfg["dim"], layers=len(cfg["layout"]), dense=args.dense,
                hessian=cfg["hessian"], specs=specs, sketch_bytes=4 * len(data) * cfg["dim"],
-               plan_ram_gb=p.ram_peak / 1e9, plan_disk_gb=p.disk / 1e9,
-               peak_rss_gb=peak_rss_bytes() / 1e9, pass1_s=pass2_start - marks["sketch"],
+               peak_rss_gb=peak_rss_bytes() / 1e9,
+               rss_pass1_gb=(min(after_pass1) if after_pass1 else peak_rss_bytes()) / 1e9,
+               pass1_s=pass2_start - marks["sketch"],
                pass2_s=total - pass2_start, load=os.getloadavg(),
                total_s=total, recall=cfg["index"].get("recall"), marks=marks,
-               index_dim=cfg["index"]["dim"],
-               disk_gb=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e9)
+               index_dim=cfg["index"]["dim"], forms=cfg["preconditioner"].get("forms"),
+               disk=_disk_parts(out), inputs=inputs, planned_width=p.index_width,
+               rates=dataclasses.asdict(rates), rates_after=dataclasses.asdict(after),
+               model_bytes=sum(x.numel() * x.element_size() for x in model.parameters()))
+    res["disk_gb"] = sum(res["disk"].values()) / 1e9
+    res.update(predict(res, model))
     if args.dense:
         res.update(_float32_vs_float64(out, cfg))
     return res
+
+
+def _disk_parts(out: Path) -> dict:
+    """Bytes on disk under an index directory: the store's LMDB, its array files (Fisher
+    cache, preconditioner), the FAISS files and the rest."""
+    parts = dict(store_lmdb=0, store_arrays=0, faiss=0, other=0)
+    for f in out.rglob("*"):
+        if not f.is_file():
+            continue
+        rel = f.relative_to(out).parts
+        key = ("store_arrays" if "arrays" in rel[:-1] else "store_lmdb") if rel[0] == "sketches" \
+            else "faiss" if f.suffix == ".faiss" else "other"
+        parts[key] += f.stat().st_size
+    return parts
+
+
+def predict(res: dict, model=None, rates_key: str = "rates") -> dict:
+    """The plan's prediction for a recorded run, from its inputs and the rates measured before
+    it (``rates_key`` "rates_after": those measured right after it; ``model``: the model or a
+    meta-device copy, for its FLOPs)."""
+    from grass_index import plan as plan_mod
+
+    from grass_index.plan import costs
+
+    i = res["inputs"]
+    if model is None:
+        model = meta_gpt2(i.get("n_layer", 12))
+    rule = costs.uses_low_rank
+    if res["dense"]:  # the dense form forced (as the child forced it on the pipeline)
+        costs.uses_low_rank = lambda n, k: False
+    try:
+        p = plan_mod.plan_for(model, i["n"], batch_size=i["batch_size"], tokens=i["tokens"],
+                              hessian=i["hessian"], damping=i["damping"], **i["specs"])
+    finally:
+        costs.uses_low_rank = rule
+    if p.index_width != res["index_dim"]:  # price the index the build chose (half its RAM)
+        p = dataclasses.replace(p, index_width=res["index_dim"],
+                                index_disk=float(i["n"]) * res["index_dim"] * p.index_bytes)
+    rates = plan_mod.Rates(**res[rates_key])
+    t = plan_mod.predict_seconds(model, {x.name: x.k for x in p.layers}, n=i["n"],
+                                 tokens=i["tokens"], batch_size=i["batch_size"],
+                                 hessian=i["hessian"], rates=rates, plan=p)
+    return dict(plan_s=t, plan_ram_gb=p.ram_peak / 1e9, plan_ram1_gb=p.ram_pass1 / 1e9,
+                plan_ram2_gb=p.ram_pass2 / 1e9, plan_disk_gb=p.disk / 1e9,
+                plan_width=p.index_width,
+                plan_disk_parts=dict(store=p.store_disk, fisher=p.fisher_disk,
+                                     precond=p.precond_disk, index=p.index_disk))
+
+
+def meta_gpt2(n_layer: int = 12):
+    """GPT-2 small's shapes on the meta device (no storage): what `plan` prices."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.device("meta"):
+        return GPT2LMHeadModel(GPT2Config(n_layer=n_layer))
 
 
 def _epoch(model, data, task, batch_size: int) -> float:
@@ -152,6 +220,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--dense", action="store_true")
     ap.add_argument("--hessian", default="eFIM")
+    ap.add_argument("--damping", default=None)
+    ap.add_argument("--n-layer", type=int, default=12, help="GPT-2 blocks (12: GPT-2 small)")
     ap.add_argument("--sparsification", default=None)
     ap.add_argument("--projection", default=None)
     ap.add_argument("--work", default=None)
@@ -166,7 +236,9 @@ def main():
         work = args.keep or tmp
         cmd = [sys.executable, __file__, "--child", "--work", work, "--n", str(args.n),
                "--tokens", str(args.tokens), "--batch-size", str(args.batch_size),
-               "--hessian", args.hessian]
+               "--hessian", args.hessian, "--n-layer", str(args.n_layer)]
+        if args.damping:
+            cmd += ["--damping", args.damping]
         for flag in ("sparsification", "projection"):
             if getattr(args, flag):
                 cmd += [f"--{flag}", getattr(args, flag)]

@@ -43,6 +43,8 @@ _LAZY = {
     "BuildRecord": "grass_index.indexdir",
     "open_index": "grass_index.attribute",
     "merge_shards": "grass_index.attribute",
+    "add_examples": "grass_index.attribute",
+    "remove_examples": "grass_index.attribute",
     "AttributionIndex": "grass_index.attribute",
     "AttributionError": "grass_index.attribute",
     "verify_index": "grass_index.attribute",

@@ -22,6 +22,7 @@ from .pipeline import (AttributionError, BuildOptions, BuildResult, CaptureCheck
                        IndexOptions, ShardInfo)
 from .pipeline import run as pipeline_run
 from .eval.tune import tune_index
+from . import living
 from .query import querying
 from .task import Task, task_for_index, task_record
 # Re-exported: public API and names tools import from here (the directory layout, the config
@@ -84,14 +85,57 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
                                "IndexOptions(...)), which returns the shard's ShardInfo")
     index_options = IndexOptions(hessian=hessian, damping=damping, index=index, nlist=nlist,
                                  nprobe=nprobe)
+    out = arguments.directory(out, "build_index", "out")
+    if distributed is not True and living.grows(out, train_data):  # data grew at the end
+        living.add_examples(out, model, train_data, loss_fn, collate=collate,
+                            progress=progress, device=device, workers=workers,
+                            task=_record_of(task), options=index_options)
+        return open_index(out)
+    living.settle(out)  # a finished index's build.json is its generation's (after a kill)
     options = BuildOptions(sparsification=sparsification, projection=projection, seed=seed,
                            layers=layers, batch_size=batch_size, selective_mask=selective_mask,
                            workers=workers)
+    if distributed is not True and living.same_data(out, model, train_data, loss_fn, options,
+                                                    collate=collate, device=device):
+        idx = open_index(out)  # a grown index over its own data: pass 2's options may differ
+        rec = idx.record
+        wanted = (index_options.hessian, None if damping is None else str(damping),
+                  index_options.index)
+        if wanted != (rec.hessian, rec.damping, rec.index_kind):
+            idx.reprecondition(damping, index_options.hessian, index_options.index, progress)
+        return idx
     res = pipeline_run.build(model, train_data, loss_fn, out, options, index_options,
                              task=_record_of(task),
                              collate=collate, progress=progress, device=device,
                              distributed=distributed, remove_shards=remove_shards)
     return AttributionIndex._from_result(res)
+
+
+def add_examples(path, model: torch.nn.Module, train_data: Sequence, loss_fn: Callable, *,
+                 collate: Callable | None = None, progress=True, device=None,
+                 retrain: bool = False, workers: int | None = None,
+                 task: str | None = None) -> "AttributionIndex":
+    """Grow the index in ``path`` by the examples ``train_data`` has beyond it (data that grew
+    at the end: every indexed example unchanged, the same model and settings). Only the new
+    examples are sketched; the Fisher gains their rows, the preconditioner is refitted (a
+    recorded damping rule, e.g. ``auto``, is evaluated on the new spectrum) and FAISS holds
+    every row again — a new generation, committed atomically. An IVF index keeps its
+    quantizer (a warning says when the new rows drift from it) unless ``retrain``.
+    ``build_index`` over grown data into the same directory does the same. ``task``: the
+    task (reference) the grown data comes from, recorded like a build's."""
+    living.add_examples(path, model, train_data, loss_fn, collate=collate, progress=progress,
+                        device=device, retrain=retrain, workers=workers,
+                        task=_record_of(task))
+    return open_index(path)
+
+
+def remove_examples(path, ids: Sequence[int], *, progress=False) -> "AttributionIndex":
+    """Remove training examples ``ids`` from the index in ``path`` (a new generation): they
+    leave the Fisher (their sketches' contribution subtracted, the preconditioner refitted)
+    and FAISS, and are never returned by query, score (their column is 0.0),
+    self-influence (NaN, never ranked) or serve. Ids never shift."""
+    living.remove_examples(path, ids, progress=progress)
+    return open_index(path)
 
 
 def _record_of(task) -> dict | None:
@@ -181,6 +225,7 @@ class AttributionIndex:
             record, str(self.path / CONFIG_FILE))
         self.reporting = reporting  # False on torchrun ranks other than 0
         self._mmap = mmap
+        self._seen = _config_stamp(self.path)
         self._vindex = None
         self._pre = None
         self._cosine = None
@@ -211,6 +256,17 @@ class AttributionIndex:
     def task(self) -> str | None:
         return self.record.task
 
+    @property
+    def generation(self) -> int:
+        """The generation of the training set this handle reads (0: as built; each add or
+        remove makes the next one)."""
+        return self.record.generation.number
+
+    @property
+    def removed(self) -> tuple[int, ...]:
+        """Training ids removed from the index (never returned; their score columns are 0)."""
+        return self.record.removed
+
     def info(self) -> dict:
         return self.config
 
@@ -236,6 +292,24 @@ class AttributionIndex:
             return False
         log.info("index %s was re-preconditioned while open; using its new files", self.path)
         self.record, self._vindex, self._pre = new, None, None
+        return True
+
+    def refresh(self) -> bool:
+        """Pick up the newest generation (an add, a remove or a re-precondition committed by
+        another process or handle) if config.json changed since it was read; True when the
+        handle now reads a new one. Cheap when nothing changed (one stat)."""
+        stamp = _config_stamp(self.path)
+        if stamp == self._seen:
+            return False
+        self._seen = stamp
+        try:
+            new = read_record(self.path)
+        except AttributionError:
+            return False  # mid-replacement or damaged: keep the snapshot we have
+        if new.config_hash == self.record.config_hash:
+            return False
+        log.info("index %s: now generation %d", self.path, new.generation.number)
+        self.record, self._vindex, self._pre, self._cosine = new, None, None, None
         return True
 
     def _with_snapshot(self, load):
@@ -324,7 +398,7 @@ class AttributionIndex:
             raise AttributionError(f"nprobe must be a positive integer, got {nprobe!r}")
         if q.shape[0] == 0:
             return []
-        k = min(k, self.n_train)
+        k = min(k, self.record.n_live)
         if cosine:  # an exact flat index over unit-norm vectors; nprobe does not apply
             scores, ids = self.cosine_index().search(unit_rows(q.numpy()), k, opponents=opponents)
         else:  # a two-stage index (wide sketches) re-ranks its candidates exactly from the store
@@ -336,12 +410,13 @@ class AttributionIndex:
                 for r in range(len(ids))]
 
     def train_vectors(self):
-        """Yield (start_id, preconditioned rows) from the stored sketches, in id order."""
-        yield from querying.train_vectors(self.path, self.preconditioner)
+        """Yield (start_id, preconditioned rows) from the stored sketches, in id order (the
+        removed ids' rows included: ``removed`` names them)."""
+        yield from querying.train_vectors(self.path, self.preconditioner, self.n_train)
 
     def raw_sketches(self):
         """Yield (start_id, raw rows ĝ_i [B, K] float32) from the store, in id order."""
-        yield from querying.raw_sketches(self.path)
+        yield from querying.raw_sketches(self.path, self.n_train)
 
     def self_influence(self) -> torch.Tensor:
         """float64 [n_train]: ĝ_iᵀ (F + λI)⁻¹ ĝ_i per training example (grass_index.analysis)."""
@@ -366,9 +441,26 @@ class AttributionIndex:
         out = torch.empty(q.shape[0], self.n_train, dtype=torch.float32)
         for start, vec in self.train_vectors():
             out[:, start:start + len(vec)] = q @ torch.from_numpy(vec).T
+        out[:, list(self.removed)] = 0.0  # a removed example influences nothing
         return out
 
     # -- maintenance --------------------------------------------------------------------
+    def add(self, model, train_data: Sequence, loss_fn, *, collate=None, progress=False,
+            device=None, retrain: bool = False) -> "AttributionIndex":
+        """Grow this index by the examples ``train_data`` has beyond it
+        (:func:`add_examples`); this handle then reads the new generation."""
+        living.add_examples(self.path, model, train_data, loss_fn, collate=collate,
+                            progress=progress, device=device, retrain=retrain)
+        self.refresh()
+        return self
+
+    def remove(self, ids: Sequence[int], *, progress=False) -> "AttributionIndex":
+        """Remove training examples ``ids`` (:func:`remove_examples`); this handle then reads
+        the new generation."""
+        living.remove_examples(self.path, ids, progress=progress)
+        self.refresh()
+        return self
+
     def reprecondition(self, damping=None, hessian: str | None = None, index: str | None = None,
                        progress=False, *, tune: dict | None = None) -> "AttributionIndex":
         """Refit the preconditioner (and FAISS) from the stored sketches; no gradients.
@@ -384,4 +476,14 @@ class AttributionIndex:
         self.record = IndexRecord(pipeline_run.refit_index(self.path, self.config, opts,
                                                            progress=progress, tune=tune),
                                   str(self.path / CONFIG_FILE))
+        self._seen = _config_stamp(self.path)
         return self
+
+
+def _config_stamp(path: Path):
+    """What changes when config.json is replaced (an atomic rename: a new inode)."""
+    try:
+        st = (Path(path) / CONFIG_FILE).stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)

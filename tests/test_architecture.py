@@ -108,7 +108,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 STAGES = ("grass_index.ops", "grass_index.compress", "grass_index.capture",
           "grass_index.precondition", "grass_index.store", "grass_index.index")
-ABOVE_STAGES = ("grass_index.indexdir", "grass_index.pipeline", "grass_index.query",
+ABOVE_STAGES = ("grass_index.indexdir", "grass_index.pipeline", "grass_index.living",
+                "grass_index.query",
                 "grass_index.attribute", "grass_index.task", "grass_index.tasks",
                 "grass_index.eval", "grass_index.analysis", "grass_index.maskfit",
                 "grass_index.cli", "grass_index.serve")
@@ -116,23 +117,28 @@ FACE = "grass_index.attribute"
 # room -> rooms it never imports
 NEVER = {
     # the on-disk format knows nothing of how an index is built, queried or used
-    "grass_index.indexdir": ("grass_index.pipeline", "grass_index.query", "grass_index.task",
+    "grass_index.indexdir": ("grass_index.pipeline", "grass_index.living", "grass_index.query",
+                             "grass_index.task",
                              "grass_index.tasks", FACE, "grass_index.eval",
                              "grass_index.analysis", "grass_index.cli", "grass_index.serve"),
     # the query side opens what the build wrote, through indexdir; never the build itself
-    "grass_index.query": ("grass_index.pipeline", FACE, "grass_index.eval",
+    "grass_index.query": ("grass_index.pipeline", "grass_index.living", FACE, "grass_index.eval",
                           "grass_index.analysis", "grass_index.cli", "grass_index.serve"),
     # the build: never the façade, the CLI, the server or what runs on finished indexes
     "grass_index.pipeline": (FACE, "grass_index.eval", "grass_index.analysis",
                              "grass_index.cli", "grass_index.serve", "grass_index.task",
-                             "grass_index.tasks"),
+                             "grass_index.tasks", "grass_index.living"),
+    # a living index's changes: on top of the build (pass 1, pass 2), below the façade
+    "grass_index.living": (FACE, "grass_index.eval", "grass_index.analysis",
+                           "grass_index.cli", "grass_index.serve", "grass_index.task",
+                           "grass_index.tasks", "grass_index.query"),
     # the user's collate and loss, called with errors that blame the task: a leaf
     "grass_index.calls": ("grass_index.task", "grass_index.tasks", "grass_index.pipeline",
                           "grass_index.indexdir", "grass_index.query", FACE),
     "grass_index.batching": ("grass_index.task", "grass_index.pipeline", "grass_index.query"),
     # the CLI calls the public API only
     "grass_index.cli": STAGES + ("grass_index.pipeline", "grass_index.indexdir",
-                                 "grass_index.query"),
+                                 "grass_index.query", "grass_index.living"),
     # LDS and tune run on an opened index, below the façade; never capture directly
     "grass_index.eval": ("grass_index.capture",),
     "grass_index.eval.tune": (FACE, "grass_index.capture", "grass_index.pipeline"),

@@ -67,10 +67,11 @@ def test_plan_gpt2_small_numbers_and_refusal(tmp_path, monkeypatch):
     big = plan.estimate(layer_dims=dims, layout=layout, n=100_000, batch_size=32, tokens=64,
                         index_width=4096)
     assert big.fisher_disk == 48 * 4096 ** 2 * 8 and big.precond_disk == 48 * 4096 ** 2 * 4
-    assert big.store_disk >= 100_000 * 196_608 * 4 and big.index_disk == 100_000 * 4096 * 4
+    assert big.store_disk >= 100_000 * 196_608 * 4
+    assert big.index_disk == pytest.approx(100_000 * 4096 * 4, rel=1e-3)
     assert 6.4e9 < big.ram_peak < 14e9
     flat = plan.estimate(layer_dims=dims, layout=layout, n=100_000, batch_size=32, tokens=64)
-    assert flat.index_disk == 100_000 * 196_608 * 4 and flat.ram_peak > 78e9
+    assert flat.index_disk == pytest.approx(100_000 * 196_608 * 4, rel=1e-3) and flat.ram_peak > 78e9
     small = plan.estimate(layer_dims=dims, layout=layout, n=64, batch_size=32, tokens=64)
     assert small.dense_layers == 0 and small.fisher_disk == 0  # Woodbury: n < k/2
     msg = plan.shortfall(big, ram=4e9, disk=None, K_per_layer=4096)

@@ -65,13 +65,15 @@ def cosine_index(idx):
     if path.is_file():
         try:
             v = VectorIndex.load(path)
-            if v.ntotal == idx.n_train and v.dim == idx.dim:
+            if v.ntotal == idx.record.n_live and v.dim == idx.dim:
                 return v
         except FaissIndexError as e:
             log.warning("%s is unreadable (%s); rebuilding it", path, e)
     v = VectorIndex.create(idx.dim, "flat")
+    live = idx.record.generation.live_mask()
     for start, vec in idx.train_vectors():
-        v.add(unit_rows(vec), np.arange(start, start + len(vec), dtype=np.int64))
+        keep = live[start:start + len(vec)]  # a removed example is never returned
+        v.add(unit_rows(vec[keep]), np.arange(start, start + len(vec), dtype=np.int64)[keep])
     try:
         v.save(path)
     except (OSError, FaissIndexError) as e:  # a read-only index still answers, from memory
@@ -85,4 +87,5 @@ def cosine_scores(idx, q) -> np.ndarray:
     out = np.empty((len(qn), idx.n_train), dtype=np.float32)
     for start, vec in idx.train_vectors():
         out[:, start:start + len(vec)] = qn @ unit_rows(vec).T
+    out[:, list(idx.record.removed)] = 0.0  # a removed example influences nothing
     return out

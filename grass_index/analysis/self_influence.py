@@ -23,7 +23,9 @@ def self_influence(idx) -> torch.Tensor:
 
     Summed over layers (the preconditioner is block-diagonal, so this is the per-layer
     quadratic forms added up). With ``hessian="identity"`` it is the squared sketch norm. For
-    a checkpoint ensemble it is the mean over checkpoints, like its query scores.
+    a checkpoint ensemble it is the mean over checkpoints, like its query scores. A removed
+    example (a living index's) gets NaN: it is no longer a training example, and
+    ``rank_self_influence`` never ranks it.
     """
     pre = idx.preconditioner
     out = np.empty(idx.n_train, dtype=np.float64)
@@ -36,6 +38,7 @@ def self_influence(idx) -> torch.Tensor:
     C = idx.record.checkpoints
     if C > 1:  # an ensemble: the mean over checkpoints of each one's g_iᵀ(F_c + λ_c I)⁻¹g_i
         out /= C
+    out[list(idx.record.removed)] = np.nan
     if seen != idx.n_train:
         raise AttributionError(f"the sketch store of {idx.path} holds {seen} rows, the index "
                                f"{idx.n_train}; run {repair_command(idx.path)}")
@@ -43,9 +46,11 @@ def self_influence(idx) -> torch.Tensor:
 
 
 def rank_self_influence(scores, top_k: int | None = None) -> list[tuple[int, float]]:
-    """(train_id, score) pairs, highest self-influence first (ties: lower id first)."""
+    """(train_id, score) pairs, highest self-influence first (ties: lower id first); NaN (a
+    removed example) is left out."""
     s = np.asarray(scores, dtype=np.float64)
     order = np.lexsort((np.arange(len(s)), -s))  # stable, id breaks ties
+    order = order[~np.isnan(s[order])]
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
                 raise AttributionError(f"top_k must be a positive integer, got {top_k!r}")

@@ -13,8 +13,8 @@ import sys
 
 import typer
 
-from . import (build_cmd, eval_cmd, info_cmd, query_cmd, selective_cmd, self_influence_cmd,
-               serve_cmd, tune_cmd)
+from . import (build_cmd, eval_cmd, info_cmd, living_cmd, query_cmd, selective_cmd,
+               self_influence_cmd, serve_cmd, tune_cmd)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Training-data attribution: which training examples made the model do this?")
@@ -27,7 +27,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log detai
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-for _module in (build_cmd, query_cmd, info_cmd, eval_cmd, selective_cmd, serve_cmd,
+for _module in (build_cmd, living_cmd, query_cmd, info_cmd, eval_cmd, selective_cmd, serve_cmd,
                 self_influence_cmd, tune_cmd):
     _module.register(app)
 

@@ -4,6 +4,7 @@ weights are not at hand (``--hf-model DIR`` builds it on the meta device), so a 
 model over millions of examples and several torchrun nodes can be priced on a laptop."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import List, Optional
@@ -33,6 +34,9 @@ def plan(
     sparsification: str = typer.Option("random_mask-128*128"),
     projection: str = typer.Option("sjlt-4096"),
     hessian: str = typer.Option("eFIM", help="eFIM, ekfac or identity."),
+    damping: Optional[str] = typer.Option(None, "--damping", help="As for build (default: "
+                                          "build's); 'auto' prices an eigvalsh per dense "
+                                          "layer."),
     layers: Optional[List[str]] = typer.Option(None, "--layers"),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     index: str = typer.Option("flat"),
@@ -54,45 +58,68 @@ def plan(
     import grass_index as gi
     from grass_index import plan as plan_mod
 
-    hessian = gi.IndexOptions(hessian=hessian).hessian  # canonical, or one error line
+    opts = gi.IndexOptions(hessian=hessian, damping=damping)  # canonical, or one error line
+    hessian, damping = opts.hessian, opts.damping
     model, train, t, tokens = _model_and_data(task, hf_model, data, text_field, max_length,
                                               dtype, n, time_batch)
     count = n or len(train)
     options = gi.BuildOptions(sparsification=sparsification, projection=projection,
                               layers=layers or None, batch_size=batch_size)
     world = nodes * procs_per_node
-    rates = plan_mod.measure_rates(out=out)
-    if device_flops is not None:
-        rates = plan_mod.Rates(f32=device_flops, f64=rates.f64, disk=rates.disk,
-                               basis=f"model FLOPs at --device-flops {device_flops:.3g} × "
-                                     f"{plan_mod.PASS1_EFFICIENCY}")
-    cols, times = {}, {}
-    for p in plan_mod.variants(projection):
-        c = plan_mod.plan_for(model, count, sparsification=options.sparsification,
-                              projection=p, layers=options.layers, batch_size=batch_size,
-                              index=index, tokens=tokens, hessian=hessian)
-        layout = plan_mod.layout_for(model, sparsification=options.sparsification,
-                                     projection=p, layers=options.layers)
-        batch_s = (plan_mod.timed_batch_seconds(model, train, t.loss, t.collate, options, p)
-                   if time_batch else None)
-        tm = plan_mod.predict_seconds(model, layout, n=math.ceil(count / world), tokens=tokens,
-                                      batch_size=batch_size, hessian=hessian, rates=rates,
-                                      batch_seconds=batch_s, plan=c)
-        tm["pass2"] = plan_mod.pass2_seconds(layout, count, hessian, rates, c)
-        cols[p], times[p] = c, tm
+    cols = {p: plan_mod.plan_for(model, count, sparsification=options.sparsification,
+                                 projection=p, layers=options.layers, batch_size=batch_size,
+                                 index=index, tokens=tokens, hessian=hessian, damping=damping)
+            for p in plan_mod.variants(projection)}
+    cpu, times = _times(model, cols, train, t, options, count=count, world=world,
+                        tokens=tokens, batch_size=batch_size, hessian=hessian,
+                        device_flops=device_flops, time_batch=time_batch, out=out)
     ram, disk = plan_mod.available_ram(), plan_mod.free_disk(out)
     if json_mode:
         emit_json(dict(n=count, tokens=tokens, hessian=hessian, nodes=nodes,
                        procs_per_node=procs_per_node, available_ram=ram, free_disk=disk,
+                       damping=damping, rates=dataclasses.asdict(cpu),
                        meta_device=_on_meta(model),
                        plans={p: dict(ram_peak=c.ram_peak, disk=c.disk, K=c.K,
                                       store=c.store_disk, fisher=c.fisher_disk,
                                       preconditioner=c.precond_disk, index=c.index_disk,
+                                      ram_pass1=c.ram_pass1, ram_pass2=c.ram_pass2,
+                                      index_width=c.index_width,
+                                      forms=dict(dense=c.dense_layers,
+                                                 low_rank=c.low_rank_layers,
+                                                 ekfac=c.ekfac_layers),
                                       seconds=times[p], per_node=_per_node(c, nodes))
                               for p, c in cols.items()}))
         return
     _print_table(gi, model, cols, times, count, index, hessian, nodes, procs_per_node, ram,
                  disk, out)
+
+
+def _times(model, cols, train, t, options, *, count, world, tokens, batch_size, hessian,
+           device_flops, time_batch, out):
+    """(this CPU's measured rates, {projection: seconds per phase and pass-2 stage})."""
+    import grass_index.plan as plan_mod
+
+    # LAPACK's rates are measured near the plans' largest dense k (they grow with the order)
+    cpu = rates = plan_mod.measure_rates(out=out,
+                                         lapack_size=plan_mod.lapack_order(cols.values()))
+    if device_flops is not None:  # pass 1 on the device; pass 2 runs on this CPU (numpy)
+        rates = dataclasses.replace(rates, f32=device_flops,
+                                    basis=f"model FLOPs at --device-flops {device_flops:.3g} × "
+                                          f"{plan_mod.PASS1_EFFICIENCY}")
+    times = {}
+    for p, c in cols.items():
+        layout = {x.name: x.k for x in c.layers}
+        batch_s = (plan_mod.timed_batch_seconds(model, train, t.loss, t.collate, options, p)
+                   if time_batch else None)
+        tm = plan_mod.predict_seconds(model, layout, n=math.ceil(count / world), tokens=tokens,
+                                      batch_size=batch_size, hessian=hessian, rates=rates,
+                                      batch_seconds=batch_s, plan=c)
+        # every rank fits the whole preconditioner, then applies it to the rows it holds
+        stages = plan_mod.pass2_stages(layout, math.ceil(count / world), hessian, cpu, c)
+        stages["fit"] = plan_mod.pass2_stages(layout, count, hessian, cpu, c)["fit"]
+        tm["pass2_stages"], tm["pass2"] = stages, sum(stages.values())
+        times[p] = tm
+    return cpu, times
 
 
 def _on_meta(model) -> bool:
@@ -160,6 +187,9 @@ def _print_table(gi, model, cols, times, count, index, hessian, nodes, ppn, ram,
                                                                else ""), "pass1"),
                       ("  pass 2", "pass2")):
         tab.add_row(name, *[plan_mod.duration(t[key]) for t in times.values()])
+    for stage in next(iter(times.values()))["pass2_stages"]:
+        tab.add_row(f"    {stage}", *[plan_mod.duration(t["pass2_stages"][stage])
+                                     for t in times.values()])
     tab.add_row("  total", *[plan_mod.duration(t["check"] + t["pass1"] + t["pass2"])
                              for t in times.values()])
     if nodes > 1:

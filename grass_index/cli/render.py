@@ -152,6 +152,18 @@ def damping_cell(p: dict | None) -> str:
             + (f"\nλ/median {med:.3g}" if med is not None else ""))
 
 
+def generation_rows(cfg: IndexConfig) -> list:
+    """A living index's generation (none for a plain build): rows each added, ids removed."""
+    gen = cfg.generation
+    if gen.number == 0 and not gen.removed:
+        return []
+    removed = ", ".join(map(str, gen.removed[:20])) + (", ..." if len(gen.removed) > 20 else "")
+    return [("generation", f"{gen.number} (rows added per generation: "
+                           f"{', '.join(map(str, gen.added))})"),
+            ("removed", f"{len(gen.removed)} ids ({removed or 'none'}); "
+                        f"{gen.n_live} of {gen.n_train} examples count")]
+
+
 def print_index(cfg: IndexConfig, *, directory, verb: str | None = None,
                 secs: float | None = None, details: bool = False) -> None:
     """`build`/`merge` (verb + seconds) and `info` (details): the same lines, the same table,
@@ -170,7 +182,8 @@ def print_index(cfg: IndexConfig, *, directory, verb: str | None = None,
                 ("seed", cfg.seed), *checkpoint_rows(cfg), ("hessian", cfg.hessian),
                 ("damping", f"{cfg.damping_setting} -> used "
                             f"{json.dumps(cfg.damping_used)}"),
-                ("batch size", cfg.batch_size), *tuned_rows(cfg.raw), *capture_rows(cfg.raw),
+                ("batch size", cfg.batch_size), *generation_rows(cfg),
+                *tuned_rows(cfg.raw), *capture_rows(cfg.raw),
                 ("config hash", cfg.config_hash),
                 ("created", cfg.created)]
         for k, v in rows:

@@ -197,6 +197,26 @@ class VectorIndex:
                            nlist=self.nlist, nprobe=self.nprobe, dtype=self.dtype,
                            exponents=self.exponents, build_key=self.build_key)
 
+    def emptied(self) -> "VectorIndex":
+        """An empty copy of this index, built like it (kind, dtype, float16 scales, trained IVF
+        quantizer) but without its vectors: a grown living index keeps its quantizer."""
+        index = faiss.clone_index(self._index)
+        index.reset()
+        return VectorIndex(index, kind=self.kind, dim=self.dim, nlist=self.nlist,
+                           nprobe=self.nprobe, dtype=self.dtype, exponents=self.exponents,
+                           build_key=self.build_key)
+
+    def centroid_distance(self, vectors) -> float:
+        """IVF: the mean distance of ``vectors`` to the centroid of the list each is assigned
+        to (how well the quantizer fits them; a living index compares new rows with old)."""
+        if self.kind != "ivf" or self.needs_training:
+            raise FaissIndexError("centroid_distance needs a trained IVF index")
+        x = self._stored(self._vectors(vectors, "vectors"), "vectors")
+        quantizer = faiss.downcast_index(self._index.quantizer)
+        _, lists = quantizer.search(x, 1)
+        centroids = quantizer.reconstruct_n(0, self.nlist)
+        return float(np.linalg.norm(x - centroids[lists[:, 0]], axis=1).mean())
+
     def merge_from(self, other: "VectorIndex") -> None:
         """Move ``other``'s vectors (disjoint ids) into this index; both must come from one
         :meth:`empty_like` template, so their codes and IVF lists mean the same."""
@@ -398,9 +418,11 @@ class VectorIndex:
         return self
 
 
-def check_serves(vindex: VectorIndex, build_key: str, n: int, where: str) -> None:
+def check_serves(vindex: VectorIndex, build_key: str, n: int, where: str, *,
+                 ids_below: int | None = None) -> None:
     """The cheap invariants a reader relies on before answering from ``vindex``: written for
-    this build, ``n`` vectors, ids exactly 0..n-1 (no duplicates, none out of range)."""
+    this build, ``n`` vectors, ids in 0..ids_below-1 (default ``n``: exactly 0..n-1; a living
+    index with removed examples holds fewer), no duplicates."""
     keys = {getattr(p, "build_key", None) for p in getattr(vindex, "parts", [vindex])}
     if keys != {build_key}:
         raise FaissIndexError(f"{where} was written for another build (build key "
@@ -408,10 +430,10 @@ def check_serves(vindex: VectorIndex, build_key: str, n: int, where: str) -> Non
                               f"{build_key})")
     if vindex.ntotal != n:
         raise FaissIndexError(f"{where} holds {vindex.ntotal} vectors, the config says {n}")
-    ids = vindex.ids()
-    if len(ids) and (ids.min() < 0 or ids.max() >= n):
+    ids, top = vindex.ids(), n if ids_below is None else ids_below
+    if len(ids) and (ids.min() < 0 or ids.max() >= top):
         bad = int(ids.min() if ids.min() < 0 else ids.max())
-        raise FaissIndexError(f"{where} holds id {bad}, outside the training ids 0..{n - 1}")
+        raise FaissIndexError(f"{where} holds id {bad}, outside the training ids 0..{top - 1}")
     if len(np.unique(ids)) != len(ids):
         raise FaissIndexError(f"{where} holds duplicated ids")
 

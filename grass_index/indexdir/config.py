@@ -19,6 +19,7 @@ from ..untrusted import UnsafeNameError, plain_file_name
 from .errors import AttributionError
 from .files import BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, STORE_DIR, jsonable
 from .fingerprints import config_hash
+from .generations import record_number, store_build
 from .record import sketched_batches
 from .records import IndexRecord
 
@@ -103,15 +104,17 @@ TASK_FIELDS = ("task", "task_sha256")
 def config_store_diff(path: Path, cfg: dict) -> list[str] | None:
     """Fields where ``cfg`` disagrees with the sketch store's creation record (the build) and
     its copy of the config (the task); None when the store cannot be read."""
-    seen = _store_records(path)
+    seen = _store_records(path, record_number(cfg))
     return None if seen is None else _diff(cfg, *seen[:2])
 
 
-def _store_records(path: Path):
-    """(creation record, copy of the config, rows) of the sketch store; None when unreadable."""
+def _store_records(path: Path, generation: int = 0):
+    """(build record of ``generation``, copy of the config, rows) of the sketch store: the
+    creation record, or a grown generation's (indexdir/generations.py); None when
+    unreadable."""
     try:
         with SketchStore.open(Path(path) / STORE_DIR, readonly=True) as st:
-            return st.meta, st.get_meta("config", None), st.num_rows
+            return store_build(st, generation), st.get_meta("config", None), st.num_rows
     except UnsafeFileError:  # a symlink/FIFO in the store: refused, not "unreadable"
         raise
     except (StoreError, OSError, ValueError):
@@ -120,7 +123,9 @@ def _store_records(path: Path):
 
 def _diff(cfg: dict, created: dict, stored) -> list[str]:
     diff = [k for k in sorted(created) if jsonable(created[k]) != jsonable(cfg.get(k))]
-    if isinstance(stored, dict):
+    # the store's copy of a newer generation (a change committing, or killed before its
+    # config.json) may record another task file: the old generation stays readable
+    if isinstance(stored, dict) and record_number(stored) == record_number(cfg):
         diff += [k for k in TASK_FIELDS if stored.get(k) != cfg.get(k)]
     return diff
 
@@ -128,7 +133,7 @@ def _diff(cfg: dict, created: dict, stored) -> list[str]:
 def _check_against_store(path: Path, cfg: dict) -> int | None:
     """Refuse a config that disagrees with the store's records; the rows the store holds
     (None when it cannot be read: then the queries that need it say so)."""
-    seen = _store_records(path)
+    seen = _store_records(path, record_number(cfg))
     if seen is None:
         return None
     created, stored, rows = seen

@@ -22,6 +22,7 @@ from ..store._env import DATA_FILE
 from .errors import AttributionError
 from .files import (BUILD_FILE, FORMAT_VERSION, MASK_FILE, OUR_FILES, STORE_DIR, jsonable,
                     write_json)
+from .generations import store_build
 from .records import BuildRecord
 from .fingerprints import (MODEL_HASH_TAG, data_hash, hash_json, layer_dims, model_fingerprint,
                            model_hash)
@@ -76,10 +77,12 @@ def read_build_record(out: Path, *, missing: str | None = None) -> dict:
     return dict(read_build(out, missing=missing).raw)
 
 
-def stored_build_record(store) -> dict:
-    """The sketch store's own creation record (what its sketches are), checked like build.json,
-    its layout in column order."""
-    return dict(BuildRecord(store.meta, f"the creation record of {store.path}").raw)
+def stored_build_record(store, generation: int = 0) -> dict:
+    """The sketch store's own record of what its sketches are (the creation record, or a
+    living index's record of ``generation``: indexdir/generations.py), checked like
+    build.json, its layout in column order."""
+    return dict(BuildRecord(store_build(store, generation),
+                            f"the build record of {store.path} (generation {generation})").raw)
 
 
 def read_build(out: Path, *, missing: str | None = None) -> BuildRecord:

@@ -25,6 +25,7 @@ from ..index import parse_spec as parse_index_spec
 from ..precondition import HESSIANS, PreconditionError, parse_damping
 from ..errors import repair_command
 from .errors import AttributionError
+from .generations import Generation
 
 KEY = re.compile(r"^[0-9a-f]{12}$")  # a pass-2 variant's key: it names files (index-KEY.faiss)
 BLOCK = re.compile(r"^c(\d+)/")  # an ensemble's layout block: c{checkpoint}/{layer}
@@ -320,6 +321,8 @@ class IndexRecord(BuildRecord):
     created: str | None = _field(_opt(_str))
     config_hash: str = _field(_str, required=True)
     tune: Mapping | None = _field(_tune)
+    # a living index's generation (indexdir/generations.py); absent: generation 0 of a build
+    generation: Generation = _field(lambda v: v if v is None else _dict(v))
 
     def __init__(self, record: Mapping, source: str = "config.json"):
         super().__init__(record, source)
@@ -335,6 +338,12 @@ class IndexRecord(BuildRecord):
 
     def _check_together(self) -> None:
         super()._check_together()
+        gen = self.generation
+        try:
+            gen = Generation.from_record(None if gen is None else dict(gen), self.n_train)
+        except ValueError as e:
+            raise Bad(f"field 'generation' {e}") from None
+        object.__setattr__(self, "generation", gen)
         if self.n_blocks != self.n_batches:
             raise Bad(f"field 'n_blocks' ({self.n_blocks}) is not the batch count of n_train "
                       f"{self.n_train} in batches of {self.batch_size} ({self.n_batches})")
@@ -364,6 +373,16 @@ class IndexRecord(BuildRecord):
         if mode == "auto":
             return f"{self.damping} (λ = {value:g} × the eigenvalue at 99.95% of the trace)"
         return f"{self.damping} × mean eigenvalue" if mode == "relative" else str(self.damping)
+
+    @property
+    def removed(self) -> tuple[int, ...]:
+        """The training ids removed from this index (never returned, not in the Fisher)."""
+        return self.generation.removed
+
+    @property
+    def n_live(self) -> int:
+        """The training examples that count: n_train less the removed ones."""
+        return self.generation.n_live
 
     @property
     def recall(self) -> Mapping | None:

@@ -21,12 +21,17 @@ from .records import IndexRecord
 CHUNK_BYTES = 256 << 20  # a chunk of a 196,608-wide LM store is ~340 rows, not 2048 (1.6 GB)
 
 
-def chunks(store, rows_per_chunk: int = 2048):
+def chunks(store, rows_per_chunk: int = 2048, limit: int | None = None):
     """Stored blocks regrouped into ~2k-row chunks (id order): big matmuls instead of many small;
-    at most ``CHUNK_BYTES`` of rows (wide sketches get fewer rows per chunk)."""
+    at most ``CHUNK_BYTES`` of rows (wide sketches get fewer rows per chunk). ``limit``: ids
+    below it only (a generation's rows; an add still running may have stored more)."""
     rows_per_chunk = max(1, min(rows_per_chunk, CHUNK_BYTES // (4 * store.dim)))
     buf, start, n = [], 0, 0
     for s, rows in store.iter_blocks():
+        if limit is not None:
+            if s >= limit:
+                break
+            rows = rows[:limit - s]
         if not buf:
             start = s
         buf.append(rows)
@@ -38,13 +43,13 @@ def chunks(store, rows_per_chunk: int = 2048):
         yield start, np.concatenate(buf)
 
 
-def preconditioned_blocks(store, pre):
+def preconditioned_blocks(store, pre, limit: int | None = None):
     """(start id, preconditioned rows). A layer block whose sketch is below 1e-30 (a saturated
     example: loss 0, gradient ~1e-38) is stored as 0; a signal float32 held that
     the damping destroyed (underflow, judged per layer against the row's own sketch, or
     overflow) is refused: the scores would be 0.0 or inf and the ranking arbitrary."""
     slices = layer_slices(pre.layout)
-    for start, rows in chunks(store):
+    for start, rows in chunks(store, limit=limit):
         vec = np.asarray(pre.apply(np.asarray(rows, dtype=np.float32)), dtype=np.float32)
         vec, under, over = guard_precision(rows, vec, slices)
         if len(under) or len(over):
@@ -92,6 +97,6 @@ def load_faiss(path: Path, record: IndexRecord, *, mmap: bool = False, verify: b
     parts = [VectorIndex.load(path / name, mmap=mmap, verify=verify) for name in names]
     vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
     if check:
-        check_serves(vindex, record.preconditioner_key, record.n_train,
-                     ", ".join(str(path / name) for name in names))
+        check_serves(vindex, record.preconditioner_key, record.n_live,
+                     ", ".join(str(path / name) for name in names), ids_below=record.n_train)
     return SketchedIndex.wrap(vindex, dict(record.index))

@@ -20,6 +20,7 @@ from .config import read_config, read_record
 from .errors import AttributionError
 from .files import BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, STORE_DIR, jsonable, write_json
 from .fingerprints import config_hash, hash_json
+from .generations import record_number, store_build, store_key
 from .record import read_build_record
 from .records import IndexRecord
 from .stored import load_faiss
@@ -69,6 +70,7 @@ def inspect_index(path, *, sample: int = 64, seed: int = 0, fast: bool = False) 
     with store:
         check_store_files(found, store)
         check_store_config(found, store)
+        check_generation(found, store, view)
         check_rows(found, store, view, fast=fast, sample=sample, seed=seed)
         pre = check_preconditioner(found, store, view)
         check_faiss(found, store, view, pre, sample=sample, seed=seed)
@@ -115,7 +117,7 @@ def check_build_record(found: Findings) -> bool:
     except (OSError, ValueError) as e:  # AttributionError (corrupted) is a ValueError
         found.check("build record", False, f"{BUILD_FILE}: {e}")
         return False
-    created = store_creation_record(found.path)
+    created = store_creation_record(found.path, found.record.generation.number)
     same_build = hash_json(build) == found.record.sketch_hash
     same_store = created is None or jsonable(build) == jsonable(created)
     found.check("build record", same_build and same_store,
@@ -124,6 +126,22 @@ def check_build_record(found: Findings) -> bool:
                 if not same_build else "build.json is not the record the sketch store was "
                 "created with (another build claimed the directory)")
     return True
+
+
+def check_generation(found: Findings, store, view: IndexRecord) -> None:
+    """A living index's generation (indexdir/generations.py): the store keeps the build
+    record of it, the rows it added are stored, its removed ids are in range (the record's
+    own checks) — and FAISS holds none of them (``check_faiss``)."""
+    gen = view.generation
+    problems = []
+    if gen.number and not isinstance(store.get_meta(store_key(gen.number), None), dict):
+        problems.append(f"the store has no build record of generation {gen.number}")
+    if store.num_rows < gen.n_train:
+        problems.append(f"the store holds {store.num_rows} rows, generation {gen.number} "
+                        f"{gen.n_train}")
+    found.check("generation", not problems, "; ".join(problems) if problems else
+                f"generation {gen.number}: rows added {list(gen.added)}, "
+                f"{len(gen.removed)} removed, {gen.n_live} of {gen.n_train} count")
 
 
 def check_store_config(found: Findings, store) -> None:
@@ -151,7 +169,8 @@ def check_rows(found: Findings, store, view: IndexRecord, *, fast: bool, sample:
 def check_preconditioner(found: Findings, store, view: IndexRecord):
     """The stored preconditioner of this variant, loadable and finite; None otherwise."""
     try:
-        pre = load_preconditioner(store, view.preconditioner_key, dict(view.layout))
+        pre = load_preconditioner(store, view.preconditioner_key, dict(view.layout),
+                                  rows=lambda: store.get_rows(view.generation.live_ids()))
     except (KeyError, PreconditionError, *UNREADABLE) as e:
         found.check("preconditioner", False, f"missing or unreadable ({e})")
         return None
@@ -165,7 +184,7 @@ def check_faiss(found: Findings, store, view: IndexRecord, pre, *, sample: int,
                 seed: int) -> None:
     """The FAISS file(s): the count, sampled vectors equal to the preconditioned stored rows,
     and what a query checks before it answers (this build's key, ids 0..n-1)."""
-    n = view.n_train
+    n, live = view.n_live, view.generation.live_ids()
     try:
         vindex = load_faiss(found.path, view, check=False)
     except (FaissIndexError, OSError) as e:
@@ -177,17 +196,23 @@ def check_faiss(found: Findings, store, view: IndexRecord, pre, *, sample: int,
     elif pre is None:
         ok, detail = True, f"{n} vectors (not compared: no preconditioner)"
     else:
-        ok, detail = _compare_sample(store, vindex, pre, n, sample, seed)
+        ok, detail = _compare_sample(store, vindex, pre, live, sample, seed)
     try:
-        check_serves(vindex, view.preconditioner_key, n, "the FAISS file")
+        check_serves(vindex, view.preconditioner_key, n, "the FAISS file",
+                     ids_below=view.n_train)
+        held = np.intersect1d(vindex.ids(), np.asarray(view.removed, dtype=np.int64))
+        if len(held):
+            raise FaissIndexError(f"the FAISS file holds removed ids {held[:10].tolist()}")
     except FaissIndexError as e:
         ok, detail = False, f"{detail}; {e}"
     found.check("faiss vs lmdb", ok, detail)
 
 
-def _compare_sample(store, vindex, pre, n: int, sample: int, seed: int) -> tuple[bool, str]:
+def _compare_sample(store, vindex, pre, live: np.ndarray, sample: int,
+                    seed: int) -> tuple[bool, str]:
     rng = np.random.default_rng(seed)
-    ids = np.unique(np.concatenate([[0, n - 1], rng.integers(0, n, min(sample, n))]))
+    n = len(live)
+    ids = live[np.unique(np.concatenate([[0, n - 1], rng.integers(0, n, min(sample, n))]))]
     try:
         want = np.asarray(pre.apply(np.asarray(store.get_rows(ids), dtype=np.float32)))
     except UNREADABLE as e:
@@ -201,11 +226,12 @@ def _compare_sample(store, vindex, pre, n: int, sample: int, seed: int) -> tuple
                 else f"FAISS vectors differ from LMDB (rel err {err:.1e})")
 
 
-def store_creation_record(path: Path):
-    """The build record the sketch store was created with (None when unreadable)."""
+def store_creation_record(path: Path, generation: int = 0):
+    """The build record the sketch store keeps for ``generation`` (its creation record for a
+    plain build; None when unreadable)."""
     try:
         with SketchStore.open(path / STORE_DIR, readonly=True) as st:
-            return st.meta
+            return store_build(st, generation)
     except UNREADABLE:
         return None
 
@@ -219,7 +245,8 @@ def restore_records(path: Path) -> list[str]:
     except UNREADABLE:  # no store, or a build holds it: verify reports what is wrong
         return done
     with store:
-        created, stored_cfg = store.meta, store.get_meta("config", None)
+        stored_cfg = store.get_meta("config", None)
+        created = store_build(store, record_number(stored_cfg))
         bfile = path / BUILD_FILE
         try:
             old = read_json(bfile)
@@ -253,9 +280,15 @@ def _valid(cfg: dict) -> bool:
 
 
 def _counts(found: Findings, store, n: int, bs: int) -> None:
-    found.check("counts", store.num_rows == n and store.committed_blocks == batch_count(n, bs),
-                f"{store.num_rows} rows in {store.committed_blocks} blocks; expected {n} rows "
-                f"in {batch_count(n, bs)} blocks")
+    """The rows and blocks of the index's generation; more rows (an add of a living index
+    that was interrupted, or is running) are pending, not a fault: the generation ignores
+    them, and the add resumes or rolls them back."""
+    rows, blocks = store.num_rows, store.committed_blocks
+    ok = rows >= n and blocks == batch_count(rows, bs)
+    pending = (f"; {rows - n} more rows stored by an unfinished add (re-run it to finish it)"
+               if rows > n else "")
+    found.check("counts", ok, f"{rows} rows in {blocks} blocks; expected {n} rows in "
+                f"{batch_count(n, bs)} blocks{pending}")
 
 
 def _all_rows(found: Findings, store, dim: int, n: int, bs: int) -> None:
@@ -264,7 +297,9 @@ def _all_rows(found: Findings, store, dim: int, n: int, bs: int) -> None:
     bad_rows, bad_shape = 0, 0
     try:
         for start, rows in store.iter_blocks():
-            rows = np.asarray(rows)
+            rows = np.asarray(rows)[:max(0, n - start)]  # the generation's rows
+            if not len(rows):
+                continue
             if rows.ndim != 2 or rows.shape[1] != dim or start + len(rows) > n:
                 bad_shape += 1
                 continue

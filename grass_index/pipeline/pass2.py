@@ -45,6 +45,7 @@ from ..fileio import remove_stale_temps, unlink_owned
 from ..indexdir.files import (CONFIG_FILE, INDEX_FILE, STORE_DIR, index_file_names, jsonable,
                               write_json)
 from ..indexdir.fingerprints import config_hash, data_signature, hash_json
+from ..indexdir.generations import Generation, record_number
 from .options import IndexOptions, damping_key
 from .progress import Progress
 from ..indexdir.record import n_batches, stored_build_record
@@ -78,8 +79,8 @@ class StoreRows:
     """The rows one process indexes in pass 2 when it has them all: the main store, whose ids
     are the training ids. (A torchrun rank holds its shard instead: ``distributed.ShardRows``.)"""
 
-    def __init__(self, store):
-        self.store = store
+    def __init__(self, store, generation: Generation | None = None):
+        self.store, self.generation = store, generation
 
     @contextlib.contextmanager
     def open(self):
@@ -95,17 +96,25 @@ class StoreRows:
 
 def finish(out: Path, store, build: dict, describe: dict, opts: IndexOptions, *, task,
            progress, data=None, old_config=None, fisher: ChunkedFisher | None = None,
-           tune: dict | None = None, again: str = "build") -> dict:
+           tune: dict | None = None, again: str = "build", generation: Generation | None = None,
+           template=None) -> dict:
     """Pass 2 over the main store (a single-process build, a merge, a refit): Fisher (the sums
     pass 1 accumulated, ``fisher``; else the cache, else a re-read of the store) ->
     preconditioner (reused when this variant was already fitted) -> FAISS -> config.json.
     ``tune``: the `tune` record to write into config.json (the sweep that chose ``opts``);
     without it a refit keeps the old config's record while it still describes ``opts``.
     A damping that does not fit these gradients is refused with the exact way to run pass 2
-    again (``again``: "build", "merge" or "refit"); pass 1's sketches stay."""
+    again (``again``: "build", "merge" or "refit"); pass 1's sketches stay.
+    ``generation``: the rows that count (a living index's, grass_index/living/; default: the
+    one ``old_config`` records, else every row); ``template``: the empty FAISS index to fill
+    (a grown IVF index keeps its quantizer)."""
+    if generation is None:
+        generation = Generation.from_record((old_config or {}).get("generation"),
+                                            build["n_train"])
     try:
         return _finish(out, store, build, describe, opts, task=task, progress=progress,
-                       data=data, old_config=old_config, fisher=fisher, tune=tune)
+                       data=data, old_config=old_config, fisher=fisher, tune=tune,
+                       generation=generation, template=template)
     except DampingError as e:
         ref = (task or {}).get("task") if isinstance(task, dict) else task
         raise AttributionError(f"{e}. {rerun_with_damping(out, ref, opts.damping, e.needs, again)}"
@@ -113,7 +122,7 @@ def finish(out: Path, store, build: dict, describe: dict, opts: IndexOptions, *,
 
 
 def _finish(out: Path, store, build: dict, describe: dict, opts: IndexOptions, *, task,
-            progress, data, old_config, fisher, tune) -> dict:
+            progress, data, old_config, fisher, tune, generation, template) -> dict:
     layout = build["layout"]
     hessian, damping = opts.hessian, opts.damping
     n_blocks = n_batches(build)
@@ -128,8 +137,9 @@ def _finish(out: Path, store, build: dict, describe: dict, opts: IndexOptions, *
         yield store  # the preconditioner is stored already (right after fitting)
 
     return run_pass2(out, build, describe, opts, Pass2Run(
-        rows=StoreRows(store),
-        fit=lambda: fit_streaming(store, layout, hessian, damping, progress, fisher),
+        rows=StoreRows(store, generation), generation=generation, template=template,
+        fit=lambda: fit_streaming(store, layout, hessian, damping, progress, fisher,
+                                  generation),
         main_store=main_store, stored=store,
         task=task if task is not None else old_task(old_config), item_signature=item_signature,
         progress=progress,
@@ -204,7 +214,9 @@ class Pass2Run:
     manager giving rank 0 the open main store to commit into (torchrun creates it from the
     shards); ``stored`` (a single process's main store) is where a preconditioner fitted by an
     interrupted run of the same variant is looked up and the new one kept; ``extra``: records
-    that outlive this pass 2 (e.g. `tune`'s choice)."""
+    that outlive this pass 2 (e.g. `tune`'s choice); ``generation``: a living index's rows
+    that count (its removed ids are left out of FAISS); ``template``: the empty FAISS index
+    to fill instead of one trained afresh (a grown IVF index keeps its quantizer)."""
 
     rows: object
     fit: Callable[[], Preconditioner]
@@ -215,6 +227,8 @@ class Pass2Run:
     ranks: object = ONE_PROCESS
     stored: object = None
     extra: dict | None = None
+    generation: Generation | None = None
+    template: Callable | None = None
 
 
 def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, run: Pass2Run) -> dict:
@@ -231,10 +245,10 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, run: P
     width and R from the recall measured while filling) and the joined index re-ranks its
     candidates exactly from the main store."""
     p2 = _Pass2(out, build, opts, run)
-    template = run.ranks.share(p2.template, encode=lambda t: t.to_bytes(),
+    template = run.ranks.share(run.template or p2.template, encode=lambda t: t.to_bytes(),
                                decode=lambda b: VectorIndex.from_bytes(*b))
     template.build_key = p2.key  # written into every part's file: a reader checks it first
-    qids, k = recall_queries(p2.n)
+    qids, k = recall_queries(p2.n, p2.live)
     queries = np.zeros((len(qids), build["dim"]), np.float32)  # each rank reads its own
     for pos, got in run.ranks.step(lambda: run.rows.query_rows(qids)):
         queries[pos] = got
@@ -274,7 +288,7 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, run: P
                           index=p2.index, index_files=files, hessian=opts.hessian,
                           damping=opts.damping, task=run.task,
                           item_signature=run.item_signature, progress=run.progress,
-                          extra=extra)
+                          extra=extra, generation=p2.gen)
     return run.ranks.step(lambda: rank0_commit() if run.ranks.rank == 0 else None)[0]
 
 
@@ -285,16 +299,20 @@ class _Pass2:
     def __init__(self, out: Path, build: dict, opts: IndexOptions, run: Pass2Run):
         self.out, self.build, self.run, self.opts = out, build, run, opts
         self.n, self.dim = build["n_train"], build["dim"]
+        self.gen = run.generation or Generation.initial(self.n)
+        self.live = self.gen.live_mask() if self.gen.removed else None  # None: every id
         spec = parse_spec(opts.index)
         if run.ranks.world > 1 and spec.shards > 1:  # torchrun: one part per rank
             spec = spec._replace(shards=run.ranks.world)
         self.spec, self.index = spec, str(spec)  # canonical: the same index under any spelling
         self.key = pass2_key(build, hessian=opts.hessian, damping=opts.damping,
-                             index=self.index, nlist=opts.nlist, nprobe=opts.nprobe)
+                             index=self.index, nlist=opts.nlist, nprobe=opts.nprobe,
+                             generation=self.gen.record())
         self.pre = self._preconditioner()
         # exact search when the vectors fit the memory budget, else a search sketch whose width
         # and re-rank factor the recall measured while filling decides (index/choice.py)
-        self.widths, self.reranks, self.reason = search_choice.candidates(spec, self.dim, self.n)
+        self.widths, self.reranks, self.reason = search_choice.candidates(spec, self.dim,
+                                                                          self.gen.n_live)
         self.sk = SearchSketch(self.dim, self.widths[0], build["seed"]) if self.widths else None
         self.chosen = search_choice.Choice(self.sk and self.sk.dim,
                                            self.reranks[0] if self.reranks else 0, self.reason)
@@ -306,7 +324,8 @@ class _Pass2:
     def _preconditioner(self) -> Preconditioner:
         """The variant's stored preconditioner (a resumed pass 2), else a fresh fit (kept)."""
         stored, layout = self.run.stored, self.build["layout"]
-        pre = _stored_preconditioner(stored, self.key, layout) if stored is not None else None
+        pre = None if stored is None else _stored_preconditioner(
+            stored, self.key, layout, rows=lambda: stored.get_rows(self.gen.live_ids()))
         if pre is None:
             pre = self.run.fit()
             if stored is not None:
@@ -319,9 +338,15 @@ class _Pass2:
 
     def template(self) -> VectorIndex:
         with self.run.rows.open() as st:
-            blocks = ((s, self.stored_form(v)) for s, v in preconditioned_blocks(st, self.pre))
+            blocks = ((s, self.stored_form(v)) for s, v in self.live_blocks(st))
             return make_template(blocks, self.spec, self.dim if self.sk is None else self.sk.dim,
                                  self.opts.nlist, self.opts.nprobe)
+
+    def live_blocks(self, st):
+        """(start id, preconditioned rows) of this generation, removed ids left out (their
+        rows then no longer follow ``start``: only ``template`` reads them so)."""
+        for start, vec in preconditioned_blocks(st, self.pre, limit=self.n):
+            yield start, (vec if self.live is None else vec[self.live[start:start + len(vec)]])
 
     def fill(self, template: VectorIndex, queries: np.ndarray, k: int, lists=None):
         """This rank's rows preconditioned into its parts and the recall queries' exact top
@@ -332,10 +357,12 @@ class _Pass2:
         exact = ExactTopK(queries, k + 1) if k >= 1 else None
         reached = dict.fromkeys(slices, False)
         with rows.open() as st:
-            for start, vec in preconditioned_blocks(st, self.pre):
+            for start, vec in preconditioned_blocks(st, self.pre, limit=self.n):
+                ids = rows.global_ids(start, len(vec))
+                if self.live is not None:  # removed examples: never in FAISS
+                    vec, ids = vec[self.live[ids]], ids[self.live[ids]]
                 for name, sl in slices.items():
                     reached[name] = reached[name] or bool(vec[:, sl].any())
-                ids = rows.global_ids(start, len(vec))
                 held = self.stored_form(vec)
                 for part, (lo, hi) in zip(parts, self.ranges):
                     mine = (ids >= lo) & (ids < hi)
@@ -370,7 +397,7 @@ class _Pass2:
         if self.sk is not None:
             vindex = SketchedIndex(vindex, self.sk, self.chosen.rerank).with_rerank(
                 store_rerank(store, self.pre))
-        check_count(vindex, self.n)
+        check_count(vindex, self.gen.n_live)
         return vindex, files, mine
 
 
@@ -409,10 +436,14 @@ def capture_record(build: dict, describe: dict, zero: list[str]) -> dict:
                 zero_gradient=list(zero))
 
 
-def pass2_key(build: dict, *, hessian, damping, index, nlist, nprobe) -> str:
-    """Names this pass 2's preconditioner and index files (a variant of the same sketches)."""
-    return hash_json(dict(hessian=hessian, damping=damping_key(damping), index=index, nlist=nlist,
-                          nprobe=nprobe, sketch=hash_json(build)))[:12]
+def pass2_key(build: dict, *, hessian, damping, index, nlist, nprobe, generation=None) -> str:
+    """Names this pass 2's preconditioner and index files (a variant of the same sketches;
+    a living index's generation record makes every generation's files new ones)."""
+    key = dict(hessian=hessian, damping=damping_key(damping), index=index, nlist=nlist,
+               nprobe=nprobe, sketch=hash_json(build))
+    if generation is not None:
+        key["generation"] = generation
+    return hash_json(key)[:12]
 
 
 def remove_temp_files(out: Path) -> None:
@@ -425,11 +456,14 @@ def remove_temp_files(out: Path) -> None:
 
 def commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vindex,
            index: str, index_files: list[str], hessian: str, damping, task,
-           item_signature, progress, extra=None) -> dict:
+           item_signature, progress, extra=None, generation: Generation | None = None) -> dict:
     """Write config.json — the commit point of the whole build — then drop older variants.
-    ``extra``: records that outlive this pass 2 (e.g. `tune`'s choice)."""
+    ``extra``: records that outlive this pass 2 (e.g. `tune`'s choice); ``generation``: a
+    living index's (recorded from generation 1 on)."""
     cfg = dict(build)
     cfg.update(extra or {})
+    if generation is not None and generation.record() is not None:
+        cfg["generation"] = generation.record()
     cfg.update(task=(task or {}).get("task"), task_sha256=(task or {}).get("task_sha256"))
     cfg.update(
         library="grass-index", version=__version__, torch=torch.__version__,
@@ -462,7 +496,7 @@ def refit(path: Path, config: dict, opts: IndexOptions, *, progress=False,
         with SketchStore.open(path / STORE_DIR, readonly=False) as store:
             # the store's own creation record, not build.json (which another build may have
             # overwritten): it is what the stored sketches are
-            build = stored_build_record(store)
+            build = stored_build_record(store, record_number(config))
             return finish(path, store, build, config.get("layers_described", {}),
                           opts, task=None, progress=prog, old_config=config, tune=tune,
                           again="refit")
@@ -470,12 +504,13 @@ def refit(path: Path, config: dict, opts: IndexOptions, *, progress=False,
         prog.close()
 
 
-def _stored_preconditioner(store, key: str, layout: dict):
+def _stored_preconditioner(store, key: str, layout: dict, rows=None):
     """The preconditioner pass 2 already stored under ``key``, or None when there is none or it
-    is damaged (non-finite, unreadable): then it is fitted again from the cached Fisher."""
+    is damaged (non-finite, unreadable): then it is fitted again from the cached Fisher.
+    ``rows``: the rows its low-rank layers were fitted on (a living index's rows that count)."""
     name = f"precond/{key}"
     try:
-        pre = load_preconditioner(store, key, layout)
+        pre = load_preconditioner(store, key, layout, rows=rows)
     except KeyError:
         return None
     except (StoreError, ValueError) as e:
@@ -510,22 +545,25 @@ def fit_from_sums(acc: FisherAccumulator, layout, hessian: str, damping) -> Prec
 
 
 def fit_streaming(store, layout, hessian: str, damping, progress,
-                  fisher: ChunkedFisher | None = None) -> Preconditioner:
+                  fisher: ChunkedFisher | None = None,
+                  generation: Generation | None = None) -> Preconditioner:
     """The preconditioner, one layer at a time: layers with n < k in the low-rank form from the
     stored rows, the others from Σ ĝĝᵀ — pass 1's sums, the cached Fisher, or a re-read of the store
     — cached as each is taken, then factored in place. EK-FAC: from the Kronecker factors pass 1
-    kept (``factors.fit_ekfac``)."""
+    kept (``factors.fit_ekfac``). ``generation``: the rows that count (a living index's: its
+    removed ids leave the Fisher; default every stored row)."""
     if hessian == "ekfac":
         return fit_ekfac(store, layout, damping, progress)
     if hessian != "eFIM":
         return Preconditioner.fit({}, layout, hessian=hessian)
-    n = store.num_rows
+    gen = generation or Generation.initial(store.num_rows)
+    n = gen.n_live
     dense = dense_layers(layout, n)
-    if fisher is not None and fisher.next_id != n:  # pass 1 had nothing left to sketch
+    if fisher is not None and (fisher.next_id != n or gen.number):  # nothing left to sketch
         fisher = None
     tick = lambda done, total: progress("fisher", done, total)  # noqa: E731
-    rows = lambda: store.get_rows(np.arange(n))  # noqa: E731  (only when n < k: small)
-    if dense and fisher is None and has_fisher(store, dense):
+    rows = lambda: store.get_rows(gen.live_ids())  # noqa: E731  (only when n < k: small)
+    if dense and fisher is None and has_fisher(store, dense, gen):
         def take(name):
             return np.array(store.get_array(f"fisher/{name}"), dtype=np.float64)
         return Preconditioner.fit_layers(layout, damping=damping, n=n, take_fisher=take,
@@ -533,7 +571,7 @@ def fit_streaming(store, layout, hessian: str, damping, progress,
     acc = None
     if dense:
         acc = fisher.finish() if fisher is not None else accumulate(
-            store, layout, lambda done: progress("fisher", done, n), only=dense)
+            store, layout, lambda done: progress("fisher", done, n), only=dense, generation=gen)
         if acc.n != n:
             raise AttributionError(f"the Fisher sums cover {acc.n} rows but the store holds "
                                    f"{n}; re-run the build")
@@ -548,21 +586,34 @@ def fit_streaming(store, layout, hessian: str, damping, progress,
                                     take_fisher=take_and_cache if acc is not None else None)
     if acc is not None:
         store.put_meta("fisher_n", int(n))
+        store.put_meta("fisher_generation", gen.tag)
         store.put_meta("fisher_done", True)  # last: a pass killed half-way recomputes
     return pre
 
 
-def has_fisher(store, layout) -> bool:
-    return bool(store.get_meta("fisher_done", False)) and all(
-        store.has_array(f"fisher/{k}") for k in layout)
+def has_fisher(store, layout, generation: Generation | None = None) -> bool:
+    """The cached F_l of every layer in ``layout`` is there, complete, and of ``generation``
+    (a living index caches each generation's; an add killed after caching the next one's
+    leaves a cache the current generation must not take)."""
+    tag = 0 if generation is None else generation.tag
+    return (bool(store.get_meta("fisher_done", False))
+            and store.get_meta("fisher_generation", 0) == tag
+            and (generation is None or store.get_meta("fisher_n", None) == generation.n_live)
+            and all(store.has_array(f"fisher/{k}") for k in layout))
 
 
-def accumulate(store, layout, progress=None, only=None) -> FisherAccumulator:
-    """Σ ĝĝᵀ and n over every row of a store, in id order (the chunks pass 1 would use, so the
-    sums are bit-identical to pass 1's)."""
+def accumulate(store, layout, progress=None, only=None,
+               generation: Generation | None = None) -> FisherAccumulator:
+    """Σ ĝĝᵀ and n over every row of a store (``generation``'s rows that count), in id
+    order (the chunks pass 1 would use, so the sums are bit-identical to pass 1's)."""
     acc = ChunkedFisher(layout, only=only)
+    live = None if generation is None else generation.live_mask()
     for start, rows in store.iter_blocks():
-        acc.add(start, rows)
+        if live is not None:
+            if start >= len(live):
+                break
+            rows = rows[live[start:start + len(rows)]]
+        acc.add(start if live is None else acc.next_id, rows)
         if progress is not None:
             progress(acc.next_id)
     return acc.finish()
@@ -619,11 +670,14 @@ def make_template(blocks, spec, dim: int, nlist, nprobe) -> VectorIndex:
     return template
 
 
-def recall_queries(n: int) -> tuple[np.ndarray, int]:
+def recall_queries(n: int, live: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Recall ground truth uses training sketches as queries (the distribution of real queries'
-    sketches), each one's own id excluded from both lists: (their ids, k)."""
-    k = min(RECALL_K, n - 1)
-    return np.unique(np.linspace(0, n - 1, min(RECALL_QUERIES, n)).round().astype(np.int64)), k
+    sketches), each one's own id excluded from both lists: (their ids, k). ``live``: the ids
+    that count (bool [n]; a living index's removed ones are no queries)."""
+    ids = np.arange(n, dtype=np.int64) if live is None else np.flatnonzero(live)
+    m = len(ids)
+    pick = np.linspace(0, m - 1, min(RECALL_QUERIES, m)).round().astype(np.int64)
+    return np.unique(ids[pick]), min(RECALL_K, m - 1)
 
 
 def check_count(vindex, n: int) -> None:

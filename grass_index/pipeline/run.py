@@ -161,12 +161,17 @@ class _Prepared:
 
     def plan(self, index_options: IndexOptions) -> build_plan.Plan:
         """RAM and disk this build needs (grass_index/plan/), from the layer sizes and specs."""
-        index = str(index_options.index)
+        index, n, layout = str(index_options.index), len(self.train_data), self.sketcher.layout
+        factors = factor_shapes(self.sketcher)
+        forms = build_plan.costs.layer_forms(layout, n, index_options.hessian, factors)
+        # the model is loaded already: what pass 2 will hold besides is its preconditioner
+        held = build_plan.held_in_pass2(forms, n, self.sketcher.dim, 0) - build_plan.BASE_BYTES
         return build_plan.estimate(
-            layer_dims=self.build["layer_dims"], layout=self.sketcher.layout,
-            n=len(self.train_data), batch_size=self.batch_size, hessian=index_options.hessian,
-            index_width=build_plan.index_width(self.sketcher.dim, index, len(self.train_data)),
-            index_bytes=2 if "fp16" in index else 4)
+            layer_dims=self.build["layer_dims"], layout=layout, n=n,
+            batch_size=self.batch_size, hessian=index_options.hessian,
+            index_width=build_plan.index_width(self.sketcher.dim, index, n, held=held),
+            index_bytes=2 if "fp16" in index else 4, factors=factors,
+            damping=index_options.damping)
 
     def check_fits(self, out: Path, index_options: IndexOptions) -> build_plan.Plan:
         """The plan, or one error line with the fix when it does not fit this machine now."""
@@ -213,6 +218,10 @@ class _Prepared:
             progress=progress, records=records))
 
 
+# pass 1's checked inputs, for what extends a finished index (grass_index/living/)
+Prepared = _Prepared
+
+
 def recorded_task(task) -> dict | None:
     """The task's record {task, task_sha256} that config.json keeps; the façade makes it from
     a task reference or a loaded task (grass_index.task.task_record)."""
@@ -257,7 +266,8 @@ def build(model, train_data, loss_fn, out, options: BuildOptions | None = None,
             prog.note(build_plan.summary(the_plan))
             prog.eta_after_first("sketch", build_plan.pass2_seconds(
                 prep.sketcher.layout, the_plan.n, index_options.hessian,
-                build_plan.measure_rates(seconds=0.1), the_plan), "pass 2")
+                build_plan.measure_rates(seconds=0.1, lapack_size=512), the_plan),
+                "pass 2")  # (LAPACK measured small: this ETA must not delay the build)
             try:
                 store = SketchStore.create(out / STORE_DIR, dim=prep.sketcher.dim,
                                            meta=jsonable(prep.build), lock=lock)

@@ -219,9 +219,9 @@ def open_vector_index(path: Path, record: IndexRecord, *, mmap: bool = False):
     except (FaissIndexError, OSError) as e:
         raise AttributionError(f"{f} is unreadable ({e}); run {repair_command(path)} to "
                                "rebuild it") from e
-    if vindex.ntotal != record.n_train:
+    if vindex.ntotal != record.n_live:
         raise AttributionError(f"{f} holds {vindex.ntotal} vectors, config says "
-                               f"{record.n_train}; run {repair_command(path)}")
+                               f"{record.n_live}; run {repair_command(path)}")
     return vindex
 
 
@@ -233,13 +233,21 @@ def load_preconditioner(path: Path, record: IndexRecord) -> Preconditioner:
     opened again then: nothing stays open between operations)."""
     key = record.preconditioner_key
 
-    def rows():
+    def rows():  # the rows this generation's low-rank layers were fitted on (removed: not)
         with reading_store(path) as store:  # the block checksums are verify's
-            return store.get_rows(np.arange(store.num_rows), verify=False)
+            return store.get_rows(record.generation.live_ids(), verify=False)
 
-    def blocks():
+    live = record.generation.live_mask()
+
+    def blocks():  # the same rows, streamed: (position among them, rows)
         with reading_store(path) as store:
-            yield from store.iter_blocks(verify=False)
+            seen = 0
+            for start, got in store.iter_blocks(verify=False):
+                if start >= len(live):
+                    break
+                got = got[:len(live) - start][live[start:start + len(got)]]
+                yield seen, got
+                seen += len(got)
     with reading_store(path) as store:
         if not has_preconditioner(store, key):
             raise AttributionError(f"the preconditioner is missing from {path}; run "
@@ -261,13 +269,15 @@ def search(path: Path, vindex, preconditioner, queries, k: int, *, opponents: bo
     return vindex.search(queries, k, opponents=opponents, nprobe=nprobe)
 
 
-def train_vectors(path: Path, pre: Preconditioner):
-    """Yield (start_id, preconditioned rows) from the stored sketches, in id order."""
+def train_vectors(path: Path, pre: Preconditioner, limit: int | None = None):
+    """Yield (start_id, preconditioned rows) from the stored sketches, in id order (ids below
+    ``limit``: the generation's rows; an add may be storing more)."""
     with reading_store(path) as store:
-        yield from preconditioned_blocks(store, pre)
+        yield from preconditioned_blocks(store, pre, limit=limit)
 
 
-def raw_sketches(path: Path):
-    """Yield (start_id, raw rows ĝ_i [B, K] float32) from the stored sketches, in id order."""
+def raw_sketches(path: Path, limit: int | None = None):
+    """Yield (start_id, raw rows ĝ_i [B, K] float32) from the stored sketches, in id order
+    (ids below ``limit``)."""
     with reading_store(path) as store:
-        yield from chunks(store)
+        yield from chunks(store, limit=limit)

@@ -187,8 +187,9 @@ class Engine:
         """Training examples ranked by self-influence, rows ``offset..offset+limit-1``.
 
         Computed from the stored sketches on the first request (one pass over the store, no
-        gradient) and kept: the ranking depends only on the index, which serving never changes.
+        gradient) and kept until the index's generation changes (``refresh``).
         """
+        self.refresh()
         if self._self_influence is None:
             from grass_index.analysis import rank_self_influence
 
@@ -219,8 +220,25 @@ class Engine:
                                        collate=self.task.collate, batch_size=max(1, len(items)),
                                        sketcher=self.sketcher)
 
+    def refresh(self) -> bool:
+        """Pick up the index's newest generation (an add or remove committed while serving:
+        the index handle re-reads config.json when it changed, one stat otherwise); the
+        training data is read again when it grew. True when a new generation is served."""
+        if not self.idx.refresh():
+            return False
+        self._self_influence = None
+        if len(self.train) != self.idx.n_train:
+            self.train = self.task.train_data()
+            self._labels.clear()
+            if len(self.train) != self.idx.n_train:
+                log.warning("task %s has %d training examples, the index's new generation %d",
+                            self.task.ref, len(self.train), self.idx.n_train)
+        log.info("serving generation %d of %s", self.idx.generation, self.path)
+        return True
+
     def run(self, jobs: list[Job]) -> list:
         """One reply (list of per-example dicts) or one Exception per job."""
+        self.refresh()
         t0 = time.perf_counter()
         out: list = [None] * len(jobs)
         try:  # the common case: every job is fine, so one call sketches them all

@@ -248,6 +248,68 @@ class SketchStore:
 
         h.write(put, state=self._state, need_bytes=len(value))
 
+    def grow_block(self, block_no: int, rows, digest: bytes | None = None) -> None:
+        """Append ``rows`` to the last committed block (a short last batch that a living index's
+        new examples fill up), atomically with the counter: the block keeps its earlier rows
+        bit for bit, so a reader of the earlier generation reads the same ids unchanged.
+        ``digest``: the new examples' fingerprints, appended to the block's (same tag)."""
+        h = self._writable()
+        block_no = _int(block_no, "block_no")
+
+        def put(txn):
+            committed, nrows = _read_progress(txn, h)
+            if block_no != committed - 1:
+                raise StoreError(f"only the last block ({committed - 1}) can grow, not {block_no}")
+            start, old = codec.decode_block(txn.get(codec.key(block_no), db=h.dbs["blocks"]),
+                                            where=f"block {block_no}")
+            new = self._check_rows(rows, start + len(old))
+            txn.put(codec.key(block_no), codec.encode_block(start, np.concatenate([old, new])),
+                    db=h.dbs["blocks"])
+            if digest is not None and h.dbs.get("digests") is not None:
+                stored = txn.get(codec.key(block_no), db=h.dbs["digests"])
+                if stored is not None:
+                    tag = bytes(stored)[:len(bytes(stored)) - 16 * len(old)]
+                    txn.put(codec.key(block_no), bytes(stored) + bytes(digest)[len(tag):],
+                            db=h.dbs["digests"])
+            txn.put(b"progress", _PROGRESS.pack(committed, nrows + len(new)), db=h.dbs["info"])
+
+        h.write(put, state=self._state, need_bytes=(np.asarray(rows).nbytes + 64) * 2)
+
+    def truncate(self, num_rows: int, block_size: int) -> None:
+        """Roll the store back to its first ``num_rows`` rows (blocks of ``block_size``; the
+        last one cut short) in one transaction: an abandoned add of a living index."""
+        h = self._writable()
+        num_rows, block_size = _int(num_rows, "num_rows"), _int(block_size, "block_size")
+
+        def cut(txn):
+            committed, nrows = _read_progress(txn, h)
+            if num_rows > nrows:
+                raise StoreError(f"cannot truncate {nrows} rows to {num_rows}")
+            keep = -(-num_rows // block_size)
+            for b in range(keep, committed):
+                buf = txn.get(codec.key(b), db=h.dbs["blocks"])
+                if buf is not None:
+                    start, _ = codec.decode_block(buf, where=f"block {b}", verify=False)
+                    txn.delete(codec.key(start), db=h.dbs["starts"])
+                txn.delete(codec.key(b), db=h.dbs["blocks"])
+                if h.dbs.get("digests") is not None:
+                    txn.delete(codec.key(b), db=h.dbs["digests"])
+            if keep and num_rows < keep * block_size and keep <= committed:
+                last = keep - 1
+                start, rows = codec.decode_block(txn.get(codec.key(last), db=h.dbs["blocks"]),
+                                                 where=f"block {last}")
+                txn.put(codec.key(last), codec.encode_block(start, rows[:num_rows - start].copy()),
+                        db=h.dbs["blocks"])
+                stored = h.dbs.get("digests") and txn.get(codec.key(last), db=h.dbs["digests"])
+                if stored:
+                    stored = bytes(stored)
+                    tag = len(stored) - 16 * len(rows)
+                    txn.put(codec.key(last), stored[:tag + 16 * (num_rows - start)],
+                            db=h.dbs["digests"])
+            txn.put(b"progress", _PROGRESS.pack(min(keep, committed), num_rows), db=h.dbs["info"])
+
+        h.write(cut, state=self._state)
+
     def block_digest(self, block_no: int) -> bytes | None:
         """The data fingerprint committed with block ``block_no`` (None when none was)."""
         h = self._handle()

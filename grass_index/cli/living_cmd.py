@@ -1,0 +1,101 @@
+"""`grass-index add` and `remove`: change a finished index's training set without a rebuild
+(a living index: each change is a new generation, committed atomically; README "A living
+index")."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import errors, fail, out as stdout, safe
+from .render import emit_json
+
+
+def add(
+    directory: Path = typer.Argument(..., metavar="DIR", help="The index to grow."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="The task whose training "
+                                       "data grew at the end (the index's examples first, "
+                                       "unchanged)."),
+    hf_model: Optional[Path] = typer.Option(None, "--hf-model", help="For an index built "
+                                            "with --hf-model: the same model directory."),
+    data: Optional[Path] = typer.Option(None, "--data", help="With --hf-model: the grown "
+                                        "data file (the indexed examples first)."),
+    text_field: Optional[str] = typer.Option(None, "--text-field"),
+    max_length: Optional[int] = typer.Option(None, "--max-length"),
+    dtype: str = typer.Option("float32", "--dtype"),
+    retrain: bool = typer.Option(False, "--retrain", help="Train a new IVF quantizer instead "
+                                 "of keeping the index's."),
+    device: Optional[str] = typer.Option(None, help="torch device for gradients, e.g. cuda."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0),
+    json_mode: bool = typer.Option(False, "--json", help="Print the new config as JSON."),
+):
+    """Sketch only the examples the training data gained at the end and make them part of the
+    index (a new generation: the Fisher gains them, the preconditioner is refitted)."""
+    import grass_index as gi
+    from .build_cmd import _build_task
+
+    if task is None and hf_model is None:
+        fail("name the task whose data grew: --task FILE, or --hf-model DIR --data FILE")
+    t, _ = _build_task(task, directory, hf_model=hf_model, data=data, text_field=text_field,
+                       max_length=max_length, dtype=dtype)
+    t0 = time.perf_counter()
+    idx = gi.add_examples(directory, t.index_model(), t.train_data(), t.loss,
+                          collate=t.collate, device=device, retrain=retrain, workers=workers,
+                          task=t.ref)
+    _report("grew", directory, idx, time.perf_counter() - t0, json_mode)
+
+
+def remove(
+    directory: Path = typer.Argument(..., metavar="DIR", help="The index to remove from."),
+    ids: Optional[str] = typer.Option(None, "--ids", help="Training ids, comma-separated "
+                                      "(e.g. 3,17,42)."),
+    ids_file: Optional[Path] = typer.Option(None, "--ids-file", help="A file of training ids "
+                                            "(commas, spaces or newlines; # comments)."),
+    json_mode: bool = typer.Option(False, "--json", help="Print the new config as JSON."),
+):
+    """Remove training examples: never returned again by query, score, self-influence or
+    serve, and out of the Fisher (a new generation; ids never shift)."""
+    import grass_index as gi
+
+    if (ids is None) == (ids_file is None):
+        fail("give the ids to remove: --ids 3,17,42 or --ids-file FILE (one of them)")
+    if ids_file is not None:
+        try:
+            text = ids_file.read_text()
+        except OSError as e:
+            fail(f"--ids-file {ids_file}: {e.strerror or e}")
+    else:
+        text = ids
+    t0 = time.perf_counter()
+    idx = gi.remove_examples(directory, parse_ids(text))
+    _report("removed from", directory, idx, time.perf_counter() - t0, json_mode)
+
+
+def parse_ids(text: str) -> list[int]:
+    """Training ids from "3,17,42" or a file's text (commas, spaces or newlines; # comments)."""
+    ids = []
+    for line in str(text).splitlines():
+        for tok in line.split("#", 1)[0].replace(",", " ").split():
+            try:
+                ids.append(int(tok))
+            except ValueError:
+                fail(f"{tok!r} is not a training id (an integer); give ids such as 3,17,42")
+    return ids
+
+
+def _report(verb: str, directory: Path, idx, secs: float, json_mode: bool) -> None:
+    if json_mode:
+        emit_json(dict(idx.config, seconds=round(secs, 3)))
+        return
+    gen = idx.settings.generation
+    stdout.print(f"{verb} [bold]{safe(directory)}[/]: generation {gen.number}, "
+                 f"{gen.n_live} training examples count ({gen.n_train} ids, "
+                 f"{len(gen.removed)} removed), {secs:.1f} s")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `add`, `remove` to the grass-index typer app."""
+    app.command("add")(errors(add))
+    app.command("remove")(errors(remove))
