@@ -267,6 +267,7 @@ def pass2_stages(layout: dict[str, int], n: int, hessian: str = "eFIM",
         layers = costs.layer_forms(layout, n, hessian)
         width, ib = K, 4
         pdisk, fdisk = costs.form_bytes(layers, n), costs.fisher_sum_bytes(layers)
+        damping = "auto" if damping is None else damping  # the build's default
     return costs.pass2_times(layers, n=n, K=K, index_width=width, index_bytes=ib,
                              precond_disk=pdisk, fisher_disk=fdisk, rates=r, damping=damping)
 
