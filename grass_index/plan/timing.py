@@ -148,16 +148,10 @@ def _form_rates(seconds: float) -> dict:
 
 
 def _spectrum():
-    """The function pass 2 takes a dense layer's spectrum with (damping 'auto'): the
-    precondition package's own (LAPACK's two-stage reduction where it has one), else scipy's
-    eigvalsh."""
-    try:
-        from ..precondition.eigen import eigenvalues
-        return eigenvalues
-    except ImportError:
-        import scipy.linalg
+    """The function pass 2 takes a dense layer's spectrum with (damping 'auto')."""
+    from ..precondition.eigen import eigenvalues
 
-        return lambda a: scipy.linalg.eigvalsh(a, check_finite=False)
+    return eigenvalues
 
 
 def lapack_order(plans) -> int:

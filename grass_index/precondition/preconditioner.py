@@ -126,8 +126,8 @@ def _inverse_in_place(name: str, A: np.ndarray, mode: str, value: float,
     """(A + λI)^{-1} for a symmetric float64 C-ordered A, overwriting A (LAPACK potrf/potri on
     its lower triangle; only the float32 result is new). The mean eigenvalue is trace/k, so no
     eigendecomposition is needed (5.5 s vs 31.6 s for eigh at k=4096 on 2 cores) except for
-    damping 'auto', which needs the eigenvalues (eigen.eigenvalues: LAPACK's two-stage
-    reduction, 2.5× the Cholesky and inverse). ``placements[name]``: where λ sits in the
+    damping 'auto', which needs the eigenvalues (eigen.eigenvalues: torch's eigvalsh,
+    2.5× the Cholesky and inverse). ``placements[name]``: where λ sits in the
     spectrum (damping.placement)."""
     k = A.shape[0]
     spectrum = {}
