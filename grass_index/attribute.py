@@ -38,7 +38,7 @@ log = logging.getLogger("grass_index")
 
 def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable, out,
                 sparsification: str = "random_mask-128*128", projection: str = "sjlt-4096",
-                hessian: str = "eFIM", damping=None, batch_size: int = 32, seed: int = 0,
+                hessian: str = "eFIM", damping="auto", batch_size: int = 32, seed: int = 0,
                 layers: list[str] | str | None = None, collate: Callable | None = None,
                 index: str = "flat", task: str | None = None, progress=True, device=None,
                 nlist: int | None = None, nprobe: int | None = None,
@@ -60,6 +60,9 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
 
     ``selective_mask`` is a file from `grass-index selective-mask fit`, needed by
     ``selective_mask-…`` specs; it is copied into ``out`` so queries need only the directory.
+
+    ``damping``: "auto" (the default: λ_l from each layer's spectrum, recorded as "auto"), a
+    relative factor (× mean eigenvalue of F_l, e.g. 0.3) or "abs:λ" (docs/damping.md).
 
     Re-running with the same ``out`` resumes an interrupted build; with another ``damping``,
     ``hessian`` or ``index`` it re-preconditions from the stored sketches (no gradients).
@@ -461,9 +464,13 @@ class AttributionIndex:
     def reprecondition(self, damping=None, hessian: str | None = None, index: str | None = None,
                        progress=False, *, tune: dict | None = None) -> "AttributionIndex":
         """Refit the preconditioner (and FAISS) from the stored sketches; no gradients.
+        ``damping``/``hessian``/``index`` default to what the index records (a damping of
+        None, recorded by indexes built before "auto" was the default, keeps meaning 0.3 ×
+        mean eigenvalue; pass ``damping="auto"`` to switch such an index to the new default).
         ``tune``: the record of the `tune` sweep that chose these options, kept in the new
         config (``info`` shows it; later refits keep it while the choice stands)."""
-        opts = IndexOptions(hessian=hessian or self.record.hessian, damping=damping,
+        opts = IndexOptions(hessian=hessian or self.record.hessian,
+                            damping=self.record.damping if damping is None else damping,
                             index=index or self.record.index_kind)
         self.close()
         self.record = IndexRecord(pipeline_run.refit_index(self.path, self.config, opts,

@@ -70,15 +70,21 @@ def assert_same_index(a, b, task, *, exact=True):
             assert x.tobytes() == y.tobytes()
         else:
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(scores(a, task), scores(b, task), rtol=1e-5, atol=1e-6)
+    sa, sb = scores(a, task), scores(b, task)
+    # the Fisher sums differ in float32 GEMM rounding (each worker sums its own rows): with
+    # damping "auto" (smaller λ than 0.3 × mean on these layers) that shows at ~5e-7 of the
+    # largest score, so the absolute tolerance scales with the scores
+    np.testing.assert_allclose(sa, sb, rtol=1e-5, atol=2e-6 * np.abs(sb).max())
     ca, cb = a.config, b.config
     for k in ("n_train", "dim", "layout", "sketch_hash", "task",
               "item_signature", "layers_described", "hessian", "index_kind", "n_blocks",
               "capture", "left_out"):
         assert ca[k] == cb[k], k
     for layer, lam in ca["damping_used"].items():
-        # float32 GEMMs per chunk (or Woodbury from the rows when n < k/2) sum differently
-        assert lam == pytest.approx(cb["damping_used"][layer], rel=1e-6)
+        # float32 GEMMs per chunk (or Woodbury from the rows when n < k/2) sum differently;
+        # "auto" reads λ off a small eigenvalue, whose relative error is that rounding (~1e-7
+        # of the top eigenvalue) over its distance below the top
+        assert lam == pytest.approx(cb["damping_used"][layer], rel=1e-4)
     fa, fb = fisher_cache(a.path), fisher_cache(b.path)
     for layer in fa.keys() & fb.keys():  # a single build with n < k/2 caches no Fisher
         np.testing.assert_allclose(fa[layer], fb[layer], rtol=1e-5, atol=1e-9)

@@ -366,8 +366,9 @@ def test_torchrun_two_ranks_build_the_same_ensemble_index(tmp_path):
     q = t.query_data()
     a, b = gi.open_index(out), gi.open_index(ref)
     assert a.config["checkpoints"] == CKPTS
-    torch.testing.assert_close(a.score(t.index_model(), q, t.loss),
-                               b.score(t.index_model(), q, t.loss), rtol=1e-5, atol=1e-6)
+    want = b.score(t.index_model(), q, t.loss)  # atol: float32 Fisher-sum rounding (as in
+    torch.testing.assert_close(a.score(t.index_model(), q, t.loss),  # test_distributed)
+                               want, rtol=1e-5, atol=2e-6 * float(want.abs().max()))
 
 
 def test_serve_answers_from_the_ensemble(tmp_path):

@@ -56,14 +56,23 @@ def exact_sketches(model, data, spars, proj, seed=0):
     return torch.cat(parts, 1).double(), sk.layout, grads
 
 
+def auto_lambda(Fl):
+    """The "auto" rule written out: 30 × the eigenvalue (largest first) at which the running
+    sum of the spectrum first reaches 99.95% of the trace."""
+    e = torch.linalg.eigvalsh(Fl).clamp_min(0).flip(0)
+    j = int((torch.cumsum(e, 0) / e.sum() < 0.9995).sum())
+    return 30.0 * e[min(j, len(e) - 1)]
+
+
 def brute_force_scores(q, g, layout, damping):
-    """g(z)^T (F_l + lambda_l I)^-1 g(z_i) per layer, lambda_l = damping * mean eig(F_l)."""
+    """g(z)^T (F_l + lambda_l I)^-1 g(z_i) per layer, lambda_l = damping * mean eig(F_l), or
+    the "auto" rule (the default) on F_l's spectrum."""
     out = torch.zeros(q.shape[0], g.shape[0], dtype=torch.float64)
     o = 0
     for k in layout.values():
         gl, ql = g[:, o:o + k], q[:, o:o + k]
         Fl = gl.T @ gl / g.shape[0]
-        lam = damping * torch.trace(Fl) / k
+        lam = auto_lambda(Fl) if damping == "auto" else damping * torch.trace(Fl) / k
         out += ql @ torch.linalg.solve(Fl + lam * torch.eye(k, dtype=torch.float64), gl.T)
         o += k
     return out
@@ -89,6 +98,7 @@ def test_index_scores_equal_brute_force_influence(setup, built):
     g, layout, _ = exact_sketches(model, train, SPARS, PROJ)
     q, _, _ = exact_sketches(model, query, SPARS, PROJ)
     assert idx.layout == layout
+    assert DEFAULT_DAMPING == "auto" and idx.config["damping"] == "auto"  # the new default
     want = brute_force_scores(q, g, layout, DEFAULT_DAMPING)
     got = idx.score(model, query, loss_fn).double()
     assert got.shape == (N_QUERY, N_TRAIN)

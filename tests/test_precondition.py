@@ -7,6 +7,7 @@ from torch import nn
 
 from grass_index.precondition import (DEFAULT_DAMPING, FisherAccumulator, Preconditioner,
                                       parse_damping)
+from grass_index.precondition.damping import AUTO_MULTIPLE, LEGACY_DAMPING
 
 LAYOUT = {"a": 3, "b": 5}
 
@@ -51,7 +52,8 @@ def test_fisher_bad_input():
 
 
 @pytest.mark.parametrize("damping,mode,value", [
-    (None, "relative", DEFAULT_DAMPING), (0.5, "relative", 0.5), ("0.01", "relative", 0.01),
+    (None, "relative", LEGACY_DAMPING), (DEFAULT_DAMPING, "auto", AUTO_MULTIPLE),
+    ("auto", "auto", AUTO_MULTIPLE), (0.5, "relative", 0.5), ("0.01", "relative", 0.01),
     ("abs:1e-3", "absolute", 1e-3), ("rel:2", "relative", 2.0), (1e-8, "relative", 1e-8)])
 def test_parse_damping(damping, mode, value):
     assert parse_damping(damping) == (mode, value)

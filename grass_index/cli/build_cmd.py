@@ -21,9 +21,9 @@ def build(
     projection: str = typer.Option("sjlt-4096", help="Projection spec."),
     hessian: str = typer.Option("eFIM", help="eFIM, ekfac (a factored sparsification with "
                                 "--projection identity) or identity."),
-    damping: Optional[str] = typer.Option(None, help="Relative damping (x mean eigenvalue), "
-                                          "abs:VALUE, or auto (from each layer's spectrum, "
-                                          "docs/damping.md). Default: the library default."),
+    damping: str = typer.Option("auto", help="auto (λ per layer from its Fisher's spectrum, "
+                                "docs/damping.md; auto:M sets the multiple), a relative "
+                                "damping (x mean eigenvalue, e.g. 0.3) or abs:VALUE."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     layers: Optional[List[str]] = typer.Option(None, "--layers", help="Parameter-name globs "
                                                "(repeatable or comma-separated)."),

@@ -34,9 +34,8 @@ def plan(
     sparsification: str = typer.Option("random_mask-128*128"),
     projection: str = typer.Option("sjlt-4096"),
     hessian: str = typer.Option("eFIM", help="eFIM, ekfac or identity."),
-    damping: Optional[str] = typer.Option(None, "--damping", help="As for build (default: "
-                                          "build's); 'auto' prices an eigvalsh per dense "
-                                          "layer."),
+    damping: str = typer.Option("auto", "--damping", help="As for build (default: auto, "
+                                "which prices every eigenvalue of each dense layer)."),
     layers: Optional[List[str]] = typer.Option(None, "--layers"),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     index: str = typer.Option("flat"),

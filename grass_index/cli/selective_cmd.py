@@ -31,8 +31,8 @@ def fit_command(
     l1: float = typer.Option(0.1, "--l1", help="Sparsity penalty weight."),
     hessian: str = typer.Option("eFIM", "--hessian", help="The Hessian the index will use: eFIM "
                                 "(match preconditioned scores) or identity (raw inner products)."),
-    damping: Optional[float] = typer.Option(None, "--damping", help="Relative damping the index "
-                                            "will use (default: grass-index's default, 0.3)."),
+    damping: str = typer.Option("auto", "--damping", help="The damping the index will use: "
+                                "auto (the default) or a relative factor, e.g. 0.3."),
     seed: int = typer.Option(0, "--seed", help="Seed for the example sample and init."),
     batch_size: int = typer.Option(64, "--batch-size", help="Examples per forward/backward "
                                    "while collecting gradients (lower it for large models)."),

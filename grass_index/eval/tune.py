@@ -17,9 +17,17 @@ Candidates: ``identity`` (raw inner products), ``eFIM`` with per-layer relative 
 damping (λ = f × mean eigenvalue over all layers: ``damping="abs:λ"``), and — when pass 1 kept
 Kronecker factors (a factored spec with an identity projection) — ``ekfac`` with per-layer
 relative damping (its eigenvalues are corrected from the same pass over the sketches), f over
-a log grid; plus the spectrum rule ``damping="auto"`` for each Hessian. While a scope's best
-sits at an edge of the grid, the grid grows that way (``extend_grid``) up to the identity limit,
-so a best damping beyond the default grid is found, not clipped.
+a log grid; plus the spectrum rule ``damping="auto"`` (the library's default) for each
+Hessian. While a scope's best sits at an edge of the grid, the grid grows that way
+(``extend_grid``) up to the identity limit, so a best damping beyond the default grid is found,
+not clipped.
+
+The grid is in units of each layer's mean eigenvalue (the meaning of a numeric damping), not
+relative to the index's current damping or to the default: "auto" places λ per layer by the
+shape of its spectrum, so there is no single factor to scale it by. The "auto" candidate is
+always scored beside the grid, so on the validation queries tune never chooses worse than the
+default; its choice is recorded as the damping string ``reprecondition`` takes ("1.0",
+"abs:…", "auto").
 """
 from __future__ import annotations
 

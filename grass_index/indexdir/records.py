@@ -359,6 +359,22 @@ class IndexRecord(BuildRecord):
                 f"index_kind={self.index_kind})")
 
     @property
+    def damping_setting(self) -> str:
+        """The recorded damping in words (what `info` shows): "auto" is the spectrum rule (the
+        default), a number × the mean eigenvalue, null (an index built before "auto" was the
+        default) 0.3 × the mean eigenvalue."""
+        from ..precondition.damping import LEGACY_DAMPING, parse_damping
+
+        if self.hessian == "identity":
+            return "none (identity)"
+        if self.damping is None:
+            return f"{LEGACY_DAMPING} × mean eigenvalue (recorded null: the default before auto)"
+        mode, value = parse_damping(self.damping)
+        if mode == "auto":
+            return f"{self.damping} (λ = {value:g} × the eigenvalue at 99.95% of the trace)"
+        return f"{self.damping} × mean eigenvalue" if mode == "relative" else str(self.damping)
+
+    @property
     def removed(self) -> tuple[int, ...]:
         """The training ids removed from this index (never returned, not in the Fisher)."""
         return self.generation.removed

@@ -14,15 +14,17 @@ part G (N examples). Every objective is a function of the masked Gram matrix
 ``K_XY(w) = Σ_c w_c² x_c y_c`` between those examples' gradients of the layer.
 
 ``hessian="eFIM"`` (default) — what is matched, and why. The index ranks training examples by
-the *preconditioned* score ``g_qᵀ (F + λI)⁻¹ g_i`` (eFIM, relative damping λ = damping × mean
-eigenvalue of F), not by the raw inner product ``g_qᵀ g_i``. Matching raw inner products
-favours high-magnitude coordinates, which are highly redundant (the same hidden unit or input
-pixel across many weights); after whitening by F they add little, and such masks scored
+the *preconditioned* score ``g_qᵀ (F + λI)⁻¹ g_i`` (eFIM; λ by the index's damping: "auto",
+the default, from F's spectrum, or a relative factor × the mean eigenvalue of F), not by the
+raw inner product ``g_qᵀ g_i``. Matching raw inner products favours high-magnitude
+coordinates, which are highly redundant (the same hidden unit or input pixel across many
+weights); after whitening by F they add little, and such masks scored
 *below* random masks on digits. So the fit matches preconditioned scores, in closed form on
 the sample: with masked gradients w ⊙ g, F_w = G_wᵀG_w / N and Woodbury give
-``S_w = N · K_AG(w) (N λ_w I + K_GG(w))⁻¹`` (λ_w = damping × tr(F_w) / k, k the size the mask
-will keep) — only N×N matrices, differentiable in w. Down-weighting a coordinate acts as a
-large ridge on it (``(W F W + λ I)⁻¹ = W⁻¹ (F + λ W⁻²)⁻¹ W⁻¹``), i.e. it smoothly removes it.
+``S_w = N · K_AG(w) (N λ_w I + K_GG(w))⁻¹`` (λ_w: auto's rule on the eigenvalues of
+K_GG(w) / N, or factor × tr(F_w) / k, k the size the mask will keep) — only N×N matrices,
+differentiable in w. Down-weighting a coordinate acts as a large ridge on it
+(``(W F W + λ I)⁻¹ = W⁻¹ (F + λ W⁻²)⁻¹ W⁻¹``), i.e. it smoothly removes it.
 The loss minimised is ``1 − mean_a corr(S_w[a, :], S_1[a, :]) + l1 · Σ mean σ(s)``: each
 query's row of scores only needs the right *shape* — LDS ranks equal-size subsets by summed
 scores, which is invariant to a per-query scale and shift. On digits (k=256 per layer) this
@@ -86,19 +88,31 @@ def _parse_k(k) -> tuple[int, ...]:
     return dims
 
 
-def _scores(K: torch.Tensor, n_a: int, damping: float | None, dim: int) -> torch.Tensor:
+def _scores(K: torch.Tensor, n_a: int, damping: tuple[str, float] | None,
+            dim: int) -> torch.Tensor:
     """Scores of the query part against the F part from ``K`` = K(w)[:rows, n_a:] (rows =
     n_a for raw inner products, every example otherwise).
 
     damping None: raw inner products K_AG. Otherwise eFIM F = Σ (w⊙g)(w⊙g)ᵀ / N over the F
-    part with λ = damping × tr(F) / dim (dim = the kept size), through the N×N (Woodbury) form.
+    part, through the N×N (Woodbury) form, with λ = factor × tr(F) / dim for a relative
+    ("relative", factor) damping (dim = the kept size) or, for ("auto", multiple), the
+    library's rule on F's spectrum — its nonzero eigenvalues are those of the N×N K_GG / N —
+    held constant within a step (as the index will compute it once from the final F).
     """
     ka = K[:n_a]                                     # [n_a, N]
     if damping is None:
         return ka
     k = K[n_a:]                                      # [N, N]
     n = k.shape[0]
-    lam = damping * k.diagonal().sum() / (n * dim)   # relative: damping × tr(F_w) / dim
+    mode, value = damping
+    if mode == "auto":
+        from ..precondition.damping import auto_damping
+
+        with torch.no_grad():
+            e = torch.linalg.eigvalsh(k.detach().to(torch.float64)) / n
+        lam = torch.tensor(auto_damping(e.numpy(), value), dtype=k.dtype)
+    else:
+        lam = value * k.diagonal().sum() / (n * dim)  # relative: factor × tr(F_w) / dim
     eye = torch.eye(n, dtype=k.dtype)
     return torch.linalg.solve(n * lam.clamp_min(1e-30) * eye + k, ka.T).T * n
 
@@ -110,11 +124,11 @@ def _row_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _fit_one(lg: LayerGrads, n_a: int, shape: tuple[int, ...], keep: int,
-             damping: float | None, steps: int, lr: float, l1: float,
+             damping: tuple[str, float] | None, steps: int, lr: float, l1: float,
              gen: torch.Generator) -> tuple[list[torch.Tensor], float]:
     """Logits for one layer and the final fit term. lg: the layer's sampled gradients (the
     first n_a play queries); shape: (numel,) or (d_out, d_in); keep: how many coordinates
-    the final mask keeps (sets the relative damping's scale)."""
+    the final mask keeps (sets a relative damping's scale)."""
     rows = lg.n if damping is not None else n_a
     with torch.no_grad():
         target = _scores(lg.gram(torch.ones(lg.numel), rows, n_a), n_a, damping, lg.numel)
@@ -146,7 +160,8 @@ class MaskFitOptions:
     layers: ``--layers`` globs (None: the default selection). n_samples training examples are
     drawn (seeded by ``seed``); a third play queries, the rest estimate F. steps, lr: Adam on
     the mask logits; l1: the sparsity penalty. hessian/damping: those the index will be built
-    with (relative damping; default grass_index's DEFAULT_DAMPING); ``"identity"`` matches raw
+    with ("auto", the library's default, or a relative factor; None: 0.3, the default before
+    "auto"); ``"identity"`` matches raw
     inner products. collate, batch_size: how the sample is batched (default: the task
     default). memory_gb: budget for the held gradients/factors of a pass and a layer's fit
     (peak about 2.5 × this plus the model and one batch). capture: ``"factors"`` (linear
@@ -162,7 +177,7 @@ class MaskFitOptions:
     lr: float = 0.05
     l1: float = 0.1
     hessian: str = "eFIM"
-    damping: float | str | None = None
+    damping: float | str | None = "auto"
     seed: int = 0
     collate: Callable | None = None
     batch_size: int = 64
@@ -179,9 +194,10 @@ def _options(options: MaskFitOptions | None, settings: dict) -> MaskFitOptions:
     return dataclasses.replace(options or MaskFitOptions(), **settings)
 
 
-def _damping(opts: MaskFitOptions) -> float | None:
-    """Check the options; the relative damping of the objective (None: raw inner products)."""
-    from ..precondition import DEFAULT_DAMPING, PreconditionError, canonical_hessian, parse_damping
+def _damping(opts: MaskFitOptions) -> tuple[str, float] | None:
+    """Check the options; the objective's damping, ("relative", factor) or ("auto",
+    multiple) (None: raw inner products)."""
+    from ..precondition import PreconditionError, canonical_hessian, parse_damping
 
     if opts.n_samples < 3:
         raise MaskFitError(f"n_samples={opts.n_samples}; the mask is fit on scores between "
@@ -204,11 +220,15 @@ def _damping(opts: MaskFitOptions) -> float | None:
                            f"{option('hessian', 'ekfac')}")
     if h == "identity":
         return None
-    mode, damp = parse_damping(DEFAULT_DAMPING if opts.damping is None else opts.damping)
-    if mode != "relative":
-        raise MaskFitError(f"damping={opts.damping!r}: the mask fit needs a relative damping (a "
-                           "factor of the mean eigenvalue, e.g. 0.3), not an absolute one")
-    return damp
+    try:
+        mode, damp = parse_damping(opts.damping)
+    except PreconditionError as e:
+        raise MaskFitError(str(e)) from None
+    if mode == "absolute":
+        raise MaskFitError(f"damping={opts.damping!r}: the mask fit needs 'auto' or a relative "
+                           "damping (a factor of the mean eigenvalue, e.g. 0.3), not an "
+                           "absolute one")
+    return mode, damp
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from ..index import SPECS, FaissIndexError, parse_spec
 from ..precondition import HESSIANS as _HESSIAN_NAMES
-from ..precondition import PreconditionError, canonical_hessian, parse_damping
+from ..precondition import DEFAULT_DAMPING, PreconditionError, canonical_hessian, parse_damping
 from ..indexdir.errors import AttributionError
 
 HESSIANS = {h.lower(): h for h in _HESSIAN_NAMES}  # lower-case spelling -> canonical name
@@ -31,7 +31,9 @@ def norm_hessian(hessian: str) -> str:
 
 
 def damping_key(damping) -> Any:
-    """How a damping is recorded (and hashed): None, or its string."""
+    """How a damping is recorded (and hashed): its string ("auto" for a new default build), or
+    None — only for an index built before "auto" was the default, where it means 0.3 × mean
+    eigenvalue (precondition.damping.LEGACY_DAMPING)."""
     return None if damping is None else str(damping)
 
 
@@ -102,10 +104,12 @@ class BuildOptions:
 
 @dataclass(frozen=True)
 class IndexOptions:
-    """What pass 2 depends on: the Hessian, its damping and the FAISS index."""
+    """What pass 2 depends on: the Hessian, its damping and the FAISS index. ``damping``:
+    "auto" by default (recorded as such); None is what older indexes record (0.3 × mean
+    eigenvalue) and ``from_record`` keeps it."""
 
     hessian: str = "eFIM"
-    damping: Any = None
+    damping: Any = DEFAULT_DAMPING
     index: str = "flat"
     nlist: int | None = None
     nprobe: int | None = None

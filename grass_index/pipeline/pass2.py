@@ -31,11 +31,12 @@ from ..index import (ExactTopK, SearchSketch, ShardedIndex, SketchedIndex, Vecto
 from ..index import choice as search_choice
 from ..capture.sketcher import MOVED_NOTE
 from ..errors import spelled
-from ..precondition import (DEFAULT_DAMPING, ChunkedFisher, DampingError, FisherAccumulator,
+from ..precondition import (ChunkedFisher, DampingError, FisherAccumulator,
                             Preconditioner, dense_layers,
                             load_preconditioner, save_preconditioner,
                             stale_preconditioner_arrays)
-from ..precondition.damping import RELATIVE_RANGE, format_damping, parse_damping
+from ..precondition.damping import (LEGACY_DAMPING, RELATIVE_RANGE, format_damping,
+                                     parse_damping)
 from ..precondition.fisher import layer_slices
 from ..store import SketchStore, StoreError
 from ..indexdir.errors import AttributionError
@@ -147,13 +148,18 @@ def _finish(out: Path, store, build: dict, describe: dict, opts: IndexOptions, *
 
 def suggested_damping(damping, needs: str) -> str | None:
     """A damping to try instead of ``damping`` ("larger" or "smaller"), or None (then only
-    --hessian identity, which has no damping, is left)."""
+    --hessian identity, which has no damping, is left). "auto" moves its multiple by 10×; a
+    fixed damping moves to 0.3 × mean eigenvalue, or from there by 10×."""
     if needs == "identity":
         return None
     mode, value = parse_damping(damping)
-    if mode == "absolute" or (value < DEFAULT_DAMPING if needs == "larger"
-                              else value > DEFAULT_DAMPING):
-        return format_damping("relative", DEFAULT_DAMPING)
+    if mode == "auto":
+        moved = value * 10 if needs == "larger" else value / 10
+        ok = RELATIVE_RANGE[0] <= moved <= RELATIVE_RANGE[1]
+        return format_damping("auto", moved) if ok else None
+    if mode == "absolute" or (value < LEGACY_DAMPING if needs == "larger"
+                              else value > LEGACY_DAMPING):
+        return format_damping("relative", LEGACY_DAMPING)
     if needs == "larger" and value * 10 <= RELATIVE_RANGE[1]:
         return format_damping("relative", value * 10)
     return None
@@ -531,7 +537,8 @@ def pass1_fisher(store, layout, hessian: str, n: int) -> ChunkedFisher | None:
 
 def fit_from_sums(acc: FisherAccumulator, layout, hessian: str, damping) -> Preconditioner:
     """The preconditioner from Fisher sums every layer has (torchrun's all-reduced sums), one
-    layer's F_l at a time."""
+    layer's F_l at a time. ``damping`` as config.json records it ("auto", a number or "abs:λ",
+    or None: 0.3 × mean eigenvalue, what an index built before "auto" records)."""
     if hessian != "eFIM":
         return Preconditioner.fit({}, layout, hessian=hessian)
     return Preconditioner.fit_layers(layout, damping=damping, n=0, take_fisher=acc.fisher)

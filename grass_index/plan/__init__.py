@@ -91,7 +91,7 @@ class Plan:
 def estimate(*, layer_dims: list[dict], layout: dict[str, int], n: int, batch_size: int,
              tokens: int = 1, index_width: int | None = None, index_bytes: int = 4,
              hessian: str = "eFIM", model_bytes: int = 0, factors: dict | None = None,
-             damping=None) -> Plan:
+             damping="auto") -> Plan:
     """The plan of one build. ``layer_dims``: [{d_in, d_out}] of the hooked layers;
     ``tokens``: positions per example (T for a sequence model, 1 otherwise); ``index_width``:
     floats per vector in FAISS (K for flat, the search sketch's width otherwise);
@@ -266,7 +266,7 @@ def duration(seconds: float) -> str:
 def plan_for(model, n: int, *, sparsification: str = "random_mask-128*128",
              projection: str = "sjlt-4096", layers=None, batch_size: int = 32,
              index: str = "flat", hessian: str = "eFIM", tokens: int = 1, seed: int = 0,
-             damping=None) -> Plan:
+             damping="auto") -> Plan:
     """The plan of building ``model`` over n examples with these specs (no gradient is taken;
     the model may be on the meta device).
 

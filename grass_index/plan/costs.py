@@ -112,12 +112,12 @@ def pass2_ram(layers, n: int, K: int, index_bytes: float) -> dict[str, float]:
 
 
 def pass2_times(layers, *, n: int, K: int, index_width: int, index_bytes: float,
-                precond_disk: float, fisher_disk: float, rates, damping: str | None = None
+                precond_disk: float, fisher_disk: float, rates, damping: str | None = "auto"
                 ) -> dict[str, float]:
     """Seconds of each stage of pass 2 at ``rates`` (timing.Rates): ``read`` (the store read
     back), ``fit``, ``apply``, ``index`` (FAISS fill, exact top lists, recall) and ``write``
     (the Fisher cache, the preconditioner and the index files, fsync'd)."""
-    auto = parse_damping(damping)[0] == "auto"  # None: the build's default damping
+    auto = parse_damping(damping)[0] == "auto"  # None: 0.3 × mean, an old record's
     reads = 1 + any(x.form == "low_rank" for x in layers) + any(x.form == "ekfac" for x in layers)
     t = dict(read=reads * 4.0 * n * K / rates.read)
     fit = apply = 0.0

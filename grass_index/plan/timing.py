@@ -148,16 +148,10 @@ def _form_rates(seconds: float) -> dict:
 
 
 def _spectrum():
-    """The function pass 2 takes a dense layer's spectrum with (damping 'auto'): the
-    precondition package's own (LAPACK's two-stage reduction where it has one), else scipy's
-    eigvalsh."""
-    try:
-        from ..precondition.eigen import eigenvalues
-        return eigenvalues
-    except ImportError:
-        import scipy.linalg
+    """The function pass 2 takes a dense layer's spectrum with (damping 'auto')."""
+    from ..precondition.eigen import eigenvalues
 
-        return lambda a: scipy.linalg.eigvalsh(a, check_finite=False)
+    return eigenvalues
 
 
 def lapack_order(plans) -> int:
@@ -267,6 +261,7 @@ def pass2_stages(layout: dict[str, int], n: int, hessian: str = "eFIM",
         layers = costs.layer_forms(layout, n, hessian)
         width, ib = K, 4
         pdisk, fdisk = costs.form_bytes(layers, n), costs.fisher_sum_bytes(layers)
+        damping = "auto" if damping is None else damping  # the build's default
     return costs.pass2_times(layers, n=n, K=K, index_width=width, index_bytes=ib,
                              precond_disk=pdisk, fisher_disk=fdisk, rates=r, damping=damping)
 

@@ -21,8 +21,9 @@ import numpy as np
 import scipy.linalg
 from scipy.linalg import lapack
 
-from .damping import (format_damping, layer_damping, parse_damping, placement,
-                      placement_without_spectrum)
+from .damping import (DEFAULT_DAMPING, format_damping, layer_damping, parse_damping,
+                      placement, placement_without_spectrum)
+from .eigen import eigenvalues as _eigenvalues
 from .ekfac import ekfac_damping
 from .errors import PreconditionError
 from .fisher import as_float32, layer_slices
@@ -125,13 +126,14 @@ def _inverse_in_place(name: str, A: np.ndarray, mode: str, value: float,
     """(A + λI)^{-1} for a symmetric float64 C-ordered A, overwriting A (LAPACK potrf/potri on
     its lower triangle; only the float32 result is new). The mean eigenvalue is trace/k, so no
     eigendecomposition is needed (5.5 s vs 31.6 s for eigh at k=4096 on 2 cores) except for
-    damping 'auto', which needs the eigenvalues (eigvalsh). ``placements[name]``: where λ sits
-    in the spectrum (damping.placement)."""
+    damping 'auto', which needs the eigenvalues (eigen.eigenvalues: torch's eigvalsh,
+    2.5× the Cholesky and inverse). ``placements[name]``: where λ sits in the
+    spectrum (damping.placement)."""
     k = A.shape[0]
     spectrum = {}
 
     def eigenvalues():
-        spectrum["e"] = scipy.linalg.eigvalsh(A, check_finite=False)
+        spectrum["e"] = _eigenvalues(A)
         return spectrum["e"]
     lam = layer_damping(mode, value, float(np.trace(A)), k, eigenvalues)
     top = _top_eigenvalue(A) if placements is not None and "e" not in spectrum else None
@@ -179,7 +181,7 @@ def _low_rank(name: str, G: np.ndarray, mode: str, value: float,
 
     def eigenvalues():
         if "e" not in spectrum:
-            e = scipy.linalg.eigvalsh(G @ G.T, check_finite=False) / n
+            e = _eigenvalues(G @ G.T) / n
             spectrum["e"] = np.concatenate([e, np.zeros(max(k - n, 0))])
         return spectrum["e"]
     lam = layer_damping(mode, value, float(np.einsum("ij,ij->", G, G)), n * k, eigenvalues)
@@ -229,8 +231,9 @@ class Preconditioner:
 
     @classmethod
     def fit(cls, fisher: dict[str, np.ndarray], layout: dict[str, int], *, hessian: str = "eFIM",
-            damping=None) -> "Preconditioner":
-        """eFIM: one Cholesky per layer, λ_l = factor × mean eigenvalue (relative) or λ (absolute).
+            damping=DEFAULT_DAMPING) -> "Preconditioner":
+        """eFIM: one Cholesky per layer, λ_l from ``damping`` (parse_damping: "auto", a
+        relative factor, "abs:λ"; None = 0.3 × mean eigenvalue, what older indexes record).
         identity: no preconditioning and no damping."""
         hessian = _check_hessian(hessian)
         if hessian == "identity":
@@ -247,14 +250,17 @@ class Preconditioner:
                               take_fisher=lambda name: np.array(fisher[name], dtype=np.float64))
 
     @classmethod
-    def fit_layers(cls, layout: dict[str, int], *, damping=None, n: int,
+    def fit_layers(cls, layout: dict[str, int], *, damping=DEFAULT_DAMPING, n: int,
                    take_fisher: Callable[[str], np.ndarray] | None = None,
                    rows: Callable[[], np.ndarray] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> "Preconditioner":
         """eFIM, one layer at a time: a layer with n < k (``uses_low_rank``) in the low-rank
         form from ``rows()`` (the [n, K] float32 sketches, read once), the others densely from
         ``take_fisher(name)`` — the float64 F_l = Σ ĝĝᵀ / n, handed over so it is factored in
-        place."""
+        place. ``damping`` as an index records it: "auto" (the default), a relative factor or
+        "abs:λ", or None — 0.3 × mean eigenvalue, what an index built before "auto" records —
+        so a refit with the recorded value reproduces the index's preconditioner (the one
+        place every fit from Fisher sums goes through: build, merge, torchrun, refit)."""
         mode, value = parse_damping(damping)
         layout = {str(k): int(v) for k, v in layout.items()}
         slices = layer_slices(layout)
@@ -275,7 +281,8 @@ class Preconditioner:
         return pre
 
     @classmethod
-    def fit_ekfac(cls, layout: dict[str, int], bases: dict, eigenvalues: dict, *, damping=None,
+    def fit_ekfac(cls, layout: dict[str, int], bases: dict, eigenvalues: dict, *,
+                  damping=DEFAULT_DAMPING,
                   efim: "Preconditioner | None" = None,
                   efim_layers: dict[str, str] | None = None,
                   rows: Callable[[], np.ndarray] | None = None) -> "Preconditioner":
