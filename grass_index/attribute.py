@@ -291,7 +291,7 @@ class AttributionIndex:
         if new.preconditioner_key == self.record.preconditioner_key:
             return False
         log.info("index %s was re-preconditioned while open; using its new files", self.path)
-        self.record, self._vindex, self._pre = new, None, None
+        self._adopt(new)
         return True
 
     def refresh(self) -> bool:
@@ -309,8 +309,12 @@ class AttributionIndex:
         if new.config_hash == self.record.config_hash:
             return False
         log.info("index %s: now generation %d", self.path, new.generation.number)
-        self.record, self._vindex, self._pre, self._cosine = new, None, None, None
+        self._adopt(new)
         return True
+
+    def _adopt(self, new: IndexRecord) -> None:
+        """Read ``new`` from now on: drop every part opened under the record we held."""
+        self.record, self._vindex, self._pre, self._cosine = new, None, None, None
 
     def _with_snapshot(self, load):
         """``load()``, retried once on the current config when a re-precondition replaced
