@@ -107,12 +107,21 @@ def kept_quantizer(path: Path, record: IndexRecord, retrain: bool):
     except (FaissIndexError, OSError) as e:
         log.warning("the IVF index of %s is unreadable (%s); training a new quantizer", path, e)
         return None
-    parts = getattr(vindex, "parts", None) or [getattr(vindex, "inner", vindex)]
-    first = parts[0]
-    if getattr(first, "kind", None) != "ivf" or first.dim != record.dim:
+    first = _ivf_part(vindex, record)
+    if first is None:
         return None  # a search sketch of the vectors: its own template
     empty = first.emptied()
     return lambda: empty
+
+
+def _ivf_part(vindex, record: IndexRecord):
+    """The first IVF part of ``vindex`` over the full vectors (its quantizer is every part's),
+    or None when the index is not IVF over them (e.g. IVF over a search sketch)."""
+    parts = getattr(vindex, "parts", None) or [getattr(vindex, "inner", vindex)]
+    first = parts[0]
+    if getattr(first, "kind", None) != "ivf" or first.dim != record.dim:
+        return None
+    return first
 
 
 def drift(path: Path, cfg: dict, n_old: int, *, sample: int = 512) -> float | None:
@@ -125,8 +134,8 @@ def drift(path: Path, cfg: dict, n_old: int, *, sample: int = 512) -> float | No
     if not record.index_kind.startswith("ivf"):
         return None
     vindex = load_faiss(path, record)
-    parts = getattr(vindex, "parts", None) or [getattr(vindex, "inner", vindex)]
-    if getattr(parts[0], "kind", None) != "ivf" or parts[0].dim != record.dim:
+    first = _ivf_part(vindex, record)
+    if first is None:
         return None
     live = record.generation.live_ids()
     old, new = live[live < n_old], live[live >= n_old]
@@ -134,5 +143,5 @@ def drift(path: Path, cfg: dict, n_old: int, *, sample: int = 512) -> float | No
         return None
     rng = np.random.default_rng(0)
     pick = [rng.choice(ids, min(sample, len(ids)), replace=False) for ids in (old, new)]
-    d_old, d_new = (parts[0].centroid_distance(vindex.reconstruct(ids)) for ids in pick)
+    d_old, d_new = (first.centroid_distance(vindex.reconstruct(ids)) for ids in pick)
     return d_new / d_old if d_old > 0 else None
