@@ -242,6 +242,34 @@ def _free_port():
         return s.getsockname()[1]
 
 
+_CLOSE_SCRIPT = """
+import os, sys
+from grass_index.pipeline.parallel.distributed import Group
+group = Group()
+import torch._dynamo  # what the capture check imports while the group is up
+group.step(lambda: 1)
+group.close()
+print(sorted(open(f"/proc/self/task/{t}/comm").read().strip()
+             for t in os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads threads from /proc")
+def test_closing_the_group_joins_gloos_threads():
+    """A group we created is really freed by close(): gloo's worker threads are gone before
+    the interpreter shuts down, where a worker releasing a collective's tensors cannot take
+    the GIL and aborts the rank (the CI failure this guards against). Without
+    _bind_world_defaults, torch.distributed.nn.functional's `group=group.WORLD` defaults,
+    imported by torch._dynamo, kept the group and its 'pt_gloo_runloop' threads alive."""
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-c", _CLOSE_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    threads = res.stdout.strip().splitlines()[-1]
+    assert "gloo" not in threads, threads
+
+
 def torchrun(task, out, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",

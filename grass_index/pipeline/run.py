@@ -314,7 +314,6 @@ def _build_ranks(group, prep: _Prepared, out: Path, index_options: IndexOptions,
         fisher = group.all_reduce_fisher(held["acc"])
     cfg = dist_build.merge_ranks(group, out, fisher=fisher, progress=prog,
                                  remove_shards=remove_shards)
-    group.settle()
     return BuildResult(out, cfg, reporting=group.rank == 0)
 
 

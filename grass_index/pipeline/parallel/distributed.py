@@ -75,6 +75,7 @@ class Group:
                 raise AttributionError("a distributed build needs torchrun's environment (RANK, "
                                        "WORLD_SIZE, MASTER_ADDR, MASTER_PORT); launch it with "
                                        "torchrun, or use `build --worker I/N`")
+            _bind_world_defaults()
             dist.init_process_group("gloo", timeout=_TIMEOUT)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
@@ -126,21 +127,26 @@ class Group:
         total.load_state_dict(out)
         return total
 
-    def settle(self):
-        """A barrier once the build succeeded, before the process may exit. gloo's worker
-        thread drops its last reference to a finished collective's tensors a moment after the
-        caller's ``wait`` returns; when that happens during interpreter shutdown it cannot take
-        the GIL and the rank dies with SIGABRT ("terminate called without an active
-        exception"; see pytorch/pytorch PR 179291). Queueing the barrier takes the lock the
-        worker holds while it releases, and the barrier's round trip to every rank leaves that
-        release time to finish: 5 of 71 two-rank CLI builds aborted without it, 0 of 61 with
-        it (docs/measurements.md). Not on the error path: a rank that failed outside
-        a step would wait here for ranks that are inside one."""
-        self.dist.barrier()
-
     def close(self):
+        """Destroy the group we created: its C++ object goes with it, and with it gloo's
+        worker threads (joined while the interpreter still runs; see ``_bind_world_defaults``
+        for why that matters)."""
         if self.owned and self.dist.is_initialized():
             self.dist.destroy_process_group()
+
+
+def _bind_world_defaults() -> None:
+    """Import, before the group exists, the torch module whose functions take
+    ``group=group.WORLD`` as a default argument (``torch.distributed.nn.functional``, which
+    ``torch._dynamo`` imports, so the capture check and any ``torch.func`` call pull it in).
+    Imported while our group is up, those defaults would hold the group for the rest of the
+    process: ``destroy_process_group`` could not free it, gloo's worker threads would live
+    into interpreter shutdown, and a worker dropping a finished collective's tensors there
+    cannot take the GIL, so the rank dies with SIGABRT ("terminate called without an active
+    exception") after the index was committed. Imported first, the defaults are None and
+    ``close`` joins the threads (tests/test_distributed.py checks the threads are gone;
+    docs/measurements.md has the exit counts)."""
+    import torch.distributed.nn.functional  # noqa: F401  (for its import-time defaults)
 
 
 def _global_ids(local_start: int, count: int, rank: int, world: int, B: int) -> np.ndarray:
