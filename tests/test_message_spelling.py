@@ -103,7 +103,8 @@ def cli_spellings(flags=None, commands=None) -> list[tuple[str, int, str, str]]:
     if flags is None:
         flags, commands = cli_names()
     flag_re = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
-    command_re = re.compile(r"grass-index (%s)\b" % "|".join(
+    # a command, not prose about the package ("is not a grass-index build")
+    command_re = re.compile(r"(?<!\ba )(?<!\ban )grass-index (%s)\b" % "|".join(
         sorted(map(re.escape, commands), key=len, reverse=True)))
     found = []
     for path in sorted(PKG.rglob("*.py")):
