@@ -16,7 +16,7 @@ import torch
 from .analysis.normalize import check_normalize, cosine_index, cosine_scores, unit_rows
 from .analysis.self_influence import self_influence
 from . import arguments
-from .errors import GrassIndexError  # noqa: F401  (the base of AttributionError and the rest)
+from .errors import GrassIndexError, spelled  # noqa: F401  (the base of AttributionError, ...)
 from .indexdir import IndexRecord, read_record
 from .pipeline import (AttributionError, BuildOptions, BuildResult, CaptureCheck, IndexConfig,
                        IndexOptions, ShardInfo)
@@ -203,7 +203,7 @@ def _named_task(path, task) -> Task:
     except GrassIndexError:
         recorded = sha256 = None
     return task_for_index(str(task), recorded=recorded, sha256=sha256, index_dir=path,
-                          command="verify --repair")[0]
+                          command=spelled("verify --repair", "verify_index(repair=True)"))[0]
 
 
 # ------------------------------------------------------------------------------- open

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..calls import collate_items
+from ..errors import option, spelled
 from ..indexdir.config import read_record
 from ..indexdir.errors import AttributionError
 from ..indexdir.files import MASK_FILE, STORE_DIR, jsonable
@@ -61,7 +62,7 @@ def same_data(path, model, train_data: Sequence, loss_fn, options: BuildOptions,
     if jsonable(old) != jsonable(prep.build):
         raise AttributionError(f"output directory {path} holds a different build "
                                f"({build_diff(jsonable(old), jsonable(prep.build))}; choose "
-                               f"another --out or delete {path} to rebuild")
+                               f"another {option('out')} or delete {path} to rebuild")
     return True
 
 
@@ -109,7 +110,8 @@ def add_examples(path, model, train_data: Sequence, loss_fn, *, collate=None, pr
     if ratio is not None and ratio > DRIFT_WARN:
         log.warning("the new examples lie %.1fx farther from the IVF index's centroids than "
                     "the old ones (quantizer trained on the first generation): recall may drop; "
-                    "add with --retrain (retrain=True) to train a new one", ratio)
+                    "add with %s to train a new one", ratio,
+                    spelled("--retrain", "retrain=True"))
     return cfg
 
 
