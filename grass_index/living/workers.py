@@ -333,10 +333,16 @@ def merge_added(path, *, n: int | None = None, options=None, overrides: dict | N
                 cfg = dict(record.raw)
     finally:
         prog.close()
-    shutil.rmtree(path / ADDS_DIR, ignore_errors=True)
+    delete_shards(path)
     if not done:
         warn_drift(path, cfg, add["n_old"], retrain)
     return BuildResult(path, cfg)
+
+
+def delete_shards(path: Path) -> None:
+    """adds/ goes once its generation is committed (a symlinked adds/ is refused)."""
+    if check_dir(path / ADDS_DIR):
+        shutil.rmtree(path / ADDS_DIR, ignore_errors=True)
 
 
 def add_ranks(path: Path, model, train_data: Sequence, loss_fn, *, progress=True,
