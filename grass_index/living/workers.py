@@ -230,7 +230,10 @@ def _check_shards(path: Path, n: int | None) -> tuple[int, list[Path], list[dict
         with SketchStore.open(p, readonly=True) as st:
             s = dict(meta=st.meta, kv=st.all_meta(), blocks=st.committed_blocks,
                      digests=st.get_array(NEW_DIGESTS) if st.has_array(NEW_DIGESTS) else None)
-        s["meta"].pop("shard", None)
+        if s["meta"].pop("shard", None) != [i, n]:
+            raise AttributionError(f"{p} holds another worker's share than {shard_name(i, n)} "
+                                   f"(renamed?); delete {path / ADDS_DIR} and re-run every "
+                                   "`add --worker I/N`")
         if first is not None:
             problem = _stale(s["meta"], first["meta"], s["digests"], first["digests"])
             if problem:
