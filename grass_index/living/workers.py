@@ -201,7 +201,8 @@ def _refuse_other_splits(path: Path, n: int) -> None:
 
 def pending(path) -> bool:
     """``path`` holds the shards of a split add, waiting for their merge."""
-    return bool(_shards(Path(path)))
+    path = Path(path)
+    return path.is_dir() and bool(_shards(path))
 
 
 def _check_shards(path: Path, n: int | None) -> tuple[int, list[Path], list[dict]]:
