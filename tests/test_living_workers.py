@@ -113,18 +113,18 @@ def test_mismatched_shards_are_refused_naming_the_fix(tmp_path):
     other = torch.utils.data.TensorDataset(DATA.tensors[0].clone(), DATA.tensors[1].clone())
     other.tensors[0][50] += 1  # a new example differs
     shard(out, "0/2")
-    with pytest.raises(gi.AttributionError, match=r"missing add shards 1-of-2; run `grass-index "
-                       r"add .* --worker 1/2`"):
+    with pytest.raises(gi.AttributionError, match=r"missing add shards 1-of-2; run add_shard\("
+                       r".*, '1/2'\)"):
         gi.merge_shards(out, progress=False)
     shard(out, "1/2", data=other)
     with pytest.raises(gi.AttributionError, match=r"add shard 1-of-2 was sketched over other "
                        r"new examples \(training examples 50 differ\).*delete .*adds and "
-                       r"re-run every"):
+                       r"re-run add_shard for every worker"):
         gi.merge_shards(out, progress=False)
     with pytest.raises(gi.AttributionError, match="was sketched over other new examples"):
         shard(out, "1/2")  # a worker re-run over other data than its shard's
     with pytest.raises(gi.AttributionError, match="holds the shards of an add split 2 ways; "
-                       "finish it with `grass-index merge"):
+                       r"finish it with merge_shards\("):
         shard(out, "0/3")
     with pytest.raises(gi.AttributionError, match="holds the shards of a split add"):
         gi.add_examples(out, make_model(), DATA, loss_fn, **ADD)  # would sketch them twice
@@ -153,6 +153,10 @@ def test_cli_add_worker_then_merge(tmp_path):
         r = run(app, ["add", str(tmp_path / "ix"), "--task", str(task), "--worker", w])
         assert r.exit_code == 0, r.output
         assert f"sketched add shard {w}" in r.output and "grass-index merge" in r.output
+        if w == "0/2":  # errors in CLI spelling
+            r = run(app, ["merge", str(tmp_path / "ix")])
+            assert r.exit_code == 1 and "missing add shards 1-of-2; run `grass-index add" in \
+                r.output and "--worker 1/2`" in r.output, r.output
     r = run(app, ["merge", str(tmp_path / "ix")])
     assert r.exit_code == 0, r.output
     idx = gi.open_index(tmp_path / "ix")

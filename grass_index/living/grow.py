@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..calls import collate_items
+from ..errors import spelled
 from ..indexdir.config import read_record
 from ..indexdir.errors import AttributionError
 from ..fileio import check_dir
@@ -138,9 +139,9 @@ def refuse_split_add(path: Path) -> None:
     shards = path / ADDS_DIR
     if check_dir(shards) and any(not p.name.startswith(".") for p in shards.iterdir()):
         raise AttributionError(
-            f"{shards} holds the shards of a split add (`add --worker I/N`); finish it with "
-            f"`grass-index merge {path}` (merge_shards), or delete {shards} to add in one "
-            "process")
+            f"{shards} holds the shards of a split add; finish it with "
+            + spelled(f"`grass-index merge {path}`", f"merge_shards({str(path)!r})")
+            + f", or delete {shards} to add in one process")
 
 
 def _check_same_build(path: Path, old: dict, new: dict) -> None:

@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from ..batching import batch_count
+from ..errors import spelled
 from ..calls import collate_items
 from ..fileio import check_dir
 from ..indexdir.config import read_record
@@ -76,6 +77,20 @@ def _new_digests(data: Sequence, n_old: int) -> np.ndarray:
     return out
 
 
+def merge_command(path) -> str:
+    """The merge of ``path``'s add shards as the caller runs it."""
+    return spelled(f"`grass-index merge {path}`", f"merge_shards({str(path)!r})")
+
+
+def _worker_command(path, w: str) -> str:
+    return spelled(f"`grass-index add {path} --task TASK --worker {w}`",
+                   f"add_shard({str(path)!r}, model, train_data, loss_fn, {w!r})")
+
+
+def _every() -> str:
+    return spelled("every `add --worker I/N`", "add_shard for every worker")
+
+
 def _ids(ids: list[int], shown: int = 6) -> str:
     return ", ".join(map(str, ids[:shown])) + (f", ... ({len(ids)} in all)"
                                                if len(ids) > shown else "")
@@ -115,7 +130,7 @@ def _sketch_share(path: Path, record, prep, data: Sequence, worker, prog,
                                   n_old=n_old), build=prep.build, shard=[i, N]))
     digests = _new_digests(data, n_old)
     _refuse_other_splits(path, N)
-    _refuse_stale(path, spath, meta, digests, "re-run every `add --worker I/N`")
+    _refuse_stale(path, spath, meta, digests, f"re-run {_every()}")
     prog.note(f"index {path} holds {n_old} examples; worker {i}/{N} sketches "
               f"{len(mine) + fills} of the {len(batches) + (fill is not None)} new batch(es)")
     with SketchStore.create(spath, dim=prep.sketcher.dim, meta=meta) as store:
@@ -196,7 +211,7 @@ def _refuse_other_splits(path: Path, n: int) -> None:
     if other:
         raise AttributionError(
             f"{path / ADDS_DIR} holds the shards of an add split {other[0]} ways; finish it "
-            f"with `grass-index merge {path}`, or delete {path / ADDS_DIR} to split it {n} ways")
+            f"with {merge_command(path)}, or delete {path / ADDS_DIR} to split it {n} ways")
 
 
 def pending(path) -> bool:
@@ -211,19 +226,20 @@ def _check_shards(path: Path, n: int | None) -> tuple[int, list[Path], list[dict
     found = _shards(path)
     if not found:
         raise AttributionError(f"{path} has no add shards ({path / ADDS_DIR} is missing or "
-                               "empty); run `grass-index add DIR --task TASK --worker I/N` for "
-                               "I = 0..N-1 first")
+                               f"empty); run {_worker_command(path, 'I/N')} for I = 0..N-1 "
+                               "first")
     splits = sorted({k for _, k in found})
     if n is None and len(splits) > 1:
         raise AttributionError(f"{path / ADDS_DIR} holds add shards of {len(splits)} splits "
                                f"(N = {', '.join(map(str, splits))}); delete the stale split's "
-                               "I-of-N directories, or pass --shards N")
+                               "I-of-N directories, or pass "
+                               + spelled("--shards N", "shards=N"))
     n = splits[0] if n is None else n
     missing = [i for i in range(n) if (i, n) not in found]
     if missing:
         raise AttributionError(
             f"missing add shards {', '.join(shard_name(i, n) for i in missing)}; run "
-            + " and ".join(f"`grass-index add {path} --task TASK --worker {i}/{n}`"
+            + " and ".join(_worker_command(path, f"{i}/{n}")
                            for i in missing[:3]) + (" ..." if len(missing) > 3 else "")
             + ", then merge again")
     paths, shards, first = [found[i, n] for i in range(n)], [], None
@@ -233,15 +249,15 @@ def _check_shards(path: Path, n: int | None) -> tuple[int, list[Path], list[dict
                      digests=st.get_array(NEW_DIGESTS) if st.has_array(NEW_DIGESTS) else None)
         if s["meta"].pop("shard", None) != [i, n]:
             raise AttributionError(f"{p} holds another worker's share than {shard_name(i, n)} "
-                                   f"(renamed?); delete {path / ADDS_DIR} and re-run every "
-                                   "`add --worker I/N`")
+                                   f"(renamed?); delete {path / ADDS_DIR} and re-run "
+                                   f"{_every()}")
         if first is not None:
             problem = _stale(s["meta"], first["meta"], s["digests"], first["digests"])
             if problem:
                 raise AttributionError(f"cannot merge {path}: add shard {shard_name(i, n)} was "
                                        f"sketched {problem} (compared with shard "
                                        f"{shard_name(0, n)}); delete {path / ADDS_DIR} and "
-                                       "re-run every `add --worker I/N`")
+                                       f"re-run {_every()}")
         first = first or s
         shards.append(s)
     _check_complete(path, n, shards)
@@ -258,7 +274,7 @@ def _check_complete(path: Path, n: int, shards: list[dict]) -> None:
             raise AttributionError(
                 f"add shard {shard_name(i, n)} is incomplete ({s['blocks']} of {need} batches"
                 f"{', the fill-up missing' if fills and FILL_DIGEST not in s['kv'] else ''}); "
-                f"re-run `grass-index add {path} --task TASK --worker {i}/{n}` to finish it "
+                f"re-run {_worker_command(path, f'{i}/{n}')} to finish it "
                 "(it resumes)")
 
 
@@ -319,8 +335,8 @@ def merge_added(path, *, n: int | None = None, options=None, overrides: dict | N
                 if problem:
                     raise AttributionError(
                         f"cannot merge {path}: its add shards were sketched {problem} (the "
-                        f"index changed since); delete {path / ADDS_DIR} and re-run every "
-                        "`add --worker I/N`")
+                        f"index changed since); delete {path / ADDS_DIR} and re-run "
+                        f"{_every()}")
                 _copy_units(store, meta, n, paths, prog)
                 if overrides and any(v is not None for v in overrides.values()):
                     options = index_options(record).replace(**overrides)
