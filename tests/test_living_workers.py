@@ -110,6 +110,13 @@ def test_a_killed_worker_resumes_and_an_interrupted_merge_finishes(tmp_path, sin
 
 def test_mismatched_shards_are_refused_naming_the_fix(tmp_path):
     out = built(tmp_path / "ix", 44)
+    changed = torch.utils.data.TensorDataset(DATA.tensors[0].clone(), DATA.tensors[1].clone())
+    changed.tensors[0][3] += 1  # an indexed example: batch 0, checked by worker 0 of 2
+    shard(out, "1/2", data=changed)  # (worker 1 checks the odd batches)
+    with pytest.raises(gi.AttributionError, match="training example 3 differs from the one "
+                       "indexed"):
+        shard(out, "0/2", data=changed)
+    shutil.rmtree(out / "adds")
     other = torch.utils.data.TensorDataset(DATA.tensors[0].clone(), DATA.tensors[1].clone())
     other.tensors[0][50] += 1  # a new example differs
     shard(out, "0/2")

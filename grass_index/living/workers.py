@@ -100,7 +100,9 @@ def add_shard(path, model, train_data: Sequence, loss_fn, worker, *, collate=Non
               progress=True, device=None, workers: int | None = None, task: dict | None = None,
               retrain: bool = False) -> ShardInfo:
     """`add --worker I/N`: sketch worker I's share of the examples ``train_data`` has beyond
-    the index in ``path`` into ``adds/I-of-N/`` (resumable); `merge` commits them."""
+    the index in ``path`` into ``adds/I-of-N/`` (resumable); `merge` commits them. Worker I
+    also checks the indexed examples of the old batches b % N == I against their stored
+    fingerprints (a one-process add checks them all)."""
     path, worker = Path(path), parse_worker(worker)
     if worker is None:
         raise AttributionError("add_shard needs worker=(i, n) or 'i/n'")
@@ -109,7 +111,8 @@ def add_shard(path, model, train_data: Sequence, loss_fn, worker, *, collate=Non
     with SketchStore.open(path / STORE_DIR, readonly=True) as store:
         _check_same_build(path, recorded_build(store, record), prep.build)
         n_old, B = record.n_train, prep.batch_size
-        _check_block(store, train_data, (n_old - 1) // B, B, upto=n_old)
+        for j in range(worker[0], batch_count(n_old, B), worker[1]):  # the N workers check
+            _check_block(store, train_data, j, B, upto=n_old)  # every indexed example once
     prog = Progress(progress)
     try:
         return _sketch_share(path, record, prep, train_data, worker, prog,
