@@ -204,7 +204,8 @@ def _shards(path: Path) -> dict[tuple[int, int], Path]:
         m = _NAME.match(p.name)
         if not m or not p.is_dir() or not int(m.group(1)) < int(m.group(2)):
             raise AttributionError(f"{p} is not an add shard (directories I-of-N made by "
-                                   "`add --worker I/N`); remove it")
+                                   + spelled("`add --worker I/N`", "add_shard(..., worker='I/N')")
+                                   + "); remove it")
         found[int(m.group(1)), int(m.group(2))] = p
     return found
 
