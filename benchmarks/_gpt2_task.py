@@ -13,13 +13,18 @@ WORDS = ("the index answers which training examples made the model behave this w
          "queries in milliseconds with sketches of gradients and a preconditioner").split()
 
 
-def peak_rss_bytes() -> float:
-    """This process's peak resident set (VmHWM), in bytes."""
+def status_bytes(field: str) -> float:
+    """A byte count from /proc/self/status (``VmHWM``, ``RssAnon``, ...)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return float(line.split()[1]) * 1024
     return float("nan")
+
+
+def peak_rss_bytes() -> float:
+    """This process's peak resident set (VmHWM), in bytes."""
+    return status_bytes("VmHWM")
 
 
 class AnonPeak:
@@ -37,11 +42,7 @@ class AnonPeak:
 
     @staticmethod
     def now() -> float:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return float(line.split()[1]) * 1024
-        return float("nan")
+        return status_bytes("RssAnon")
 
     def _run(self, every: float) -> None:
         while not self._stop.wait(every):
