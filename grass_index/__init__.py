@@ -44,6 +44,7 @@ _LAZY = {
     "open_index": "grass_index.attribute",
     "merge_shards": "grass_index.attribute",
     "add_examples": "grass_index.attribute",
+    "add_shard": "grass_index.attribute",
     "remove_examples": "grass_index.attribute",
     "AttributionIndex": "grass_index.attribute",
     "AttributionError": "grass_index.attribute",

@@ -16,7 +16,7 @@ import torch
 from .analysis.normalize import check_normalize, cosine_index, cosine_scores, unit_rows
 from .analysis.self_influence import self_influence
 from . import arguments
-from .errors import GrassIndexError  # noqa: F401  (the base of AttributionError and the rest)
+from .errors import GrassIndexError, spelled  # noqa: F401  (the base of AttributionError, ...)
 from .indexdir import IndexRecord, read_record
 from .pipeline import (AttributionError, BuildOptions, BuildResult, CaptureCheck, IndexConfig,
                        IndexOptions, ShardInfo)
@@ -87,10 +87,10 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
                                  nprobe=nprobe)
     out = arguments.directory(out, "build_index", "out")
     if distributed is not True and living.grows(out, train_data):  # data grew at the end
-        living.add_examples(out, model, train_data, loss_fn, collate=collate,
-                            progress=progress, device=device, workers=workers,
-                            task=_record_of(task), options=index_options)
-        return open_index(out)
+        return AttributionIndex._from_result(living.add_examples(
+            out, model, train_data, loss_fn, collate=collate, progress=progress, device=device,
+            workers=workers, task=_record_of(task), options=index_options,
+            distributed=distributed))
     living.settle(out)  # a finished index's build.json is its generation's (after a kill)
     options = BuildOptions(sparsification=sparsification, projection=projection, seed=seed,
                            layers=layers, batch_size=batch_size, selective_mask=selective_mask,
@@ -114,7 +114,8 @@ def build_index(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
 def add_examples(path, model: torch.nn.Module, train_data: Sequence, loss_fn: Callable, *,
                  collate: Callable | None = None, progress=True, device=None,
                  retrain: bool = False, workers: int | None = None,
-                 task: str | None = None) -> "AttributionIndex":
+                 task: str | None = None, distributed: bool | None = None
+                 ) -> "AttributionIndex":
     """Grow the index in ``path`` by the examples ``train_data`` has beyond it (data that grew
     at the end: every indexed example unchanged, the same model and settings). Only the new
     examples are sketched; the Fisher gains their rows, the preconditioner is refitted (a
@@ -122,11 +123,29 @@ def add_examples(path, model: torch.nn.Module, train_data: Sequence, loss_fn: Ca
     every row again — a new generation, committed atomically. An IVF index keeps its
     quantizer (a warning says when the new rows drift from it) unless ``retrain``.
     ``build_index`` over grown data into the same directory does the same. ``task``: the
-    task (reference) the grown data comes from, recorded like a build's."""
-    living.add_examples(path, model, train_data, loss_fn, collate=collate, progress=progress,
-                        device=device, retrain=retrain, workers=workers,
-                        task=_record_of(task))
-    return open_index(path)
+    task (reference) the grown data comes from, recorded like a build's.
+
+    ``distributed`` (default: under torchrun with more than one rank): every rank sketches
+    its share of the new examples, then rank 0 commits the generation; every rank returns
+    the index, ``reporting`` on rank 0. One worker's share alone is :func:`add_shard`."""
+    return AttributionIndex._from_result(living.add_examples(
+        path, model, train_data, loss_fn, collate=collate, progress=progress, device=device,
+        retrain=retrain, workers=workers, task=_record_of(task), distributed=distributed))
+
+
+def add_shard(path, model: torch.nn.Module, train_data: Sequence, loss_fn: Callable, worker,
+              *, collate: Callable | None = None, progress=True, device=None,
+              retrain: bool = False, workers: int | None = None,
+              task: str | None = None) -> ShardInfo:
+    """`add --worker I/N`: sketch only worker I's share of the examples ``train_data`` has
+    beyond the index in ``path`` (the batches b with b % N == I, as :func:`add_examples`
+    cuts them) into ``path/adds/I-of-N/`` (resumable); the index is unchanged. Once all N
+    shards exist, :func:`merge_shards` commits the next generation: the same sketches, bit
+    for bit, and scores as :func:`add_examples` in one process. Shards made for another
+    generation or other new data are refused, naming the fix."""
+    return living.add_shard(path, model, train_data, loss_fn, worker, collate=collate,
+                            progress=progress, device=device, retrain=retrain,
+                            workers=workers, task=_record_of(task))
 
 
 def remove_examples(path, ids: Sequence[int], *, progress=False) -> "AttributionIndex":
@@ -171,13 +190,21 @@ def build_shard(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
 def merge_shards(out, *, shards: int | None = None, hessian: str | None = None, damping=None,
                  index: str | None = None, progress=True,
                  remove_shards: bool = False) -> "AttributionIndex":
-    """Finish a build made by :func:`build_shard` for i = 0..n-1.
+    """Finish a build made by :func:`build_shard` for i = 0..n-1, or an add made by
+    :func:`add_shard` (when ``out`` holds add shards).
 
     Checks that every shard exists, is complete and is the same build (clear errors for
     missing, incomplete, duplicate and mismatched shards), copies them into the main store in
     batch order and runs pass 2. ``hessian``/``damping``/``index`` default to what the workers
-    were given. Resumable; ``remove_shards`` deletes ``out/shards`` once the index is written.
+    were given (an add: the recorded ones). Resumable; ``remove_shards`` deletes
+    ``out/shards`` once the index is written (an add's shards are always deleted once its
+    generation is committed).
     """
+    out = arguments.directory(out, "merge_shards", "out")
+    if living.pending(out):  # an add's shards (a build's go in out/shards)
+        return AttributionIndex._from_result(living.merge_added(
+            out, n=shards, overrides=dict(hessian=hessian, damping=damping, index=index),
+            progress=progress))
     return AttributionIndex._from_result(pipeline_run.merge_shards(
         out, shards=shards, hessian=hessian, damping=damping, index=index, progress=progress,
         remove_shards=remove_shards))
@@ -203,13 +230,16 @@ def _named_task(path, task) -> Task:
     except GrassIndexError:
         recorded = sha256 = None
     return task_for_index(str(task), recorded=recorded, sha256=sha256, index_dir=path,
-                          command="verify --repair")[0]
+                          command=spelled("verify --repair", "verify_index(repair=True)"))[0]
 
 
 # ------------------------------------------------------------------------------- open
 
-def open_index(path, *, mmap: bool = False) -> "AttributionIndex":
-    """Open a finished index directory (read-only) for query/score/info."""
+def open_index(path, *, mmap: bool = True) -> "AttributionIndex":
+    """Open a finished index directory (read-only) for query/score/info. ``mmap``: FAISS's
+    vectors memory-mapped, not read into memory (a 3.2 GB exact index opens in milliseconds
+    instead of seconds, and processes reading one index share its pages;
+    benchmarks/query_open.py)."""
     path = arguments.directory(path, "open_index")
     return AttributionIndex(path, read_record(path), mmap=mmap)
 
@@ -217,7 +247,7 @@ def open_index(path, *, mmap: bool = False) -> "AttributionIndex":
 class AttributionIndex:
     """A built index: ``query`` (top-k proponents/opponents) and ``score`` (full matrix)."""
 
-    def __init__(self, path, record, *, mmap: bool = False, reporting: bool = True):
+    def __init__(self, path, record, *, mmap: bool = True, reporting: bool = True):
         """``record``: the index's IndexRecord (a config dict, e.g. what a build returns, is
         checked into one)."""
         self.path = Path(path)
@@ -454,7 +484,8 @@ class AttributionIndex:
         """Grow this index by the examples ``train_data`` has beyond it
         (:func:`add_examples`); this handle then reads the new generation."""
         living.add_examples(self.path, model, train_data, loss_fn, collate=collate,
-                            progress=progress, device=device, retrain=retrain)
+                            progress=progress, device=device, retrain=retrain,
+                            distributed=False)
         self.refresh()
         return self
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import option
 from .indexdir.errors import AttributionError
 
 
@@ -19,8 +20,8 @@ def check_device(device) -> None:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise AttributionError(f"device {device!r}: this torch ({torch.__version__}) sees no "
-                                   "CUDA device; use --device cpu, or install a CUDA build of "
-                                   "torch on a machine with a GPU")
+                                   f"CUDA device; use {option('device', 'cpu')}, or install a "
+                                   "CUDA build of torch on a machine with a GPU")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise AttributionError(f"device {device!r}: only {torch.cuda.device_count()} CUDA "
                                    "device(s) are visible; use cuda:0..")
@@ -29,4 +30,4 @@ def check_device(device) -> None:
         torch.empty(1, device=dev)
     except Exception as e:
         raise AttributionError(f"device {device!r} is not usable here ({type(e).__name__}: "
-                               f"{e}); use --device cpu") from None
+                               f"{e}); use {option('device', 'cpu')}") from None

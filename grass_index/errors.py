@@ -43,8 +43,8 @@ def repair_command(path="DIR", task: str | None = None) -> str:
     """verify's repair of index ``path`` as the caller runs it: the command ``grass-index
     verify PATH --repair`` while a CLI command runs, else the call
     ``grass_index.verify_index('PATH', repair=True)``."""
-    cli_task, py_task = (f" --task {task}", f", task={task!r}") if task else ("", "")
-    return spelled(f"`grass-index verify {path} --repair{cli_task}`",
+    py_task = f", task={task!r}" if task else ""
+    return spelled(f"`grass-index verify {path} --repair" + (f" --task {task}`" if task else "`"),
                    f"`grass_index.verify_index({str(path)!r}, repair=True{py_task})`")
 
 

@@ -35,6 +35,7 @@ import torch
 from .calls import TaskError, check_loss, collate_items, default_collate  # noqa: F401
 from .capture import CaptureError, Checkpoints
 from .signature import item_signature, merge_signatures, signature_mismatch  # noqa: F401
+from .errors import spelled
 from .untrusted import safe_text
 
 REQUIRED = ("model", "train_data", "loss")
@@ -97,7 +98,8 @@ class Task:
     def query_data(self) -> Sequence:
         if not self.has("query_data"):
             raise TaskError(f"task {self.ref} defines no query_data(); add one or pass "
-                            "examples with --input FILE")
+                            + spelled("examples with --input FILE",
+                                      "the examples yourself (e.g. load_examples(FILE))"))
         return _as_sequence(self, "query_data", _call(self, "query_data"))
 
     @property
@@ -301,6 +303,12 @@ def _is_hf(ref) -> bool:
     return isinstance(ref, str) and ref.startswith(tuple(BUILTIN_REF_BUILDERS))
 
 
+def _name_hf_paths(or_task: bool = False) -> str:
+    """How the caller names an hf-lm index's model directory and data file."""
+    return spelled("--hf-model DIR --data FILE" + (" (or --task FILE)" if or_task else ""),
+                   "task=grass_index.tasks.hf_lm.named_ref(DIR, FILE)")
+
+
 def task_file_status(recorded: str | None, sha256: str | None, index_dir) -> str:
     """What an index records about its task, for messages and `info`: a short phrase. A
     recorded path is data: it is shown, never opened (not even to hash it) until the user
@@ -309,11 +317,9 @@ def task_file_status(recorded: str | None, sha256: str | None, index_dir) -> str
         return "no task recorded (built from Python)"
     if _is_hf(recorded):
         return ("a local model and data files: opened only when named again with "
-                "--hf-model DIR --data FILE")
+                + _name_hf_paths())
     path = _file_part(str(recorded))
     if not os.path.isabs(path):
-        from .errors import spelled
-
         return ("a module or relative path: never run unless named with "
                 + spelled("--task", "task="))
     p = Path(path)
@@ -326,8 +332,6 @@ def task_file_status(recorded: str | None, sha256: str | None, index_dir) -> str
                 "supplies code; do not run it")
     if sha256 is None:
         return "no content hash was recorded; not opened"
-    from .errors import spelled
-
     return (f"sha256 {sha256[:12]} at build; not opened: name it with "
             + spelled("--task", "task=") + " to run it, and it is compared then")
 
@@ -377,11 +381,9 @@ def task_for_index(given, *, recorded: str | None, sha256: str | None, index_dir
         status = recorded_task_status(recorded, sha256, index_dir)
         raise TaskError(f"{command} loads the model and data the index was built from, and "
                         f"opening an index never opens a path it records by itself: {status}. "
-                        "Name them with --hf-model DIR --data FILE (or --task FILE)")
+                        f"Name them with {_name_hf_paths(or_task=True)}")
     if given is None:
         status = recorded_task_status(recorded, sha256, index_dir)
-        from .errors import spelled
-
         name_it = spelled("--task FILE", "task='FILE' (a path, module name or loaded Task)")
         raise TaskError(f"{command} runs the task's code, and opening an index never runs code "
                         f"by itself: {status}. Name the task to run with {name_it} (the task "

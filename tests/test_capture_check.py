@@ -74,7 +74,7 @@ def test_check_capture_names_failing_layers_and_their_globs():
     rep = gi.check_capture(mlp(), list(torch.randn(8, 3)), centred_loss)
     assert not rep.ok
     failed = {r["layer"]: r["exclude"] for r in rep.failed}
-    assert failed == {"0": "--layers '!0.*'", "2": "--layers '!2.*'"}
+    assert failed == {"0": "layers='!0.*'", "2": "layers='!2.*'"}  # as a Python caller writes it
     doc = rep.to_dict()
     assert doc["ok"] is False and [r["status"] for r in doc["layers"]] == ["failed", "failed"]
     assert [r["route"] for r in doc["layers"]] == ["none", "none"]

@@ -88,3 +88,59 @@ def test_options_in_build_errors_are_spelled_for_the_caller(tmp_path, cli):
         assert str(bad_worker.value).startswith("worker='two of four' is not of the form")
         assert "e.g. worker='0/4'" in str(bad_worker.value)
         assert str(into_file.value).startswith(f"out={str(a_file)!r} is a file")
+
+
+def _hf_empty_data(tmp_path):
+    from grass_index.tasks.hf_lm import read_texts
+
+    (tmp_path / "empty.txt").write_text("\n")
+    read_texts(tmp_path / "empty.txt")
+
+
+def _hf_jsonl_without_field(tmp_path):
+    from grass_index.tasks.hf_lm import read_texts
+
+    (tmp_path / "d.jsonl").write_text('{"body": "x y z"}\n')
+    read_texts(tmp_path / "d.jsonl")
+
+
+def _hf_bad_dtype(tmp_path):
+    from grass_index.tasks.hf_lm import meta_causal_lm
+
+    meta_causal_lm(tmp_path, dtype="float8")
+
+
+def _merge_without_a_build(tmp_path):
+    gi.merge_shards(tmp_path, progress=False)
+
+
+def _huge_damping(tmp_path):
+    from grass_index.precondition.damping import parse_damping
+
+    parse_damping("1e9")
+
+
+# (what raises, the fix's CLI spelling, its Python spelling): messages whose flags were once
+# hard-coded (tests/test_message_spelling.py keeps them from coming back)
+CASES = {
+    "hf-lm data": (_hf_empty_data, "--data ", "data "),
+    "hf-lm text field": (_hf_jsonl_without_field, "with --text-field", "with text_field"),
+    "hf-lm dtype": (_hf_bad_dtype, "--dtype float8: use one of", "dtype='float8': use one of"),
+    "merge": (_merge_without_a_build, "(run `grass-index build TASK --out DIR --worker I/N`)",
+              "(run `build_index(..., out='DIR', worker='I/N')`)"),
+    "damping": (_huge_damping, "the ranking is that of --hessian identity",
+                "the ranking is that of hessian='identity'"),
+}
+
+
+@pytest.mark.parametrize("cli", [False, True])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_converted_messages_are_spelled_for_the_caller(tmp_path, case, cli):
+    make, cli_fix, py_fix = CASES[case]
+    with (cli_spelling() if cli else contextlib.nullcontext()):
+        with pytest.raises(gi.GrassIndexError) as e:
+            make(tmp_path)
+    msg = str(e.value).replace(str(tmp_path), "TMP")
+    assert (cli_fix if cli else py_fix) in msg, msg
+    if not cli:
+        assert "--" not in msg and "`grass-index" not in msg, msg

@@ -253,7 +253,7 @@ def check_report(sk) -> list[dict]:
                    capture=ROUTE_TEXT[sk.route[layer.name]], status=status,
                    note=failed or "; ".join(sk.notes[layer.name]))
         if failed:
-            row["exclude"] = f"--layers '{exclude_glob(layer)}'"
+            row["exclude"] = option("layers", exclude_glob(layer))
         rows.append(row)
     return rows
 

@@ -145,7 +145,8 @@ def _shard(t, model, train, out, worker, options, index_options, *, device, json
 
 
 def merge(
-    directory: Path = typer.Argument(..., help="The --out DIR of `build --worker I/N`."),
+    directory: Path = typer.Argument(..., help="The --out DIR of `build --worker I/N` (or the "
+                                     "DIR of `add DIR --worker I/N`)."),
     shards: Optional[int] = typer.Option(None, "--shards", min=1, help="Merge the I-of-N shards "
                                          "with this N (default: the only split present)."),
     hessian: Optional[str] = typer.Option(None, help="eFIM, ekfac or identity (default: as the "
@@ -159,7 +160,8 @@ def merge(
                                        "the index is written."),
     json_mode: bool = typer.Option(False, "--json", help="Print the config as JSON on stdout."),
 ):
-    """Finish a `build --worker I/N` build once all N shards exist: precondition and index."""
+    """Finish a `build --worker I/N` build once all N shards exist: precondition and index.
+    Or an `add --worker I/N` once all N add shards exist: commit the next generation."""
     import grass_index as gi
 
     t0 = time.perf_counter()

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .errors import errors, fail, out as stdout, safe
+from .errors import err, errors, fail, out as stdout, safe, shell_arg
 from .render import emit_json
 
 
@@ -29,10 +29,16 @@ def add(
                                  "of keeping the index's."),
     device: Optional[str] = typer.Option(None, help="torch device for gradients, e.g. cuda."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
+    worker: Optional[str] = typer.Option(
+        None, "--worker", help="I/N: sketch only worker I's share of the new examples (I = "
+        "0..N-1) into DIR/adds/; then `grass-index merge DIR` commits them."),
     json_mode: bool = typer.Option(False, "--json", help="Print the new config as JSON."),
 ):
     """Sketch only the examples the training data gained at the end and make them part of the
-    index (a new generation: the Fisher gains them, the preconditioner is refitted)."""
+    index (a new generation: the Fisher gains them, the preconditioner is refitted).
+
+    Split over workers: `add DIR --task T --worker I/N` for I = 0..N-1, then `merge DIR`.
+    Under torchrun every rank sketches its share and rank 0 commits and reports."""
     import grass_index as gi
     from .build_cmd import _build_task
 
@@ -41,10 +47,24 @@ def add(
     t, _ = _build_task(task, directory, hf_model=hf_model, data=data, text_field=text_field,
                        max_length=max_length, dtype=dtype)
     t0 = time.perf_counter()
-    idx = gi.add_examples(directory, t.index_model(), t.train_data(), t.loss,
-                          collate=t.collate, device=device, retrain=retrain, workers=workers,
-                          task=t.ref)
-    _report("grew", directory, idx, time.perf_counter() - t0, json_mode)
+    kw = dict(collate=t.collate, device=device, retrain=retrain, workers=workers, task=t.ref)
+    if worker is not None:
+        info = gi.add_shard(directory, t.index_model(), t.train_data(), t.loss, worker, **kw)
+        _report_shard(directory, info, time.perf_counter() - t0, json_mode)
+        return
+    idx = gi.add_examples(directory, t.index_model(), t.train_data(), t.loss, **kw)
+    if idx.reporting:  # torchrun: rank 0 reports
+        _report("grew", directory, idx, time.perf_counter() - t0, json_mode)
+
+
+def _report_shard(directory: Path, info, secs: float, json_mode: bool) -> None:
+    if json_mode:
+        emit_json(dict(info.to_dict(), seconds=round(secs, 3)))
+        return
+    stdout.print(f"sketched add shard {info.shard} of [bold]{safe(directory)}[/]: "
+                 f"{info.batches} of {info.n_batches} new batches ({info.rows} examples), "
+                 f"{secs:.1f} s")
+    err.print(f"next, once every worker is done: grass-index merge {shell_arg(directory)}")
 
 
 def remove(

@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..errors import option, spelled
 from ..fileio import atomic_save
 from .errors import EvalError
 from .subsets import as_masks, subset_indices
@@ -99,8 +100,9 @@ def _check_content(cache: Path, old: dict | None, new: dict) -> None:
     changed = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
     raise EvalError(f"ground-truth cache {cache} was trained from other content than this run "
                     f"(changed: {', '.join(changed)}): its losses belong to other models or "
-                    "data; delete it or use another --ground-truth directory (the default "
-                    "directory is per content, so leaving --ground-truth out trains afresh)")
+                    f"data; delete it or use another {option('ground_truth')} directory (the "
+                    f"default directory is per content, so leaving {option('ground_truth')} out "
+                    "trains afresh)")
 
 
 def _prepare_cache(cache: Path, masks: np.ndarray, seeds: list[int], n_query: int,
@@ -120,7 +122,8 @@ def _prepare_cache(cache: Path, masks: np.ndarray, seeds: list[int], n_query: in
             if old.get(key) != meta[key]:
                 raise EvalError(
                     f"ground-truth cache {cache} was made with {key}={old.get(key)!r}, this run has "
-                    f"{key}={meta[key]!r}; use another --ground-truth directory or delete this one")
+                    f"{key}={meta[key]!r}; use another {option('ground_truth')} directory or "
+                    "delete this one")
         if not spath.is_file() or not np.array_equal(np.load(spath), masks):
             raise EvalError(f"ground-truth cache {cache} holds different subsets; use another "
                              "directory, or the same m/alpha/subset seed as when it was made")
@@ -208,7 +211,8 @@ def load_ground_truth(cache_dir: str | os.PathLike, seeds: Sequence[int] | None 
     mpath = cache / "meta.json"
     if not mpath.is_file():
         raise FileNotFoundError(f"no ground truth in {cache} (meta.json missing); create it with "
-                                "train_ground_truth(...) or `grass-index eval`")
+                                + spelled("train_ground_truth(...) or `grass-index eval`",
+                                          "train_ground_truth(...) or run_eval(...)"))
     meta = json.loads(mpath.read_text())
     masks = np.load(cache / "subsets.npy")
     seeds = [int(s) for s in (meta["seeds"] if seeds is None else seeds)]
@@ -226,6 +230,8 @@ def load_ground_truth(cache_dir: str | os.PathLike, seeds: Sequence[int] | None 
     if missing:
         raise EvalError(f"ground truth in {cache} is incomplete: {len(missing)} of "
                          f"{masks.shape[0] * len(seeds)} models missing (first: subset {missing[0][0]}, "
-                         f"seed {missing[0][1]}); rerun train_ground_truth / `grass-index eval` to "
-                         "finish it (finished models are kept)")
+                         f"seed {missing[0][1]}); rerun "
+                         + spelled("train_ground_truth / `grass-index eval`",
+                                   "train_ground_truth / run_eval")
+                         + " to finish it (finished models are kept)")
     return GroundTruth(subsets=masks, losses_per_seed=losses, seeds=seeds, seconds=seconds, meta=meta)

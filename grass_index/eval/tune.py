@@ -39,6 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import option
 from ..precondition import FisherAccumulator, load_factors
 from ..precondition.damping import RELATIVE_RANGE, auto_damping
 from ..precondition.ekfac import corrected_eigenvalues, rotate
@@ -375,8 +376,9 @@ def tune_index(index, *, task=None, num_subsets: int = 50, alpha: float = 0.5,
     if "ekfac" in scopes and not p.sweep.ekfac:
         if list(scopes) == ["ekfac"] or scopes_given:
             raise EvalError(f"index {p.index.path} holds no Kronecker factors, so EK-FAC cannot "
-                            "be tried: build it with a factored sparsification and --projection "
-                            "identity (e.g. random_mask-32*32), or leave ekfac out of --scopes")
+                            "be tried: build it with a factored sparsification and "
+                            f"{option('projection', 'identity')} (e.g. random_mask-32*32), or "
+                            f"leave ekfac out of {option('scopes')}")
         scopes = [s for s in scopes if s != "ekfac"]
     def score(c: Candidate) -> Candidate:
         pred = p.sweep.predicted(c)

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import option
 from .recall import ExactTopK, recall_at_k
 from .search_sketch import DEFAULT_DIM, DEFAULT_RERANK, SearchSketch
 
@@ -139,6 +140,6 @@ def choose(lists: SketchTopLists, exact_ids, qids, k: int, reranks, reason: str,
                 best = (w, R, r)
     w, R, r = best
     log.warning("index: no search sketch reached recall@%d >= %.2f (best: width %d, rerank %d: "
-                "%.3f); use --index flat:exact for exact search or give it more memory",
-                k, TARGET_RECALL, w, R, r)
+                "%.3f); use %s for exact search or give it more memory",
+                k, TARGET_RECALL, w, R, r, option("index", "flat:exact"))
     return Choice(w, R, reason, round(r, 4), False)

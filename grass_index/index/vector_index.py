@@ -22,6 +22,7 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
+from ..errors import spelled
 from . import _file, gpu
 from ._file import FaissIndexError
 
@@ -299,7 +300,8 @@ class VectorIndex:
                 f"at this index's scale for that column (fixed by the first vectors, whose "
                 f"largest entry there was below "
                 f"{math.ldexp(1.0, FP16_TARGET_EXP - int(self.exponents[j])):.3g}"
-                "); build a float32 index instead (--index flat or ivf, without :fp16)")
+                "); build a float32 index instead ("
+                + spelled("--index flat or ivf", "index='flat' or 'ivf'") + ", without :fp16)")
         return scaled.astype(np.float32)
 
     def _queries(self, q: np.ndarray) -> np.ndarray:

@@ -11,8 +11,9 @@ CONFIG_FILE = "config.json"
 BUILD_FILE = "build.json"
 STORE_DIR = "sketches"
 SHARDS_DIR = "shards"  # `build --worker i/n`: one sketch store per worker, shards/i-of-n/
+ADDS_DIR = "adds"  # `add --worker i/n` (a living index grown by workers): adds/i-of-n/
 MASK_FILE = "selective_mask.pt"  # copy of the selective-mask file, so queries need only the dir
-OUR_FILES = {CONFIG_FILE, BUILD_FILE, STORE_DIR, SHARDS_DIR}
+OUR_FILES = {CONFIG_FILE, BUILD_FILE, STORE_DIR, SHARDS_DIR, ADDS_DIR}
 # The FAISS files pass 2 writes (and `query --normalize cosine`'s second index): the only
 # names an index directory's clean-up deletes (fileio.unlink_owned).
 INDEX_FILE = re.compile(r"index-[0-9a-f]+(-\d+-of-\d+|-cosine)?\.faiss")

@@ -8,12 +8,16 @@ last); readers keep their snapshot and pick up the newest generation.
     commit.py   committing a generation: the store's record, pass 2, config.json, build.json;
                 the kept IVF quantizer and its drift
     remove.py   remove_examples: ids out of FAISS, the Fisher and every reader's results
-    grow.py     add_examples: pass 1 on the new examples only (a short last batch filled up in
-                place), then the next generation
+    grow.py     add_in_process: pass 1 on the new examples only (a short last batch filled up
+                in place), then the next generation
+    workers.py  add_examples (one process, or every torchrun rank); add_shard (`add --worker
+                I/N`: one worker's share into adds/I-of-N) and merge_added (the shards copied
+                in as one process writes them, then the same commit)
 """
 from .commit import settle
-from .grow import add_examples, grows, same_data
+from .grow import grows, same_data
 from .remove import check_ids, remove_examples
+from .workers import add_examples, add_shard, merge_added, pending
 
-__all__ = ["add_examples", "check_ids", "grows", "remove_examples", "same_data",
-           "settle"]
+__all__ = ["add_examples", "add_shard", "check_ids", "grows", "merge_added", "pending",
+           "remove_examples", "same_data", "settle"]

@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Sequence
 
 from ..calls import collate_items
+from ..errors import option, spelled
 from ..indexdir.config import read_record
 from ..indexdir.errors import AttributionError
-from ..indexdir.files import MASK_FILE, STORE_DIR, jsonable
+from ..fileio import check_dir
+from ..indexdir.files import ADDS_DIR, MASK_FILE, STORE_DIR, jsonable
 from ..indexdir.fingerprints import block_digest, first_difference
 from ..indexdir.record import build_diff
 from ..pipeline.options import BuildOptions
 from ..pipeline.progress import Progress
-from ..pipeline.run import Prepared
+from ..pipeline.run import BuildResult, Prepared
 from ..pipeline.sketching import _sketch_batch, sketch_training_set
 from ..store import SketchStore
 from .commit import (commit_generation, drift, kept_quantizer, recorded_build, refuse_ekfac,
@@ -61,32 +63,27 @@ def same_data(path, model, train_data: Sequence, loss_fn, options: BuildOptions,
     if jsonable(old) != jsonable(prep.build):
         raise AttributionError(f"output directory {path} holds a different build "
                                f"({build_diff(jsonable(old), jsonable(prep.build))}; choose "
-                               f"another --out or delete {path} to rebuild")
+                               f"another {option('out')} or delete {path} to rebuild")
     return True
 
 
-def add_examples(path, model, train_data: Sequence, loss_fn, *, collate=None, progress=True,
-                 device=None, retrain: bool = False, workers: int | None = None,
-                 task: dict | None = None, options=None) -> dict:
+def add_in_process(path, model, train_data: Sequence, loss_fn, *, collate=None,
+                   progress=True, device=None, retrain: bool = False,
+                   workers: int | None = None, task: dict | None = None,
+                   options=None) -> BuildResult:
     """Sketch the examples ``train_data`` has beyond the index in ``path`` (its earlier ones
-    must be the indexed ones, unchanged) and commit the next generation; the new config.
+    must be the indexed ones, unchanged) in this process and commit the next generation.
     ``retrain``: train a new IVF quantizer instead of keeping the index's; ``task``: the
     task's record ({task, task_sha256}) for config.json (default: the recorded one);
     ``options``: IndexOptions for pass 2 (a re-run of `build` with other ones; default: the
-    recorded hessian, damping rule and index kind)."""
+    recorded hessian, damping rule and index kind). (``workers.add_examples`` is the entry
+    point: it sends a torchrun add to its ranks.)"""
     path = Path(path)
     settle(path)
-    record = read_record(path)
-    refuse_ekfac(record, "add examples to")
-    n_old, n = record.n_train, len(train_data) if hasattr(train_data, "__len__") else -1
-    if n <= n_old:
-        raise AttributionError(f"the training data has {n} examples and index {path} already "
-                               f"holds {n_old}: nothing to add (new examples go at the end)")
-    sketching = BuildOptions(sparsification=record.sparsification, projection=record.projection,
-                           seed=record.seed, layers=list(record.layers or []) or None,
-                           batch_size=record.batch_size, workers=workers,
-                           selective_mask=path / MASK_FILE if record.selective_mask else None)
-    prep = Prepared(model, train_data, loss_fn, sketching, collate=collate, device=device)
+    refuse_split_add(path)
+    record, prep = prepare(path, model, train_data, loss_fn, collate=collate, device=device,
+                           workers=workers)
+    n = len(train_data)
     prog = Progress(progress)
     try:
         with SketchStore.open(path / STORE_DIR, readonly=False) as store:
@@ -105,12 +102,47 @@ def add_examples(path, model, train_data: Sequence, loss_fn, *, collate=None, pr
                                         and options.index != record.index_kind)))
     finally:
         prog.close()
+    warn_drift(path, cfg, n_old, retrain)
+    return BuildResult(path, cfg)
+
+
+def prepare(path: Path, model, train_data: Sequence, loss_fn, *, collate, device,
+            workers: int | None) -> tuple:
+    """(the index's record, pass 1's checked inputs with the recorded sketch settings) for
+    growing ``path`` by the examples ``train_data`` has beyond it."""
+    record = read_record(path)
+    refuse_ekfac(record, "add examples to")
+    n_old, n = record.n_train, len(train_data) if hasattr(train_data, "__len__") else -1
+    if n <= n_old:
+        raise AttributionError(f"the training data has {n} examples and index {path} already "
+                               f"holds {n_old}: nothing to add (new examples go at the end)")
+    sketching = BuildOptions(sparsification=record.sparsification, projection=record.projection,
+                             seed=record.seed, layers=list(record.layers or []) or None,
+                             batch_size=record.batch_size, workers=workers,
+                             selective_mask=path / MASK_FILE if record.selective_mask else None)
+    return record, Prepared(model, train_data, loss_fn, sketching, collate=collate,
+                            device=device)
+
+
+def warn_drift(path: Path, cfg: dict, n_old: int, retrain: bool) -> None:
+    """Warn when the new rows lie far from a kept IVF quantizer's centroids."""
     ratio = drift(path, cfg, n_old) if not retrain else None
     if ratio is not None and ratio > DRIFT_WARN:
         log.warning("the new examples lie %.1fx farther from the IVF index's centroids than "
                     "the old ones (quantizer trained on the first generation): recall may drop; "
-                    "add with --retrain (retrain=True) to train a new one", ratio)
-    return cfg
+                    "add with %s to train a new one", ratio,
+                    spelled("--retrain", "retrain=True"))
+
+
+def refuse_split_add(path: Path) -> None:
+    """An add in one process while `add --worker I/N` shards wait for their merge would
+    sketch the same examples twice: one line naming both ways on."""
+    shards = path / ADDS_DIR
+    if check_dir(shards) and any(not p.name.startswith(".") for p in shards.iterdir()):
+        raise AttributionError(
+            f"{shards} holds the shards of a split add; finish it with "
+            + spelled(f"`grass-index merge {path}`", f"merge_shards({str(path)!r})")
+            + f", or delete {shards} to add in one process")
 
 
 def _check_same_build(path: Path, old: dict, new: dict) -> None:

@@ -205,7 +205,7 @@ def _damping(opts: MaskFitOptions) -> tuple[str, float] | None:
     if opts.capture not in ("auto", "factors", "exact"):
         raise MaskFitError(f"capture={opts.capture!r}; use 'auto' (default), 'factors' or 'exact'")
     if not opts.memory_gb > 0:
-        raise MaskFitError(f"memory_gb={opts.memory_gb} (--memory-gb): give a positive budget "
+        raise MaskFitError(f"{option('memory_gb', opts.memory_gb)}: give a positive budget "
                            "in GiB, e.g. 2")
     if opts.batch_size < 1:
         raise MaskFitError(f"batch_size={opts.batch_size}; use a positive batch size, e.g. 16")

@@ -30,7 +30,7 @@ from ..index import (ExactTopK, SearchSketch, ShardedIndex, SketchedIndex, Vecto
                      parse_spec, part_ranges, recall_at_k)
 from ..index import choice as search_choice
 from ..capture.sketcher import MOVED_NOTE
-from ..errors import spelled
+from ..errors import option, spelled
 from ..precondition import (ChunkedFisher, DampingError, FisherAccumulator,
                             Preconditioner, dense_layers,
                             load_preconditioner, save_preconditioner,
@@ -172,16 +172,18 @@ def rerun_with_damping(out: Path, task_ref, damping, needs: str, again: str) -> 
         return ("The index keeps its current preconditioner; re-precondition it with " +
                 (spelled(f"--damping {x}", f"reprecondition(damping={x!r})") + " or "
                  if x else "") + spelled("--hessian identity", "hessian='identity'"))
-    if again == "merge":
-        cli, py, other = f"`grass-index merge {shlex.quote(str(out))} " + "{}`", \
-            f"merge_shards({str(out)!r}, " + "{})", ""
-    else:
-        cli = (f"`grass-index build {shlex.quote(str(task_ref)) if task_ref else 'TASK'} --out "
-               f"{shlex.quote(str(out))} " + "{}`")
-        py, other = "build_index(..., {})", spelled(" (with the build's other options)",
-                                                   " (the other arguments as before)")
-    fixes = ([spelled(cli.format(f"--damping {x}"), py.format(f"damping={x!r}"))] if x else [])
-    fixes.append(spelled(cli.format("--hessian identity"), py.format("hessian='identity'")))
+
+    def rerun(opt: str) -> str:  # opt: an option as the caller writes it
+        if again == "merge":
+            return spelled(f"`grass-index merge {shlex.quote(str(out))} {opt}`",
+                           f"merge_shards({str(out)!r}, {opt})")
+        task = shlex.quote(str(task_ref)) if task_ref else "TASK"
+        return spelled(f"`grass-index build {task} --out {shlex.quote(str(out))} {opt}`",
+                       f"build_index(..., {opt})")
+    other = "" if again == "merge" else spelled(" (with the build's other options)",
+                                                " (the other arguments as before)")
+    fixes = [rerun(option("damping", x))] if x else []
+    fixes.append(rerun(option("hessian", "identity")))
     return (f"Pass 1's sketches are kept in {out}: re-run " + " or ".join(fixes) + other +
             "; only pass 2 runs again")
 
@@ -278,8 +280,9 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, run: P
                 recall["search"] = p2.chosen.record()
                 if p2.sk is not None and recall["recall"] < search_choice.TARGET_RECALL:
                     log.warning("index: recall@%d = %.3f is below the %.2f target (%s); use "
-                                "--index flat:exact for exact search", k, recall["recall"],
-                                search_choice.TARGET_RECALL, p2.chosen.reason)
+                                "%s for exact search", k, recall["recall"],
+                                search_choice.TARGET_RECALL, p2.chosen.reason,
+                                option("index", "flat:exact"))
             remove_temp_files(out)
             for part, name in zip(p2.parts[:len(mine)], files):  # the others' are on disk
                 part.save(out / name)
@@ -684,7 +687,7 @@ def check_count(vindex, n: int) -> None:
     if vindex.ntotal != n:
         raise AttributionError(f"index holds {vindex.ntotal} vectors for {n} "
                                "training examples; the sketch store is inconsistent — run "
-                               "grass-index verify")
+                               + spelled("grass-index verify", "grass_index.verify_index"))
 
 
 def measure_recall(vindex, exact: ExactTopK, qids, k: int, others=()) -> dict:

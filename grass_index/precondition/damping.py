@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from ..errors import option
 from .errors import PreconditionError
 
 # The damping of every entry point when none is given (build, merge of workers, torchrun, the
@@ -55,7 +56,7 @@ def _number(text, original, mode: str) -> float:
                "singular (or nearly) when a layer has fewer examples than sketch dimensions")
     elif value > hi:
         why = (f"it must be at most {hi:g}: beyond that (F + λI)^-1 ≈ I/λ, the ranking is "
-               "--hessian identity's and scores underflow float32 to 0")
+               f"that of {option('hessian', 'identity')} and scores underflow float32 to 0")
     else:
         return value
     kind = {"relative": "a relative factor", "absolute": "an absolute λ",

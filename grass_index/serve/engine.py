@@ -100,7 +100,7 @@ class Engine:
         path = Path(index_dir)
         if not path.is_dir():
             raise ServeError(f"{path} is not a directory; pass an index directory made by "
-                             "`grass-index build`")
+                             + spelled("`grass-index build`", "build_index()"))
         t0 = time.perf_counter()
         if verify:
             verify_or_refuse(path)
@@ -114,7 +114,7 @@ class Engine:
         if len(self.train) != self.idx.n_train:
             raise ServeError(f"task {self.task.ref} has {len(self.train)} training examples but "
                              f"index {path} holds {self.idx.n_train}; serve with the task the "
-                             "index was built from (--task FILE)")
+                             f"index was built from ({spelled('--task FILE', 'task=FILE')})")
         self.queries = self.task.query_data() if self.task.has("query_data") else None
         self.idx.vindex  # load FAISS now, not on the first request
         self._hold_low_rank_rows()

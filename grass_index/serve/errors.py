@@ -100,5 +100,5 @@ def install_error_handlers(app: FastAPI, fixes: dict) -> None:
     async def _internal(request: Request, e: Exception):
         log.exception("internal error on %s", request.url.path)
         return error_response(500, f"internal error {type(e).__name__}",
-                              "this is a bug in grass-index serve; the server log has the "
+                              "this is a bug in the grass-index server; the server log has the "
                               "details")

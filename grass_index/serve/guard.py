@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from ..errors import option, spelled
 from .engine import ServeError
 from .errors import ApiError
 
@@ -34,9 +35,9 @@ def check_bind(host: str, token: str | None) -> None:
     """Only this machine may connect unless a token guards the API."""
     if not is_loopback(host) and not token:
         raise ServeError(f"refusing to serve on {host}: a non-loopback address lets other "
-                         "machines read the index; set a token with --token T (or "
-                         f"{TOKEN_ENV}=T) and send it as 'Authorization: Bearer T', or bind "
-                         "to 127.0.0.1")
+                         "machines read the index; set a token with "
+                         f"{spelled('--token T', 'token=T')} (or {TOKEN_ENV}=T) and send it as "
+                         "'Authorization: Bearer T', or bind to 127.0.0.1")
     if token is not None and len(token) < 8:
         raise ServeError("the token is shorter than 8 characters; use a longer one, e.g. "
                          "python3 -c 'import secrets; print(secrets.token_urlsafe())'")
@@ -135,7 +136,7 @@ class Guard:
         if length and (not length.isdigit() or int(length) > self.max_body):
             raise ApiError(413, f"request body of {length.decode('latin-1')} bytes is over the "
                            f"limit of {self.max_body}", "send fewer examples per request (or "
-                           "restart the server with a larger --max-body)")
+                           f"restart the server with a larger {option('max_body')})")
 
 
 def presented_token(scope) -> bytes:

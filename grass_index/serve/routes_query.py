@@ -20,13 +20,14 @@ from .params import QueryFields, Split
 
 SHAPE_FIX = ("send examples shaped, typed and scaled like the task's training examples "
              "(GET /api/examples shows some)")
-UPLOAD_FIX = ("upload a .pt, .npy or .npz file of examples, as `grass-index query --input` "
-              "reads")
+UPLOAD_FIX = ("upload a .pt, .npy or .npz file of examples (a tensor or array split along its "
+              "first dimension, or named arrays of equal length)")
 POST_BODY = {"requestBody": {"content": {
     "application/json": {"schema": QueryFields.model_json_schema()},
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "file": {"type": "string", "format": "binary",
-                 "description": ".pt, .npy or .npz of examples (as query --input)"},
+                 "description": ".pt, .npy or .npz of examples (split along the first "
+                                "dimension)"},
         **{k: v for k, v in QueryFields.model_json_schema()["properties"].items()
            if k in ("k", "opponents", "images")}}}}}}}
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import option, spelled
 from ..task import Task, TaskError
 
 REF_PREFIX = "hf-lm:"
@@ -67,7 +68,18 @@ class _HFTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def check_model_dir(path, what: str = "--hf-model") -> Path:
+def _model_arg(what: str | None = None) -> str:
+    """``what`` names the model directory in messages; by default as the caller names it."""
+    return what or spelled("--hf-model", "model_dir")
+
+
+def _data_arg(what: str | None = None) -> str:
+    """``what`` names the data file in messages; by default as the caller names it."""
+    return what or option("data")
+
+
+def check_model_dir(path, what: str | None = None) -> Path:
+    what = _model_arg(what)
     p = Path(path).expanduser()
     if not p.is_dir():
         raise TaskError(f"{what} {path} is not a directory; point it at a local model "
@@ -79,11 +91,12 @@ def check_model_dir(path, what: str = "--hf-model") -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def model_config(path: str, what: str = "--hf-model"):
+def model_config(path: str, what: str | None = None):
     """The directory's transformers config, or one error line saying what is wrong with it
     (e.g. no ``model_type``: transformers cannot tell which architecture to build)."""
     from transformers import AutoConfig
 
+    what = _model_arg(what)
     try:
         return AutoConfig.from_pretrained(Path(path), local_files_only=True)
     except Exception as e:
@@ -100,12 +113,10 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
 DEFAULT_MAX_LENGTH = 128
 
 
-def check_context(path: str, max_length: int | None, what: str = "--hf-model") -> int:
+def check_context(path: str, max_length: int | None, what: str | None = None) -> int:
     """``max_length`` (None: DEFAULT_MAX_LENGTH, or the model's context when shorter), checked
     to fit the model's context: positions beyond it have no embedding, and the forward pass
     would fail with an IndexError deep in the model."""
-    from ..errors import spelled
-
     cfg = model_config(path, what)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     context = next((getattr(text, k) for k in CONTEXT_KEYS
@@ -121,8 +132,9 @@ def check_context(path: str, max_length: int | None, what: str = "--hf-model") -
 
 
 @functools.lru_cache(maxsize=4)
-def tokenizer_for(path: str, what: str = "--hf-model"):
+def tokenizer_for(path: str, what: str | None = None):
     """The directory's tokenizer, or the byte fallback (checked against the vocabulary)."""
+    what = _model_arg(what)
     p = Path(path)
     if any((p / f).is_file() for f in TOKENIZER_FILES):
         from transformers import AutoTokenizer
@@ -146,9 +158,10 @@ def tokenizer_for(path: str, what: str = "--hf-model"):
 
 # ----------------------------------------------------------------------------- data
 
-def read_texts(path, text_field: str | None = None, what: str = "--data") -> list[str]:
+def read_texts(path, text_field: str | None = None, what: str | None = None) -> list[str]:
     """The examples of a .txt (one per non-empty line), .jsonl (``text_field`` of each line) or
     ``datasets.save_to_disk`` directory; one clear error line for anything else."""
+    what = _data_arg(what)
     p = Path(path).expanduser()
     if p.is_dir():
         return _dataset_texts(p, text_field or "text", what)
@@ -158,9 +171,10 @@ def read_texts(path, text_field: str | None = None, what: str = "--data") -> lis
     return texts
 
 
-def iter_texts(p: Path, text_field: str | None = None, what: str = "--data"):
+def iter_texts(p: Path, text_field: str | None = None, what: str | None = None):
     """The examples of a .txt or .jsonl file, stripped, empty ones skipped, read line by line
     (the same lines as ``str.splitlines`` of the whole file gives)."""
+    what = _data_arg(what)
     if not p.is_file():
         raise TaskError(f"{what} {p}: file not found")
     field = text_field or "text" if p.suffix == ".jsonl" or text_field is not None else None
@@ -186,7 +200,7 @@ def _json_text(ln: str, field: str, i: int, path, what: str) -> str:
                         "object per line") from None
     if not isinstance(obj, dict) or field not in obj:
         raise TaskError(f"{what} {path} line {i} has no field {field!r}; name the text "
-                        "field with --text-field")
+                        f"field with {option('text_field')}")
     if not isinstance(obj[field], str):
         raise TaskError(f"{what} {path} line {i}: field {field!r} is "
                         f"{type(obj[field]).__name__}, not text")
@@ -218,7 +232,7 @@ def _load_from_disk(datasets, p: Path, field: str, what: str):
         ds = ds["train"]
     if field not in ds.column_names:
         raise TaskError(f"{what} {p} has no column {field!r} (columns: {ds.column_names}); name "
-                        "the text column with --text-field")
+                        f"the text column with {option('text_field')}")
     return ds
 
 
@@ -235,11 +249,12 @@ class ArrowTokens(torch.utils.data.Dataset):
     BATCH = 1000  # texts per tokenizer call
 
     def __init__(self, path: Path, text_field: str | None, tok, max_length: int,
-                 what: str = "--data"):
+                 what: str | None = None):
         import tempfile
 
         import datasets
 
+        what = _data_arg(what)
         self._tmp = tempfile.TemporaryDirectory(prefix="grass-index-arrow-")
         texts = _arrow_texts(datasets, Path(path), text_field, what, self._tmp.name)
         if len(texts) == 0:
@@ -344,7 +359,8 @@ def data_sha256(data, query=None) -> str | None:
 class TokenizedTexts(torch.utils.data.Dataset):
     """Item i: LongTensor of the token ids of text i (truncated to ``max_length``)."""
 
-    def __init__(self, texts: list[str], tok, max_length: int, what: str = "--data"):
+    def __init__(self, texts: list[str], tok, max_length: int, what: str | None = None):
+        what = _data_arg(what)
         self.texts, self._items = texts, []
         for i, t in enumerate(texts):
             ids = tok.encode(t)[:max_length]
@@ -383,9 +399,10 @@ def causal_lm_loss(model: nn.Module, batch) -> torch.Tensor:
     return (per_tok * mask[:, 1:].to(per_tok.dtype)).sum(dim=1)
 
 
-def load_causal_lm(path: Path, dtype: str = "float32", what: str = "--hf-model") -> nn.Module:
+def load_causal_lm(path: Path, dtype: str = "float32", what: str | None = None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    what = _model_arg(what)
     try:
         m = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
                                                  dtype=DTYPES[dtype])
@@ -403,13 +420,14 @@ def has_weights(path) -> bool:
     return any(f.name.endswith(WEIGHT_SUFFIXES) for f in Path(path).iterdir() if f.is_file())
 
 
-def meta_causal_lm(path, dtype: str = "float32", what: str = "--hf-model") -> nn.Module:
+def meta_causal_lm(path, dtype: str = "float32", what: str | None = None) -> nn.Module:
     """The causal LM of ``path``'s config.json on the meta device: every parameter's shape and
     dtype, no storage and no weights read — what `grass-index plan` prices a model from."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    what = _model_arg(what)
     if dtype not in DTYPES:
-        raise TaskError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        raise TaskError(f"{option('dtype', dtype)}: use one of {', '.join(DTYPES)}")
     try:
         cfg = AutoConfig.from_pretrained(check_model_dir(path, what), local_files_only=True)
         with torch.device("meta"):
@@ -431,12 +449,13 @@ class HFCausalLM:
                  max_length: int | None = None,
                  dtype: str = "float32", query_data=None):
         if dtype not in DTYPES:
-            raise TaskError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+            raise TaskError(f"{option('dtype', dtype)}: use one of {', '.join(DTYPES)}")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
-            raise TaskError(f"--max-length {max_length!r}: give an integer >= 2 (tokens per "
-                            "example)")
+            raise TaskError(f"{option('max_length', max_length)}: give an integer >= 2 (tokens "
+                            "per example)")
         if text_field is not None and not isinstance(text_field, str):
-            raise TaskError(f"--text-field {text_field!r}: give the name of a text field")
+            raise TaskError(f"{option('text_field', text_field)}: give the name of a text "
+                            "field")
         self.model_dir = check_model_dir(model_dir).resolve()
         self.data_path = Path(data).expanduser().resolve()
         self.query_path = None if query_data is None else Path(query_data).expanduser().resolve()
@@ -480,16 +499,17 @@ class HFCausalLM:
         if self.unnamed_query is not None:
             raise TaskError(f"the index records query data {self.unnamed_query}, a path read "
                             "from the index directory, which is opened only when you name it: "
-                            "pass hf_lm_task(..., query_data=PATH), or query by --text or ids "
-                            "of the training data")
+                            "pass hf_lm_task(..., query_data=PATH), or query by "
+                            + spelled("--text", "text (task.encode)")
+                            + " or ids of the training data")
         if self.query_path is None:
             return self.train_data()
-        return TokenizedTexts(read_texts(self.query_path, self.text_field, "--query-data"),
-                              self.tok, self.max_length, "--query-data")
+        return TokenizedTexts(read_texts(self.query_path, self.text_field, "query_data"),
+                              self.tok, self.max_length, "query_data")
 
     def encode(self, text: str) -> torch.Tensor:
         """A query example from raw text (``query --text``)."""
-        return TokenizedTexts([text], self.tok, self.max_length, "--text")[0]
+        return TokenizedTexts([text], self.tok, self.max_length, option("text"))[0]
 
     @staticmethod
     def loss(model, batch) -> torch.Tensor:
@@ -551,7 +571,7 @@ def task_for_recorded(given: str, recorded: str, sha256: str | None) -> Task:
     from ..untrusted import safe_text
 
     want, got = ref_args(recorded), ref_args(given)
-    for key, flag in (("model", "--hf-model"), ("data", "--data")):
+    for key, flag in (("model", _model_arg()), ("data", _data_arg())):
         named = str(Path(got[key]).expanduser().resolve())
         if named != want[key]:
             raise TaskError(f"{flag} {safe_text(named)} is not the {key} path the index was "
@@ -565,8 +585,8 @@ def task_for_recorded(given: str, recorded: str, sha256: str | None) -> Task:
     if "query" in want and "query" not in got:
         t.source.unnamed_query = safe_text(want["query"])
     if sha256 is not None and t.sha256 != sha256:
-        raise TaskError(f"--data {safe_text(got['data'])} has CHANGED since the index was built "
-                        f"(sha256 {str(t.sha256)[:12]} now, {str(sha256)[:12]} at build): train "
-                        "ids would point at other examples; restore the file or rebuild the "
+        raise TaskError(f"{_data_arg()} {safe_text(got['data'])} has CHANGED since the index was "
+                        f"built (sha256 {str(t.sha256)[:12]} now, {str(sha256)[:12]} at build): "
+                        "train ids would point at other examples; restore the file or rebuild the "
                         "index")
     return t

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...errors import spelled
 from ...precondition import FisherAccumulator, save_preconditioner
 from ...store import SketchStore
 from ...indexdir.errors import AttributionError
@@ -67,14 +68,18 @@ class Group:
 
         if not dist.is_available():
             raise AttributionError("this torch build has no torch.distributed; run without "
-                                   "torchrun, or use `build --worker I/N` + `grass-index merge`")
+                                   "torchrun, or use "
+                                   + spelled("`build --worker I/N` + `grass-index merge`",
+                                             "build_index(..., worker='I/N') + merge_shards()"))
         self.dist = dist
         self.owned = not dist.is_initialized()
         if self.owned:
             if "MASTER_ADDR" not in os.environ or "RANK" not in os.environ:
                 raise AttributionError("a distributed build needs torchrun's environment (RANK, "
                                        "WORLD_SIZE, MASTER_ADDR, MASTER_PORT); launch it with "
-                                       "torchrun, or use `build --worker I/N`")
+                                       "torchrun, or use "
+                                       + spelled("`build --worker I/N`",
+                                                 "build_index(..., worker='I/N')"))
             _bind_world_defaults()
             dist.init_process_group("gloo", timeout=_TIMEOUT)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()

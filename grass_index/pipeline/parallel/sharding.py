@@ -163,6 +163,15 @@ def read_shard_fisher(out: Path, worker: tuple[int, int], layout) -> FisherAccum
         return shard_fisher(store, layout)
 
 
+def _worker_build(worker: str, out=None) -> str:
+    """One worker's build as the caller runs it: `grass-index build TASK --out DIR --worker
+    I/N` on the command line, ``build_index(..., out='DIR', worker='I/N')`` in Python."""
+    if out is None:
+        return spelled(f"`build --worker {worker}`", f"`build_index(..., worker={worker!r})`")
+    return spelled(f"`grass-index build TASK --out {out} --worker {worker}`",
+                   f"`build_index(..., out={str(out)!r}, worker={worker!r})`")
+
+
 def _shard_dirs(out: Path, n: int | None) -> tuple[int, dict[int, Path]]:
     """The shards of one split (n), by worker number; errors for duplicates and mixtures."""
     sdir = out / SHARDS_DIR
@@ -171,14 +180,13 @@ def _shard_dirs(out: Path, n: int | None) -> tuple[int, dict[int, Path]]:
         if sdir.is_dir() else []
     if not entries:
         raise AttributionError(f"{out} has no shards ({sdir} is missing or empty); run "
-                               "`grass-index build TASK --out DIR --worker I/N` for I = 0..N-1 "
-                               "first")
+                               f"{_worker_build('I/N', 'DIR')} for I = 0..N-1 first")
     found: dict[tuple[int, int], list[Path]] = {}
     for p in entries:
         m = _SHARD_NAME.match(p.name)
         if not m or not p.is_dir():
             raise AttributionError(f"{p} is not a shard (expected directories named I-of-N made "
-                                   "by `build --worker I/N`); remove it")
+                                   f"by {_worker_build('I/N')}); remove it")
         i, k = int(m.group(1)), int(m.group(2))
         if not 0 <= i < k:
             raise AttributionError(f"{p}: worker {i} of {k} is out of range; remove it")
@@ -194,7 +202,8 @@ def _shard_dirs(out: Path, n: int | None) -> tuple[int, dict[int, Path]]:
             raise AttributionError(
                 f"{sdir} holds shards of {len(splits)} different splits (N = "
                 f"{', '.join(map(str, splits))}), which cover the same batches twice; remove the "
-                "stale split's I-of-N directories, or pass --shards N to merge one split")
+                f"stale split's I-of-N directories, or pass {spelled('--shards N', 'shards=N')} "
+                "to merge one split")
         n = splits[0]
     shards = {i: ps[0] for (i, k), ps in found.items() if k == n}
     missing = [i for i in range(n) if i not in shards]
@@ -202,8 +211,8 @@ def _shard_dirs(out: Path, n: int | None) -> tuple[int, dict[int, Path]]:
         have = ", ".join(shard_name(i, n) for i in sorted(shards)) or "none"
         raise AttributionError(
             f"missing shards {', '.join(shard_name(i, n) for i in missing)} (have: {have}); run "
-            + " and ".join(f"`grass-index build TASK --out {out} --worker {i}/{n}`"
-                           for i in missing[:3]) + (" ..." if len(missing) > 3 else "")
+            + " and ".join(_worker_build(f"{i}/{n}", out) for i in missing[:3])
+            + (" ..." if len(missing) > 3 else "")
             + ", then merge again")
     return n, shards
 
@@ -218,7 +227,7 @@ def _check_shards(out: Path, build: dict, n: int, shards: dict[int, Path]) -> li
                 meta, done, kv = st.meta, st.committed_blocks, st.all_meta()
         except StoreError as e:
             problems.append(f"shard {name} is unreadable ({e}); delete {path} and re-run "
-                            f"`build --worker {i}/{n}`")
+                            + _worker_build(f"{i}/{n}"))
             continue
         shard = meta.pop("shard", None)
         want = jsonable(build)
@@ -228,12 +237,12 @@ def _check_shards(out: Path, build: dict, n: int, shards: dict[int, Path]) -> li
                 diff.insert(0, f"shard (it says {shard})")
             problems.append(f"shard {name} is a different build than {out / BUILD_FILE} "
                             f"(differs in: {', '.join(diff)}); delete {path} and re-run "
-                            f"`build --worker {i}/{n}` with the same task and options")
+                            + _worker_build(f"{i}/{n}") + " with the same task and options")
             continue
         need = len(_owned(build, i, n))
         if done != need:
             problems.append(f"shard {name} is incomplete ({done} of {need} batches sketched); "
-                            f"re-run `build --worker {i}/{n}` to finish it (it resumes)")
+                            f"re-run {_worker_build(f'{i}/{n}')} to finish it (it resumes)")
             continue
         records.append(kv)
     if problems:
@@ -251,7 +260,7 @@ def _check_same_dataset(out: Path, n: int, shards: dict[int, Path]) -> None:
             if not st.has_array(DATA_DIGESTS):
                 problems.append(f"shard {shard_name(i, n)} holds no fingerprint of the training "
                                 "set (written by an older grass-index); delete it and re-run "
-                                f"`build --worker {i}/{n}`")
+                                + _worker_build(f"{i}/{n}"))
                 continue
             digests = st.get_array(DATA_DIGESTS)
         if first is None:
@@ -273,7 +282,7 @@ def merge_setup(out: Path, n: int | None, overrides: dict):
     same build); the pass-2 options (the workers', then ``overrides``)."""
     build = read_build_record(out, missing=(
         f"{out} has no {BUILD_FILE}; it is not a grass-index build directory (run "
-        "`grass-index build TASK --out DIR --worker I/N`)"))
+        f"{_worker_build('I/N', 'DIR')})"))
     n, shards = _shard_dirs(out, n)
     records = _check_shards(out, build, n, shards)
     rec = records[0]
