@@ -4,8 +4,8 @@ under contention, and what OMP_WAIT_POLICY=PASSIVE (grass_index/__init__.py) buy
     PYTHONPATH=$PWD python3 benchmarks/startup.py [--threads 2] [--repeats 1]
 
 The start-up is the capture check (pipeline/run.py ``_Prepared``: a no-grad forward of the loss
-check, one hooked forward + backward with weight gradients on 4 examples, and 2 single-example
-gradients as the exact reference) plus the model fingerprint. Each child process (one per
+check, one hooked forward + backward with weight gradients on 4 examples, and one single-example
+gradient as the exact reference) plus the model fingerprint. Each child process (one per
 OpenMP wait policy, so the policy is read before torch loads its OpenMP runtime) times one
 training step of 8 examples (forward + backward with weight gradients) beside that
 preparation: wall seconds, CPU seconds (user + system) and the load average, so the ratio

@@ -230,3 +230,119 @@ def test_an_ensemble_with_an_unreached_head_names_each_checkpoints_block(tmp_pat
     assert len(ends) == 1 and "c0/unused, c1/unused" in ends[0]
     assert ends[0].count("layers='!unused.*'") == 1  # one glob leaves out both blocks
     assert idx.config["capture"]["zero_gradient"] == ["c0/unused", "c1/unused"]
+
+
+# ---------------------------------------------------------------- what the check proves
+def _corrupt_tokens(monkeypatch, corrupt):
+    """Every linear call's per-example token pairs pass through ``corrupt(x, g)`` (both
+    [B, T, d]) before they are sketched: a capture that is wrong in a known way."""
+    from grass_index.capture import _taps
+
+    real = _taps.linear_tokens
+
+    def wrong(x, g, B, layout):
+        pair = real(x, g, B, layout)
+        return None if pair is None else corrupt(*pair)
+
+    monkeypatch.setattr(_taps, "linear_tokens", wrong)
+
+
+def _check_tokens_batch():
+    torch.manual_seed(0)
+    return IssueModel().eval(), ids_batch(4, 5)
+
+
+def test_check_catches_examples_swapped_by_the_capture(monkeypatch):
+    """A capture that hands example i's tokens to row i+1 keeps the batch sum: only the
+    per-example reference (one example's loss differentiated alone) tells it apart. Every
+    hooked layer moves to torch.func and the sketches stay exact."""
+    from grass_index.capture import GradientSketcher
+    from grass_index.capture import check as check_mod
+
+    model, batch = _check_tokens_batch()
+    layers = select_layers(model)
+    _corrupt_tokens(monkeypatch, lambda x, g: (x.roll(1, 0), g.roll(1, 0)))
+    monkeypatch.setattr(check_mod, "REFERENCE_EXAMPLES", 0)  # the sum alone misses it
+    blind = GradientSketcher(model, layers, sparsification="identity", projection="identity")
+    blind.check(batch, token_loss)
+    assert blind.route["head"] == "batch_first"
+    monkeypatch.setattr(check_mod, "REFERENCE_EXAMPLES", 1)
+    sk = GradientSketcher(model, layers, sparsification="identity", projection="identity")
+    sk.check(batch, token_loss)
+    rows = {r["layer"]: r for r in sk.check_report()}
+    reached = [n for n in rows if n != "unused"]  # zero gradient: nothing to swap
+    assert {rows[n]["route"] for n in reached} == {"moved-to-flat"}
+    assert all(rows[n]["status"] == "ok" and "not all seen" in rows[n]["note"] for n in reached)
+    exact = per_sample_gradients(model, batch, token_loss, layers)
+    want = torch.cat([exact[layer.name] for layer in layers], 1).float()
+    torch.testing.assert_close(sk.sketch(batch, token_loss), want, atol=1e-5, rtol=1e-4)
+
+
+def test_check_catches_a_wrong_example_beside_the_reference(monkeypatch):
+    """Example 1 (not the reference example) captured twice over: the batch sum shows it."""
+    model, batch = _check_tokens_batch()
+    _corrupt_tokens(monkeypatch, lambda x, g: (x, g * torch.tensor([1.0, 2.0, 1.0, 1.0])[
+        :, None, None]))
+    rep = gi.check_capture(model, list(batch), token_loss,
+                           gi.BuildOptions(sparsification="identity", projection="identity"))
+    rows = {r["layer"]: r for r in rep.layers}
+    assert rep.ok and rows["head"]["route"] == "moved-to-flat"
+    assert "sum rel. err" in rows["head"]["note"]
+
+
+def test_coupling_before_every_captured_layer_fails():
+    """Inputs centred over the batch before the first layer: in the batch's own forward one
+    example's loss depends on no other example's layer outputs, so only a reference taken
+    from the example alone shows the coupling; no route is exact and every layer fails."""
+    torch.manual_seed(0)
+    net = mlp()
+    centred_input = lambda m, b: m(b - b.mean(0)).pow(2).sum(1)  # noqa: E731
+    rep = gi.check_capture(net, list(torch.randn(8, 3)), centred_input)
+    assert {r["layer"]: r["status"] for r in rep.layers} == {"0": "failed", "2": "failed"}
+
+
+def test_conv1d_gradient_sketched_as_tokens_equals_the_flattened_one():
+    """The check sketches an HF Conv1D's formed gradient as d_in tokens (no transposed copy):
+    the same sketch as flattening it in the capture convention, for every compressor kind."""
+    tr = pytest.importorskip("transformers")
+    from grass_index.capture import GradientSketcher
+    from grass_index.capture._batch import per_example_grads
+    from grass_index.capture.check import _sketch_grads
+    from grass_index.capture.exact import flatten_layer
+
+    torch.manual_seed(0)
+    cfg = tr.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=17, n_positions=8,
+                        attn_implementation="eager")
+    model = tr.GPT2LMHeadModel(cfg).eval()
+    layers = select_layers(model)
+    loss = lambda m, ids: m(input_ids=ids).logits.pow(2).mean((1, 2))  # noqa: E731
+    ids = torch.randint(0, 17, (3, 5), generator=torch.Generator().manual_seed(1))
+    grads = per_example_grads(model, ids, loss, [p for x in layers for p in x.param_names],
+                              method="loop")
+    for sp, proj in [("random_mask-4*4", "sjlt-8"), ("normal-4*4", "identity"),
+                     ("identity", "identity")]:
+        sk = GradientSketcher(model, layers, sparsification=sp, projection=proj)
+        for layer in layers:
+            torch.testing.assert_close(
+                _sketch_grads(sk, layer, grads),
+                sk._compress_formed(layer, flatten_layer(model, layer, grads)),
+                rtol=1e-5, atol=1e-6)
+
+
+def test_an_all_hooked_check_does_not_import_torch_dynamo():
+    """The reference runs as a plain forward + backward: importing torch.func's machinery
+    (torch._dynamo) cost more than the rest of the check on the digits MLP."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, grass_index as gi\n"
+            "from torch import nn\n"
+            "net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).eval()\n"
+            "rep = gi.check_capture(net, list(torch.randn(8, 3)),\n"
+            "                       lambda m, b: m(b).pow(2).sum(1))\n"
+            "assert rep.ok, rep.to_dict()\n"
+            "print('dynamo' if 'torch._dynamo' in sys.modules else 'none')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "none"

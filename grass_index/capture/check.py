@@ -2,16 +2,23 @@
 few examples and fixed (``GradientSketcher.check`` runs ``run_check``).
 
 Per factored layer, each layout that fits is tried until the sum of the per-example sketches
-equals the sketch of autograd's batch gradient and the first 2 examples equal the sketches of
-their torch.func gradients (which catches sequence-first layouts even when T == B); if none
-passes the layer moves to the exact route (torch.func per-example gradients) with a note. The
-exact route must itself add up to the batch gradient: a layer where it does not (one example's
-loss depends on others) cannot be captured exactly by any route and fails, naming the
-``--layers`` glob that excludes it. It is never sketched wrong.
+equals the sketch of autograd's batch gradient and the first example's sketch equals the
+sketch of its exact gradient, its loss differentiated alone (which catches sequence-first
+layouts even when T == B); if none passes the layer moves to the exact route (torch.func
+per-example gradients) with a note. The exact route must itself add up to the batch gradient:
+a layer where it does not (one example's loss depends on others) cannot be captured exactly
+by any route and fails, naming the ``--layers`` glob that excludes it. It is never sketched
+wrong.
 
 A few examples suffice: a missed use of the weight, a sequence-first layout or a loss that
 couples examples shows on any of them, and the check's backward (the only one that forms
-weight gradients) then costs a fraction of one batch's.
+weight gradients) then costs a fraction of one batch's. The reference is a forward of the
+example alone, not its loss isolated in the batch's forward (the others weighted 0: one
+forward fewer), because only alone does it differ when the examples are coupled before every
+captured layer (BatchNorm in train mode, inputs standardised over the batch). It runs as a
+plain forward + backward, not through torch.func, whose import (torch._dynamo) cost more
+than the rest of the check on a small model (docs/measurements.md, "The capture check's
+cost").
 """
 from __future__ import annotations
 
@@ -20,18 +27,19 @@ import logging
 import torch
 from torch.utils import _pytree as pytree
 
+from ..compress.factored import FactoredCompressor
 from ..errors import option
 from ._batch import batch_size, check_loss_shape, per_example_grads
 from ._taps import LAYOUTS
 from .describe import EXACT, ROUTE_TEXT
 from .errors import CaptureError
 from .exact import flatten_layer
-from .layers import LayerInfo
+from .layers import LayerInfo, linear_dims
 
 log = logging.getLogger(__name__)
 
 CHECK_EXAMPLES = 4  # examples of the first batch the capture check runs on
-REFERENCE_EXAMPLES = 2  # of those, the ones compared with their exact torch.func gradients
+REFERENCE_EXAMPLES = 1  # of those, the ones compared with their exact single-example gradients
 MOVED_NOTE = "the weight's uses are not all seen by the factored capture"
 
 
@@ -66,6 +74,29 @@ def first_examples(batch, n: int, m: int):
         batch)
 
 
+def _sketch_grads(sk, layer: LayerInfo, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, width] sketch of one layer's formed gradients ({param: [B, *shape]}). HF Conv1D
+    stores its weight transposed ([d_in, d_out]); its gradient goes to the compressor as d_in
+    tokens (x_t = e_t, Dy_t = row t: Σ_t Dy_t x_tᵀ is the gradient), the bias one more, so
+    it is never copied transposed (flatten_layer's copy was most of the check's sketching).
+    Only a factored compressor takes that path cheaply, and only without an observer (EK-FAC's
+    factors would see these tokens)."""
+    comp = sk.compressors[layer.name]
+    module = sk.model.get_submodule(layer.module_name) if layer.kind == "linear" else None
+    if module is None or not (linear_dims(module) or (0, 0, False))[2] \
+            or not isinstance(comp, FactoredCompressor) or comp.observer is not None:
+        return sk._compress_formed(layer, flatten_layer(sk.model, layer, grads).detach())
+    rows = [grads[p].detach().to(sk.device, torch.float32) for p in layer.param_names]
+    rows[1:] = [b.unsqueeze(1) for b in rows[1:]]  # the bias: one more token, x_t = e_d_in
+    eye, start, out = torch.eye(layer.d_in_eff, device=sk.device), 0, 0
+    with torch.no_grad():  # the sketch is linear in the tokens: a sum over the two parts
+        for r in rows:
+            B, n = r.shape[0], r.shape[1]
+            out = out + comp(eye[start:start + n].expand(B, -1, -1), r).reshape(B, -1)
+            start += n
+    return out.float()
+
+
 def _batch_sketches(sk, batch, whole, loss_fn):
     """The hooked capture of the factored layers and, from the same backward, the sketch of
     autograd's batch gradient of every layer: (calls, grads, {layer: [k]}, B)."""
@@ -83,19 +114,20 @@ def _batch_sketches(sk, batch, whole, loss_fn):
     summed = {p: (torch.zeros_like(params[p]) if g is None else g.detach())[None]
               for p, g in zip(names, batch_grads)}
     del batch_grads
-    batch_sketch = {layer.name: sk._compress_formed(
-        layer, flatten_layer(sk.model, layer, summed))[0] for layer in sk.layers}
+    batch_sketch = {layer.name: _sketch_grads(sk, layer, summed)[0] for layer in sk.layers}
     return calls, grads, batch_sketch, B
 
 
 def _references(sk, batch, n: int, m: int, loss_fn) -> dict[str, torch.Tensor]:
-    """Sketches of the exact gradients of the first m examples, every layer, one torch.func
-    call."""
+    """Sketches of the exact gradients of the first m examples, every layer, each example's
+    loss differentiated alone (a batch of one)."""
     if not m:
         return {}
     names = [p for layer in sk.layers for p in layer.param_names]
-    try:
-        grads = per_example_grads(sk.model, first_examples(batch, n, m), loss_fn, names)
+    try:  # one plain forward + backward per example: vmap would cost as much for so few, and
+        # importing torch.func (torch._dynamo) more than the whole check on a small model
+        grads = per_example_grads(sk.model, first_examples(batch, n, m), loss_fn, names,
+                                  method="loop")
     except CaptureError:
         raise
     except (RuntimeError, ValueError) as e:
@@ -104,8 +136,7 @@ def _references(sk, batch, n: int, m: int, loss_fn) -> dict[str, torch.Tensor]:
             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); a model in train "
             "mode with BatchNorm cannot give per-example gradients: call model.eval()"
         ) from e
-    return {layer.name: sk._compress_formed(layer, flatten_layer(sk.model, layer, grads).detach())
-            for layer in sk.layers}
+    return {layer.name: _sketch_grads(sk, layer, grads) for layer in sk.layers}
 
 
 def _choose_layout(sk, layer, calls, grads, B: int, want, ref, m: int, tol: float) -> bool:
