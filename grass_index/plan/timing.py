@@ -23,10 +23,15 @@ ROTATE_FLOPS = 3e9  # float64 FLOP/s of EK-FAC's rotations (Q_Gᵀ M Q_A per row
 TINY_S = 0.002  # seconds of a 64×64 Cholesky solve + eigvalsh (per low-rank layer), assumed
 LAPACK_SIZE = 768  # the order the LAPACK rates are measured at
 # Model FLOPs per second of pass 1, as a share of the GEMM rate (measured: GPT-2 small, T = 64,
-# batch 32, 2 threads; benchmarks/lm.py — layer norms, softmax, the loss over the vocabulary
-# and the sketch hooks run below the GEMM rate)
-PASS1_EFFICIENCY = 0.55
-CHECK_STEPS = 10.0  # the capture check costs about this many examples' training steps
+# batch 8, 2 threads, load 1.5; benchmarks/lm.py --n 64, two runs: pass 1 15.0 and 15.1 s, the
+# plan 15.1 and 15.2 — layer norms, softmax, the loss over the vocabulary and the sketch hooks
+# run below the GEMM rate; it was 0.55, calibrated before pass 1's per-token sketching got
+# cheaper, and priced pass 1 34% high)
+PASS1_EFFICIENCY = 0.74
+# the capture check costs about this many examples' training steps: a hooked forward + backward
+# on 4 examples and one exact single-example reference (same runs: 2.7-2.8 s measured, 2.7 s
+# planned; it was 10 with two references)
+CHECK_STEPS = 5.0
 CHECK_FIXED_S = 1.0  # ... plus the model fingerprint and the sketcher's set-up
 
 
@@ -71,8 +76,8 @@ def measure_rates(size: int = 512, seconds: float = 0.4, out=None,
     """This machine's rates now, each the mean over a share of ``seconds`` of repeated calls:
     float32/float64 GEMM FLOP/s, LAPACK's float64 Cholesky + inverse (k³/s at order
     ``lapack_size``: the rate grows with the order, so a plan with dense k×k layers measures
-    near its k — at most 2048 — see ``lapack_order``) and the spectrum damping 'auto' takes
-    (k³/s at order min(``lapack_size``, 1024)), pass 2's own small kernels (``_form_rates``),
+    near its k — at most 4096 — see ``lapack_order``) and the spectrum damping 'auto' takes
+    (k³/s at the same order), pass 2's own small kernels (``_form_rates``),
     reading rows back (CRC32 + copy) and copying, and, with ``out``, a 32 MB write + fsync and
     a 4 KB one there: the time prediction's basis when no batch can be timed (a model on the
     meta device)."""
@@ -93,11 +98,11 @@ def measure_rates(size: int = 512, seconds: float = 0.4, out=None,
     def chol():
         c, _ = lapack.dpotrf(spd.T, lower=True, overwrite_a=False, clean=False)
         lapack.dpotri(c, lower=True, overwrite_c=True)
-    # the spectrum's k³ rate levels off from ~1024 (its reduction is half matrix-vector work)
-    ke = min(k, 1024)
-    sym = spd[:ke, :ke].copy()
+    # both k³ rates keep growing with the order (quiet, 2 threads: eigvalsh 8.5e9 at 1024,
+    # 2.1e10 at 2048, 3.2e10 at 4096; Cholesky + inverse 6.2e10, 7.9e10, 9.2e10), so both are
+    # measured at the plan's own order: a rate at 1024 priced GPT-2 small's 4096² spectra 4x high
     lap = dict(chol=_mean_rate(chol, float(k) ** 3, seconds / 4, warm=False),
-               eig=_mean_rate(lambda: _spectrum()(sym), float(ke) ** 3, seconds / 4,
+               eig=_mean_rate(lambda: _spectrum()(spd), float(k) ** 3, seconds / 4,
                               warm=False))
     buf = np.ones(8 << 20, np.float32)  # 32 MB
     dst = np.empty_like(buf)
@@ -156,9 +161,10 @@ def _spectrum():
 
 def lapack_order(plans) -> int:
     """The order to measure LAPACK's rates at for these plans: their largest dense layer's k
-    (at most 2048), else ``LAPACK_SIZE``."""
+    (at most 4096: one Cholesky + inverse and one eigvalsh of 4096², ~3 s quiet, for a build
+    whose pass 2 takes minutes), else ``LAPACK_SIZE``."""
     ks = [x.k for p in plans for x in p.layers if x.form == "dense"]
-    return min(max(ks), 2048) if ks and max(ks) > LAPACK_SIZE else LAPACK_SIZE
+    return min(max(ks), 4096) if ks and max(ks) > LAPACK_SIZE else LAPACK_SIZE
 
 
 def _folder(out) -> str:
