@@ -94,12 +94,8 @@ def add_in_process(path, model, train_data: Sequence, loss_fn, *, collate=None,
             prog.note(f"index {path} holds {n_old} examples; sketching only the {n - n_old} "
                       "new one(s)")
             _pass1(store, prep, train_data, n_old, prog)
-            gen = record.generation.grown(n - n_old)
-            cfg = commit_generation(path, store, record, jsonable(prep.build), gen,
-                                    progress=prog, task=task, options=options,
-                                    template=kept_quantizer(path, record, retrain or (
-                                        options is not None
-                                        and options.index != record.index_kind)))
+            cfg = commit_grown(path, store, record, jsonable(prep.build), n - n_old,
+                               progress=prog, task=task, options=options, retrain=retrain)
     finally:
         prog.close()
     warn_drift(path, cfg, n_old, retrain)
@@ -124,6 +120,22 @@ def prepare(path: Path, model, train_data: Sequence, loss_fn, *, collate, device
                             device=device)
 
 
+def commit_grown(path: Path, store, record, build: dict, n_new: int, *, progress, task,
+                 options, retrain: bool) -> dict:
+    """Commit the generation that grows ``record``'s by the ``n_new`` rows just stored (one
+    process's add and a split add's merge alike): the IVF quantizer kept unless ``retrain``
+    or another index kind was asked for."""
+    return commit_generation(path, store, record, build, record.generation.grown(n_new),
+                             progress=progress, task=task, options=options,
+                             template=kept_quantizer(path, record, retrain or (
+                                 options is not None and options.index != record.index_kind)))
+
+
+def merge_command(path) -> str:
+    """The merge of ``path``'s add shards as the caller runs it."""
+    return spelled(f"`grass-index merge {path}`", f"merge_shards({str(path)!r})")
+
+
 def warn_drift(path: Path, cfg: dict, n_old: int, retrain: bool) -> None:
     """Warn when the new rows lie far from a kept IVF quantizer's centroids."""
     ratio = drift(path, cfg, n_old) if not retrain else None
@@ -140,9 +152,8 @@ def refuse_split_add(path: Path) -> None:
     shards = path / ADDS_DIR
     if check_dir(shards) and any(not p.name.startswith(".") for p in shards.iterdir()):
         raise AttributionError(
-            f"{shards} holds the shards of a split add; finish it with "
-            + spelled(f"`grass-index merge {path}`", f"merge_shards({str(path)!r})")
-            + f", or delete {shards} to add in one process")
+            f"{shards} holds the shards of a split add; finish it with {merge_command(path)}"
+            f", or delete {shards} to add in one process")
 
 
 def _check_same_build(path: Path, old: dict, new: dict) -> None:

@@ -44,8 +44,9 @@ from ..pipeline.progress import Progress
 from ..pipeline.run import BuildResult, ShardInfo
 from ..pipeline.sketching import _sketch_batch, sketch_training_set
 from ..store import SketchStore, StoreError
-from .commit import commit_generation, index_options, kept_quantizer, recorded_build, settle
-from .grow import _check_block, _check_same_build, add_in_process, prepare, warn_drift
+from .commit import index_options, recorded_build, settle
+from .grow import (_check_block, _check_same_build, add_in_process, commit_grown,
+                   merge_command, prepare, warn_drift)
 
 NEW_DIGESTS = "new_digests"  # uint8 [m, DIGEST_BYTES]: the new examples this worker read
 FILL, FILL_DIGEST = "fill", "fill_digest"  # the fill-up's rows (array) and digest (meta, hex)
@@ -75,11 +76,6 @@ def _new_digests(data: Sequence, n_old: int) -> np.ndarray:
     for i in range(n_old, len(data)):
         out[i - n_old] = np.frombuffer(example_digest(data[i]), np.uint8)
     return out
-
-
-def merge_command(path) -> str:
-    """The merge of ``path``'s add shards as the caller runs it."""
-    return spelled(f"`grass-index merge {path}`", f"merge_shards({str(path)!r})")
 
 
 def _worker_command(path, w: str) -> str:
@@ -345,12 +341,9 @@ def merge_added(path, *, n: int | None = None, options=None, overrides: dict | N
                 if overrides and any(v is not None for v in overrides.values()):
                     options = index_options(record).replace(**overrides)
                 retrain = any(s["kv"].get("retrain") for s in shards)
-                cfg = commit_generation(
-                    path, store, record, build, record.generation.grown(
-                        build["n_train"] - add["n_old"]), progress=prog,
-                    task=shards[0]["kv"].get("task"), options=options,
-                    template=kept_quantizer(path, record, retrain or (
-                        options is not None and options.index != record.index_kind)))
+                cfg = commit_grown(path, store, record, build, build["n_train"] - add["n_old"],
+                                   progress=prog, task=shards[0]["kv"].get("task"),
+                                   options=options, retrain=retrain)
             else:
                 prog.note(f"the add shards of {path} were merged already (generation "
                           f"{record.generation.number}); deleting them")
