@@ -7,12 +7,16 @@ For each n (examples indexed) and m (examples added, or removed), side by side i
 a fresh build over n + m (the rebuild an add replaces), `add_examples` of the m new ones to an
 index of n, a fresh build over n − m and `remove_examples` of m ids. Each time is the minimum
 of ``--repeat`` runs. An MLP (64→128→64→10) on random data, FactGraSS with sjlt-256 per layer
-(K = 768, every layer dense: n ≥ k), a flat index.
+(K = 768, every layer dense: n ≥ k), an exact index of each layout (--index): ``flat``, by
+default scanned from the store (its inverses are under a quarter of the rows: index/choice.py),
+and ``flat:faiss``, a FAISS copy of every preconditioned vector.
 
 The add's time is split by its stages (from the progress callback): pass 1 (the m new rows,
 after an O(n) check of every indexed example's fingerprint and block checksum), the refit
 (Fisher sums updated from the cache: O(m·k²); the damped inverse: O(k³), independent of n),
-and FAISS (every row re-preconditioned: O(n·K·k), since a refit changes every stored vector).
+and the index: for a FAISS copy every row re-preconditioned (O(n·K·k), since a refit changes
+every stored vector); for the store scan one read of the rows (their saturated blocks and the
+recall queries' exact lists: O(n·K)).
 Prints a markdown table of ratios and the load average beside it.
 """
 from __future__ import annotations
@@ -54,17 +58,17 @@ def loss(m, batch):
     return F.cross_entropy(m(x), y, reduction="none")
 
 
-def build(out, d):
+def build(out, d, index="flat"):
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    gi.build_index(model(), d, loss, out, progress=False, workers=0, **SPECS)
+    gi.build_index(model(), d, loss, out, progress=False, workers=0, index=index, **SPECS)
     return time.perf_counter() - t0
 
 
-def add(tmp: Path, n: int, m: int):
+def add(tmp: Path, n: int, m: int, index: str):
     """(seconds of the add, {stage: seconds}) of m examples added to an index of n."""
     out = tmp / "add"
-    build(out, data(n + m).__class__(*[t[:n] for t in data(n + m).tensors]))
+    build(out, data(n + m).__class__(*[t[:n] for t in data(n + m).tensors]), index)
     marks = []
     t0 = time.perf_counter()
     gi.add_examples(out, model(), data(n + m), loss, workers=0,
@@ -80,9 +84,9 @@ def add(tmp: Path, n: int, m: int):
     return total, stages
 
 
-def remove(tmp: Path, n: int, m: int) -> float:
+def remove(tmp: Path, n: int, m: int, index: str) -> float:
     out = tmp / "remove"
-    build(out, data(n))
+    build(out, data(n), index)
     t0 = time.perf_counter()
     gi.remove_examples(out, list(range(0, n, max(1, n // m)))[:m])
     return time.perf_counter() - t0
@@ -98,26 +102,27 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[2000, 8000])
     ap.add_argument("--m", type=int, nargs="+", default=[64, 512])
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--index", nargs="+", default=["flat", "flat:faiss"])
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        for n in args.n:
-            for m in args.m:
-                rebuild_add = best(lambda: build(tmp / "fresh", data(n + m)), args.repeat)
-                t_add, st = best(lambda: add(tmp, n, m), args.repeat)
-                rebuild_rm = best(lambda: build(tmp / "fresh", data(n - m)), args.repeat)
-                t_rm = best(lambda: remove(tmp, n, m), args.repeat)
-                load = os.getloadavg()[0]
-                rows.append([n, m, f"{t_add:.2f}", f"{rebuild_add:.2f}",
-                             f"{t_add / rebuild_add:.2f}",
-                             f"{st['pass1']:.2f} / {st['refit']:.2f} / {st['faiss']:.2f}",
-                             f"{t_rm:.2f}", f"{rebuild_rm:.2f}", f"{t_rm / rebuild_rm:.2f}",
-                             f"{load:.1f}"])
-                print(f"n={n} m={m} done (load {load:.1f})", file=sys.stderr, flush=True)
-    print(markdown_table(["n", "m", "add s", "rebuild n+m s", "add/rebuild",
-                          "add: pass1 / refit / FAISS s", "remove s", "rebuild n−m s",
+        for n, m, index in [(n, m, i) for n in args.n for m in args.m for i in args.index]:
+            rebuild_add = best(lambda: build(tmp / "fresh", data(n + m), index), args.repeat)
+            t_add, st = best(lambda: add(tmp, n, m, index), args.repeat)
+            rebuild_rm = best(lambda: build(tmp / "fresh", data(n - m), index), args.repeat)
+            t_rm = best(lambda: remove(tmp, n, m, index), args.repeat)
+            load = os.getloadavg()[0]
+            rows.append([index, n, m, f"{t_add:.2f}", f"{rebuild_add:.2f}",
+                         f"{t_add / rebuild_add:.2f}",
+                         f"{st['pass1']:.2f} / {st['refit']:.2f} / {st['faiss']:.2f}",
+                         f"{t_rm:.2f}", f"{rebuild_rm:.2f}", f"{t_rm / rebuild_rm:.2f}",
+                         f"{load:.1f}"])
+            print(f"{index} n={n} m={m} done (load {load:.1f})", file=sys.stderr,
+                  flush=True)
+    print(markdown_table(["index", "n", "m", "add s", "rebuild n+m s", "add/rebuild",
+                          "add: pass1 / refit / index s", "remove s", "rebuild n−m s",
                           "remove/rebuild", "load avg"], rows))
 
 

@@ -341,20 +341,37 @@ def broken(ref, tmp_path):
     return out
 
 
-@pytest.fixture(scope="module")
-def ref_faiss(task, tmp_path_factory):
-    """The same build with its exact vectors in a FAISS file (flat:faiss)."""
-    out = tmp_path_factory.mktemp("ref_faiss") / "idx"
-    res = runner.invoke(app, build_cmd(str(task), str(out)) + ["--index", "flat:faiss"])
+def _ref_with_index(task, tmp_path_factory, index: str) -> dict:
+    out = tmp_path_factory.mktemp("ref_" + index.replace(":", "_")) / "idx"
+    res = runner.invoke(app, build_cmd(str(task), str(out)) + ["--index", index])
     assert res.exit_code == 0, res.output
     return dict(out=out, rows=store_rows(out), task=load_task(str(task)),
                 config=json.loads((out / "config.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def ref_faiss(task, tmp_path_factory):
+    """The same build with its exact vectors in a FAISS file (flat:faiss)."""
+    return _ref_with_index(task, tmp_path_factory, "flat:faiss")
+
+
+@pytest.fixture(scope="module")
+def ref_scan(task, tmp_path_factory):
+    """The same build with its exact index scanned from the store (flat:scan)."""
+    return _ref_with_index(task, tmp_path_factory, "flat:scan")
 
 
 @pytest.fixture
 def broken_faiss(ref_faiss, tmp_path):
     out = tmp_path / "idx_faiss"
     shutil.copytree(ref_faiss["out"], out)
+    return out
+
+
+@pytest.fixture
+def broken_scan(ref_scan, tmp_path):
+    out = tmp_path / "idx_scan"
+    shutil.copytree(ref_scan["out"], out)
     return out
 
 
@@ -455,6 +472,7 @@ def saturated_forged(out):
 
 
 FAISS_FILE = "flat:faiss"  # faults of a FAISS file: an index that has one
+SCAN = "flat:scan"  # faults of the store scan's list: an index that has one
 
 
 @pytest.mark.parametrize("fault, check, index", [
@@ -462,9 +480,9 @@ FAISS_FILE = "flat:faiss"  # faults of a FAISS file: an index that has one
     (corrupt_truncated, "faiss vs lmdb", FAISS_FILE),
     (disagree_vectors, "faiss vs lmdb", FAISS_FILE),
     (disagree_count, "faiss vs lmdb", FAISS_FILE), (nan_preconditioner, "preconditioner", "flat"),
-    (saturated_missing, "exact scan", "flat"), (saturated_forged, "exact scan", "flat")])
+    (saturated_missing, "saturated blocks", SCAN), (saturated_forged, "saturated blocks", SCAN)])
 def test_verify_detects_and_repair_fixes_without_gradients(fault, check, index, request):
-    suffix = "_faiss" if index == FAISS_FILE else ""
+    suffix = {FAISS_FILE: "_faiss", SCAN: "_scan"}.get(index, "")
     broken, ref = (request.getfixturevalue(f + suffix) for f in ("broken", "ref"))
     assert cli_verify(broken)[0] == 0  # the copy is healthy to begin with
     needle = fault(broken)

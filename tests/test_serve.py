@@ -317,7 +317,7 @@ def test_a_corrupted_index_is_refused_with_verifys_message(built, tmp_path):
     key = gi.open_index(copy).settings.preconditioner_key
     with SketchStore.open(copy / "sketches", readonly=False) as st:  # a forged saturated list
         st.put_array(f"precond/{key}/saturated", np.array([[0, 0]], np.int64))
-    with pytest.raises(ServeError, match=r"failed verification \(exact scan: .*"
+    with pytest.raises(ServeError, match=r"failed verification \(saturated blocks: .*"
                        r"verify_index\('.*', repair=True\)"):  # a Python caller's spelling
         create_app(copy, task=str(built[0]))
     from grass_index.errors import cli_spelling

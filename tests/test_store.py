@@ -42,6 +42,16 @@ def test_roundtrip_blocks_and_rows(tmp_path_factory, sizes, data):
         np.testing.assert_array_equal(r.get_rows(ids), expect[ids])  # any order, duplicates
         assert r.get_rows([]).shape == (0, DIM)
         assert r.meta == META and r.dim == DIM and r.verify() == []
+        # scan_blocks: the same rows as views into the map, in order, cut at ``limit``
+        seen = []
+        r.scan_blocks(lambda s0, v: seen.append((s0, v.copy(), v.flags.writeable)))
+        assert [x[0] for x in seen] == [g[0] for g in got] and not any(x[2] for x in seen)
+        np.testing.assert_array_equal(np.concatenate([x[1] for x in seen]), expect)
+        limit = data.draw(st.integers(0, len(expect)))
+        cut = []
+        r.scan_blocks(lambda s0, v: cut.append(v.copy()), limit=limit)
+        got_cut = np.concatenate(cut) if cut else np.zeros((0, DIM), np.float32)
+        np.testing.assert_array_equal(got_cut, expect[:limit])
 
 
 def test_create_resumes_identical_meta_and_refuses_different(tmp_path):

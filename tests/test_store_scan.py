@@ -1,4 +1,4 @@
-"""The default exact index is the sketch store's own rows (grass_index/indexdir/scan.py): no
+"""The default exact index is the sketch store's own rows (grass_index/index/store_scan.py): no
 FAISS copy on disk, the same answers as an exact FAISS file of preconditioned vectors, the
 same rules (saturated blocks score 0, removed ids never returned, a damping that leaves
 float32 refused), and `verify` checks and repairs what it keeps."""
@@ -14,15 +14,33 @@ import torch.nn.functional as F
 from torch import nn
 
 import grass_index as gi
-from grass_index.indexdir.scan import StoreScan, saturated_name
+from grass_index.index.store_scan import StoreScan
+from grass_index.indexdir.files import saturated_name
+from grass_index.precondition import Preconditioner
 from grass_index.store import SketchStore
 
-N = 60
+N = 200  # n ≫ k: the dense inverses (2 × 32²) are 16% of the rows, so the store is scanned
 
 
 def model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 4)).eval()
+
+
+def wide_model():
+    """k = 1024 and 512 per layer: n = 40 ≪ k keeps the low-rank form (40×40 cores)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 16)).eval()
+
+
+WIDE = dict(sparsification="random_mask-32*32", projection="sjlt-1024", batch_size=16,
+            progress=False)
+
+
+def wide_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.TensorDataset(torch.randn(n, 32, generator=g),
+                                          torch.randint(0, 16, (n,), generator=g))
 
 
 def data(n, seed):
@@ -42,18 +60,26 @@ def build(out, **kw):
     return gi.build_index(model(), data(N, 1), loss, out, **kw)
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+@pytest.fixture(scope="module", params=["dense", "low_rank"])
+def pair(request, tmp_path_factory):
     d = tmp_path_factory.mktemp("scan")
-    return build(d / "scan"), build(d / "faiss", index="flat:faiss")
+    if request.param == "dense":
+        return (build(d / "scan"), build(d / "faiss", index="flat:faiss"), model(),
+                data(7, 2))
+    m, train = wide_model(), wide_data(40, 1)
+    return (gi.build_index(m, train, loss, d / "scan", **WIDE),
+            gi.build_index(m, train, loss, d / "faiss", index="flat:faiss", **WIDE), m,
+            wide_data(7, 2))
 
 
 def test_the_default_exact_index_has_no_faiss_file_and_answers_like_one(pair):
-    scan, faiss_idx = pair
+    scan, faiss_idx, m, queries = pair
     assert scan.settings.held_in_store and not faiss_idx.settings.held_in_store
     assert not list(scan.path.glob("index-*")) and list(faiss_idx.path.glob("index-*.faiss"))
     assert isinstance(scan.vindex, StoreScan)
-    q = scan.query_sketches(model(), data(7, 2), loss)
+    forms = set(scan.config["preconditioner"]["forms"].values())
+    assert forms == ({"dense"} if scan.n_train == N else {"low_rank"})
+    q = scan.query_sketches(m, queries, loss)
     for opponents in (False, True):
         got = scan.search(q, 12, opponents=opponents)
         want = faiss_idx.search(q, 12, opponents=opponents)
@@ -63,7 +89,7 @@ def test_the_default_exact_index_has_no_faiss_file_and_answers_like_one(pair):
                                        atol=1e-6 * max(abs(s) for _, s in w))
     # the full score matrix (preconditioned training rows) agrees with the scan's scores
     full = scan.score_sketches(q)
-    top = scan.search(q, N)
+    top = scan.search(q, scan.n_train)
     for r, row in enumerate(top):
         np.testing.assert_allclose([s for _, s in row], full[r, [i for i, _ in row]].numpy(),
                                    rtol=1e-4, atol=1e-6 * float(full.abs().max()))
@@ -79,15 +105,9 @@ def test_on_disk_an_index_at_n_below_k_is_about_its_sketches(tmp_path):
     """n = 40 ≪ k (1024 and 512): the low-rank preconditioner is a 40×40 core per layer, and
     the exact index adds no copy: the directory is within 1.2× its sketches, plus LMDB's
     fixed pages; an exact FAISS file (flat:faiss) is a whole second copy."""
-    torch.manual_seed(0)
-    wide = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 16)).eval()
-    g = torch.Generator().manual_seed(1)
-    train = torch.utils.data.TensorDataset(torch.randn(40, 32, generator=g),
-                                           torch.randint(0, 16, (40,), generator=g))
-    kw = dict(sparsification="random_mask-32*32", projection="sjlt-1024", batch_size=16,
-              progress=False)
-    idx = gi.build_index(wide, train, loss, tmp_path / "idx", **kw)
-    old = gi.build_index(wide, train, loss, tmp_path / "old", index="flat:faiss", **kw)
+    wide, train = wide_model(), wide_data(40, 1)
+    idx = gi.build_index(wide, train, loss, tmp_path / "idx", **WIDE)
+    old = gi.build_index(wide, train, loss, tmp_path / "old", index="flat:faiss", **WIDE)
     assert set(idx.layout.values()) == {1024, 512}
     sketches = 40 * idx.dim * 4
     fixed = 128 << 10  # LMDB's meta, tree and freed pages; build.json, config.json, locks
@@ -114,21 +134,18 @@ def test_a_saturated_block_scores_exactly_zero_in_the_scan():
                      [1e-38, 2e-38, 0.0, 3.0, -1.0],    # layer a saturated
                      [0.5, 0.5, 0.5, 1e-37, 0.0]], np.float32)  # layer b saturated
 
-    class Identity:
-        layout, damping_used = {"a": 3, "b": 2}, {"a": 0.0, "b": 0.0}
-
-        def apply(self, q):
-            return np.array(q, dtype=np.float32)
-
+    identity = Preconditioner.fit({}, layout, hessian="identity")
     class Store:
-        def iter_blocks(self, verify=True):
-            yield 0, rows.copy()
+        def scan_blocks(self, fn, *, limit=None, verify=True):
+            fn(0, rows[:2])  # two blocks, as a store of batch size 2 holds them
+            fn(2, rows[2:])
 
     from contextlib import nullcontext
-    from grass_index.indexdir.scan import saturated_blocks, starts_of
+    from grass_index.index.store_scan import saturated_blocks, starts_of
     pairs = saturated_blocks(rows, starts_of(layout))
     assert pairs.tolist() == [[1, 0], [2, 1]]
-    scan = StoreScan(lambda: nullcontext(Store()), Identity, dim=5, live=np.ones(3, bool),
+    scan = StoreScan(lambda: nullcontext(Store()), lambda: identity, dim=5,
+                     live=np.ones(3, bool),
                      saturated=pairs, build_key="k")
     q = np.ones((1, 5), np.float32)
     scores, ids = scan.search(q, 3)
@@ -141,17 +158,17 @@ def test_a_saturated_block_scores_exactly_zero_in_the_scan():
 
 
 def test_a_query_the_damping_takes_out_of_float32_is_refused():
-    class Huge:
-        layout, damping_used = {"a": 2}, {"a": 1e-40}
-
-        def apply(self, q):
-            return np.asarray(q, np.float64) * 1e40
-
     from contextlib import nullcontext
-    scan = StoreScan(lambda: nullcontext(None), Huge, dim=2, live=np.ones(1, bool),
+    from grass_index.precondition.forms import Dense
+    huge = Preconditioner({"a": 2}, "eFIM", {"a": Dense(np.eye(2, dtype=np.float32) * 1e30,
+                                                        1e-30)},
+                          {"a": 1e-30}, ("absolute", 1e-30))
+    scan = StoreScan(lambda: nullcontext(None), lambda: huge, dim=2, live=np.ones(1, bool),
                      saturated=np.zeros((0, 2)), build_key="k")
-    with pytest.raises(gi.AttributionError, match="overflowed float32.*larger damping"):
-        scan.search(np.ones((1, 2), np.float32), 1)
+    from grass_index.precondition import DampingError
+    with pytest.raises(DampingError, match="overflowed float32.*larger damping") as e:
+        scan.search(np.full((1, 2), 1e10, np.float32), 1)
+    assert e.value.needs == "larger"
 
 
 def test_verify_checks_and_repairs_the_saturated_list(tmp_path):
@@ -168,3 +185,56 @@ def test_verify_checks_and_repairs_the_saturated_list(tmp_path):
         gi.open_index(idx.path).search(torch.ones(1, idx.dim), 3)
     assert gi.verify_index(idx.path, repair=True)["ok"]
     assert len(gi.open_index(idx.path).search(torch.ones(1, idx.dim), 3)[0]) == 3
+
+
+def test_a_search_sketch_holds_the_raw_rows_and_ranks_like_exact_search(tmp_path):
+    """A two-stage index (FAISS over a search sketch, re-ranked exactly) takes the rows raw:
+    FAISS holds S·ĝ, a query searches with S·(F+λI)⁻¹q and re-ranks against the raw rows.
+    Its answers are the exact index's; `verify` compares FAISS with the sketched raw rows."""
+    from grass_index.indexdir.stored import load_faiss
+    from grass_index.index import SearchSketch
+
+    exact = build(tmp_path / "exact", index="flat:faiss")
+    sk = build(tmp_path / "sketch", index="flat:sketch=32,rerank=50")
+    assert sk.config["index"]["raw_rows"] and sk.config["index"]["search_sketch"]["dim"] == 32
+    assert sk.settings.recall["recall"] >= 0.95
+    q = sk.query_sketches(model(), data(7, 2), loss)
+    for opponents in (False, True):
+        for a, b in zip(sk.search(q, 5, opponents=opponents),
+                        exact.search(q, 5, opponents=opponents)):
+            assert [i for i, _ in a] == [i for i, _ in b]
+            np.testing.assert_allclose([s for _, s in a], [s for _, s in b], rtol=1e-4,
+                                       atol=1e-6 * max(abs(s) for _, s in b))
+    # FAISS holds the search sketch of the raw rows (no inverse applied to them)
+    vindex = load_faiss(sk.path, sk.settings)
+    with SketchStore.open(sk.path / "sketches") as st:
+        raw = st.get_rows(np.arange(N))
+    S = SearchSketch(sk.dim, 32, sk.settings.seed)
+    np.testing.assert_allclose(vindex.inner.reconstruct(np.arange(N)), S(raw), rtol=1e-6,
+                               atol=1e-7)
+    assert gi.verify_index(sk.path)["ok"]
+    # a refit writes the same raw sketches again: only the preconditioner changed
+    before = vindex.inner.reconstruct(np.arange(N))
+    sk.reprecondition(damping=1.0)
+    after = load_faiss(sk.path, sk.settings).inner.reconstruct(np.arange(N))
+    np.testing.assert_array_equal(before, after)
+    assert gi.verify_index(sk.path)["ok"]
+
+
+def test_near_n_equals_k_the_default_keeps_a_faiss_copy_and_scan_forces_the_scan(tmp_path):
+    """n = 40 rows for two 32-wide dense layers: the inverses (8 KB) are 80% of the rows
+    (10 KB), which a scan would read per query on top of them: the default writes the FAISS
+    copy (one read per query); ``flat:scan`` scans anyway, with the same answers."""
+    train = data(40, 1)
+    near = gi.build_index(model(), train, loss, tmp_path / "near", sparsification="random_mask-8*6",
+                          projection="sjlt-32", batch_size=8, progress=False)
+    forced = gi.build_index(model(), train, loss, tmp_path / "scan", index="flat:scan",
+                            sparsification="random_mask-8*6", projection="sjlt-32", batch_size=8,
+                            progress=False)
+    assert not near.settings.held_in_store and forced.settings.held_in_store
+    assert forced.settings.index_kind == "flat:scan"
+    q = near.query_sketches(model(), data(5, 2), loss)
+    for a, b in zip(forced.search(q, 10), near.search(q, 10)):
+        assert [i for i, _ in a] == [i for i, _ in b]
+    with pytest.raises(gi.AttributionError, match="goes with flat alone"):
+        gi.build_index(model(), train, loss, tmp_path / "bad", index="ivf:scan", progress=False)

@@ -70,8 +70,17 @@ def test_plan_gpt2_small_numbers_and_refusal(tmp_path, monkeypatch):
     assert big.store_disk >= 100_000 * 196_608 * 4
     assert big.index_disk == pytest.approx(100_000 * 4096 * 4, rel=1e-3)
     assert 6.4e9 < big.ram_peak < 14e9
-    flat = plan.estimate(layer_dims=dims, layout=layout, n=100_000, batch_size=32, tokens=64)
+    # exact at n ≫ k: the 3.2 GB of inverses are 4% of the rows, so the store is scanned (no
+    # copy on disk or in RAM); flat:faiss writes the 78.6 GB copy and holds it in pass 2
+    scan = plan.estimate(layer_dims=dims, layout=layout, n=100_000, batch_size=32, tokens=64)
+    assert scan.index_in_store and scan.index_disk == 0 and scan.ram_peak < 20e9
+    flat = plan.estimate(layer_dims=dims, layout=layout, n=100_000, batch_size=32, tokens=64,
+                         index="flat:faiss")
+    assert not flat.index_in_store
     assert flat.index_disk == pytest.approx(100_000 * 196_608 * 4, rel=1e-3) and flat.ram_peak > 78e9
+    # n = 4,096 = k: the inverses are as large as the rows: the copy keeps queries at one read
+    near = plan.estimate(layer_dims=dims, layout=layout, n=4096, batch_size=32, tokens=64)
+    assert not near.index_in_store and near.index_disk > 3e9
     small = plan.estimate(layer_dims=dims, layout=layout, n=64, batch_size=32, tokens=64)
     assert small.dense_layers == 0 and small.fisher_disk == 0  # Woodbury: n < k/2
     msg = plan.shortfall(big, ram=4e9, disk=None, K_per_layer=4096)

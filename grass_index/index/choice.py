@@ -31,6 +31,9 @@ TARGET_RECALL = 0.95  # recall@k a sketched search must reach
 WIDTHS = (DEFAULT_DIM, 2 * DEFAULT_DIM, 4 * DEFAULT_DIM, 8 * DEFAULT_DIM)
 RERANKS = (DEFAULT_RERANK, 2 * DEFAULT_RERANK, 5 * DEFAULT_RERANK)
 BUDGET_SHARE = 0.5  # of the RAM available when pass 2 starts, for the index's vectors
+# An exact index scans the store's own rows (no FAISS copy) when the preconditioner a query
+# then applies is at most this share of the rows: its bytes are read per query on top of them
+SCAN_FORMS_SHARE = 0.25
 
 
 def default_budget() -> float:
@@ -62,12 +65,25 @@ class Choice(NamedTuple):
         return d
 
 
+def scans_store(spec, form_bytes: float, K: int, n: int) -> bool:
+    """Whether an exact index is the sketch store's rows, scanned with preconditioned queries
+    (grass_index/index/store_scan.py), instead of a FAISS copy of every preconditioned vector.
+
+    A scan preconditions each query, reading the preconditioner's arrays (``form_bytes``): a
+    dense k×k inverse per layer when n ≥ k, the n×n low-rank core per layer when n < k. That
+    is cheap beside the n·K rows when n ≫ k or n ≪ k, and as large as them near n = k (GPT-2
+    small at n = 4,096: 3.2 GB of inverses, 3.2 GB of rows), where the copy keeps queries at
+    one read of the vectors. ``flat:faiss`` always writes the copy, ``flat:scan`` never."""
+    return spec.scans_store and (spec.held == "store"
+                                 or form_bytes <= SCAN_FORMS_SHARE * 4.0 * n * K)
+
+
 def candidates(spec, K: int, n: int) -> tuple[list[int], list[int], str]:
     """(widths, reranks, why) to consider; no widths means exact search. The budget is the
     spec's ``budget=MB``, else :func:`default_budget`."""
     budget = spec.budget * 1e6 if spec.budget >= 0 else default_budget()
     exact_bytes = 4.0 * n * K
-    if spec.sketch == 0:
+    if spec.sketch == 0 or spec.held == "store":  # a scan streams the rows: no RAM budget
         return [], [], "exact search (the index spec says so)"
     if spec.sketch < 0 and exact_bytes <= budget:
         # (the budget itself is left out: the config of the same build stays the same)

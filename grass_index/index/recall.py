@@ -1,7 +1,12 @@
 """Recall of an approximate top-k against the exact one (the quality number an index records)."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
+log = logging.getLogger("grass_index")
+RECALL_QUERIES, RECALL_K = 100, 10  # a build's recall check: training sketches as queries
 
 
 def recall_at_k(approx_ids, exact_ids, k: int, *, exclude=None) -> float:
@@ -59,3 +64,25 @@ class ExactTopK:
         """(scores, ids), best first."""
         order = np.argsort(-self.scores, axis=1, kind="stable")
         return np.take_along_axis(self.scores, order, 1), np.take_along_axis(self.ids, order, 1)
+
+
+def recall_queries(n: int, live: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """Recall ground truth uses training sketches as queries (the distribution of real queries'
+    sketches), each one's own id excluded from both lists: (their ids, k). ``live``: the ids
+    that count (bool [n]; a living index's removed ones are no queries)."""
+    ids = np.arange(n, dtype=np.int64) if live is None else np.flatnonzero(live)
+    m = len(ids)
+    pick = np.linspace(0, m - 1, min(RECALL_QUERIES, m)).round().astype(np.int64)
+    return np.unique(ids[pick]), min(RECALL_K, m - 1)
+
+
+def measure_recall(vindex, exact: ExactTopK, qids, k: int, others=()) -> dict:
+    """recall@k of ``vindex`` against the exact top lists, recorded on it (and ``others``)."""
+    _, approx = vindex.search(exact.queries, k + 1)
+    r = recall_at_k(approx, exact.result()[1], k, exclude=qids)
+    recall = dict(k=k, recall=round(r, 4), queries=len(qids), nprobe=vindex.nprobe,
+                  queries_from="training sketches, own id excluded")
+    for v in (vindex, *others):
+        v.recall = recall
+    log.info("index: recall@%d = %.4f against exact search (%d queries)", k, r, len(qids))
+    return recall

@@ -55,10 +55,17 @@ class SketchedIndex:
     """A VectorIndex over search sketches that takes and returns full-width vectors/scores.
 
     ``rerank`` (set with :meth:`with_rerank`) gives the exact scores of candidate ids; without
-    it, search returns the sketch's estimates (what verify and building need)."""
+    it, search returns the sketch's estimates (what verify and building need).
+
+    ``raw_rows``: FAISS holds sketches of the *raw* rows S·ĝ, not of the preconditioned
+    S·(F+λI)⁻¹ĝ; a query is then preconditioned first (``precondition``, set with
+    :meth:`with_rerank`), sketched and searched, and its candidates re-ranked against the raw
+    rows: ⟨S·Pq, S·ĝ⟩ estimates ⟨Pq, ĝ⟩ = ⟨q, Pĝ⟩ (P symmetric). A build then never multiplies
+    a row by an inverse, and a refit leaves FAISS as it is."""
 
     def __init__(self, inner, sketch: SearchSketch, rerank_factor: int = DEFAULT_RERANK,
-                 rerank: Rerank | None = None):
+                 rerank: Rerank | None = None, *, raw_rows: bool = False,
+                 precondition: Callable[[np.ndarray], np.ndarray] | None = None):
         if inner.dim != sketch.dim:
             raise FaissIndexError(f"the FAISS index is {inner.dim}-d but the search sketch "
                                   f"is {sketch.dim}-d; rebuild the index")
@@ -66,9 +73,18 @@ class SketchedIndex:
         self.rerank_factor = int(rerank_factor)
         self.rerank = rerank
         self.dim = sketch.dim_in
+        self.raw_rows, self.precondition = bool(raw_rows), precondition
 
-    def with_rerank(self, rerank: Rerank | None) -> "SketchedIndex":
-        return SketchedIndex(self.inner, self.sketch, self.rerank_factor, rerank)
+    def with_rerank(self, rerank: Rerank | None,
+                    precondition: Callable[[np.ndarray], np.ndarray] | None = None
+                    ) -> "SketchedIndex":
+        """This index re-ranking with ``rerank``; over raw rows, queries are preconditioned by
+        ``precondition`` first (the rerank then gets the preconditioned queries)."""
+        if self.raw_rows and rerank is not None and precondition is None:
+            raise FaissIndexError("a search sketch over raw rows needs the preconditioner to "
+                                  "search with")
+        return SketchedIndex(self.inner, self.sketch, self.rerank_factor, rerank,
+                             raw_rows=self.raw_rows, precondition=precondition)
 
     # the VectorIndex surface the pipeline uses --------------------------------------------------
     def __getattr__(self, name):  # kind, dtype, ntotal, nlist, nprobe, save, ids, ...
@@ -95,6 +111,8 @@ class SketchedIndex:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise FaissIndexError(f"queries must have shape (n, {self.dim}), got {q.shape}")
+        if self.precondition is not None:
+            q = np.ascontiguousarray(self.precondition(q), dtype=np.float32)
         if self.rerank is None:
             return self.inner.search(self.sketch(q), k, opponents=opponents, nprobe=nprobe)
         kk = min(int(k), self.ntotal)
@@ -112,6 +130,8 @@ class SketchedIndex:
         d = dict(self.inner.describe())
         d.update(search_sketch=self.sketch.describe(), rerank_factor=self.rerank_factor,
                  full_dim=self.dim)
+        if self.raw_rows:
+            d["raw_rows"] = True
         return d
 
     @classmethod
@@ -121,4 +141,5 @@ class SketchedIndex:
         if not s:
             return inner
         return cls(inner, SearchSketch(s["dim_in"], s["dim"], s["seed"]),
-                   meta.get("rerank_factor", DEFAULT_RERANK))
+                   meta.get("rerank_factor", DEFAULT_RERANK),
+                   raw_rows=bool(meta.get("raw_rows")))

@@ -38,22 +38,23 @@ SEARCH_CHUNK = 4096
 class IndexSpec(NamedTuple):
     """What ``--index`` names: ``KIND[:OPTION,...]``, e.g. ``flat``, ``ivf:fp16``,
     ``flat:fp16,shards=4``. Options: ``fp16`` (float16 storage), ``shards=N`` (N part files
-    searched as one), ``faiss`` (an exact float32 index in a FAISS file of its own, e.g. for
-    FAISS's GPU search; without it the exact index scans the sketch store's rows)."""
+    searched as one), ``faiss`` / ``scan``: an exact float32 index as a FAISS copy of the
+    preconditioned rows (e.g. for FAISS's GPU search) / as a scan of the sketch store's rows;
+    without either, index/choice.py ``scans_store`` picks by the preconditioner's size."""
     kind: str
     dtype: str = "float32"
     shards: int = 1
     sketch: int = -1  # search sketch width: -1 = by memory and recall (choice.py), 0 = exact
     rerank: int = 0  # two-stage search: candidates per result (0: chosen by measured recall)
     budget: int = -1  # MB the exact index may take (-1: half the RAM available, choice.py)
-    in_faiss: bool = False  # an exact flat float32 index copied into a FAISS file
+    held: str = ""  # an exact flat float32 index: "faiss" (a copy), "store" (scanned), "": chosen
 
     @property
     def scans_store(self) -> bool:
-        """Exact float32 search in one part is a scan of the store's own rows (no FAISS
-        file, grass_index/indexdir/scan.py) unless ``faiss`` asks for the copy."""
+        """Exact float32 search in one part may be a scan of the store's own rows (no FAISS
+        file, grass_index/index/store_scan.py) unless ``faiss`` asks for the copy."""
         return (self.kind == "flat" and self.dtype == "float32" and self.shards == 1
-                and not self.in_faiss)
+                and self.held != "faiss")
 
     def __str__(self) -> str:
         opts = (["fp16"] if self.dtype == "float16" else []) + (
@@ -61,7 +62,7 @@ class IndexSpec(NamedTuple):
             ["exact"] if self.sketch == 0 else [f"sketch={self.sketch}"] if self.sketch > 0
             else []) + ([f"rerank={self.rerank}"] if self.rerank > 0 else []) + (
             [f"budget={self.budget}"] if self.budget >= 0 else []) + (
-            ["faiss"] if self.in_faiss else [])
+            ["faiss"] if self.held == "faiss" else ["scan"] if self.held == "store" else [])
         return self.kind + (":" + ",".join(opts) if opts else "")
 
 
@@ -75,7 +76,7 @@ def parse_spec(spec) -> IndexSpec:
     if not colon and "," in kind:  # "flat,shards=3" (an older README's grammar): the same index
         kind, _, options = kind.partition(",")
     dtype, shards, bad = "float32", 1, kind not in KINDS
-    sketch, rerank, budget, in_faiss = -1, 0, -1, False
+    sketch, rerank, budget, held = -1, 0, -1, ""
     for opt in filter(None, options.split(",")) if options else []:
         key, eq, value = opt.strip().partition("=")
         if key in ("fp16", "fp32") and not eq:
@@ -90,8 +91,8 @@ def parse_spec(spec) -> IndexSpec:
             rerank = int(value)
         elif key == "budget" and value.isdigit():
             budget = int(value)
-        elif key == "faiss" and not eq:
-            in_faiss = True
+        elif key in ("faiss", "scan") and not eq and not held:
+            held = "faiss" if key == "faiss" else "store"
         else:
             bad = True
     if bad or (options == "" and ":" in str(spec)):
@@ -101,9 +102,12 @@ def parse_spec(spec) -> IndexSpec:
                               "shards=N writes N files searched as one; sketch=D searches a "
                               "D-wide sketch and re-ranks R·k candidates exactly, rerank=R; "
                               "exact: never sketch; budget=MB: exact when the vectors fit "
-                              "in MB, else sketched; faiss: the exact vectors in a FAISS file "
-                              "instead of scanned from the sketch store)")
-    return IndexSpec(kind, dtype, shards, sketch, rerank, budget, in_faiss)
+                              "in MB, else sketched; faiss / scan: exact search over a FAISS "
+                              "copy of the vectors / over the sketch store's rows)")
+    if held == "store" and (kind, dtype, shards) != ("flat", "float32", 1):
+        raise FaissIndexError(f"index {spec!r}: scan searches the sketch store's rows exactly; "
+                              "it goes with flat alone (not ivf, fp16 or shards=N)")
+    return IndexSpec(kind, dtype, shards, sketch, rerank, budget, held)
 
 
 def default_nlist(n_train: int) -> int:
@@ -465,3 +469,24 @@ def _same_centroids(a: VectorIndex, b: VectorIndex) -> bool:
         return True
     ca, cb = (faiss.downcast_index(v._index.quantizer).reconstruct_n(0, v.nlist) for v in (a, b))
     return np.array_equal(ca, cb)
+
+
+IVF_TRAIN_CAP = 100_000
+
+
+def make_template(blocks, spec, dim: int, nlist, nprobe) -> VectorIndex:
+    """An empty index that the parts are copied from: IVF trained on (and float16 scales fixed
+    by) the first preconditioned rows ``blocks`` yields — a deterministic sample."""
+    template = VectorIndex.create(dim, spec.kind, nlist=nlist, nprobe=nprobe, dtype=spec.dtype)
+    if spec.kind == "ivf" or spec.dtype == "float16":
+        sample, got = [], 0
+        for _, vec in blocks:
+            sample.append(vec)
+            got += len(vec)
+            if spec.kind == "flat" or got >= IVF_TRAIN_CAP:
+                break
+        sample = np.concatenate(sample)[:IVF_TRAIN_CAP]
+        if spec.kind == "ivf":
+            template.train(sample)
+        template.fix_scales(sample)
+    return template

@@ -92,7 +92,7 @@ def check_file_names(path: Path, cfg: dict) -> None:
     try:
         for name in [cfg.get("index_file")] + list(cfg.get("index_files") or []):
             if name is None and (cfg.get("index") or {}).get("held") == "store":
-                continue  # no FAISS file: the exact index scans the store (indexdir/scan.py)
+                continue  # no FAISS file: the exact index scans the store (index/store_scan.py)
             plain_file_name(name, f"{path / CONFIG_FILE}: index file")
     except UnsafeNameError as e:
         raise AttributionError(str(e).replace("DIR", str(path))) from None

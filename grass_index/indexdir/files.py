@@ -29,3 +29,10 @@ def cosine_file_name(key: str) -> str:
     """The exact index of unit-norm vectors that cosine search uses (grass_index.analysis.
     normalize), built on first use beside the main index of the same variant ``key``."""
     return f"index-{key}-cosine.faiss"
+
+
+def saturated_name(key: str) -> str:
+    """The store array of variant ``key``'s saturated (row, layer) blocks, for an index that
+    takes its rows raw (index/store_scan.py): under the preconditioner's prefix, so it is
+    kept and cleaned up with it."""
+    return f"precond/{key}/saturated"

@@ -313,7 +313,7 @@ class IndexRecord(BuildRecord):
     capture: Mapping | None = _field(_opt(_dict))
     index: Mapping = _field(_index, required=True)
     index_kind: str = _field(_index_kind, required=True)
-    # None when the exact vectors are the store's rows (index.held == "store": indexdir/scan.py)
+    # None when the exact vectors are the store's rows (index.held == "store": index/store_scan.py)
     index_file: str | None = _field(_opt(_str))
     index_files: tuple[str, ...] | None = _field(_opt(_strings))
     n_blocks: int = _field(_positive, required=True)
@@ -393,7 +393,7 @@ class IndexRecord(BuildRecord):
 
     @property
     def held_in_store(self) -> bool:
-        """The exact index is a scan of the store's rows (no FAISS file: indexdir/scan.py)."""
+        """The exact index is a scan of the store's rows (no FAISS file: index/store_scan.py)."""
         return self.index.get("held") == "store"
 
     @property

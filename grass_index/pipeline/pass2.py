@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 from ..version import __version__
+from ..index.recall import measure_recall, recall_queries
+from ..index.vector_index import make_template
 from ..index import (ExactTopK, SearchSketch, ShardedIndex, SketchedIndex, VectorIndex,
                      parse_spec, part_ranges, recall_at_k)
 from ..index import choice as search_choice
@@ -43,14 +45,14 @@ from ..indexdir.errors import AttributionError
 from .factors import fit_ekfac
 from ..fileio import remove_stale_temps, unlink_owned
 from ..indexdir.files import (CONFIG_FILE, INDEX_FILE, STORE_DIR, index_file_names, jsonable,
-                              write_json)
+                              saturated_name, write_json)
 from ..indexdir.fingerprints import config_hash, data_signature, hash_json
 from ..indexdir.generations import Generation, record_number
 from .options import IndexOptions, damping_key
 from .progress import Progress
 from ..indexdir.record import n_batches, stored_build_record
-from ..indexdir.scan import (StoreScan, held_open, precondition_queries, saturated_blocks,
-                             saturated_name, starts_of, zero_blocks)
+from ..index.store_scan import (StoreScan, checked_queries, held_open, precondition_queries,
+                                raw_rerank, saturated_blocks, starts_of, zero_blocks)
 from ..indexdir.stored import chunks, damping_refused, preconditioned_blocks, store_rerank
 
 log = logging.getLogger("grass_index")
@@ -258,11 +260,13 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, run: P
         queries[pos] = got
     measure = k >= 1 and len(p2.widths) * len(p2.reranks) > 1
 
-    def lists():
-        return search_choice.SketchTopLists(queries, p2.dim, build["seed"], p2.widths,
-                                            (k + 1) * max(p2.reranks))
     p2.qids = qids
-    filled = run.ranks.step(lambda: p2.fill(template, queries, k, lists() if measure else None))
+    fq = p2.fill_queries(queries, k)  # what the rows are scored against while filling
+
+    def lists():
+        return search_choice.SketchTopLists(fq, p2.dim, build["seed"], p2.widths,
+                                            (k + 1) * max(p2.reranks))
+    filled = run.ranks.step(lambda: p2.fill(template, fq, k, lists() if measure else None))
     tops = [top for _, top, _, _ in filled]
     if measure:
         p2.chosen = _choose(filled, tops, lists(), queries, qids, k, p2.reranks, p2.reason, p2.n)
@@ -271,9 +275,9 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, run: P
             template = run.ranks.share(p2.template, encode=lambda t: t.to_bytes(),
                                        decode=lambda b: VectorIndex.from_bytes(*b))
             template.build_key = p2.key
-            filled = run.ranks.step(lambda: p2.fill(template, queries, k, None))
+            filled = run.ranks.step(lambda: p2.fill(template, fq, k, None))
     zero = zero_layers(build["layout"], [reached for reached, _, _, _ in filled])
-    if p2.in_store:
+    if p2.raw:
         p2.saturated = np.concatenate([sat for _, _, _, sat in filled])
 
     def rank0_commit():
@@ -291,7 +295,7 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, run: P
             remove_temp_files(out)
             for part, name in zip(p2.parts[:len(mine)], files):  # the others' are on disk
                 part.save(out / name)
-            if p2.in_store:  # what the scan zeroes, beside the preconditioner it belongs to
+            if p2.raw:  # the blocks that score 0, beside the preconditioner they belong to
                 store.put_array(saturated_name(p2.key), p2.saturated)
             extra = dict(run.extra or {}, capture=capture_record(build, describe, zero))
             return commit(out, store, build, describe, pre=p2.pre, key=p2.key, vindex=vindex,
@@ -324,8 +328,13 @@ class _Pass2:
         self.widths, self.reranks, self.reason = search_choice.candidates(spec, self.dim,
                                                                           self.gen.n_live)
         self.sk = SearchSketch(self.dim, self.widths[0], build["seed"]) if self.widths else None
-        # an exact float32 index in one part is a scan of the store's own rows (indexdir/scan.py)
-        self.in_store = spec.scans_store and self.sk is None
+        # an exact float32 index in one part is a scan of the store's own rows (index/store_scan.py)
+        self.in_store = self.sk is None and search_choice.scans_store(
+            spec, form_bytes(self.pre), self.dim, self.gen.n_live)
+        # rows taken raw, queries preconditioned instead: the store scan, and a search sketch
+        # (FAISS holds S·ĝ: never multiplied by an inverse, unchanged by a refit)
+        self.raw = self.in_store or (self.sk is not None and spec.kind == "flat"
+                                     and spec.dtype == "float32")
         self.qids, self.saturated = np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
         self.chosen = search_choice.Choice(self.sk and self.sk.dim,
                                            self.reranks[0] if self.reranks else 0, self.reason)
@@ -366,8 +375,8 @@ class _Pass2:
         lists over them, and with ``lists`` (index/choice.py) each candidate search sketch's:
         ({layer: reached by a nonzero vector}, (scores, ids) or None, sketched tops or None,
         the saturated (id, layer) pairs of an index held in the store, else None)."""
-        if self.in_store:
-            return self.fill_scan(queries, k)
+        if self.raw:
+            return self.fill_raw(template, queries, k, lists)
         rows, slices = self.run.rows, layer_slices(self.build["layout"])
         parts = [template.empty_like() for _ in self.ranges]
         exact = ExactTopK(queries, k + 1) if k >= 1 else None
@@ -396,20 +405,27 @@ class _Pass2:
         return (reached, None if exact is None else (exact.scores, exact.ids),
                 None if lists is None else lists.state(), None)
 
-    def fill_scan(self, queries: np.ndarray, k: int):
-        """``fill`` for an index held in the store: no vector is preconditioned or copied. The
-        recall queries are preconditioned instead (a damping that takes them out of float32
-        is refused, naming those training ids) and scored against this rank's raw rows, whose
-        saturated blocks (below 1e-30) are found and scored as 0."""
+    def fill_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """The recall queries as the fill scores rows against them: raw (FAISS holds
+        preconditioned rows), or, with raw rows (``raw``), preconditioned — a damping that
+        takes them out of float32 is refused here, naming those training ids."""
+        if not self.raw or k < 1:
+            return queries
+        pq, under, over = precondition_queries(self.pre, queries, self.dim)
+        if len(under) or len(over):
+            raise damping_refused(self.pre, self.qids[under if len(under) else over][:5]
+                                  .tolist(), "under" if len(under) else "over")
+        return pq
+
+    def fill_raw(self, template: VectorIndex, pq: np.ndarray, k: int, lists=None):
+        """``fill`` with raw rows: nothing is preconditioned. Each block's saturated blocks
+        (below 1e-30) are found and set to 0; the rows go, search-sketched, into this rank's
+        FAISS parts (none for the store scan) and are scored against the preconditioned
+        recall queries ``pq``: the same exact top lists, without touching an inverse."""
         rows, layout = self.run.rows, self.build["layout"]
         slices, starts = list(layer_slices(layout).values()), starts_of(layout)
-        exact = None
-        if k >= 1:
-            pq, under, over = precondition_queries(self.pre, queries, self.dim)
-            if len(under) or len(over):
-                raise damping_refused(self.pre, self.qids[under if len(under) else over][:5]
-                                      .tolist(), "under" if len(under) else "over")
-            exact = ExactTopK(pq, k + 1)
+        parts = [] if self.in_store else [template.empty_like() for _ in self.ranges]
+        exact = ExactTopK(pq, k + 1) if k >= 1 else None
         reached, saturated = dict.fromkeys(layer_slices(layout), False), []
         with rows.open() as st:
             for start, raw in chunks(st, limit=self.n):
@@ -421,11 +437,22 @@ class _Pass2:
                 saturated.append(np.column_stack([ids[sat[:, 0]], sat[:, 1]]))
                 for name, sl in zip(reached, slices):
                     reached[name] = reached[name] or bool(raw[:, sl].any())
+                if parts:
+                    held = self.sk(raw)
+                    for part, (lo, hi) in zip(parts, self.ranges):
+                        mine = (ids >= lo) & (ids < hi)
+                        if mine.any():
+                            part.add(held[mine], ids[mine])
                 if exact is not None:
                     exact.add(raw, ids)
+                if lists is not None:
+                    lists.add(raw, ids)
                 self.run.progress("index", start + len(raw), st.num_rows)
-        self.parts = []
-        return (reached, None if exact is None else (exact.scores, exact.ids), None,
+        if parts and self.run.ranks.rank != 0:  # the others hand their part over on disk
+            parts[0].save(self.out / self.names[self.run.ranks.rank])
+        self.parts = parts
+        return (reached, None if exact is None else (exact.scores, exact.ids),
+                None if lists is None else lists.state(),
                 np.concatenate(saturated) if saturated else np.zeros((0, 2), np.int64))
 
     def joined(self, store):
@@ -448,7 +475,12 @@ class _Pass2:
             p.build_key = self.key
         self.parts = parts
         vindex = parts[0] if len(parts) == 1 else ShardedIndex(parts)
-        if self.sk is not None:
+        if self.sk is not None and self.raw:  # queries preconditioned, rows raw
+            vindex = SketchedIndex(vindex, self.sk, self.chosen.rerank, raw_rows=True
+                                   ).with_rerank(raw_rerank(store, self.build["layout"],
+                                                            self.saturated),
+                                                 lambda q: checked_queries(self.pre, q, self.dim))
+        elif self.sk is not None:
             vindex = SketchedIndex(vindex, self.sk, self.chosen.rerank).with_rerank(
                 store_rerank(store, self.pre))
         check_count(vindex, self.gen.n_live)
@@ -702,38 +734,6 @@ def _choose(filled, tops, lists, queries, qids, k: int, reranks, reason: str, n:
     return chosen
 
 
-RECALL_QUERIES, RECALL_K = 100, 10
-IVF_TRAIN_CAP = 100_000
-
-
-def make_template(blocks, spec, dim: int, nlist, nprobe) -> VectorIndex:
-    """An empty index that the parts are copied from: IVF trained on (and float16 scales fixed
-    by) the first preconditioned rows ``blocks`` yields — a deterministic sample."""
-    template = VectorIndex.create(dim, spec.kind, nlist=nlist, nprobe=nprobe, dtype=spec.dtype)
-    if spec.kind == "ivf" or spec.dtype == "float16":
-        sample, got = [], 0
-        for _, vec in blocks:
-            sample.append(vec)
-            got += len(vec)
-            if spec.kind == "flat" or got >= IVF_TRAIN_CAP:
-                break
-        sample = np.concatenate(sample)[:IVF_TRAIN_CAP]
-        if spec.kind == "ivf":
-            template.train(sample)
-        template.fix_scales(sample)
-    return template
-
-
-def recall_queries(n: int, live: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """Recall ground truth uses training sketches as queries (the distribution of real queries'
-    sketches), each one's own id excluded from both lists: (their ids, k). ``live``: the ids
-    that count (bool [n]; a living index's removed ones are no queries)."""
-    ids = np.arange(n, dtype=np.int64) if live is None else np.flatnonzero(live)
-    m = len(ids)
-    pick = np.linspace(0, m - 1, min(RECALL_QUERIES, m)).round().astype(np.int64)
-    return np.unique(ids[pick]), min(RECALL_K, m - 1)
-
-
 def check_count(vindex, n: int) -> None:
     if vindex.ntotal != n:
         raise AttributionError(f"index holds {vindex.ntotal} vectors for {n} "
@@ -741,14 +741,7 @@ def check_count(vindex, n: int) -> None:
                                + spelled("grass-index verify", "grass_index.verify_index"))
 
 
-def measure_recall(vindex, exact: ExactTopK, qids, k: int, others=()) -> dict:
-    """recall@k of ``vindex`` against the exact top lists, recorded on it (and ``others``)."""
-    _, approx = vindex.search(exact.queries, k + 1)
-    r = recall_at_k(approx, exact.result()[1], k, exclude=qids)
-    recall = dict(k=k, recall=round(r, 4), queries=len(qids), nprobe=vindex.nprobe,
-                  queries_from="training sketches, own id excluded")
-    for v in (vindex, *others):
-        v.recall = recall
-    log.info("index: recall@%d = %.4f against exact search (%d queries)", k, r, len(qids))
-    return recall
-
+def form_bytes(pre: Preconditioner) -> float:
+    """Bytes of the arrays a query reads to precondition itself (every layer's form)."""
+    return float(sum(np.asarray(a).nbytes for f in (pre.forms or {}).values()
+                     for a in f.arrays().values()))

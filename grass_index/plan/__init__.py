@@ -20,7 +20,7 @@ import shutil
 from ..capture import GradientSketcher, as_checkpoints, select_layers
 from ..capture.ensemble import block_name, single_model
 from ..index import parse_spec
-from ..index.choice import BUDGET_SHARE, planned_width
+from ..index.choice import BUDGET_SHARE, planned_width, scans_store
 from ..errors import option
 from ..precondition import ekfac_unsupported
 from . import costs
@@ -68,6 +68,7 @@ class Plan:
     index_bytes: int = 4
     damping: str | None = None
     index_in_store: bool = False  # an exact index scanned from the store: no FAISS copy
+    index_raw_rows: bool = False  # no row multiplied by an inverse (the scan, a raw sketch)
 
     @property
     def ram_peak(self) -> float:
@@ -83,6 +84,8 @@ class Plan:
         width = "exact" if self.index_width in (0, self.K) else f"sketch {self.index_width:,}"
         if self.index_in_store:
             width = "exact, scanned from the store (no copy)"
+        elif self.index_raw_rows:
+            width += " of the raw rows"
         return [("sketch width K", f"{self.K:,}"), ("examples n", f"{self.n:,}"),
                 ("layers dense / low-rank / EK-FAC", forms), ("FAISS index", width),
                 ("RAM peak", g(self.ram_peak)), ("  pass 1", g(self.ram_pass1)),
@@ -101,7 +104,7 @@ def estimate(*, layer_dims: list[dict], layout: dict[str, int], n: int, batch_si
     ``factors``: {layer: (k_in, k_out)} of a factored, identity spec (pass 1 keeps their
     Kronecker factors; EK-FAC fits from them); ``damping``: the build's (``auto`` prices an
     eigvalsh per dense layer); ``index``: the spec (an exact float32 index in one part is
-    the store's rows, indexdir/scan.py: no FAISS copy to hold or write)."""
+    the store's rows, index/store_scan.py: no FAISS copy to hold or write)."""
     layers = costs.layer_forms(layout, n, hessian, factors)
     K = sum(x.k for x in layers)
     fisher = costs.fisher_sum_bytes(layers)  # float64 sums, pass 1 into pass 2
@@ -118,7 +121,9 @@ def estimate(*, layer_dims: list[dict], layout: dict[str, int], n: int, batch_si
     pass1 = base + acts + 3.0 * 4 * B * K + fisher1 + kron \
         + (4.0 * fisher_chunk * K if fisher1 else 0.0)
     width = K if index_width is None else int(index_width)
-    in_store = width == K and parse_spec(index).scans_store
+    spec = parse_spec(index)
+    in_store = width == K and scans_store(spec, costs.form_bytes(layers, n), K, n)
+    raw = in_store or (width < K and spec.kind == "flat" and spec.dtype == "float32")
     index_ram = 0.0 if in_store else float(n) * width * index_bytes
     stages = costs.pass2_ram(layers, n, K, index_ram)
     pass2 = base + max(stages.values())
@@ -130,7 +135,7 @@ def estimate(*, layer_dims: list[dict], layout: dict[str, int], n: int, batch_si
                 low_rank_layers=costs.count(layers, "low_rank"),
                 ekfac_layers=costs.count(layers, "ekfac"), layers=layers, index_width=width,
                 index_bytes=index_bytes, damping=None if damping is None else str(damping),
-                index_in_store=in_store)
+                index_in_store=in_store, index_raw_rows=raw)
 
 
 def available_ram() -> float | None:

@@ -7,6 +7,8 @@ import os
 
 from ..capture import as_checkpoints
 from ..capture.ensemble import single_model
+from ..index import parse_spec
+from ..index.choice import scans_store
 from . import costs
 
 F64_FLOPS = 10e9  # float64 GEMM rate assumed when none is measured (2-core CPU)
@@ -261,16 +263,19 @@ def pass2_stages(layout: dict[str, int], n: int, hessian: str = "eFIM",
     K = sum(int(k) for k in layout.values())
     if plan is not None and plan.layers:
         layers, width, ib = plan.layers, plan.index_width, plan.index_bytes
-        pdisk, fdisk, in_store = plan.precond_disk, plan.fisher_disk, plan.index_in_store
+        width = 0 if plan.index_in_store else width  # no FAISS copy to fill or write
+        pdisk, fdisk, raw = plan.precond_disk, plan.fisher_disk, plan.index_raw_rows
         damping = plan.damping if damping is None else damping
     else:
         layers = costs.layer_forms(layout, n, hessian)
-        width, ib, in_store = K, 4, True  # the default: exact, scanned from the store
         pdisk, fdisk = costs.form_bytes(layers, n), costs.fisher_sum_bytes(layers)
+        # the default exact index: the store scanned, or a FAISS copy (index/choice.py)
+        raw = scans_store(parse_spec("flat"), pdisk, K, n)
+        width, ib = (0 if raw else K), 4
         damping = "auto" if damping is None else damping  # the build's default
     return costs.pass2_times(layers, n=n, K=K, index_width=width, index_bytes=ib,
                              precond_disk=pdisk, fisher_disk=fdisk, rates=r, damping=damping,
-                             in_store=in_store)
+                             raw_rows=raw)
 
 
 def pass2_seconds(layout: dict[str, int], n: int, hessian: str = "eFIM",

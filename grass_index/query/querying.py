@@ -18,7 +18,7 @@ from ..compress import load_selective_mask
 from ..errors import repair_command
 from ..fileio import check_regular
 from ..index import FaissIndexError, SketchedIndex
-from ..precondition import Preconditioner, has_preconditioner
+from ..precondition import DampingError, Preconditioner, has_preconditioner
 from ..precondition import load_preconditioner as load_stored_preconditioner
 from ..store import SketchStore, StoreError
 from ..signature import item_signature, signature_mismatch
@@ -28,7 +28,8 @@ from ..indexdir.files import MASK_FILE, STORE_DIR
 from ..indexdir.records import IndexRecord
 from ..indexdir.fingerprints import layer_dims, model_hash
 from ..devices import check_device
-from ..indexdir.scan import StoreScan, saturated_name
+from ..index.store_scan import StoreScan, checked_queries, raw_rerank
+from ..indexdir.files import saturated_name
 from ..indexdir.stored import load_faiss, store_rerank
 from ..batching import batch_len, batches
 from ..indexdir.stored import chunks, preconditioned_blocks
@@ -214,7 +215,7 @@ def open_vector_index(path: Path, record: IndexRecord, *, mmap: bool = True,
     `grass-index verify`'s (like the preconditioner's arrays): on GPT-2 small at n = 4,096 the
     CRC alone was 3.9 of a query's 8.0 s spent opening its 3.2 GB exact index, and reading
     it into memory 3.8 s more, against 0.4 s memory-mapped (benchmarks/query_open.py).
-    An exact index held in the store (indexdir/scan.py) has no file: it scans the store with
+    An exact index held in the store (index/store_scan.py) has no file: it scans the store with
     queries preconditioned by ``preconditioner()``."""
     if record.held_in_store:
         return _store_scan(path, record, preconditioner)
@@ -283,14 +284,35 @@ def load_preconditioner(path: Path, record: IndexRecord) -> Preconditioner:
 
 def search(path: Path, vindex, preconditioner, queries, k: int, *, opponents: bool = False,
            nprobe: int | None = None):
+    """``_search``, a damping that takes a query out of float32 (an index that preconditions
+    its queries: index/store_scan.py) reported as the index's problem, with the fix."""
+    try:
+        return _search(path, vindex, preconditioner, queries, k, opponents=opponents,
+                       nprobe=nprobe)
+    except DampingError as e:
+        raise AttributionError(str(e)) from None
+
+
+def _search(path: Path, vindex, preconditioner, queries, k: int, *, opponents: bool = False,
+            nprobe: int | None = None):
     """Top-k (scores, ids) of raw query sketches [n, K]. A two-stage index (a search sketch in
     FAISS) re-ranks its candidates exactly from the stored sketches; ``preconditioner`` is
     called only then."""
     if isinstance(vindex, SketchedIndex):
         pre = preconditioner()
         with reading_store(path) as store:
-            return vindex.with_rerank(store_rerank(store, pre)).search(
-                queries, k, opponents=opponents, nprobe=nprobe)
+            if vindex.raw_rows:  # FAISS holds sketches of the raw rows: precondition the query
+                try:
+                    saturated = store.get_array(saturated_name(vindex.build_key))
+                except (KeyError, StoreError) as e:
+                    raise AttributionError(f"the search sketch of {path} lacks its list of "
+                                           f"saturated blocks ({e}); run "
+                                           f"{repair_command(path)}") from None
+                searched = vindex.with_rerank(raw_rerank(store, pre.layout, saturated),
+                                              lambda q: checked_queries(pre, q, vindex.dim))
+            else:
+                searched = vindex.with_rerank(store_rerank(store, pre))
+            return searched.search(queries, k, opponents=opponents, nprobe=nprobe)
     return vindex.search(queries, k, opponents=opponents, nprobe=nprobe)
 
 

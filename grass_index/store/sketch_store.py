@@ -13,7 +13,7 @@ import json
 import os
 import struct
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -388,6 +388,32 @@ class SketchStore:
             got = h.read(read)
             b += len(got)
             yield from got
+
+    def scan_blocks(self, fn: Callable[[int, np.ndarray], None], *, limit: int | None = None,
+                    verify: bool = True) -> None:
+        """``fn(start_id, rows)`` for every committed block (ids below ``limit``), in id order,
+        with ``rows`` a read-only view of the block in LMDB's memory map: no copy (an exact
+        scan reads GBs per query); ``fn`` must not keep it. Short transactions, as
+        ``iter_blocks``."""
+        h = self._handle()
+        end = self.committed_blocks
+        b = 0
+        while b < end:
+            def read(txn, b0=b):
+                size, i = 0, b0
+                while i < end and size < _READ_BATCH_BYTES:
+                    buf = txn.get(codec.key(i), db=h.dbs["blocks"])
+                    if buf is None:
+                        raise StoreError(f"block {i} is missing although {end} blocks are "
+                                         "committed; the store is corrupted — rebuild it.")
+                    s, rows = codec.decode_block(buf, where=f"block {i}", verify=verify)
+                    if limit is not None and s >= limit:
+                        return end - b0
+                    fn(s, rows if limit is None else rows[:limit - s])
+                    size += len(buf)
+                    i += 1
+                return i - b0
+            b += h.read(read)
 
     def get_rows(self, ids: Sequence[int], *, verify: bool = True) -> np.ndarray:
         """Rows for the given training ids, in the given order (duplicates allowed)."""

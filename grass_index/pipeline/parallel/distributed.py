@@ -70,7 +70,8 @@ class Group:
             raise AttributionError("this torch build has no torch.distributed; run without "
                                    "torchrun, or use "
                                    + spelled("`build --worker I/N` + `grass-index merge`",
-                                             "build_index(..., worker='I/N') + merge_shards()"))
+                                             "build_shard(..., worker='I/N') + "
+                                             "merge_shards()"))
         self.dist = dist
         self.owned = not dist.is_initialized()
         if self.owned:
@@ -79,7 +80,7 @@ class Group:
                                        "WORLD_SIZE, MASTER_ADDR, MASTER_PORT); launch it with "
                                        "torchrun, or use "
                                        + spelled("`build --worker I/N`",
-                                                 "build_index(..., worker='I/N')"))
+                                                 "build_shard(..., worker='I/N')"))
             _bind_world_defaults()
             dist.init_process_group("gloo", timeout=_TIMEOUT)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()

@@ -165,11 +165,13 @@ def read_shard_fisher(out: Path, worker: tuple[int, int], layout) -> FisherAccum
 
 def _worker_build(worker: str, out=None) -> str:
     """One worker's build as the caller runs it: `grass-index build TASK --out DIR --worker
-    I/N` on the command line, ``build_index(..., out='DIR', worker='I/N')`` in Python."""
+    I/N` on the command line, ``build_shard(model, train_data, loss_fn, 'DIR', 'I/N')`` in
+    Python."""
     if out is None:
-        return spelled(f"`build --worker {worker}`", f"`build_index(..., worker={worker!r})`")
+        return spelled(f"`build --worker {worker}`",
+                       f"`build_shard(model, train_data, loss_fn, DIR, {worker!r})`")
     return spelled(f"`grass-index build TASK --out {out} --worker {worker}`",
-                   f"`build_index(..., out={str(out)!r}, worker={worker!r})`")
+                   f"`build_shard(model, train_data, loss_fn, {str(out)!r}, {worker!r})`")
 
 
 def _shard_dirs(out: Path, n: int | None) -> tuple[int, dict[int, Path]]:
