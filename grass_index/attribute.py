@@ -373,7 +373,9 @@ class AttributionIndex:
 
     def _load_vindex(self):
         if self._vindex is None:
-            self._vindex = querying.open_vector_index(self.path, self.record, mmap=self._mmap)
+            self._vindex = querying.open_vector_index(
+                self.path, self.record, mmap=self._mmap,
+                preconditioner=lambda: self.preconditioner)
         return self._vindex
 
     @property

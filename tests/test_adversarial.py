@@ -76,6 +76,26 @@ def copy(built, tmp_path):
     return task, dst
 
 
+@pytest.fixture(scope="module")
+def built_faiss(tmp_path_factory):
+    """An index whose exact vectors are a FAISS file (flat:faiss), not scanned from the store."""
+    d = tmp_path_factory.mktemp("adv_faiss")
+    task = write_task(d)
+    out = d / "idx"
+    res = invoke("build", task, "--out", out, *SMALL, "--index", "flat:faiss")
+    assert res.exit_code == 0, res.output
+    return task, out
+
+
+@pytest.fixture
+def copy_faiss(built_faiss, tmp_path):
+    """A private copy of the flat:faiss index."""
+    task, out = built_faiss
+    dst = tmp_path / "idx"
+    shutil.copytree(out, dst)
+    return task, dst
+
+
 PAYLOAD = """
 import pathlib
 pathlib.Path({marker!r}).write_text("ran")
@@ -361,10 +381,10 @@ def faiss_file(out: Path) -> Path:
     return out / json.loads((out / "config.json").read_text())["index_file"]
 
 
-def test_faiss_file_from_another_build_is_refused_before_answering(built, copy, tmp_path):
-    task, out = copy
+def test_faiss_file_from_another_build_is_refused_before_answering(copy_faiss, tmp_path):
+    task, out = copy_faiss
     other = tmp_path / "other"
-    api_build(other, task, seed=3)
+    api_build(other, task, seed=3, index="flat:faiss")
     shutil.copy(faiss_file(other), faiss_file(out))
     one_line_error(invoke("query", out, "--task", task), "written for another build",
                    "--repair")
@@ -375,10 +395,10 @@ def test_faiss_file_from_another_build_is_refused_before_answering(built, copy, 
 @pytest.mark.parametrize("ids,needle", [
     (lambda n: [np.arange(n - 1), [0]], "duplicated ids"),
     (lambda n: [np.arange(1, n + 1)], "outside the training ids")])
-def test_faiss_ids_out_of_range_or_duplicated_are_refused(copy, ids, needle):
+def test_faiss_ids_out_of_range_or_duplicated_are_refused(copy_faiss, ids, needle):
     from grass_index.index import VectorIndex
 
-    task, out = copy
+    task, out = copy_faiss
     f = faiss_file(out)
     v = VectorIndex.load(f)
     n = v.ntotal
@@ -395,15 +415,23 @@ def test_faiss_ids_out_of_range_or_duplicated_are_refused(copy, ids, needle):
 
 # ------------------------------------------------------------------------------- concurrency
 
-def test_reprecondition_while_a_reader_holds_the_old_config(copy):
-    """A reader opened before a re-precondition (which deletes the old files) answers from
-    the new files instead of failing with 'index file is missing'."""
-    task, out = copy
+@pytest.mark.parametrize("which", ["copy", "copy_faiss"])
+def test_reprecondition_while_a_reader_holds_the_old_config(which, request):
+    """A reader opened before a re-precondition (which deletes the old files: the FAISS file,
+    the preconditioner's arrays) answers from the new files instead of failing with 'index
+    file is missing'."""
+    task, out = request.getfixturevalue(which)
     t = gi.load_task(str(task))
     reader = gi.open_index(out)  # holds the old config
-    old_file = faiss_file(out)
+    old_key = reader.settings.preconditioner_key
+    old_file = None if reader.settings.held_in_store else faiss_file(out)
     fresh = gi.open_index(out).reprecondition(damping=0.5)
-    assert not old_file.exists()
+    if reader.settings.held_in_store:
+        from grass_index.store import SketchStore
+        with SketchStore.open(out / "sketches") as st:
+            assert not [n for n in st.array_names() if old_key in n]
+    else:
+        assert not old_file.exists()
     q = t.query_data()
     assert reader.query(t.model(), q, t.loss, k=5) == fresh.query(t.model(), q, t.loss, k=5)
     reader2 = gi.open_index(out)
@@ -942,11 +970,12 @@ def test_an_hf_lm_index_runs_with_the_named_paths_and_refuses_changed_data(lm_co
 
 @pytest.mark.parametrize("name", ["config.json", "build.json", "INDEX", "sketches",
                                   "sketches/data.mdb"])
-def test_every_file_of_the_directory_moved_behind_a_symlink_is_refused(copy, tmp_path, name):
+def test_every_file_of_the_directory_moved_behind_a_symlink_is_refused(request, tmp_path, name):
     """The adversarial pass over the whole layout: each file (or the store directory) moved
     out and replaced by a symlink to it — same bytes — is refused by `verify` (reported) and by
-    the command that uses it, naming it; nothing is written through the link."""
-    task, out = copy
+    the command that uses it, naming it; nothing is written through the link. (INDEX: the
+    FAISS file of a flat:faiss index; the default exact index has none.)"""
+    task, out = request.getfixturevalue("copy_faiss" if name == "INDEX" else "copy")
     if name == "INDEX":
         name = faiss_file(out).name
     real = out / name
@@ -994,8 +1023,8 @@ def test_a_hard_linked_record_is_replaced_by_repair_never_written_through(copy, 
     assert json.loads((out / "build.json").read_text())["n_train"] > 0
 
 
-def test_a_fifo_in_place_of_the_faiss_file_is_named_as_such(copy):
-    task, out = copy
+def test_a_fifo_in_place_of_the_faiss_file_is_named_as_such(copy_faiss):
+    task, out = copy_faiss
     with FifoWatch(faiss_file(out)) as w:
         one_line_error(invoke("query", out, "--task", task, "--example", 1), "is a FIFO")
         rep = invoke("verify", out, "--repair")  # reported; never opened, never replaced
@@ -1044,7 +1073,8 @@ class TestForgedRecords:
         (dict(batch_size=True), "field 'batch_size'"),
         (dict(sparsification="zz-1"), "field 'sparsification' is not a compression spec"),
         (dict(index_kind="hnsw"), "field 'index_kind'"),
-        (dict(index_files=["index-000000000000.faiss"]), "'index_file' is not the first"),
+        (dict(index_files=["index-000000000000.faiss"]), "'index_file(s)' must name the FAISS"),
+        (dict(index_file="index-000000000000.faiss"), "'index_file(s)' must name the FAISS"),
         (dict(layer_dims=[{"name": "0"}]), "field 'layer_dims'"),
     ])
     def test_the_typed_record_checks_types_ranges_and_agreement(self, copy, changes, needle):
@@ -1060,9 +1090,20 @@ class TestForgedRecords:
     def test_missing_required_fields_are_named(self, copy):
         task, out = copy
         cfg = json.loads((out / "config.json").read_text())
-        for key in ("layout", "n_train", "preconditioner_key", "index_file"):
+        for key in ("layout", "n_train", "preconditioner_key", "index"):
             with pytest.raises(gi.AttributionError, match=f"field '{key}' is missing"):
                 gi.IndexConfig({k: v for k, v in cfg.items() if k != key})
+        # the FAISS file may be left out only where the record says the store holds the index
+        faiss_less = dict(cfg, index={k: v for k, v in cfg["index"].items() if k != "held"})
+        with pytest.raises(gi.AttributionError, match=r"'index_file\(s\)' must name"):
+            gi.IndexConfig(faiss_less)
+
+    def test_a_faiss_index_record_names_its_first_file_first(self, copy_faiss):
+        task, out = copy_faiss
+        cfg = json.loads((out / "config.json").read_text())
+        with pytest.raises(gi.AttributionError, match="'index_file' is not the first"):
+            gi.IndexConfig(dict(cfg, index_files=[f"index-{cfg['preconditioner_key']}-x.faiss"]
+                                ), str(out / "config.json"))
 
     def test_a_forged_build_json_of_an_unfinished_build(self, copy):
         task, out = copy
@@ -1081,7 +1122,7 @@ class TestForgedRecords:
         assert dict(rec.raw) == json.loads(text)
         assert gi.attribute.config_hash(dict(rec.raw)) == rec.config_hash
         assert (rec.n_train, rec.batch_size, rec.checkpoints, rec.index_files) == (
-            40, 8, 1, (json.loads(text)["index_file"],))
+            40, 8, 1, ())  # the default exact index is scanned from the store: no file
         with pytest.raises(AttributeError):
             rec.n_train = 3  # frozen
 

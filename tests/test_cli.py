@@ -159,7 +159,7 @@ def test_not_an_index(tmp_path):
 def test_corrupted_and_truncated_index_dir(tmp_path):
     task = write_task(tmp_path)
     out = tmp_path / "idx"
-    assert invoke("build", task, "--out", out, *SMALL).exit_code == 0
+    assert invoke("build", task, "--out", out, *SMALL, "--index", "flat:faiss").exit_code == 0
     faiss_file = next(out.glob("index-*.faiss"))
     faiss_file.write_bytes(faiss_file.read_bytes()[:100])  # truncated
     assert_clean_failure(invoke("query", out, "--task", task), "verify", "--repair")

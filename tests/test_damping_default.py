@@ -85,7 +85,7 @@ def test_default_build_records_auto_and_null_record_keeps_0_3(task, tmp_path):
     old.reprecondition(index="flat:fp16")
     assert old.config["damping"] is None
     assert old.config["damping_used"] == rel.config["damping_used"]
-    old.reprecondition(index="flat")
+    old.reprecondition(index="flat:faiss")
     np.testing.assert_array_equal(_scores_of(task, old), before)
     (tmp_path / "old" / old.config["index_file"]).unlink()
     rep = gi.verify_index(tmp_path / "old", repair=True)

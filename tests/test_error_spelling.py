@@ -11,6 +11,7 @@ import torch
 
 import grass_index as gi
 from grass_index.errors import cli_spelling, repair_command
+from grass_index.store import SketchStore
 from test_ensemble import N, make_models
 from test_pipeline import loss_fn, make_data, make_model
 
@@ -34,13 +35,14 @@ def index(tmp_path_factory):
 
 
 @pytest.mark.parametrize("cli", [False, True])
-def test_a_missing_faiss_file_names_the_repair_as_the_caller_runs_it(index, tmp_path, cli):
+def test_a_missing_part_of_the_exact_index_names_the_repair_as_the_caller_runs_it(index, tmp_path, cli):
     import shutil
 
     out = tmp_path / "idx"
     shutil.copytree(index, out)
-    for f in out.glob("index-*.faiss"):
-        f.unlink()
+    key = gi.open_index(out).settings.preconditioner_key
+    with SketchStore.open(out / "sketches", readonly=False) as st:  # the exact scan's part
+        st.delete_array(f"precond/{key}/saturated")
     q = torch.from_numpy(np.ones((1, gi.open_index(out).dim), np.float32))
     with (cli_spelling() if cli else contextlib.nullcontext()):
         with pytest.raises(gi.AttributionError) as e:

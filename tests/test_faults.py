@@ -341,6 +341,23 @@ def broken(ref, tmp_path):
     return out
 
 
+@pytest.fixture(scope="module")
+def ref_faiss(task, tmp_path_factory):
+    """The same build with its exact vectors in a FAISS file (flat:faiss)."""
+    out = tmp_path_factory.mktemp("ref_faiss") / "idx"
+    res = runner.invoke(app, build_cmd(str(task), str(out)) + ["--index", "flat:faiss"])
+    assert res.exit_code == 0, res.output
+    return dict(out=out, rows=store_rows(out), task=load_task(str(task)),
+                config=json.loads((out / "config.json").read_text()))
+
+
+@pytest.fixture
+def broken_faiss(ref_faiss, tmp_path):
+    out = tmp_path / "idx_faiss"
+    shutil.copytree(ref_faiss["out"], out)
+    return out
+
+
 def cli_verify(out, *extra):
     res = runner.invoke(app, ["verify", str(out), *extra])
     assert res.exception is None or isinstance(res.exception, SystemExit), res.output
@@ -420,11 +437,35 @@ def nan_preconditioner(out):
     return "contains NaN/inf"
 
 
-@pytest.mark.parametrize("fault, check", [
-    (corrupt_missing, "faiss vs lmdb"), (corrupt_bytes, "faiss vs lmdb"),
-    (corrupt_truncated, "faiss vs lmdb"), (disagree_vectors, "faiss vs lmdb"),
-    (disagree_count, "faiss vs lmdb"), (nan_preconditioner, "preconditioner")])
-def test_verify_detects_and_repair_fixes_without_gradients(fault, check, broken, ref):
+def saturated_missing(out):
+    """The default exact index scans the store: its list of saturated blocks deleted."""
+    cfg = json.loads((Path(out) / "config.json").read_text())
+    with SketchStore.open(Path(out) / "sketches", readonly=False) as st:
+        st.delete_array(f"precond/{cfg['preconditioner_key']}/saturated")
+    return "missing or unreadable"
+
+
+def saturated_forged(out):
+    """... or naming a block of a row that is not saturated (id 0 is always sampled)."""
+    cfg = json.loads((Path(out) / "config.json").read_text())
+    with SketchStore.open(Path(out) / "sketches", readonly=False) as st:
+        st.put_array(f"precond/{cfg['preconditioner_key']}/saturated",
+                     np.array([[0, 0]], np.int64))
+    return "disagrees with the stored rows"
+
+
+FAISS_FILE = "flat:faiss"  # faults of a FAISS file: an index that has one
+
+
+@pytest.mark.parametrize("fault, check, index", [
+    (corrupt_missing, "faiss vs lmdb", FAISS_FILE), (corrupt_bytes, "faiss vs lmdb", FAISS_FILE),
+    (corrupt_truncated, "faiss vs lmdb", FAISS_FILE),
+    (disagree_vectors, "faiss vs lmdb", FAISS_FILE),
+    (disagree_count, "faiss vs lmdb", FAISS_FILE), (nan_preconditioner, "preconditioner", "flat"),
+    (saturated_missing, "exact scan", "flat"), (saturated_forged, "exact scan", "flat")])
+def test_verify_detects_and_repair_fixes_without_gradients(fault, check, index, request):
+    suffix = "_faiss" if index == FAISS_FILE else ""
+    broken, ref = (request.getfixturevalue(f + suffix) for f in ("broken", "ref"))
     assert cli_verify(broken)[0] == 0  # the copy is healthy to begin with
     needle = fault(broken)
     code, msg = cli_verify(broken)
@@ -567,7 +608,7 @@ def test_resume_removes_temp_files_of_a_killed_save(task, ref, tmp_path):
     out = tmp_path / "idx"
     shutil.copytree(ref["out"], out)
     (out / "config.json").unlink()  # killed before the commit point
-    stale = [out / (index_file(ref["out"]).name + ".tmp-999-abcd1234"),
+    stale = [out / f"index-{ref['config']['preconditioner_key']}.faiss.tmp-999-abcd1234",
              out / ".config.json.tmp999"]
     for f in stale:
         f.write_bytes(b"half written")

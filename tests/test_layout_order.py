@@ -51,7 +51,7 @@ def test_verify_finds_faiss_and_store_agree(deep_index):
                        capture_output=True, text=True)
     said = r.stdout + r.stderr
     assert r.returncode == 0, said
-    assert "faiss vs lmdb" in said and "FAIL" not in said
+    assert "exact scan" in said and "FAIL" not in said
 
 
 def test_self_influence_is_the_diagonal_of_score(deep_index):

@@ -184,16 +184,19 @@ def test_reprecondition_reuses_sketches(setup, tmp_path, monkeypatch):
     assert all(abs(v - 0.5) < 1e-12 for v in lam.values())
     assert gi.open_index(out).config["damping"] == "abs:0.5"
     # earlier variants are cleaned up: one preconditioner (its state + each layer's form's
-    # arrays) and one FAISS file remain
+    # arrays, and the exact scan's saturated blocks) remains, and no FAISS file: the exact
+    # index is the store's rows
     from grass_index.precondition.forms import FORMS
     from grass_index.store import SketchStore
     key = idx.config['preconditioner_key']
     forms = idx.config["preconditioner"]["forms"]
     with SketchStore.open(out / "sketches") as store:
         assert sorted(n for n in store.array_names() if n.startswith("precond/")) == sorted(
-            [f"precond/{key}/state"] + [f"precond/{key}/{a}/{name}" for name in idx.layout
-                                        for a in FORMS[forms[name]].names])
-    assert [p.name for p in out.glob("index-*.faiss")] == [idx.config["index_file"]]
+            [f"precond/{key}/state", f"precond/{key}/saturated"] + [
+                f"precond/{key}/{a}/{name}" for name in idx.layout
+                for a in FORMS[forms[name]].names])
+    assert idx.settings.held_in_store and idx.config["index_file"] is None
+    assert list(out.glob("index-*.faiss")) == []
 
 
 def test_query_refuses_model_with_other_shapes(built):

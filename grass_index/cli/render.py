@@ -100,7 +100,9 @@ def index_summary(cfg: IndexConfig) -> str:
     """e.g. 'ivf:fp16, 200000 vectors, nlist 1788 nprobe 224, recall@10 0.981 (100 queries)'."""
     ix = cfg.index
     parts = [str(cfg.index_kind), f"{ix.get('ntotal')} vectors"
-             + (f" in {ix['parts']} files" if ix.get("parts") else "")]
+             + (f" in {ix['parts']} files" if ix.get("parts") else "")
+             + (" scanned exactly from the sketch store (no FAISS copy)"
+                if cfg.held_in_store else "")]
     if ix.get("nlist"):
         parts.append(f"nlist {ix['nlist']} nprobe {ix.get('nprobe')}")
     rec = cfg.recall

@@ -38,20 +38,30 @@ SEARCH_CHUNK = 4096
 class IndexSpec(NamedTuple):
     """What ``--index`` names: ``KIND[:OPTION,...]``, e.g. ``flat``, ``ivf:fp16``,
     ``flat:fp16,shards=4``. Options: ``fp16`` (float16 storage), ``shards=N`` (N part files
-    searched as one)."""
+    searched as one), ``faiss`` (an exact float32 index in a FAISS file of its own, e.g. for
+    FAISS's GPU search; without it the exact index scans the sketch store's rows)."""
     kind: str
     dtype: str = "float32"
     shards: int = 1
     sketch: int = -1  # search sketch width: -1 = by memory and recall (choice.py), 0 = exact
     rerank: int = 0  # two-stage search: candidates per result (0: chosen by measured recall)
     budget: int = -1  # MB the exact index may take (-1: half the RAM available, choice.py)
+    in_faiss: bool = False  # an exact flat float32 index copied into a FAISS file
+
+    @property
+    def scans_store(self) -> bool:
+        """Exact float32 search in one part is a scan of the store's own rows (no FAISS
+        file, grass_index/indexdir/scan.py) unless ``faiss`` asks for the copy."""
+        return (self.kind == "flat" and self.dtype == "float32" and self.shards == 1
+                and not self.in_faiss)
 
     def __str__(self) -> str:
         opts = (["fp16"] if self.dtype == "float16" else []) + (
             [f"shards={self.shards}"] if self.shards > 1 else []) + (
             ["exact"] if self.sketch == 0 else [f"sketch={self.sketch}"] if self.sketch > 0
             else []) + ([f"rerank={self.rerank}"] if self.rerank > 0 else []) + (
-            [f"budget={self.budget}"] if self.budget >= 0 else [])
+            [f"budget={self.budget}"] if self.budget >= 0 else []) + (
+            ["faiss"] if self.in_faiss else [])
         return self.kind + (":" + ",".join(opts) if opts else "")
 
 
@@ -65,7 +75,7 @@ def parse_spec(spec) -> IndexSpec:
     if not colon and "," in kind:  # "flat,shards=3" (an older README's grammar): the same index
         kind, _, options = kind.partition(",")
     dtype, shards, bad = "float32", 1, kind not in KINDS
-    sketch, rerank, budget = -1, 0, -1
+    sketch, rerank, budget, in_faiss = -1, 0, -1, False
     for opt in filter(None, options.split(",")) if options else []:
         key, eq, value = opt.strip().partition("=")
         if key in ("fp16", "fp32") and not eq:
@@ -80,6 +90,8 @@ def parse_spec(spec) -> IndexSpec:
             rerank = int(value)
         elif key == "budget" and value.isdigit():
             budget = int(value)
+        elif key == "faiss" and not eq:
+            in_faiss = True
         else:
             bad = True
     if bad or (options == "" and ":" in str(spec)):
@@ -89,8 +101,9 @@ def parse_spec(spec) -> IndexSpec:
                               "shards=N writes N files searched as one; sketch=D searches a "
                               "D-wide sketch and re-ranks R·k candidates exactly, rerank=R; "
                               "exact: never sketch; budget=MB: exact when the vectors fit "
-                              "in MB, else sketched)")
-    return IndexSpec(kind, dtype, shards, sketch, rerank, budget)
+                              "in MB, else sketched; faiss: the exact vectors in a FAISS file "
+                              "instead of scanned from the sketch store)")
+    return IndexSpec(kind, dtype, shards, sketch, rerank, budget, in_faiss)
 
 
 def default_nlist(n_train: int) -> int:

@@ -95,6 +95,8 @@ def check_file_names(path: Path, cfg: dict) -> None:
     """File names a config points at are plain names inside the index directory."""
     try:
         for name in [cfg.get("index_file")] + list(cfg.get("index_files") or []):
+            if name is None and (cfg.get("index") or {}).get("held") == "store":
+                continue  # no FAISS file: the exact index scans the store (indexdir/scan.py)
             plain_file_name(name, f"{path / CONFIG_FILE}: index file")
     except UnsafeNameError as e:
         raise AttributionError(str(e).replace("DIR", str(path))) from None

@@ -313,7 +313,8 @@ class IndexRecord(BuildRecord):
     capture: Mapping | None = _field(_opt(_dict))
     index: Mapping = _field(_index, required=True)
     index_kind: str = _field(_index_kind, required=True)
-    index_file: str = _field(_str, required=True)
+    # None when the exact vectors are the store's rows (index.held == "store": indexdir/scan.py)
+    index_file: str | None = _field(_opt(_str))
     index_files: tuple[str, ...] | None = _field(_opt(_strings))
     n_blocks: int = _field(_positive, required=True)
     sketch_hash: str | None = _field(_opt(_str))
@@ -330,7 +331,8 @@ class IndexRecord(BuildRecord):
     def _fill(self) -> None:
         super()._fill()
         if self.index_files is None:  # older configs name one file
-            object.__setattr__(self, "index_files", (self.index_file,))
+            object.__setattr__(self, "index_files",
+                               () if self.index_file is None else (self.index_file,))
         for name in ("layers_described", "capture", "preconditioner"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, MappingProxyType({}))
@@ -347,10 +349,15 @@ class IndexRecord(BuildRecord):
         if self.n_blocks != self.n_batches:
             raise Bad(f"field 'n_blocks' ({self.n_blocks}) is not the batch count of n_train "
                       f"{self.n_train} in batches of {self.batch_size} ({self.n_batches})")
-        if self.index_files is not None and self.index_file != self.index_files[0]:
+        if self.held_in_store != (not self.index_files) or (
+                self.index_file is not None and not self.index_files):
+            raise Bad("fields 'index_file(s)' must name the FAISS file(s) unless index.held "
+                      "is 'store' (an exact index scanned from the sketch store), and only then "
+                      "be empty")
+        if self.index_files and self.index_file != self.index_files[0]:
             raise Bad("field 'index_file' is not the first of 'index_files'")
         if any(not name.startswith(f"index-{self.preconditioner_key}")
-               for name in self.index_files or (self.index_file,)):
+               for name in self.index_files):
             raise Bad("field 'index_files' names files of another variant than "
                       f"preconditioner_key {self.preconditioner_key}")
 
@@ -383,6 +390,11 @@ class IndexRecord(BuildRecord):
     def n_live(self) -> int:
         """The training examples that count: n_train less the removed ones."""
         return self.generation.n_live
+
+    @property
+    def held_in_store(self) -> bool:
+        """The exact index is a scan of the store's rows (no FAISS file: indexdir/scan.py)."""
+        return self.index.get("held") == "store"
 
     @property
     def recall(self) -> Mapping | None:

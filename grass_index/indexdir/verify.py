@@ -23,6 +23,7 @@ from .fingerprints import config_hash, hash_json
 from .generations import record_number, store_build, store_key
 from .record import read_build_record
 from .records import IndexRecord
+from .scan import saturated_blocks, saturated_name, starts_of
 from .stored import load_faiss
 
 # what reading a damaged part raises (a corrupted array or file: a decoding ValueError)
@@ -73,7 +74,10 @@ def inspect_index(path, *, sample: int = 64, seed: int = 0, fast: bool = False) 
         check_generation(found, store, view)
         check_rows(found, store, view, fast=fast, sample=sample, seed=seed)
         pre = check_preconditioner(found, store, view)
-        check_faiss(found, store, view, pre, sample=sample, seed=seed)
+        if view.held_in_store:
+            check_scan(found, store, view, sample=sample, seed=seed)
+        else:
+            check_faiss(found, store, view, pre, sample=sample, seed=seed)
     return found
 
 
@@ -206,6 +210,42 @@ def check_faiss(found: Findings, store, view: IndexRecord, pre, *, sample: int,
     except FaissIndexError as e:
         ok, detail = False, f"{detail}; {e}"
     found.check("faiss vs lmdb", ok, detail)
+
+
+def check_scan(found: Findings, store, view: IndexRecord, *, sample: int, seed: int) -> None:
+    """An exact index held in the store (indexdir/scan.py) has no vectors of its own: its list
+    of saturated blocks must be there, name live ids only, and agree with the stored rows of
+    a sample (and the first and last live id)."""
+    try:
+        pairs = np.asarray(store.get_array(saturated_name(view.preconditioner_key)))
+    except (KeyError, *UNREADABLE) as e:
+        found.check("exact scan", False, f"its list of saturated blocks is missing or "
+                                         f"unreadable ({type(e).__name__}: {e})")
+        return
+    live, layers = view.generation.live_mask(), len(view.layout)
+    if pairs.ndim != 2 or pairs.shape[1:] != (2,) or pairs.dtype.kind not in "iu" or (
+            len(pairs) and (pairs.min() < 0 or pairs[:, 0].max() >= len(live)
+                            or pairs[:, 1].max() >= layers or not live[pairs[:, 0]].all())):
+        found.check("exact scan", False, f"its list of saturated blocks {pairs.shape} "
+                                         "names rows or layers the index does not have")
+        return
+    ids = view.generation.live_ids()
+    rng = np.random.default_rng(seed)
+    ids = ids[np.unique(np.concatenate([[0, len(ids) - 1],
+                                        rng.integers(0, len(ids), min(sample, len(ids)))]))]
+    try:
+        rows = np.asarray(store.get_rows(ids), dtype=np.float32)
+    except UNREADABLE as e:
+        found.check("exact scan", False, f"sampled rows unreadable ({e})")
+        return
+    got = saturated_blocks(rows, starts_of(dict(view.layout)))
+    want = pairs[np.isin(pairs[:, 0], ids)]
+    same = np.array_equal(np.unique(np.column_stack([ids[got[:, 0]], got[:, 1]]), axis=0),
+                          np.unique(want, axis=0))
+    found.check("exact scan", same,
+                f"{view.n_live} rows scanned from the store; {len(pairs)} saturated blocks, "
+                f"{len(ids)} sampled ids agree" if same else
+                "its list of saturated blocks disagrees with the stored rows")
 
 
 def _compare_sample(store, vindex, pre, live: np.ndarray, sample: int,

@@ -49,7 +49,9 @@ from ..indexdir.generations import Generation, record_number
 from .options import IndexOptions, damping_key
 from .progress import Progress
 from ..indexdir.record import n_batches, stored_build_record
-from ..indexdir.stored import preconditioned_blocks, store_rerank
+from ..indexdir.scan import (StoreScan, held_open, precondition_queries, saturated_blocks,
+                             saturated_name, starts_of, zero_blocks)
+from ..indexdir.stored import chunks, damping_refused, preconditioned_blocks, store_rerank
 
 log = logging.getLogger("grass_index")
 # Temp names of FAISS and config writes by earlier versions (now fileio.TEMP_NAME's).
@@ -259,8 +261,9 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, run: P
     def lists():
         return search_choice.SketchTopLists(queries, p2.dim, build["seed"], p2.widths,
                                             (k + 1) * max(p2.reranks))
+    p2.qids = qids
     filled = run.ranks.step(lambda: p2.fill(template, queries, k, lists() if measure else None))
-    tops = [top for _, top, _ in filled]
+    tops = [top for _, top, _, _ in filled]
     if measure:
         p2.chosen = _choose(filled, tops, lists(), queries, qids, k, p2.reranks, p2.reason, p2.n)
         if p2.chosen.width != p2.sk.dim:  # the first width missed the target: fill at the chosen
@@ -269,7 +272,9 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, run: P
                                        decode=lambda b: VectorIndex.from_bytes(*b))
             template.build_key = p2.key
             filled = run.ranks.step(lambda: p2.fill(template, queries, k, None))
-    zero = zero_layers(build["layout"], [reached for reached, _, _ in filled])
+    zero = zero_layers(build["layout"], [reached for reached, _, _, _ in filled])
+    if p2.in_store:
+        p2.saturated = np.concatenate([sat for _, _, _, sat in filled])
 
     def rank0_commit():
         with run.main_store(p2.pre, p2.key) as store:
@@ -286,6 +291,8 @@ def run_pass2(out: Path, build: dict, describe: dict, opts: IndexOptions, run: P
             remove_temp_files(out)
             for part, name in zip(p2.parts[:len(mine)], files):  # the others' are on disk
                 part.save(out / name)
+            if p2.in_store:  # what the scan zeroes, beside the preconditioner it belongs to
+                store.put_array(saturated_name(p2.key), p2.saturated)
             extra = dict(run.extra or {}, capture=capture_record(build, describe, zero))
             return commit(out, store, build, describe, pre=p2.pre, key=p2.key, vindex=vindex,
                           index=p2.index, index_files=files, hessian=opts.hessian,
@@ -317,6 +324,9 @@ class _Pass2:
         self.widths, self.reranks, self.reason = search_choice.candidates(spec, self.dim,
                                                                           self.gen.n_live)
         self.sk = SearchSketch(self.dim, self.widths[0], build["seed"]) if self.widths else None
+        # an exact float32 index in one part is a scan of the store's own rows (indexdir/scan.py)
+        self.in_store = spec.scans_store and self.sk is None
+        self.qids, self.saturated = np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
         self.chosen = search_choice.Choice(self.sk and self.sk.dim,
                                            self.reranks[0] if self.reranks else 0, self.reason)
         # a single process splits the ids into contiguous parts; a rank indexes all it holds
@@ -354,7 +364,10 @@ class _Pass2:
     def fill(self, template: VectorIndex, queries: np.ndarray, k: int, lists=None):
         """This rank's rows preconditioned into its parts and the recall queries' exact top
         lists over them, and with ``lists`` (index/choice.py) each candidate search sketch's:
-        ({layer: reached by a nonzero vector}, (scores, ids) or None, sketched tops or None)."""
+        ({layer: reached by a nonzero vector}, (scores, ids) or None, sketched tops or None,
+        the saturated (id, layer) pairs of an index held in the store, else None)."""
+        if self.in_store:
+            return self.fill_scan(queries, k)
         rows, slices = self.run.rows, layer_slices(self.build["layout"])
         parts = [template.empty_like() for _ in self.ranges]
         exact = ExactTopK(queries, k + 1) if k >= 1 else None
@@ -381,11 +394,49 @@ class _Pass2:
             parts[0].save(self.out / self.names[rank])
         self.parts = parts
         return (reached, None if exact is None else (exact.scores, exact.ids),
-                None if lists is None else lists.state())
+                None if lists is None else lists.state(), None)
+
+    def fill_scan(self, queries: np.ndarray, k: int):
+        """``fill`` for an index held in the store: no vector is preconditioned or copied. The
+        recall queries are preconditioned instead (a damping that takes them out of float32
+        is refused, naming those training ids) and scored against this rank's raw rows, whose
+        saturated blocks (below 1e-30) are found and scored as 0."""
+        rows, layout = self.run.rows, self.build["layout"]
+        slices, starts = list(layer_slices(layout).values()), starts_of(layout)
+        exact = None
+        if k >= 1:
+            pq, under, over = precondition_queries(self.pre, queries, self.dim)
+            if len(under) or len(over):
+                raise damping_refused(self.pre, self.qids[under if len(under) else over][:5]
+                                      .tolist(), "under" if len(under) else "over")
+            exact = ExactTopK(pq, k + 1)
+        reached, saturated = dict.fromkeys(layer_slices(layout), False), []
+        with rows.open() as st:
+            for start, raw in chunks(st, limit=self.n):
+                ids = rows.global_ids(start, len(raw))
+                if self.live is not None:  # removed examples: never scored
+                    raw, ids = raw[self.live[ids]], ids[self.live[ids]]
+                sat = saturated_blocks(raw, starts)
+                zero_blocks(raw, sat, slices)
+                saturated.append(np.column_stack([ids[sat[:, 0]], sat[:, 1]]))
+                for name, sl in zip(reached, slices):
+                    reached[name] = reached[name] or bool(raw[:, sl].any())
+                if exact is not None:
+                    exact.add(raw, ids)
+                self.run.progress("index", start + len(raw), st.num_rows)
+        self.parts = []
+        return (reached, None if exact is None else (exact.scores, exact.ids), None,
+                np.concatenate(saturated) if saturated else np.zeros((0, 2), np.int64))
 
     def joined(self, store):
         """Rank 0: every rank's parts as the one index that serves (re-ranking from ``store``
         for a two-stage index), its file names and the parts this process holds."""
+        if self.in_store:
+            vindex = StoreScan(held_open(store), lambda: self.pre, dim=self.dim,
+                               live=self.gen.live_mask(), saturated=self.saturated,
+                               build_key=self.key)
+            check_count(vindex, self.gen.n_live)
+            return vindex, [], []
         mine, world = self.parts, self.run.ranks.world
         parts = mine + [VectorIndex.load(self.out / self.names[r]) for r in range(1, world)]
         files = self.names
@@ -473,7 +524,7 @@ def commit(out: Path, store, build: dict, describe: dict, *, pre, key: str, vind
         hessian=hessian, damping=damping_key(damping), damping_used=pre.damping_used,
         preconditioner=jsonable(pre.describe()), preconditioner_key=key,
         layers_described=describe, index=jsonable(vindex.describe()), index_kind=index,
-        index_file=index_files[0], index_files=index_files,
+        index_file=index_files[0] if index_files else None, index_files=index_files,
         n_blocks=n_batches(build),
         sketch_hash=hash_json(build), item_signature=item_signature,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -642,7 +693,7 @@ def _merged_exact(queries, k: int, tops) -> ExactTopK:
 
 def _choose(filled, tops, lists, queries, qids, k: int, reranks, reason: str, n: int):
     """The search (index/choice.py) from every rank's sketched and exact top lists."""
-    for _, _, state in filled:
+    for _, _, state, _ in filled:
         lists.merge(state)
     chosen = search_choice.choose(lists, _merged_exact(queries, k, tops).result()[1], qids, k,
                                   reranks, reason, n)
@@ -700,3 +751,4 @@ def measure_recall(vindex, exact: ExactTopK, qids, k: int, others=()) -> dict:
         v.recall = recall
     log.info("index: recall@%d = %.4f against exact search (%d queries)", k, r, len(qids))
     return recall
+

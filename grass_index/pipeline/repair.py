@@ -21,7 +21,7 @@ from .pass2 import refit
 from .sketching import resketch_blocks
 
 # what pass 2 rebuilds from the stored sketches
-REFITTABLE = {"faiss vs lmdb", "preconditioner", "store config"}
+REFITTABLE = {"faiss vs lmdb", "exact scan", "preconditioner", "store config"}
 # what recomputing the damaged blocks mends
 RESKETCHED = {"sketch blocks", "counts", "every id has a sketch", "sketches finite"}
 

@@ -171,7 +171,7 @@ class _Prepared:
             batch_size=self.batch_size, hessian=index_options.hessian,
             index_width=build_plan.index_width(self.sketcher.dim, index, n, held=held),
             index_bytes=2 if "fp16" in index else 4, factors=factors,
-            damping=index_options.damping)
+            damping=index_options.damping, index=index)
 
     def check_fits(self, out: Path, index_options: IndexOptions) -> build_plan.Plan:
         """The plan, or one error line with the fix when it does not fit this machine now."""

@@ -67,6 +67,7 @@ class Plan:
     index_width: int = 0
     index_bytes: int = 4
     damping: str | None = None
+    index_in_store: bool = False  # an exact index scanned from the store: no FAISS copy
 
     @property
     def ram_peak(self) -> float:
@@ -80,6 +81,8 @@ class Plan:
         g = lambda b: f"{b / GB:.2f} GB"  # noqa: E731
         forms = f"{self.dense_layers} / {self.low_rank_layers} / {self.ekfac_layers}"
         width = "exact" if self.index_width in (0, self.K) else f"sketch {self.index_width:,}"
+        if self.index_in_store:
+            width = "exact, scanned from the store (no copy)"
         return [("sketch width K", f"{self.K:,}"), ("examples n", f"{self.n:,}"),
                 ("layers dense / low-rank / EK-FAC", forms), ("FAISS index", width),
                 ("RAM peak", g(self.ram_peak)), ("  pass 1", g(self.ram_pass1)),
@@ -91,13 +94,14 @@ class Plan:
 def estimate(*, layer_dims: list[dict], layout: dict[str, int], n: int, batch_size: int,
              tokens: int = 1, index_width: int | None = None, index_bytes: int = 4,
              hessian: str = "eFIM", model_bytes: int = 0, factors: dict | None = None,
-             damping="auto") -> Plan:
+             damping="auto", index: str = "flat") -> Plan:
     """The plan of one build. ``layer_dims``: [{d_in, d_out}] of the hooked layers;
     ``tokens``: positions per example (T for a sequence model, 1 otherwise); ``index_width``:
     floats per vector in FAISS (K for flat, the search sketch's width otherwise);
     ``factors``: {layer: (k_in, k_out)} of a factored, identity spec (pass 1 keeps their
     Kronecker factors; EK-FAC fits from them); ``damping``: the build's (``auto`` prices an
-    eigvalsh per dense layer)."""
+    eigvalsh per dense layer); ``index``: the spec (an exact float32 index in one part is
+    the store's rows, indexdir/scan.py: no FAISS copy to hold or write)."""
     layers = costs.layer_forms(layout, n, hessian, factors)
     K = sum(x.k for x in layers)
     fisher = costs.fisher_sum_bytes(layers)  # float64 sums, pass 1 into pass 2
@@ -114,16 +118,19 @@ def estimate(*, layer_dims: list[dict], layout: dict[str, int], n: int, batch_si
     pass1 = base + acts + 3.0 * 4 * B * K + fisher1 + kron \
         + (4.0 * fisher_chunk * K if fisher1 else 0.0)
     width = K if index_width is None else int(index_width)
-    index_ram = float(n) * width * index_bytes
+    in_store = width == K and parse_spec(index).scans_store
+    index_ram = 0.0 if in_store else float(n) * width * index_bytes
     stages = costs.pass2_ram(layers, n, K, index_ram)
     pass2 = base + max(stages.values())
     return Plan(n=n, K=K, dense_layers=costs.count(layers, "dense"), ram_pass1=pass1,
                 ram_pass2=pass2, store_disk=store_bytes(n, K, batch_size) + kron,
                 fisher_disk=fisher if hessian == "eFIM" else 0.0,
-                precond_disk=costs.form_bytes(layers, n), index_disk=index_ram + INDEX_HEADER,
+                precond_disk=costs.form_bytes(layers, n),
+                index_disk=0.0 if in_store else index_ram + INDEX_HEADER,
                 low_rank_layers=costs.count(layers, "low_rank"),
                 ekfac_layers=costs.count(layers, "ekfac"), layers=layers, index_width=width,
-                index_bytes=index_bytes, damping=None if damping is None else str(damping))
+                index_bytes=index_bytes, damping=None if damping is None else str(damping),
+                index_in_store=in_store)
 
 
 def available_ram() -> float | None:
@@ -286,7 +293,7 @@ def plan_for(model, n: int, *, sparsification: str = "random_mask-128*128",
     model_bytes = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
     kw = dict(layer_dims=dims, layout=layout, n=n, batch_size=batch_size, tokens=tokens,
               index_bytes=2 if "fp16" in str(index) else 4, hessian=hessian,
-              model_bytes=model_bytes, factors=factors, damping=damping)
+              model_bytes=model_bytes, factors=factors, damping=damping, index=str(index))
     # the index is chosen in pass 2, when the preconditioner and the model are held
     K = sum(layout.values())
     return estimate(**kw, index_width=index_width(K, index, n, held=held_in_pass2(

@@ -112,11 +112,13 @@ def pass2_ram(layers, n: int, K: int, index_bytes: float) -> dict[str, float]:
 
 
 def pass2_times(layers, *, n: int, K: int, index_width: int, index_bytes: float,
-                precond_disk: float, fisher_disk: float, rates, damping: str | None = "auto"
-                ) -> dict[str, float]:
+                precond_disk: float, fisher_disk: float, rates, damping: str | None = "auto",
+                in_store: bool = False) -> dict[str, float]:
     """Seconds of each stage of pass 2 at ``rates`` (timing.Rates): ``read`` (the store read
     back), ``fit``, ``apply``, ``index`` (FAISS fill, exact top lists, recall) and ``write``
-    (the Fisher cache, the preconditioner and the index files, fsync'd)."""
+    (the Fisher cache, the preconditioner and the index files, fsync'd). ``in_store``: the
+    exact index is the store's rows (indexdir/scan.py): only the recall queries are
+    preconditioned, and nothing is copied or written."""
     auto = parse_damping(damping)[0] == "auto"  # None: 0.3 × mean, an old record's
     reads = 1 + any(x.form == "low_rank" for x in layers) + any(x.form == "ekfac" for x in layers)
     t = dict(read=reads * 4.0 * n * K / rates.read)
@@ -140,8 +142,11 @@ def pass2_times(layers, *, n: int, K: int, index_width: int, index_bytes: float,
             apply += 2 * rot / rates.rotate  # (the measured rate includes its conversions)
         if x.form == "low_rank":  # float64 copies in and out of each row block
             apply += 3 * 8.0 * n * k / rates.mem
-    t["fit"], t["apply"] = fit, apply
     q = min(RECALL_QUERIES, n)
+    if in_store:  # the recall queries are preconditioned, not the n rows
+        apply *= q / max(n, 1)
+        index_width = 0
+    t["fit"], t["apply"] = fit, apply
     # FAISS add (a copy), the recall queries' exact lists during the fill and the built
     # index's search (2·q·n·K each), the precision guard's pass over every row
     t["index"] = 4.0 * n * index_width / rates.mem + 4.0 * n * K / rates.guard \

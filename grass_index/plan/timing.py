@@ -261,15 +261,16 @@ def pass2_stages(layout: dict[str, int], n: int, hessian: str = "eFIM",
     K = sum(int(k) for k in layout.values())
     if plan is not None and plan.layers:
         layers, width, ib = plan.layers, plan.index_width, plan.index_bytes
-        pdisk, fdisk = plan.precond_disk, plan.fisher_disk
+        pdisk, fdisk, in_store = plan.precond_disk, plan.fisher_disk, plan.index_in_store
         damping = plan.damping if damping is None else damping
     else:
         layers = costs.layer_forms(layout, n, hessian)
-        width, ib = K, 4
+        width, ib, in_store = K, 4, True  # the default: exact, scanned from the store
         pdisk, fdisk = costs.form_bytes(layers, n), costs.fisher_sum_bytes(layers)
         damping = "auto" if damping is None else damping  # the build's default
     return costs.pass2_times(layers, n=n, K=K, index_width=width, index_bytes=ib,
-                             precond_disk=pdisk, fisher_disk=fdisk, rates=r, damping=damping)
+                             precond_disk=pdisk, fisher_disk=fdisk, rates=r, damping=damping,
+                             in_store=in_store)
 
 
 def pass2_seconds(layout: dict[str, int], n: int, hessian: str = "eFIM",

@@ -28,6 +28,7 @@ from ..indexdir.files import MASK_FILE, STORE_DIR
 from ..indexdir.records import IndexRecord
 from ..indexdir.fingerprints import layer_dims, model_hash
 from ..devices import check_device
+from ..indexdir.scan import StoreScan, saturated_name
 from ..indexdir.stored import load_faiss, store_rerank
 from ..batching import batch_len, batches
 from ..indexdir.stored import chunks, preconditioned_blocks
@@ -205,13 +206,18 @@ def reading_store(path: Path):
         store.close()
 
 
-def open_vector_index(path: Path, record: IndexRecord, *, mmap: bool = True):
+def open_vector_index(path: Path, record: IndexRecord, *, mmap: bool = True,
+                      preconditioner=None):
     """The finished index's FAISS index, checked against the record (file present, readable,
     one vector per training example) cheaply: the container's lengths, magic and metadata,
     the build key, count and ids, but not the checksum over its bytes, which is
     `grass-index verify`'s (like the preconditioner's arrays): on GPT-2 small at n = 4,096 the
     CRC alone was 3.9 of a query's 8.0 s spent opening its 3.2 GB exact index, and reading
-    it into memory 3.8 s more, against 0.4 s memory-mapped (benchmarks/query_open.py)."""
+    it into memory 3.8 s more, against 0.4 s memory-mapped (benchmarks/query_open.py).
+    An exact index held in the store (indexdir/scan.py) has no file: it scans the store with
+    queries preconditioned by ``preconditioner()``."""
+    if record.held_in_store:
+        return _store_scan(path, record, preconditioner)
     names = record.index_files
     f = path / names[0] if len(names) == 1 else path
     for name in names:
@@ -227,6 +233,21 @@ def open_vector_index(path: Path, record: IndexRecord, *, mmap: bool = True):
         raise AttributionError(f"{f} holds {vindex.ntotal} vectors, config says "
                                f"{record.n_live}; run {repair_command(path)}")
     return vindex
+
+
+def _store_scan(path: Path, record: IndexRecord, preconditioner) -> StoreScan:
+    """The exact index of ``record`` scanned from the store of ``path`` (opened per search)."""
+    if preconditioner is None:
+        preconditioner = lambda: load_preconditioner(path, record)  # noqa: E731
+    with reading_store(path) as store:
+        try:
+            saturated = store.get_array(saturated_name(record.preconditioner_key))
+        except (KeyError, StoreError) as e:
+            raise AttributionError(f"the exact index of {path} lacks its list of saturated "
+                                   f"blocks ({e}); run {repair_command(path)}") from None
+    return StoreScan(lambda: reading_store(path), preconditioner, dim=record.dim,
+                     live=record.generation.live_mask(), saturated=saturated,
+                     build_key=record.preconditioner_key, recall=record.recall)
 
 
 def load_preconditioner(path: Path, record: IndexRecord) -> Preconditioner:
