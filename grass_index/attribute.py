@@ -24,7 +24,7 @@ from .pipeline import run as pipeline_run
 from .eval.tune import tune_index
 from . import living
 from .query import querying
-from .task import Task, task_for_index, task_record
+from .task import Task, task_flags, task_for_index, task_record
 # Re-exported: public API and names tools import from here (the directory layout, the config
 # hash, the preconditioner state codec).
 from .pipeline import (BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, HESSIANS, INDEX_KINDS,  # noqa: F401
@@ -128,6 +128,7 @@ def add_examples(path, model: torch.nn.Module, train_data: Sequence, loss_fn: Ca
     ``distributed`` (default: under torchrun with more than one rank): every rank sketches
     its share of the new examples, then rank 0 commits the generation; every rank returns
     the index, ``reporting`` on rank 0. One worker's share alone is :func:`add_shard`."""
+    path = arguments.directory(path, "add_examples")
     return AttributionIndex._from_result(living.add_examples(
         path, model, train_data, loss_fn, collate=collate, progress=progress, device=device,
         retrain=retrain, workers=workers, task=_record_of(task), distributed=distributed))
@@ -143,6 +144,7 @@ def add_shard(path, model: torch.nn.Module, train_data: Sequence, loss_fn: Calla
     shards exist, :func:`merge_shards` commits the next generation: the same sketches, bit
     for bit, and scores as :func:`add_examples` in one process. Shards made for another
     generation or other new data are refused, naming the fix."""
+    path = arguments.directory(path, "add_shard")
     return living.add_shard(path, model, train_data, loss_fn, worker, collate=collate,
                             progress=progress, device=device, retrain=retrain,
                             workers=workers, task=_record_of(task))
@@ -153,6 +155,7 @@ def remove_examples(path, ids: Sequence[int], *, progress=False) -> "Attribution
     leave the Fisher (their sketches' contribution subtracted, the preconditioner refitted)
     and FAISS, and are never returned by query, score (their column is 0.0),
     self-influence (NaN, never ranked) or serve. Ids never shift."""
+    path = arguments.directory(path, "remove_examples")
     living.remove_examples(path, ids, progress=progress)
     return open_index(path)
 
@@ -180,7 +183,15 @@ def build_shard(model: torch.nn.Module, train_data: Sequence, loss_fn: Callable,
                 device=None) -> ShardInfo:
     """`build --worker I/N`: sketch only worker I's batches (b % N == I) into
     ``out/shards/I-of-N/`` without pass 2; once all N shards exist, :func:`merge_shards`
-    finishes the index. ``index_options`` are recorded for the merge."""
+    finishes the index. ``index_options`` are recorded for the merge.
+
+    Into a finished index whose training data grew at the end (the same model and settings,
+    every indexed example unchanged) it refuses, naming :func:`add_shard`: the split add
+    sketches only the new examples."""
+    out = arguments.directory(out, "build_shard", "out")
+    options = arguments.options(options, BuildOptions, "build_shard", "options")
+    living.refuse_grown_shard(out, model, train_data, loss_fn, worker, options,
+                              collate=collate, device=device, task=task_flags(task))
     return pipeline_run.build_shard(model, train_data, loss_fn, out, worker, options,
                                     index_options, task=_record_of(task), collate=collate,
                                     progress=progress,

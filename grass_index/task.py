@@ -25,6 +25,7 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,12 +177,26 @@ BUILTIN_REF_BUILDERS = {"hf-lm:": "grass_index.tasks.hf_lm:task_from_ref"}  # `b
 def _builder_fn(ref: str, name: str):
     """Function ``name`` of the module that builds tasks of ``ref``'s prefix (by name: see
     BUILTIN_REF_BUILDERS); that module also defines ``ref_sha256(ref)`` (what an index
-    records of the data the reference names) and ``task_for_recorded(given, recorded,
-    sha256)`` (the task for an index that recorded one, from what the user named)."""
+    records of the data the reference names), ``task_for_recorded(given, recorded,
+    sha256)`` (the task for an index that recorded one, from what the user named) and
+    ``task_flags(ref)`` (the command-line flags that name it again)."""
     for prefix, builder in BUILTIN_REF_BUILDERS.items():
         if ref.startswith(prefix):
             return getattr(importlib.import_module(builder.split(":")[0]), name)
     raise KeyError(ref)
+
+
+def task_flags(task) -> str | None:
+    """How a command line names ``task`` (a reference or a loaded Task) again, for a command
+    an error tells the user to run: ``--task REF`` (shell-quoted), or a built-in task's own
+    flags (``--hf-model DIR --data FILE ...``: its builder's ``task_flags(ref)``); in Python
+    ``task=REF``. None for no task."""
+    ref = task.ref if isinstance(task, Task) else task
+    if not isinstance(ref, str) or not ref:
+        return None
+    if _is_hf(ref):
+        return _builder_fn(ref, "task_flags")(ref)
+    return spelled(f"--task {shlex.quote(ref)}", f"task={ref!r}")
 
 
 def load_task(ref: str | os.PathLike | None = None) -> Task:

@@ -176,6 +176,10 @@ def test_worker_resumes_and_merge_resumes(task, single, tmp_path):
 
 def test_merge_reports_missing_duplicate_mismatched_shards(task, tmp_path):
     out = tmp_path / "idx"
+    with pytest.raises(AttributionError, match="index directory .*idx not found; pass the "
+                       "directory the workers wrote into"):
+        gi.merge_shards(out, progress=False)
+    out.mkdir()
     with pytest.raises(AttributionError, match="no build.json"):
         gi.merge_shards(out, progress=False)
     shard(task, out, (0, 3))

@@ -4,6 +4,7 @@ for bit, the same generation, scores to float rounding); a killed worker resumes
 another generation or other new data are refused, naming the fix."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -198,3 +199,129 @@ def test_torchrun_two_ranks_add_equal_a_single_process_add(tmp_path):
     log = res.stdout + res.stderr
     assert "worker 0/2 sketches" in log and "worker 1/2 sketches" in log  # each rank its share
     assert_same_add(gi.open_index(b), ref)
+
+
+# ------------------------------------------- `build --worker` over grown data; bad paths
+
+CLI_OPTS = ["--projection", "sjlt-8", "--sparsification", "random_mask-4*3", "--batch-size", "8"]
+
+
+def _cli(*args):
+    from grass_index.cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(r) -> str:
+    """The CLI failed cleanly: exit 1, one `error:` line, no traceback; that line."""
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output and r.exception is None or \
+        isinstance(r.exception, SystemExit), r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    return lines[0]
+
+
+def test_cli_build_worker_over_grown_data_names_the_add_worker_command(tmp_path):
+    import shlex
+
+    task, out = growing_task(tmp_path, 44), tmp_path / "ix"
+    assert _cli("build", task, "--out", out, *CLI_OPTS).exit_code == 0
+    growing_task(tmp_path, 60)
+    line = _one_line_error(_cli("build", task, "--out", out, *CLI_OPTS, "--worker", "1/2"))
+    assert "different build" not in line, line
+    add = f"`grass-index add {out} --task {task} --worker 1/2`"
+    assert add in line and f"`grass-index merge {out}`" in line, line
+    assert "add_shard(" not in line and not (out / "shards").exists()
+    assert gi.open_index(out).n_train == 44
+    # the command it names works: every worker's add, then the merge
+    for w in ("0/2", "1/2"):
+        argv = shlex.split(add.strip("`").replace("1/2", w))
+        assert argv[0] == "grass-index"
+        r = _cli(*argv[1:])
+        assert r.exit_code == 0, r.output
+    assert _cli("merge", out).exit_code == 0
+    assert gi.open_index(out).n_train == 60
+
+
+def test_build_shard_over_grown_data_names_add_shard_but_other_builds_stay_different(tmp_path):
+    out = built(tmp_path / "ix", 44)
+    opts = gi.BuildOptions(sparsification=KW["sparsification"],
+                           projection=KW["projection"], batch_size=8)
+
+    def build_shard(data=DATA, options=opts, model=None):
+        return gi.build_shard(model or make_model(), data, loss_fn, out, "0/3", options,
+                              progress=False)
+
+    with pytest.raises(gi.AttributionError) as e:
+        build_shard()
+    msg = str(e.value)
+    assert (f"add_shard({str(out)!r}, model, train_data, loss_fn, '0/3')" in msg
+            and f"merge_shards({str(out)!r})" in msg), msg
+    assert "grass-index" not in msg and "--" not in msg and "\n" not in msg
+    # genuinely different builds are refused as before: other settings, model or indexed data
+    other_seed = dataclasses.replace(opts, seed=1)
+    changed = torch.utils.data.TensorDataset(DATA.tensors[0].clone(), DATA.tensors[1].clone())
+    changed.tensors[0][3] += 1  # an indexed example changed, the data longer
+    other = make_model()
+    with torch.no_grad():
+        other[0].weight += 1
+    for kw, why in ((dict(options=other_seed), "seed"), (dict(model=other), "model_hash"),
+                    (dict(data=changed), "data_hash")):
+        with pytest.raises(gi.AttributionError, match=f"holds a different build .*{why}"):
+            build_shard(**kw)
+    assert not (out / "shards").exists() and gi.open_index(out).n_train == 44
+
+
+def test_merge_and_add_name_a_file_or_a_missing_path_in_one_line(tmp_path):
+    out = built(tmp_path / "ix", 44)
+    a_file, missing = tmp_path / "a-file", tmp_path / "missing"
+    a_file.write_text("not an index\n")
+    model = make_model()
+    calls = {
+        "merge_shards": lambda p: gi.merge_shards(p, progress=False),
+        "add_shard": lambda p: gi.add_shard(p, model, DATA, loss_fn, "0/2", progress=False),
+        "add_examples": lambda p: gi.add_examples(p, model, DATA, loss_fn, progress=False),
+        "remove_examples": lambda p: gi.remove_examples(p, [1]),
+    }
+    for name, call in calls.items():
+        for path, what in ((a_file, "is a file, not a directory"), (missing, "not found")):
+            with pytest.raises(gi.AttributionError) as e:
+                call(path)
+            msg = str(e.value)
+            assert str(path) in msg and what in msg and "\n" not in msg, (name, msg)
+            assert "grass-index" not in msg and "Errno" not in msg, (name, msg)
+        with pytest.raises(TypeError, match=rf"{name}: (path|out) must be"):
+            call(None)  # (arguments.ArgumentError: a GrassIndexError too)
+    assert a_file.read_text() == "not an index\n" and not missing.exists()
+    assert gi.open_index(out).n_train == 44
+
+
+def test_cli_merge_and_add_name_a_file_or_a_missing_path_in_one_line(tmp_path):
+    task = growing_task(tmp_path, 60)
+    a_file, missing = tmp_path / "a-file", tmp_path / "missing"
+    a_file.write_text("not an index\n")
+    for path, what in ((a_file, "is a file, not a directory"), (missing, "not found")):
+        for args in (["merge", path], ["add", path, "--task", task, "--worker", "0/2"],
+                     ["add", path, "--task", task]):
+            line = _one_line_error(_cli(*args))
+            assert str(path) in line and what in line and "Errno" not in line, (args, line)
+            assert "_shard(" not in line and "build_index(" not in line, (args, line)
+    assert a_file.read_text() == "not an index\n" and not missing.exists()
+
+
+def test_the_add_command_names_the_task_as_the_command_line_does():
+    import json
+
+    from grass_index.errors import cli_spelling
+    from grass_index.task import task_flags
+
+    ref = "hf-lm:" + json.dumps(dict(model="/models/tiny gpt", data="/d/corpus.txt",
+                                     text_field=None, max_length=64, dtype="bfloat16"),
+                                sort_keys=True)
+    with cli_spelling():
+        assert task_flags(ref) == ("--hf-model '/models/tiny gpt' --data /d/corpus.txt "
+                                   "--max-length 64 --dtype bfloat16")
+        assert task_flags("/t/my task.py:obj") == "--task '/t/my task.py:obj'"
+        assert task_flags(None) is None
+    assert task_flags(ref) == f"task={ref!r}"  # (Python: the call's argument)

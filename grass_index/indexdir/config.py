@@ -20,7 +20,7 @@ from .errors import AttributionError
 from .files import BUILD_FILE, CONFIG_FILE, FORMAT_VERSION, STORE_DIR, jsonable
 from .fingerprints import config_hash
 from .generations import record_number, store_build
-from .record import sketched_batches
+from .record import check_directory, sketched_batches
 from .records import IndexRecord
 
 
@@ -29,15 +29,19 @@ def read_config(path: Path) -> dict:
     return dict(read_record(path).raw)
 
 
+def check_index_dir(path) -> Path:
+    """``path`` names a directory (the one a command is to read or change); else one line:
+    not found, or a file, and how to make an index."""
+    return check_directory(path, "index directory", "build one with " + spelled(
+        "`grass-index build TASK --out DIR`", "grass_index.build_index(..., out=DIR)"))
+
+
 def read_record(path) -> IndexRecord:
     """The typed record of the finished index in ``path``, checked once: format, hash, plain
     file names, agreement with the sketch store's own records, every field's type and range
     (indexdir/records.py); clear errors for a missing, unfinished, corrupted, modified or
     foreign directory."""
-    path = Path(path)
-    if not path.is_dir():
-        raise AttributionError(f"index directory {path} not found; build one with " + spelled(
-            "`grass-index build TASK --out DIR`", "grass_index.build_index(..., out=DIR)"))
+    path = check_index_dir(path)
     cfile = path / CONFIG_FILE
     if not check_regular(cfile):  # a symlink, FIFO or directory there is refused
         if check_regular(path / BUILD_FILE):

@@ -11,6 +11,8 @@ reader and writer of the file.
 """
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from ..batching import batch_count
@@ -98,6 +100,21 @@ def read_build(out: Path, *, missing: str | None = None) -> BuildRecord:
         raise AttributionError(f"{bfile} is corrupted ({e}); run {repair_command(out)} to "
                                "restore it from the sketch store") from e
     return BuildRecord(build, str(bfile))
+
+
+def check_directory(path, what: str, fix: str) -> Path:
+    """``path``, which the caller named as ``what`` (e.g. "index directory"), is a directory (a
+    symlink to one counts: the caller named it); else one line saying what is there — nothing,
+    or a file — and ``fix``, never an OSError from a file opened inside it."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # (a parent that is a file: not found)
+        raise AttributionError(f"{what} {path} not found; {fix}") from None
+    if not stat.S_ISDIR(mode):
+        kind = "a file" if stat.S_ISREG(mode) else "something else"
+        raise AttributionError(f"{what} {path} is {kind}, not a directory; {fix}")
+    return path
 
 
 def check_out_dir_free(out: Path) -> None:

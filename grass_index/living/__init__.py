@@ -12,12 +12,13 @@ last); readers keep their snapshot and pick up the newest generation.
                 in place), then the next generation
     workers.py  add_examples (one process, or every torchrun rank); add_shard (`add --worker
                 I/N`: one worker's share into adds/I-of-N) and merge_added (the shards copied
-                in as one process writes them, then the same commit)
+                in as one process writes them, then the same commit); refuse_grown_shard
+                (`build --worker I/N` over grown data names the add instead)
 """
 from .commit import settle
 from .grow import grows, same_data
 from .remove import check_ids, remove_examples
-from .workers import add_examples, add_shard, merge_added, pending
+from .workers import add_examples, add_shard, merge_added, pending, refuse_grown_shard
 
 __all__ = ["add_examples", "add_shard", "check_ids", "grows", "merge_added", "pending",
-           "remove_examples", "same_data", "settle"]
+           "refuse_grown_shard", "remove_examples", "same_data", "settle"]

@@ -13,9 +13,10 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from ..batching import batch_count
 from ..calls import collate_items
 from ..errors import option, spelled
-from ..indexdir.config import read_record
+from ..indexdir.config import check_index_dir, read_record
 from ..indexdir.errors import AttributionError
 from ..fileio import check_dir
 from ..indexdir.files import ADDS_DIR, MASK_FILE, STORE_DIR, jsonable
@@ -25,7 +26,7 @@ from ..pipeline.options import BuildOptions
 from ..pipeline.progress import Progress
 from ..pipeline.run import BuildResult, Prepared
 from ..pipeline.sketching import _sketch_batch, sketch_training_set
-from ..store import SketchStore
+from ..store import SketchStore, StoreError
 from .commit import (commit_generation, drift, kept_quantizer, recorded_build, refuse_ekfac,
                      settle)
 
@@ -67,6 +68,29 @@ def same_data(path, model, train_data: Sequence, loss_fn, options: BuildOptions,
     return True
 
 
+def grown_at_end(path, model, train_data: Sequence, loss_fn, options: BuildOptions, *,
+                 collate=None, device=None) -> bool:
+    """``path`` holds a finished index whose training data ``train_data`` extends at the end:
+    the same model and sketch settings (``options``), every indexed example unchanged — what
+    an add grows, and what a build there (e.g. one worker's share) would refuse as a different
+    build. An index `add` refuses (EK-FAC) is refused here, naming why."""
+    if not grows(path, train_data):
+        return False
+    path = Path(path)
+    record = read_record(path)
+    prep = Prepared(model, train_data, loss_fn, options, collate=collate, device=device)
+    try:
+        with SketchStore.open(path / STORE_DIR, readonly=True) as store:
+            _check_same_build(path, recorded_build(store, record), prep.build)
+            B = prep.batch_size
+            for j in range(batch_count(record.n_train, B)):  # every indexed example
+                _check_block(store, train_data, j, B, upto=record.n_train)
+    except (AttributionError, StoreError):
+        return False  # other data or settings (a different build), or a store to repair
+    refuse_ekfac(record, "add examples to")
+    return True
+
+
 def add_in_process(path, model, train_data: Sequence, loss_fn, *, collate=None,
                    progress=True, device=None, retrain: bool = False,
                    workers: int | None = None, task: dict | None = None,
@@ -78,7 +102,7 @@ def add_in_process(path, model, train_data: Sequence, loss_fn, *, collate=None,
     ``options``: IndexOptions for pass 2 (a re-run of `build` with other ones; default: the
     recorded hessian, damping rule and index kind). (``workers.add_examples`` is the entry
     point: it sends a torchrun add to its ranks.)"""
-    path = Path(path)
+    path = check_index_dir(path)  # a file or nothing there: one line, not an OSError
     settle(path)
     refuse_split_add(path)
     record, prep = prepare(path, model, train_data, loss_fn, collate=collate, device=device,

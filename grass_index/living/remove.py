@@ -4,11 +4,9 @@ reader skips them (query, score, self-influence, serve). Their rows stay in the 
 never shift, and every other example keeps its id."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from ..indexdir.config import read_record
+from ..indexdir.config import check_index_dir, read_record
 from ..indexdir.errors import AttributionError
 from ..indexdir.files import STORE_DIR
 from ..pipeline.progress import Progress
@@ -49,7 +47,7 @@ def remove_examples(path, ids, *, progress=False) -> dict:
     """Remove training examples ``ids`` from the index in ``path``: a new generation, committed
     atomically (a reader keeps its snapshot until it picks up the new one). Returns the new
     config."""
-    path = Path(path)
+    path = check_index_dir(path)
     settle(path)
     record = read_record(path)
     refuse_ekfac(record, "remove examples from")

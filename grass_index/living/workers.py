@@ -23,6 +23,7 @@ before that finds the generation committed and only deletes them.
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -33,7 +34,7 @@ from ..batching import batch_count
 from ..errors import spelled
 from ..calls import collate_items
 from ..fileio import check_dir
-from ..indexdir.config import read_record
+from ..indexdir.config import check_index_dir, read_record
 from ..indexdir.errors import AttributionError
 from ..indexdir.files import ADDS_DIR, STORE_DIR, jsonable
 from ..indexdir.fingerprints import DIGEST_BYTES, block_digest, example_digest
@@ -46,7 +47,7 @@ from ..pipeline.sketching import _sketch_batch, sketch_training_set
 from ..store import SketchStore, StoreError
 from .commit import index_options, recorded_build, settle
 from .grow import (_check_block, _check_same_build, add_in_process, commit_grown,
-                   merge_command, prepare, warn_drift)
+                   grown_at_end, merge_command, prepare, warn_drift)
 
 NEW_DIGESTS = "new_digests"  # uint8 [m, DIGEST_BYTES]: the new examples this worker read
 FILL, FILL_DIGEST = "fill", "fill_digest"  # the fill-up's rows (array) and digest (meta, hex)
@@ -78,9 +79,31 @@ def _new_digests(data: Sequence, n_old: int) -> np.ndarray:
     return out
 
 
-def _worker_command(path, w: str) -> str:
-    return spelled(f"`grass-index add {path} --task TASK --worker {w}`",
+def _worker_command(path, w: str, task: str | None = None) -> str:
+    """`add --worker w` of ``path`` as the caller runs it; ``task``: how the command line
+    names the task (``--task FILE``, ``--hf-model DIR --data FILE``; default a placeholder)."""
+    return spelled(f"`grass-index add {shlex.quote(str(path))} {task or '--task TASK'} "
+                   f"--worker {w}`",
                    f"add_shard({str(path)!r}, model, train_data, loss_fn, {w!r})")
+
+
+def refuse_grown_shard(path, model, train_data: Sequence, loss_fn, worker, options, *,
+                       collate=None, device=None, task: str | None = None) -> None:
+    """`build --worker I/N` into the finished index ``path`` over training data that grew at
+    the end (``grow.grown_at_end``) would refuse a different build: one line naming the add
+    that does it, `add --worker I/N` then `merge` (``task``: how the command line names the
+    task, for the exact command). Anything else passes (a build resumes or refuses as ever)."""
+    worker = parse_worker(worker)
+    if worker is None or not grown_at_end(path, model, train_data, loss_fn, options,
+                                          collate=collate, device=device):
+        return
+    n_old, n, w = read_record(Path(path)).n_train, len(train_data), f"{worker[0]}/{worker[1]}"
+    raise AttributionError(
+        f"index {path} holds the first {n_old} of these {n} training examples, unchanged (the "
+        f"data grew at the end): sketch only the {n - n_old} new one(s) with "
+        f"{_worker_command(path, w, task)} on each worker I/N, then {merge_command(path)}; "
+        + spelled("`build --worker I/N` makes a new index (another --out)",
+                  "build_shard makes a new index (another out)"))
 
 
 def _every() -> str:
@@ -99,7 +122,7 @@ def add_shard(path, model, train_data: Sequence, loss_fn, worker, *, collate=Non
     the index in ``path`` into ``adds/I-of-N/`` (resumable); `merge` commits them. Worker I
     also checks the indexed examples of the old batches b % N == I against their stored
     fingerprints (a one-process add checks them all)."""
-    path, worker = Path(path), parse_worker(worker)
+    path, worker = check_index_dir(path), parse_worker(worker)
     if worker is None:
         raise AttributionError("add_shard needs worker=(i, n) or 'i/n'")
     record, prep = prepare(path, model, train_data, loss_fn, collate=collate, device=device,
@@ -317,7 +340,7 @@ def merge_added(path, *, n: int | None = None, options=None, overrides: dict | N
     same add over the same new data, made for the index's newest generation); ``options``
     (IndexOptions) or ``overrides`` (hessian/damping/index) for pass 2, default the recorded
     ones. Deletes adds/ once committed."""
-    path = Path(path)
+    path = check_index_dir(path)
     settle(path)
     n, paths, shards = _check_shards(path, n)
     meta = shards[0]["meta"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import shlex
 from pathlib import Path
 
 import torch
@@ -541,6 +542,19 @@ def ref_args(ref: str) -> dict:
         raise TaskError(f"task reference {ref[:200]!r} is not a valid hf-lm reference (a JSON "
                         "object with the 'model' and 'data' paths)")
     return args
+
+
+def task_flags(ref: str) -> str:
+    """The flags that name the task of ``ref`` on a command line (``--hf-model DIR --data
+    FILE`` and the recorded text field, max length and dtype), shell-quoted; in Python the
+    ``task=`` argument."""
+    args = ref_args(ref)
+    return spelled(shlex.join(
+        ["--hf-model", args["model"], "--data", args["data"]]
+        + (["--text-field", str(args["text_field"])] if args.get("text_field") else [])
+        + (["--max-length", str(args["max_length"])] if args.get("max_length") else [])
+        + (["--dtype", str(args["dtype"])] if args.get("dtype") not in (None, "float32")
+           else [])), f"task={ref!r}")
 
 
 def named_ref(model_dir, data) -> str:

@@ -43,7 +43,7 @@ from ...indexdir.fingerprints import DIGEST_BYTES, example_digest
 from ..options import IndexOptions
 from ..factors import factor_shapes, merge_shard_factors
 from ..pass2 import accumulate, finish, has_fisher, put_fisher
-from ...indexdir.record import n_batches, read_build_record
+from ...indexdir.record import check_directory, n_batches, read_build_record
 from ..sketching import sketch_training_set
 
 log = logging.getLogger("grass_index")
@@ -282,6 +282,11 @@ def _check_same_dataset(out: Path, n: int, shards: dict[int, Path]) -> None:
 def merge_setup(out: Path, n: int | None, overrides: dict):
     """Checks before merging: build.json, the shards of one split (all present, complete, the
     same build); the pass-2 options (the workers', then ``overrides``)."""
+    check_directory(out, "index directory", "pass the directory the workers wrote into ("
+                    + spelled("`grass-index build TASK --out DIR --worker I/N` or `grass-index "
+                              "add DIR --task TASK --worker I/N`",
+                              "build_shard(..., out='DIR', worker='I/N') or add_shard('DIR', "
+                              "..., worker='I/N')") + ")")
     build = read_build_record(out, missing=(
         f"{out} has no {BUILD_FILE}; it is not a grass-index build directory (run "
         f"{_worker_build('I/N', 'DIR')})"))
