@@ -184,8 +184,8 @@ def test_merge_reports_missing_duplicate_mismatched_shards(task, tmp_path):
         gi.merge_shards(out, progress=False)
     shard(task, out, (0, 3))
     shard(task, out, (2, 3))
-    with pytest.raises(AttributionError, match=r"missing shards 1-of-3 .*build_index\(\.\.\., "
-                       r"out='.*', worker='1/3'\)"):
+    with pytest.raises(AttributionError, match=r"missing shards 1-of-3 .*build_shard\(model, "
+                       r"train_data, loss_fn, '.*', '1/3'\)"):
         gi.merge_shards(out, progress=False)
 
     shutil.copytree(out / "shards" / "0-of-3", out / "shards" / "00-of-3")

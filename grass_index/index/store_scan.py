@@ -4,9 +4,11 @@ An exact FAISS index held (F + λI)⁻¹ĝ_i for every training example: a preco
 large as the store (GPT-2 small at n = 64: 2.04× the sketches on disk; at n = 4,096 3.2 GB of
 16 GB). The inverse is symmetric, so ⟨q, (F + λI)⁻¹ĝ_i⟩ = ⟨(F + λI)⁻¹q, ĝ_i⟩: precondition the
 query once and scan the raw rows the store already holds. A flat FAISS search is the same
-scan (a GEMM over every vector), so a query costs the same; pass 2 skips preconditioning
-every row (one apply of each layer's inverse per recall query instead), and a living index's
-new generation re-writes no vectors: its refit is the preconditioner's alone.
+scan (a GEMM over every vector); the query also reads the preconditioner, which is why
+index/choice.py ``scans_store`` picks the scan only where that is small beside the rows.
+Pass 2 skips preconditioning every row (one apply of each layer's inverse per recall query
+instead), and a living index's new generation re-writes no vectors: its refit is the
+preconditioner's alone.
 
 What the FAISS rows encoded is kept: a layer block whose sketch is below 1e-30 (a saturated
 example, loss 0) scores exactly 0 (``saturated_blocks``, found once by pass 2 and stored
@@ -27,7 +29,6 @@ from ..precondition.preconditioner import REPRESENTABLE
 from ._file import FaissIndexError
 
 HELD = "store"  # config.json's index.held: the exact vectors are the store's rows
-SATURATED = "saturated"  # the store array (beside the preconditioner's) of the zero blocks
 SCORES_BYTES = 256 << 20  # a query group's [B, n] scores at most (then the next group scans)
 GATHER_BYTES = 8 << 20  # small blocks are scored together in chunks of this size
 

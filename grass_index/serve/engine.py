@@ -126,7 +126,10 @@ class Engine:
         """A two-stage index re-ranks every batch through the preconditioner: a one-off query
         streams its low-rank layers' rows (twice), a server reads them once and keeps them."""
         from grass_index.index import SketchedIndex
+        from grass_index.index.store_scan import StoreScan
 
+        if isinstance(self.idx.vindex, StoreScan):  # every query is preconditioned: map it now
+            self.idx.preconditioner
         if isinstance(self.idx.vindex, SketchedIndex):
             pre = self.idx.preconditioner
             if pre.forms and any(f.kind == "low_rank" for f in pre.forms.values()):
