@@ -57,19 +57,16 @@ def forge(out: Path, **changes) -> dict:
     return cfg
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    d = tmp_path_factory.mktemp("adv")
+def _built(tmp_path_factory, name: str, *extra):
+    d = tmp_path_factory.mktemp(name)
     task = write_task(d)
     out = d / "idx"
-    res = invoke("build", task, "--out", out, *SMALL)
+    res = invoke("build", task, "--out", out, *SMALL, *extra)
     assert res.exit_code == 0, res.output
     return task, out
 
 
-@pytest.fixture
-def copy(built, tmp_path):
-    """A private copy of the built index (tests may damage it)."""
+def _private_copy(built, tmp_path):
     task, out = built
     dst = tmp_path / "idx"
     shutil.copytree(out, dst)
@@ -77,23 +74,26 @@ def copy(built, tmp_path):
 
 
 @pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return _built(tmp_path_factory, "adv")
+
+
+@pytest.fixture
+def copy(built, tmp_path):
+    """A private copy of the built index (tests may damage it)."""
+    return _private_copy(built, tmp_path)
+
+
+@pytest.fixture(scope="module")
 def built_faiss(tmp_path_factory):
     """An index whose exact vectors are a FAISS file (flat:faiss), not scanned from the store."""
-    d = tmp_path_factory.mktemp("adv_faiss")
-    task = write_task(d)
-    out = d / "idx"
-    res = invoke("build", task, "--out", out, *SMALL, "--index", "flat:faiss")
-    assert res.exit_code == 0, res.output
-    return task, out
+    return _built(tmp_path_factory, "adv_faiss", "--index", "flat:faiss")
 
 
 @pytest.fixture
 def copy_faiss(built_faiss, tmp_path):
     """A private copy of the flat:faiss index."""
-    task, out = built_faiss
-    dst = tmp_path / "idx"
-    shutil.copytree(out, dst)
-    return task, dst
+    return _private_copy(built_faiss, tmp_path)
 
 
 PAYLOAD = """

@@ -355,7 +355,7 @@ class _Pass2:
         return pre
 
     def stored_form(self, vec: np.ndarray) -> np.ndarray:
-        """What FAISS holds of a preconditioned vector (its search sketch, if any)."""
+        """What FAISS holds of a row as the fill scores it (its search sketch, if any)."""
         return vec if self.sk is None else self.sk(vec)
 
     def template(self) -> VectorIndex:
@@ -371,39 +371,61 @@ class _Pass2:
             yield start, (vec if self.live is None else vec[self.live[start:start + len(vec)]])
 
     def fill(self, template: VectorIndex, queries: np.ndarray, k: int, lists=None):
-        """This rank's rows preconditioned into its parts and the recall queries' exact top
-        lists over them, and with ``lists`` (index/choice.py) each candidate search sketch's:
-        ({layer: reached by a nonzero vector}, (scores, ids) or None, sketched tops or None,
-        the saturated (id, layer) pairs of an index held in the store, else None)."""
-        if self.raw:
-            return self.fill_raw(template, queries, k, lists)
-        rows, slices = self.run.rows, layer_slices(self.build["layout"])
-        parts = [template.empty_like() for _ in self.ranges]
+        """This rank's rows into its FAISS parts (none for the store scan) and the recall
+        queries' exact top lists over them, and with ``lists`` (index/choice.py) each
+        candidate search sketch's: ({layer: reached by a nonzero vector}, (scores, ids) or
+        None, sketched tops or None, the saturated (id, layer) pairs of raw rows, else None).
+        ``queries`` are ``fill_queries``': raw against preconditioned rows, preconditioned
+        against raw ones (``raw``: nothing here multiplies a row by an inverse)."""
+        layout = self.build["layout"]
+        parts = [] if self.in_store else [template.empty_like() for _ in self.ranges]
         exact = ExactTopK(queries, k + 1) if k >= 1 else None
-        reached = dict.fromkeys(slices, False)
-        with rows.open() as st:
-            for start, vec in preconditioned_blocks(st, self.pre, limit=self.n):
-                ids = rows.global_ids(start, len(vec))
-                if self.live is not None:  # removed examples: never in FAISS
-                    vec, ids = vec[self.live[ids]], ids[self.live[ids]]
-                for name, sl in slices.items():
+        reached, saturated = dict.fromkeys(layer_slices(layout), False), []
+        slices = list(layer_slices(layout).values())
+        with self.run.rows.open() as st:
+            for start, vec, ids in self.rows_of(st, saturated):
+                for name, sl in zip(reached, slices):
                     reached[name] = reached[name] or bool(vec[:, sl].any())
-                held = self.stored_form(vec)
-                for part, (lo, hi) in zip(parts, self.ranges):
-                    mine = (ids >= lo) & (ids < hi)
-                    if mine.any():
-                        part.add(held[mine], ids[mine])
+                if parts:
+                    self.add_to_parts(parts, self.stored_form(vec), ids)
                 if exact is not None:
                     exact.add(vec, ids)
                 if lists is not None:
                     lists.add(vec, ids)
                 self.run.progress("index", start + len(vec), st.num_rows)
         rank = self.run.ranks.rank
-        if rank != 0:  # rank 0 keeps its part in memory; the others hand theirs over on disk
+        if parts and rank != 0:  # rank 0 keeps its part in memory; the others hand it over
             parts[0].save(self.out / self.names[rank])
         self.parts = parts
         return (reached, None if exact is None else (exact.scores, exact.ids),
-                None if lists is None else lists.state(), None)
+                None if lists is None else lists.state(),
+                (np.concatenate(saturated) if saturated else np.zeros((0, 2), np.int64))
+                if self.raw else None)
+
+    def rows_of(self, st, saturated: list):
+        """(start id, rows as the fill scores them, their training ids) of this rank, removed
+        ids left out: preconditioned, or raw with each saturated block (below 1e-30) set to 0
+        and its (id, layer) appended to ``saturated``."""
+        layout = self.build["layout"]
+        slices, starts = list(layer_slices(layout).values()), starts_of(layout)
+        blocks = chunks(st, limit=self.n) if self.raw else \
+            preconditioned_blocks(st, self.pre, limit=self.n)
+        for start, vec in blocks:
+            ids = self.run.rows.global_ids(start, len(vec))
+            if self.live is not None:  # removed examples: never indexed or scored
+                vec, ids = vec[self.live[ids]], ids[self.live[ids]]
+            if self.raw:
+                sat = saturated_blocks(vec, starts)
+                zero_blocks(vec, sat, slices)
+                saturated.append(np.column_stack([ids[sat[:, 0]], sat[:, 1]]))
+            yield start, vec, ids
+
+    def add_to_parts(self, parts: list, held: np.ndarray, ids: np.ndarray) -> None:
+        """Rows (as FAISS holds them) into the part whose id range holds each."""
+        for part, (lo, hi) in zip(parts, self.ranges):
+            mine = (ids >= lo) & (ids < hi)
+            if mine.any():
+                part.add(held[mine], ids[mine])
 
     def fill_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
         """The recall queries as the fill scores rows against them: raw (FAISS holds
@@ -416,44 +438,6 @@ class _Pass2:
             raise damping_refused(self.pre, self.qids[under if len(under) else over][:5]
                                   .tolist(), "under" if len(under) else "over")
         return pq
-
-    def fill_raw(self, template: VectorIndex, pq: np.ndarray, k: int, lists=None):
-        """``fill`` with raw rows: nothing is preconditioned. Each block's saturated blocks
-        (below 1e-30) are found and set to 0; the rows go, search-sketched, into this rank's
-        FAISS parts (none for the store scan) and are scored against the preconditioned
-        recall queries ``pq``: the same exact top lists, without touching an inverse."""
-        rows, layout = self.run.rows, self.build["layout"]
-        slices, starts = list(layer_slices(layout).values()), starts_of(layout)
-        parts = [] if self.in_store else [template.empty_like() for _ in self.ranges]
-        exact = ExactTopK(pq, k + 1) if k >= 1 else None
-        reached, saturated = dict.fromkeys(layer_slices(layout), False), []
-        with rows.open() as st:
-            for start, raw in chunks(st, limit=self.n):
-                ids = rows.global_ids(start, len(raw))
-                if self.live is not None:  # removed examples: never scored
-                    raw, ids = raw[self.live[ids]], ids[self.live[ids]]
-                sat = saturated_blocks(raw, starts)
-                zero_blocks(raw, sat, slices)
-                saturated.append(np.column_stack([ids[sat[:, 0]], sat[:, 1]]))
-                for name, sl in zip(reached, slices):
-                    reached[name] = reached[name] or bool(raw[:, sl].any())
-                if parts:
-                    held = self.sk(raw)
-                    for part, (lo, hi) in zip(parts, self.ranges):
-                        mine = (ids >= lo) & (ids < hi)
-                        if mine.any():
-                            part.add(held[mine], ids[mine])
-                if exact is not None:
-                    exact.add(raw, ids)
-                if lists is not None:
-                    lists.add(raw, ids)
-                self.run.progress("index", start + len(raw), st.num_rows)
-        if parts and self.run.ranks.rank != 0:  # the others hand their part over on disk
-            parts[0].save(self.out / self.names[self.run.ranks.rank])
-        self.parts = parts
-        return (reached, None if exact is None else (exact.scores, exact.ids),
-                None if lists is None else lists.state(),
-                np.concatenate(saturated) if saturated else np.zeros((0, 2), np.int64))
 
     def joined(self, store):
         """Rank 0: every rank's parts as the one index that serves (re-ranking from ``store``

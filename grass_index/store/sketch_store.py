@@ -368,25 +368,12 @@ class SketchStore:
         Committed blocks never change, so reading them in several short transactions is the
         same snapshot as one long one, without pinning pages or blocking map growth.
         """
-        h = self._handle()
-        start_block = _int(start_block, "start_block")
         end = self.committed_blocks
-        b = start_block
+        b = _int(start_block, "start_block")
         while b < end:
-            def read(txn, b0=b):
-                out, size, i = [], 0, b0
-                while i < end and size < _READ_BATCH_BYTES:
-                    buf = txn.get(codec.key(i), db=h.dbs["blocks"])
-                    if buf is None:
-                        raise StoreError(f"block {i} is missing although {end} blocks are "
-                                         "committed; the store is corrupted — rebuild it.")
-                    s, rows = codec.decode_block(buf, where=f"block {i}", verify=verify)
-                    out.append((s, rows.copy()))
-                    size += len(buf)
-                    i += 1
-                return out
-            got = h.read(read)
-            b += len(got)
+            got: list = []
+            b += self._visit_blocks(b, end, lambda s, rows: got.append((s, rows.copy())),
+                                    verify)
             yield from got
 
     def scan_blocks(self, fn: Callable[[int, np.ndarray], None], *, limit: int | None = None,
@@ -395,25 +382,36 @@ class SketchStore:
         with ``rows`` a read-only view of the block in LMDB's memory map: no copy (an exact
         scan reads GBs per query); ``fn`` must not keep it. Short transactions, as
         ``iter_blocks``."""
-        h = self._handle()
+        def visit(s, rows):
+            if limit is not None and s >= limit:
+                return False
+            fn(s, rows if limit is None else rows[:limit - s])
+            return True
         end = self.committed_blocks
         b = 0
         while b < end:
-            def read(txn, b0=b):
-                size, i = 0, b0
-                while i < end and size < _READ_BATCH_BYTES:
-                    buf = txn.get(codec.key(i), db=h.dbs["blocks"])
-                    if buf is None:
-                        raise StoreError(f"block {i} is missing although {end} blocks are "
-                                         "committed; the store is corrupted — rebuild it.")
-                    s, rows = codec.decode_block(buf, where=f"block {i}", verify=verify)
-                    if limit is not None and s >= limit:
-                        return end - b0
-                    fn(s, rows if limit is None else rows[:limit - s])
-                    size += len(buf)
-                    i += 1
-                return i - b0
-            b += h.read(read)
+            b += self._visit_blocks(b, end, visit, verify)
+
+    def _visit_blocks(self, b0: int, end: int, visit, verify: bool) -> int:
+        """``visit(start_id, rows view)`` for blocks b0.. in one read transaction of about
+        _READ_BATCH_BYTES; how many blocks it covered (all up to ``end`` once ``visit``
+        returns False)."""
+        h = self._handle()
+
+        def read(txn):
+            size, i = 0, b0
+            while i < end and size < _READ_BATCH_BYTES:
+                buf = txn.get(codec.key(i), db=h.dbs["blocks"])
+                if buf is None:
+                    raise StoreError(f"block {i} is missing although {end} blocks are "
+                                     "committed; the store is corrupted — rebuild it.")
+                s, rows = codec.decode_block(buf, where=f"block {i}", verify=verify)
+                if visit(s, rows) is False:
+                    return end - b0
+                size += len(buf)
+                i += 1
+            return i - b0
+        return h.read(read)
 
     def get_rows(self, ids: Sequence[int], *, verify: bool = True) -> np.ndarray:
         """Rows for the given training ids, in the given order (duplicates allowed)."""
