@@ -118,3 +118,24 @@ def test_max_length_beyond_the_context_names_the_limit(gpt2_dir, tmp_path):
     with pytest.raises(TaskError, match=r"max_length=65 .*give max_length=64"):
         hf_lm_task(gpt2_dir, data, max_length=65)
     hf_lm_task(gpt2_dir, data, max_length=64)  # the limit itself is fine
+
+
+def test_add_to_an_hf_index_tokenizes_as_the_build_did(gpt2_dir, tmp_path):
+    """`add --hf-model M --data F` takes the recorded --text-field/--max-length/--dtype (the
+    build's tokenization of the indexed examples): left out, they are the recorded ones (before,
+    the default max length re-tokenized every line and the add said an indexed example
+    differed); given otherwise, one line names the recorded value."""
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("\n".join(json.dumps({"body": ln}) for ln in LINES[:8]) + "\n")
+    out = tmp_path / "idx"
+    r = invoke("build", "--hf-model", gpt2_dir, "--data", data, "--text-field", "body",
+               "--max-length", 16, "--out", out, "--sparsification", "random_mask-8*8",
+               "--projection", "sjlt-32", "--batch-size", 4)
+    assert r.exit_code == 0, r.output
+    data.write_text("\n".join(json.dumps({"body": ln}) for ln in LINES) + "\n")  # grew by 4
+    bad = invoke("add", out, "--hf-model", gpt2_dir, "--data", data, "--max-length", 32)
+    assert bad.exit_code != 0 and "built with --max-length 16" in bad.output, bad.output
+    r = invoke("add", out, "--hf-model", gpt2_dir, "--data", data, "--json")
+    assert r.exit_code == 0, r.output
+    import grass_index as gi
+    assert gi.open_index(out).n_train == len(LINES)

@@ -24,7 +24,8 @@ def add(
                                         "data file (the indexed examples first)."),
     text_field: Optional[str] = typer.Option(None, "--text-field"),
     max_length: Optional[int] = typer.Option(None, "--max-length"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="With --hf-model: as the index "
+                                        "was built (the default: what it records)."),
     retrain: bool = typer.Option(False, "--retrain", help="Train a new IVF quantizer instead "
                                  "of keeping the index's."),
     device: Optional[str] = typer.Option(None, help="torch device for gradients, e.g. cuda."),
@@ -44,8 +45,11 @@ def add(
 
     if task is None and hf_model is None:
         fail("name the task whose data grew: --task FILE, or --hf-model DIR --data FILE")
+    if hf_model is not None:  # the new text is tokenized as the build tokenized the old
+        text_field, max_length, dtype = _as_recorded(directory, text_field=text_field,
+                                                     max_length=max_length, dtype=dtype)
     t, _ = _build_task(task, directory, hf_model=hf_model, data=data, text_field=text_field,
-                       max_length=max_length, dtype=dtype)
+                       max_length=max_length, dtype=dtype or "float32")
     t0 = time.perf_counter()
     kw = dict(collate=t.collate, device=device, retrain=retrain, workers=workers, task=t.ref)
     if worker is not None:
@@ -55,6 +59,29 @@ def add(
     idx = gi.add_examples(directory, t.index_model(), t.train_data(), t.loss, **kw)
     if idx.reporting:  # torchrun: rank 0 reports
         _report("grew", directory, idx, time.perf_counter() - t0, json_mode)
+
+
+def _as_recorded(directory: Path, **given):
+    """(text field, max length, dtype) for an add to an --hf-model index: each option the
+    user left out is the one the index records; one given otherwise is refused (the indexed
+    examples would be tokenized differently, and every one would differ)."""
+    import grass_index as gi
+    from grass_index.tasks.hf_lm import REF_PREFIX, ref_args
+
+    try:
+        ref = gi.open_index(directory).task
+    except gi.GrassIndexError:
+        ref = None  # not an index, or damaged: add_examples says so
+    recorded = ref_args(ref) if isinstance(ref, str) and ref.startswith(REF_PREFIX) else {}
+    out = []
+    for key, flag in (("text_field", "--text-field"), ("max_length", "--max-length"),
+                      ("dtype", "--dtype")):
+        want = recorded.get(key)
+        if given[key] is not None and want is not None and given[key] != want:
+            fail(f"index {directory} was built with {flag} {want}; an add sketches the new "
+                 f"text the same way: leave {flag} out, or give {want}")
+        out.append(given[key] if given[key] is not None else want)
+    return tuple(out)
 
 
 def _report_shard(directory: Path, info, secs: float, json_mode: bool) -> None:
