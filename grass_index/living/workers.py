@@ -39,6 +39,7 @@ from ..indexdir.errors import AttributionError
 from ..indexdir.files import ADDS_DIR, STORE_DIR, jsonable
 from ..indexdir.fingerprints import DIGEST_BYTES, block_digest, example_digest
 from ..indexdir.record import build_diff
+from ..indexdir.records import BuildRecord
 from ..pipeline.parallel.distributed import Group, wanted
 from ..pipeline.parallel.sharding import differing_examples, parse_worker, shard_name
 from ..pipeline.progress import Progress
@@ -344,7 +345,10 @@ def merge_added(path, *, n: int | None = None, options=None, overrides: dict | N
     settle(path)
     n, paths, shards = _check_shards(path, n)
     meta = shards[0]["meta"]
-    add, build = meta["add"], meta["build"]
+    # the shards' JSON sorts the layout's keys (h.10 before h.2): back to column order, or
+    # pass 2 would slice one layer's columns for another (a 12-block GPT-2's 40 of 48 layers)
+    add = meta["add"]
+    build = dict(BuildRecord(meta["build"], f"the add shards of {path}").raw)
     prog = Progress(progress)
     try:
         with SketchStore.open(path / STORE_DIR, readonly=False) as store:
