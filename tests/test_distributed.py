@@ -293,6 +293,23 @@ def test_torchrun_gloo_two_ranks_equal_single_process(task, single, tmp_path):
     assert_same_index(gi.open_index(out), single, task)
 
 
+def test_torchrun_ranks_scan_the_store(task, single, tmp_path):
+    """An exact index scanned from the store (flat:scan): each rank scores its own raw rows
+    for the recall lists and finds their saturated blocks; rank 0 commits the list. It answers
+    as the single-process index does."""
+    out = tmp_path / "idx"
+    res = torchrun(task, out, "--index", "flat:scan")
+    assert res.returncode == 0, res.stdout + res.stderr
+    idx = gi.open_index(out)
+    assert idx.settings.held_in_store and not list(out.glob("index-*.faiss"))
+    q = single.query_sketches(task.model(), task.query_data(), task.loss)
+    for a, b in zip(idx.search(q, 5), single.search(q, 5)):
+        assert [i for i, _ in a] == [i for i, _ in b]
+        np.testing.assert_allclose([s for _, s in a], [s for _, s in b], rtol=1e-4,
+                                   atol=1e-5 * max(abs(s) for _, s in b))
+    assert gi.verify_index(out)["ok"]
+
+
 def test_torchrun_ranks_build_their_own_index_parts(task, single, tmp_path):
     """With shards=N in --index, a torchrun build keeps one FAISS part per rank (each rank
     preconditioned and indexed its own shard, from rank 0's IVF quantizer and fp16 scales):
