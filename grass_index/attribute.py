@@ -375,7 +375,7 @@ class AttributionIndex:
         if self._vindex is None:
             self._vindex = querying.open_vector_index(
                 self.path, self.record, mmap=self._mmap,
-                preconditioner=lambda: self.preconditioner)
+                preconditioner=self._load_preconditioner)  # the search retries as a whole
         return self._vindex
 
     @property
@@ -449,9 +449,12 @@ class AttributionIndex:
         if cosine:  # an exact flat index over unit-norm vectors; nprobe does not apply
             scores, ids = self.cosine_index().search(unit_rows(q.numpy()), k, opponents=opponents)
         else:  # a two-stage index (wide sketches) re-ranks its candidates exactly from the store
-            scores, ids = querying.search(self.path, self.vindex, lambda: self.preconditioner,
-                                          np.ascontiguousarray(q.numpy(), dtype=np.float32), k,
-                                          opponents=opponents, nprobe=nprobe)
+            queries = np.ascontiguousarray(q.numpy(), dtype=np.float32)
+            # one snapshot: the index and its preconditioner of one config, the whole search
+            # retried once on the new config when a re-precondition or a change replaced them
+            scores, ids = self._with_snapshot(lambda: querying.search(
+                self.path, self._load_vindex(), self._load_preconditioner, queries, k,
+                opponents=opponents, nprobe=nprobe))
         scores, ids = np.asarray(scores), np.asarray(ids)
         return [[(int(i), float(s)) for i, s in zip(ids[r], scores[r]) if i >= 0]
                 for r in range(len(ids))]

@@ -238,3 +238,33 @@ def test_near_n_equals_k_the_default_keeps_a_faiss_copy_and_scan_forces_the_scan
         assert [i for i, _ in a] == [i for i, _ in b]
     with pytest.raises(gi.AttributionError, match="goes with flat alone"):
         gi.build_index(model(), train, loss, tmp_path / "bad", index="ivf:scan", progress=False)
+
+
+def test_a_search_racing_a_reprecondition_answers_from_the_new_files(tmp_path, monkeypatch):
+    """A scan preconditions every query, so a re-precondition in another process that deletes
+    the old arrays between the check and the read must not fail the search: it is retried
+    once, as a whole, on the new config (before: a bare KeyError)."""
+    import subprocess
+    import sys
+
+    import grass_index.query.querying as querying
+
+    idx = build(tmp_path / "idx")
+    assert idx.settings.held_in_store
+    q = idx.query_sketches(model(), data(3, 2), loss)
+    real, raced = querying.load_stored_preconditioner, []
+
+    def racing(store, key, *a, **kw):
+        if not raced:  # the other process commits its refit right between check and read
+            raced.append(key)
+            subprocess.run([sys.executable, "-c", "import sys, grass_index as gi; "
+                            "gi.open_index(sys.argv[1]).reprecondition(damping=1.0)",
+                            str(idx.path)], check=True,
+                           env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+        return real(store, key, *a, **kw)
+    monkeypatch.setattr(querying, "load_stored_preconditioner", racing)
+    got = idx.search(q, 5)
+    assert raced and len(got) == 3 and all(len(r) == 5 for r in got)
+    assert idx.settings.damping == "1.0" and idx.settings.preconditioner_key != raced[0]
+    fresh = gi.open_index(idx.path).search(q, 5)
+    assert [[i for i, _ in r] for r in got] == [[i for i, _ in r] for r in fresh]

@@ -278,8 +278,12 @@ def load_preconditioner(path: Path, record: IndexRecord) -> Preconditioner:
         if not has_preconditioner(store, key):
             raise AttributionError(f"the preconditioner is missing from {path}; run "
                                    f"{repair_command(path)}")
-        return load_stored_preconditioner(store, key, dict(record.layout), mapped=True,
-                                          rows=rows, blocks=blocks)
+        try:
+            return load_stored_preconditioner(store, key, dict(record.layout), mapped=True,
+                                              rows=rows, blocks=blocks)
+        except KeyError as e:  # deleted after the check: a re-precondition replaced it
+            raise AttributionError(f"the preconditioner of {path} is incomplete ({e}); run "
+                                   f"{repair_command(path)}") from None
 
 
 def search(path: Path, vindex, preconditioner, queries, k: int, *, opponents: bool = False,
