@@ -255,6 +255,9 @@ def open_index(path, *, mmap: bool = True) -> "AttributionIndex":
     return AttributionIndex(path, read_record(path), mmap=mmap)
 
 
+SNAPSHOT_TRIES = 5  # loads of one search: the first, then one per config replaced meanwhile
+
+
 class AttributionIndex:
     """A built index: ``query`` (top-k proponents/opponents) and ``score`` (full matrix)."""
 
@@ -358,14 +361,17 @@ class AttributionIndex:
         self.record, self._vindex, self._pre, self._cosine = new, None, None, None
 
     def _with_snapshot(self, load):
-        """``load()``, retried once on the current config when a re-precondition replaced
-        the files the config we hold names."""
-        try:
-            return load()
-        except AttributionError:
-            if not self._reread_if_replaced():
-                raise
-            return load()
+        """``load()``, retried on the current config when a re-precondition replaced the files
+        the config we hold names — again while another process keeps replacing them (a store
+        scan reads the preconditioner per search, so a reader can land in two refits in a
+        row), up to SNAPSHOT_TRIES times; each retry follows a new config."""
+        for _ in range(SNAPSHOT_TRIES - 1):
+            try:
+                return load()
+            except AttributionError:
+                if not self._reread_if_replaced():
+                    raise
+        return load()
 
     @property
     def vindex(self):
