@@ -161,10 +161,9 @@ class StoreScan:
         return f"StoreScan(dim={self.dim}, ntotal={self.ntotal})"
 
     # -- the queries' side ---------------------------------------------------------------
-    def preconditioned(self, queries, pre) -> np.ndarray:
-        """[B, K]: P q on every layer but the low-rank ones (``low_rank``), whose columns keep
-        the raw q (``checked_queries``)."""
-        low = low_rank(pre)
+    def preconditioned(self, queries, pre, low: set) -> np.ndarray:
+        """[B, K]: P q on every layer but the low-rank ones ``low``, whose columns keep the
+        raw q (``checked_queries``)."""
         return checked_queries(pre, queries, self.dim,
                                only=[name for name in pre.layout if name not in low])
 
@@ -176,14 +175,15 @@ class StoreScan:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise FaissIndexError(f"k must be a positive integer, got {k!r}")
         pre = self._pre()
-        pq = self.preconditioned(queries, pre)
+        low = low_rank(pre)
+        pq = self.preconditioned(queries, pre, low)
         kk = min(int(k), self.ntotal)
         B, n = len(pq), len(self.live)
         scores = np.empty((B, kk), np.float32)
         ids = np.empty((B, kk), np.int64)
         if kk == 0:
             return scores, ids
-        group = max(1, SCORES_BYTES // (8 * max(n, 1) * (1 + len(low_rank(pre)))))
+        group = max(1, SCORES_BYTES // (8 * max(n, 1) * (1 + len(low))))
         for lo in range(0, B, group):
             ranked = self.scores(pq[lo:lo + group], pre)
             if opponents:
@@ -256,9 +256,9 @@ class StoreScan:
     def reconstruct(self, ids) -> np.ndarray:
         """(F + λI)⁻¹ĝ_i of ``ids`` as an exact FAISS index would hold them."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) and (ids.min() < 0 or ids.max() >= len(self.live)
-                         or not self.live[ids].all()):
-            raise KeyError(f"id {int(ids[~_in(ids, self.live)][0])} is not in the index")
+        held = _in(ids, self.live)
+        if not held.all():
+            raise KeyError(f"id {int(ids[~held][0])} is not in the index")
         with self._open() as store:
             rows = np.asarray(store.get_rows(ids, verify=False), np.float32)
         pre = self._pre()
@@ -273,11 +273,6 @@ def _in(ids: np.ndarray, live: np.ndarray) -> np.ndarray:
     ok = (ids >= 0) & (ids < len(live))
     ok[ok] = live[ids[ok]]
     return ok
-
-
-def _renumber(pairs: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``pairs`` with their row numbers replaced by positions in the sorted ``rows``."""
-    return np.column_stack([np.searchsorted(rows, pairs[:, 0]), pairs[:, 1]])
 
 
 class _Gathered:

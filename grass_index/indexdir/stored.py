@@ -13,6 +13,7 @@ from ..precondition import DampingError, guard_precision
 from ..precondition.preconditioner import FLOAT32_TINY
 from ..precondition.fisher import layer_slices
 from ..precondition.persist import state_from_array, state_to_array  # noqa: F401  (re-exported)
+from ..index.store_scan import raw_rerank
 from ..untrusted import plain_file_name
 from .errors import AttributionError
 from .records import IndexRecord
@@ -80,13 +81,8 @@ def store_rerank(store, pre):
     inverse is symmetric, so preconditioning the query once equals preconditioning each row).
     Candidate rows are read without re-checking their block checksums (a query reads R·k rows,
     each from a block of batch_size rows); `grass-index verify` checks every block."""
-    def rerank(queries, ids):
-        pq = pre.apply(queries)
-        out = np.empty(ids.shape, np.float32)
-        for r in range(len(ids)):
-            out[r] = store.get_rows(ids[r], verify=False) @ pq[r]
-        return out
-    return rerank
+    raw = raw_rerank(store, pre.layout, np.zeros((0, 2), np.int64))
+    return lambda queries, ids: raw(pre.apply(queries), ids)
 
 
 def load_faiss(path: Path, record: IndexRecord, *, mmap: bool = False, verify: bool = True,

@@ -81,10 +81,7 @@ def grown_at_end(path, model, train_data: Sequence, loss_fn, options: BuildOptio
     prep = Prepared(model, train_data, loss_fn, options, collate=collate, device=device)
     try:
         with SketchStore.open(path / STORE_DIR, readonly=True) as store:
-            _check_same_build(path, recorded_build(store, record), prep.build)
-            B = prep.batch_size
-            for j in range(batch_count(record.n_train, B)):  # every indexed example
-                _check_block(store, train_data, j, B, upto=record.n_train)
+            check_indexed(path, store, record, prep, train_data)  # every indexed example
     except (AttributionError, StoreError):
         return False  # other data or settings (a different build), or a store to repair
     refuse_ekfac(record, "add examples to")
@@ -178,6 +175,16 @@ def refuse_split_add(path: Path) -> None:
         raise AttributionError(
             f"{shards} holds the shards of a split add; finish it with {merge_command(path)}"
             f", or delete {shards} to add in one process")
+
+
+def check_indexed(path: Path, store, record, prep, data: Sequence, first: int = 0,
+                  step: int = 1) -> None:
+    """``prep`` is the index's build, and the indexed examples of batches first,
+    first + step, ... are unchanged (their stored fingerprints); an error names the
+    difference."""
+    _check_same_build(path, recorded_build(store, record), prep.build)
+    for j in range(first, batch_count(record.n_train, prep.batch_size), step):
+        _check_block(store, data, j, prep.batch_size, upto=record.n_train)
 
 
 def _check_same_build(path: Path, old: dict, new: dict) -> None:

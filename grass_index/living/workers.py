@@ -47,8 +47,8 @@ from ..pipeline.run import BuildResult, ShardInfo
 from ..pipeline.sketching import _sketch_batch, sketch_training_set
 from ..store import SketchStore, StoreError
 from .commit import index_options, recorded_build, settle
-from .grow import (_check_block, _check_same_build, add_in_process, commit_grown,
-                   grown_at_end, merge_command, prepare, warn_drift)
+from .grow import (add_in_process, check_indexed,
+                   commit_grown, grown_at_end, merge_command, prepare, warn_drift)
 
 NEW_DIGESTS = "new_digests"  # uint8 [m, DIGEST_BYTES]: the new examples this worker read
 FILL, FILL_DIGEST = "fill", "fill_digest"  # the fill-up's rows (array) and digest (meta, hex)
@@ -128,11 +128,8 @@ def add_shard(path, model, train_data: Sequence, loss_fn, worker, *, collate=Non
         raise AttributionError("add_shard needs worker=(i, n) or 'i/n'")
     record, prep = prepare(path, model, train_data, loss_fn, collate=collate, device=device,
                            workers=workers)
-    with SketchStore.open(path / STORE_DIR, readonly=True) as store:
-        _check_same_build(path, recorded_build(store, record), prep.build)
-        n_old, B = record.n_train, prep.batch_size
-        for j in range(worker[0], batch_count(n_old, B), worker[1]):  # the N workers check
-            _check_block(store, train_data, j, B, upto=n_old)  # every indexed example once
+    with SketchStore.open(path / STORE_DIR, readonly=True) as store:  # the N workers check
+        check_indexed(path, store, record, prep, train_data, *worker)  # each example once
     prog = Progress(progress)
     try:
         return _sketch_share(path, record, prep, train_data, worker, prog,
